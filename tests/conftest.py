@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny deepseek2 GGUF models, built once per test session.
+
+Set HYBRID_FIXTURE_CACHE=/some/dir to keep the built files across sessions (they are named by a
+hash of the config, the quantization type and the builder version, so stale files are never
+reused).
+
+    def test_something(tiny_gguf):
+        path = tiny_gguf("Q8_0", mla_split=True, n_group=0)   # any TinyConfig field
+    def test_other(tiny_q4km): ...                            # default config, Q4_K_M
+"""
+
+import os
+import pathlib
+
+import pytest
+
+from hybrid.fixtures import TinyConfig, build
+
+
+@pytest.fixture(scope="session")
+def fixture_cache(tmp_path_factory) -> pathlib.Path:
+    env = os.environ.get("HYBRID_FIXTURE_CACHE")
+    if env:
+        path = pathlib.Path(env)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("gguf-fixtures")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(fixture_cache):
+    """Factory: tiny_gguf(ftype="Q4_K_M", **TinyConfig fields) -> path of the built GGUF."""
+
+    def make(ftype: str = "Q4_K_M", **cfg_kwargs) -> pathlib.Path:
+        if ftype.upper() != "F32":
+            pytest.importorskip("llama_cpp", reason="quantized fixtures need llama-cpp-python")
+        return build(TinyConfig(**cfg_kwargs), ftype, fixture_cache)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(tiny_gguf) -> pathlib.Path:
+    return tiny_gguf("F32")
+
+
+@pytest.fixture(scope="session")
+def tiny_q4km(tiny_gguf) -> pathlib.Path:
+    return tiny_gguf("Q4_K_M")
+
+
+@pytest.fixture(scope="session")
+def tiny_q8(tiny_gguf) -> pathlib.Path:
+    return tiny_gguf("Q8_0")
