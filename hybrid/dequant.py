@@ -30,6 +30,8 @@ Block layouts (ggml-common.h; f16 = IEEE half, little endian; QK_K = 256):
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -202,6 +204,14 @@ _DEQUANT = {
 SUPPORTED_TYPES = frozenset(_DEQUANT)
 
 
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Zero-copy uint8 tensor over a (possibly read-only mmap) array; only ever read."""
+    a = np.ascontiguousarray(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we never write
+        return torch.from_numpy(a)
+
+
 def type_name(ggml_type: int) -> str:
     return TYPE_NAMES.get(ggml_type, f"type {ggml_type}")
 
@@ -228,7 +238,7 @@ def dequantize(data, ggml_type: int, n_per_row: int | None = None, *,
             f"(supported: {', '.join(TYPE_NAMES[t] for t in sorted(SUPPORTED_TYPES))}); "
             f"re-quantize the model with one of these types")
     blk, nb = BLOCK[ggml_type]
-    t = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
+    t = _as_tensor(data) if isinstance(data, np.ndarray) else data
     if t.dtype != torch.uint8:
         raise DequantError(f"{name}: expected uint8 bytes, got {t.dtype}")
     if t.dim() == 2 and n_per_row is None:

@@ -1,0 +1,493 @@
+"""The runtime: apply a Plan to load a GGUF model, prefill in chunks, decode with the latent
+KV cache, sample, stream text. `hybrid.load(...)` returns a Runtime.
+
+Placement is a pass here, not a flag in the model: `_Loader` answers the model's requests
+for tensors, linears, the embedding and routed experts according to the plan
+(device of non-expert weights, their format, which CPU linears run on the native quantized
+matmul, which expert engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hybrid import dequant
+from hybrid.gguf_file import GGUFFile
+from hybrid.kv_cache import LatentKVCache
+from hybrid.models import get_model_module
+from hybrid.sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GenerationStats", "MinimalPlan", "QuantLinear", "Runtime", "TorchLinear", "load"]
+
+# GGML types the native quantized matmul takes (float weights stay in torch)
+_NATIVE_LINEAR_TYPES = frozenset({dequant.Q4_0, dequant.Q5_0, dequant.Q8_0, dequant.Q4_K,
+                                  dequant.Q5_K, dequant.Q6_K})
+
+
+def _native():
+    """hybrid._native if it was built, else None."""
+    try:
+        from hybrid import _native as n
+    except ImportError:
+        return None
+    return n
+
+
+def _native_experts_cls():
+    if _native() is None:
+        return None
+    try:
+        from hybrid.experts import NativeExperts
+    except ImportError:
+        return None
+    return NativeExperts
+
+
+@dataclass
+class MinimalPlan:
+    """The fields of placement's Plan that the runtime reads (stand-in until it lands).
+
+    device: where non-expert weights, activations and the KV cache live ("cpu" / "cuda").
+    gpu_weight_format: dtype of non-expert weights on the GPU ("bf16"; "f32" for checks).
+    kv_cache_tokens: context length the cache is allocated for.
+    experts: routed-expert engine, "native" (CPU kernels) or "torch" (dequantized).
+    cpu_linears: "native" to run quantized CPU linears at or above native_linear_min_bytes on
+        the native matmul, "torch" to dequantize every linear.
+    """
+
+    device: str = "cpu"
+    gpu_weight_format: str = "bf16"
+    kv_cache_tokens: int = 4096
+    kv_cache_dtype: str = "f32"
+    experts: str = "native"
+    cpu_linears: str = "native"
+    native_linear_min_bytes: int = 1 << 20
+    tensor_placement: dict = field(default_factory=dict)
+
+
+_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+class TorchLinear:
+    """y = x @ W^T with W dequantized ([out, in], float32 on CPU, bf16 on the GPU)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:
+            return F.linear(x.to(self.weight.dtype), self.weight).float()
+        return F.linear(x, self.weight)
+
+
+class QuantLinear:
+    """y = x @ W^T on the native quantized matmul, W kept in its GGUF bytes (CPU only)."""
+
+    def __init__(self, view: np.ndarray, ggml_type: int, in_features: int, threads: int = 0,
+                 name: str = "linear"):
+        n = _native()
+        if n is None:
+            raise RuntimeError("QuantLinear needs hybrid._native; build the extension")
+        self._matmul = n.matmul
+        self.view = view                      # uint8 [out, row_bytes]
+        self.ggml_type = ggml_type
+        self.in_features = in_features
+        self.out_features = view.shape[0]
+        self.threads = threads
+        self.name = name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, self.in_features)
+        if xs.dtype != torch.float32:
+            xs = xs.float()
+        xs = xs.contiguous()
+        out = torch.empty(xs.shape[0], self.out_features, dtype=torch.float32)
+        self._matmul(self.view, self.ggml_type, xs.numpy(), out.numpy(), self.threads)
+        return out.view(*lead, self.out_features)
+
+
+class _Embedding:
+    """Row lookup that dequantizes only the rows asked for (the table stays in the mmap)."""
+
+    def __init__(self, view: np.ndarray, ggml_type: int, n_per_row: int, device, name: str):
+        self.view, self.ggml_type, self.n_per_row = view, ggml_type, n_per_row
+        self.device, self.name = device, name
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.view[ids.cpu().numpy()]
+        return dequant.dequantize(rows, self.ggml_type, self.n_per_row, device=self.device,
+                                  name=self.name)
+
+
+class _HostExperts:
+    """Runs a CPU expert engine for activations that live on another device."""
+
+    def __init__(self, experts, device):
+        self.experts, self.device = experts, device
+
+    def __call__(self, x, ids, weights):
+        y = self.experts(x.float().cpu(), ids.cpu(), weights.float().cpu())
+        return y.to(self.device, non_blocking=True)
+
+
+class _Loader:
+    """Implements models.*.WeightLoader for a GGUF file and a plan."""
+
+    def __init__(self, gguf: GGUFFile, plan, threads: int):
+        self.g = gguf
+        self.plan = plan
+        self.threads = threads
+        self.device = torch.device(getattr(plan, "device", "cpu"))
+        self.on_gpu = self.device.type != "cpu"
+        fmt = getattr(plan, "gpu_weight_format", "bf16") if self.on_gpu else "f32"
+        if fmt not in _DTYPES:
+            raise ValueError(f"plan: gpu_weight_format {fmt!r} is not supported "
+                             f"(use one of {', '.join(_DTYPES)})")
+        self.weight_dtype = _DTYPES[fmt]
+        self.native_linears = (not self.on_gpu and getattr(plan, "cpu_linears", "native") == "native"
+                               and _native() is not None)
+        self.native_min = int(getattr(plan, "native_linear_min_bytes", 1 << 20))
+        want = getattr(plan, "experts", "native")
+        self.experts_cls = _native_experts_cls() if want == "native" else None
+        if want == "native" and self.experts_cls is None:
+            log.warning("hybrid._native / hybrid.experts not available: routed experts run "
+                        "in torch from dequantized weights (slow, memory hungry)")
+        self.stats = {"native_linears": 0, "torch_linears": 0, "native_experts": 0,
+                      "torch_experts": 0}
+
+    def has(self, name):
+        return name in self.g.tensors
+
+    def _info(self, name):
+        info = self.g.tensors.get(name)
+        if info is None:
+            raise ValueError(f"{self.g.paths[0]}: tensor {name!r} is missing; the GGUF is not "
+                             f"a complete {self.g.metadata.get('general.architecture')} model")
+        return info
+
+    def shape(self, name):
+        return self._info(name).shape
+
+    def _dequant(self, name, dtype):
+        info = self._info(name)
+        t = dequant.dequantize(self.g.view(name), info.ggml_type, info.ne[0], dtype=dtype,
+                               device=self.device, name=name)
+        return t.view(info.shape)
+
+    def tensor(self, name):
+        return self._dequant(name, torch.float32)
+
+    def linear(self, name):
+        info = self._info(name)
+        if (self.native_linears and info.ggml_type in _NATIVE_LINEAR_TYPES
+                and info.n_bytes >= self.native_min):
+            self.stats["native_linears"] += 1
+            return QuantLinear(self.g.view(name), info.ggml_type, info.ne[0], self.threads, name)
+        self.stats["torch_linears"] += 1
+        return TorchLinear(self._dequant(name, self.weight_dtype).view(info.ne[1], info.ne[0]))
+
+    def embedding(self, name):
+        info = self._info(name)
+        return _Embedding(self.g.view(name), info.ggml_type, info.ne[0], self.device, name)
+
+    def experts(self, layer):
+        names = [f"blk.{layer}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
+        infos = [self._info(n) for n in names]
+        if self.experts_cls is not None:
+            self.stats["native_experts"] += 1
+            views = [self.g.view(n) for n in names]
+            ex = self.experts_cls(*views, *(i.ggml_type for i in infos), threads=self.threads)
+            return _HostExperts(ex, self.device) if self.on_gpu else ex
+        from hybrid.torch_experts import TorchExperts
+
+        self.stats["torch_experts"] += 1
+        return TorchExperts.from_gguf(self.g, layer, dtype=self.weight_dtype, device=self.device)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0         # prompt tokens reused from the previous sequence
+    completion_tokens: int = 0
+    finish_reason: str = ""        # "stop" (EOS / stop string) or "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    tokens: list = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' asked for, but torch sees no CUDA GPU; "
+                         "use device='cpu' (or 'auto')")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+    return device
+
+
+class Runtime:
+    """A loaded model. Not thread-safe: one sequence at a time."""
+
+    def __init__(self, path, *, device="auto", threads=None, numa="off", ctx=4096, plan=None,
+                 prefill_chunk=512, experts=None, cpu_linears=None):
+        self.path = os.fspath(path)
+        self.threads = int(threads) if threads else _default_threads()
+        torch.set_num_threads(self.threads)
+        if numa not in ("off", None):
+            log.warning("numa=%r: NUMA placement is not applied by this runtime yet", numa)
+        self.numa = numa
+        self.gguf = GGUFFile(self.path)
+        arch = self.gguf.architecture
+        mod = get_model_module(arch, source=self.path)
+        if plan is None:
+            plan = MinimalPlan(device=_resolve_device(device), kv_cache_tokens=int(ctx))
+        if experts is not None:
+            plan.experts = experts
+        if cpu_linears is not None:
+            plan.cpu_linears = cpu_linears
+        self.plan = plan
+        self.device = torch.device(getattr(plan, "device", "cpu"))
+        self.args = mod.ModelArgs.from_gguf(self.gguf.metadata, self.gguf.tensors, self.path)
+        self.ctx = int(getattr(plan, "kv_cache_tokens", ctx))
+        self.prefill_chunk = int(prefill_chunk)
+        t0 = time.perf_counter()
+        self.loader = _Loader(self.gguf, plan, self.threads)
+        with torch.inference_mode():
+            self.model = mod.DeepSeek2(self.args, self.loader, max_pos=self.ctx,
+                                       rope_device=self.device)
+        self.load_s = time.perf_counter() - t0
+        kv_dtype = _DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
+        self.cache = LatentKVCache(self.args.n_layer, self.ctx, self.args.kv_lora_rank,
+                                   self.args.qk_rope_dim, dtype=kv_dtype, device=self.device)
+        self._seq: list[int] = []  # tokens whose K/V are in the cache, in order
+        self._tokenizer = None
+        self.last_stats: GenerationStats | None = None
+
+    # -- tokenizer --------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from hybrid.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer(self.path, self.gguf.metadata)
+        return self._tokenizer
+
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kw) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kw)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return self.args.n_vocab
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        t = torch.as_tensor(list(tokens) if not isinstance(tokens, (torch.Tensor, np.ndarray)) else tokens,
+                            dtype=torch.long).reshape(-1)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.args.n_vocab):
+            raise ValueError(f"token ids must be in [0, {self.args.n_vocab}); got "
+                             f"{int(t.min())}..{int(t.max())}")
+        return t
+
+    def _forward(self, tokens: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """Run tokens after the cached sequence; returns logits float32 on the device."""
+        T = tokens.numel()
+        self.cache.check_room(T)
+        pos0 = self.cache.length
+        logits = self.model(tokens.to(self.device), pos0, self.cache, last_only=last_only)
+        self.cache.advance(T)
+        self._seq.extend(tokens.tolist())
+        return logits
+
+    def _prefill(self, tokens: torch.Tensor, all_logits: bool, out=None):
+        """Prefill in chunks; returns the last token's logits [B] (or fills out [T, B])."""
+        last = None
+        n = tokens.numel()
+        for c0 in range(0, n, self.prefill_chunk):
+            chunk = tokens[c0:c0 + self.prefill_chunk]
+            lg = self._forward(chunk, last_only=not all_logits)
+            if all_logits:
+                out[c0:c0 + chunk.numel()] = lg.float().cpu().numpy()
+            last = lg[-1]
+        return last
+
+    def reset(self) -> None:
+        """Forget the cached sequence."""
+        self.cache.reset()
+        self._seq = []
+
+    @torch.inference_mode()
+    def logits(self, tokens) -> np.ndarray:
+        """Logits of a fresh sequence at every position: float32 [T, n_vocab]."""
+        t = self._check_tokens(tokens)
+        self.reset()
+        out = np.empty((t.numel(), self.args.n_vocab), dtype=np.float32)
+        if t.numel():
+            self._prefill(t, all_logits=True, out=out)
+        return out
+
+    @torch.inference_mode()
+    def decode_logits(self, tokens) -> np.ndarray:
+        """Like logits(), but one token at a time through the cache (consistency checks)."""
+        t = self._check_tokens(tokens)
+        self.reset()
+        out = np.empty((t.numel(), self.args.n_vocab), dtype=np.float32)
+        for i in range(t.numel()):
+            out[i] = self._forward(t[i:i + 1], last_only=True)[-1].float().cpu().numpy()
+        return out
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt, add_bos, chat_template=None, **template_kw) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, add_bos=add_bos)
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode_chat(prompt, template=chat_template, **template_kw)
+        if isinstance(prompt, (list, tuple, np.ndarray, torch.Tensor)):
+            return [int(x) for x in prompt]
+        raise ValueError("prompt must be a string, a list of chat messages "
+                         "({'role': ..., 'content': ...}) or a list of token ids")
+
+    @torch.inference_mode()
+    def generate_tokens(self, prompt, *, max_tokens: int = 256, temperature: float = 0.6,
+                        top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                        seed: int | None = None, stop: Sequence[str] | str | None = None,
+                        add_bos: bool | None = None, stop_at_eos: bool = True,
+                        chat_template: str | None = None,
+                        **template_kw) -> Iterator[tuple[int, str]]:
+        """Yield (token id, text piece) per generated token; see generate()."""
+        sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                         repetition_penalty=repetition_penalty, seed=seed))
+        ids = self._prompt_ids(prompt, add_bos, chat_template, **template_kw)
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        if len(ids) + max_tokens > self.ctx:
+            max_tokens = max(0, self.ctx - len(ids))
+            if max_tokens == 0:
+                raise ValueError(f"prompt of {len(ids)} tokens fills the context of {self.ctx}; "
+                                 f"load with a larger ctx=")
+        stats = GenerationStats(prompt_tokens=len(ids))
+        self.last_stats = stats
+        # reuse the cached prefix of the previous sequence (chat turns share their history)
+        common = 0
+        for a, b in zip(self._seq, ids[:-1]):
+            if a != b:
+                break
+            common += 1
+        self.cache.truncate(common)
+        self._seq = self._seq[:common]
+        stats.cached_tokens = common
+        t0 = time.perf_counter()
+        logits = self._prefill(torch.tensor(ids[common:], dtype=torch.long), all_logits=False)
+        stats.prefill_s = time.perf_counter() - t0
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        history = list(ids)
+        text = ""
+        emitted = 0
+        dec = self.tokenizer.stream_decoder()
+        hold = max((len(s) - 1 for s in stops), default=0)
+        t0 = time.perf_counter()
+        stats.finish_reason = "length"
+        for i in range(max_tokens):
+            tok = sampler(logits, history)
+            history.append(tok)
+            stats.tokens.append(tok)
+            stats.completion_tokens += 1
+            if stop_at_eos and self.tokenizer.is_eog(tok):
+                stats.finish_reason = "stop"
+                break
+            text += dec.push(tok)
+            # text before `emitted` was searched already, up to a tail shorter than any stop
+            hit = min((p for p in (text.find(s, max(0, emitted - hold)) for s in stops) if p >= 0),
+                      default=-1)
+            if hit >= 0:
+                if hit > emitted:
+                    yield tok, text[emitted:hit]
+                emitted = hit
+                stats.finish_reason = "stop"
+                break
+            # hold back a tail that could still become a stop string
+            safe = len(text) - hold
+            if safe > emitted:
+                yield tok, text[emitted:safe]
+                emitted = safe
+            else:
+                yield tok, ""
+            if i + 1 < max_tokens:
+                logits = self._forward(torch.tensor([tok]), last_only=True)[-1]
+        if stats.finish_reason == "length":
+            text += dec.flush()
+            if len(text) > emitted:
+                yield -1, text[emitted:]
+        stats.decode_s = time.perf_counter() - t0
+
+    def generate(self, prompt, **kw) -> Iterator[str]:
+        """Stream text for a prompt string, chat messages or token ids.
+
+        Keywords: max_tokens=256, temperature=0.6 (0 = greedy), top_k=0, top_p=1.0,
+        repetition_penalty=1.0, seed=None, stop=None (strings), add_bos=None (per the
+        vocabulary), stop_at_eos=True, chat_template=None (override), and extra template
+        variables. After the iterator ends, `last_stats` holds token counts, the finish
+        reason and timings.
+        """
+        for _, piece in self.generate_tokens(prompt, **kw):
+            if piece:
+                yield piece
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._tokenizer is not None:
+            self._tokenizer.close()
+            self._tokenizer = None
+        self.model = None
+        self.loader = None
+        self.cache = None
+        if self.gguf is not None:
+            self.gguf.close()
+            self.gguf = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(path, device="auto", threads=None, numa="off", ctx=4096, **kw) -> Runtime:
+    """Load a GGUF model; see Runtime. Extra keywords: plan, prefill_chunk, experts
+    ("native" / "torch"), cpu_linears ("native" / "torch")."""
+    return Runtime(path, device=device, threads=threads, numa=numa, ctx=ctx, **kw)

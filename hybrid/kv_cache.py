@@ -1,0 +1,65 @@
+"""MLA latent KV cache: per token and layer the normalized latent (C) and roped key (R).
+
+DeepSeek-V3/R1: C + R = 512 + 64 floats per token per layer, about 70 KB per token over 61
+layers in bf16, against ~71x that for the full per-head K and V that llama.cpp caches for
+early-2025 GGUFs. Allocated once at load for `max_tokens`; nothing is allocated per step.
+
+Layout: data [L, max_tokens, C + R] with the latent first, then the rope part, so that a
+layer's rows are at once the MQA key [latent | k_pe] and (first C columns) the value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ContextFullError", "LatentKVCache"]
+
+
+class ContextFullError(ValueError):
+    """A sequence would grow past the cache (the context length given at load)."""
+
+
+class LatentKVCache:
+    def __init__(self, n_layer: int, max_tokens: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.n_layer = n_layer
+        self.max_tokens = max_tokens
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = rope_dim
+        self.data = torch.zeros(n_layer, max_tokens, kv_lora_rank + rope_dim, dtype=dtype,
+                                device=device)                      # [L, P, C+R]
+        self.length = 0  # tokens of the current sequence held (all layers)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def check_room(self, n_new: int) -> None:
+        if self.length + n_new > self.max_tokens:
+            raise ContextFullError(
+                f"sequence of {self.length + n_new} tokens does not fit the context of "
+                f"{self.max_tokens} tokens; load with a larger ctx= or shorten the prompt")
+
+    def append(self, layer: int, pos0: int, latent: torch.Tensor, k_pe: torch.Tensor):
+        """Write rows [pos0, pos0+T) of `layer`; return the layer's rows [0, pos0+T)."""
+        T = latent.shape[0]
+        end = pos0 + T
+        if end > self.max_tokens:
+            raise ContextFullError(f"position {end} is past the context of {self.max_tokens} "
+                                   f"tokens; load with a larger ctx=")
+        rows = self.data[layer]
+        C = self.kv_lora_rank
+        rows[pos0:end, :C] = latent
+        rows[pos0:end, C:] = k_pe
+        return rows[:end]
+
+    def advance(self, n: int) -> None:
+        """Mark n more tokens as held (after every layer has appended them)."""
+        self.length += n
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first n tokens (reuse a shared prompt prefix)."""
+        self.length = min(self.length, n)

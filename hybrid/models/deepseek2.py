@@ -1,0 +1,473 @@
+"""DeepSeek-V2/V3/R1 (GGUF architecture `deepseek2`): ModelArgs, MLA attention, MoE, model.
+
+The graph follows llama.cpp's `llm_build_deepseek2` (src/models/deepseek2.cpp) so that logits
+agree with it on the same file: RMS norms, normal (adjacent-pair) RoPE on the last
+`rope.dimension_count` dims of each head with YaRN, its kq_scale / mscale arithmetic, the
+router order (gating -> bias for selection only -> group top-k -> top-k -> weights from the
+unbiased probs -> normalize -> scale), shared experts added to the routed ones.
+
+Attention keeps a latent KV cache: per token and layer only the normalized latent (C) and
+the roped shared key part (R). The per-head K/V up-projections are applied either to the
+query and the attention output ("absorbed", cheap per new token: decode) or to the cached
+latents ("decompressed", cheap for long prefill chunks); both read the same cache.
+
+Weights come from a loader (see WeightLoader): this file never mentions devices.
+
+Shape legend: T tokens in this call, S tokens attended (cache length after this call),
+D model dim, H heads, N no-rope query/key dims per head, R rope dims, C kv_lora_rank
+(latent), V value dims per head, Q q_lora_rank, E experts, K experts per token,
+G expert groups, F FFN dim, B vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ARCH = "deepseek2"
+
+GATING_SOFTMAX, GATING_SIGMOID = 1, 2
+
+
+class ModelConfigError(ValueError):
+    """GGUF metadata or tensors do not describe a deepseek2 model we can run."""
+
+
+@dataclass
+class ModelArgs:
+    n_vocab: int
+    dim: int                       # D
+    n_layer: int
+    n_ff: int                      # dense FFN dim
+    n_head: int                    # H
+    qk_nope_dim: int               # N
+    qk_rope_dim: int               # R
+    v_head_dim: int                # V
+    q_lora_rank: int               # Q (0: one attn_q linear)
+    kv_lora_rank: int              # C
+    rms_eps: float
+    n_dense_lead: int
+    n_ff_exp: int                  # F of routed / shared experts
+    n_expert: int                  # E
+    n_expert_used: int             # K
+    n_expert_shared: int
+    expert_weights_scale: float
+    expert_weights_norm: bool
+    gating_func: int               # GATING_SOFTMAX / GATING_SIGMOID
+    n_group: int                   # G (0/1: no group limit)
+    n_group_used: int
+    rope_freq_base: float
+    rope_scaling_type: str         # none / linear / yarn
+    rope_freq_scale: float         # 1 / rope.scaling.factor
+    rope_orig_ctx: int
+    rope_attn_factor: float
+    yarn_log_mul: float            # rope.scaling.yarn_log_multiplier / 0.1 (llama.cpp's fix)
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    context_length: int = 0
+    n_nextn_layer: int = 0
+    mla_split: bool = False        # file has attn_k_b / attn_v_b (else attn_kv_b)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_dim + self.qk_rope_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Floats cached per token and layer: latent + rope key."""
+        return self.kv_lora_rank + self.qk_rope_dim
+
+    @classmethod
+    def from_gguf(cls, metadata: dict, tensors: dict, source: str = "model") -> "ModelArgs":
+        p = ARCH + "."
+
+        def key(name, default=None, required=False):
+            v = metadata.get(p + name)
+            if v is None:
+                if required:
+                    raise ModelConfigError(f"{source}: metadata key {p + name} is missing; "
+                                           f"the GGUF is incomplete or not a deepseek2 model")
+                return default
+            return v
+
+        def scalar(v, il=None):
+            # some keys may be per-layer arrays (llama.cpp get_key_or_arr)
+            if isinstance(v, np.ndarray):
+                return v.tolist()[il or 0]
+            return v
+
+        n_vocab = key("vocab_size")
+        if n_vocab is None:
+            toks = metadata.get("tokenizer.ggml.tokens")
+            n_vocab = len(toks) if toks is not None else tensors["token_embd.weight"].ne[1]
+        n_head = int(scalar(key("attention.head_count", required=True)))
+        rope_dim = int(key("rope.dimension_count", required=True))
+        # head sizes "as MHA": the *_mla keys of MLA-aware converters, else (early-2025 files
+        # with one attn_kv_b) the plain key/value lengths
+        k_len = key("attention.key_length_mla")
+        if k_len is None:
+            k_len = key("attention.key_length", required=True)
+        v_len = key("attention.value_length_mla")
+        if v_len is None:
+            v_len = key("attention.value_length", required=True)
+        k_len, v_len = int(scalar(k_len)), int(scalar(v_len))
+        if k_len <= rope_dim:
+            raise ModelConfigError(f"{source}: key length {k_len} must exceed rope dims {rope_dim}")
+        mla_split = "blk.0.attn_k_b.weight" in tensors
+
+        scaling_type = str(key("rope.scaling.type", "linear") or "linear")
+        factor = float(key("rope.scaling.factor", 0.0) or 0.0)
+        freq_scale = 1.0 if factor == 0.0 else 1.0 / factor
+        if scaling_type == "none":
+            freq_scale = 1.0
+        if scaling_type not in ("none", "linear", "yarn"):
+            raise ModelConfigError(f"{source}: rope.scaling.type {scaling_type!r} is not "
+                                   f"supported for deepseek2 (none, linear, yarn)")
+        ctx_train = int(key("context_length", 0) or 0)
+        log_mul = float(key("rope.scaling.yarn_log_multiplier", 0.0) or 0.0) / 0.1
+        gating = int(key("expert_gating_func", 0) or 0)
+        if gating == 0:
+            gating = GATING_SOFTMAX  # llama.cpp's default for old V2 files without the key
+        if gating not in (GATING_SOFTMAX, GATING_SIGMOID):
+            raise ModelConfigError(f"{source}: expert_gating_func {gating} is not supported "
+                                   f"(1 softmax, 2 sigmoid)")
+        q_lora = int(key("attention.q_lora_rank", 0) or 0)
+        if "blk.0.attn_q.weight" in tensors:
+            q_lora = 0
+        return cls(
+            n_vocab=int(n_vocab),
+            dim=int(key("embedding_length", required=True)),
+            n_layer=int(key("block_count", required=True)),
+            n_ff=int(scalar(key("feed_forward_length", 0))),
+            n_head=n_head,
+            qk_nope_dim=k_len - rope_dim,
+            qk_rope_dim=rope_dim,
+            v_head_dim=v_len,
+            q_lora_rank=q_lora,
+            kv_lora_rank=int(key("attention.kv_lora_rank", required=True)),
+            rms_eps=float(key("attention.layer_norm_rms_epsilon", required=True)),
+            n_dense_lead=int(key("leading_dense_block_count", 0) or 0),
+            n_ff_exp=int(scalar(key("expert_feed_forward_length", 0))),
+            n_expert=int(key("expert_count", 0) or 0),
+            n_expert_used=int(key("expert_used_count", 0) or 0),
+            n_expert_shared=int(key("expert_shared_count", 0) or 0),
+            expert_weights_scale=float(key("expert_weights_scale", 0.0) or 0.0),
+            expert_weights_norm=bool(key("expert_weights_norm", False)),
+            gating_func=gating,
+            n_group=int(key("expert_group_count", 0) or 0),
+            n_group_used=int(key("expert_group_used_count", 0) or 0),
+            rope_freq_base=float(key("rope.freq_base", 10000.0)),
+            rope_scaling_type=scaling_type,
+            rope_freq_scale=freq_scale,
+            rope_orig_ctx=int(key("rope.scaling.original_context_length", 0) or ctx_train),
+            rope_attn_factor=float(key("rope.scaling.attn_factor", 1.0) or 1.0),
+            yarn_log_mul=log_mul,
+            context_length=ctx_train,
+            n_nextn_layer=int(key("nextn_predict_layers", 0) or 0),
+            mla_split=mla_split,
+        )
+
+    # -- llama.cpp's YaRN / attention-scale arithmetic (llama-context.cpp + deepseek2.cpp) ----
+
+    def rope_params(self) -> tuple[float, float]:
+        """(ext_factor, attn_factor) as llama.cpp passes them to ggml_rope_ext."""
+        ext = 1.0 if self.rope_scaling_type == "yarn" else 0.0
+        attn = 1.0
+        if ext != 0.0:
+            s = 1.0 / self.rope_freq_scale
+
+            def get_mscale(scale, m):
+                return 1.0 if scale <= 1.0 else 0.1 * m * math.log(scale) + 1.0
+
+            if self.yarn_log_mul != 0.0:
+                # llama.cpp takes mscale = mscale_all_dims for deepseek2: the ratio is 1
+                attn = get_mscale(s, self.yarn_log_mul) / get_mscale(s, self.yarn_log_mul)
+            else:
+                attn = get_mscale(s, 1.0)
+            attn *= 1.0 / (1.0 + 0.1 * math.log(s))
+        return ext, attn * self.rope_attn_factor
+
+    def kq_scale(self) -> float:
+        _, attn = self.rope_params()
+        s = 1.0 / self.rope_freq_scale
+        attn_org = attn * (1.0 + 0.1 * math.log(s))
+        mscale = attn_org * (1.0 + 0.1 * self.yarn_log_mul * math.log(s))
+        return mscale * mscale / math.sqrt(self.qk_head_dim)
+
+
+class WeightLoader(Protocol):
+    """What the model needs from the engine (which applies the Plan)."""
+
+    def has(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...  # numpy order
+
+    def tensor(self, name: str) -> torch.Tensor: ...  # float32 on the compute device
+
+    def linear(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]: ...  # [T,in]->[T,out]
+
+    def embedding(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]: ...  # ids->[T,D]
+
+    def experts(self, layer: int) -> Callable: ...  # experts(x[T,D], ids[T,K], w[T,K]) -> [T,D]
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class Rope:
+    """Normal (adjacent-pair) RoPE with llama.cpp's YaRN: cos/sin tables for positions
+    [0, max_pos), already multiplied by the magnitude scale."""
+
+    def __init__(self, args: ModelArgs, max_pos: int, device=None):
+        R = args.qk_rope_dim
+        ext, attn = args.rope_params()
+        fs = args.rope_freq_scale
+        half = torch.arange(R // 2, dtype=torch.float64)
+        inv_freq = args.rope_freq_base ** (-2.0 * half / R)               # [R/2]
+        pos = torch.arange(max_pos, dtype=torch.float64)[:, None]
+        theta_extrap = pos * inv_freq                                       # [P, R/2]
+        theta = fs * theta_extrap
+        mscale = attn
+        if ext != 0.0:
+            low, high = self._corr_dims(R, args.rope_orig_ctx, args.rope_freq_base,
+                                        args.yarn_beta_fast, args.yarn_beta_slow)
+            y = (half - low) / max(0.001, high - low)
+            ramp = (1.0 - y.clamp(0.0, 1.0)) * ext
+            theta = theta * (1.0 - ramp) + theta_extrap * ramp
+            mscale *= 1.0 + 0.1 * math.log(1.0 / fs)
+        self.cos = (torch.cos(theta) * mscale).float().to(device)          # [P, R/2]
+        self.sin = (torch.sin(theta) * mscale).float().to(device)
+
+    @staticmethod
+    def _corr_dims(n_dims, n_ctx_orig, base, beta_fast, beta_slow):
+        def corr_dim(n_rot):
+            return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+        start = math.floor(corr_dim(beta_fast))
+        end = math.ceil(corr_dim(beta_slow))
+        return max(0, start), min(n_dims - 1, end)
+
+    def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
+        """x [T, ..., R] -> roped copy; token t has position pos0 + t."""
+        T = x.shape[0]
+        shape = (T,) + (1,) * (x.dim() - 2) + (-1,)
+        cos = self.cos[pos0:pos0 + T].view(shape)
+        sin = self.sin[pos0:pos0 + T].view(shape)
+        xp = x.unflatten(-1, (-1, 2))
+        x0, x1 = xp[..., 0], xp[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+class MLAttention:
+    """Multi-head latent attention over a latent KV cache."""
+
+    # prefill chunks at least this long attend decompressed: computing k/v for the S cached
+    # tokens once beats absorbing per query when T > C*(N+V) / (2C - N - V)
+    def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
+        p = f"blk.{il}."
+        self.args = args
+        self.il = il
+        H, N, V, C = args.n_head, args.qk_nope_dim, args.v_head_dim, args.kv_lora_rank
+        self.attn_norm = w.tensor(p + "attn_norm.weight")
+        if args.q_lora_rank > 0:
+            self.wq_a = w.linear(p + "attn_q_a.weight")
+            self.q_a_norm = w.tensor(p + "attn_q_a_norm.weight")
+            self.wq_b = w.linear(p + "attn_q_b.weight")
+            self.wq = None
+        else:
+            self.wq = w.linear(p + "attn_q.weight")
+        self.wkv_a = w.linear(p + "attn_kv_a_mqa.weight")
+        self.kv_a_norm = w.tensor(p + "attn_kv_a_norm.weight")
+        self.wo = w.linear(p + "attn_output.weight")
+        # weight surgery: per-head up-projections wk [H, N, C] (k_nope = wk @ latent) and
+        # wv [H, V, C] (v = wv @ latent), from either tensor layout
+        if w.has(p + "attn_k_b.weight"):
+            wk = w.tensor(p + "attn_k_b.weight")           # ne {N, C, H} -> [H, C, N]
+            wv = w.tensor(p + "attn_v_b.weight")           # ne {C, V, H} -> [H, V, C]
+            self.wk = wk.reshape(H, C, N).transpose(1, 2).contiguous()
+            self.wv = wv.reshape(H, V, C).contiguous()
+        else:
+            kv_b = w.tensor(p + "attn_kv_b.weight")        # ne {C, H*(N+V)} -> [H*(N+V), C]
+            kv_b = kv_b.reshape(H, N + V, C)
+            self.wk = kv_b[:, :N].contiguous()
+            self.wv = kv_b[:, N:].contiguous()
+        self.wk_t = self.wk.transpose(1, 2).contiguous()   # [H, C, N]
+        self.wv_t = self.wv.transpose(1, 2).contiguous()   # [H, C, V]
+        self.scale = args.kq_scale()
+        self.decompress_min_tokens = max(1, (C * (N + V)) // max(1, 2 * C - N - V) + 1)
+
+    def __call__(self, x: torch.Tensor, pos0: int, cache, rope: Rope, mode: str = "auto"):
+        a = self.args
+        T = x.shape[0]
+        H, N, R, C = a.n_head, a.qk_nope_dim, a.qk_rope_dim, a.kv_lora_rank
+        h = rms_norm(x, self.attn_norm, a.rms_eps)
+        if self.wq is None:
+            q = self.wq_b(rms_norm(self.wq_a(h), self.q_a_norm, a.rms_eps))
+        else:
+            q = self.wq(h)
+        q = q.view(T, H, N + R)
+        q_nope, q_pe = q[..., :N], rope(q[..., N:], pos0)                # [T,H,N], [T,H,R]
+        kv = self.wkv_a(h)                                                 # [T, C+R]
+        latent = rms_norm(kv[:, :C], self.kv_a_norm, a.rms_eps)            # [T, C]
+        k_pe = rope(kv[:, C:], pos0)                                       # [T, R]
+        kv_all = cache.append(self.il, pos0, latent, k_pe)                 # [S, C+R]
+        S = pos0 + T
+        mask = None
+        if T > 1:
+            i = torch.arange(T, device=x.device)[:, None] + pos0
+            mask = torch.arange(S, device=x.device)[None, :] <= i          # [T, S]
+        if mode == "auto":
+            mode = "decompress" if T >= self.decompress_min_tokens else "absorb"
+        if mode == "absorb":
+            o = self._absorbed(q_nope, q_pe, kv_all, mask)
+        else:
+            o = self._decompressed(q_nope, q_pe, kv_all, mask)
+        return self.wo(o.reshape(T, -1))
+
+    def _absorbed(self, q_nope, q_pe, kv_all, mask):
+        """Attention in latent space: MQA with one shared K=[latent|k_pe], V=latent."""
+        T, H, _ = q_nope.shape
+        C = self.args.kv_lora_rank
+        cd = kv_all.dtype  # matmuls against the cache in its dtype, softmax in float32
+        q_abs = torch.bmm(q_nope.transpose(0, 1), self.wk)                # [H, T, C]
+        qc = torch.cat((q_abs, q_pe.transpose(0, 1)), dim=-1).to(cd)       # [H, T, C+R]
+        scores = (qc.reshape(H * T, -1) @ kv_all.t()).view(H, T, -1)       # [H, T, S]
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(cd)
+        o_lat = (p.view(H * T, -1) @ kv_all[:, :C]).view(H, T, C)          # [H, T, C]
+        o = torch.bmm(o_lat.float(), self.wv_t)                            # [H, T, V]
+        return o.transpose(0, 1)                                           # [T, H, V]
+
+    def _decompressed(self, q_nope, q_pe, kv_all, mask):
+        """Expand the cached latents to per-head K and V, then ordinary attention."""
+        T, H, _ = q_nope.shape
+        S = kv_all.shape[0]
+        C, R = self.args.kv_lora_rank, self.args.qk_rope_dim
+        kv_all = kv_all.float()
+        lat = kv_all[:, :C]
+        k_nope = torch.matmul(lat, self.wk_t)                              # [H, S, N]
+        v = torch.matmul(lat, self.wv_t)                                   # [H, S, V]
+        k = torch.cat((k_nope, kv_all[:, C:].expand(H, S, R)), dim=-1)     # [H, S, N+R]
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)              # [H, T, N+R]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return o.transpose(0, 1)                                           # [T, H, V]
+
+
+class FFN:
+    """SwiGLU FFN: the leading dense layers and the shared experts."""
+
+    def __init__(self, w: WeightLoader, prefix: str, suffix: str = ""):
+        self.gate = w.linear(f"{prefix}ffn_gate{suffix}.weight")
+        self.up = w.linear(f"{prefix}ffn_up{suffix}.weight")
+        self.down = w.linear(f"{prefix}ffn_down{suffix}.weight")
+
+    def __call__(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Router:
+    """Expert selection exactly as llama.cpp's build_moe_ffn does it for deepseek2."""
+
+    def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
+        p = f"blk.{il}."
+        self.args = args
+        self.gate_inp = w.tensor(p + "ffn_gate_inp.weight")               # [E, D], float32
+        self.bias = w.tensor(p + "exp_probs_b.bias") if w.has(p + "exp_probs_b.bias") else None
+
+    def __call__(self, h: torch.Tensor):
+        a = self.args
+        logits = h.float() @ self.gate_inp.t()                             # [T, E]
+        if a.gating_func == GATING_SIGMOID:
+            probs = torch.sigmoid(logits)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        sel = probs if self.bias is None else probs + self.bias            # selection only
+        T, E = sel.shape
+        if a.n_group > 1:
+            G = a.n_group
+            groups = sel.view(T, G, E // G)
+            g_score = groups.topk(2, dim=-1).values.sum(-1)                # [T, G]
+            keep = g_score.topk(a.n_group_used, dim=-1).indices            # [T, n_group_used]
+            gmask = torch.zeros(T, G, dtype=torch.bool, device=sel.device)
+            gmask.scatter_(1, keep, True)
+            sel = groups.masked_fill(~gmask[..., None], float("-inf")).view(T, E)
+        ids = sel.topk(a.n_expert_used, dim=-1).indices                    # [T, K]
+        weights = probs.gather(1, ids)                                     # [T, K]
+        if a.expert_weights_norm:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+        if a.expert_weights_scale not in (0.0, 1.0):
+            weights = weights * a.expert_weights_scale
+        return ids, weights
+
+
+class MoE:
+    def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
+        p = f"blk.{il}."
+        self.router = Router(args, w, il)
+        self.experts = w.experts(il)
+        self.shared = FFN(w, p, "_shexp") if w.has(p + "ffn_gate_shexp.weight") else None
+
+    def __call__(self, h):
+        ids, weights = self.router(h)
+        y = self.experts(h, ids, weights)
+        if self.shared is not None:
+            y = y + self.shared(h)
+        return y
+
+
+class Block:
+    def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
+        self.attn = MLAttention(args, w, il)
+        self.ffn_norm = w.tensor(f"blk.{il}.ffn_norm.weight")
+        self.ffn = FFN(w, f"blk.{il}.") if il < args.n_dense_lead else MoE(args, w, il)
+        self.eps = args.rms_eps
+
+    def __call__(self, x, pos0, cache, rope, attn_mode="auto"):
+        x = x + self.attn(x, pos0, cache, rope, attn_mode)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+
+
+class DeepSeek2:
+    """The whole model: embed -> blocks -> norm -> lm_head."""
+
+    def __init__(self, args: ModelArgs, w: WeightLoader, max_pos: int, rope_device=None):
+        self.args = args
+        if args.n_nextn_layer:
+            log.info("deepseek2: ignoring %d MTP/nextn layer(s) (not used for generation)",
+                     args.n_nextn_layer)
+        self.embed = w.embedding("token_embd.weight")
+        self.blocks = [Block(args, w, il) for il in range(args.n_layer)]
+        self.norm = w.tensor("output_norm.weight")
+        self.lm_head = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight")
+        self.rope = Rope(args, max_pos, device=rope_device)
+        self.attn_mode = "auto"  # "absorb" / "decompress" force one attention path (tests)
+
+    def forward(self, tokens: torch.Tensor, pos0: int, cache, last_only: bool = False):
+        """tokens [T] at positions pos0.. -> logits [T, B] (or [1, B] with last_only)."""
+        x = self.embed(tokens)                                             # [T, D]
+        for blk in self.blocks:
+            x = blk(x, pos0, cache, self.rope, self.attn_mode)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(rms_norm(x, self.norm, self.args.rms_eps))     # [T, B]
+
+    __call__ = forward
+
+
+def layer_tensors(args: ModelArgs, il: int) -> list[str]:
+    """Names of the routed-expert tensors of a layer (placement uses them)."""
+    if il < args.n_dense_lead:
+        return []
+    return [f"blk.{il}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
