@@ -1,0 +1,212 @@
+"""The Plan: where every tensor group lives, in which format, and what each memory budget holds.
+
+The single source of truth between the solver and the runtime: the runtime loads what the plan
+says, where it says (`Plan.placement_of`). Plain dataclasses; `to_dict`/`to_json` for machines,
+`to_text` for people, `from_dict`/`from_json` to read a saved plan back.
+
+Formats: "bf16" and "f32" (dequantized at load), "quantized" (the GGUF bytes as stored; for a
+tensor stored as F32/F16 that is the stored float type).
+Devices: "gpu0" (first GPU), "cpu" (host RAM as a whole), "numa0".. (host RAM per NUMA node).
+"""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from placement.inventory import tensor_group, tensor_role
+from placement.units import fmt_bytes
+
+FORMATS = ("bf16", "f32", "quantized")
+
+
+@dataclass
+class DeviceUsage:
+    bytes: int                 # what the plan puts here
+    capacity_bytes: int        # what this process may use here
+    breakdown: dict = field(default_factory=dict)   # role or reserve -> bytes
+    kind: str = "gpu"          # gpu | host | numa
+    note: str = ""
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes <= self.capacity_bytes
+
+
+@dataclass
+class Problem:
+    budget: str                # the device key that overflows ("gpu0", "cpu", "numa1")
+    needed_bytes: int
+    available_bytes: int
+    message: str
+
+    @property
+    def over_bytes(self) -> int:
+        return self.needed_bytes - self.available_bytes
+
+
+@dataclass
+class Suggestion:
+    change: str                # short id: gpu_format, ctx, numa, unbind, ram, cpu_only, preset, ...
+    cli: str                   # the dry-run flags that apply it
+    message: str
+    fits: bool                 # whether this change alone makes everything fit
+
+
+@dataclass
+class Plan:
+    fits: bool
+    model: str                 # general.name or preset description
+    source: str                # GGUF path or "preset:NAME"
+    architecture: str
+    quantization: str
+    weights_bytes: int         # tensor data of the model
+    n_tensors: int
+    devices: dict              # "gpu0" | "cpu" | "numaN" -> DeviceUsage
+    kv_cache_bytes: int
+    kv_cache_tokens: int       # context x batch
+    kv_cache_device: str
+    kv_bytes_per_token: int
+    max_context_tokens: int    # the longest context the KV budget could hold (expert cache given up)
+    gpu_weight_format: str     # bf16 | quantized | none
+    numa_mode: str             # off | interleave | distribute | replicate
+    tensor_placement: dict     # group -> [device, format]
+    gpu_experts: list          # per layer: routed expert ids cached on the GPU ([] for dense layers)
+    estimate: dict
+    problems: list = field(default_factory=list)
+    suggestions: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    reserves: dict = field(default_factory=dict)    # how each reserve was sized
+    workload: dict = field(default_factory=dict)
+    policy: dict = field(default_factory=dict)
+    hardware: dict = field(default_factory=dict)
+
+    # --- queries for the runtime --------------------------------------------------------
+    def placement_of(self, name: str):
+        """(device, format) of tensor `name`; routed experts answer for the CPU-resident copy
+        (the GPU cache of `gpu_experts[layer]` is extra, see `gpu_expert_ids`)."""
+        group = tensor_group(name)
+        if group not in self.tensor_placement:
+            group = tensor_role(name)
+        dev, fmt = self.tensor_placement[group]
+        return dev, fmt
+
+    def gpu_expert_ids(self, layer: int) -> list:
+        if 0 <= layer < len(self.gpu_experts):
+            return list(self.gpu_experts[layer])
+        return []
+
+    @property
+    def n_gpu_experts(self) -> int:
+        return sum(len(x) for x in self.gpu_experts)
+
+    def predicted_cpu_rss_growth(self) -> int:
+        """Host bytes the runtime's own loading should add to RSS: everything planned on 'cpu'
+        except the OS reserve and the fixed interpreter/torch overhead (already resident)."""
+        cpu = self.devices.get("cpu")
+        if cpu is None:
+            return 0
+        return sum(v for k, v in cpu.breakdown.items() if k not in ("host_reserve", "runtime_overhead"))
+
+    def predicted_gpu_allocated(self) -> int:
+        """What torch.cuda.memory_allocated() should reach after loading (no CUDA context, no
+        allocator slack, no workspace: those are not live tensors between steps)."""
+        gpu = self.devices.get("gpu0")
+        if gpu is None:
+            return 0
+        return sum(v for k, v in gpu.breakdown.items() if k not in ("cuda_context", "allocator_slack", "workspace"))
+
+    # --- serialization ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "devices":
+                v = {k: dict(asdict(u), free_bytes=u.free_bytes) for k, u in v.items()}
+            elif f.name == "problems":
+                v = [dict(asdict(p), over_bytes=p.over_bytes) for p in v]
+            elif f.name == "suggestions":
+                v = [asdict(s) for s in v]
+            elif f.name == "tensor_placement":
+                v = {k: list(x) for k, x in v.items()}
+            d[f.name] = v
+        d["n_gpu_experts"] = self.n_gpu_experts
+        return d
+
+    def to_json(self, indent=2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kw["devices"] = {k: DeviceUsage(**{x: v[x] for x in ("bytes", "capacity_bytes", "breakdown", "kind", "note")})
+                         for k, v in d["devices"].items()}
+        kw["problems"] = [Problem(**{x: p[x] for x in ("budget", "needed_bytes", "available_bytes", "message")})
+                          for p in d.get("problems", [])]
+        kw["suggestions"] = [Suggestion(**s) for s in d.get("suggestions", [])]
+        kw["tensor_placement"] = {k: tuple(v) for k, v in d["tensor_placement"].items()}
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    # --- report for people --------------------------------------------------------------
+    def to_text(self) -> str:
+        L = []
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        L.append(f"{self.model} [{self.source}] {self.architecture} {self.quantization}".rstrip())
+        L.append(f"weights: {fmt_bytes(self.weights_bytes)} in {self.n_tensors} tensors")
+        hw = self.hardware.get("description")
+        if hw:
+            L.append(f"machine: {hw}")
+        w = self.workload
+        L.append(f"workload: context {w.get('context')} x batch {w.get('batch')}, prefill chunk "
+                 f"{w.get('prefill_chunk')}; numa {self.numa_mode}; GPU weights {self.gpu_weight_format}")
+        L.append("")
+        L.append(f"verdict: {verdict}")
+        L.append("")
+        L.append(f"{'budget':<8} {'capacity':>12} {'planned':>12} {'free':>12}   breakdown")
+        for name, u in self.devices.items():
+            parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(u.breakdown.items(), key=lambda kv: -kv[1]) if v)
+            mark = "" if u.fits else "  <-- OVER"
+            L.append(f"{name:<8} {fmt_bytes(u.capacity_bytes):>12} {fmt_bytes(u.bytes):>12} "
+                     f"{fmt_bytes(u.free_bytes):>12}   {parts}{mark}")
+            if u.note:
+                L.append(f"{'':<8} {u.note}")
+        L.append("")
+        L.append(f"{'tensor group':<26} {'device':<8} {'format':<10}")
+        for g, (dev, fmt) in self.tensor_placement.items():
+            L.append(f"{g:<26} {dev:<8} {fmt:<10}")
+        L.append("")
+        L.append(f"KV cache (MLA latent, bf16): {self.kv_cache_tokens} tokens x {self.kv_bytes_per_token} B = "
+                 f"{fmt_bytes(self.kv_cache_bytes)} on {self.kv_cache_device}; room for up to "
+                 f"{self.max_context_tokens} tokens")
+        if self.n_gpu_experts:
+            per_layer = [(i, len(x)) for i, x in enumerate(self.gpu_experts) if x]
+            counts = sorted({n for _, n in per_layer})
+            L.append(f"GPU expert cache: {self.n_gpu_experts} routed experts in {len(per_layer)} layers "
+                     f"({'-'.join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else counts[0]} per layer)")
+            L.append("  " + " ".join(f"L{i}:{n}" for i, n in per_layer))
+        e = self.estimate
+        if e:
+            L.append(f"estimate: decode ~{e.get('decode_tok_s', 0):.1f} tok/s, prefill ~{e.get('prefill_tok_s', 0):.0f} tok/s")
+            for k, v in e.get("assumptions", {}).items():
+                L.append(f"  {k}: {v}")
+        for n in self.notes:
+            L.append(f"note: {n}")
+        if self.problems:
+            L.append("")
+            L.append("problems:")
+            for p in self.problems:
+                L.append(f"  - {p.message}")
+        if self.suggestions:
+            L.append("")
+            L.append("what would make it fit:" if not self.fits else "suggestions:")
+            for s in self.suggestions:
+                tag = "fits" if s.fits else "helps"
+                L.append(f"  - [{tag}] {s.message}" + (f"  ({s.cli})" if s.cli else ""))
+        return "\n".join(L)
+

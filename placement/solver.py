@@ -1,0 +1,748 @@
+"""Inventory x Hardware x Workload x Policy -> Plan: fit a huge MoE into one GPU and host RAM.
+
+Order of decisions:
+  1. GPU: non-expert weights (bf16, or the GGUF bytes when bf16 does not fit), the MLA latent
+     KV cache, explicit reserves (CUDA context, compute workspace, allocator slack).
+  2. Host: routed experts in their GGUF form, spread over the allowed NUMA nodes by the NUMA
+     mode, plus pinned buffers, page tables, the runtime's own overhead and an OS reserve.
+  3. Leftover VRAM caches routed experts on the GPU: by activation frequency when statistics
+     are given, else the same number in every MoE layer.
+  4. Estimate tokens/s from the bytes each token moves and the bandwidths.
+  5. When something overflows: re-solve with each concrete change and report those that help.
+
+Shape legend: L layers, E experts, K experts per token, D hidden, H heads.
+"""
+
+from dataclasses import asdict, dataclass, field, replace
+
+from placement.hardware import Hardware
+from placement.inventory import Inventory
+from placement.plan import DeviceUsage, Plan, Problem, Suggestion
+from placement.units import GiB, MiB, fmt_bytes, fmt_gb, fmt_int_list
+
+NUMA_MODES = ("off", "interleave", "distribute", "replicate")
+GPU_FORMATS = ("auto", "bf16", "quantized")
+
+# estimate assumptions used when the hardware does not say (reported with the estimate)
+ASSUMED_RAM_BANDWIDTH_PER_NODE = 100e9
+ASSUMED_GPU_BANDWIDTH = 900e9
+ASSUMED_PCIE_BANDWIDTH = 25e9
+CPU_GFLOPS_PER_CORE = {"amx_int8": 400.0, "avx512_vnni": 120.0, "avx512f": 80.0, "avx2": 50.0, "": 10.0}
+
+
+class SolverError(ValueError):
+    pass
+
+
+DEFAULT_CONTEXT = 32768
+
+
+@dataclass
+class Workload:
+    context: object = None     # tokens per sequence the KV cache must hold; None: min(32K, model's)
+    batch: int = 1             # sequences decoded together
+    prefill_chunk: int = 512   # tokens per prefill step
+
+    def resolved(self, model) -> "Workload":
+        if self.context is None:
+            return replace(self, context=min(DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT))
+        return self
+
+    def validate(self):
+        for k in ("context", "batch", "prefill_chunk"):
+            if int(getattr(self, k)) < 1:
+                raise SolverError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+
+
+@dataclass
+class Policy:
+    numa: str = "auto"                   # off | interleave | distribute | replicate | auto
+    gpu_weight_format: str = "auto"      # auto | bf16 | quantized
+    use_gpu: bool = True
+    expert_cache: bool = True            # spend leftover VRAM on routed experts
+    expert_stats: object = None          # per layer activation counts, see load_expert_stats
+    cpu_weight_format: str = "quantized"  # non-expert weights when they live on the CPU
+    # explicit reserves
+    cuda_context_bytes: int = 600 * MiB  # driver + cuBLAS handles: outside torch's allocator
+    allocator_slack_bytes: int = 256 * MiB   # fragmentation of the caching allocator
+    workspace_bytes: object = None       # None = formula (activations + attention scores)
+    attn_query_block: int = 64           # queries per attention step: bounds the score buffer
+    pinned_bytes: object = None          # None = formula (double-buffered hidden states)
+    host_reserve_bytes: int = 4 * GiB    # OS, page cache of other files, other processes
+    runtime_overhead_bytes: int = 1 * GiB  # Python, torch, CUDA host state of this process
+    # estimate assumptions
+    ram_efficiency: float = 0.7          # share of stream bandwidth the expert kernels reach
+    interleave_efficiency: float = 0.75  # interleaved pages: half the reads cross the socket link
+    sync_latency_s: float = 40e-6        # per MoE layer: submit, wait, hidden state both ways
+    gpu_tflops: float = 100.0            # sustained bf16 TFLOP/s for the non-expert part
+
+    def validate(self):
+        if self.numa not in NUMA_MODES + ("auto",):
+            raise SolverError(f"--numa {self.numa}: choose one of {', '.join(NUMA_MODES + ('auto',))}")
+        if self.gpu_weight_format not in GPU_FORMATS:
+            raise SolverError(f"--gpu-format {self.gpu_weight_format}: choose one of {', '.join(GPU_FORMATS)}")
+        if self.cpu_weight_format not in ("quantized", "f32", "bf16"):
+            raise SolverError(f"cpu_weight_format {self.cpu_weight_format}: quantized | f32 | bf16")
+
+
+# --- sizes ----------------------------------------------------------------------------
+
+def _fmt_bytes_of(t, fmt: str) -> int:
+    if fmt == "bf16":
+        return t.n_elements * 2
+    if fmt == "f32":
+        return t.n_elements * 4
+    return t.n_bytes
+
+
+def _group_formats(use_gpu: bool, gpu_fmt: str, cpu_fmt: str) -> dict:
+    """group -> (device, format) for everything but the routed experts."""
+    if use_gpu:
+        dev, fmt = "gpu0", gpu_fmt
+    else:
+        dev, fmt = "cpu", cpu_fmt
+    return {
+        "embedding": (dev, fmt),
+        "attention": (dev, fmt),
+        # split into k_b / v_b (and absorbed) at load: needs the dequantized values
+        "attention.kv_b": (dev, "bf16" if use_gpu else "f32"),
+        "norm": (dev, "f32"),
+        # routing scores decide which experts run; keep them in float
+        "router": (dev, "f32"),
+        "dense_ffn": (dev, fmt),
+        "shared_expert": (dev, fmt),
+        "output": (dev, fmt),
+        "other": (dev, fmt),
+    }
+
+
+def workspace_formula(inv: Inventory, wl: Workload, pol: Policy) -> dict:
+    """Compute workspace of the device that runs attention: activations of the tokens in flight
+    (fp32) plus one block of attention scores (H x query block x context, fp32)."""
+    m = inv.model
+    tokens = max(wl.prefill_chunk, wl.batch)
+    latent = m.kv_lora_rank + m.qk_rope_dim
+    # residual, normed input, attention out, MoE out; the widest projection pair: the dense FFN
+    # gate+up, or the absorbed MLA query and output in latent space (H x latent each)
+    width = 4 * m.n_embd + max(2 * m.dense_ff, 2 * m.n_expert_shared * m.expert_ff, 2 * m.n_head * latent)
+    activations = tokens * width * 4
+    scores = m.n_head * min(pol.attn_query_block, tokens) * wl.context * 4
+    logits = wl.batch * m.n_vocab * 4
+    return {"activations": activations, "attention_scores": scores, "logits": logits,
+            "total": activations + scores + logits,
+            "formula": f"{tokens} tokens x {width} x 4 B + {m.n_head} heads x "
+                       f"{min(pol.attn_query_block, tokens)} queries x {wl.context} keys x 4 B + logits"}
+
+
+def pinned_formula(inv: Inventory, wl: Workload) -> int:
+    """Host<->GPU staging for the MoE hand-off: hidden states in and out, double-buffered, fp32,
+    plus routing ids and weights."""
+    m = inv.model
+    tokens = max(wl.prefill_chunk, wl.batch)
+    return 2 * tokens * (2 * m.n_embd * 4 + m.n_expert_used * 8)
+
+
+# --- expert statistics ----------------------------------------------------------------
+
+def load_expert_stats(obj, inv: Inventory) -> dict:
+    """Activation counts -> {layer: [count per expert]}.
+
+    Accepts {"layer": [counts...]} / {layer: {expert: count}} dicts, or a JSON file path of those.
+    """
+    import json
+
+    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
+        try:
+            with open(obj, encoding="utf-8") as f:
+                obj = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SolverError(f"--expert-stats {obj}: cannot read: {e}") from None
+    if isinstance(obj, dict) and "layers" in obj:
+        obj = obj["layers"]
+    if isinstance(obj, list):
+        obj = {i: v for i, v in enumerate(obj) if v}
+    E = inv.model.n_expert
+    out = {}
+    for k, v in obj.items():
+        layer = int(k)
+        if isinstance(v, dict):
+            counts = [0.0] * E
+            for e, c in v.items():
+                counts[int(e)] = float(c)
+        else:
+            counts = [float(c) for c in v]
+        if len(counts) != E:
+            raise SolverError(f"expert stats for layer {layer}: {len(counts)} counts, the model has {E} experts")
+        out[layer] = counts
+    return out
+
+
+def choose_gpu_experts(inv: Inventory, budget: int, stats=None) -> dict:
+    """{layer: [expert ids]} filling `budget` bytes.
+
+    With stats: the most used experts first. Caching expert e of layer l saves K*p_l(e)*b_l
+    bytes of CPU reads per token for b_l bytes of VRAM, so the ratio only depends on p_l(e).
+    Without: the same count in every MoE layer (lowest ids; nothing better is known).
+    """
+    layers = inv.moe_layers()
+    E = inv.model.n_expert
+    size = {l: inv.expert_bytes(l) for l in layers}
+    chosen = {l: [] for l in layers}
+    if budget <= 0 or not layers:
+        return chosen
+    if stats:
+        items = []
+        for l in layers:
+            counts = stats.get(l)
+            if counts is None:
+                continue
+            total = sum(counts) or 1.0
+            items.extend((c / total, l, e) for e, c in enumerate(counts))
+        items.sort(key=lambda x: (-x[0], x[1], x[2]))
+        left = budget
+        for p, l, e in items:
+            if size[l] <= left:
+                chosen[l].append(e)
+                left -= size[l]
+        if left < min(size.values()):
+            return {l: sorted(v) for l, v in chosen.items()}
+        # layers without statistics share what is left evenly
+        budget = left
+        layers_left = [l for l in layers if l not in stats]
+    else:
+        layers_left = layers
+    if layers_left:
+        per_round = sum(size[l] for l in layers_left)
+        n = min(E, budget // per_round)
+        left = budget - n * per_round
+        for l in layers_left:
+            chosen[l] = list(range(n))
+        if n < E:
+            for l in layers_left:
+                if size[l] <= left:
+                    chosen[l].append(n)
+                    left -= size[l]
+    return {l: sorted(v) for l, v in chosen.items()}
+
+
+# --- the solver -----------------------------------------------------------------------
+
+def _resolve_numa(pol: Policy, hw: Hardware) -> str:
+    n_allowed = len(hw.allowed_nodes)
+    mode = pol.numa
+    if mode == "auto":
+        mode = "interleave" if n_allowed > 1 else "off"
+    return mode
+
+
+def _gpu_need(inv, pol, fmt):
+    """Bytes on gpu0 (without the expert cache) for GPU weight format `fmt`."""
+    groups = _group_formats(True, fmt, pol.cpu_weight_format)
+    weights = {}
+    for t in inv.tensors:
+        if t.role == "routed_experts":
+            continue
+        g = t.group if t.group in groups else "other"
+        _, f = groups[g]
+        weights[t.role] = weights.get(t.role, 0) + _fmt_bytes_of(t, f)
+    return weights, groups
+
+
+def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, policy: Policy = None,
+          _suggest: bool = True) -> Plan:
+    inv, hw = inventory, hardware
+    m = inv.model
+    wl = (workload or Workload()).resolved(m)
+    pol = policy or Policy()
+    wl.validate()
+    pol.validate()
+    notes = []
+    reserves = {}
+
+    gpu = hw.gpus[0] if (pol.use_gpu and hw.gpus) else None
+    numa_mode = _resolve_numa(pol, hw)
+    allowed = hw.allowed_nodes
+    if numa_mode in ("interleave", "distribute", "replicate") and len(allowed) < 2:
+        notes.append(f"--numa {numa_mode} with {len(allowed)} usable NUMA node: same as off")
+
+    kv_tokens = wl.context * wl.batch
+    kv_bytes = kv_tokens * m.kv_bytes_per_token
+    ws = workspace_formula(inv, wl, pol)
+    workspace = int(pol.workspace_bytes) if pol.workspace_bytes is not None else ws["total"]
+    reserves["workspace"] = ({"bytes": workspace, "given": True} if pol.workspace_bytes is not None
+                             else dict(ws, bytes=workspace))
+    devices = {}
+    problems = []
+
+    # ---- GPU ---------------------------------------------------------------------------
+    gpu_fmt = "none"
+    gpu_cache = {}
+    max_ctx = 0
+    if gpu is not None:
+        cap = int(gpu.free_bytes)
+        fixed = pol.cuda_context_bytes + pol.allocator_slack_bytes + workspace + kv_bytes
+        w_bf16, _ = _gpu_need(inv, pol, "bf16")
+        w_q, _ = _gpu_need(inv, pol, "quantized")
+        need_bf16 = sum(w_bf16.values()) + fixed
+        need_q = sum(w_q.values()) + fixed
+        if pol.gpu_weight_format == "auto":
+            gpu_fmt = "bf16" if need_bf16 <= cap else "quantized"
+            if gpu_fmt == "quantized":
+                notes.append(
+                    f"non-expert weights as bf16 ({fmt_bytes(sum(w_bf16.values()))}) do not fit the GPU "
+                    f"({fmt_bytes(cap)} with {fmt_bytes(fixed)} of KV cache and reserves): kept quantized "
+                    f"({fmt_bytes(sum(w_q.values()))}, GGUF types, dequantized on the fly)")
+        else:
+            gpu_fmt = pol.gpu_weight_format
+        weights, groups = _gpu_need(inv, pol, gpu_fmt)
+        breakdown = dict(weights)
+        breakdown.update({"kv_cache": kv_bytes, "workspace": workspace,
+                          "cuda_context": pol.cuda_context_bytes, "allocator_slack": pol.allocator_slack_bytes})
+        used = sum(breakdown.values())
+        per_token_ctx = m.kv_bytes_per_token * wl.batch + m.n_head * min(pol.attn_query_block,
+                                                                        max(wl.prefill_chunk, wl.batch)) * 4
+        base = used - kv_bytes - ws["attention_scores"] * (pol.workspace_bytes is None)
+        max_ctx = max(0, (cap - base) // per_token_ctx) if per_token_ctx else 0
+        if used > cap:
+            detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1]) if v)
+            problems.append(Problem("gpu0", used, cap,
+                                    f"gpu0: needs {fmt_bytes(used)} ({detail}), has {fmt_bytes(cap)}: "
+                                    f"over by {fmt_bytes(used - cap)} with {gpu_fmt} weights"))
+        elif pol.expert_cache and m.n_expert > 1:
+            stats = load_expert_stats(pol.expert_stats, inv) if pol.expert_stats is not None else None
+            gpu_cache = choose_gpu_experts(inv, cap - used, stats)
+            cached = sum(len(v) * inv.expert_bytes(l) for l, v in gpu_cache.items())
+            if cached:
+                breakdown["routed_experts"] = cached
+                used += cached
+        devices["gpu0"] = DeviceUsage(bytes=used, capacity_bytes=cap, breakdown=breakdown, kind="gpu",
+                                      note=f"{gpu.name}")
+        kv_device = "gpu0"
+    else:
+        groups = _group_formats(False, "none", pol.cpu_weight_format)
+        kv_device = "cpu"
+        if pol.use_gpu is False and hw.gpus:
+            notes.append("GPU not used (--cpu-only)")
+
+    # ---- host --------------------------------------------------------------------------
+    host = {}
+    routed_cpu = 0
+    for t in inv.tensors:
+        if t.role == "routed_experts":
+            ncached = len(gpu_cache.get(t.layer, ()))
+            routed_cpu += t.n_bytes - (t.n_bytes // max(m.n_expert, 1)) * ncached
+    if gpu is None:
+        for t in inv.tensors:
+            if t.role == "routed_experts":
+                continue
+            g = t.group if t.group in groups else "other"
+            host[t.role] = host.get(t.role, 0) + _fmt_bytes_of(t, groups[g][1])
+        host["kv_cache"] = kv_bytes
+        host["workspace"] = workspace
+    else:
+        pinned = int(pol.pinned_bytes) if pol.pinned_bytes is not None else pinned_formula(inv, wl)
+        host["pinned_buffers"] = pinned
+        reserves["pinned_buffers"] = {"bytes": pinned, "given": pol.pinned_bytes is not None}
+    n_nodes = max(1, len(allowed))
+    copies = n_nodes if (numa_mode == "replicate" and n_nodes > 1) else 1
+    host["routed_experts"] = routed_cpu * copies
+    weights_on_host = sum(v for k, v in host.items() if k not in ("kv_cache", "workspace", "pinned_buffers"))
+    host["page_tables"] = weights_on_host // 512   # 8-byte entries for 4 KiB pages
+    host["runtime_overhead"] = pol.runtime_overhead_bytes
+    host["host_reserve"] = pol.host_reserve_bytes
+    reserves["host_reserve"] = pol.host_reserve_bytes
+    reserves["runtime_overhead"] = pol.runtime_overhead_bytes
+
+    cap_nodes = {n.id: (n.available_bytes if not hw.hypothetical else n.total_bytes) for n in allowed}
+    host_cap = sum(cap_nodes.values())
+    host_used = sum(host.values())
+    devices["cpu"] = DeviceUsage(bytes=host_used, capacity_bytes=host_cap, breakdown=host, kind="host",
+                                 note=_host_note(hw, numa_mode))
+    # per node: routed experts by NUMA mode, everything else spread evenly
+    spread = {k: v for k, v in host.items() if k != "routed_experts"}
+    for n in hw.numa_nodes:
+        key = f"numa{n.id}"
+        if n.id not in cap_nodes:
+            devices[key] = DeviceUsage(bytes=0, capacity_bytes=0, breakdown={}, kind="numa",
+                                       note="not allowed for this process")
+            continue
+        share = cap_nodes[n.id] / host_cap if (numa_mode == "off" and host_cap) else 1 / n_nodes
+        b = {k: int(v / n_nodes) for k, v in spread.items()}
+        b["routed_experts"] = routed_cpu if copies > 1 else int(routed_cpu * share)
+        devices[key] = DeviceUsage(bytes=sum(b.values()), capacity_bytes=cap_nodes[n.id], breakdown=b, kind="numa")
+
+    # ---- host problems -----------------------------------------------------------------
+    binding = f" ({hw.binding})" if hw.binding else ""
+    if host_used > host_cap:
+        msg = (f"cpu: needs {fmt_bytes(host_used)} of host RAM (routed experts {fmt_bytes(host['routed_experts'])}), "
+               f"this process may use {fmt_bytes(host_cap)}: {fmt_bytes(host_used - host_cap)} missing")
+        if hw.binding:
+            total = sum(n.total_bytes for n in hw.numa_nodes)
+            msg += f"; {hw.binding}; the machine has {fmt_bytes(total)} on {len(hw.numa_nodes)} NUMA nodes"
+        if copies > 1:
+            msg += (f"; --numa replicate keeps a full copy of the routed experts ({fmt_bytes(routed_cpu)}) on each of "
+                    f"the {copies} nodes: {copies}x expert memory ({fmt_bytes(routed_cpu * copies)} in all)")
+        problems.append(Problem("cpu", host_used, host_cap, msg))
+    if numa_mode != "off" and n_nodes > 1:
+        for n in allowed:
+            u = devices[f"numa{n.id}"]
+            if u.bytes > u.capacity_bytes:
+                why = (f"replicate puts all {fmt_bytes(routed_cpu)} of routed experts on every node (~{copies}x expert memory)"
+                       if copies > 1 else f"{numa_mode} puts 1/{n_nodes} of the routed experts on each node")
+                problems.append(Problem(f"numa{n.id}", u.bytes, u.capacity_bytes,
+                                        f"numa{n.id}: needs {fmt_bytes(u.bytes)}, has {fmt_bytes(u.capacity_bytes)}: "
+                                        f"over by {fmt_bytes(u.bytes - u.capacity_bytes)}; {why}"))
+
+    # ---- placement table ---------------------------------------------------------------
+    present = {t.group if t.group in groups else "other" for t in inv.tensors if t.role != "routed_experts"}
+    placement = {g: tuple(v) for g, v in groups.items() if g in present}
+    if any(t.role == "routed_experts" for t in inv.tensors):
+        placement["routed_experts"] = ("cpu", "quantized")
+        if any(gpu_cache.values()):
+            placement["routed_experts.gpu_cache"] = ("gpu0", "quantized")
+    gpu_experts = [list(gpu_cache.get(l, [])) for l in range(m.n_layer)]
+
+    estimate = estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices)
+    plan = Plan(
+        fits=not problems,
+        model=m.name, source=inv.source, architecture=m.architecture, quantization=inv.quantization,
+        weights_bytes=inv.total_bytes, n_tensors=len(inv.tensors), devices=devices,
+        kv_cache_bytes=kv_bytes, kv_cache_tokens=kv_tokens, kv_cache_device=kv_device,
+        kv_bytes_per_token=m.kv_bytes_per_token,
+        max_context_tokens=int(max_ctx // 1) if gpu is not None else _host_max_ctx(devices, m, wl),
+        gpu_weight_format=gpu_fmt, numa_mode=numa_mode, tensor_placement=placement, gpu_experts=gpu_experts,
+        estimate=estimate, problems=problems, notes=notes, reserves=reserves,
+        workload=asdict(wl), policy=_policy_dict(pol),
+        hardware=dict(hw.summary(), description=hw.describe()),
+    )
+    if problems and _suggest:
+        plan.suggestions = suggest(inv, hw, wl, pol, plan)
+    return plan
+
+
+def _policy_dict(pol: Policy) -> dict:
+    d = asdict(pol)
+    if d.get("expert_stats") is not None and not isinstance(d["expert_stats"], str):
+        d["expert_stats"] = "given"
+    return d
+
+
+def _host_note(hw: Hardware, mode: str) -> str:
+    nodes = fmt_int_list(n.id for n in hw.allowed_nodes)
+    return f"NUMA node(s) {nodes}, mode {mode}"
+
+
+def _host_max_ctx(devices, m, wl) -> int:
+    cpu = devices["cpu"]
+    room = cpu.capacity_bytes - (cpu.bytes - cpu.breakdown.get("kv_cache", 0))
+    return max(0, room // (m.kv_bytes_per_token * wl.batch))
+
+
+# --- estimate -------------------------------------------------------------------------
+
+def _cpu_gflops(hw: Hardware) -> tuple:
+    for flag in ("amx_int8", "avx512_vnni", "avx512f", "avx2"):
+        if flag in hw.isa:
+            return CPU_GFLOPS_PER_CORE[flag], flag
+    return CPU_GFLOPS_PER_CORE[""], "scalar"
+
+
+def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices) -> dict:
+    """Decode: every token reads the non-expert weights once (GPU) and K experts per MoE layer
+    (CPU, unless cached on the GPU), plus the KV cache; one CPU<->GPU hand-off per MoE layer.
+    Prefill: CPU expert FLOPs at the ISA's sustained rate, or the experts' bytes per chunk,
+    whichever is slower, plus the GPU part."""
+    m = inv.model
+    K, E = m.n_expert_used, max(m.n_expert, 1)
+    assumptions = {}
+    layers = inv.moe_layers()
+    size = {l: inv.expert_bytes(l) for l in layers}
+    hit = {l: len(gpu_cache.get(l, ())) / E for l in layers}
+    stats = None
+    if pol.expert_stats is not None and gpu_cache:
+        stats = load_expert_stats(pol.expert_stats, inv)
+        for l in layers:
+            if l in stats:
+                tot = sum(stats[l]) or 1.0
+                hit[l] = sum(stats[l][e] for e in gpu_cache.get(l, ())) / tot
+    cpu_bytes_tok = sum(K * size[l] * (1 - hit[l]) for l in layers)
+    gpu_exp_bytes_tok = sum(K * size[l] * hit[l] for l in layers)
+
+    # RAM bandwidth the expert kernels see
+    n_nodes = max(1, len(hw.allowed_nodes))
+    node_bw = hw.ram_bandwidth_per_node or ASSUMED_RAM_BANDWIDTH_PER_NODE
+    src = "given" if hw.ram_bandwidth_per_node else "assumed"
+    if numa_mode in ("distribute", "replicate"):
+        agg, how = node_bw * n_nodes, f"{n_nodes} node(s), local reads"
+    elif numa_mode == "interleave":
+        agg = node_bw * n_nodes * (pol.interleave_efficiency if n_nodes > 1 else 1.0)
+        how = f"{n_nodes} node(s) interleaved x {pol.interleave_efficiency if n_nodes > 1 else 1.0}"
+    else:
+        agg, how = node_bw, "one node's worth (pages land where first touched)"
+    eff_bw = agg * pol.ram_efficiency
+    assumptions["ram_bandwidth_per_node"] = f"{node_bw / 1e9:.0f} GB/s ({src})"
+    assumptions["effective_ram_bandwidth"] = f"{eff_bw / 1e9:.0f} GB/s ({how}, x {pol.ram_efficiency} kernel efficiency)"
+
+    # non-expert bytes each token reads (embedding: one row)
+    nonexp = 0
+    if gpu is not None:
+        nonexp = sum(v for k, v in devices["gpu0"].breakdown.items()
+                     if k not in ("kv_cache", "workspace", "cuda_context", "allocator_slack", "routed_experts",
+                                  "embedding"))
+    else:
+        nonexp = sum(v for k, v in devices["cpu"].breakdown.items()
+                     if k not in ("kv_cache", "workspace", "routed_experts", "embedding", "page_tables",
+                                  "runtime_overhead", "host_reserve", "pinned_buffers"))
+    pos = max(1, wl.context // 2)
+    kv_read = pos * m.kv_bytes_per_token
+    if gpu is not None:
+        gbw = gpu.bandwidth or ASSUMED_GPU_BANDWIDTH
+        assumptions["gpu_bandwidth"] = f"{gbw / 1e9:.0f} GB/s ({'given' if gpu.bandwidth else 'assumed'})"
+        t_gpu = (nonexp + kv_read + gpu_exp_bytes_tok) / gbw
+        t_sync = len(layers) * pol.sync_latency_s
+        assumptions["sync_latency_per_moe_layer"] = f"{pol.sync_latency_s * 1e6:.0f} us"
+    else:
+        t_gpu = 0.0
+        t_sync = 0.0
+        cpu_bytes_tok += nonexp + kv_read
+    t_cpu = cpu_bytes_tok / eff_bw
+    decode_t = t_gpu + t_cpu + t_sync
+    assumptions["decode_context_position"] = f"{pos} tokens (half the context)"
+
+    # prefill
+    gflops_core, isa = _cpu_gflops(hw)
+    cores = hw.allowed_cores
+    cpu_flops = cores * gflops_core * 1e9
+    assumptions["cpu_compute"] = f"{cores} cores x {gflops_core:.0f} GFLOP/s ({isa}, assumed sustained)"
+    ffn_flops_tok = sum(2 * K * 3 * m.n_embd * m.expert_ff * (1 - hit[l]) for l in layers)
+    C = max(1, wl.prefill_chunk)
+    touched = 1 - (1 - K / E) ** C if E > K else 1.0
+    mem_per_tok = sum(size[l] * E * touched * (1 - hit[l]) for l in layers) / C / eff_bw
+    t_cpu_pf = max(ffn_flops_tok / cpu_flops, mem_per_tok)
+    nonexp_params = sum(t.n_elements for t in inv.tensors if t.role not in ("routed_experts", "embedding"))
+    gpu_flops_tok = 2 * nonexp_params + 4 * m.n_head * (m.kv_lora_rank + m.qk_rope_dim) * pos
+    if gpu is not None:
+        pcie = hw.pcie_bandwidth or ASSUMED_PCIE_BANDWIDTH
+        t_gpu_pf = gpu_flops_tok / (pol.gpu_tflops * 1e12) + len(layers) * 2 * m.n_embd * 4 / pcie
+        assumptions["gpu_compute"] = f"{pol.gpu_tflops:.0f} TFLOP/s bf16 (assumed sustained)"
+        assumptions["pcie_bandwidth"] = f"{pcie / 1e9:.0f} GB/s ({'given' if hw.pcie_bandwidth else 'assumed'})"
+    else:
+        t_gpu_pf = gpu_flops_tok / cpu_flops
+    prefill_t = t_cpu_pf + t_gpu_pf
+    return {
+        "decode_tok_s": round(1.0 / decode_t, 2) if decode_t > 0 else 0.0,
+        "prefill_tok_s": round(1.0 / prefill_t, 1) if prefill_t > 0 else 0.0,
+        "bytes_per_token": {"cpu_experts": int(cpu_bytes_tok), "gpu_experts": int(gpu_exp_bytes_tok),
+                            "non_expert": int(nonexp), "kv_cache": int(kv_read)},
+        "expert_cache_hit_rate": round(gpu_exp_bytes_tok / (gpu_exp_bytes_tok + cpu_bytes_tok), 4)
+        if (gpu_exp_bytes_tok + cpu_bytes_tok) else 0.0,
+        "seconds_per_token": {"gpu": t_gpu, "cpu": t_cpu, "sync": t_sync},
+        "assumptions": assumptions,
+    }
+
+
+# --- suggestions ----------------------------------------------------------------------
+
+def _add_ram(hw: Hardware, extra: int) -> Hardware:
+    """The same machine with `extra` more bytes spread over the allowed nodes."""
+    allowed = {n.id for n in hw.allowed_nodes}
+    each = -(-extra // max(1, len(allowed)))
+    nodes = [replace(n, total_bytes=n.total_bytes + each, available_bytes=n.available_bytes + each)
+             if n.id in allowed else replace(n) for n in hw.numa_nodes]
+    return replace(hw, numa_nodes=nodes, ram_total=hw.ram_total + each * len(allowed),
+                   ram_available=hw.ram_available + each * len(allowed))
+
+
+def suggest(inv, hw, wl, pol, plan) -> list:
+    """Concrete changes, each checked by solving again."""
+    out = []
+    budgets = {p.budget for p in plan.problems}
+    gpu_over = "gpu0" in budgets
+    host_over = bool(budgets - {"gpu0"})
+
+    def consider(change, cli, message, hw2=hw, wl2=wl, pol2=pol):
+        p = solve(inv, hw2, wl2, pol2, _suggest=False)
+        left = {q.budget for q in p.problems}
+        if p.fits or (left < budgets):
+            out.append(Suggestion(change, cli, message, p.fits))
+        return p
+
+    if gpu_over:
+        if plan.gpu_weight_format == "bf16":
+            consider("gpu_format", "--gpu-format quantized",
+                     "keep the non-expert weights quantized on the GPU (GGUF types instead of bf16)",
+                     pol2=replace(pol, gpu_weight_format="quantized"))
+        fmts = ["quantized"] if plan.gpu_weight_format == "quantized" else [plan.gpu_weight_format, "quantized"]
+        for f in fmts:
+            pol2 = replace(pol, gpu_weight_format=f)
+            ctx = _max_fitting_context(inv, hw, wl, pol2)
+            if ctx and ctx < wl.context:
+                extra = "" if f == plan.gpu_weight_format else " with --gpu-format quantized"
+                cli = f"--ctx {ctx}" + ("" if f == plan.gpu_weight_format else " --gpu-format quantized")
+                consider("ctx", cli, f"a smaller context: {ctx} tokens{extra}", wl2=replace(wl, context=ctx), pol2=pol2)
+                break
+        if wl.batch > 1:
+            consider("batch", "--batch 1", "decode one sequence at a time", wl2=replace(wl, batch=1))
+        if wl.prefill_chunk > 128:
+            consider("prefill_chunk", "--prefill-chunk 128", "smaller prefill chunks (less workspace)",
+                     wl2=replace(wl, prefill_chunk=128))
+        consider("cpu_only", "--cpu-only", "run everything on the CPU (slow: attention on the CPU)",
+                 pol2=replace(pol, use_gpu=False))
+        over = max(p.over_bytes for p in plan.problems if p.budget == "gpu0")
+        gpu = hw.gpus[0]
+        size = -(-(gpu.total_bytes + over) // GiB) * GiB
+        from placement.hardware import apply_overrides
+        consider("gpu_mem", f"--gpu-mem {size // GiB}GiB", f"a GPU with {size // GiB} GiB",
+                 hw2=apply_overrides(hw, gpu_mem=size))
+    if host_over:
+        if plan.numa_mode == "replicate":
+            for mode in ("distribute", "interleave"):
+                consider("numa", f"--numa {mode}",
+                         f"--numa {mode}: one copy of the experts spread over the nodes instead of a copy per node",
+                         pol2=replace(pol, numa=mode))
+        if hw.binding:
+            all_nodes = [n.id for n in hw.numa_nodes]
+            all_cpus = sorted(c for n in hw.numa_nodes for c in n.cpus)
+            hw2 = replace(hw, allowed_mems=all_nodes, allowed_cpus=all_cpus, binding="")
+            mode = "interleave" if len(all_nodes) > 1 else "off"
+            consider("unbind", f"run without the numactl/cpuset binding, --numa {mode}",
+                     f"drop the binding ({hw.binding}) so that all {len(all_nodes)} NUMA nodes "
+                     f"({fmt_bytes(sum(n.total_bytes for n in hw.numa_nodes))}) may be used, with --numa {mode}",
+                     hw2=hw2, pol2=replace(pol, numa=mode if pol.numa in ("auto", "off") else pol.numa))
+        # more RAM: exactly the overflow, rounded up to whole GiB, checked
+        host_probs = [p for p in plan.problems if p.budget != "gpu0"]
+        if plan.numa_mode in ("off",) or len(hw.allowed_nodes) < 2:
+            missing = max(p.over_bytes for p in host_probs)
+        else:
+            per_node = max((p.over_bytes for p in host_probs if p.budget.startswith("numa")), default=0)
+            missing = max(per_node * len(hw.allowed_nodes),
+                          max((p.over_bytes for p in host_probs if p.budget == "cpu"), default=0))
+        missing = -(-missing // GiB) * GiB
+        for _ in range(4):
+            p = solve(inv, _add_ram(hw, missing), wl, pol, _suggest=False)
+            if not {q.budget for q in p.problems} - {"gpu0"}:
+                break
+            missing += max(GiB, missing // 16)
+        where = " on the allowed node(s)" if hw.binding else ""
+        consider("ram", f"--ram {(hw.ram_total + missing) // GiB}GiB",
+                 f"{fmt_bytes(missing)} ({fmt_gb(missing)}) more RAM{where}", hw2=_add_ram(hw, missing))
+        if inv.source.startswith("preset:"):
+            _suggest_smaller_presets(inv, hw, wl, pol, out)
+    # the ones that fit on their own first
+    out.sort(key=lambda s: not s.fits)
+    return out
+
+
+def _suggest_smaller_presets(inv, hw, wl, pol, out):
+    from placement.presets import build_preset, list_presets, preset_config
+
+    name = inv.source.split(":", 1)[1]
+    _, model, _ = preset_config(name)
+    for other in list_presets():
+        if other == name or not other.startswith(model + "-"):
+            continue
+        inv2 = build_preset(other)
+        if inv2.total_bytes >= inv.total_bytes:
+            continue
+        p = solve(inv2, hw, wl, pol, _suggest=False)
+        if p.fits:
+            out.append(Suggestion("preset", f"--preset {other}",
+                                  f"a smaller quantization: {other} ({fmt_bytes(inv2.total_bytes)}) fits", True))
+
+
+def _max_fitting_context(inv, hw, wl, pol) -> int:
+    """Largest context (multiple of 256, >= 256) whose plan has no GPU problem, else 0."""
+    def gpu_ok(ctx):
+        p = solve(inv, hw, replace(wl, context=ctx), replace(pol, expert_cache=False), _suggest=False)
+        return "gpu0" not in {q.budget for q in p.problems}
+
+    lo, hi = 0, max(1, wl.context // 256)
+    if not gpu_ok(256):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if gpu_ok(mid * 256):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * 256
+
+
+# --- convenience ----------------------------------------------------------------------
+
+_HW_KEYS = ("gpu_mem", "gpu_bandwidth", "gpu_name", "ram", "numa_nodes", "cores", "threads", "bind_node",
+            "allowed_mems", "allowed_cpus", "ram_bandwidth", "pcie_bandwidth", "isa")
+
+
+def build_inputs(hardware=None, profile=None, **overrides):
+    """Split keyword overrides into (Hardware, Workload, Policy). Unknown keys are an error.
+
+    Workload keys: context (or ctx), batch, prefill_chunk. Policy keys: any Policy field
+    (numa, gpu_weight_format or gpu_format, cpu_only, expert_stats, ...). Hardware keys:
+    gpu_mem, ram, numa_nodes, cores, threads, bind_node, allowed_mems, allowed_cpus,
+    ram_bandwidth, gpu_bandwidth, pcie_bandwidth, isa. `profile` names configs/hardware/<profile>.json.
+    """
+    from placement import hardware as hwmod
+
+    ov = dict(overrides)
+    if "ctx" in ov:
+        ov["context"] = ov.pop("ctx")
+    if "gpu_format" in ov:
+        ov["gpu_weight_format"] = ov.pop("gpu_format")
+    if ov.pop("cpu_only", False):
+        ov["use_gpu"] = False
+    hw_kw = {k: ov.pop(k) for k in _HW_KEYS if k in ov and ov[k] is not None}
+    for k in _HW_KEYS:
+        ov.pop(k, None)
+    wl_kw = {k: ov.pop(k) for k in ("context", "batch", "prefill_chunk") if k in ov}
+    pol_fields = set(Policy.__dataclass_fields__)
+    unknown = set(ov) - pol_fields
+    if unknown:
+        raise SolverError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    if hardware is None:
+        hardware = hwmod.from_profile(profile) if profile else hwmod.detect()
+    elif profile:
+        raise SolverError("give either hardware= or profile=, not both")
+    if hw_kw:
+        hardware = hwmod.apply_overrides(hardware, **hw_kw)
+    return hardware, Workload(**{k: (None if v is None else int(v)) for k, v in wl_kw.items()}), Policy(**{k: v for k, v in ov.items() if v is not None})
+
+
+def plan_for_gguf(path, hardware=None, profile=None, **overrides) -> Plan:
+    """Plan for a GGUF file (header only) on this machine or on `hardware` / a profile, with
+    overrides as keyword arguments (see build_inputs)."""
+    from placement.inventory import from_gguf
+
+    inv = from_gguf(path)
+    hw, wl, pol = build_inputs(hardware=hardware, profile=profile, **overrides)
+    return solve(inv, hw, wl, pol)
+
+
+def plan_for_preset(name, hardware=None, profile=None, **overrides) -> Plan:
+    from placement.presets import build_preset
+
+    inv = build_preset(name)
+    hw, wl, pol = build_inputs(hardware=hardware, profile=profile, **overrides)
+    return solve(inv, hw, wl, pol)
+
+
+def predict_cpu_rss_growth(path_or_inventory, context: int = 4096, batch: int = 1, prefill_chunk: int = 512,
+                           **policy) -> int:
+    """Host bytes loading this model on the CPU only should add to the process RSS
+    (plan.devices['cpu'] without the OS reserve and the fixed runtime overhead).
+
+    For the runtime's end-to-end check: measure RSS before load (torch imported) and after
+    the first forward, compare within 10% or 64 MiB.
+    """
+    from placement.hardware import detect
+    from placement.inventory import Inventory, from_gguf
+
+    inv = path_or_inventory if isinstance(path_or_inventory, Inventory) else from_gguf(path_or_inventory)
+    wl = Workload(context=context, batch=batch, prefill_chunk=prefill_chunk)
+    pol = Policy(use_gpu=False, **policy)
+    return solve(inv, detect(), wl, pol, _suggest=False).predicted_cpu_rss_growth()
+
+
+__all__ = ["Workload", "Policy", "solve", "plan_for_gguf", "plan_for_preset", "predict_cpu_rss_growth",
+           "build_inputs", "choose_gpu_experts", "load_expert_stats", "NUMA_MODES", "GPU_FORMATS", "SolverError"]
