@@ -1,0 +1,216 @@
+// AVX-512 (F/BW/VL/DQ + VNNI) kernel table. Compiled with those flags; used only after cpuid
+// confirms all of them. Dequantize and activation quantization are the AVX2-level code of
+// x86_avx2_kernels.h rebuilt with these flags (they are load/store bound, wider vectors do not
+// help); the dots, where the time goes, use 512-bit registers and VNNI dot instructions.
+#include "x86_avx2_kernels.h"
+
+namespace hybrid {
+namespace x86_512 {
+
+using namespace x86;
+
+static inline __m512i join256(__m256i lo, __m256i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+static inline float reduce_add(__m512 v) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return hsum_ps(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+
+static float dot_f32(int64_t n, const void* w, const void* a) {
+    const float* x = (const float*)w;
+    const float* y = (const float*)a;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(y + i + 16), s1);
+    }
+    float s = reduce_add(_mm512_add_ps(s0, s1));
+    for (; i < n; i++) s += x[i] * y[i];
+    return s;
+}
+
+static inline __m512 load_f16x16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+static inline __m512 load_bf16x16(const uint16_t* p) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+static float dot_f16(int64_t n, const void* w, const void* a) {
+    const uint16_t* x = (const uint16_t*)w;
+    const float* y = (const float*)a;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(load_f16x16(x + i), _mm512_loadu_ps(y + i), s0);
+        s1 = _mm512_fmadd_ps(load_f16x16(x + i + 16), _mm512_loadu_ps(y + i + 16), s1);
+    }
+    float s = reduce_add(_mm512_add_ps(s0, s1));
+    for (; i < n; i++) s += fp16_to_fp32(x[i]) * y[i];
+    return s;
+}
+
+static float dot_bf16(int64_t n, const void* w, const void* a) {
+    const uint16_t* x = (const uint16_t*)w;
+    const float* y = (const float*)a;
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(load_bf16x16(x + i), _mm512_loadu_ps(y + i), s0);
+        s1 = _mm512_fmadd_ps(load_bf16x16(x + i + 16), _mm512_loadu_ps(y + i + 16), s1);
+    }
+    float s = reduce_add(_mm512_add_ps(s0, s1));
+    for (; i < n; i++) s += bf16_to_fp32(x[i]) * y[i];
+    return s;
+}
+
+// 32-blocks: one 256-bit VNNI dot per block (u8 x s8 -> int32 in one instruction).
+static float dot_q8_0(int64_t n, const void* w, const void* a) {
+    const block_q8_0* x = (const block_q8_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK32; b++) {
+        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
+        const __m256i qy = _mm256_loadu_si256((const __m256i*)y[b].qs);
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(qx, qx),
+                                              _mm256_sign_epi8(qy, qx));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+    }
+    return hsum_ps(acc);
+}
+
+static float dot_q4_0(int64_t n, const void* w, const void* a) {
+    const block_q4_0* x = (const block_q4_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        const float d = fp16_to_fp32(x[b].d) * y[b].d;
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles_32(x[b].qs),
+                                              _mm256_loadu_si256((const __m256i*)y[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+        offset += d * (float)(8 * y[b].sum);
+    }
+    return hsum_ps(acc) - offset;
+}
+
+static float dot_q5_0(int64_t n, const void* w, const void* a) {
+    const block_q5_0* x = (const block_q5_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        const float d = fp16_to_fp32(x[b].d) * y[b].d;
+        const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
+                                              _mm256_loadu_si256((const __m256i*)y[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+        offset += d * (float)(16 * y[b].sum);
+    }
+    return hsum_ps(acc) - offset;
+}
+
+// Q4_K / Q5_K: 64 quants (two sub-blocks) per 512-bit register; maddubs gives int16 pair
+// sums, vpdpwssd multiplies them by the sub-block scale and accumulates in int32.
+static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, int qs_off,
+                               int qh_off, const block_q8_K* y) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+    __m512 acc = _mm512_setzero_ps();
+    float acc_m = 0.f;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const uint8_t* blk = base + b * stride;
+        uint16_t dh, mh;
+        std::memcpy(&dh, blk, 2);
+        std::memcpy(&mh, blk + 2, 2);
+        uint8_t sm[16];
+        unpack_scales_mins_k4(blk + 4, sm);
+        acc_m += y[b].d * fp16_to_fp32(mh) * (float)k4_min_sum(sm + 8, y[b].bsums);
+        const uint8_t* qs = blk + qs_off;
+        const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
+        __m512i sumi = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(q, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (qh_off) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
+            }
+            const __m512i av = _mm512_loadu_si512((const void*)(y[b].qs + 64 * c));
+            const __m512i s = join256(_mm256_set1_epi16(sm[2 * c]), _mm256_set1_epi16(sm[2 * c + 1]));
+            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(lo, hi), av), s);
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * fp16_to_fp32(dh)), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return reduce_add(acc) - acc_m;
+}
+
+static float dot_q4_K(int64_t n, const void* w, const void* a) {
+    return dot_k4_512(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0,
+                      (const block_q8_K*)a);
+}
+
+static float dot_q5_K(int64_t n, const void* w, const void* a) {
+    return dot_k4_512(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs),
+                      offsetof(block_q5_K, qh), (const block_q8_K*)a);
+}
+
+// Word permutations spreading 4 int16 scales over 4 x 8 lanes (sub-blocks of 16 quants).
+alignas(64) static const int16_t k_q6_scale_idx[2][32] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+};
+
+static float dot_q6_K(int64_t n, const void* w, const void* a) {
+    const block_q6_K* x = (const block_q6_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m512i idx0 = _mm512_load_si512((const void*)k_q6_scale_idx[0]);
+    const __m512i idx1 = _mm512_load_si512((const void*)k_q6_scale_idx[1]);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        __m512i sumi = _mm512_setzero_si512();
+        for (int half = 0; half < 2; half++) {
+            __m256i q[4];
+            q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
+            const __m128i sc16 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(x[b].scales + 8 * half)));
+            const __m512i sc = _mm512_castsi128_si512(sc16);
+            const int8_t* ay = y[b].qs + 128 * half;
+            const __m512i a01 = _mm512_loadu_si512((const void*)ay);
+            const __m512i a23 = _mm512_loadu_si512((const void*)(ay + 64));
+            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[0], q[1]), a01),
+                                       _mm512_permutexvar_epi16(idx0, sc));
+            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[2], q[3]), a23),
+                                       _mm512_permutexvar_epi16(idx1, sc));
+        }
+        const int off = 32 * q6_scale_bsum(x[b].scales, y[b].bsums);
+        const float d = y[b].d * fp16_to_fp32(x[b].d);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+        acc = _mm512_mask_add_ps(acc, 1, acc, _mm512_set1_ps(-d * (float)off));
+    }
+    return reduce_add(acc);
+}
+
+}  // namespace x86_512
+
+bool fill_avx512_kernels(kernel_table* t) {
+    t->isa = "avx512";
+    x86::fill_avx2_level(t);
+    t->dot[GGML_F32] = x86_512::dot_f32;
+    t->dot[GGML_F16] = x86_512::dot_f16;
+    t->dot[GGML_BF16] = x86_512::dot_bf16;
+    t->dot[GGML_Q4_0] = x86_512::dot_q4_0;
+    t->dot[GGML_Q5_0] = x86_512::dot_q5_0;
+    t->dot[GGML_Q8_0] = x86_512::dot_q8_0;
+    t->dot[GGML_Q4_K] = x86_512::dot_q4_K;
+    t->dot[GGML_Q5_K] = x86_512::dot_q5_K;
+    t->dot[GGML_Q6_K] = x86_512::dot_q6_K;
+    return true;
+}
+
+}  // namespace hybrid

@@ -1,0 +1,475 @@
+// AVX2 + FMA + F16C kernels for every block format. Included by avx2.cpp and, compiled with
+// AVX-512 flags, by avx512.cpp (which then replaces the dots with 512-bit / VNNI versions).
+// Every function is static: each including file gets its own copy built with its own flags.
+#pragma once
+
+#if defined(HYBRID_SIMDE_AVX512)
+// Test builds only (tests/native/avx512_emulated.cpp): SIMDe emulates the AVX-512 intrinsics
+// so the AVX-512 kernels can be checked on a CPU without AVX-512.
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#else
+#include <immintrin.h>
+#endif
+
+#include "../../quants.h"
+
+namespace hybrid {
+namespace x86 {
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int hsum_epi32_128(__m128i v) {
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(v);
+}
+
+// 32 bytes: 0x10 where bit j of `bits` is set, else 0 (the 5th bit of Q5_0 quants).
+static inline __m256i bits_to_0x10(uint32_t bits) {
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                           0x0101010101010101, 0x0000000000000000);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+// ---------------------------------------------------------------- dequantize
+// Same float operations as the scalar reference (explicit mul then sub, no fused FMA), so
+// the results are bit-identical to it.
+
+static inline void store_i8x8_scaled(float* y, __m128i q8, __m256 d) {
+    _mm256_storeu_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), d));
+}
+
+static void dequant_f16(const void* src, float* y, int64_t n) {
+    const uint16_t* x = (const uint16_t*)src;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i))));
+    for (; i < n; i++) y[i] = fp16_to_fp32(x[i]);
+}
+
+static void dequant_bf16(const void* src, float* y, int64_t n) {
+    const uint16_t* x = (const uint16_t*)src;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(x + i)));
+        _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+    for (; i < n; i++) y[i] = bf16_to_fp32(x[i]);
+}
+
+static void dequant_q8_0(const void* src, float* y, int64_t n) {
+    const block_q8_0* x = (const block_q8_0*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        const __m256 d = _mm256_set1_ps(fp16_to_fp32(x[b].d));
+        for (int j = 0; j < QK32; j += 8)
+            store_i8x8_scaled(y + j, _mm_loadl_epi64((const __m128i*)(x[b].qs + j)), d);
+    }
+}
+
+// 32 signed quants (already offset) of one 32-block, times d.
+static inline void store_i8x32_scaled(float* y, __m256i q, __m256 d) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    store_i8x8_scaled(y + 0, lo, d);
+    store_i8x8_scaled(y + 8, _mm_srli_si128(lo, 8), d);
+    store_i8x8_scaled(y + 16, hi, d);
+    store_i8x8_scaled(y + 24, _mm_srli_si128(hi, 8), d);
+}
+
+// Q4_0 / Q5_0 nibbles of a 32-block in element order: low nibbles then high nibbles.
+static inline __m256i nibbles_32(const uint8_t* qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i*)qs);
+    const __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0xF));
+}
+
+static void dequant_q4_0(const void* src, float* y, int64_t n) {
+    const block_q4_0* x = (const block_q4_0*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        const __m256i q = _mm256_sub_epi8(nibbles_32(x[b].qs), _mm256_set1_epi8(8));
+        store_i8x32_scaled(y, q, _mm256_set1_ps(fp16_to_fp32(x[b].d)));
+    }
+}
+
+static void dequant_q5_0(const void* src, float* y, int64_t n) {
+    const block_q5_0* x = (const block_q5_0*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
+        q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+        store_i8x32_scaled(y, q, _mm256_set1_ps(fp16_to_fp32(x[b].d)));
+    }
+}
+
+// y[0..31] = d * q - m for 32 unsigned quants in a 256-bit register.
+static inline void store_u8x32_affine(float* y, __m256i q, __m256 d, __m256 m) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; i++) {
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+        _mm256_storeu_ps(y + 8 * i, _mm256_sub_ps(_mm256_mul_ps(d, f), m));
+    }
+}
+
+static void dequant_k4(const uint8_t* qs, const uint8_t* qh, const uint8_t* scales, float d,
+                       float dmin, float* y) {
+    uint8_t sm[16];
+    unpack_scales_mins_k4(scales, sm);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const __m256i hbits = qh ? _mm256_loadu_si256((const __m256i*)qh) : _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++, y += 64) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+        __m256i lo = _mm256_and_si256(q, m4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if (qh) {
+            const __m256i one = _mm256_set1_epi8(1);
+            const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one);
+            const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one);
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+        }
+        store_u8x32_affine(y, lo, _mm256_set1_ps(d * sm[2 * c]), _mm256_set1_ps(dmin * sm[8 + 2 * c]));
+        store_u8x32_affine(y + 32, hi, _mm256_set1_ps(d * sm[2 * c + 1]),
+                           _mm256_set1_ps(dmin * sm[8 + 2 * c + 1]));
+    }
+}
+
+static void dequant_q4_K(const void* src, float* y, int64_t n) {
+    const block_q4_K* x = (const block_q4_K*)src;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K)
+        dequant_k4(x[b].qs, nullptr, x[b].scales, fp16_to_fp32(x[b].d), fp16_to_fp32(x[b].dmin), y);
+}
+
+static void dequant_q5_K(const void* src, float* y, int64_t n) {
+    const block_q5_K* x = (const block_q5_K*)src;
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K)
+        dequant_k4(x[b].qs, x[b].qh, x[b].scales, fp16_to_fp32(x[b].d), fp16_to_fp32(x[b].dmin), y);
+}
+
+// The four quarters (32 quants each, values 0..63) of one 128-half of a Q6_K block.
+static inline void q6_quarters(const uint8_t* ql, const uint8_t* qh, __m256i q[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m3 = _mm256_set1_epi8(3);
+    const __m256i l0 = _mm256_loadu_si256((const __m256i*)ql);
+    const __m256i l1 = _mm256_loadu_si256((const __m256i*)(ql + 32));
+    const __m256i h = _mm256_loadu_si256((const __m256i*)qh);
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+}
+
+static void dequant_q6_K(const void* src, float* y, int64_t n) {
+    const block_q6_K* x = (const block_q6_K*)src;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int half = 0; half < 2; half++, y += 128) {
+            __m256i q[4];
+            q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
+            const int8_t* sc = x[b].scales + 8 * half;
+            for (int i = 0; i < 4; i++) {
+                const __m256i s = _mm256_sub_epi8(q[i], _mm256_set1_epi8(32));
+                const __m128i lo = _mm256_castsi256_si128(s), hi = _mm256_extracti128_si256(s, 1);
+                const __m256 d0 = _mm256_set1_ps(d * sc[2 * i]), d1 = _mm256_set1_ps(d * sc[2 * i + 1]);
+                store_i8x8_scaled(y + 32 * i + 0, lo, d0);
+                store_i8x8_scaled(y + 32 * i + 8, _mm_srli_si128(lo, 8), d0);
+                store_i8x8_scaled(y + 32 * i + 16, hi, d1);
+                store_i8x8_scaled(y + 32 * i + 24, _mm_srli_si128(hi, 8), d1);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- activation quantization
+// Bit-identical to the scalar reference: same amax, same d and 1/d, same rounding
+// (cvtps rounds to nearest even, like nearest_int).
+
+static inline float absmax(const float* x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// 32 floats times id, rounded, packed to 32 int8 in order; returns their sum.
+static inline int quantize_32(const float* x, __m256 id, int8_t* out) {
+    __m256i v[4];
+    for (int i = 0; i < 4; i++) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), id));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    // packs works per 128-bit lane: fix the order with one permute at the end.
+    const __m256i p01 = _mm256_packs_epi32(v[0], v[1]);
+    const __m256i p23 = _mm256_packs_epi32(v[2], v[3]);
+    __m256i p = _mm256_packs_epi16(p01, p23);
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)out, p);
+    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
+}
+
+static void quant_act_q8_32(const float* x, void* dst, int64_t n) {
+    block_q8_32* y = (block_q8_32*)dst;
+    for (int64_t b = 0; b < n / QK32; b++, x += QK32) {
+        const float d = absmax(x, QK32) / 127.f;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        y[b].sum = quantize_32(x, _mm256_set1_ps(id), y[b].qs);
+        y[b].d = d;
+    }
+}
+
+static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
+    block_q8_K* y = (block_q8_K*)dst;
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        const float d = absmax(x, QK_K) / 127.f;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        const __m256 vid = _mm256_set1_ps(id);
+        for (int j = 0; j < QK_K; j += 32) quantize_32(x + j, vid, y[b].qs + j);
+        // bsums: pairwise sums of 16 int8 via maddubs with ones, then horizontal adds.
+        const __m256i ones = _mm256_set1_epi8(1);
+        for (int j = 0; j < QK_K; j += 64) {
+            const __m256i a = _mm256_maddubs_epi16(ones, _mm256_loadu_si256((const __m256i*)(y[b].qs + j)));
+            const __m256i c = _mm256_maddubs_epi16(ones, _mm256_loadu_si256((const __m256i*)(y[b].qs + j + 32)));
+            // a: 16 pair sums of 32 quants (4 groups of 16 -> 2 groups per 128-bit lane)
+            __m256i h = _mm256_hadd_epi16(a, c);   // lane0: a0..3 pairs, c0..3; lane1: a4..7, c4..7
+            h = _mm256_hadd_epi16(h, h);
+            h = _mm256_hadd_epi16(h, h);           // each lane: [a_g, c_g] group sums in words 0,1
+            const int16_t* w = (const int16_t*)&h;
+            y[b].bsums[j / 16 + 0] = w[0];
+            y[b].bsums[j / 16 + 1] = w[8];
+            y[b].bsums[j / 16 + 2] = w[1];
+            y[b].bsums[j / 16 + 3] = w[9];
+        }
+        y[b].d = d;
+    }
+}
+
+// ---------------------------------------------------------------- dots: float weights
+
+static float dot_f32(int64_t n, const void* w, const void* a) {
+    const float* x = (const float*)w;
+    const float* y = (const float*)a;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), s1);
+    }
+    float s = hsum_ps(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += x[i] * y[i];
+    return s;
+}
+
+static inline __m256 load_f16x8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+static inline __m256 load_bf16x8(const uint16_t* p) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+static float dot_f16(int64_t n, const void* w, const void* a) {
+    const uint16_t* x = (const uint16_t*)w;
+    const float* y = (const float*)a;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(load_f16x8(x + i), _mm256_loadu_ps(y + i), s0);
+        s1 = _mm256_fmadd_ps(load_f16x8(x + i + 8), _mm256_loadu_ps(y + i + 8), s1);
+    }
+    float s = hsum_ps(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += fp16_to_fp32(x[i]) * y[i];
+    return s;
+}
+
+static float dot_bf16(int64_t n, const void* w, const void* a) {
+    const uint16_t* x = (const uint16_t*)w;
+    const float* y = (const float*)a;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(load_bf16x8(x + i), _mm256_loadu_ps(y + i), s0);
+        s1 = _mm256_fmadd_ps(load_bf16x8(x + i + 8), _mm256_loadu_ps(y + i + 8), s1);
+    }
+    float s = hsum_ps(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += bf16_to_fp32(x[i]) * y[i];
+    return s;
+}
+
+// ---------------------------------------------------------------- dots: 32-blocks (AVX2)
+
+// Sum of u8 x s8 products of 32 pairs, as 8 int32 lanes.
+static inline __m256i dot_u8s8_32(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+static float dot_q8_0(int64_t n, const void* w, const void* a) {
+    const block_q8_0* x = (const block_q8_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK32; b++) {
+        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
+        const __m256i qy = _mm256_loadu_si256((const __m256i*)y[b].qs);
+        // signed x signed through maddubs: |x| times y with x's sign moved onto y
+        const __m256i p = dot_u8s8_32(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+    }
+    return hsum_ps(acc);
+}
+
+static float dot_q4_0(int64_t n, const void* w, const void* a) {
+    const block_q4_0* x = (const block_q4_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        const float d = fp16_to_fp32(x[b].d) * y[b].d;
+        const __m256i p = dot_u8s8_32(nibbles_32(x[b].qs), _mm256_loadu_si256((const __m256i*)y[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+        offset += d * (float)(8 * y[b].sum);
+    }
+    return hsum_ps(acc) - offset;
+}
+
+static float dot_q5_0(int64_t n, const void* w, const void* a) {
+    const block_q5_0* x = (const block_q5_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        const float d = fp16_to_fp32(x[b].d) * y[b].d;
+        const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
+        const __m256i p = dot_u8s8_32(q, _mm256_loadu_si256((const __m256i*)y[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+        offset += d * (float)(16 * y[b].sum);
+    }
+    return hsum_ps(acc) - offset;
+}
+
+// ---------------------------------------------------------------- dots: K-quants (AVX2)
+
+// sum_j m[j] * (bsums[2j] + bsums[2j+1]) for the 8 mins of a Q4_K / Q5_K block.
+static inline int k4_min_sum(const uint8_t* mins8, const int16_t* bsums) {
+    const __m128i b0 = _mm_loadu_si128((const __m128i*)bsums);
+    const __m128i b1 = _mm_loadu_si128((const __m128i*)(bsums + 8));
+    const __m128i pairs = _mm_hadd_epi16(b0, b1);  // 8 x int16 sub-block sums
+    const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)mins8));
+    return hsum_epi32_128(_mm_madd_epi16(m, pairs));
+}
+
+// Q4_K and Q5_K share everything but the unpacking of quants (qh = nullptr for Q4_K).
+static inline float dot_k4_avx2(int64_t n, const uint8_t* base, int64_t stride, int qs_off,
+                                int qh_off, const block_q8_K* y) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float acc_m = 0.f;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const uint8_t* blk = base + b * stride;
+        uint16_t dh, mh;
+        std::memcpy(&dh, blk, 2);
+        std::memcpy(&mh, blk + 2, 2);
+        uint8_t sm[16];
+        unpack_scales_mins_k4(blk + 4, sm);
+        acc_m += y[b].d * fp16_to_fp32(mh) * (float)k4_min_sum(sm + 8, y[b].bsums);
+        const uint8_t* qs = blk + qs_off;
+        const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
+        __m256i sumi = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(q, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (qh_off) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
+            }
+            const __m256i a0 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c));
+            const __m256i a1 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c + 32));
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_set1_epi16(sm[2 * c]));
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), _mm256_set1_epi16(sm[2 * c + 1]));
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * fp16_to_fp32(dh)), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc) - acc_m;
+}
+
+static float dot_q4_K(int64_t n, const void* w, const void* a) {
+    return dot_k4_avx2(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0,
+                       (const block_q8_K*)a);
+}
+
+static float dot_q5_K(int64_t n, const void* w, const void* a) {
+    return dot_k4_avx2(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs),
+                       offsetof(block_q5_K, qh), (const block_q8_K*)a);
+}
+
+// sum_j scales[j] * bsums[j] over the 16 sub-blocks of a Q6_K block.
+static inline int q6_scale_bsum(const int8_t* scales, const int16_t* bsums) {
+    const __m256i s = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)scales));
+    const __m256i p = _mm256_madd_epi16(s, _mm256_loadu_si256((const __m256i*)bsums));
+    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+}
+
+static float dot_q6_K(int64_t n, const void* w, const void* a) {
+    const block_q6_K* x = (const block_q6_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        __m256i sumi = _mm256_setzero_si256();
+        for (int half = 0; half < 2; half++) {
+            __m256i q[4];
+            q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
+            const int8_t* sc = x[b].scales + 8 * half;
+            for (int i = 0; i < 4; i++) {
+                const __m256i av = _mm256_loadu_si256((const __m256i*)(y[b].qs + 128 * half + 32 * i));
+                const __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[2 * i + 1]), _mm_set1_epi16(sc[2 * i]));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], av), s));
+            }
+        }
+        // quants are stored +32: remove 32 * sum_j sc[j] * bsums[j]
+        const int off = 32 * q6_scale_bsum(x[b].scales, y[b].bsums);
+        const __m256i corr = _mm256_setr_epi32(off, 0, 0, 0, 0, 0, 0, 0);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * fp16_to_fp32(x[b].d)),
+                              _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, corr)), acc);
+    }
+    return hsum_ps(acc);
+}
+
+// Fills every entry this header implements.
+static void fill_avx2_level(kernel_table* t) {
+    t->dequant[GGML_F16] = dequant_f16;
+    t->dequant[GGML_BF16] = dequant_bf16;
+    t->dequant[GGML_Q4_0] = dequant_q4_0;
+    t->dequant[GGML_Q5_0] = dequant_q5_0;
+    t->dequant[GGML_Q8_0] = dequant_q8_0;
+    t->dequant[GGML_Q4_K] = dequant_q4_K;
+    t->dequant[GGML_Q5_K] = dequant_q5_K;
+    t->dequant[GGML_Q6_K] = dequant_q6_K;
+    t->quant_act[ACT_Q8_32] = quant_act_q8_32;
+    t->quant_act[ACT_Q8_K] = quant_act_q8_K;
+    t->dot[GGML_F32] = dot_f32;
+    t->dot[GGML_F16] = dot_f16;
+    t->dot[GGML_BF16] = dot_bf16;
+    t->dot[GGML_Q4_0] = dot_q4_0;
+    t->dot[GGML_Q5_0] = dot_q5_0;
+    t->dot[GGML_Q8_0] = dot_q8_0;
+    t->dot[GGML_Q4_K] = dot_q4_K;
+    t->dot[GGML_Q5_K] = dot_q5_K;
+    t->dot[GGML_Q6_K] = dot_q6_K;
+}
+
+}  // namespace x86
+}  // namespace hybrid

@@ -1,0 +1,175 @@
+// pybind11 wrappers only: argument checking and GIL handling, no kernel logic.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <mutex>
+
+#include "dispatch.h"
+#include "matmul.h"
+#include "numa.h"
+#include "pool.h"
+#include "quants.h"
+
+namespace py = pybind11;
+using namespace hybrid;
+
+namespace {
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+
+// A C-contiguous-rows 2-D view of a buffer: rows may be strided, elements may not.
+struct view2d {
+    const uint8_t* data;
+    int64_t rows, cols, row_stride_bytes, itemsize;
+    char kind;  // 'f' float32, 'u' uint8, 'h' 16-bit
+    bool writable;
+};
+
+view2d as_2d(const py::buffer& obj, const char* arg) {
+    py::buffer_info bi = obj.request();
+    view2d v;
+    v.data = (const uint8_t*)bi.ptr;
+    v.itemsize = bi.itemsize;
+    v.writable = !bi.readonly;
+    const std::string& f = bi.format;
+    if (f == "f" && bi.itemsize == 4)
+        v.kind = 'f';
+    else if ((f == "B" || f == "b" || f == "c") && bi.itemsize == 1)
+        v.kind = 'u';
+    else if ((f == "H" || f == "h" || f == "e") && bi.itemsize == 2)
+        v.kind = 'h';
+    else
+        bad(std::string(arg) + ": unsupported dtype (format '" + f + "')");
+    if (bi.ndim == 1) {
+        v.rows = 1;
+        v.cols = bi.shape[0];
+        if (bi.strides[0] != bi.itemsize) bad(std::string(arg) + ": must be contiguous");
+        v.row_stride_bytes = v.cols * bi.itemsize;
+    } else if (bi.ndim == 2) {
+        v.rows = bi.shape[0];
+        v.cols = bi.shape[1];
+        if (v.cols > 1 && bi.strides[1] != bi.itemsize)
+            bad(std::string(arg) + ": rows must be contiguous (inner stride " + std::to_string(bi.strides[1]) + ")");
+        v.row_stride_bytes = v.rows > 1 ? bi.strides[0] : v.cols * bi.itemsize;
+        if (v.row_stride_bytes < 0 || v.row_stride_bytes % bi.itemsize)
+            bad(std::string(arg) + ": unsupported row stride");
+    } else {
+        bad(std::string(arg) + ": expected a 1-D or 2-D array, got " + std::to_string(bi.ndim) + "-D");
+    }
+    return v;
+}
+
+std::mutex g_pool_mutex;
+std::unique_ptr<ThreadPool> g_pool;
+
+int default_threads() {
+    const int n = (int)allowed_cpus().size();
+    return n > 0 ? n : 1;
+}
+
+// The process-wide pool for stand-alone matmuls; resized when a call asks for another size.
+ThreadPool& shared_pool(int threads) {
+    if (threads <= 0) threads = default_threads();
+    if (!g_pool || g_pool->size() != threads) {
+        g_pool.reset();
+        g_pool = std::make_unique<ThreadPool>(threads, std::vector<int>{});
+    }
+    return *g_pool;
+}
+
+py::array_t<float> py_dequantize(py::buffer src, int type, int64_t n) {
+    const type_info& ti = get_type_info(type);
+    if (!ti.name) bad("dequantize: GGML type " + std::to_string(type) + " is not supported");
+    if (n < 0 || n % ti.block) bad("dequantize: n=" + std::to_string(n) + " is not a multiple of the " + ti.name + " block size");
+    py::buffer_info bi = src.request();
+    const int64_t have = bi.size * bi.itemsize;
+    if (row_bytes(type, n) > have)
+        bad("dequantize: " + std::to_string(n) + " elements of " + ti.name + " need " +
+            std::to_string(row_bytes(type, n)) + " bytes, the buffer has " + std::to_string(have));
+    py::array_t<float> out(n);
+    float* y = out.mutable_data();
+    const void* p = bi.ptr;
+    const dequant_fn fn = kernels().dequant[type];
+    {
+        py::gil_scoped_release release;
+        fn(p, y, n);
+    }
+    return out;
+}
+
+py::object py_matmul(py::buffer w, int type, py::buffer x, py::object out, int threads) {
+    view2d wv = as_2d(w, "w");
+    if (wv.kind != 'u') bad("w: must be the uint8 bytes of the GGUF tensor, shape [N, row_bytes]");
+    view2d xv = as_2d(x, "x");
+    if (xv.kind == 'u') bad("x: must be float32, or uint16 holding bfloat16");
+    const type_info& ti = get_type_info(type);
+    if (!ti.name) bad("w: GGML type " + std::to_string(type) + " is not supported");
+    matmul_args a;
+    a.w = wv.data;
+    a.w_type = type;
+    a.N = wv.rows;
+    a.K = xv.cols;
+    a.w_stride = wv.row_stride_bytes;
+    if (row_bytes(type, a.K) != wv.cols)
+        bad("w: rows hold " + std::to_string(wv.cols) + " bytes but K=" + std::to_string(a.K) + " elements of " +
+            ti.name + " take " + std::to_string(row_bytes(type, a.K)) + " (x has the wrong width?)");
+    a.x = xv.data;
+    a.x_bf16 = xv.kind == 'h';
+    a.T = xv.rows;
+    a.x_stride = xv.row_stride_bytes / xv.itemsize;
+    py::array_t<float> y;
+    if (out.is_none()) {
+        y = py::array_t<float>({(py::ssize_t)a.T, (py::ssize_t)a.N});
+    } else {
+        y = py::reinterpret_borrow<py::array_t<float>>(out);
+        if (!py::isinstance<py::array_t<float>>(out)) bad("out: must be a float32 numpy array");
+    }
+    py::buffer_info yb = y.request(true);
+    if (yb.ndim != 2 || yb.shape[0] != a.T || yb.shape[1] != a.N || yb.strides[1] != 4)
+        bad("out: must be float32 [T, N] = [" + std::to_string(a.T) + ", " + std::to_string(a.N) + "] with contiguous rows");
+    a.y = (float*)yb.ptr;
+    a.y_stride = yb.strides[0] / 4;
+    matmul_check(a);
+    {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(g_pool_mutex);
+        matmul(shared_pool(threads), a);
+    }
+    return std::move(y);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "hybrid native kernels: GGML block formats, quantized matmul, expert engine";
+    // Resolve HYBRID_ISA now: a bad value fails the import with its message, not a later call.
+    kernels();
+
+    m.def("isa", &current_isa, "ISA path in use: scalar, avx2 or avx512");
+    m.def("set_isa", &set_isa, py::arg("isa"), "Force an ISA path; ValueError if this CPU cannot run it");
+    m.def("available_isas", &available_isas);
+    m.def("cpu_features", &cpu_features);
+    m.def("allowed_cpus", &allowed_cpus);
+    m.def("supported_types", [] {
+        std::vector<int> v;
+        for (int t = 0; t < GGML_TYPE_LIMIT; t++)
+            if (type_supported(t)) v.push_back(t);
+        return v;
+    });
+    m.def("row_bytes", [](int type, int64_t n) {
+        if (!type_supported(type)) bad("row_bytes: GGML type " + std::to_string(type) + " is not supported");
+        return row_bytes(type, n);
+    });
+    m.def("dequantize", &py_dequantize, py::arg("src"), py::arg("ggml_type"), py::arg("n"),
+          "Dequantize n elements of GGML blocks to float32 with the active ISA path");
+    m.def("matmul", &py_matmul, py::arg("w"), py::arg("ggml_type"), py::arg("x"), py::arg("out") = py::none(),
+          py::arg("threads") = 0,
+          "Y[T,N] = X[T,K] @ W[N,K]^T; w: uint8 [N, row_bytes] GGUF bytes; x: float32 or bf16 (uint16) [T,K]");
+
+    py::class_<ThreadPool>(m, "ThreadPool")
+        .def(py::init<int, const std::vector<int>&>(), py::arg("threads"), py::arg("cpus") = std::vector<int>{})
+        .def_property_readonly("size", &ThreadPool::size)
+        .def("worker_cpus", &ThreadPool::worker_cpus);
+}

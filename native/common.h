@@ -1,0 +1,92 @@
+// Shared basics for the native module: CHECK, fp16/bf16 conversion, GGML type ids.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+// Invariants that must hold even in release builds. Outside the hot path a failed CHECK
+// throws (pybind11 turns it into a Python RuntimeError); inside worker threads we never
+// throw, we use CHECK_ABORT, which prints file:line and aborts.
+#define HYBRID_STR2(x) #x
+#define HYBRID_STR(x) HYBRID_STR2(x)
+#define CHECK(cond, msg)                                                                  \
+    do {                                                                                  \
+        if (!(cond))                                                                      \
+            throw std::runtime_error(std::string(__FILE__ ":" HYBRID_STR(__LINE__) ": ") + \
+                                     (msg));                                              \
+    } while (0)
+#define CHECK_ABORT(cond)                                                                 \
+    do {                                                                                  \
+        if (!(cond)) {                                                                    \
+            std::fprintf(stderr, "hybrid: %s:%d: check failed: %s\n", __FILE__, __LINE__, \
+                         #cond);                                                          \
+            std::abort();                                                                 \
+        }                                                                                 \
+    } while (0)
+
+namespace hybrid {
+
+// GGML type ids as stored in GGUF (ggml.h `enum ggml_type`).
+enum ggml_type : int {
+    GGML_F32 = 0,
+    GGML_F16 = 1,
+    GGML_Q4_0 = 2,
+    GGML_Q5_0 = 6,
+    GGML_Q8_0 = 8,
+    GGML_Q4_K = 12,
+    GGML_Q5_K = 13,
+    GGML_Q6_K = 14,
+    GGML_Q8_K = 15,
+    GGML_BF16 = 30,
+    GGML_TYPE_LIMIT = 31,  // size of tables indexed by ggml type id
+};
+
+// IEEE half <-> float, exact (no rounding issues in this direction).
+static inline float fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal: renormalize
+            int e = -1;
+            do {
+                mant <<= 1;
+                e++;
+            } while (!(mant & 0x400));
+            mant &= 0x3ff;
+            bits = sign | (uint32_t)(127 - 15 - e) << 23 | mant << 13;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | mant << 13;
+    } else {
+        bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_fp32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline int nearest_int(float x) {
+    // Round half away from zero is not needed; round-to-nearest-even via the magic number
+    // is what ggml uses and is exact for |x| < 2^22.
+    float val = x + 12582912.f;
+    int i;
+    std::memcpy(&i, &val, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+}  // namespace hybrid

@@ -1,0 +1,112 @@
+// Quantized matmul: quantize activations once, then tiles of (rows x tokens) dot products
+// handed out dynamically. Each output element is one dot product computed by one thread, so
+// results do not depend on the thread count.
+#include "matmul.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "dispatch.h"
+
+namespace hybrid {
+
+namespace {
+
+constexpr int64_t kRowTile = 16;    // weight rows per tile: 16 x 4 KB rows stay in L1/L2
+constexpr int64_t kTokenTile = 64;  // tokens per tile: their activations stay in L2
+
+}  // namespace
+
+void quantize_act_row(act_format f, const void* x, bool x_bf16, int64_t K, void* dst, float* scratch) {
+    const kernel_table& k = kernels();
+    const float* xf = (const float*)x;
+    if (x_bf16) {
+        k.dequant[GGML_BF16](x, scratch, K);
+        xf = scratch;
+    }
+    k.quant_act[f](xf, dst, K);
+}
+
+void matmul_check(const matmul_args& a) {
+    const type_info& ti = get_type_info(a.w_type);
+    if (!ti.name || a.w_type == GGML_Q8_K)
+        throw std::invalid_argument("matmul: weight type " + std::to_string(a.w_type) +
+                                    " is not supported (F32, F16, BF16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)");
+    if (a.K <= 0 || a.N <= 0 || a.T < 0) throw std::invalid_argument("matmul: empty or negative shape");
+    if (a.K % ti.block != 0)
+        throw std::invalid_argument("matmul: K=" + std::to_string(a.K) + " is not a multiple of the " +
+                                    ti.name + " block size " + std::to_string(ti.block));
+    if (row_bytes(a.w_type, a.K) > a.w_stride)
+        throw std::invalid_argument("matmul: weight rows are shorter than K elements of " + std::string(ti.name));
+}
+
+void matmul(ThreadPool& pool, const matmul_args& a) {
+    matmul_check(a);
+    if (a.T == 0) return;
+    const kernel_table& k = kernels();
+    const act_format act = get_type_info(a.w_type).act;
+    const int64_t act_bytes = act_row_bytes(act, a.K);
+
+    // Scratch lives in the calling thread and only grows: no allocation in steady state.
+    thread_local std::vector<uint8_t> act_buf;
+    thread_local std::vector<std::vector<float>> scratch;
+    if ((int64_t)act_buf.size() < a.T * act_bytes) act_buf.resize(a.T * act_bytes);
+    if ((int)scratch.size() < pool.size()) scratch.resize(pool.size());
+    if (a.x_bf16)
+        for (auto& s : scratch)
+            if ((int64_t)s.size() < a.K) s.resize(a.K);
+
+    struct job_t {
+        const matmul_args* a;
+        const kernel_table* k;
+        act_format act;
+        int64_t act_bytes;
+        uint8_t* act_buf;
+        std::vector<std::vector<float>>* scratch;
+        int64_t n_row_tiles, n_tok_tiles;
+        chunk_counter tiles;
+        ThreadPool* pool;
+    } job;
+    job.a = &a;
+    job.k = &k;
+    job.act = act;
+    job.act_bytes = act_bytes;
+    job.act_buf = act_buf.data();
+    job.scratch = &scratch;
+    job.n_row_tiles = (a.N + kRowTile - 1) / kRowTile;
+    job.n_tok_tiles = (a.T + kTokenTile - 1) / kTokenTile;
+    job.pool = &pool;
+
+    auto worker = [](void* p, int ith, int nth) {
+        job_t& j = *(job_t*)p;
+        const matmul_args& a = *j.a;
+        for (int64_t t = ith; t < a.T; t += nth) {
+            const char* xr = (const char*)a.x + t * a.x_stride * (a.x_bf16 ? 2 : 4);
+            const float* xf = (const float*)xr;
+            if (a.x_bf16) {
+                float* s = (*j.scratch)[ith].data();
+                j.k->dequant[GGML_BF16](xr, s, a.K);
+                xf = s;
+            }
+            j.k->quant_act[j.act](xf, j.act_buf + t * j.act_bytes, a.K);
+        }
+        j.pool->barrier();
+        const dot_fn dot = j.k->dot[a.w_type];
+        const int64_t n_tiles = j.n_row_tiles * j.n_tok_tiles;
+        for (int64_t tile = j.tiles.take(); tile < n_tiles; tile = j.tiles.take()) {
+            // Row tiles vary fastest: with many tokens, neighbouring workers share activations.
+            const int64_t r0 = (tile % j.n_row_tiles) * kRowTile;
+            const int64_t t0 = (tile / j.n_row_tiles) * kTokenTile;
+            const int64_t r1 = std::min(a.N, r0 + kRowTile), t1 = std::min(a.T, t0 + kTokenTile);
+            for (int64_t r = r0; r < r1; r++) {
+                const uint8_t* wr = a.w + r * a.w_stride;
+                for (int64_t t = t0; t < t1; t++)
+                    a.y[t * a.y_stride + r] = dot(a.K, wr, j.act_buf + t * j.act_bytes);
+            }
+        }
+    };
+    pool.run(worker, &job);
+}
+
+}  // namespace hybrid

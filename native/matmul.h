@@ -1,0 +1,32 @@
+// Quantized matmul Y[T,N] = X[T,K] @ W[N,K]^T for W in any supported GGML type.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "pool.h"
+#include "quants.h"
+
+namespace hybrid {
+
+struct matmul_args {
+    const uint8_t* w;   // N rows of K elements in GGML blocks, row r at w + r * w_stride
+    int w_type;
+    int64_t N, K, w_stride;
+    const void* x;      // [T, K] row r at x + r * x_stride elements
+    bool x_bf16;        // x holds bf16 (uint16) instead of float32
+    int64_t T, x_stride;
+    float* y;           // [T, N] row t at y + t * y_stride
+    int64_t y_stride;
+};
+
+// Validates shapes and types (throws std::invalid_argument with a readable message).
+void matmul_check(const matmul_args& a);
+// Runs on every worker of pool; blocks until done. Deterministic for any pool size.
+void matmul(ThreadPool& pool, const matmul_args& a);
+
+// Converts one activation row (float32 or bf16) to the act format `f` (scratch: >= K floats
+// when x is bf16).
+void quantize_act_row(act_format f, const void* x, bool x_bf16, int64_t K, void* dst, float* scratch);
+
+}  // namespace hybrid

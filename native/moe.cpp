@@ -1,0 +1,1 @@
+// Routed-expert engine (see moe.h).

@@ -1,0 +1,120 @@
+// Thread pool implementation. Workers spin for a short while after each job (decode issues
+// many small jobs back to back), then sleep on a condition variable; no lock is held while
+// a job runs.
+#include "pool.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <chrono>
+
+#include "common.h"
+
+namespace hybrid {
+
+namespace {
+
+// How long an idle worker (or a waiting caller) spins before sleeping.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+template <class Pred>
+bool spin_until(Pred pred) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 0;; i++) {
+        if (pred()) return true;
+        cpu_pause();
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) return false;
+    }
+}
+
+int pin_self(int cpu) {
+    if (cpu < 0) return -1;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0 ? cpu : -1;
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads, const std::vector<int>& cpus) : n_(n_threads), cpus_(cpus) {
+    CHECK(n_threads >= 1 && n_threads <= 1024, "thread count must be in 1..1024");
+    pinned_.assign(n_, -1);
+    threads_.reserve(n_);
+    for (int i = 0; i < n_; i++) threads_.emplace_back(&ThreadPool::worker_main, this, i);
+    // Let every worker pin itself before anyone asks where they run.
+    while (started_.load(std::memory_order_acquire) < n_) std::this_thread::yield();
+}
+
+ThreadPool::~ThreadPool() {
+    wait();
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_.store(true, std::memory_order_release);
+        gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_work_.notify_all();
+    for (auto& t : threads_) t.join();
+}
+
+std::vector<int> ThreadPool::worker_cpus() const { return pinned_; }
+
+void ThreadPool::submit(job_fn fn, void* ctx) {
+    CHECK(!submitted_, "ThreadPool::submit while a job is pending: call wait() first");
+    fn_ = fn;
+    ctx_ = ctx;
+    pending_.store(n_, std::memory_order_relaxed);
+    submitted_ = true;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_work_.notify_all();
+}
+
+void ThreadPool::wait() {
+    if (!submitted_) return;
+    auto done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+    if (!spin_until(done)) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_done_.wait(lock, done);
+    }
+    submitted_ = false;
+}
+
+void ThreadPool::barrier() {
+    const uint32_t phase = bar_phase_.load(std::memory_order_acquire);
+    if (bar_count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+        bar_count_.store(0, std::memory_order_relaxed);
+        bar_phase_.fetch_add(1, std::memory_order_release);
+        return;
+    }
+    // Barriers are short (between phases of one layer); yield now and then in case the
+    // machine is oversubscribed.
+    for (int i = 0; bar_phase_.load(std::memory_order_acquire) == phase; i++) {
+        cpu_pause();
+        if ((i & 1023) == 1023) std::this_thread::yield();
+    }
+}
+
+void ThreadPool::worker_main(int ith) {
+    if (!cpus_.empty()) pinned_[ith] = pin_self(cpus_[ith % cpus_.size()]);
+    started_.fetch_add(1, std::memory_order_release);
+    uint64_t seen = 0;
+    for (;;) {
+        auto ready = [&] { return gen_.load(std::memory_order_acquire) != seen; };
+        if (!spin_until(ready)) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            cv_work_.wait(lock, ready);
+        }
+        seen = gen_.load(std::memory_order_acquire);
+        if (stop_.load(std::memory_order_acquire)) return;
+        fn_(ctx_, ith, n_);
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            { std::lock_guard<std::mutex> lock(mutex_); }
+            cv_done_.notify_all();
+        }
+    }
+}
+
+}  // namespace hybrid

@@ -1,0 +1,84 @@
+// Persistent thread pool: pinned workers, spin-then-sleep, async submit / wait, in-job barrier.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace hybrid {
+
+// A job runs once on every worker: fn(ctx, ith, nth). Jobs split work themselves (usually an
+// atomic chunk counter in ctx) and may call ThreadPool::barrier() to separate phases.
+typedef void (*job_fn)(void* ctx, int ith, int nth);
+
+class ThreadPool {
+   public:
+    // cpus: worker i is pinned to cpus[i % cpus.size()]; empty = not pinned.
+    ThreadPool(int n_threads, const std::vector<int>& cpus);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    int size() const { return n_; }
+    const std::vector<int>& cpus() const { return cpus_; }
+
+    // Starts fn on all workers and returns at once. One job at a time: a second submit
+    // before wait() is a caller bug (CHECK).
+    void submit(job_fn fn, void* ctx);
+    // Blocks until the submitted job finished on every worker (no-op when none is pending).
+    void wait();
+    void run(job_fn fn, void* ctx) {
+        submit(fn, ctx);
+        wait();
+    }
+    bool busy() const { return pending_.load(std::memory_order_acquire) != 0 || submitted_; }
+
+    // Called by every worker of the current job; returns when all have arrived.
+    void barrier();
+
+    // Affinity each worker actually got (-1: not pinned / pinning refused).
+    std::vector<int> worker_cpus() const;
+
+   private:
+    void worker_main(int ith);
+
+    int n_;
+    std::vector<int> cpus_;
+    std::vector<std::thread> threads_;
+    std::vector<int> pinned_;  // written by each worker at start
+
+    std::atomic<uint64_t> gen_{0};
+    std::atomic<int> pending_{0};
+    std::atomic<bool> stop_{false};
+    std::atomic<int> started_{0};
+    bool submitted_ = false;  // owner side only
+    job_fn fn_ = nullptr;
+    void* ctx_ = nullptr;
+
+    std::mutex mutex_;
+    std::condition_variable cv_work_, cv_done_;
+
+    alignas(64) std::atomic<int> bar_count_{0};
+    alignas(64) std::atomic<uint32_t> bar_phase_{0};
+};
+
+// Splits [0, n) into chunks handed out in order by an atomic counter.
+struct chunk_counter {
+    alignas(64) std::atomic<int64_t> next{0};
+    void reset() { next.store(0, std::memory_order_relaxed); }
+    int64_t take() { return next.fetch_add(1, std::memory_order_relaxed); }
+};
+
+// cpu_relax for spin loops.
+static inline void cpu_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+}
+
+}  // namespace hybrid

@@ -1,0 +1,367 @@
+// Scalar reference kernels for every block format: dequantize, activation quantize, dot.
+// Plain loops on purpose: these define the results every SIMD path is tested against.
+#include "quants.h"
+
+#include <cmath>
+
+namespace hybrid {
+
+static type_info g_types[GGML_TYPE_LIMIT];
+
+static bool init_types() {
+    g_types[GGML_F32] = {"F32", 1, 4, ACT_F32};
+    g_types[GGML_F16] = {"F16", 1, 2, ACT_F32};
+    g_types[GGML_BF16] = {"BF16", 1, 2, ACT_F32};
+    g_types[GGML_Q4_0] = {"Q4_0", QK32, (int)sizeof(block_q4_0), ACT_Q8_32};
+    g_types[GGML_Q5_0] = {"Q5_0", QK32, (int)sizeof(block_q5_0), ACT_Q8_32};
+    g_types[GGML_Q8_0] = {"Q8_0", QK32, (int)sizeof(block_q8_0), ACT_Q8_32};
+    g_types[GGML_Q4_K] = {"Q4_K", QK_K, (int)sizeof(block_q4_K), ACT_Q8_K};
+    g_types[GGML_Q5_K] = {"Q5_K", QK_K, (int)sizeof(block_q5_K), ACT_Q8_K};
+    g_types[GGML_Q6_K] = {"Q6_K", QK_K, (int)sizeof(block_q6_K), ACT_Q8_K};
+    return true;
+}
+static const bool g_types_ready = init_types();
+
+const type_info& get_type_info(int type) {
+    static const type_info none = {nullptr, 0, 0, ACT_F32};
+    if (type < 0 || type >= GGML_TYPE_LIMIT) return none;
+    return g_types[type];
+}
+
+bool type_supported(int type) { return get_type_info(type).name != nullptr; }
+
+int64_t row_bytes(int type, int64_t n) {
+    const type_info& ti = get_type_info(type);
+    return n / ti.block * ti.block_bytes;
+}
+
+int64_t act_row_bytes(act_format f, int64_t n) {
+    switch (f) {
+        case ACT_F32: return n * 4;
+        case ACT_Q8_32: return n / QK32 * (int64_t)sizeof(block_q8_32);
+        case ACT_Q8_K: return n / QK_K * (int64_t)sizeof(block_q8_K);
+        default: return 0;
+    }
+}
+
+// ---------------------------------------------------------------- dequantize
+
+static void dequant_f32(const void* src, float* y, int64_t n) { std::memcpy(y, src, n * 4); }
+
+static void dequant_f16(const void* src, float* y, int64_t n) {
+    const uint16_t* x = (const uint16_t*)src;
+    for (int64_t i = 0; i < n; i++) y[i] = fp16_to_fp32(x[i]);
+}
+
+static void dequant_bf16(const void* src, float* y, int64_t n) {
+    const uint16_t* x = (const uint16_t*)src;
+    for (int64_t i = 0; i < n; i++) y[i] = bf16_to_fp32(x[i]);
+}
+
+static void dequant_q4_0(const void* src, float* y, int64_t n) {
+    const block_q4_0* x = (const block_q4_0*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int j = 0; j < QK32 / 2; j++) {
+            y[j] = ((x[b].qs[j] & 0xF) - 8) * d;
+            y[j + 16] = ((x[b].qs[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+static void dequant_q5_0(const void* src, float* y, int64_t n) {
+    const block_q5_0* x = (const block_q5_0*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        const float d = fp16_to_fp32(x[b].d);
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        for (int j = 0; j < QK32 / 2; j++) {
+            const int h0 = ((qh >> j) & 1) << 4;
+            const int h1 = ((qh >> (j + 16)) & 1) << 4;
+            y[j] = ((x[b].qs[j] & 0xF) + h0 - 16) * d;
+            y[j + 16] = ((x[b].qs[j] >> 4) + h1 - 16) * d;
+        }
+    }
+}
+
+static void dequant_q8_0(const void* src, float* y, int64_t n) {
+    const block_q8_0* x = (const block_q8_0*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int j = 0; j < QK32; j++) y[j] = x[b].qs[j] * d;
+    }
+}
+
+static void dequant_q4_K(const void* src, float* y, int64_t n) {
+    const block_q4_K* x = (const block_q4_K*)src;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        const float dmin = fp16_to_fp32(x[b].dmin);
+        const uint8_t* q = x[b].qs;
+        for (int c = 0; c < 4; c++, q += 32) {
+            uint8_t sc, m;
+            get_scale_min_k4(2 * c, x[b].scales, &sc, &m);
+            const float d1 = d * sc, m1 = dmin * m;
+            get_scale_min_k4(2 * c + 1, x[b].scales, &sc, &m);
+            const float d2 = d * sc, m2 = dmin * m;
+            for (int l = 0; l < 32; l++) *y++ = d1 * (q[l] & 0xF) - m1;
+            for (int l = 0; l < 32; l++) *y++ = d2 * (q[l] >> 4) - m2;
+        }
+    }
+}
+
+static void dequant_q5_K(const void* src, float* y, int64_t n) {
+    const block_q5_K* x = (const block_q5_K*)src;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        const float dmin = fp16_to_fp32(x[b].dmin);
+        const uint8_t* q = x[b].qs;
+        const uint8_t* qh = x[b].qh;
+        for (int c = 0; c < 4; c++, q += 32) {
+            uint8_t sc, m;
+            get_scale_min_k4(2 * c, x[b].scales, &sc, &m);
+            const float d1 = d * sc, m1 = dmin * m;
+            get_scale_min_k4(2 * c + 1, x[b].scales, &sc, &m);
+            const float d2 = d * sc, m2 = dmin * m;
+            const int u1 = 1 << (2 * c), u2 = 2 << (2 * c);
+            for (int l = 0; l < 32; l++) *y++ = d1 * ((q[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; l++) *y++ = d2 * ((q[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+        }
+    }
+}
+
+static void dequant_q6_K(const void* src, float* y, int64_t n) {
+    const block_q6_K* x = (const block_q6_K*)src;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        const uint8_t* ql = x[b].ql;
+        const uint8_t* qh = x[b].qh;
+        const int8_t* sc = x[b].scales;
+        for (int half = 0; half < 2; half++, y += 128, ql += 64, qh += 32, sc += 8) {
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                const int q1 = (int)((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32;
+                const int q2 = (int)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l] = d * sc[is + 0] * q1;
+                y[l + 32] = d * sc[is + 2] * q2;
+                y[l + 64] = d * sc[is + 4] * q3;
+                y[l + 96] = d * sc[is + 6] * q4;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- activation quantization
+
+static void quant_act_f32(const float* x, void* dst, int64_t n) { std::memcpy(dst, x, n * 4); }
+
+// Symmetric absmax scaling: the largest |x| of the block maps to 127.
+static void quant_act_q8_32(const float* x, void* dst, int64_t n) {
+    block_q8_32* y = (block_q8_32*)dst;
+    for (int64_t b = 0; b < n / QK32; b++, x += QK32) {
+        float amax = 0.f;
+        for (int j = 0; j < QK32; j++) amax = std::fmax(amax, std::fabs(x[j]));
+        const float d = amax / 127.f;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QK32; j++) {
+            const int q = nearest_int(x[j] * id);
+            y[b].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        y[b].d = d;
+        y[b].sum = sum;
+    }
+}
+
+static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
+    block_q8_K* y = (block_q8_K*)dst;
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        float amax = 0.f;
+        for (int j = 0; j < QK_K; j++) amax = std::fmax(amax, std::fabs(x[j]));
+        const float d = amax / 127.f;
+        const float id = d > 0.f ? 1.f / d : 0.f;
+        for (int j = 0; j < QK_K; j++) y[b].qs[j] = (int8_t)nearest_int(x[j] * id);
+        for (int i = 0; i < QK_K / 16; i++) {
+            int s = 0;
+            for (int j = 0; j < 16; j++) s += y[b].qs[16 * i + j];
+            y[b].bsums[i] = (int16_t)s;
+        }
+        y[b].d = d;
+    }
+}
+
+// ---------------------------------------------------------------- dot products
+
+static float dot_f32(int64_t n, const void* w, const void* a) {
+    const float* x = (const float*)w;
+    const float* y = (const float*)a;
+    double s = 0;  // the reference sums in double; SIMD paths sum in float lanes
+    for (int64_t i = 0; i < n; i++) s += (double)x[i] * y[i];
+    return (float)s;
+}
+
+static float dot_f16(int64_t n, const void* w, const void* a) {
+    const uint16_t* x = (const uint16_t*)w;
+    const float* y = (const float*)a;
+    double s = 0;
+    for (int64_t i = 0; i < n; i++) s += (double)fp16_to_fp32(x[i]) * y[i];
+    return (float)s;
+}
+
+static float dot_bf16(int64_t n, const void* w, const void* a) {
+    const uint16_t* x = (const uint16_t*)w;
+    const float* y = (const float*)a;
+    double s = 0;
+    for (int64_t i = 0; i < n; i++) s += (double)bf16_to_fp32(x[i]) * y[i];
+    return (float)s;
+}
+
+static float dot_q4_0(int64_t n, const void* w, const void* a) {
+    const block_q4_0* x = (const block_q4_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    float s = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        int sumi = 0;
+        for (int j = 0; j < 16; j++)
+            sumi += (x[b].qs[j] & 0xF) * y[b].qs[j] + (x[b].qs[j] >> 4) * y[b].qs[j + 16];
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)(sumi - 8 * y[b].sum);
+    }
+    return s;
+}
+
+static float dot_q5_0(int64_t n, const void* w, const void* a) {
+    const block_q5_0* x = (const block_q5_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    float s = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        int sumi = 0;
+        for (int j = 0; j < 16; j++) {
+            const int q0 = (x[b].qs[j] & 0xF) | (((qh >> j) & 1) << 4);
+            const int q1 = (x[b].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            sumi += q0 * y[b].qs[j] + q1 * y[b].qs[j + 16];
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)(sumi - 16 * y[b].sum);
+    }
+    return s;
+}
+
+static float dot_q8_0(int64_t n, const void* w, const void* a) {
+    const block_q8_0* x = (const block_q8_0*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    float s = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        int sumi = 0;
+        for (int j = 0; j < QK32; j++) sumi += x[b].qs[j] * y[b].qs[j];
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi;
+    }
+    return s;
+}
+
+// Shared by Q4_K and Q5_K: q[] holds the 256 unsigned quants of one block already unpacked.
+static float dot_k4_block(const uint8_t* q, const uint8_t* scales, float d, float dmin,
+                          const block_q8_K* y) {
+    int sumi = 0, summ = 0;
+    for (int j = 0; j < 8; j++) {
+        uint8_t sc, m;
+        get_scale_min_k4(j, scales, &sc, &m);
+        int s = 0;
+        for (int l = 0; l < 32; l++) s += q[32 * j + l] * y->qs[32 * j + l];
+        sumi += sc * s;
+        summ += m * (y->bsums[2 * j] + y->bsums[2 * j + 1]);
+    }
+    return y->d * (d * (float)sumi - dmin * (float)summ);
+}
+
+static float dot_q4_K(int64_t n, const void* w, const void* a) {
+    const block_q4_K* x = (const block_q4_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    uint8_t q[QK_K];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++) {
+                q[64 * c + l] = x[b].qs[32 * c + l] & 0xF;
+                q[64 * c + 32 + l] = x[b].qs[32 * c + l] >> 4;
+            }
+        s += dot_k4_block(q, x[b].scales, fp16_to_fp32(x[b].d), fp16_to_fp32(x[b].dmin), &y[b]);
+    }
+    return s;
+}
+
+static float dot_q5_K(int64_t n, const void* w, const void* a) {
+    const block_q5_K* x = (const block_q5_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    uint8_t q[QK_K];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        for (int c = 0; c < 4; c++)
+            for (int l = 0; l < 32; l++) {
+                const uint8_t h = x[b].qh[l];
+                q[64 * c + l] = (x[b].qs[32 * c + l] & 0xF) | (((h >> (2 * c)) & 1) << 4);
+                q[64 * c + 32 + l] = (x[b].qs[32 * c + l] >> 4) | (((h >> (2 * c + 1)) & 1) << 4);
+            }
+        s += dot_k4_block(q, x[b].scales, fp16_to_fp32(x[b].d), fp16_to_fp32(x[b].dmin), &y[b]);
+    }
+    return s;
+}
+
+static float dot_q6_K(int64_t n, const void* w, const void* a) {
+    const block_q6_K* x = (const block_q6_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        int8_t q[QK_K];
+        const uint8_t* ql = x[b].ql;
+        const uint8_t* qh = x[b].qh;
+        for (int half = 0; half < 2; half++, ql += 64, qh += 32) {
+            int8_t* o = q + 128 * half;
+            for (int l = 0; l < 32; l++) {
+                o[l] = (int8_t)(((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
+                o[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                o[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                o[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        }
+        int sumi = 0;
+        for (int j = 0; j < 16; j++) {
+            int si = 0;
+            for (int l = 0; l < 16; l++) si += q[16 * j + l] * y[b].qs[16 * j + l];
+            sumi += x[b].scales[j] * si;
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi;
+    }
+    return s;
+}
+
+void fill_scalar_kernels(kernel_table* t) {
+    std::memset(t, 0, sizeof(*t));
+    t->isa = "scalar";
+    t->dequant[GGML_F32] = dequant_f32;
+    t->dequant[GGML_F16] = dequant_f16;
+    t->dequant[GGML_BF16] = dequant_bf16;
+    t->dequant[GGML_Q4_0] = dequant_q4_0;
+    t->dequant[GGML_Q5_0] = dequant_q5_0;
+    t->dequant[GGML_Q8_0] = dequant_q8_0;
+    t->dequant[GGML_Q4_K] = dequant_q4_K;
+    t->dequant[GGML_Q5_K] = dequant_q5_K;
+    t->dequant[GGML_Q6_K] = dequant_q6_K;
+    t->dot[GGML_F32] = dot_f32;
+    t->dot[GGML_F16] = dot_f16;
+    t->dot[GGML_BF16] = dot_bf16;
+    t->dot[GGML_Q4_0] = dot_q4_0;
+    t->dot[GGML_Q5_0] = dot_q5_0;
+    t->dot[GGML_Q8_0] = dot_q8_0;
+    t->dot[GGML_Q4_K] = dot_q4_K;
+    t->dot[GGML_Q5_K] = dot_q5_K;
+    t->dot[GGML_Q6_K] = dot_q6_K;
+    t->quant_act[ACT_F32] = quant_act_f32;
+    t->quant_act[ACT_Q8_32] = quant_act_q8_32;
+    t->quant_act[ACT_Q8_K] = quant_act_q8_K;
+}
+
+}  // namespace hybrid

@@ -1,0 +1,137 @@
+// GGML block formats (weights) and hybrid's activation formats, with the kernel table type.
+//
+// Weight blocks are byte-identical to ggml-common.h so GGUF bytes are used in place.
+// Letters: n = elements in a row (a multiple of the block size).
+#pragma once
+
+#include "common.h"
+
+namespace hybrid {
+
+constexpr int QK_K = 256;  // super-block of the K-quants
+constexpr int QK32 = 32;   // block of Q4_0 / Q5_0 / Q8_0
+
+// Q4_0, 18 B / 32 weights: w[j] = d * (nibble - 8); qs[j] low nibble = w[j], high = w[j+16].
+struct block_q4_0 {
+    uint16_t d;  // fp16
+    uint8_t qs[QK32 / 2];
+};
+// Q5_0, 22 B / 32 weights: like Q4_0 plus a 5th bit per weight in qh (bit j = w[j]), value - 16.
+struct block_q5_0 {
+    uint16_t d;
+    uint8_t qh[4];
+    uint8_t qs[QK32 / 2];
+};
+// Q8_0, 34 B / 32 weights: w[j] = d * qs[j].
+struct block_q8_0 {
+    uint16_t d;
+    int8_t qs[QK32];
+};
+// Q4_K, 144 B / 256 weights: 8 sub-blocks of 32 with 6-bit scale sc and min m packed in
+// scales[12]; w = d*sc*q - dmin*m. qs: 4 chunks of 32 bytes, low nibbles = sub-block 2c,
+// high nibbles = sub-block 2c+1.
+struct block_q4_K {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qs[QK_K / 2];
+};
+// Q5_K, 176 B / 256 weights: Q4_K plus qh[32]: bit 2c of qh[l] is the 5th bit of element l of
+// sub-block 2c, bit 2c+1 that of sub-block 2c+1.
+struct block_q5_K {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+};
+// Q6_K, 210 B / 256 weights: 16 sub-blocks of 16 with int8 scales; q = (4 low bits in ql |
+// 2 high bits in qh << 4) - 32; w = d * scales[sub] * q. Two halves of 128 weights, each with
+// ql[64], qh[32]: element l (0..31) of quarter i takes ql[l + 32*(i&1)] nibble (i>>1) and
+// qh[l] bits 2i..2i+1.
+struct block_q6_K {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d;
+};
+// Activation format for K-quant dots (== ggml block_q8_K), 292 B / 256 values:
+// x[j] ~= d * qs[j]; bsums[i] = sum of qs[16i .. 16i+15].
+struct block_q8_K {
+    float d;
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];
+};
+// Activation format for 32-blocks (hybrid's own), 40 B / 32 values: x[j] ~= d * qs[j];
+// sum = sum of qs (lets Q4_0 / Q5_0 subtract their offset without unpacking signs).
+struct block_q8_32 {
+    float d;
+    int32_t sum;
+    int8_t qs[QK32];
+};
+
+static_assert(sizeof(block_q4_0) == 18, "block_q4_0 size");
+static_assert(sizeof(block_q5_0) == 22, "block_q5_0 size");
+static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
+static_assert(sizeof(block_q4_K) == 144, "block_q4_K size");
+static_assert(sizeof(block_q5_K) == 176, "block_q5_K size");
+static_assert(sizeof(block_q6_K) == 210, "block_q6_K size");
+static_assert(sizeof(block_q8_K) == 292, "block_q8_K size");
+static_assert(sizeof(block_q8_32) == 40, "block_q8_32 size");
+
+// Which activation format a weight type's dot product consumes.
+enum act_format : int { ACT_F32 = 0, ACT_Q8_32 = 1, ACT_Q8_K = 2, ACT_COUNT = 3 };
+
+struct type_info {
+    const char* name;  // nullptr: not a type we compute
+    int block;         // elements per block
+    int block_bytes;   // bytes per block
+    act_format act;
+};
+
+// Indexed by GGML type id; name == nullptr for unsupported ids.
+const type_info& get_type_info(int type);
+bool type_supported(int type);
+int64_t row_bytes(int type, int64_t n);      // bytes of one row of n elements
+int64_t act_row_bytes(act_format f, int64_t n);
+
+typedef void (*dequant_fn)(const void* src, float* dst, int64_t n);
+// Dot product of one weight row with one activation row (already in the weight's act format).
+typedef float (*dot_fn)(int64_t n, const void* w, const void* act);
+typedef void (*quant_act_fn)(const float* x, void* dst, int64_t n);
+
+// One table per ISA path; entries left null by an ISA fall back to the scalar reference.
+struct kernel_table {
+    const char* isa;
+    dequant_fn dequant[GGML_TYPE_LIMIT];
+    dot_fn dot[GGML_TYPE_LIMIT];
+    quant_act_fn quant_act[ACT_COUNT];
+};
+
+// Reference (scalar) kernels: the definition every SIMD path is tested against.
+void fill_scalar_kernels(kernel_table* t);
+// Reference 6-bit scale/min unpacking of Q4_K / Q5_K sub-block j.
+static inline void get_scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+// All 8 scales then all 8 mins of a Q4_K / Q5_K block as 16 bytes, four at a time
+// (same result as get_scale_min_k4 for j = 0..7; used by the SIMD paths).
+static inline void unpack_scales_mins_k4(const uint8_t* s, uint8_t out[16]) {
+    uint32_t a0, a1, a2, r[4];
+    std::memcpy(&a0, s, 4);
+    std::memcpy(&a1, s + 4, 4);
+    std::memcpy(&a2, s + 8, 4);
+    r[0] = a0 & 0x3f3f3f3fu;                                         // sc 0..3
+    r[1] = (a2 & 0x0f0f0f0fu) | (((a0 >> 6) & 0x03030303u) << 4);    // sc 4..7
+    r[2] = a1 & 0x3f3f3f3fu;                                         // m 0..3
+    r[3] = ((a2 >> 4) & 0x0f0f0f0fu) | (((a1 >> 6) & 0x03030303u) << 4);  // m 4..7
+    std::memcpy(out, r, 16);
+}
+
+}  // namespace hybrid

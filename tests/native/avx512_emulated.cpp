@@ -1,0 +1,127 @@
+// Checks the AVX-512 kernels against the scalar reference on a CPU without AVX-512, with the
+// intrinsics emulated by SIMDe. Built and run by tests/test_kernels.py when SIMDe is installed.
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+
+#include "common.h"
+
+// Intrinsics SIMDe 0.7 does not emulate, done element by element.
+static inline __m512 shim_cvtph_ps(__m256i h) {
+    uint16_t a[16];
+    float f[16];
+    _mm256_storeu_si256((__m256i*)a, h);
+    for (int i = 0; i < 16; i++) f[i] = hybrid::fp16_to_fp32(a[i]);
+    return _mm512_loadu_ps(f);
+}
+static inline __m512i shim_cvtepu16_epi32(__m256i h) {
+    uint16_t a[16];
+    int32_t r[16];
+    _mm256_storeu_si256((__m256i*)a, h);
+    for (int i = 0; i < 16; i++) r[i] = a[i];
+    return _mm512_loadu_si512(r);
+}
+static inline __m512 shim_cvtepi32_ps(__m512i v) {
+    int32_t a[16];
+    float f[16];
+    _mm512_storeu_si512(a, v);
+    for (int i = 0; i < 16; i++) f[i] = (float)a[i];
+    return _mm512_loadu_ps(f);
+}
+#define _mm512_cvtph_ps shim_cvtph_ps
+#define _mm512_cvtepu16_epi32 shim_cvtepu16_epi32
+#define _mm512_cvtepi32_ps shim_cvtepi32_ps
+
+#include "../../native/arch/x86/avx512.cpp"
+
+using namespace hybrid;
+
+static uint64_t g_state = 0x9E3779B97F4A7C15ull;
+static uint32_t next_u32() {
+    g_state ^= g_state << 13;
+    g_state ^= g_state >> 7;
+    g_state ^= g_state << 17;
+    return (uint32_t)(g_state >> 16);
+}
+static float next_normalish() { return ((int)(next_u32() % 20001) - 10000) / 5000.f; }
+
+// Random valid blocks: random quant bits, fp16 scales in a sane positive range.
+static std::vector<uint8_t> random_row(int type, int n) {
+    const type_info& ti = get_type_info(type);
+    std::vector<uint8_t> row(row_bytes(type, n));
+    for (auto& b : row) b = (uint8_t)next_u32();
+    auto set_half = [&](size_t off) {
+        const uint16_t h = (uint16_t)(0x1C00 + next_u32() % 0x0E00);
+        std::memcpy(&row[off], &h, 2);
+    };
+    const int nb = n / ti.block;
+    for (int b = 0; b < nb; b++) {
+        const size_t base = (size_t)b * ti.block_bytes;
+        switch (type) {
+            case GGML_F32:
+                for (int j = 0; j < ti.block; j++) {
+                    float f = next_normalish();
+                    std::memcpy(&row[base + 4 * j], &f, 4);
+                }
+                break;
+            case GGML_F16: set_half(base); break;
+            case GGML_BF16: row[base + 1] = (uint8_t)(0x3C + next_u32() % 8); break;
+            case GGML_Q4_K:
+            case GGML_Q5_K: set_half(base); set_half(base + 2); break;
+            case GGML_Q6_K: set_half(base + 208); break;
+            default: set_half(base); break;
+        }
+    }
+    return row;
+}
+
+int main() {
+    kernel_table ref, simd;
+    fill_scalar_kernels(&ref);
+    std::memset(&simd, 0, sizeof(simd));
+    fill_avx512_kernels(&simd);
+    const int types[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q4_0, GGML_Q5_0, GGML_Q8_0,
+                         GGML_Q4_K, GGML_Q5_K, GGML_Q6_K};
+    int passed = 0, failed = 0;
+    const int n = 1024;
+    for (int type : types) {
+        const type_info& ti = get_type_info(type);
+        for (int trial = 0; trial < 20; trial++) {
+            std::vector<uint8_t> w = random_row(type, n);
+            std::vector<float> x(n), a_ref(n), a_simd(n);
+            for (auto& v : x) v = next_normalish();
+            std::vector<uint8_t> act_ref(act_row_bytes(ti.act, n)), act_simd(act_ref.size());
+            ref.quant_act[ti.act](x.data(), act_ref.data(), n);
+            if (simd.quant_act[ti.act]) {
+                simd.quant_act[ti.act](x.data(), act_simd.data(), n);
+                if (std::memcmp(act_ref.data(), act_simd.data(), act_ref.size()) != 0) {
+                    std::printf("FAIL %s quant_act differs\n", ti.name);
+                    failed++;
+                    continue;
+                }
+            }
+            const float r = ref.dot[type](n, w.data(), act_ref.data());
+            const float s = simd.dot[type](n, w.data(), act_ref.data());
+            // scale of the terms, for a relative tolerance on cancellation
+            ref.dequant[type](w.data(), a_ref.data(), n);
+            double mag = 0;
+            for (int i = 0; i < n; i++) mag += std::fabs(a_ref[i] * x[i]);
+            const bool dot_ok = std::fabs(r - s) <= 1e-5 * mag + 1e-6;
+            if (simd.dequant[type]) simd.dequant[type](w.data(), a_simd.data(), n);
+            else a_simd = a_ref;
+            const bool deq_ok = std::memcmp(a_ref.data(), a_simd.data(), n * 4) == 0;
+            if (dot_ok && deq_ok) {
+                passed++;
+            } else {
+                failed++;
+                std::printf("FAIL %s trial %d: dot ref %.7g avx512 %.7g (mag %.3g), dequant %s\n", ti.name,
+                            trial, r, s, mag, deq_ok ? "ok" : "differs");
+            }
+        }
+    }
+    std::printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}

@@ -1,0 +1,194 @@
+"""Block kernels and quantized matmul vs gguf's numpy reference, on every ISA path.
+
+Error bounds for the quantized matmul: activations are quantized to int8 per block with
+absmax scaling, step d = amax/127. The rounding error is uniform in +-d/2, so the relative
+error variance of a dot product is d^2 / (12 sigma^2). For Gaussian activations amax is about
+2.5 sigma in a 32-block and 3.5 sigma in a 256-block, giving 3e-5 and 6e-5; the bounds below
+allow 3-4x that. Float weight types do not quantize activations: only summation order differs.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize as gguf_dequantize
+
+from hybrid import _native
+from quantdata import ALL_TYPES, random_rows
+
+ISAS = ["scalar", "avx2", "avx512"]
+NMSE_BOUND = {QT.F32: 1e-10, QT.F16: 1e-10, QT.BF16: 1e-10,
+              QT.Q4_0: 1.5e-4, QT.Q5_0: 1.5e-4, QT.Q8_0: 1.5e-4,
+              QT.Q4_K: 2.5e-4, QT.Q5_K: 2.5e-4, QT.Q6_K: 2.5e-4}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if request.param not in _native.available_isas():
+        pytest.skip(f"this CPU cannot run {request.param} ({_native.cpu_features()})")
+    before = _native.isa()
+    _native.set_isa(request.param)
+    yield request.param
+    _native.set_isa(before)
+
+
+def reference_weights(qtype, rows):
+    """float64 [N, K] from gguf's numpy dequantization."""
+    if qtype == QT.F32:
+        return rows.view(np.float32).astype(np.float64)
+    if qtype == QT.F16:
+        return rows.view(np.float16).astype(np.float64)
+    if qtype == QT.BF16:
+        return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return gguf_dequantize(rows, qtype).astype(np.float64)
+
+
+def ulp_distance(a, b):
+    ai = a.astype(np.float32).view(np.int32).astype(np.int64)
+    bi = b.astype(np.float32).view(np.int32).astype(np.int64)
+    ai = np.where(ai < 0, -(ai & 0x7FFFFFFF), ai)
+    bi = np.where(bi < 0, -(bi & 0x7FFFFFFF), bi)
+    return np.abs(ai - bi)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf(isa, qtype):
+    rng = np.random.default_rng(int(qtype))
+    rows = random_rows(qtype, 7, 512, rng)
+    got = _native.dequantize(rows, int(qtype), rows.shape[0] * 512)
+    want = reference_weights(qtype, rows).astype(np.float32).ravel()
+    assert np.all(np.isfinite(got))
+    assert ulp_distance(got, want).max() <= 1
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 3, 64, 300])
+def test_matmul_vs_float64(isa, qtype, T):
+    rng = np.random.default_rng(1000 * T + int(qtype))
+    N, K = 37, 768
+    rows = random_rows(qtype, N, K, rng)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    y = _native.matmul(rows, int(qtype), x, threads=2)
+    ref = x.astype(np.float64) @ reference_weights(qtype, rows).T
+    nmse = np.mean((y - ref) ** 2) / np.mean(ref ** 2)
+    assert y.shape == (T, N) and y.dtype == np.float32
+    assert nmse < NMSE_BOUND[qtype], f"{qtype.name} T={T}: normalized MSE {nmse:.2e}"
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_simd_paths_match_scalar(qtype):
+    """Same quantized activations on every path: only the float summation order may differ."""
+    rng = np.random.default_rng(7)
+    rows = random_rows(qtype, 29, 1024, rng)
+    x = rng.standard_normal((5, 1024)).astype(np.float32)
+    before = _native.isa()
+    try:
+        _native.set_isa("scalar")
+        ref = _native.matmul(rows, int(qtype), x)
+        for name in _native.available_isas()[1:]:
+            _native.set_isa(name)
+            got = _native.matmul(rows, int(qtype), x)
+            np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max(), err_msg=name)
+    finally:
+        _native.set_isa(before)
+
+
+def test_matmul_bf16_input_equals_float_input():
+    rng = np.random.default_rng(3)
+    rows = random_rows(QT.Q4_K, 16, 512, rng)
+    x = rng.standard_normal((4, 512)).astype(np.float32)
+    x_bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)
+    x_rounded = (x_bf16.astype(np.uint32) << 16).view(np.float32)
+    a = _native.matmul(rows, int(QT.Q4_K), x_bf16)
+    b = _native.matmul(rows, int(QT.Q4_K), x_rounded)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.F16], ids=lambda t: t.name)
+def test_matmul_deterministic_across_threads(qtype):
+    rng = np.random.default_rng(11)
+    rows = random_rows(qtype, 301, 1024, rng)
+    x = rng.standard_normal((67, 1024)).astype(np.float32)
+    results = [_native.matmul(rows, int(qtype), x, threads=t) for t in (1, 2, 3, 5)]
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_matmul_writes_into_out_and_strided_rows():
+    rng = np.random.default_rng(5)
+    rows = random_rows(QT.Q8_0, 8, 256, rng)
+    big = rng.standard_normal((6, 512)).astype(np.float32)
+    x = big[:, :256]  # strided rows, contiguous elements
+    out = np.zeros((6, 8), np.float32)
+    res = _native.matmul(rows, int(QT.Q8_0), x, out=out)
+    assert res is out
+    np.testing.assert_array_equal(out, _native.matmul(rows, int(QT.Q8_0), np.ascontiguousarray(x)))
+
+
+def test_matmul_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    rows = random_rows(QT.Q4_K, 4, 512, rng)
+    x = np.zeros((2, 512), np.float32)
+    with pytest.raises(ValueError, match="x"):
+        _native.matmul(rows, int(QT.Q4_K), np.zeros((2, 256), np.float32))  # wrong K
+    with pytest.raises(ValueError, match="x"):
+        _native.matmul(rows, int(QT.Q4_K), x.astype(np.float64))
+    with pytest.raises(ValueError, match="x"):
+        _native.matmul(rows, int(QT.Q4_K), np.zeros((2, 512, 1), np.float32))
+    with pytest.raises(ValueError, match="x"):
+        _native.matmul(rows, int(QT.Q4_K), np.zeros((512, 2), np.float32).T)  # column-major
+    with pytest.raises(ValueError, match="not supported"):
+        _native.matmul(rows, 10, x)  # Q2_K
+    with pytest.raises(ValueError, match="out"):
+        _native.matmul(rows, int(QT.Q4_K), x, out=np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="w"):
+        _native.matmul(rows.view(np.float32), int(QT.Q4_K), x)
+    with pytest.raises(ValueError, match="multiple"):
+        _native.dequantize(rows, int(QT.Q4_K), 100)
+    with pytest.raises(ValueError, match="bytes"):
+        _native.dequantize(rows[:1], int(QT.Q4_K), 4 * 512)
+
+
+def test_unknown_or_unavailable_isa_is_refused():
+    with pytest.raises(ValueError, match="unknown"):
+        _native.set_isa("sse9")
+    for name in ("avx2", "avx512"):
+        if name not in _native.available_isas():
+            with pytest.raises(ValueError, match="lacks"):
+                _native.set_isa(name)
+
+
+@pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "bogus"])
+def test_hybrid_isa_environment_variable(name):
+    env = dict(os.environ, HYBRID_ISA=name)
+    r = subprocess.run([sys.executable, "-c", "from hybrid import _native; print(_native.isa())"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    if name in _native.available_isas():
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == name
+    else:
+        assert r.returncode != 0
+        assert f"HYBRID_ISA={name}" in r.stderr
+        assert "Segmentation" not in r.stderr and "Illegal" not in r.stderr
+
+
+SIMDE_HEADER = "/usr/include/simde/x86/avx512.h"
+
+
+@pytest.mark.skipif(not os.path.exists(SIMDE_HEADER), reason="SIMDe headers (Debian libsimde-dev) not installed")
+def test_avx512_kernels_under_emulation(tmp_path):
+    """On CPUs without AVX-512 the AVX-512 kernels still get checked: SIMDe emulates them."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    exe = tmp_path / "avx512_emulated"
+    build = subprocess.run(
+        ["g++", "-std=c++17", "-O1", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-DHYBRID_SIMDE_AVX512",
+         f"-I{root}/native", f"{here}/native/avx512_emulated.cpp", f"{root}/native/quants.cpp", "-o", str(exe)],
+        capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " 0 failed" in run.stdout
