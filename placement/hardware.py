@@ -55,6 +55,7 @@ class Hardware:
     binding: str = ""        # why allowed_* is narrower than the machine, "" when it is not
     hypothetical: bool = False
     sources: dict = field(default_factory=dict)   # field -> detected | override | profile:NAME
+    cpu_core: dict = field(default_factory=dict)  # logical cpu -> physical core (SMT siblings share one)
 
     # --- derived ------------------------------------------------------------------------
     @property
@@ -77,10 +78,13 @@ class Hardware:
     @property
     def allowed_cores(self) -> int:
         """Physical cores among the allowed cpus (SMT siblings counted once)."""
+        if self.cpu_core:
+            return max(1, len({self.cpu_core.get(c, ("cpu", c)) for c in self.allowed_cpus}))
         return max(1, len(self.allowed_cpus) // self.threads_per_core)
 
     def summary(self) -> dict:
         d = asdict(self)
+        del d["cpu_core"]
         d["allowed_cpus"] = fmt_int_list(self.allowed_cpus)
         d["allowed_mems"] = fmt_int_list(self.allowed_mems)
         for n in d["numa_nodes"]:
@@ -302,11 +306,26 @@ def detect() -> Hardware:
         physical_cores=int(physical), logical_cpus=int(logical),
         isa=parse_cpuinfo_isa(_read("/proc/cpuinfo")),
         binding=describe_binding(cpus, mems, all_cpus, [n.id for n in nodes], membind),
-        sources={"all": "detected"},
+        sources={"all": "detected"}, cpu_core=read_cpu_cores(),
     )
 
 
+def read_cpu_cores(root="/sys/devices/system/cpu") -> dict:
+    """logical cpu -> (package, core) from sysfs topology; {} where sysfs does not say."""
+    out = {}
+    for d in Path(root).glob("cpu[0-9]*"):
+        core = _read(d / "topology" / "core_id").strip()
+        pkg = _read(d / "topology" / "physical_package_id").strip()
+        if core.lstrip("-").isdigit():
+            out[int(d.name[3:])] = (int(pkg) if pkg.lstrip("-").isdigit() else 0, int(core))
+    return out
+
+
 # --- hypothetical machines ----------------------------------------------------------------
+
+def _core_map(cores: int, threads_per_core: int) -> dict:
+    return {c + t * cores: c for t in range(threads_per_core) for c in range(cores)}
+
 
 def _topology(ram_total: int, n_nodes: int, cores: int, threads_per_core: int) -> list:
     """Equal nodes; logical cpu ids like Linux numbers them: first threads of all cores, then siblings."""
@@ -354,6 +373,7 @@ def apply_overrides(hw: Hardware, *, gpu_mem=None, gpu_bandwidth=None, gpu_name=
         hw.numa_nodes = _topology(total, n, c, tpc)
         hw.ram_total = hw.ram_available = total
         hw.physical_cores, hw.logical_cpus = c, c * tpc
+        hw.cpu_core = _core_map(c, tpc)
         hw.allowed_cpus = sorted(x for nd in hw.numa_nodes for x in nd.cpus)
         hw.allowed_mems = [nd.id for nd in hw.numa_nodes]
         hw.binding = ""
@@ -418,7 +438,7 @@ def from_profile(name_or_path) -> Hardware:
             physical_cores=cores, logical_cpus=threads, isa=list(cfg.get("isa", [])),
             ram_bandwidth_per_node=parse_bandwidth(cfg.get("ram_bandwidth_per_node", 0)),
             pcie_bandwidth=parse_bandwidth(cfg.get("pcie_bandwidth", 0)),
-            hypothetical=True, sources={"all": src},
+            hypothetical=True, sources={"all": src}, cpu_core=_core_map(cores, max(1, threads // cores)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise HardwareError(f"hardware profile {name_or_path}: bad or missing field: {e}") from None

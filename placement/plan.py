@@ -69,10 +69,13 @@ class Plan:
     kv_cache_tokens: int       # context x batch
     kv_cache_device: str
     kv_bytes_per_token: int
+    kv_cache_dtype: str        # bf16 on the GPU, f32 on the CPU by default
     max_context_tokens: int    # the longest context the KV budget could hold (expert cache given up)
     gpu_weight_format: str     # bf16 | quantized | none
     numa_mode: str             # off | interleave | distribute | replicate
     tensor_placement: dict     # group -> [device, format]
+    cpu_linear_min_bytes: int  # on the CPU, 'quantized' linears below this (or of types without a
+                               # native kernel) are held as f32 copies
     gpu_experts: list          # per layer: routed expert ids cached on the GPU ([] for dense layers)
     estimate: dict
     problems: list = field(default_factory=list)
@@ -99,16 +102,25 @@ class Plan:
         return []
 
     @property
+    def device(self) -> str:
+        """torch device of the non-expert compute: 'cuda:0' when the plan uses the GPU."""
+        return "cuda:0" if "gpu0" in self.devices else "cpu"
+
+    @property
     def n_gpu_experts(self) -> int:
         return sum(len(x) for x in self.gpu_experts)
 
-    def predicted_cpu_rss_growth(self) -> int:
-        """Host bytes the runtime's own loading should add to RSS: everything planned on 'cpu'
-        except the OS reserve and the fixed interpreter/torch overhead (already resident)."""
+    def predicted_cpu_rss_growth(self, include_workspace: bool = True) -> int:
+        """Host bytes the runtime's own loading (and one forward, with the workspace) should add
+        to RSS: everything planned on 'cpu' except the OS reserve, the fixed interpreter/torch
+        overhead (resident before loading) and page tables (kernel memory, not RSS)."""
         cpu = self.devices.get("cpu")
         if cpu is None:
             return 0
-        return sum(v for k, v in cpu.breakdown.items() if k not in ("host_reserve", "runtime_overhead"))
+        skip = {"host_reserve", "runtime_overhead", "page_tables"}
+        if not include_workspace:
+            skip.add("workspace")
+        return sum(v for k, v in cpu.breakdown.items() if k not in skip)
 
     def predicted_gpu_allocated(self) -> int:
         """What torch.cuda.memory_allocated() should reach after loading (no CUDA context, no
@@ -181,7 +193,7 @@ class Plan:
         for g, (dev, fmt) in self.tensor_placement.items():
             L.append(f"{g:<26} {dev:<8} {fmt:<10}")
         L.append("")
-        L.append(f"KV cache (MLA latent, bf16): {self.kv_cache_tokens} tokens x {self.kv_bytes_per_token} B = "
+        L.append(f"KV cache (MLA latent, {self.kv_cache_dtype}): {self.kv_cache_tokens} tokens x {self.kv_bytes_per_token} B = "
                  f"{fmt_bytes(self.kv_cache_bytes)} on {self.kv_cache_device}; room for up to "
                  f"{self.max_context_tokens} tokens")
         if self.n_gpu_experts:

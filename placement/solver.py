@@ -49,9 +49,9 @@ class Workload:
         return self
 
     def validate(self):
-        for k in ("context", "batch", "prefill_chunk"):
+        for k, flag in (("context", "--ctx"), ("batch", "--batch"), ("prefill_chunk", "--prefill-chunk")):
             if int(getattr(self, k)) < 1:
-                raise SolverError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+                raise SolverError(f"{flag} must be >= 1, got {getattr(self, k)}")
 
 
 @dataclass
@@ -62,6 +62,8 @@ class Policy:
     expert_cache: bool = True            # spend leftover VRAM on routed experts
     expert_stats: object = None          # per layer activation counts, see load_expert_stats
     cpu_weight_format: str = "quantized"  # non-expert weights when they live on the CPU
+    cpu_linear_min_bytes: int = 1 * MiB   # smaller CPU linears are dequantized to f32 (torch matmul)
+    kv_cache_dtype: str = "auto"         # auto: bf16 on the GPU, f32 on the CPU (no fast bf16 math there)
     # explicit reserves
     cuda_context_bytes: int = 600 * MiB  # driver + cuBLAS handles: outside torch's allocator
     allocator_slack_bytes: int = 256 * MiB   # fragmentation of the caching allocator
@@ -83,26 +85,30 @@ class Policy:
             raise SolverError(f"--gpu-format {self.gpu_weight_format}: choose one of {', '.join(GPU_FORMATS)}")
         if self.cpu_weight_format not in ("quantized", "f32", "bf16"):
             raise SolverError(f"cpu_weight_format {self.cpu_weight_format}: quantized | f32 | bf16")
+        if self.kv_cache_dtype not in ("auto",) + tuple(DTYPE_BYTES):
+            raise SolverError(f"kv_cache_dtype {self.kv_cache_dtype}: auto | {' | '.join(DTYPE_BYTES)}")
 
 
 # --- sizes ----------------------------------------------------------------------------
 
+DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
+# GGML types the native CPU matmul takes as they are (hybrid.engine._NATIVE_LINEAR_TYPES)
+CPU_NATIVE_TYPES = frozenset({2, 6, 8, 12, 13, 14})   # Q4_0 Q5_0 Q8_0 Q4_K Q5_K Q6_K
+_LINEAR_ROLES = ("attention", "dense_ffn", "shared_expert", "output", "other")
+
+
 def _fmt_bytes_of(t, fmt: str) -> int:
-    if fmt == "bf16":
-        return t.n_elements * 2
-    if fmt == "f32":
-        return t.n_elements * 4
+    if fmt in DTYPE_BYTES:
+        return t.n_elements * DTYPE_BYTES[fmt]
     return t.n_bytes
 
 
 def _group_formats(use_gpu: bool, gpu_fmt: str, cpu_fmt: str) -> dict:
     """group -> (device, format) for everything but the routed experts."""
-    if use_gpu:
-        dev, fmt = "gpu0", gpu_fmt
-    else:
-        dev, fmt = "cpu", cpu_fmt
+    dev, fmt = ("gpu0", gpu_fmt) if use_gpu else ("cpu", cpu_fmt)
     return {
-        "embedding": (dev, fmt),
+        # a row lookup per token: the table stays in the GGUF mmap, rows go to the device
+        "embedding": ("cpu", "quantized"),
         "attention": (dev, fmt),
         # split into k_b / v_b (and absorbed) at load: needs the dequantized values
         "attention.kv_b": (dev, "bf16" if use_gpu else "f32"),
@@ -114,6 +120,31 @@ def _group_formats(use_gpu: bool, gpu_fmt: str, cpu_fmt: str) -> dict:
         "output": (dev, fmt),
         "other": (dev, fmt),
     }
+
+
+def _weight_costs(inv: Inventory, groups: dict, pol: Policy) -> tuple:
+    """Bytes of the non-expert weights: ({role: bytes on gpu0}, {role: bytes on the host}).
+
+    On the CPU a 'quantized' linear stays in the GGUF mmap when the native matmul takes it
+    (a supported type, at least cpu_linear_min_bytes); smaller or other ones become f32 copies,
+    whose source pages were read once ('file_pages', reclaimable but resident after load).
+    """
+    gpu, host = {}, {}
+    for t in inv.tensors:
+        if t.role == "routed_experts":
+            continue
+        dev, fmt = groups[t.group if t.group in groups else "other"]
+        if dev == "gpu0":
+            gpu[t.role] = gpu.get(t.role, 0) + _fmt_bytes_of(t, fmt)
+            continue
+        if (fmt == "quantized" and t.role in _LINEAR_ROLES
+                and (t.ggml_type not in CPU_NATIVE_TYPES or t.n_bytes < pol.cpu_linear_min_bytes)):
+            fmt = "f32"
+        b = _fmt_bytes_of(t, fmt)
+        host[t.role] = host.get(t.role, 0) + b
+        if fmt != "quantized" and b != t.n_bytes:
+            host["file_pages"] = host.get("file_pages", 0) + t.n_bytes
+    return gpu, host
 
 
 def workspace_formula(inv: Inventory, wl: Workload, pol: Policy) -> dict:
@@ -235,19 +266,6 @@ def _resolve_numa(pol: Policy, hw: Hardware) -> str:
     return mode
 
 
-def _gpu_need(inv, pol, fmt):
-    """Bytes on gpu0 (without the expert cache) for GPU weight format `fmt`."""
-    groups = _group_formats(True, fmt, pol.cpu_weight_format)
-    weights = {}
-    for t in inv.tensors:
-        if t.role == "routed_experts":
-            continue
-        g = t.group if t.group in groups else "other"
-        _, f = groups[g]
-        weights[t.role] = weights.get(t.role, 0) + _fmt_bytes_of(t, f)
-    return weights, groups
-
-
 def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, policy: Policy = None,
           _suggest: bool = True) -> Plan:
     inv, hw = inventory, hardware
@@ -265,8 +283,11 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     if numa_mode in ("interleave", "distribute", "replicate") and len(allowed) < 2:
         notes.append(f"--numa {numa_mode} with {len(allowed)} usable NUMA node: same as off")
 
+    kv_device = "gpu0" if gpu is not None else "cpu"
+    kv_dtype = pol.kv_cache_dtype if pol.kv_cache_dtype != "auto" else ("bf16" if gpu is not None else "f32")
+    kv_per_token = m.n_layer * (m.kv_lora_rank + m.qk_rope_dim) * DTYPE_BYTES[kv_dtype]
     kv_tokens = wl.context * wl.batch
-    kv_bytes = kv_tokens * m.kv_bytes_per_token
+    kv_bytes = kv_tokens * kv_per_token
     ws = workspace_formula(inv, wl, pol)
     workspace = int(pol.workspace_bytes) if pol.workspace_bytes is not None else ws["total"]
     reserves["workspace"] = ({"bytes": workspace, "given": True} if pol.workspace_bytes is not None
@@ -281,28 +302,27 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     if gpu is not None:
         cap = int(gpu.free_bytes)
         fixed = pol.cuda_context_bytes + pol.allocator_slack_bytes + workspace + kv_bytes
-        w_bf16, _ = _gpu_need(inv, pol, "bf16")
-        w_q, _ = _gpu_need(inv, pol, "quantized")
-        need_bf16 = sum(w_bf16.values()) + fixed
-        need_q = sum(w_q.values()) + fixed
+        w_bf16 = sum(_weight_costs(inv, _group_formats(True, "bf16", pol.cpu_weight_format), pol)[0].values())
+        w_q = sum(_weight_costs(inv, _group_formats(True, "quantized", pol.cpu_weight_format), pol)[0].values())
         if pol.gpu_weight_format == "auto":
-            gpu_fmt = "bf16" if need_bf16 <= cap else "quantized"
+            gpu_fmt = "bf16" if w_bf16 + fixed <= cap else "quantized"
             if gpu_fmt == "quantized":
                 notes.append(
-                    f"non-expert weights as bf16 ({fmt_bytes(sum(w_bf16.values()))}) do not fit the GPU "
-                    f"({fmt_bytes(cap)} with {fmt_bytes(fixed)} of KV cache and reserves): kept quantized "
-                    f"({fmt_bytes(sum(w_q.values()))}, GGUF types, dequantized on the fly)")
+                    f"fits only with quantized GPU weights: the non-expert weights as bf16 ({fmt_bytes(w_bf16)}) "
+                    f"do not fit the GPU ({fmt_bytes(cap)}, of which {fmt_bytes(fixed)} go to the KV cache and "
+                    f"reserves), so they stay in their GGUF types ({fmt_bytes(w_q)}) and are dequantized on the fly")
         else:
             gpu_fmt = pol.gpu_weight_format
-        weights, groups = _gpu_need(inv, pol, gpu_fmt)
+        groups = _group_formats(True, gpu_fmt, pol.cpu_weight_format)
+        weights, host_weights = _weight_costs(inv, groups, pol)
         breakdown = dict(weights)
         breakdown.update({"kv_cache": kv_bytes, "workspace": workspace,
                           "cuda_context": pol.cuda_context_bytes, "allocator_slack": pol.allocator_slack_bytes})
         used = sum(breakdown.values())
-        per_token_ctx = m.kv_bytes_per_token * wl.batch + m.n_head * min(pol.attn_query_block,
-                                                                        max(wl.prefill_chunk, wl.batch)) * 4
+        per_token_ctx = kv_per_token * wl.batch + m.n_head * min(pol.attn_query_block,
+                                                                max(wl.prefill_chunk, wl.batch)) * 4
         base = used - kv_bytes - ws["attention_scores"] * (pol.workspace_bytes is None)
-        max_ctx = max(0, (cap - base) // per_token_ctx) if per_token_ctx else 0
+        max_ctx = max(0, (cap - base) // per_token_ctx)
         if used > cap:
             detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1]) if v)
             problems.append(Problem("gpu0", used, cap,
@@ -317,10 +337,9 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
                 used += cached
         devices["gpu0"] = DeviceUsage(bytes=used, capacity_bytes=cap, breakdown=breakdown, kind="gpu",
                                       note=f"{gpu.name}")
-        kv_device = "gpu0"
     else:
         groups = _group_formats(False, "none", pol.cpu_weight_format)
-        kv_device = "cpu"
+        _, host_weights = _weight_costs(inv, groups, pol)
         if pol.use_gpu is False and hw.gpus:
             notes.append("GPU not used (--cpu-only)")
 
@@ -331,12 +350,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         if t.role == "routed_experts":
             ncached = len(gpu_cache.get(t.layer, ()))
             routed_cpu += t.n_bytes - (t.n_bytes // max(m.n_expert, 1)) * ncached
+    host.update(host_weights)
     if gpu is None:
-        for t in inv.tensors:
-            if t.role == "routed_experts":
-                continue
-            g = t.group if t.group in groups else "other"
-            host[t.role] = host.get(t.role, 0) + _fmt_bytes_of(t, groups[g][1])
         host["kv_cache"] = kv_bytes
         host["workspace"] = workspace
     else:
@@ -346,7 +361,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     n_nodes = max(1, len(allowed))
     copies = n_nodes if (numa_mode == "replicate" and n_nodes > 1) else 1
     host["routed_experts"] = routed_cpu * copies
-    weights_on_host = sum(v for k, v in host.items() if k not in ("kv_cache", "workspace", "pinned_buffers"))
+    weights_on_host = sum(v for k, v in host.items() if k not in ("kv_cache", "workspace", "pinned_buffers",
+                                                                   "file_pages"))
     host["page_tables"] = weights_on_host // 512   # 8-byte entries for 4 KiB pages
     host["runtime_overhead"] = pol.runtime_overhead_bytes
     host["host_reserve"] = pol.host_reserve_bytes
@@ -408,8 +424,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         model=m.name, source=inv.source, architecture=m.architecture, quantization=inv.quantization,
         weights_bytes=inv.total_bytes, n_tensors=len(inv.tensors), devices=devices,
         kv_cache_bytes=kv_bytes, kv_cache_tokens=kv_tokens, kv_cache_device=kv_device,
-        kv_bytes_per_token=m.kv_bytes_per_token,
-        max_context_tokens=int(max_ctx // 1) if gpu is not None else _host_max_ctx(devices, m, wl),
+        kv_bytes_per_token=kv_per_token, kv_cache_dtype=kv_dtype, cpu_linear_min_bytes=pol.cpu_linear_min_bytes,
+        max_context_tokens=int(max_ctx) if gpu is not None else _host_max_ctx(devices, kv_per_token, wl),
         gpu_weight_format=gpu_fmt, numa_mode=numa_mode, tensor_placement=placement, gpu_experts=gpu_experts,
         estimate=estimate, problems=problems, notes=notes, reserves=reserves,
         workload=asdict(wl), policy=_policy_dict(pol),
@@ -432,10 +448,10 @@ def _host_note(hw: Hardware, mode: str) -> str:
     return f"NUMA node(s) {nodes}, mode {mode}"
 
 
-def _host_max_ctx(devices, m, wl) -> int:
+def _host_max_ctx(devices, kv_per_token, wl) -> int:
     cpu = devices["cpu"]
     room = cpu.capacity_bytes - (cpu.bytes - cpu.breakdown.get("kv_cache", 0))
-    return max(0, room // (m.kv_bytes_per_token * wl.batch))
+    return max(0, room // (kv_per_token * wl.batch))
 
 
 # --- estimate -------------------------------------------------------------------------
@@ -494,7 +510,7 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
                      if k not in ("kv_cache", "workspace", "routed_experts", "embedding", "page_tables",
                                   "runtime_overhead", "host_reserve", "pinned_buffers"))
     pos = max(1, wl.context // 2)
-    kv_read = pos * m.kv_bytes_per_token
+    kv_read = pos * (devices.get("gpu0") or devices["cpu"]).breakdown.get("kv_cache", 0) // max(1, wl.context * wl.batch)
     if gpu is not None:
         gbw = gpu.bandwidth or ASSUMED_GPU_BANDWIDTH
         assumptions["gpu_bandwidth"] = f"{gbw / 1e9:.0f} GB/s ({'given' if gpu.bandwidth else 'assumed'})"
