@@ -9,13 +9,14 @@ Rule sets:
   "llama.cpp-2025-01": the rules the public DeepSeek-R1/V3 GGUFs were made with (Jan-Feb 2025).
       `attn_kv_b` is counted as an attention-V tensor for the layer-count sanity check but no
       rule matches its name, so it keeps the mix's base type (Q4_K in Q4_K_M).
-  "llama.cpp-2025-10": later llama.cpp classifies `attn_kv_b` with attn_v ("more sensitive"),
-      so Q4_K_M gives it Q6_K in the use_more_bits layers and Q2_K gives it Q3_K.
+  "llama.cpp-recent": llama.cpp master as of late 2025 classifies `attn_kv_b` with attn_v
+      ("more sensitive"), so Q4_K_M gives it Q6_K in the use_more_bits layers and Q2_K gives it
+      Q3_K; and Q2_K/Q3_K rows that are not whole 256-blocks fall back to Q4_0, not IQ4_NL.
 """
 
 from placement import ggml
 
-RULE_SETS = ("llama.cpp-2025-01", "llama.cpp-2025-10")
+RULE_SETS = ("llama.cpp-2025-01", "llama.cpp-recent")
 DEFAULT_RULES = "llama.cpp-2025-01"
 
 # mix name -> base type of every quantizable tensor before the per-tensor rules
@@ -117,7 +118,10 @@ def tensor_type(name: str, ne, mix: str, *, n_layer: int, n_expert: int, n_gqa: 
 
     block = ggml.ggml_type(t).block_size
     if ne[0] % block:
-        t = _FALLBACK.get(t, t)
+        if rules != "llama.cpp-2025-01" and t in (ggml.Q2_K, ggml.Q3_K):
+            t = ggml.Q4_0
+        else:
+            t = _FALLBACK.get(t, t)
         if ne[0] % ggml.ggml_type(t).block_size:
             t = ggml.F16
     return t

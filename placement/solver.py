@@ -142,7 +142,7 @@ def _weight_costs(inv: Inventory, groups: dict, pol: Policy) -> tuple:
             fmt = "f32"
         b = _fmt_bytes_of(t, fmt)
         host[t.role] = host.get(t.role, 0) + b
-        if fmt != "quantized" and b != t.n_bytes:
+        if fmt != "quantized":   # a converted copy; the GGUF pages it was read from stay mapped
             host["file_pages"] = host.get("file_pages", 0) + t.n_bytes
     return gpu, host
 
