@@ -57,24 +57,33 @@ def _native_experts_cls():
 
 @dataclass
 class MinimalPlan:
-    """The fields of placement's Plan that the runtime reads (stand-in until it lands).
+    """A plan without the solver: every non-expert weight on one device, in one format.
 
-    device: where non-expert weights, activations and the KV cache live ("cpu" / "cuda").
-    gpu_weight_format: dtype of non-expert weights on the GPU ("bf16"; "f32" for checks).
-    kv_cache_tokens: context length the cache is allocated for.
-    experts: routed-expert engine, "native" (CPU kernels) or "torch" (dequantized).
-    cpu_linears: "native" to run quantized CPU linears at or above native_linear_min_bytes on
-        the native matmul, "torch" to dequantize every linear.
+    Has the part of placement.plan.Plan's interface the runtime reads (placement_of,
+    device, kv_cache_*, cpu_linear_min_bytes, gpu_expert_ids), for tests and for callers
+    that want to force a layout.
     """
 
     device: str = "cpu"
     gpu_weight_format: str = "bf16"
     kv_cache_tokens: int = 4096
     kv_cache_dtype: str = "f32"
-    experts: str = "native"
-    cpu_linears: str = "native"
-    native_linear_min_bytes: int = 1 << 20
-    tensor_placement: dict = field(default_factory=dict)
+    cpu_linear_min_bytes: int = 1 << 20
+    numa_mode: str = "off"
+    gpu_experts: list = field(default_factory=list)
+    fits: bool = True
+
+    def placement_of(self, name: str):
+        if name.startswith("token_embd"):
+            return "cpu", "quantized"
+        if name.endswith("_exps.weight"):
+            return "cpu", "quantized"
+        if self.device == "cpu":
+            return "cpu", "quantized"
+        return "gpu0", self.gpu_weight_format
+
+    def gpu_expert_ids(self, layer: int) -> list:
+        return list(self.gpu_experts[layer]) if layer < len(self.gpu_experts) else []
 
 
 _DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -133,41 +142,52 @@ class _Embedding:
                                   name=self.name)
 
 
-class _HostExperts:
-    """Runs a CPU expert engine for activations that live on another device."""
+class _DeviceBridge:
+    """A linear whose weight lives on another device than the activations."""
 
-    def __init__(self, experts, device):
-        self.experts, self.device = experts, device
+    def __init__(self, fn, weight_device, compute_device):
+        self.fn, self.wdev, self.cdev = fn, weight_device, compute_device
 
-    def __call__(self, x, ids, weights):
-        y = self.experts(x.float().cpu(), ids.cpu(), weights.float().cpu())
-        return y.to(self.device, non_blocking=True)
+    def __call__(self, x):
+        return self.fn(x.to(self.wdev)).to(self.cdev)
+
+
+def _torch_device(plan_device: str) -> torch.device:
+    """Plan devices ("gpu0", "cpu", "numa1") -> torch devices."""
+    if plan_device.startswith("gpu"):
+        return torch.device(f"cuda:{int(plan_device[3:] or 0)}")
+    return torch.device("cpu")
 
 
 class _Loader:
-    """Implements models.*.WeightLoader for a GGUF file and a plan."""
+    """Implements models.*.WeightLoader for a GGUF file and a plan.
 
-    def __init__(self, gguf: GGUFFile, plan, threads: int):
+    experts: "native" (CPU kernels on the GGUF bytes) or "torch" (dequantized).
+    cpu_linears: "native" (quantized CPU linears of at least plan.cpu_linear_min_bytes run on
+    the native matmul) or "torch" (every linear dequantized to float32).
+    """
+
+    def __init__(self, gguf: GGUFFile, plan, threads: int, *, experts: str = "native",
+                 cpu_linears: str = "native", max_tokens: int = 512):
         self.g = gguf
         self.plan = plan
         self.threads = threads
-        self.device = torch.device(getattr(plan, "device", "cpu"))
-        self.on_gpu = self.device.type != "cpu"
-        fmt = getattr(plan, "gpu_weight_format", "bf16") if self.on_gpu else "f32"
-        if fmt not in _DTYPES:
-            raise ValueError(f"plan: gpu_weight_format {fmt!r} is not supported "
-                             f"(use one of {', '.join(_DTYPES)})")
-        self.weight_dtype = _DTYPES[fmt]
-        self.native_linears = (not self.on_gpu and getattr(plan, "cpu_linears", "native") == "native"
-                               and _native() is not None)
-        self.native_min = int(getattr(plan, "native_linear_min_bytes", 1 << 20))
-        want = getattr(plan, "experts", "native")
-        self.experts_cls = _native_experts_cls() if want == "native" else None
-        if want == "native" and self.experts_cls is None:
-            log.warning("hybrid._native / hybrid.experts not available: routed experts run "
-                        "in torch from dequantized weights (slow, memory hungry)")
+        self.device = torch.device(plan.device)
+        self.max_tokens = max_tokens
+        native = _native()
+        self.native_types = frozenset(native.supported_types()) & _NATIVE_LINEAR_TYPES if native else frozenset()
+        self.native_linears = cpu_linears == "native" and bool(self.native_types)
+        self.native_min = int(getattr(plan, "cpu_linear_min_bytes", 1 << 20))
+        if experts not in ("native", "torch"):
+            raise ValueError(f"experts={experts!r}: use 'native' or 'torch'")
+        self.experts_cls = _native_experts_cls() if experts == "native" else None
+        if experts == "native" and self.experts_cls is None:
+            log.warning("hybrid._native is not built: routed experts run in torch from "
+                        "dequantized weights (slow, memory hungry)")
+        self._engine = None
+        self._warned = set()
         self.stats = {"native_linears": 0, "torch_linears": 0, "native_experts": 0,
-                      "torch_experts": 0}
+                      "torch_experts": 0, "gpu_hot_experts": 0}
 
     def has(self, name):
         return name in self.g.tensors
@@ -182,40 +202,136 @@ class _Loader:
     def shape(self, name):
         return self._info(name).shape
 
-    def _dequant(self, name, dtype):
+    def _dequant(self, name, dtype, device):
         info = self._info(name)
         t = dequant.dequantize(self.g.view(name), info.ggml_type, info.ne[0], dtype=dtype,
-                               device=self.device, name=name)
+                               device=device, name=name)
         return t.view(info.shape)
 
     def tensor(self, name):
-        return self._dequant(name, torch.float32)
+        # norms, router, biases and the k_b / v_b surgery: float32 on the compute device
+        return self._dequant(name, torch.float32, self.device)
+
+    def _warn_once(self, key, msg, *a):
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *a)
 
     def linear(self, name):
         info = self._info(name)
-        if (self.native_linears and info.ggml_type in _NATIVE_LINEAR_TYPES
-                and info.n_bytes >= self.native_min):
-            self.stats["native_linears"] += 1
-            return QuantLinear(self.g.view(name), info.ggml_type, info.ne[0], self.threads, name)
-        self.stats["torch_linears"] += 1
-        return TorchLinear(self._dequant(name, self.weight_dtype).view(info.ne[1], info.ne[0]))
+        pdev, fmt = self.plan.placement_of(name)
+        wdev = _torch_device(pdev)
+        if wdev.type == "cpu":
+            if (fmt == "quantized" and self.native_linears and info.ggml_type in self.native_types
+                    and info.n_bytes >= self.native_min):
+                self.stats["native_linears"] += 1
+                fn = QuantLinear(self.g.view(name), info.ggml_type, info.ne[0], self.threads, name)
+            else:
+                self.stats["torch_linears"] += 1
+                dt = torch.bfloat16 if fmt == "bf16" else torch.float32
+                fn = TorchLinear(self._dequant(name, dt, wdev).view(info.ne[1], info.ne[0]))
+        else:
+            if fmt not in _DTYPES:
+                self._warn_once("gpu-quantized", "plan asks for quantized weights on the GPU; "
+                                "this runtime has no GPU quantized kernels yet: using bf16")
+                fmt = "bf16"
+            self.stats["torch_linears"] += 1
+            fn = TorchLinear(self._dequant(name, _DTYPES[fmt], wdev).view(info.ne[1], info.ne[0]))
+        return fn if wdev == self.device else _DeviceBridge(fn, wdev, self.device)
 
     def embedding(self, name):
         info = self._info(name)
         return _Embedding(self.g.view(name), info.ggml_type, info.ne[0], self.device, name)
 
+    def _expert_engine(self, d_model, max_k):
+        if self._engine is None:
+            from hybrid.experts import ExpertEngine
+
+            self._engine = ExpertEngine(d_model, max_tokens=self.max_tokens, max_k=max_k,
+                                        threads=self.threads)
+        return self._engine
+
     def experts(self, layer):
         names = [f"blk.{layer}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
         infos = [self._info(n) for n in names]
-        if self.experts_cls is not None:
+        D, E = infos[0].ne[0], infos[0].ne[2]
+        arch = self.g.metadata.get("general.architecture", "")
+        K = int(self.g.metadata.get(f"{arch}.expert_used_count", 8))
+        hot = [int(e) for e in self.plan.gpu_expert_ids(layer)] if self.device.type != "cpu" else []
+        if self.experts_cls is not None and all(i.ggml_type in self.native_types or
+                                                i.ggml_type in _native().supported_types()
+                                                for i in infos):
             self.stats["native_experts"] += 1
-            views = [self.g.view(n) for n in names]
-            ex = self.experts_cls(*views, *(i.ggml_type for i in infos), threads=self.threads)
-            return _HostExperts(ex, self.device) if self.on_gpu else ex
+            eng = self._expert_engine(D, K)
+            views = []
+            for n, i in zip(names, infos):
+                views += [self.g.view(n), i.ggml_type]
+            cpu = eng.add_layer(E, *views)
+            if not hot:
+                return _Overlapped(cpu) if self.device.type != "cpu" else cpu
+            from hybrid.torch_experts import TorchExperts
+
+            mask = np.zeros(E, np.uint8)
+            mask[hot] = 1
+            cpu.set_skip(mask)
+            self.stats["gpu_hot_experts"] += len(hot)
+            gpu = TorchExperts.from_gguf(self.g, layer, dtype=torch.bfloat16, device=self.device,
+                                         experts=hot)
+            return _HotSplit(cpu, gpu, hot, E, self.device)
         from hybrid.torch_experts import TorchExperts
 
         self.stats["torch_experts"] += 1
-        return TorchExperts.from_gguf(self.g, layer, dtype=self.weight_dtype, device=self.device)
+        dt = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        return TorchExperts.from_gguf(self.g, layer, dtype=dt, device=self.device)
+
+    def close(self):
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+class _Overlapped:
+    """CPU experts for GPU activations: the model may run the shared expert on the GPU
+    between submit() and wait()."""
+
+    overlap_shared = True
+
+    def __init__(self, cpu):
+        self.cpu = cpu
+
+    def submit(self, x, ids, weights):
+        self.cpu.submit(x.contiguous(), ids.contiguous(), weights.float().contiguous())
+
+    def wait(self):
+        return self.cpu.wait().float()
+
+    def __call__(self, x, ids, weights):
+        self.submit(x, ids, weights)
+        return self.wait()
+
+
+class _HotSplit(_Overlapped):
+    """Routed experts split by the plan: `hot` ids cached on the GPU (torch), the rest on the
+    CPU engine (which skips the hot ones); the two partial sums add up."""
+
+    def __init__(self, cpu, gpu, hot, n_expert, device):
+        super().__init__(cpu)
+        self.gpu = gpu
+        lut = torch.full((n_expert,), -1, dtype=torch.long)
+        lut[torch.tensor(hot, dtype=torch.long)] = torch.arange(len(hot))
+        self.lut = lut.to(device)                                     # global id -> hot slot
+        self._args = None
+
+    def submit(self, x, ids, weights):
+        super().submit(x, ids, weights)
+        self._args = (x, ids, weights)
+
+    def wait(self):
+        x, ids, weights = self._args
+        self._args = None
+        local = torch.where(ids >= 0, self.lut[ids.clamp(min=0)], -1)
+        y_gpu = self.gpu(x, local, weights)                           # overlaps the CPU work
+        return y_gpu + super().wait()
 
 
 @dataclass
@@ -240,44 +356,66 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def _solve_plan(path, device, numa, ctx, prefill_chunk):
+    """Ask the placement solver where everything goes on this machine."""
+    from placement import plan_for_gguf
+
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device='cuda' asked for, but torch sees no CUDA GPU; "
                          "use device='cpu' (or 'auto')")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda'")
-    return device
+    kw = {"ctx": ctx, "numa": numa or "off", "prefill_chunk": prefill_chunk}
+    if device == "cpu" or not torch.cuda.is_available():
+        kw["cpu_only"] = True
+    plan = plan_for_gguf(path, **kw)
+    if device.startswith("cuda") and plan.device == "cpu":
+        raise ValueError(f"{path}: device='cuda' asked for, but the placement plan puts nothing "
+                         f"on the GPU:\n{plan.to_text()}")
+    if not plan.fits:
+        msgs = "; ".join(p.message for p in plan.problems) or "see the plan"
+        tips = "; ".join(f"{s.message} ({s.cli})" for s in plan.suggestions[:3])
+        raise ValueError(f"{path}: the model does not fit this machine: {msgs}"
+                         + (f". Options: {tips}" if tips else "")
+                         + " (hybrid-run MODEL --dry-run prints the full plan)")
+    return plan
 
 
 class Runtime:
     """A loaded model. Not thread-safe: one sequence at a time."""
 
     def __init__(self, path, *, device="auto", threads=None, numa="off", ctx=4096, plan=None,
-                 prefill_chunk=512, experts=None, cpu_linears=None):
+                 prefill_chunk=512, experts="native", cpu_linears="native"):
         self.path = os.fspath(path)
         self.threads = int(threads) if threads else _default_threads()
         torch.set_num_threads(self.threads)
-        if numa not in ("off", None):
-            log.warning("numa=%r: NUMA placement is not applied by this runtime yet", numa)
-        self.numa = numa
+        self.prefill_chunk = int(prefill_chunk)
         self.gguf = GGUFFile(self.path)
+        self._tokenizer = None
+        self.model = self.loader = self.cache = None
+        try:
+            self._load(device, numa, int(ctx), plan, experts, cpu_linears)
+        except BaseException:
+            self.close()
+            raise
+        self._seq: list[int] = []  # tokens whose K/V are in the cache, in order
+        self.last_stats: GenerationStats | None = None
+
+    def _load(self, device, numa, ctx, plan, experts, cpu_linears):
         arch = self.gguf.architecture
         mod = get_model_module(arch, source=self.path)
         if plan is None:
-            plan = MinimalPlan(device=_resolve_device(device), kv_cache_tokens=int(ctx))
-        if experts is not None:
-            plan.experts = experts
-        if cpu_linears is not None:
-            plan.cpu_linears = cpu_linears
+            plan = _solve_plan(self.path, device, numa, ctx, self.prefill_chunk)
         self.plan = plan
-        self.device = torch.device(getattr(plan, "device", "cpu"))
+        self.numa = getattr(plan, "numa_mode", numa)
+        if self.numa not in ("off", None):
+            log.warning("numa=%r: the runtime does not place memory per NUMA node yet", self.numa)
+        self.device = torch.device(plan.device)
         self.args = mod.ModelArgs.from_gguf(self.gguf.metadata, self.gguf.tensors, self.path)
-        self.ctx = int(getattr(plan, "kv_cache_tokens", ctx))
-        self.prefill_chunk = int(prefill_chunk)
+        self.ctx = int(plan.kv_cache_tokens)
         t0 = time.perf_counter()
-        self.loader = _Loader(self.gguf, plan, self.threads)
+        self.loader = _Loader(self.gguf, plan, self.threads, experts=experts,
+                              cpu_linears=cpu_linears, max_tokens=self.prefill_chunk)
         with torch.inference_mode():
             self.model = mod.DeepSeek2(self.args, self.loader, max_pos=self.ctx,
                                        rope_device=self.device)
@@ -285,9 +423,6 @@ class Runtime:
         kv_dtype = _DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
         self.cache = LatentKVCache(self.args.n_layer, self.ctx, self.args.kv_lora_rank,
                                    self.args.qk_rope_dim, dtype=kv_dtype, device=self.device)
-        self._seq: list[int] = []  # tokens whose K/V are in the cache, in order
-        self._tokenizer = None
-        self.last_stats: GenerationStats | None = None
 
     # -- tokenizer --------------------------------------------------------------------------
 
@@ -474,7 +609,9 @@ class Runtime:
             self._tokenizer.close()
             self._tokenizer = None
         self.model = None
-        self.loader = None
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
         self.cache = None
         if self.gguf is not None:
             self.gguf.close()
@@ -488,6 +625,13 @@ class Runtime:
 
 
 def load(path, device="auto", threads=None, numa="off", ctx=4096, **kw) -> Runtime:
-    """Load a GGUF model; see Runtime. Extra keywords: plan, prefill_chunk, experts
-    ("native" / "torch"), cpu_linears ("native" / "torch")."""
+    """Load a GGUF model and return a Runtime.
+
+    device: "auto" (GPU when torch sees one), "cpu" or "cuda"; the placement solver turns it
+    into a Plan unless plan= is given (a placement.plan.Plan or an engine.MinimalPlan).
+    threads: CPU threads for torch and the native engine (default: all allowed CPUs).
+    numa: off | interleave | distribute | replicate (passed to the solver). ctx: tokens of
+    KV cache. Extra keywords: plan, prefill_chunk (512), experts ("native" / "torch"),
+    cpu_linears ("native" / "torch").
+    """
     return Runtime(path, device=device, threads=threads, numa=numa, ctx=ctx, **kw)

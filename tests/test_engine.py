@@ -149,9 +149,20 @@ def test_bad_device_is_a_clear_error(tiny_f32):
         hybrid.load(tiny_f32, device="cuda")
 
 
-def test_minimal_plan_defaults():
-    p = MinimalPlan()
-    assert p.device == "cpu" and p.kv_cache_tokens > 0 and p.experts in ("native", "torch")
+def test_minimal_plan_places_like_the_solver():
+    p = MinimalPlan(device="cuda:0", gpu_experts=[[], [3, 5]])
+    assert p.placement_of("token_embd.weight") == ("cpu", "quantized")
+    assert p.placement_of("blk.1.ffn_up_exps.weight") == ("cpu", "quantized")
+    assert p.placement_of("blk.0.attn_q_b.weight") == ("gpu0", "bf16")
+    assert p.gpu_expert_ids(1) == [3, 5] and p.gpu_expert_ids(7) == []
+    assert MinimalPlan().placement_of("output.weight") == ("cpu", "quantized")
+
+
+def test_runtime_uses_the_solver_plan(rt):
+    from placement.plan import Plan
+
+    assert isinstance(rt.plan, Plan) and rt.plan.fits
+    assert rt.ctx == rt.plan.kv_cache_tokens == 128
 
 
 # ----------------------------------------------------------------------------- llama.cpp

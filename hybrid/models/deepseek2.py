@@ -221,7 +221,7 @@ class WeightLoader(Protocol):
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    return F.rms_norm(x, w.shape, w, eps)
 
 
 class Rope:
@@ -245,8 +245,9 @@ class Rope:
             ramp = (1.0 - y.clamp(0.0, 1.0)) * ext
             theta = theta * (1.0 - ramp) + theta_extrap * ramp
             mscale *= 1.0 + 0.1 * math.log(1.0 / fs)
-        self.cos = (torch.cos(theta) * mscale).float().to(device)          # [P, R/2]
-        self.sin = (torch.sin(theta) * mscale).float().to(device)
+        # rotation of pair (x0, x1) = complex product (x0 + i x1) * mscale * e^(i theta)
+        self.freqs = torch.polar(torch.full_like(theta, mscale), theta).to(torch.complex64)
+        self.freqs = self.freqs.to(device)                                  # [P, R/2]
 
     @staticmethod
     def _corr_dims(n_dims, n_ctx_orig, base, beta_fast, beta_slow):
@@ -260,12 +261,9 @@ class Rope:
     def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         """x [T, ..., R] -> roped copy; token t has position pos0 + t."""
         T = x.shape[0]
-        shape = (T,) + (1,) * (x.dim() - 2) + (-1,)
-        cos = self.cos[pos0:pos0 + T].view(shape)
-        sin = self.sin[pos0:pos0 + T].view(shape)
-        xp = x.unflatten(-1, (-1, 2))
-        x0, x1 = xp[..., 0], xp[..., 1]
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        f = self.freqs[pos0:pos0 + T].view((T,) + (1,) * (x.dim() - 2) + (-1,))
+        xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * f).flatten(-2)
 
 
 class MLAttention:
@@ -421,6 +419,11 @@ class MoE:
 
     def __call__(self, h):
         ids, weights = self.router(h)
+        if getattr(self.experts, "overlap_shared", False):
+            # routed experts on another processor: the shared expert runs meanwhile
+            self.experts.submit(h, ids, weights)
+            s = self.shared(h) if self.shared is not None else 0
+            return self.experts.wait() + s
         y = self.experts(h, ids, weights)
         if self.shared is not None:
             y = y + self.shared(h)

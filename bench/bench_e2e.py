@@ -1,0 +1,149 @@
+"""End-to-end tokens/s, hybrid vs llama.cpp (llama-cpp-python) on the same GGUF, CPU only,
+same thread count: prompt (prefill) and decode (greedy, one token at a time).
+
+The model is the fixture builder's `TinyConfig.mid()` (2048 dims, 8 layers, 64 experts of
+1024, ~2 GB at Q4_K_M: weights dwarf the caches), built on first use into --cache-dir
+(several minutes and ~6 GB of temporary F16 source on a 2-core machine).
+
+    PYTHONPATH=. python bench/bench_e2e.py --threads 2 --runs 5
+    PYTHONPATH=. python bench/bench_e2e.py --model some.gguf --device cuda   # GPU decode
+
+Runs alternate between the two engines (A B A B ...) so drifting machine state hits both;
+medians are reported, with the per-run figures, as tokens/s and the ratio ours / llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _prompt(n_vocab: int, n: int, seed: int = 0) -> list[int]:
+    # random ids except the control tokens 0..2 (BOS/EOS/PAD in the fixture vocabulary)
+    return np.random.default_rng(seed).integers(3, n_vocab, n).tolist()
+
+
+class Ours:
+    name = "hybrid"
+
+    def __init__(self, path, threads, ctx, device):
+        import hybrid
+
+        t0 = time.perf_counter()
+        self.rt = hybrid.load(path, device=device, threads=threads, ctx=ctx)
+        self.load_s = time.perf_counter() - t0
+        self.n_vocab = self.rt.n_vocab
+        st = self.rt.loader.stats
+        self.info = (f"native linears {st['native_linears']}, torch linears {st['torch_linears']}, "
+                     f"native expert layers {st['native_experts']}, torch expert layers "
+                     f"{st['torch_experts']}")
+
+    def run(self, prompt, n_decode):
+        rt = self.rt
+        rt.reset()
+        toks = [t for t, _ in rt.generate_tokens(prompt, max_tokens=n_decode + 1,
+                                                 temperature=0.0, stop_at_eos=False)]
+        st = rt.last_stats
+        # decode_s covers n_decode forwards plus n_decode + 1 samplings
+        return len(prompt) / st.prefill_s, n_decode / st.decode_s, toks
+
+    def close(self):
+        self.rt.close()
+
+
+class LlamaCpp:
+    name = "llama.cpp"
+
+    def __init__(self, path, threads, ctx):
+        import llama_cpp
+
+        t0 = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=512, n_ubatch=512,
+                                   n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
+                                   logits_all=False, verbose=False)
+        self.load_s = time.perf_counter() - t0
+        self.n_vocab = self.llm.n_vocab()
+        self.info = f"llama-cpp-python {llama_cpp.__version__}"
+
+    def run(self, prompt, n_decode):
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        toks = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        for _ in range(n_decode):
+            llm.eval([toks[-1]])
+            toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        t2 = time.perf_counter()
+        return len(prompt) / (t1 - t0), n_decode / (t2 - t1), toks
+
+    def close(self):
+        self.llm.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="GGUF to run (default: build TinyConfig.mid() at --quant)")
+    ap.add_argument("--quant", default="Q4_K_M")
+    ap.add_argument("--cache-dir", default=os.environ.get("HYBRID_FIXTURE_CACHE",
+                                                          str(pathlib.Path.home() / ".cache/hybrid-bench")))
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="device for hybrid (llama.cpp stays on CPU)")
+    ap.add_argument("--skip-llama", action="store_true", help="only time hybrid")
+    a = ap.parse_args(argv)
+
+    path = a.model
+    if path is None:
+        from hybrid.fixtures import TinyConfig, build
+
+        t0 = time.perf_counter()
+        path = build(TinyConfig.mid(), a.quant, a.cache_dir)
+        print(f"model: {path} ({os.path.getsize(path) / 2**30:.2f} GiB, ready in "
+              f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    ctx = a.prompt + a.decode + 8
+    engines = [Ours(path, a.threads, ctx, a.device)]
+    if not a.skip_llama:
+        engines.append(LlamaCpp(path, a.threads, ctx))
+    for e in engines:
+        print(f"{e.name}: loaded in {e.load_s:.1f} s; {e.info}", flush=True)
+    prompt = _prompt(engines[0].n_vocab, a.prompt)
+
+    for e in engines:  # warm-up: page in the weights, JIT/first-call costs
+        e.run(prompt[:16], 2)
+    res = {e.name: ([], []) for e in engines}
+    tokens = {}
+    for r in range(a.runs):
+        for e in engines:
+            pp, tg, toks = e.run(prompt, a.decode)
+            res[e.name][0].append(pp)
+            res[e.name][1].append(tg)
+            tokens[e.name] = toks
+            print(f"run {r + 1} {e.name:>9}: prompt {pp:8.1f} tok/s  decode {tg:7.2f} tok/s", flush=True)
+
+    print(f"\nthreads {a.threads}, prompt {a.prompt} tokens, decode {a.decode} tokens, "
+          f"median of {a.runs} runs (device {a.device} for hybrid, CPU for llama.cpp)")
+    med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in res.items()}
+    for k, (pp, tg) in med.items():
+        print(f"  {k:>9}: prompt {pp:8.1f} tok/s   decode {tg:7.2f} tok/s")
+    if "llama.cpp" in med:
+        (opp, otg), (lpp, ltg) = med["hybrid"], med["llama.cpp"]
+        print(f"  ratio hybrid / llama.cpp: prompt {opp / lpp:.2f}x   decode {otg / ltg:.2f}x")
+        same = sum(x == y for x, y in zip(tokens["hybrid"], tokens["llama.cpp"]))
+        print(f"  greedy tokens identical: {same}/{len(tokens['hybrid'])}")
+    for e in engines:
+        e.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
