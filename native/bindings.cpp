@@ -8,6 +8,8 @@
 
 #include "dispatch.h"
 #include "matmul.h"
+#include "membench.h"
+#include "moe.h"
 #include "numa.h"
 #include "pool.h"
 #include "quants.h"
@@ -140,6 +142,37 @@ py::object py_matmul(py::buffer w, int type, py::buffer x, py::object out, int t
     return std::move(y);
 }
 
+// All experts of one projection as a contiguous uint8 buffer ([E * rows, row_bytes] or any
+// shape with that many bytes), e.g. GGUFFile.view("blk.3.ffn_gate_exps.weight").
+expert_matrix as_experts(const py::buffer& obj, const char* arg, int type, int64_t E, int64_t cols) {
+    py::buffer_info bi = obj.request();
+    const type_info& ti = get_type_info(type);
+    if (!ti.name) bad(std::string(arg) + ": GGML type " + std::to_string(type) + " is not supported");
+    if (bi.itemsize != 1) bad(std::string(arg) + ": must be the uint8 bytes of the GGUF tensor");
+    int64_t expect = 1;
+    for (int i = bi.ndim - 1; i >= 0; i--) {
+        if (bi.shape[i] > 1 && bi.strides[i] != expect) bad(std::string(arg) + ": must be C-contiguous");
+        expect *= bi.shape[i];
+    }
+    if (cols % ti.block) bad(std::string(arg) + ": row length " + std::to_string(cols) + " is not a multiple of the " + ti.name + " block");
+    const int64_t rb = row_bytes(type, cols);
+    const int64_t total = bi.size;
+    if (total % (E * rb)) bad(std::string(arg) + ": " + std::to_string(total) + " bytes is not E=" + std::to_string(E) + " experts of rows of " + std::to_string(rb) + " bytes");
+    expert_matrix m;
+    m.data = (const uint8_t*)bi.ptr;
+    m.type = type;
+    m.cols = cols;
+    m.rows = total / (E * rb);
+    m.row_stride = rb;
+    m.expert_stride = rb * m.rows;
+    return m;
+}
+
+template <class T>
+py::array_t<T> engine_buffer(py::object self, T* ptr, int64_t rows, int64_t cols) {
+    return py::array_t<T>({(py::ssize_t)rows, (py::ssize_t)cols}, {(py::ssize_t)(cols * sizeof(T)), (py::ssize_t)sizeof(T)}, ptr, self);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -167,6 +200,80 @@ PYBIND11_MODULE(_native, m) {
     m.def("matmul", &py_matmul, py::arg("w"), py::arg("ggml_type"), py::arg("x"), py::arg("out") = py::none(),
           py::arg("threads") = 0,
           "Y[T,N] = X[T,K] @ W[N,K]^T; w: uint8 [N, row_bytes] GGUF bytes; x: float32 or bf16 (uint16) [T,K]");
+
+    m.def("stream_read", [](py::buffer buf, int threads) {
+        py::buffer_info bi = buf.request();
+        const uint8_t* p = (const uint8_t*)bi.ptr;
+        const int64_t n = bi.size * bi.itemsize;
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(g_pool_mutex);
+        return stream_read(shared_pool(threads), p, n);
+    }, py::arg("buffer"), py::arg("threads") = 0, "Read a buffer once on `threads` workers (bandwidth probe)");
+
+    py::class_<MoEEngine>(m, "MoEEngine")
+        .def(py::init<int, const std::vector<int>&, int64_t, int64_t, int64_t>(), py::arg("threads"),
+             py::arg("cpus"), py::arg("max_tokens"), py::arg("max_k"), py::arg("d_model"))
+        .def(
+            "add_layer",
+            [](MoEEngine& e, int64_t E, py::buffer gate, int gate_type, py::buffer up, int up_type, py::buffer down,
+               int down_type) {
+                const int64_t D = e.d_model();
+                expert_matrix g = as_experts(gate, "gate", gate_type, E, D);
+                expert_matrix u = as_experts(up, "up", up_type, E, D);
+                expert_matrix d = as_experts(down, "down", down_type, E, g.rows);
+                return e.add_layer(E, g, u, d);
+            },
+            py::arg("n_experts"), py::arg("gate"), py::arg("gate_type"), py::arg("up"), py::arg("up_type"),
+            py::arg("down"), py::arg("down_type"), py::keep_alive<1, 3>(), py::keep_alive<1, 5>(),
+            py::keep_alive<1, 7>(), "Register a MoE layer's expert tensors (GGUF bytes, zero-copy)")
+        .def("set_skip",
+             [](MoEEngine& e, int layer, py::array_t<uint8_t, py::array::c_style | py::array::forcecast> mask) {
+                 e.set_skip(layer, mask.data(), mask.size());
+             })
+        .def("submit",
+             [](MoEEngine& e, int layer, int64_t T, int64_t K) {
+                 py::gil_scoped_release release;
+                 e.submit(layer, T, K);
+             })
+        .def("wait",
+             [](MoEEngine& e) {
+                 py::gil_scoped_release release;
+                 e.wait();
+             })
+        .def_property_readonly("busy", &MoEEngine::busy)
+        .def_property_readonly("n_layers", &MoEEngine::n_layers)
+        .def_property_readonly("max_tokens", &MoEEngine::max_tokens)
+        .def_property_readonly("max_k", &MoEEngine::max_k)
+        .def_property_readonly("d_model", &MoEEngine::d_model)
+        .def("layer_info",
+             [](MoEEngine& e, int i) {
+                 if (i < 0 || i >= e.n_layers()) bad("layer " + std::to_string(i) + " does not exist");
+                 const moe_layer& L = e.layer(i);
+                 py::dict d;
+                 d["E"] = L.E;
+                 d["D"] = L.D;
+                 d["F"] = L.F;
+                 d["types"] = py::make_tuple(L.gate.type, L.up.type, L.down.type);
+                 d["bytes"] = (L.gate.expert_stride + L.up.expert_stride + L.down.expert_stride) * L.E;
+                 return d;
+             })
+        .def("worker_cpus", [](MoEEngine& e) { return e.pool().worker_cpus(); })
+        .def_property_readonly("x", [](py::object self) {
+            MoEEngine& e = self.cast<MoEEngine&>();
+            return engine_buffer<float>(self, e.x(), e.max_tokens(), e.d_model());
+        })
+        .def_property_readonly("y", [](py::object self) {
+            MoEEngine& e = self.cast<MoEEngine&>();
+            return engine_buffer<float>(self, e.y(), e.max_tokens(), e.d_model());
+        })
+        .def_property_readonly("ids", [](py::object self) {
+            MoEEngine& e = self.cast<MoEEngine&>();
+            return engine_buffer<int32_t>(self, e.ids(), 1, e.max_tokens() * e.max_k());
+        })
+        .def_property_readonly("weights", [](py::object self) {
+            MoEEngine& e = self.cast<MoEEngine&>();
+            return engine_buffer<float>(self, e.weights(), 1, e.max_tokens() * e.max_k());
+        });
 
     py::class_<ThreadPool>(m, "ThreadPool")
         .def(py::init<int, const std::vector<int>&>(), py::arg("threads"), py::arg("cpus") = std::vector<int>{})

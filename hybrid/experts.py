@@ -1,0 +1,184 @@
+"""Bridge from a MoE layer to the native expert engine (routed experts in host RAM).
+
+Letters: T tokens, K experts per token, E experts, D model dim, F expert FFN dim.
+
+One `ExpertEngine` per model owns the native engine: its pinned worker threads and its
+input / output buffers (page-locked for CUDA when a GPU is present, so the one copy each way
+is a DMA). Each MoE layer gets a `NativeExperts` callable with the signature the model uses:
+`experts(x[T, D], ids[T, K], weights[T, K]) -> y[T, D]`, or the split form `submit(...)` /
+`wait()` so the GPU can compute the shared expert while the CPU works.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hybrid import _native
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
+
+
+def default_threads(cpus: list[int]) -> int:
+    """All CPUs this process may use (the NUMA work refines this per node)."""
+    return max(1, len(cpus))
+
+
+class ExpertEngine:
+    """Native routed-expert engine shared by all MoE layers of a model."""
+
+    def __init__(self, d_model: int, *, max_tokens: int = 512, max_k: int = 8,
+                 threads: int | None = None, cpus: list[int] | None = None, pin_threads: bool = True):
+        allowed = _native.allowed_cpus()
+        cpus = list(cpus) if cpus is not None else allowed
+        bad = sorted(set(cpus) - set(allowed))
+        if bad:
+            raise ValueError(f"cpus: {bad} are not in this process's allowed set {allowed} "
+                             "(taskset / numactl / cgroup cpuset)")
+        if threads is None:
+            threads = default_threads(cpus)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self._eng = _native.MoEEngine(threads, cpus if pin_threads else [], max_tokens, max_k, d_model)
+        self.threads = threads
+        self.d_model = d_model
+        self.max_tokens = max_tokens
+        self.max_k = max_k
+        # zero-copy torch views of the engine's buffers
+        self.x = torch.from_numpy(self._eng.x)                 # [max_tokens, D]
+        self.y = torch.from_numpy(self._eng.y)                 # [max_tokens, D]
+        self.ids = torch.from_numpy(self._eng.ids).view(-1)    # [max_tokens * max_k]
+        self.weights = torch.from_numpy(self._eng.weights).view(-1)
+        self._pinned = []
+        if torch.cuda.is_available():
+            self._pin(self.x, self.y, self.ids, self.weights)
+        self._pending: tuple | None = None
+
+    def _pin(self, *tensors):
+        cudart = torch.cuda.cudart()
+        for t in tensors:
+            if cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) == 0:
+                self._pinned.append(t)
+
+    def close(self):
+        if self._eng is None:
+            return
+        self._eng.wait()
+        if self._pinned:
+            cudart = torch.cuda.cudart()
+            for t in self._pinned:
+                cudart.cudaHostUnregister(t.data_ptr())
+            self._pinned = []
+        self._eng = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def worker_cpus(self) -> list[int]:
+        return self._eng.worker_cpus()
+
+    def add_layer(self, n_experts: int, gate: np.ndarray, gate_type: int, up: np.ndarray, up_type: int,
+                  down: np.ndarray, down_type: int) -> "NativeExperts":
+        """Register one layer's experts from GGUF bytes (mmap views or placed copies; not copied)."""
+        layer = self._eng.add_layer(n_experts, gate, int(gate_type), up, int(up_type), down, int(down_type))
+        return NativeExperts(self, layer, n_experts)
+
+    # -- one forward at a time per engine -------------------------------------------------
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_experts: int):
+        if self._pending is not None:
+            raise RuntimeError("ExpertEngine.submit: the previous forward was not waited for")
+        T, K = _check_inputs(x, ids, weights, self.d_model, self.max_k)
+        if T > self.max_tokens:
+            raise ValueError(f"x: {T} tokens exceed the engine's max_tokens {self.max_tokens}; "
+                             "call the layer (it splits long inputs) instead of submit")
+        self.x[:T].copy_(x)
+        self.ids[: T * K].view(T, K).copy_(ids)
+        self.weights[: T * K].view(T, K).copy_(weights)
+        self._eng.submit(layer, T, K)
+        self._pending = (T, x.device, x.dtype)
+
+    def wait(self) -> torch.Tensor:
+        if self._pending is None:
+            raise RuntimeError("ExpertEngine.wait: nothing was submitted")
+        T, device, dtype = self._pending
+        self._eng.wait()
+        self._pending = None
+        out = torch.empty((T, self.d_model), device=device, dtype=dtype)
+        out.copy_(self.y[:T], non_blocking=device.type == "cuda")
+        return out
+
+
+def _check_inputs(x, ids, weights, d_model: int, max_k: int) -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != d_model:
+        raise ValueError(f"x: expected a tensor [T, {d_model}], got {_describe(x)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} is not float32, bfloat16 or float16")
+    if not x.is_contiguous():
+        raise ValueError("x: must be contiguous (call .contiguous() first)")
+    T = x.shape[0]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != T:
+        raise ValueError(f"ids: expected a tensor [{T}, K], got {_describe(ids)}")
+    K = ids.shape[1]
+    if not 1 <= K <= max_k:
+        raise ValueError(f"ids: K={K} experts per token is outside 1..{max_k} (the engine's max_k)")
+    if ids.dtype not in _INT_DTYPES:
+        raise ValueError(f"ids: dtype {ids.dtype} is not an integer type")
+    if not ids.is_contiguous():
+        raise ValueError("ids: must be contiguous")
+    if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (T, K):
+        raise ValueError(f"weights: expected a tensor [{T}, {K}], got {_describe(weights)}")
+    if weights.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"weights: dtype {weights.dtype} is not a float type")
+    if not weights.is_contiguous():
+        raise ValueError("weights: must be contiguous")
+    return T, K
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} {list(t.shape)}"
+    return type(t).__name__
+
+
+class NativeExperts:
+    """Routed experts of one MoE layer: `experts(x, ids, weights) -> y`.
+
+    ids < 0 are skipped; experts marked with `set_skip` (computed elsewhere, e.g. hot experts
+    on the GPU) contribute nothing here, and the caller adds their share.
+    """
+
+    def __init__(self, engine: ExpertEngine, layer: int, n_experts: int):
+        self.engine = engine
+        self.layer = layer
+        self.n_experts = n_experts
+
+    def set_skip(self, mask) -> None:
+        mask = np.asarray(mask, dtype=np.uint8).reshape(-1)
+        if mask.size != self.n_experts:
+            raise ValueError(f"mask: expected {self.n_experts} entries, got {mask.size}")
+        self.engine._eng.set_skip(self.layer, mask)
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        self.engine.submit(self.layer, x, ids, weights, self.n_experts)
+
+    def wait(self) -> torch.Tensor:
+        return self.engine.wait()
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
+        step = self.engine.max_tokens
+        if T <= step:
+            self.submit(x, ids, weights)
+            return self.wait()
+        _check_inputs(x, ids, weights, self.engine.d_model, self.engine.max_k)
+        parts = []
+        for t0 in range(0, T, step):
+            self.submit(x[t0:t0 + step], ids[t0:t0 + step], weights[t0:t0 + step])
+            parts.append(self.wait())
+        return torch.cat(parts)
