@@ -13,7 +13,7 @@ Order of decisions:
 Shape legend: L layers, E experts, K experts per token, D hidden, H heads.
 """
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from placement.hardware import Hardware
 from placement.inventory import Inventory
@@ -278,6 +278,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     reserves = {}
 
     gpu = hw.gpus[0] if (pol.use_gpu and hw.gpus) else None
+    if gpu is not None and len(hw.gpus) > 1:
+        notes.append(f"{len(hw.gpus)} GPUs found; the plan uses the first one ({gpu.name})")
     numa_mode = _resolve_numa(pol, hw)
     allowed = hw.allowed_nodes
     if numa_mode in ("interleave", "distribute", "replicate") and len(allowed) < 2:
@@ -388,7 +390,6 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         devices[key] = DeviceUsage(bytes=sum(b.values()), capacity_bytes=cap_nodes[n.id], breakdown=b, kind="numa")
 
     # ---- host problems -----------------------------------------------------------------
-    binding = f" ({hw.binding})" if hw.binding else ""
     if host_used > host_cap:
         msg = (f"cpu: needs {fmt_bytes(host_used)} of host RAM (routed experts {fmt_bytes(host['routed_experts'])}), "
                f"this process may use {fmt_bytes(host_cap)}: {fmt_bytes(host_used - host_cap)} missing")

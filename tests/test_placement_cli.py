@@ -146,3 +146,15 @@ def test_allowed_lists(capsys, flag):
     else:
         assert rc == 0 and d["hardware"]["allowed_cpus"] == "0-31"
         assert "32 cores" in d["estimate"]["assumptions"]["cpu_compute"]
+
+
+def test_dry_run_never_imports_torch_or_the_native_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from placement.cli import main; "
+            "rc = main(['--preset', 'deepseek-r1-q4_k_m', '--gpu-mem', '48GiB', '--json']); "
+            "bad = [m for m in ('torch', 'hybrid._native') if m in sys.modules]; "
+            "sys.exit(10 if bad else rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode in (0, 3), r.stderr[-2000:]
