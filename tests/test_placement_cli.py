@@ -153,7 +153,7 @@ def test_dry_run_never_imports_torch_or_the_native_module():
     import sys
 
     code = ("import sys; from placement.cli import main; "
-            "rc = main(['--preset', 'deepseek-r1-q4_k_m', '--gpu-mem', '48GiB', '--json']); "
+            "rc = main(['--preset', 'deepseek-r1-q4_k_m', '--hardware', '2x256g-48g', '--json']); "
             "bad = [m for m in ('torch', 'hybrid._native') if m in sys.modules]; "
             "sys.exit(10 if bad else rc)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
