@@ -6,7 +6,9 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 
 #include "common.h"
 
@@ -14,17 +16,32 @@ namespace hybrid {
 
 namespace {
 
-// How long an idle worker (or a waiting caller) spins before sleeping.
-constexpr auto kSpin = std::chrono::microseconds(200);
+// How long an idle worker spins for the next job before sleeping (HYBRID_SPIN_US).
+std::chrono::microseconds spin_budget() {
+    static const long us = [] {
+        const char* e = std::getenv("HYBRID_SPIN_US");
+        return e && *e ? std::max(0L, std::atol(e)) : 100L;
+    }();
+    return std::chrono::microseconds(us);
+}
 
 template <class Pred>
-bool spin_until(Pred pred) {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
+bool spin_until(Pred pred, std::chrono::microseconds budget) {
+    if (pred()) return true;
+    if (budget.count() == 0) return false;
+    const auto until = std::chrono::steady_clock::now() + budget;
     for (int i = 0;; i++) {
         if (pred()) return true;
         cpu_pause();
         if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) return false;
     }
+}
+
+int n_allowed_cpus() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+    return CPU_COUNT(&set);
 }
 
 int pin_self(int cpu) {
@@ -39,6 +56,9 @@ int pin_self(int cpu) {
 
 ThreadPool::ThreadPool(int n_threads, const std::vector<int>& cpus) : n_(n_threads), cpus_(cpus) {
     CHECK(n_threads >= 1 && n_threads <= 1024, "thread count must be in 1..1024");
+    // A caller spinning in wait() would take a core from a worker when the workers already
+    // fill every core: then it sleeps at once and the last worker wakes it.
+    caller_spins_ = n_threads < n_allowed_cpus();
     pinned_.assign(n_, -1);
     threads_.reserve(n_);
     for (int i = 0; i < n_; i++) threads_.emplace_back(&ThreadPool::worker_main, this, i);
@@ -75,7 +95,7 @@ void ThreadPool::submit(job_fn fn, void* ctx) {
 void ThreadPool::wait() {
     if (!submitted_) return;
     auto done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
-    if (!spin_until(done)) {
+    if (!spin_until(done, caller_spins_ ? spin_budget() : std::chrono::microseconds(0))) {
         std::unique_lock<std::mutex> lock(mutex_);
         cv_done_.wait(lock, done);
     }
@@ -103,7 +123,7 @@ void ThreadPool::worker_main(int ith) {
     uint64_t seen = 0;
     for (;;) {
         auto ready = [&] { return gen_.load(std::memory_order_acquire) != seen; };
-        if (!spin_until(ready)) {
+        if (!spin_until(ready, spin_budget())) {
             std::unique_lock<std::mutex> lock(mutex_);
             cv_work_.wait(lock, ready);
         }

@@ -55,6 +55,7 @@ class ThreadPool {
     std::atomic<bool> stop_{false};
     std::atomic<int> started_{0};
     bool submitted_ = false;  // owner side only
+    bool caller_spins_ = false;
     job_fn fn_ = nullptr;
     void* ctx_ = nullptr;
 
