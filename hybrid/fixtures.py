@@ -516,16 +516,26 @@ def _llama_ftype(ftype: str) -> int:
     return getattr(llama_cpp, name)
 
 
-def quantize(src, dst, ftype: str, *, threads: int | None = None) -> pathlib.Path:
+def quantize(src, dst, ftype: str, *, threads: int | None = None, verbose: bool = False) -> pathlib.Path:
     """Quantize src into dst with llama.cpp (e.g. "Q4_K_M", "Q8_0", "Q6_K", "F16")."""
     import ctypes
+    import logging
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _llama_ftype(ftype)
     params.nthread = threads or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # llama-cpp-python prints llama.cpp's log through this logger; the quantizer's per-tensor
+    # chatter (which also cuts UTF-8 metadata mid-character) is noise unless asked for.
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    if not verbose:
+        log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
     if rc != 0:
         raise RuntimeError(f"llama.cpp failed to quantize {src} to {ftype} (return code {rc}); see its log above")
     return pathlib.Path(dst)
