@@ -25,23 +25,46 @@ def default_threads(cpus: list[int]) -> int:
     return max(1, len(cpus))
 
 
+def split_rows(n: int, shares: list[int], align: int = 16) -> list[tuple[int, int]]:
+    """[start, end) ranges of n rows in proportion to shares, boundaries on multiples of align."""
+    total = sum(shares)
+    bounds, acc = [0], 0
+    for s in shares[:-1]:
+        acc += s
+        bounds.append(min(n, max(bounds[-1], round(n * acc / total / align) * align)))
+    bounds.append(n)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class ExpertEngine:
-    """Native routed-expert engine shared by all MoE layers of a model."""
+    """Native routed-expert engine shared by all MoE layers of a model.
+
+    Workers form partitions (one per NUMA node; `partitions` gives each one's CPUs, one worker
+    per entry, -1 = not pinned). Each partition computes its own rows of every expert, from
+    memory local to it when the layer was placed per node (hybrid/numa.py).
+    """
 
     def __init__(self, d_model: int, *, max_tokens: int = 512, max_k: int = 8,
-                 threads: int | None = None, cpus: list[int] | None = None, pin_threads: bool = True):
+                 threads: int | None = None, cpus: list[int] | None = None, pin_threads: bool = True,
+                 partitions: list[list[int]] | None = None):
         allowed = _native.allowed_cpus()
-        cpus = list(cpus) if cpus is not None else allowed
-        bad = sorted(set(cpus) - set(allowed))
+        if partitions is None:
+            cpus = list(cpus) if cpus is not None else allowed
+            if threads is None:
+                threads = default_threads(cpus)
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            partitions = [[cpus[i % len(cpus)] if (pin_threads and cpus) else -1 for i in range(threads)]]
+        bad = sorted({c for p in partitions for c in p if c >= 0} - set(allowed))
         if bad:
             raise ValueError(f"cpus: {bad} are not in this process's allowed set {allowed} "
                              "(taskset / numactl / cgroup cpuset)")
-        if threads is None:
-            threads = default_threads(cpus)
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self._eng = _native.MoEEngine(threads, cpus if pin_threads else [], max_tokens, max_k, d_model)
-        self.threads = threads
+        if not partitions or any(not p for p in partitions):
+            raise ValueError("partitions: every partition needs at least one worker")
+        self._eng = _native.MoEEngine([list(p) for p in partitions], max_tokens, max_k, d_model)
+        self.partitions = [list(p) for p in partitions]
+        self.threads = sum(len(p) for p in partitions)
+        self._keep = []  # buffers the native layers point into
         self.d_model = d_model
         self.max_tokens = max_tokens
         self.max_k = max_k
@@ -84,8 +107,20 @@ class ExpertEngine:
 
     def add_layer(self, n_experts: int, gate: np.ndarray, gate_type: int, up: np.ndarray, up_type: int,
                   down: np.ndarray, down_type: int) -> "NativeExperts":
-        """Register one layer's experts from GGUF bytes (mmap views or placed copies; not copied)."""
-        layer = self._eng.add_layer(n_experts, gate, int(gate_type), up, int(up_type), down, int(down_type))
+        """Register one layer's experts from whole GGUF tensors (mmap views or one placed copy,
+        used in place); partitions share them, each computing its own rows."""
+        n_ff = _rows_per_expert(gate, gate_type, n_experts, self.d_model, "gate")
+        shares = [len(p) for p in self.partitions]
+        slices = [(gate, int(gate_type), up, int(up_type), down, int(down_type), f0, f1, d0, d1, 0, 0)
+                  for (f0, f1), (d0, d1) in zip(split_rows(n_ff, shares), split_rows(self.d_model, shares))]
+        return self.add_layer_slices(n_experts, n_ff, slices)
+
+    def add_layer_slices(self, n_experts: int, n_ff: int, slices: list[tuple]) -> "NativeExperts":
+        """Register one layer as per-partition slices: (gate, gate_type, up, up_type, down,
+        down_type, f0, f1, d0, d1, first_f, first_d) where the buffers hold rows from first_f
+        (gate/up) and first_d (down) of every expert."""
+        layer = self._eng.add_layer(n_experts, n_ff, slices)
+        self._keep.append(slices)
         return NativeExperts(self, layer, n_experts)
 
     # -- one forward at a time per engine -------------------------------------------------
@@ -112,6 +147,14 @@ class ExpertEngine:
         out = torch.empty((T, self.d_model), device=device, dtype=dtype)
         out.copy_(self.y[:T], non_blocking=device.type == "cuda")
         return out
+
+
+def _rows_per_expert(buf, qtype: int, n_experts: int, cols: int, name: str) -> int:
+    row = _native.row_bytes(int(qtype), cols)
+    nbytes = np.asarray(buf).nbytes if not hasattr(buf, "nbytes") else buf.nbytes
+    if n_experts < 1 or nbytes % (n_experts * row):
+        raise ValueError(f"{name}: {nbytes} bytes is not {n_experts} experts of rows of {row} bytes")
+    return nbytes // (n_experts * row)
 
 
 def _check_inputs(x, ids, weights, d_model: int, max_k: int) -> tuple[int, int]:

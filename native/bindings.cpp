@@ -29,7 +29,7 @@ struct view2d {
     bool writable;
 };
 
-view2d as_2d(const py::buffer& obj, const char* arg) {
+view2d as_2d(const py::buffer& obj, const std::string& arg) {
     py::buffer_info bi = obj.request();
     view2d v;
     v.data = (const uint8_t*)bi.ptr;
@@ -43,22 +43,22 @@ view2d as_2d(const py::buffer& obj, const char* arg) {
     else if ((f == "H" || f == "h" || f == "e") && bi.itemsize == 2)
         v.kind = 'h';
     else
-        bad(std::string(arg) + ": unsupported dtype (format '" + f + "')");
+        bad(arg + ": unsupported dtype (format '" + f + "')");
     if (bi.ndim == 1) {
         v.rows = 1;
         v.cols = bi.shape[0];
-        if (bi.strides[0] != bi.itemsize) bad(std::string(arg) + ": must be contiguous");
+        if (bi.strides[0] != bi.itemsize) bad(arg + ": must be contiguous");
         v.row_stride_bytes = v.cols * bi.itemsize;
     } else if (bi.ndim == 2) {
         v.rows = bi.shape[0];
         v.cols = bi.shape[1];
         if (v.cols > 1 && bi.strides[1] != bi.itemsize)
-            bad(std::string(arg) + ": rows must be contiguous (inner stride " + std::to_string(bi.strides[1]) + ")");
+            bad(arg + ": rows must be contiguous (inner stride " + std::to_string(bi.strides[1]) + ")");
         v.row_stride_bytes = v.rows > 1 ? bi.strides[0] : v.cols * bi.itemsize;
         if (v.row_stride_bytes < 0 || v.row_stride_bytes % bi.itemsize)
-            bad(std::string(arg) + ": unsupported row stride");
+            bad(arg + ": unsupported row stride");
     } else {
-        bad(std::string(arg) + ": expected a 1-D or 2-D array, got " + std::to_string(bi.ndim) + "-D");
+        bad(arg + ": expected a 1-D or 2-D array, got " + std::to_string(bi.ndim) + "-D");
     }
     return v;
 }
@@ -144,20 +144,21 @@ py::object py_matmul(py::buffer w, int type, py::buffer x, py::object out, int t
 
 // All experts of one projection as a contiguous uint8 buffer ([E * rows, row_bytes] or any
 // shape with that many bytes), e.g. GGUFFile.view("blk.3.ffn_gate_exps.weight").
-expert_matrix as_experts(const py::buffer& obj, const char* arg, int type, int64_t E, int64_t cols) {
+expert_matrix as_experts(const py::buffer& obj, const std::string& arg, int type, int64_t E, int64_t cols,
+                         int64_t first_row) {
     py::buffer_info bi = obj.request();
     const type_info& ti = get_type_info(type);
-    if (!ti.name) bad(std::string(arg) + ": GGML type " + std::to_string(type) + " is not supported");
-    if (bi.itemsize != 1) bad(std::string(arg) + ": must be the uint8 bytes of the GGUF tensor");
+    if (!ti.name) bad(arg + ": GGML type " + std::to_string(type) + " is not supported");
+    if (bi.itemsize != 1) bad(arg + ": must be the uint8 bytes of the GGUF tensor");
     int64_t expect = 1;
     for (int i = bi.ndim - 1; i >= 0; i--) {
-        if (bi.shape[i] > 1 && bi.strides[i] != expect) bad(std::string(arg) + ": must be C-contiguous");
+        if (bi.shape[i] > 1 && bi.strides[i] != expect) bad(arg + ": must be C-contiguous");
         expect *= bi.shape[i];
     }
-    if (cols % ti.block) bad(std::string(arg) + ": row length " + std::to_string(cols) + " is not a multiple of the " + ti.name + " block");
+    if (cols % ti.block) bad(arg + ": row length " + std::to_string(cols) + " is not a multiple of the " + ti.name + " block");
     const int64_t rb = row_bytes(type, cols);
     const int64_t total = bi.size;
-    if (total % (E * rb)) bad(std::string(arg) + ": " + std::to_string(total) + " bytes is not E=" + std::to_string(E) + " experts of rows of " + std::to_string(rb) + " bytes");
+    if (total % (E * rb)) bad(arg + ": " + std::to_string(total) + " bytes is not E=" + std::to_string(E) + " experts of rows of " + std::to_string(rb) + " bytes");
     expert_matrix m;
     m.data = (const uint8_t*)bi.ptr;
     m.type = type;
@@ -165,6 +166,7 @@ expert_matrix as_experts(const py::buffer& obj, const char* arg, int type, int64
     m.rows = total / (E * rb);
     m.row_stride = rb;
     m.expert_stride = rb * m.rows;
+    m.first_row = first_row;
     return m;
 }
 
@@ -201,6 +203,22 @@ PYBIND11_MODULE(_native, m) {
           py::arg("threads") = 0,
           "Y[T,N] = X[T,K] @ W[N,K]^T; w: uint8 [N, row_bytes] GGUF bytes; x: float32 or bf16 (uint16) [T,K]");
 
+    m.def("file_resident_bytes", &file_resident_bytes, py::arg("path"), "Bytes of a file in the page cache (mincore)");
+    py::enum_<mem_policy>(m, "MemPolicy")
+        .value("none", mem_policy::none)
+        .value("interleave", mem_policy::interleave)
+        .value("bind", mem_policy::bind);
+    py::class_<NumaBuffer>(m, "NumaBuffer", py::buffer_protocol())
+        .def(py::init<int64_t, mem_policy, const std::vector<int>&, bool>(), py::arg("nbytes"), py::arg("policy"),
+             py::arg("nodes"), py::arg("hugepages") = true)
+        .def_buffer([](NumaBuffer& b) {
+            return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1, {(py::ssize_t)b.size()}, {1});
+        })
+        .def_property_readonly("nbytes", &NumaBuffer::size)
+        .def_property_readonly("address", [](NumaBuffer& b) { return (uintptr_t)b.data(); })
+        .def_property_readonly("policy_error", &NumaBuffer::policy_error)
+        .def_property_readonly("hugepage_error", &NumaBuffer::hugepage_error);
+
     m.def("stream_read", [](py::buffer buf, int threads) {
         py::buffer_info bi = buf.request();
         const uint8_t* p = (const uint8_t*)bi.ptr;
@@ -211,21 +229,33 @@ PYBIND11_MODULE(_native, m) {
     }, py::arg("buffer"), py::arg("threads") = 0, "Read a buffer once on `threads` workers (bandwidth probe)");
 
     py::class_<MoEEngine>(m, "MoEEngine")
-        .def(py::init<int, const std::vector<int>&, int64_t, int64_t, int64_t>(), py::arg("threads"),
-             py::arg("cpus"), py::arg("max_tokens"), py::arg("max_k"), py::arg("d_model"))
+        .def(py::init<const std::vector<std::vector<int>>&, int64_t, int64_t, int64_t>(), py::arg("partition_cpus"),
+             py::arg("max_tokens"), py::arg("max_k"), py::arg("d_model"),
+             "partition_cpus[p]: CPUs of partition p's workers (-1 = not pinned), one worker each")
         .def(
             "add_layer",
-            [](MoEEngine& e, int64_t E, py::buffer gate, int gate_type, py::buffer up, int up_type, py::buffer down,
-               int down_type) {
-                const int64_t D = e.d_model();
-                expert_matrix g = as_experts(gate, "gate", gate_type, E, D);
-                expert_matrix u = as_experts(up, "up", up_type, E, D);
-                expert_matrix d = as_experts(down, "down", down_type, E, g.rows);
-                return e.add_layer(E, g, u, d);
+            [](MoEEngine& e, int64_t E, int64_t F, const std::vector<py::tuple>& slices) {
+                // slice: (gate, gate_type, up, up_type, down, down_type, f0, f1, d0, d1, first_f, first_d)
+                std::vector<moe_slice> parts;
+                for (size_t p = 0; p < slices.size(); p++) {
+                    const py::tuple& t = slices[p];
+                    if (t.size() != 12) bad("add_layer: each slice is a 12-tuple");
+                    const std::string tag = slices.size() > 1 ? " (partition " + std::to_string(p) + ")" : "";
+                    moe_slice s;
+                    s.f0 = t[6].cast<int64_t>();
+                    s.f1 = t[7].cast<int64_t>();
+                    s.d0 = t[8].cast<int64_t>();
+                    s.d1 = t[9].cast<int64_t>();
+                    const int64_t first_f = t[10].cast<int64_t>(), first_d = t[11].cast<int64_t>();
+                    s.gate = as_experts(t[0].cast<py::buffer>(), "gate" + tag, t[1].cast<int>(), E, e.d_model(), first_f);
+                    s.up = as_experts(t[2].cast<py::buffer>(), "up" + tag, t[3].cast<int>(), E, e.d_model(), first_f);
+                    s.down = as_experts(t[4].cast<py::buffer>(), "down" + tag, t[5].cast<int>(), E, F, first_d);
+                    parts.push_back(s);
+                }
+                return e.add_layer(E, F, parts);
             },
-            py::arg("n_experts"), py::arg("gate"), py::arg("gate_type"), py::arg("up"), py::arg("up_type"),
-            py::arg("down"), py::arg("down_type"), py::keep_alive<1, 3>(), py::keep_alive<1, 5>(),
-            py::keep_alive<1, 7>(), "Register a MoE layer's expert tensors (GGUF bytes, zero-copy)")
+            py::arg("n_experts"), py::arg("n_ff"), py::arg("slices"),
+            "Register a MoE layer: one slice per partition, GGUF bytes used in place (the caller keeps them alive)")
         .def("set_skip",
              [](MoEEngine& e, int layer, py::array_t<uint8_t, py::array::c_style | py::array::forcecast> mask) {
                  e.set_skip(layer, mask.data(), mask.size());
@@ -245,6 +275,7 @@ PYBIND11_MODULE(_native, m) {
         .def_property_readonly("max_tokens", &MoEEngine::max_tokens)
         .def_property_readonly("max_k", &MoEEngine::max_k)
         .def_property_readonly("d_model", &MoEEngine::d_model)
+        .def_property_readonly("partition_threads", &MoEEngine::partition_threads)
         .def("layer_info",
              [](MoEEngine& e, int i) {
                  if (i < 0 || i >= e.n_layers()) bad("layer " + std::to_string(i) + " does not exist");
@@ -253,8 +284,7 @@ PYBIND11_MODULE(_native, m) {
                  d["E"] = L.E;
                  d["D"] = L.D;
                  d["F"] = L.F;
-                 d["types"] = py::make_tuple(L.gate.type, L.up.type, L.down.type);
-                 d["bytes"] = (L.gate.expert_stride + L.up.expert_stride + L.down.expert_stride) * L.E;
+                 d["types"] = py::make_tuple(L.gate_type(), L.up_type(), L.down_type());
                  return d;
              })
         .def("worker_cpus", [](MoEEngine& e) { return e.pool().worker_cpus(); })

@@ -1,10 +1,13 @@
 // Routed-expert engine. One forward = for each chunk of tokens, four phases on the pool:
-//   A quantize x rows (once, reused by gate and up)          split by token
-//   B fused gate/up + SiLU*mul into h[slot, F]              items = (expert, 16 rows, 64 slots)
-//   C quantize h rows for down                               split by slot
-//   D down rows, weighted sum over experts into y            items = 16 rows of D
-// Every output element is accumulated by one thread in a fixed order (experts ascending),
-// so results are bit-identical for any thread count.
+//   A quantize x rows (once, reused by gate and up)        all workers, split by token
+//   B fused gate/up + SiLU*mul into h[slot, F]             each partition its own F rows,
+//                                                          items = (expert, 16 rows, 64 slots)
+//   C quantize h rows for down                             all workers, split by slot
+//   D down rows, weighted sum over experts into y          each partition its own D rows,
+//                                                          items = 16 rows
+// Every output element is accumulated by one thread in a fixed order (experts ascending)
+// with the same dot products whatever the partitioning, so results are bit-identical for
+// any thread count and any number of NUMA partitions.
 #include "moe.h"
 
 #include <algorithm>
@@ -22,16 +25,17 @@ constexpr int64_t kSlots = 64;  // token slots per gate/up work item
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 
-void check_matrix(const expert_matrix& m, const char* name, int64_t rows, int64_t cols) {
+void check_matrix(const expert_matrix& m, const std::string& name, int64_t first, int64_t rows, int64_t cols) {
     const type_info& ti = get_type_info(m.type);
-    if (!ti.name) bad(std::string(name) + ": GGML type " + std::to_string(m.type) + " is not supported");
-    if (m.rows != rows || m.cols != cols)
-        bad(std::string(name) + ": expected " + std::to_string(rows) + " rows of " + std::to_string(cols) +
-            " per expert, got " + std::to_string(m.rows) + " x " + std::to_string(m.cols));
-    if (cols % ti.block) bad(std::string(name) + ": row length is not a multiple of the " + ti.name + " block");
-    if (m.row_stride < row_bytes(m.type, cols) || m.expert_stride < m.row_stride * rows)
-        bad(std::string(name) + ": strides are smaller than the rows they hold");
-    if (!m.data) bad(std::string(name) + ": null data");
+    if (!ti.name) bad(name + ": GGML type " + std::to_string(m.type) + " is not supported");
+    if (m.cols != cols) bad(name + ": rows of " + std::to_string(m.cols) + " elements, expected " + std::to_string(cols));
+    if (m.first_row > first || m.first_row + m.rows < first + rows)
+        bad(name + ": holds rows " + std::to_string(m.first_row) + ".." + std::to_string(m.first_row + m.rows) +
+            " but must cover " + std::to_string(first) + ".." + std::to_string(first + rows));
+    if (cols % ti.block) bad(name + ": row length is not a multiple of the " + ti.name + " block");
+    if (m.row_stride < row_bytes(m.type, cols) || m.expert_stride < m.row_stride * m.rows)
+        bad(name + ": strides are smaller than the rows they hold");
+    if (!m.data) bad(name + ": null data");
 }
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -45,16 +49,15 @@ struct moe_job {
     act_format act_gate, act_up, act_down;
     int64_t xg_bytes, xu_bytes, hq_bytes;
     // per chunk, written by worker 0 between barriers
-    int64_t t0 = 0, tc = 0, n_slots = 0, n_items = 0;
-    chunk_counter items, down_items;
+    int64_t t0 = 0, tc = 0, n_slots = 0;
+    std::unique_ptr<chunk_counter[]> items, down_items;  // one per partition
 };
 
 void MoEEngine::group_chunk(moe_job& j) {
-    MoEEngine& m = *this;
     const moe_layer& L = *j.L;
-    const int32_t* ids = m.ids_.data() + j.t0 * j.K;
+    const int32_t* ids = ids_.data() + j.t0 * j.K;
     const int64_t S = j.tc * j.K;
-    int32_t* begin = m.expert_begin_.data();
+    int32_t* begin = expert_begin_.data();
     std::fill(begin, begin + L.E + 1, 0);
     for (int64_t s = 0; s < S; s++) {
         const int32_t e = ids[s];
@@ -62,28 +65,28 @@ void MoEEngine::group_chunk(moe_job& j) {
     }
     for (int64_t e = 0; e < L.E; e++) begin[e + 1] += begin[e];
     j.n_slots = begin[L.E];
-    // fill slot lists (stable: slots ascending within an expert)
-    int32_t* cursor = m.cursor_.data();
+    // slot lists, stable: slots ascending within an expert
+    int32_t* cursor = cursor_.data();
     std::copy(begin, begin + L.E, cursor);
     for (int64_t s = 0; s < S; s++) {
         const int32_t e = ids[s];
-        if (e >= 0 && !L.skip[e]) m.slot_list_[cursor[e]++] = (int32_t)s;
+        if (e >= 0 && !L.skip[e]) slot_list_[cursor[e]++] = (int32_t)s;
     }
-    m.active_.clear();
-    const int64_t f_chunks = (L.F + kRows - 1) / kRows;
-    m.item_begin_.clear();
-    int64_t items = 0;
+    active_.clear();
+    slot_chunk_begin_.clear();
+    int64_t chunks = 0;
     for (int64_t e = 0; e < L.E; e++) {
         const int64_t n = begin[e + 1] - begin[e];
         if (!n) continue;
-        m.active_.push_back((int32_t)e);
-        m.item_begin_.push_back(items);
-        items += f_chunks * ((n + kSlots - 1) / kSlots);
+        active_.push_back((int32_t)e);
+        slot_chunk_begin_.push_back(chunks);
+        chunks += (n + kSlots - 1) / kSlots;
     }
-    m.item_begin_.push_back(items);
-    j.n_items = items;
-    j.items.reset();
-    j.down_items.reset();
+    slot_chunk_begin_.push_back(chunks);
+    for (int p = 0; p < n_partitions(); p++) {
+        j.items[p].reset();
+        j.down_items[p].reset();
+    }
 }
 
 void MoEEngine::worker(void* p, int ith, int nth) {
@@ -92,9 +95,11 @@ void MoEEngine::worker(void* p, int ith, int nth) {
     const moe_layer& L = *j.L;
     const kernel_table& k = *j.k;
     const int64_t D = L.D, F = L.F, K = j.K;
+    const int part = m.part_of_[ith];
+    const moe_slice& sl = L.parts[part];
     const int64_t chunk = std::min(m.max_tokens_, MoEEngine::kTokenChunk);
     const bool same_act = j.act_gate == j.act_up;
-    const dot_fn dot_gate = k.dot[L.gate.type], dot_up = k.dot[L.up.type], dot_down = k.dot[L.down.type];
+    const dot_fn dot_gate = k.dot[L.gate_type()], dot_up = k.dot[L.up_type()], dot_down = k.dot[L.down_type()];
 
     for (int64_t t0 = 0; t0 < j.T; t0 += chunk) {
         if (ith == 0) {
@@ -103,63 +108,63 @@ void MoEEngine::worker(void* p, int ith, int nth) {
             m.group_chunk(j);
         }
         // A: quantize activations
-        {
-            const int64_t tc = std::min(chunk, j.T - t0);
-            for (int64_t t = ith; t < tc; t += nth) {
-                const float* xr = m.x_.data() + (t0 + t) * m.d_model_;
-                k.quant_act[j.act_gate](xr, m.xq_gate_.data() + t * j.xg_bytes, D);
-                if (!same_act) k.quant_act[j.act_up](xr, m.xq_up_.data() + t * j.xu_bytes, D);
-            }
+        const int64_t tc = std::min(chunk, j.T - t0);
+        for (int64_t t = ith; t < tc; t += nth) {
+            const float* xr = m.x_.data() + (t0 + t) * m.d_model_;
+            k.quant_act[j.act_gate](xr, m.xq_gate_.data() + t * j.xg_bytes, D);
+            if (!same_act) k.quant_act[j.act_up](xr, m.xq_up_.data() + t * j.xu_bytes, D);
         }
         m.pool_.barrier();
+        const uint8_t* xq_gate = m.xq_gate_.data();
         const uint8_t* xq_up = same_act ? m.xq_gate_.data() : m.xq_up_.data();
         const int64_t xu_bytes = same_act ? j.xg_bytes : j.xu_bytes;
-        // B: gate/up
-        const int64_t f_chunks = (F + kRows - 1) / kRows;
         const int64_t n_active = (int64_t)m.active_.size();
-        for (int64_t it = j.items.take(); it < j.n_items; it = j.items.take()) {
-            const int64_t a = std::upper_bound(m.item_begin_.begin(), m.item_begin_.begin() + n_active + 1, it) -
-                              m.item_begin_.begin() - 1;
-            const int64_t local = it - m.item_begin_[a];
+        const int32_t* slot_list = m.slot_list_.data();
+        const int32_t* begin = m.expert_begin_.data();
+        // B: gate/up rows [f0, f1) of this partition
+        const int64_t f_chunks = (sl.f1 - sl.f0 + kRows - 1) / kRows;
+        const int64_t n_items = f_chunks * m.slot_chunk_begin_[n_active];
+        for (int64_t it = j.items[part].take(); it < n_items; it = j.items[part].take()) {
+            const int64_t sc = it / f_chunks;
+            const int64_t a = std::upper_bound(m.slot_chunk_begin_.begin(), m.slot_chunk_begin_.begin() + n_active + 1, sc) -
+                              m.slot_chunk_begin_.begin() - 1;
+            const int64_t local = it - f_chunks * m.slot_chunk_begin_[a];
             const int32_t e = m.active_[a];
-            const int32_t* slots = m.slot_list_.data() + m.expert_begin_[e];
-            const int64_t n_e = m.expert_begin_[e + 1] - m.expert_begin_[e];
-            const int64_t f0 = (local % f_chunks) * kRows, f1 = std::min(F, f0 + kRows);
+            const int32_t* slots = slot_list + begin[e];
+            const int64_t n_e = begin[e + 1] - begin[e];
+            const int64_t f0 = sl.f0 + (local % f_chunks) * kRows, f1 = std::min(sl.f1, f0 + kRows);
             const int64_t s0 = (local / f_chunks) * kSlots, s1 = std::min(n_e, s0 + kSlots);
-            const uint8_t* gbase = L.gate.data + e * L.gate.expert_stride;
-            const uint8_t* ubase = L.up.data + e * L.up.expert_stride;
             for (int64_t f = f0; f < f1; f++) {
-                const uint8_t* grow = gbase + f * L.gate.row_stride;
-                const uint8_t* urow = ubase + f * L.up.row_stride;
+                const uint8_t* grow = sl.gate.row(e, f);
+                const uint8_t* urow = sl.up.row(e, f);
                 for (int64_t i = s0; i < s1; i++) {
                     const int64_t s = slots[i], t = s / K;
-                    const float g = dot_gate(D, grow, m.xq_gate_.data() + t * j.xg_bytes);
+                    const float g = dot_gate(D, grow, xq_gate + t * j.xg_bytes);
                     const float u = dot_up(D, urow, xq_up + t * xu_bytes);
                     m.h_[s * F + f] = silu(g) * u;
                 }
             }
         }
         m.pool_.barrier();
-        // C: quantize h rows of the slots in use
+        // C: quantize the h rows of the slots in use
         for (int64_t i = ith; i < j.n_slots; i += nth) {
-            const int64_t s = m.slot_list_[i];
+            const int64_t s = slot_list[i];
             k.quant_act[j.act_down](m.h_.data() + s * F, m.hq_.data() + s * j.hq_bytes, F);
         }
         m.pool_.barrier();
-        // D: down projection and weighted sum, experts ascending
-        const int64_t d_chunks = (D + kRows - 1) / kRows;
+        // D: down rows [d0, d1) of this partition, weighted sum with experts ascending
+        const int64_t d_chunks = (sl.d1 - sl.d0 + kRows - 1) / kRows;
         const float* wts = m.w_.data() + t0 * K;
         float* y = m.y_.data() + t0 * m.d_model_;
-        for (int64_t it = j.down_items.take(); it < d_chunks; it = j.down_items.take()) {
-            const int64_t d0 = it * kRows, d1 = std::min(D, d0 + kRows);
-            for (int64_t t = 0; t < j.tc; t++) std::fill(y + t * m.d_model_ + d0, y + t * m.d_model_ + d1, 0.f);
+        for (int64_t it = j.down_items[part].take(); it < d_chunks; it = j.down_items[part].take()) {
+            const int64_t d0 = sl.d0 + it * kRows, d1 = std::min(sl.d1, d0 + kRows);
+            for (int64_t t = 0; t < tc; t++) std::fill(y + t * m.d_model_ + d0, y + t * m.d_model_ + d1, 0.f);
             for (int64_t a = 0; a < n_active; a++) {
                 const int32_t e = m.active_[a];
-                const int32_t* slots = m.slot_list_.data() + m.expert_begin_[e];
-                const int64_t n_e = m.expert_begin_[e + 1] - m.expert_begin_[e];
-                const uint8_t* dbase = L.down.data + e * L.down.expert_stride;
+                const int32_t* slots = slot_list + begin[e];
+                const int64_t n_e = begin[e + 1] - begin[e];
                 for (int64_t d = d0; d < d1; d++) {
-                    const uint8_t* drow = dbase + d * L.down.row_stride;
+                    const uint8_t* drow = sl.down.row(e, d);
                     for (int64_t i = 0; i < n_e; i++) {
                         const int64_t s = slots[i], t = s / K;
                         y[t * m.d_model_ + d] += wts[s] * dot_down(F, drow, m.hq_.data() + s * j.hq_bytes);
@@ -171,35 +176,74 @@ void MoEEngine::worker(void* p, int ith, int nth) {
     }
 }
 
-MoEEngine::MoEEngine(int threads, const std::vector<int>& cpus, int64_t max_tokens, int64_t max_k, int64_t d_model)
-    : pool_(threads, cpus), max_tokens_(max_tokens), max_k_(max_k), d_model_(d_model) {
+static std::vector<int> flatten_cpus(const std::vector<std::vector<int>>& parts) {
+    std::vector<int> cpus;
+    for (auto& p : parts) cpus.insert(cpus.end(), p.begin(), p.end());
+    return cpus;
+}
+
+static int count_threads(const std::vector<std::vector<int>>& parts) {
+    if (parts.empty()) bad("at least one partition of workers is needed");
+    size_t n = 0;
+    for (auto& p : parts) {
+        if (p.empty()) bad("every partition needs at least one worker");
+        n += p.size();
+    }
+    return (int)n;
+}
+
+MoEEngine::MoEEngine(const std::vector<std::vector<int>>& partition_cpus, int64_t max_tokens, int64_t max_k,
+                     int64_t d_model)
+    : pool_(count_threads(partition_cpus), flatten_cpus(partition_cpus)),
+      max_tokens_(max_tokens),
+      max_k_(max_k),
+      d_model_(d_model) {
     if (max_tokens < 1) bad("max_tokens must be >= 1");
     if (max_k < 1) bad("max_k must be >= 1");
     if (d_model < 1) bad("d_model must be >= 1");
+    for (size_t p = 0; p < partition_cpus.size(); p++) {
+        part_threads_.push_back((int)partition_cpus[p].size());
+        for (size_t i = 0; i < partition_cpus[p].size(); i++) part_of_.push_back((int)p);
+    }
     x_.assign(max_tokens * d_model, 0.f);
     y_.assign(max_tokens * d_model, 0.f);
     ids_.assign(max_tokens * max_k, -1);
     w_.assign(max_tokens * max_k, 0.f);
     job_ = std::make_unique<moe_job>();
+    job_->items.reset(new chunk_counter[partition_cpus.size()]);
+    job_->down_items.reset(new chunk_counter[partition_cpus.size()]);
 }
 
 MoEEngine::~MoEEngine() { pool_.wait(); }
 
-int MoEEngine::add_layer(int64_t E, const expert_matrix& gate, const expert_matrix& up, const expert_matrix& down) {
+int MoEEngine::add_layer(int64_t E, int64_t F, const std::vector<moe_slice>& parts) {
     if (busy()) bad("add_layer while a forward is pending");
     if (E < 1 || E > (1 << 20)) bad("expert count " + std::to_string(E) + " is out of range");
-    const int64_t D = gate.cols, F = gate.rows;
-    if (D != d_model_) bad("gate: row length " + std::to_string(D) + " != the engine's d_model " + std::to_string(d_model_));
-    check_matrix(gate, "gate", F, D);
-    check_matrix(up, "up", F, D);
-    check_matrix(down, "down", D, F);
+    if (F < 1) bad("expert FFN size must be positive");
+    if ((int)parts.size() != n_partitions())
+        bad("expected " + std::to_string(n_partitions()) + " slices (one per partition), got " + std::to_string(parts.size()));
+    const int64_t D = d_model_;
+    int64_t f_next = 0, d_next = 0;
+    for (size_t p = 0; p < parts.size(); p++) {
+        const moe_slice& s = parts[p];
+        const std::string tag = parts.size() > 1 ? " (partition " + std::to_string(p) + ")" : "";
+        if (s.f0 != f_next || s.f1 < s.f0 || s.d0 != d_next || s.d1 < s.d0)
+            bad("slices must cover F and D in order" + tag);
+        f_next = s.f1;
+        d_next = s.d1;
+        check_matrix(s.gate, "gate" + tag, s.f0, s.f1 - s.f0, D);
+        check_matrix(s.up, "up" + tag, s.f0, s.f1 - s.f0, D);
+        check_matrix(s.down, "down" + tag, s.d0, s.d1 - s.d0, F);
+        if (s.gate.type != parts[0].gate.type || s.up.type != parts[0].up.type || s.down.type != parts[0].down.type)
+            bad("all slices of a layer must have the same types" + tag);
+    }
+    if (f_next != F || d_next != D) bad("slices cover F=" + std::to_string(f_next) + ", D=" + std::to_string(d_next) +
+                                        " instead of F=" + std::to_string(F) + ", D=" + std::to_string(D));
     auto L = std::make_unique<moe_layer>();
-    L->gate = gate;
-    L->up = up;
-    L->down = down;
+    L->E = E;
     L->D = D;
     L->F = F;
-    L->E = E;
+    L->parts = parts;
     L->skip.assign(E, 0);
     layers_.push_back(std::move(L));
     return (int)layers_.size() - 1;
@@ -217,9 +261,9 @@ void MoEEngine::ensure_scratch() {
     const int64_t chunk = std::min(max_tokens_, kTokenChunk);
     int64_t xg = 0, xu = 0, hq = 0, E = 0;
     for (auto& L : layers_) {
-        xg = std::max(xg, act_row_bytes(get_type_info(L->gate.type).act, L->D));
-        xu = std::max(xu, act_row_bytes(get_type_info(L->up.type).act, L->D));
-        hq = std::max(hq, act_row_bytes(get_type_info(L->down.type).act, L->F));
+        xg = std::max(xg, act_row_bytes(get_type_info(L->gate_type()).act, L->D));
+        xu = std::max(xu, act_row_bytes(get_type_info(L->up_type()).act, L->D));
+        hq = std::max(hq, act_row_bytes(get_type_info(L->down_type()).act, L->F));
         max_f_ = std::max(max_f_, L->F);
         E = std::max(E, L->E);
     }
@@ -234,7 +278,7 @@ void MoEEngine::ensure_scratch() {
     grow(expert_begin_, E + 1);
     grow(cursor_, E);
     active_.reserve(E);
-    item_begin_.reserve(E + 1);
+    slot_chunk_begin_.reserve(E + 1);
 }
 
 void MoEEngine::submit(int layer, int64_t T, int64_t K) {
@@ -252,9 +296,9 @@ void MoEEngine::submit(int layer, int64_t T, int64_t K) {
     j.k = &kernels();
     j.T = T;
     j.K = K;
-    j.act_gate = get_type_info(L.gate.type).act;
-    j.act_up = get_type_info(L.up.type).act;
-    j.act_down = get_type_info(L.down.type).act;
+    j.act_gate = get_type_info(L.gate_type()).act;
+    j.act_up = get_type_info(L.up_type()).act;
+    j.act_down = get_type_info(L.down_type()).act;
     j.xg_bytes = act_row_bytes(j.act_gate, L.D);
     j.xu_bytes = act_row_bytes(j.act_up, L.D);
     j.hq_bytes = act_row_bytes(j.act_down, L.F);

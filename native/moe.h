@@ -15,30 +15,48 @@ namespace hybrid {
 
 struct moe_job;
 
-// One projection of all experts of a layer, in GGUF layout: expert e, row r at
-// data + e * expert_stride + r * row_stride (rows of `cols` elements of `type`).
+// Rows [first_row, first_row + rows) of one projection of all experts of a layer, in GGUF
+// layout: expert e, row r at data + e * expert_stride + (r - first_row) * row_stride (rows of
+// `cols` elements of `type`). A whole GGUF tensor has first_row 0; a NUMA slice does not.
 struct expert_matrix {
     const uint8_t* data = nullptr;
     int type = -1;
-    int64_t rows = 0, cols = 0;
+    int64_t first_row = 0, rows = 0, cols = 0;
     int64_t expert_stride = 0, row_stride = 0;
+    const uint8_t* row(int64_t e, int64_t r) const { return data + e * expert_stride + (r - first_row) * row_stride; }
+};
+
+// One partition's share of a layer (a partition = a NUMA node's worker group): gate/up rows
+// [f0, f1) and down rows [d0, d1) of every expert. Its workers compute exactly those rows, so
+// every output element is computed once, by the same dot as with one partition.
+struct moe_slice {
+    expert_matrix gate, up, down;
+    int64_t f0 = 0, f1 = 0, d0 = 0, d1 = 0;
 };
 
 struct moe_layer {
-    expert_matrix gate, up, down;  // gate/up: [E, F, D]; down: [E, D, F]
     int64_t E = 0, D = 0, F = 0;
+    std::vector<moe_slice> parts;  // one per engine partition, covering F and D in order
     std::vector<uint8_t> skip;     // [E] 1 = computed elsewhere (e.g. on the GPU)
+    int gate_type() const { return parts[0].gate.type; }
+    int up_type() const { return parts[0].up.type; }
+    int down_type() const { return parts[0].down.type; }
 };
 
 class MoEEngine {
    public:
-    // max_tokens: largest T per call; max_k: largest K; d_model: D of every layer. Scratch is
-    // sized for min(max_tokens, kTokenChunk) tokens: longer inputs are processed in chunks.
-    MoEEngine(int threads, const std::vector<int>& cpus, int64_t max_tokens, int64_t max_k, int64_t d_model);
+    // partition_cpus[p]: the CPUs partition p's workers are pinned to (-1: not pinned), one
+    // worker per entry. max_tokens: largest T per call; max_k: largest K; d_model: D of every
+    // layer. Scratch is sized for min(max_tokens, kTokenChunk) tokens: longer inputs are
+    // processed in chunks.
+    MoEEngine(const std::vector<std::vector<int>>& partition_cpus, int64_t max_tokens, int64_t max_k,
+              int64_t d_model);
     ~MoEEngine();
 
-    // Validates shapes and types; returns the layer id.
-    int add_layer(int64_t E, const expert_matrix& gate, const expert_matrix& up, const expert_matrix& down);
+    // Validates shapes, types and coverage; returns the layer id. One slice per partition.
+    int add_layer(int64_t E, int64_t F, const std::vector<moe_slice>& parts);
+    int n_partitions() const { return (int)part_threads_.size(); }
+    const std::vector<int>& partition_threads() const { return part_threads_; }
     void set_skip(int layer, const uint8_t* skip, int64_t E);
     int n_layers() const { return (int)layers_.size(); }
     const moe_layer& layer(int i) const { return *layers_[i]; }
@@ -68,6 +86,8 @@ class MoEEngine {
     void group_chunk(moe_job& j);
     void ensure_scratch();
 
+    std::vector<int> part_threads_;   // workers per partition
+    std::vector<int> part_of_;        // partition of each worker
     ThreadPool pool_;
     int64_t max_tokens_, max_k_, d_model_, max_f_ = 0;
     std::vector<std::unique_ptr<moe_layer>> layers_;
@@ -82,7 +102,7 @@ class MoEEngine {
     std::vector<int32_t> expert_begin_;      // [E+1] offsets into slot_list_
     std::vector<int32_t> cursor_;            // [E] fill positions while grouping
     std::vector<int32_t> active_;            // experts with at least one slot
-    std::vector<int64_t> item_begin_;        // [active+1] gate/up work items per active expert
+    std::vector<int64_t> slot_chunk_begin_;  // [active+1] prefix of 64-slot chunks per active expert
     std::unique_ptr<moe_job> job_;
 };
 
