@@ -50,7 +50,7 @@ static float dot_f16(int64_t n, const void* w, const void* a) {
         s1 = _mm512_fmadd_ps(load_f16x16(x + i + 16), _mm512_loadu_ps(y + i + 16), s1);
     }
     float s = reduce_add(_mm512_add_ps(s0, s1));
-    for (; i < n; i++) s += fp16_to_fp32(x[i]) * y[i];
+    for (; i < n; i++) s += h2f(x[i]) * y[i];
     return s;
 }
 
@@ -78,7 +78,7 @@ static float dot_q8_0(int64_t n, const void* w, const void* a) {
         const __m256i qy = _mm256_loadu_si256((const __m256i*)y[b].qs);
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(qx, qx),
                                               _mm256_sign_epi8(qy, qx));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
     }
     return hsum_ps(acc);
 }
@@ -89,7 +89,7 @@ static float dot_q4_0(int64_t n, const void* w, const void* a) {
     __m256 acc = _mm256_setzero_ps();
     float offset = 0.f;
     for (int64_t b = 0; b < n / QK32; b++) {
-        const float d = fp16_to_fp32(x[b].d) * y[b].d;
+        const float d = h2f(x[b].d) * y[b].d;
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles_32(x[b].qs),
                                               _mm256_loadu_si256((const __m256i*)y[b].qs));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
@@ -106,7 +106,7 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
     for (int64_t b = 0; b < n / QK32; b++) {
         uint32_t qh;
         std::memcpy(&qh, x[b].qh, 4);
-        const float d = fp16_to_fp32(x[b].d) * y[b].d;
+        const float d = h2f(x[b].d) * y[b].d;
         const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
                                               _mm256_loadu_si256((const __m256i*)y[b].qs));
@@ -116,13 +116,21 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc) - offset;
 }
 
+// Word permutations: chunk c of a Q4_K block spans sub-blocks 2c (low 16 words) and 2c+1.
+alignas(64) static const int16_t k_k4_scale_idx[4][32] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+    {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
+    {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7},
+};
+
 // Q4_K / Q5_K: 64 quants (two sub-blocks) per 512-bit register; maddubs gives int16 pair
 // sums, vpdpwssd multiplies them by the sub-block scale and accumulates in int32.
 static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, int qs_off,
                                int qh_off, const block_q8_K* y) {
     const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
     __m512 acc = _mm512_setzero_ps();
-    float acc_m = 0.f;
+    __m128 acc_m = _mm_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t* blk = base + b * stride;
         uint16_t dh, mh;
@@ -130,9 +138,10 @@ static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, i
         std::memcpy(&mh, blk + 2, 2);
         uint8_t sm[16];
         unpack_scales_mins_k4(blk + 4, sm);
-        acc_m += y[b].d * fp16_to_fp32(mh) * (float)k4_min_sum(sm + 8, y[b].bsums);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(y[b].d * h2f(mh)), _mm_cvtepi32_ps(k4_min_products(sm + 8, y[b].bsums)), acc_m);
         const uint8_t* qs = blk + qs_off;
         const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
+        const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)sm)));
         __m512i sumi = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
             const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
@@ -143,12 +152,12 @@ static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, i
                 hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
             }
             const __m512i av = _mm512_loadu_si512((const void*)(y[b].qs + 64 * c));
-            const __m512i s = join256(_mm256_set1_epi16(sm[2 * c]), _mm256_set1_epi16(sm[2 * c + 1]));
+            const __m512i s = _mm512_permutexvar_epi16(_mm512_load_si512((const void*)k_k4_scale_idx[c]), scales);
             sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(lo, hi), av), s);
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * fp16_to_fp32(dh)), _mm512_cvtepi32_ps(sumi), acc);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * h2f(dh)), _mm512_cvtepi32_ps(sumi), acc);
     }
-    return reduce_add(acc) - acc_m;
+    return reduce_add(acc) - hsum_ps_128(acc_m);
 }
 
 static float dot_q4_K(int64_t n, const void* w, const void* a) {
@@ -188,10 +197,9 @@ static float dot_q6_K(int64_t n, const void* w, const void* a) {
             sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[2], q[3]), a23),
                                        _mm512_permutexvar_epi16(idx1, sc));
         }
-        const int off = 32 * q6_scale_bsum(x[b].scales, y[b].bsums);
-        const float d = y[b].d * fp16_to_fp32(x[b].d);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
-        acc = _mm512_mask_add_ps(acc, 1, acc, _mm512_set1_ps(-d * (float)off));
+        // quants are stored +32: subtract 32 * sc[j] * bsums[j] (8 lanes) from the low half
+        sumi = _mm512_sub_epi32(sumi, _mm512_inserti64x4(_mm512_setzero_si512(), q6_offset(x[b].scales, y[b].bsums), 0));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * h2f(x[b].d)), _mm512_cvtepi32_ps(sumi), acc);
     }
     return reduce_add(acc);
 }

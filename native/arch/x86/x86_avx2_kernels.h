@@ -17,6 +17,15 @@
 namespace hybrid {
 namespace x86 {
 
+// Hardware fp16 -> fp32 (F16C): exact, like the scalar fp16_to_fp32, but one instruction.
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float hsum_ps_128(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -53,7 +62,7 @@ static void dequant_f16(const void* src, float* y, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i))));
-    for (; i < n; i++) y[i] = fp16_to_fp32(x[i]);
+    for (; i < n; i++) y[i] = h2f(x[i]);
 }
 
 static void dequant_bf16(const void* src, float* y, int64_t n) {
@@ -69,7 +78,7 @@ static void dequant_bf16(const void* src, float* y, int64_t n) {
 static void dequant_q8_0(const void* src, float* y, int64_t n) {
     const block_q8_0* x = (const block_q8_0*)src;
     for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
-        const __m256 d = _mm256_set1_ps(fp16_to_fp32(x[b].d));
+        const __m256 d = _mm256_set1_ps(h2f(x[b].d));
         for (int j = 0; j < QK32; j += 8)
             store_i8x8_scaled(y + j, _mm_loadl_epi64((const __m128i*)(x[b].qs + j)), d);
     }
@@ -95,7 +104,7 @@ static void dequant_q4_0(const void* src, float* y, int64_t n) {
     const block_q4_0* x = (const block_q4_0*)src;
     for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
         const __m256i q = _mm256_sub_epi8(nibbles_32(x[b].qs), _mm256_set1_epi8(8));
-        store_i8x32_scaled(y, q, _mm256_set1_ps(fp16_to_fp32(x[b].d)));
+        store_i8x32_scaled(y, q, _mm256_set1_ps(h2f(x[b].d)));
     }
 }
 
@@ -106,7 +115,7 @@ static void dequant_q5_0(const void* src, float* y, int64_t n) {
         std::memcpy(&qh, x[b].qh, 4);
         __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
         q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
-        store_i8x32_scaled(y, q, _mm256_set1_ps(fp16_to_fp32(x[b].d)));
+        store_i8x32_scaled(y, q, _mm256_set1_ps(h2f(x[b].d)));
     }
 }
 
@@ -146,13 +155,13 @@ static void dequant_k4(const uint8_t* qs, const uint8_t* qh, const uint8_t* scal
 static void dequant_q4_K(const void* src, float* y, int64_t n) {
     const block_q4_K* x = (const block_q4_K*)src;
     for (int64_t b = 0; b < n / QK_K; b++, y += QK_K)
-        dequant_k4(x[b].qs, nullptr, x[b].scales, fp16_to_fp32(x[b].d), fp16_to_fp32(x[b].dmin), y);
+        dequant_k4(x[b].qs, nullptr, x[b].scales, h2f(x[b].d), h2f(x[b].dmin), y);
 }
 
 static void dequant_q5_K(const void* src, float* y, int64_t n) {
     const block_q5_K* x = (const block_q5_K*)src;
     for (int64_t b = 0; b < n / QK_K; b++, y += QK_K)
-        dequant_k4(x[b].qs, x[b].qh, x[b].scales, fp16_to_fp32(x[b].d), fp16_to_fp32(x[b].dmin), y);
+        dequant_k4(x[b].qs, x[b].qh, x[b].scales, h2f(x[b].d), h2f(x[b].dmin), y);
 }
 
 // The four quarters (32 quants each, values 0..63) of one 128-half of a Q6_K block.
@@ -173,7 +182,7 @@ static inline void q6_quarters(const uint8_t* ql, const uint8_t* qh, __m256i q[4
 static void dequant_q6_K(const void* src, float* y, int64_t n) {
     const block_q6_K* x = (const block_q6_K*)src;
     for (int64_t b = 0; b < n / QK_K; b++) {
-        const float d = fp16_to_fp32(x[b].d);
+        const float d = h2f(x[b].d);
         for (int half = 0; half < 2; half++, y += 128) {
             __m256i q[4];
             q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
@@ -289,7 +298,7 @@ static float dot_f16(int64_t n, const void* w, const void* a) {
         s1 = _mm256_fmadd_ps(load_f16x8(x + i + 8), _mm256_loadu_ps(y + i + 8), s1);
     }
     float s = hsum_ps(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += fp16_to_fp32(x[i]) * y[i];
+    for (; i < n; i++) s += h2f(x[i]) * y[i];
     return s;
 }
 
@@ -323,7 +332,7 @@ static float dot_q8_0(int64_t n, const void* w, const void* a) {
         const __m256i qy = _mm256_loadu_si256((const __m256i*)y[b].qs);
         // signed x signed through maddubs: |x| times y with x's sign moved onto y
         const __m256i p = dot_u8s8_32(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
     }
     return hsum_ps(acc);
 }
@@ -334,7 +343,7 @@ static float dot_q4_0(int64_t n, const void* w, const void* a) {
     __m256 acc = _mm256_setzero_ps();
     float offset = 0.f;
     for (int64_t b = 0; b < n / QK32; b++) {
-        const float d = fp16_to_fp32(x[b].d) * y[b].d;
+        const float d = h2f(x[b].d) * y[b].d;
         const __m256i p = dot_u8s8_32(nibbles_32(x[b].qs), _mm256_loadu_si256((const __m256i*)y[b].qs));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
         offset += d * (float)(8 * y[b].sum);
@@ -350,7 +359,7 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
     for (int64_t b = 0; b < n / QK32; b++) {
         uint32_t qh;
         std::memcpy(&qh, x[b].qh, 4);
-        const float d = fp16_to_fp32(x[b].d) * y[b].d;
+        const float d = h2f(x[b].d) * y[b].d;
         const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
         const __m256i p = dot_u8s8_32(q, _mm256_loadu_si256((const __m256i*)y[b].qs));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
@@ -361,13 +370,33 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
 
 // ---------------------------------------------------------------- dots: K-quants (AVX2)
 
-// sum_j m[j] * (bsums[2j] + bsums[2j+1]) for the 8 mins of a Q4_K / Q5_K block.
-static inline int k4_min_sum(const uint8_t* mins8, const int16_t* bsums) {
+// m[j] * (bsums[2j] + bsums[2j+1]) for the 8 mins of a Q4_K / Q5_K block, as 4 int32 lanes
+// (summed once per row, not per block).
+static inline __m128i k4_min_products(const uint8_t* mins8, const int16_t* bsums) {
     const __m128i b0 = _mm_loadu_si128((const __m128i*)bsums);
     const __m128i b1 = _mm_loadu_si128((const __m128i*)(bsums + 8));
     const __m128i pairs = _mm_hadd_epi16(b0, b1);  // 8 x int16 sub-block sums
     const __m128i m = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)mins8));
-    return hsum_epi32_128(_mm_madd_epi16(m, pairs));
+    return _mm_madd_epi16(m, pairs);
+}
+
+// pshufb masks broadcasting int16 word k of each 128-bit lane to the whole lane: k_word[k].
+// Q6_K uses them with a different word per lane: k_word2[i] takes word 2i in the low lane and
+// word 2i+1 in the high lane.
+alignas(32) static const uint8_t k_word[8][32] = {
+#define W(k) {2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, \
+              2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, \
+              2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1}
+    W(0), W(1), W(2), W(3), W(4), W(5), W(6), W(7)
+#undef W
+};
+static inline __m256i word_bcast(__m256i v, int k) {
+    return _mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i*)k_word[k]));
+}
+static inline __m256i word_bcast2(__m256i v, int i) {
+    const __m256i lo = _mm256_load_si256((const __m256i*)k_word[2 * i]);
+    const __m256i hi = _mm256_load_si256((const __m256i*)k_word[2 * i + 1]);
+    return _mm256_shuffle_epi8(v, _mm256_blend_epi32(lo, hi, 0xF0));
 }
 
 // Q4_K and Q5_K share everything but the unpacking of quants (qh = nullptr for Q4_K).
@@ -375,7 +404,7 @@ static inline float dot_k4_avx2(int64_t n, const uint8_t* base, int64_t stride, 
                                 int qh_off, const block_q8_K* y) {
     const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
     __m256 acc = _mm256_setzero_ps();
-    float acc_m = 0.f;
+    __m128 acc_m = _mm_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t* blk = base + b * stride;
         uint16_t dh, mh;
@@ -383,9 +412,11 @@ static inline float dot_k4_avx2(int64_t n, const uint8_t* base, int64_t stride, 
         std::memcpy(&mh, blk + 2, 2);
         uint8_t sm[16];
         unpack_scales_mins_k4(blk + 4, sm);
-        acc_m += y[b].d * fp16_to_fp32(mh) * (float)k4_min_sum(sm + 8, y[b].bsums);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(y[b].d * h2f(mh)), _mm_cvtepi32_ps(k4_min_products(sm + 8, y[b].bsums)), acc_m);
         const uint8_t* qs = blk + qs_off;
         const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
+        // the 8 scales as int16 in both lanes; word_bcast picks one per sub-block
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)sm)));
         __m256i sumi = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
@@ -397,13 +428,13 @@ static inline float dot_k4_avx2(int64_t n, const uint8_t* base, int64_t stride, 
             }
             const __m256i a0 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c));
             const __m256i a1 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c + 32));
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_set1_epi16(sm[2 * c]));
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), _mm256_set1_epi16(sm[2 * c + 1]));
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), word_bcast(scales, 2 * c));
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), word_bcast(scales, 2 * c + 1));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * fp16_to_fp32(dh)), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * h2f(dh)), _mm256_cvtepi32_ps(sumi), acc);
     }
-    return hsum_ps(acc) - acc_m;
+    return hsum_ps(acc) - hsum_ps_128(acc_m);
 }
 
 static float dot_q4_K(int64_t n, const void* w, const void* a) {
@@ -416,11 +447,11 @@ static float dot_q5_K(int64_t n, const void* w, const void* a) {
                        offsetof(block_q5_K, qh), (const block_q8_K*)a);
 }
 
-// sum_j scales[j] * bsums[j] over the 16 sub-blocks of a Q6_K block.
-static inline int q6_scale_bsum(const int8_t* scales, const int16_t* bsums) {
+// 32 * scales[j] * bsums[j] over the 16 sub-blocks of a Q6_K block, as 8 int32 lanes: what
+// the +32 offset of the stored quants adds to the dot.
+static inline __m256i q6_offset(const int8_t* scales, const int16_t* bsums) {
     const __m256i s = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)scales));
-    const __m256i p = _mm256_madd_epi16(s, _mm256_loadu_si256((const __m256i*)bsums));
-    return hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+    return _mm256_slli_epi32(_mm256_madd_epi16(s, _mm256_loadu_si256((const __m256i*)bsums)), 5);
 }
 
 static float dot_q6_K(int64_t n, const void* w, const void* a) {
@@ -432,18 +463,16 @@ static float dot_q6_K(int64_t n, const void* w, const void* a) {
         for (int half = 0; half < 2; half++) {
             __m256i q[4];
             q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
-            const int8_t* sc = x[b].scales + 8 * half;
+            // this half's 8 scales as int16 in both lanes; quarter i takes 2i (low) and 2i+1 (high)
+            const __m256i sc = _mm256_broadcastsi128_si256(
+                _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(x[b].scales + 8 * half))));
             for (int i = 0; i < 4; i++) {
                 const __m256i av = _mm256_loadu_si256((const __m256i*)(y[b].qs + 128 * half + 32 * i));
-                const __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[2 * i + 1]), _mm_set1_epi16(sc[2 * i]));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], av), s));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], av), word_bcast2(sc, i)));
             }
         }
-        // quants are stored +32: remove 32 * sum_j sc[j] * bsums[j]
-        const int off = 32 * q6_scale_bsum(x[b].scales, y[b].bsums);
-        const __m256i corr = _mm256_setr_epi32(off, 0, 0, 0, 0, 0, 0, 0);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * fp16_to_fp32(x[b].d)),
-                              _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, corr)), acc);
+        sumi = _mm256_sub_epi32(sumi, q6_offset(x[b].scales, y[b].bsums));  // quants are stored +32
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * h2f(x[b].d)), _mm256_cvtepi32_ps(sumi), acc);
     }
     return hsum_ps(acc);
 }
