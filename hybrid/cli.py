@@ -1,21 +1,518 @@
-"""hybrid-run: the command line entry point."""
+"""hybrid-run: the command line entry point (terminal chat, one-shot -p, --serve, --dry-run,
+--demo).
 
+User errors (missing or broken file, bad flag value, a model that does not fit) print one
+line on stderr and exit non-zero without a traceback: 2 for bad input, 3 when the model does
+not fit (as --dry-run), 1 when loading or serving fails, 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
 import sys
+import threading
+import time
 
 from hybrid import __version__
+
+PROG = "hybrid-run"
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EXAMPLES = """\
+examples:
+  hybrid-run DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --numa interleave   terminal chat
+  hybrid-run MODEL.gguf -p "Why is the sky blue?" --max-tokens 512      one shot, text to stdout
+  echo "Summarize: ..." | hybrid-run MODEL.gguf -p -                    prompt from stdin
+  hybrid-run MODEL.gguf --serve --port 8080                             OpenAI-compatible API
+  hybrid-run MODEL.gguf --dry-run --gpu-mem 48GiB                       will it fit, and how
+  hybrid-run --demo                                                     small built-in model, tok/s
+
+chat commands: /help /reset /system TEXT /stats /save FILE /exit; Ctrl-C stops a reply,
+Ctrl-D leaves. The server answers GET /v1/models, POST /v1/chat/completions,
+POST /v1/completions and GET /health (see the README).
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, no traceback."""
+
+    def __init__(self, message, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _number(kind, lo=None, lo_open=False, hi=None, what=""):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from placement.solver import NUMA_MODES
+
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Run a Mixture-of-Experts GGUF model (DeepSeek-R1/V3) with the GPU holding what "
+                    "every token touches and the routed experts on the CPU. Without -p or --serve: "
+                    "an interactive chat.")
+    p.add_argument("model", nargs="?", metavar="MODEL.gguf",
+                   help="GGUF file (for a split set: any part, e.g. ...-00001-of-00009.gguf)")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+
+    mode = p.add_argument_group("what to do (default: interactive chat)")
+    mode.add_argument("-p", "--prompt", metavar="TEXT",
+                      help="one-shot: generate a reply to TEXT ('-' reads stdin), print it, exit")
+    mode.add_argument("--serve", action="store_true", help="serve an OpenAI-compatible HTTP API")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the placement plan without loading (exit 0 fits, 3 does not)")
+    mode.add_argument("--demo", action="store_true",
+                      help="build (once, cached) a small deepseek2 Q4_K_M model with random weights "
+                           "and measure prompt and generation speed on it")
+
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: the GPU when torch sees one (default)")
+    rt.add_argument("--numa", choices=NUMA_MODES + ("auto",), default="auto",
+                    help="routed experts over NUMA nodes: interleave, distribute, replicate or off "
+                         "(default auto: interleave when several nodes are usable)")
+    rt.add_argument("--threads", type=_number(int, 1, what="at least 1"), metavar="N",
+                    help="CPU threads (default: every CPU this process may use)")
+    rt.add_argument("--ctx", type=_number(int, 16, what="at least 16 tokens"), metavar="TOKENS",
+                    help="context length (default: min(32768, the model's))")
+    rt.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory to plan with, e.g. 40GiB")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-tokens", type=_number(int, 1, what="at least 1"), metavar="N",
+                     help="tokens per reply (default 1024; --demo: 64)")
+    gen.add_argument("--temperature", type=_number(float, 0.0, what=">= 0 (0 = greedy)"),
+                     default=0.6, metavar="T", help="0 = greedy (default 0.6, R1's recommendation)")
+    gen.add_argument("--top-p", type=_number(float, 0.0, lo_open=True, hi=1.0, what="in (0, 1]"),
+                     default=0.95, metavar="P", help="nucleus sampling (default 0.95; 1 = off)")
+    gen.add_argument("--top-k", type=_number(int, 0, what=">= 0 (0 = off)"), default=0, metavar="K",
+                     help="keep the K most likely tokens (default 0 = off)")
+    gen.add_argument("--seed", type=int, metavar="N", help="sampling seed (default: random)")
+    gen.add_argument("--system", metavar="TEXT", help="system prompt")
+    gen.add_argument("--no-think", action="store_true",
+                     help="hide the model's thinking (R1's <think> part)")
+    gen.add_argument("--raw", action="store_true",
+                     help="-p: send the prompt as plain text, without the chat template")
+
+    srv = p.add_argument_group("server (--serve)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=_number(int, 0, hi=65535, what="0..65535"), default=8080,
+                     help="port (default 8080; 0 picks a free one)")
+    srv.add_argument("--max-queue", type=_number(int, 1, what="at least 1"), default=16, metavar="N",
+                     help="requests waiting behind the running one before the server answers 503 "
+                          "(default 16)")
+    return p
+
+
+# Flags of hybrid-run that the placement dry-run does not take (with how many values follow).
+_RUN_ONLY = {"-p": 1, "--prompt": 1, "--max-tokens": 1, "--temperature": 1, "--top-p": 1,
+             "--top-k": 1, "--seed": 1, "--system": 1, "--host": 1, "--port": 1,
+             "--max-queue": 1, "--no-think": 0, "--serve": 0, "--raw": 0, "--demo": 0,
+             "--dry-run": 0}
+
+
+def _dry_run_argv(argv: list[str]) -> list[str]:
+    """hybrid-run's arguments as placement's dry-run takes them: run-only flags dropped,
+    --device cpu as --cpu-only; the rest (--numa, --ctx, --gpu-mem, ...) passes through."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, _ = a.partition("=")
+        if name in _RUN_ONLY:
+            i += 1 + (_RUN_ONLY[name] if not eq else 0)
+            continue
+        if name == "--device":
+            value = argv[i + 1] if not eq and i + 1 < len(argv) else a.partition("=")[2]
+            if value == "cpu":
+                out.append("--cpu-only")
+            i += 1 if eq else 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _dry_run(argv: list[str]) -> int:
+    from placement.cli import main as dry_run_main
+
+    args = _dry_run_argv(argv)
+    if "--demo" in argv:
+        from hybrid.demo import demo_model
+
+        try:
+            args = [str(demo_model(log=sys.stderr))] + args
+        except (ValueError, OSError, RuntimeError) as e:
+            return _fail(UserError(f"--demo: could not build the demo model: {e}", EXIT_FAIL))
+    return dry_run_main(args)
+
+
+# ------------------------------------------------------------------------------------------
+# Checks before loading
+
+
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_model(path: str) -> str:
+    """The file exists, is a GGUF, and its architecture is supported; returns the
+    architecture. Reads the header only."""
+    from hybrid.gguf_file import GGUFError, GGUFFile
+    from hybrid.models import ARCHITECTURES
+
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory; give the .gguf file (for a split set, its first part)")
+    try:
+        with GGUFFile(path) as g:
+            arch = g.metadata.get("general.architecture")
+    except GGUFError as e:
+        raise UserError(_first_line(e)) from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path}: architecture {arch!r} is not supported; supported: "
+                        f"{', '.join(sorted(ARCHITECTURES))}")
+    return arch
+
+
+def make_plan(path: str, a):
+    """Ask the placement solver for this machine; UserError when the model does not fit."""
+    from placement import plan_for_gguf
+
+    cuda = False
+    if a.device != "cpu":
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if a.device == "cuda" and not cuda:
+            raise UserError("--device cuda: torch sees no CUDA GPU (is a CUDA build of torch "
+                            "installed?); use --device cpu or auto")
+    kw = {"numa": a.numa, "prefill_chunk": 512, "cpu_only": not cuda}
+    if a.ctx:
+        kw["ctx"] = a.ctx
+    if a.gpu_mem:
+        if cuda:
+            kw["gpu_mem"] = a.gpu_mem
+        else:
+            logging.getLogger("hybrid").warning("--gpu-mem %s is ignored: no CUDA GPU in use", a.gpu_mem)
+    try:
+        plan = plan_for_gguf(path, **kw)
+    except ValueError as e:
+        raise UserError(_first_line(e)) from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+    if a.device == "cuda" and plan.device == "cpu":
+        raise UserError(f"{path}: --device cuda, but the placement plan puts nothing on the GPU; "
+                        f"see hybrid-run {path} --dry-run")
+    if not plan.fits:
+        raise UserError(not_fit_message(path, plan), EXIT_NO_FIT)
+    return plan
+
+
+def not_fit_message(path: str, plan) -> str:
+    problems = "; ".join(p.message for p in plan.problems) or "over budget"
+    tips = [s.message + (f" ({s.cli})" if s.cli.startswith(("--ctx", "--numa")) else "")
+            for s in plan.suggestions[:2]]
+    tip = f"; what would help: {'; '.join(tips)}" if tips else ""
+    return (f"{path}: does not fit this machine: {problems}{tip} "
+            f"(hybrid-run {path} --dry-run shows the whole plan)")
+
+
+def plan_summary(plan) -> str:
+    """A few lines of the Plan: what runs where, memory, the speed estimate."""
+    from placement.units import fmt_bytes
+
+    tp = plan.tensor_placement
+    dev_of = {g: d for g, (d, _) in tp.items()}
+    formats: dict = {}
+    for g, (d, f) in tp.items():
+        if g != "routed_experts":
+            formats.setdefault(d, set()).add(f)
+    non_expert = [f"{d} ({', '.join(sorted(fs))})" for d, fs in formats.items()]
+    lines = [f"model: {plan.model} ({plan.architecture} {plan.quantization}, "
+             f"{fmt_bytes(plan.weights_bytes)} in {plan.n_tensors} tensors)"]
+    hw = plan.hardware.get("description")
+    if hw:
+        lines.append(f"machine: {hw}")
+    experts = f"routed experts on {dev_of.get('routed_experts', 'cpu')} (numa {plan.numa_mode})"
+    if plan.n_gpu_experts:
+        experts += f", {plan.n_gpu_experts} hot ones cached on the GPU"
+    lines.append(f"placement: other weights on {', '.join(non_expert) or 'cpu'}; {experts}; "
+                 f"KV cache {plan.kv_cache_tokens} tokens ({fmt_bytes(plan.kv_cache_bytes)}, "
+                 f"{plan.kv_cache_dtype}) on {plan.kv_cache_device}")
+    lines.append("memory: " + "; ".join(f"{name} {fmt_bytes(u.bytes)} of {fmt_bytes(u.capacity_bytes)}"
+                                        for name, u in plan.devices.items()))
+    e = plan.estimate or {}
+    if e:
+        lines.append(f"estimate: decode ~{e.get('decode_tok_s', 0):.1f} tok/s, prefill "
+                     f"~{e.get('prefill_tok_s', 0):.0f} tok/s (--dry-run prints the full plan)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Progress:
+    """Load progress: a bar when the runtime reports progress, else a spinner with the time
+    (a plain line when `out` is not a terminal)."""
+
+    def __init__(self, out, label: str):
+        self.out, self.label = out, label
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+        self.done = self.total = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.tty:
+            self._thread = threading.Thread(target=self._spin, daemon=True)
+            self._thread.start()
+        else:
+            self.out.write(f"{self.label} ...\n")
+            self.out.flush()
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def _line(self, frame: str) -> str:
+        el = time.perf_counter() - self.t0
+        if self.total:
+            w = 30
+            k = int(w * self.done / self.total)
+            return f"\r{self.label} [{'#' * k}{'.' * (w - k)}] {self.done}/{self.total} {el:5.1f} s"
+        return f"\r{frame} {self.label} {el:5.1f} s"
+
+    def _spin(self):
+        frames = "|/-\\"
+        i = 0
+        while not self._stop.wait(0.1):
+            self.out.write(self._line(frames[i % 4]))
+            self.out.flush()
+            i += 1
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.out.write("\r\x1b[K")
+        if exc[0] is None:
+            self.out.write(f"{self.label}: done in {time.perf_counter() - self.t0:.1f} s\n")
+        self.out.flush()
+
+
+def load_runtime(path: str, a, plan, out):
+    import inspect
+
+    import hybrid
+    from hybrid.chat import quiet_stderr
+    from hybrid.engine import Runtime
+
+    kw = dict(device=a.device, threads=a.threads, numa=a.numa, ctx=plan.kv_cache_tokens, plan=plan)
+    with _Progress(out, f"loading {os.path.basename(path)}") as progress:
+        if "progress" in inspect.signature(Runtime.__init__).parameters:
+            kw["progress"] = progress.update
+        try:
+            rt = hybrid.load(path, **kw)
+        except (ValueError, OSError, MemoryError) as e:
+            raise UserError(f"loading {path} failed: {_first_line(e)}", EXIT_FAIL) from None
+    try:
+        with quiet_stderr() as captured:   # llama.cpp talks while it loads the vocabulary
+            rt.tokenizer
+    except ValueError as e:
+        rt.close()
+        detail = captured().strip().splitlines()
+        raise UserError(f"{path}: the tokenizer could not be loaded: {_first_line(e)}"
+                        + (f" ({detail[-1]})" if detail else ""), EXIT_FAIL) from None
+    return rt
+
+
+def model_id(path: str) -> str:
+    """The name clients use for the model: the file name without .gguf and split suffix."""
+    import re
+
+    name = os.path.basename(path)
+    name = re.sub(r"\.gguf$", "", name, flags=re.I)
+    return re.sub(r"-\d{5}-of-\d{5}$", "", name)
+
+
+# ------------------------------------------------------------------------------------------
+# Modes
+
+
+def _gen_params(a, default_max_tokens: int) -> dict:
+    return {"max_tokens": a.max_tokens or default_max_tokens, "temperature": a.temperature,
+            "top_p": a.top_p, "top_k": a.top_k, "seed": a.seed}
+
+
+def _read_prompt(a) -> str:
+    text = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if not text.strip():
+        raise UserError("-p: the prompt is empty" + (" (nothing on stdin)" if a.prompt == "-" else ""))
+    return text
+
+
+def one_shot(rt, a, text: str) -> int:
+    import threading as _threading
+
+    from hybrid.chat import (Generation, ReplyPrinter, ThinkSplitter, prompt_opens_think,
+                             stream_in_worker, use_color)
+
+    chat = not a.raw and bool(getattr(rt.tokenizer, "chat_template", None))
+    try:
+        if chat:
+            msgs = ([{"role": "system", "content": a.system}] if a.system else []) + \
+                   [{"role": "user", "content": text}]
+            prompt_text = rt.apply_chat_template(msgs)
+        else:
+            prompt_text = text
+        ids = rt.tokenize(prompt_text)
+    except ValueError as e:
+        raise UserError(f"-p: cannot build the prompt: {_first_line(e)}") from None
+    if len(ids) >= rt.ctx:
+        raise UserError(f"-p: the prompt is {len(ids)} tokens; the context holds {rt.ctx} "
+                        f"(use a larger --ctx)")
+    out = sys.stdout
+    printer = ReplyPrinter(out, color=use_color(out), show_think=not a.no_think)
+    splitter = ThinkSplitter(chat and prompt_opens_think(prompt_text))
+    cancel = _threading.Event()
+    gen = Generation(rt, ids, cancel=cancel, **_gen_params(a, 1024))
+    error = stream_in_worker(gen, cancel, lambda piece: [printer.part(*p) for p in splitter.feed(piece)])
+    for p in splitter.flush():
+        printer.part(*p)
+    printer.end()
+    if error is not None:
+        raise UserError(f"generation failed: {_first_line(error)}", EXIT_FAIL)
+    if a.no_think and printer.think and not printer.answer:
+        print(f"{PROG}: note: the reply did not get past its thinking part (hidden by --no-think)",
+              file=sys.stderr)
+    print(gen.stats.line(), file=sys.stderr)
+    return EXIT_INTERRUPTED if gen.stats.finish_reason == "cancelled" else EXIT_OK
+
+
+def chat(rt, a, path: str) -> int:
+    from hybrid.chat import Chat, make_reader
+
+    c = Chat(rt, params=_gen_params(a, 1024), system=a.system, show_think=not a.no_think,
+             model_name=model_id(path))
+    return c.run(make_reader())
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("hybrid")
+    if not any(getattr(h, "_hybrid_cli", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        h._hybrid_cli = True
+        log.addHandler(h)
+        log.propagate = False
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.WARNING)
+
+
+def _fail(e: UserError) -> int:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return e.code
+
+
+def run(a, parser) -> int:
+    modes = [m for m, on in (("-p", a.prompt is not None), ("--serve", a.serve)) if on]
+    if len(modes) > 1:
+        raise UserError(f"choose one of {' and '.join(modes)}")
+    if a.demo:
+        if a.model:
+            raise UserError("--demo builds its own model: drop MODEL.gguf, or drop --demo")
+        if modes:
+            raise UserError(f"--demo runs its own generation: drop {modes[0]}")
+        from hybrid.demo import demo_model
+
+        try:
+            path = str(demo_model(log=sys.stdout))
+        except (ValueError, OSError, RuntimeError) as e:
+            raise UserError(f"--demo: could not build the demo model: {_first_line(e)}", EXIT_FAIL) from None
+    elif not a.model:
+        raise UserError("give a GGUF model file (or --demo); see hybrid-run --help")
+    else:
+        path = a.model
+    prompt = _read_prompt(a) if a.prompt is not None else None
+    check_model(path)
+    sock = None
+    if a.serve:
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError:
+            raise UserError("--serve needs FastAPI and uvicorn: pip install 'hybrid[server]' "
+                            "(or pip install fastapi uvicorn)") from None
+        from hybrid.server import bind
+
+        try:
+            sock = bind(a.host, a.port)
+        except OSError as e:
+            raise UserError(f"--host {a.host} --port {a.port}: cannot listen there: "
+                            f"{e.strerror or e}") from None
+    info = sys.stderr if prompt is not None else sys.stdout
+    try:
+        plan = make_plan(path, a)
+        print(plan_summary(plan), file=info, flush=True)
+        rt = load_runtime(path, a, plan, info)
+        try:
+            if a.demo:
+                from hybrid.demo import run_demo
+
+                return run_demo(rt, plan, max_tokens=a.max_tokens or 64, out=sys.stdout)
+            if sock is not None:
+                from hybrid.server import serve
+
+                return serve(rt, sock, model=model_id(path), system=a.system,
+                             show_think=not a.no_think, max_queue=a.max_queue,
+                             defaults=_gen_params(a, 1024))
+            if prompt is not None:
+                return one_shot(rt, a, prompt)
+            return chat(rt, a, path)
+        finally:
+            rt.close()
+    finally:
+        if sock is not None:
+            sock.close()
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--version" in argv:
-        print(f"hybrid-run {__version__}")
-        return 0
     if "--dry-run" in argv:
-        from placement.cli import main as dry_run_main
-
-        return dry_run_main([a for a in argv if a != "--dry-run"])
-    print("usage: hybrid-run MODEL.gguf [--dry-run] [--version]")
-    return 0 if "--help" in argv or "-h" in argv else 2
+        return _dry_run(argv)
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version (0) or a usage error (2, already printed)
+        return int(e.code or 0)
+    _setup_logging()
+    try:
+        return run(a, parser)
+    except UserError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
