@@ -133,7 +133,10 @@ def test_memory_after_loading_is_what_the_mode_predicts(big_experts, mode, parts
     used = _rss_anon() + _native.file_resident_bytes(str(big_experts)) - before
     copies = len(groups) if mode == "replicate" else 1
     predicted = copies * expert_bytes
-    assert abs(used - predicted) <= 0.1 * predicted, (
-        f"{mode}: {used / 2**30:.2f} GiB held, predicted {predicted / 2**30:.2f} GiB")
+    msg = f"{mode}: {used / 2**30:.2f} GiB held, predicted {predicted / 2**30:.2f} GiB"
+    assert used <= 1.1 * predicted, msg  # no hidden second copy
+    # Copies are anonymous memory and must all be there; with `off` the experts are page cache,
+    # which the kernel may reclaim under memory pressure from other processes.
+    assert used >= (0.9 if mode != "off" else 0.5) * predicted, msg
     placed.close()
     g.close()
