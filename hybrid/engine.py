@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 

@@ -52,7 +52,6 @@ def reference_logits(path, tokens):
     g = GGUFFile(path)
     md = g.metadata
     a = "deepseek2."
-    D = md[a + "embedding_length"]
     H = md[a + "attention.head_count"]
     R = md[a + "rope.dimension_count"]
     Kh = md.get(a + "attention.key_length_mla", md[a + "attention.key_length"])

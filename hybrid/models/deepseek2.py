@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -75,7 +75,6 @@ class ModelArgs:
     context_length: int = 0
     n_nextn_layer: int = 0
     mla_split: bool = False        # file has attn_k_b / attn_v_b (else attn_kv_b)
-    extras: dict = field(default_factory=dict)
 
     @property
     def qk_head_dim(self) -> int:
@@ -269,8 +268,6 @@ class Rope:
 class MLAttention:
     """Multi-head latent attention over a latent KV cache."""
 
-    # prefill chunks at least this long attend decompressed: computing k/v for the S cached
-    # tokens once beats absorbing per query when T > C*(N+V) / (2C - N - V)
     def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
         p = f"blk.{il}."
         self.args = args
@@ -302,6 +299,8 @@ class MLAttention:
         self.wk_t = self.wk.transpose(1, 2).contiguous()   # [H, C, N]
         self.wv_t = self.wv.transpose(1, 2).contiguous()   # [H, C, V]
         self.scale = args.kq_scale()
+        # chunks at least this long attend decompressed: expanding k/v for the S cached
+        # tokens once beats absorbing per query when T > C*(N+V) / (2C - N - V)
         self.decompress_min_tokens = max(1, (C * (N + V)) // max(1, 2 * C - N - V) + 1)
 
     def __call__(self, x: torch.Tensor, pos0: int, cache, rope: Rope, mode: str = "auto"):
@@ -467,10 +466,3 @@ class DeepSeek2:
         return self.lm_head(rms_norm(x, self.norm, self.args.rms_eps))     # [T, B]
 
     __call__ = forward
-
-
-def layer_tensors(args: ModelArgs, il: int) -> list[str]:
-    """Names of the routed-expert tensors of a layer (placement uses them)."""
-    if il < args.n_dense_lead:
-        return []
-    return [f"blk.{il}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
