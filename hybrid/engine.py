@@ -383,7 +383,7 @@ class Runtime:
     """A loaded model. Not thread-safe: one sequence at a time."""
 
     def __init__(self, path, *, device="auto", threads=None, numa="off", ctx=4096, plan=None,
-                 prefill_chunk=512, experts="native", cpu_linears="native"):
+                 prefill_chunk=512, experts="native", cpu_linears="native", progress=None):
         self.path = os.fspath(path)
         self.threads = int(threads) if threads else _default_threads()
         torch.set_num_threads(self.threads)
@@ -392,14 +392,14 @@ class Runtime:
         self._tokenizer = None
         self.model = self.loader = self.cache = None
         try:
-            self._load(device, numa, int(ctx), plan, experts, cpu_linears)
+            self._load(device, numa, int(ctx), plan, experts, cpu_linears, progress)
         except BaseException:
             self.close()
             raise
         self._seq: list[int] = []  # tokens whose K/V are in the cache, in order
         self.last_stats: GenerationStats | None = None
 
-    def _load(self, device, numa, ctx, plan, experts, cpu_linears):
+    def _load(self, device, numa, ctx, plan, experts, cpu_linears, progress):
         arch = self.gguf.architecture
         mod = get_model_module(arch, source=self.path)
         if plan is None:
@@ -416,7 +416,7 @@ class Runtime:
                               cpu_linears=cpu_linears, max_tokens=self.prefill_chunk)
         with torch.inference_mode():
             self.model = mod.DeepSeek2(self.args, self.loader, max_pos=self.ctx,
-                                       rope_device=self.device)
+                                       rope_device=self.device, progress=progress)
         self.load_s = time.perf_counter() - t0
         kv_dtype = _DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
         self.cache = LatentKVCache(self.args.n_layer, self.ctx, self.args.kv_lora_rank,
@@ -630,6 +630,6 @@ def load(path, device="auto", threads=None, numa="off", ctx=4096, **kw) -> Runti
     threads: CPU threads for torch and the native engine (default: all allowed CPUs).
     numa: off | interleave | distribute | replicate (passed to the solver). ctx: tokens of
     KV cache. Extra keywords: plan, prefill_chunk (512), experts ("native" / "torch"),
-    cpu_linears ("native" / "torch").
+    cpu_linears ("native" / "torch"), progress (callback(done_layers, n_layers) while loading).
     """
     return Runtime(path, device=device, threads=threads, numa=numa, ctx=ctx, **kw)

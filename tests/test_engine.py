@@ -276,3 +276,11 @@ def test_hot_expert_split_equals_all_on_one_side(tiny_f32):
         finally:
             eng.close()
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_load_reports_progress_per_layer(tiny_f32):
+    seen = []
+    with hybrid.load(tiny_f32, device="cpu", threads=2, ctx=32, experts="torch",
+                     progress=lambda done, total: seen.append((done, total))):
+        pass
+    assert seen == [(1, 3), (2, 3), (3, 3)]

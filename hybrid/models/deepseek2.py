@@ -444,13 +444,18 @@ class Block:
 class DeepSeek2:
     """The whole model: embed -> blocks -> norm -> lm_head."""
 
-    def __init__(self, args: ModelArgs, w: WeightLoader, max_pos: int, rope_device=None):
+    def __init__(self, args: ModelArgs, w: WeightLoader, max_pos: int, rope_device=None,
+                 progress=None):
         self.args = args
         if args.n_nextn_layer:
             log.info("deepseek2: ignoring %d MTP/nextn layer(s) (not used for generation)",
                      args.n_nextn_layer)
         self.embed = w.embedding("token_embd.weight")
-        self.blocks = [Block(args, w, il) for il in range(args.n_layer)]
+        self.blocks = []
+        for il in range(args.n_layer):
+            self.blocks.append(Block(args, w, il))
+            if progress is not None:
+                progress(il + 1, args.n_layer)
         self.norm = w.tensor("output_norm.weight")
         self.lm_head = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight")
         self.rope = Rope(args, max_pos, device=rope_device)
