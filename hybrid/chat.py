@@ -441,11 +441,14 @@ class Chat:
                 continue
             if not line.strip():
                 continue
-            if line.lstrip().startswith("/"):
-                if not self.command(line.strip()):
-                    return 0
-                continue
-            self.send(line)
+            try:
+                if line.lstrip().startswith("/"):
+                    if not self.command(line.strip()):
+                        return 0
+                    continue
+                self.send(line)
+            except KeyboardInterrupt:          # outside a reply (building the prompt, a command)
+                self.say("interrupted")
 
     def command(self, line: str) -> bool:
         """Run a slash command; False when the session should end."""

@@ -412,6 +412,9 @@ def one_shot(rt, a, text: str) -> int:
 def chat(rt, a, path: str) -> int:
     from hybrid.chat import Chat, make_reader
 
+    if not getattr(rt.tokenizer, "chat_template", None):
+        raise UserError(f"{path}: the GGUF has no chat template (tokenizer.chat_template), so it "
+                        f"cannot chat; use -p TEXT --raw for plain text completion")
     c = Chat(rt, params=_gen_params(a, 1024), system=a.system, show_think=not a.no_think,
              model_name=model_id(path))
     return c.run(make_reader())

@@ -311,15 +311,25 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
                 "seed": d["seed"] if req.seed is None else req.seed,
                 "stop": stop or None}
 
-    async def start(job: Job):
+    async def next_event(job: Job, request: Request):
+        """The job's next event; a client that went away cancels the job (a queued one is
+        skipped, a running one stops after its current token)."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel.set()
+                    raise APIError(499, "the client closed the request") from None
+            except asyncio.CancelledError:
+                job.cancel.set()
+                raise
+
+    async def start(job: Job, request: Request):
         """Queue the job and wait for its first event: errors found before generation
         (over-long prompt, template) become plain 4xx responses, not broken streams."""
         worker.submit(job)
-        try:
-            ev = await job.events.get()
-        except asyncio.CancelledError:
-            job.cancel.set()
-            raise
+        ev = await next_event(job, request)
         if ev[0] == "error":
             raise ev[1]
         return ev[1]
@@ -353,13 +363,13 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
         return msgs
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         params = sampling(req)
         if req.tools:
             raise APIError(400, "tools are not supported by this server", param="tools")
         msgs = chat_messages(req)
         job = Job(asyncio.get_running_loop(), messages=msgs, params=params, split_think=True)
-        n_prompt = await start(job)
+        n_prompt = await start(job, request)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
 
@@ -400,7 +410,7 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
         think, answer = [], []
         try:
             while True:
-                ev = await job.events.get()
+                ev = await next_event(job, request)
                 if ev[0] == "part":
                     (think if ev[1] == "think" else answer).append(ev[2])
                 elif ev[0] == "done":
@@ -421,7 +431,7 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
     # -- completions ---------------------------------------------------------------------------
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         params = sampling(req)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -431,7 +441,7 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         job = Job(asyncio.get_running_loop(), prompt=prompt, params=params, split_think=False)
-        n_prompt = await start(job)
+        n_prompt = await start(job, request)
         cid = f"cmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         echo = prompt if req.echo and isinstance(prompt, str) else ""
@@ -468,7 +478,7 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
         parts = []
         try:
             while True:
-                ev = await job.events.get()
+                ev = await next_event(job, request)
                 if ev[0] == "part":
                     parts.append(ev[2])
                 elif ev[0] == "done":

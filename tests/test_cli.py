@@ -1,0 +1,172 @@
+"""hybrid-run: one-shot generation (-p, -p - from stdin, no TTY), bad input (missing file,
+not a GGUF, unsupported architecture, does not fit, bad flags: one line, non-zero, no
+traceback), --dry-run routing, --demo, --help / --version."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from hybrid import __version__
+from hybrid.cli import _dry_run_argv, main, model_id
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def hybrid_run(*args, stdin=None, timeout=300, env=None):
+    e = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    e.pop("NO_COLOR", None)
+    return subprocess.run([sys.executable, "-m", "hybrid.cli", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+
+
+def assert_one_line_error(r, *needles, code=None):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    assert len(lines) == 1 and lines[0].startswith("hybrid-run: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_file():
+    r = hybrid_run("/nonexistent/DeepSeek-R1.gguf")
+    assert_one_line_error(r, "/nonexistent/DeepSeek-R1.gguf", "no such file", code=2)
+
+
+def test_not_a_gguf_file(tmp_path):
+    p = tmp_path / "model.gguf"
+    p.write_text("this is a text file, not a model\n")
+    r = hybrid_run(p, "-p", "hi")
+    assert_one_line_error(r, str(p), "not a GGUF file", code=2)
+
+
+def test_unsupported_architecture(tmp_path):
+    from gguf import GGUFValueType as VT
+
+    from hybrid.fixtures import encode_kv, write_gguf
+
+    kv = [encode_kv("general.architecture", VT.STRING, "llama"), encode_kv("llama.block_count", VT.UINT32, 1)]
+    p = write_gguf(tmp_path / "llama.gguf", b"".join(kv), len(kv), [], None)
+    r = hybrid_run(p, "--serve")
+    assert_one_line_error(r, "'llama' is not supported", "deepseek2", code=2)
+
+
+def test_a_model_that_does_not_fit(tiny_q4km):
+    # a context of 100M tokens needs ~90 GiB of KV cache: more than any test machine has
+    r = hybrid_run(tiny_q4km, "--device", "cpu", "--ctx", "100000000", "-p", "hi")
+    assert_one_line_error(r, "does not fit this machine", "--dry-run", code=3)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["m.gguf", "--temperature", "-1"], "--temperature"),
+    (["m.gguf", "--top-p", "0"], "--top-p"),
+    (["m.gguf", "--max-tokens", "0"], "--max-tokens"),
+    (["m.gguf", "--numa", "sideways"], "--numa"),
+    (["m.gguf", "--bogus"], "--bogus"),
+])
+def test_bad_flags(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_usage_errors(capsys, tmp_path):
+    assert main([]) == 2
+    assert "give a GGUF model file" in capsys.readouterr().err
+    assert main([str(tmp_path / "x.gguf"), "-p", "a", "--serve"]) == 2
+    assert "choose one of -p and --serve" in capsys.readouterr().err
+    assert main(["--demo", "m.gguf"]) == 2
+    assert "--demo builds its own model" in capsys.readouterr().err
+
+
+def test_help_and_version(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--numa", "--threads", "--ctx", "--device", "--gpu-mem", "--max-tokens", "--temperature",
+                 "--top-p", "--top-k", "--seed", "--system", "--no-think", "--serve", "--dry-run", "--demo"):
+        assert flag in out
+    assert "examples:" in out and "hybrid-run MODEL.gguf -p" in out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"hybrid-run {__version__}"
+
+
+# ----------------------------------------------------------------------------- one shot
+
+
+def test_one_shot_prompt_and_stdin_give_the_same_text(tiny_q4km):
+    common = ["--device", "cpu", "--ctx", "256", "--max-tokens", "6", "--temperature", "0"]
+    a = hybrid_run(tiny_q4km, "-p", "Why is the sky blue?", *common)
+    assert a.returncode == 0, a.stderr
+    b = hybrid_run(tiny_q4km, "-p", "-", *common, stdin="Why is the sky blue?")
+    assert b.returncode == 0, b.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+    # no TTY: the thinking part is marked in plain text; stats go to stderr, not stdout
+    assert a.stdout.startswith("<think>\n")
+    assert re.search(r"generated 6 tok, [\d.]+ tok/s \| first token", a.stderr.splitlines()[-1])
+    assert "generated" not in a.stdout and "model: tiny-deepseek2" in a.stderr
+    assert "Traceback" not in a.stderr
+
+
+def test_one_shot_raw_and_no_think(tiny_q4km):
+    common = ["--device", "cpu", "--ctx", "256", "--max-tokens", "5", "--temperature", "0"]
+    raw = hybrid_run(tiny_q4km, "-p", "The quick brown fox", "--raw", *common)
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout.strip() and "<think>" not in raw.stdout        # no chat template: no R1 prompt
+    hidden = hybrid_run(tiny_q4km, "-p", "hello", "--no-think", *common)
+    assert hidden.returncode == 0, hidden.stderr
+    # random weights never close </think> in 5 tokens: nothing to show but the note
+    assert hidden.stdout.strip() == "" and "did not get past its thinking part" in hidden.stderr
+
+
+def test_empty_prompt_from_stdin(tiny_q4km):
+    r = hybrid_run(tiny_q4km, "-p", "-", "--device", "cpu", stdin="")
+    assert_one_line_error(r, "the prompt is empty", code=2)
+
+
+# ----------------------------------------------------------------------------- dry run, demo
+
+
+def test_dry_run_argv_drops_run_only_flags():
+    assert _dry_run_argv(["m.gguf", "--dry-run", "--max-tokens", "5", "--temperature=0.2", "--no-think",
+                          "--device", "cpu", "--numa", "interleave", "--ctx", "8192", "-p", "hi",
+                          "--gpu-mem", "48GiB", "--json"]) == \
+        ["m.gguf", "--cpu-only", "--numa", "interleave", "--ctx", "8192", "--gpu-mem", "48GiB", "--json"]
+    assert _dry_run_argv(["m.gguf", "--device=cuda", "--dry-run"]) == ["m.gguf"]
+
+
+def test_dry_run_goes_to_the_placement_cli(tiny_q4km, capsys):
+    assert main([str(tiny_q4km), "--dry-run", "--device", "cpu", "--max-tokens", "5", "--ctx", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: FITS" in out and "context 512" in out
+    assert main([str(tiny_q4km), "--dry-run", "--ctx", "100000000", "--device", "cpu"]) == 3
+
+
+def test_demo_builds_once_and_reports_speed(tmp_path, monkeypatch, capsys):
+    """--demo end to end, on the tests' tiny config so that it runs in seconds."""
+    pytest.importorskip("llama_cpp")
+    from hybrid import demo
+    from hybrid.fixtures import TinyConfig
+
+    monkeypatch.setenv("HYBRID_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "_config", lambda: TinyConfig(n_layer=2))
+    assert main(["--demo", "--device", "cpu", "--max-tokens", "8", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "building the demo model once" in out
+    assert "model: tiny-deepseek2" in out and "placement:" in out          # the plan summary
+    assert "gibberish" in out
+    assert re.search(r"prompt: +\d+ tokens in [\d.]+ s = [\d.]+ tok/s", out)
+    assert re.search(r"generation: 8 tokens in [\d.]+ s = [\d.]+ tok/s", out)
+    assert len(list((tmp_path / "cache").glob("*.gguf"))) >= 1
+    assert main(["--demo", "--device", "cpu", "--max-tokens", "2"]) == 0    # cached: no rebuild
+    assert "building" not in capsys.readouterr().out
+
+
+def test_model_id_strips_extension_and_split_suffix():
+    assert model_id("/m/DeepSeek-R1-Q4_K_M-00001-of-00009.gguf") == "DeepSeek-R1-Q4_K_M"
+    assert model_id("tiny.GGUF") == "tiny"
