@@ -190,7 +190,10 @@ class Generation:
 
 def stream_in_worker(gen: Generation, cancel: threading.Event, show: Callable[[str], object]) -> BaseException | None:
     """Run `gen` in a worker thread and show its pieces here; Ctrl-C sets `cancel` and waits
-    for the worker to stop (after the token it is computing). Returns the worker's error."""
+    for the worker to stop (after the token it is computing). Returns the worker's error.
+
+    Whatever happens here, this returns or raises only once the worker has stopped, so the
+    runtime is never used by two threads."""
     events: queue.Queue = queue.Queue()
 
     def work():
@@ -203,26 +206,33 @@ def stream_in_worker(gen: Generation, cancel: threading.Event, show: Callable[[s
 
     worker = threading.Thread(target=work, name="hybrid-generate", daemon=True)
     worker.start()
-    while True:
-        try:
-            kind, val = events.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        except KeyboardInterrupt:
-            cancel.set()
-            continue
-        if kind == "piece":
+    try:
+        while True:
             try:
-                show(val)
+                kind, val = events.get(timeout=0.1)
+            except queue.Empty:
+                if not worker.is_alive() and events.empty():
+                    return None          # its last event was lost to a Ctrl-C
+                continue
             except KeyboardInterrupt:
                 cancel.set()
-            continue
+                continue
+            if kind == "piece":
+                try:
+                    show(val)
+                except KeyboardInterrupt:
+                    cancel.set()
+                continue
+            return val if kind == "error" else None
+    except BaseException:            # a Ctrl-C between the lines above
+        cancel.set()
+        raise
+    finally:
         while worker.is_alive():
             try:
                 worker.join(0.1)
             except KeyboardInterrupt:
                 cancel.set()
-        return val if kind == "error" else None
 
 
 # ------------------------------------------------------------------------------------------

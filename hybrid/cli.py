@@ -60,10 +60,16 @@ def _number(kind, lo=None, lo_open=False, hi=None, what=""):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, like every other hybrid-run error (argparse prints the whole usage)."""
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (hybrid-run --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from placement.solver import NUMA_MODES
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Run a Mixture-of-Experts GGUF model (DeepSeek-R1/V3) with the GPU holding what "
                     "every token touches and the routed experts on the CPU. Without -p or --serve: "
@@ -299,14 +305,17 @@ class _Progress:
         if self.total:
             w = 30
             k = int(w * self.done / self.total)
-            return f"\r{self.label} [{'#' * k}{'.' * (w - k)}] {self.done}/{self.total} {el:5.1f} s"
+            return f"\r{self.label} [{'#' * k}{'.' * (w - k)}] {self.done}/{self.total} layers {el:5.1f} s"
         return f"\r{frame} {self.label} {el:5.1f} s"
 
     def _spin(self):
+        import shutil
+
         frames = "|/-\\"
         i = 0
         while not self._stop.wait(0.1):
-            self.out.write(self._line(frames[i % 4]))
+            width = shutil.get_terminal_size((80, 24)).columns
+            self.out.write(self._line(frames[i % 4])[:max(width, 20)])   # "\r" + width - 1 chars
             self.out.flush()
             i += 1
 
@@ -420,11 +429,18 @@ def chat(rt, a, path: str) -> int:
     return c.run(make_reader())
 
 
+class _LowerLevelFormatter(logging.Formatter):
+    def format(self, record):
+        record = logging.makeLogRecord(record.__dict__)
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
 def _setup_logging() -> None:
     log = logging.getLogger("hybrid")
     if not any(getattr(h, "_hybrid_cli", False) for h in log.handlers):
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        h.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
         h._hybrid_cli = True
         log.addHandler(h)
         log.propagate = False

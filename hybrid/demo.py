@@ -75,7 +75,7 @@ def demo_model(log=None) -> pathlib.Path:
 
 def run_demo(rt, plan=None, *, max_tokens: int = 64, out=None) -> int:
     """A short warm-up, then one measured generation; prints the text and tok/s."""
-    from hybrid.chat import Generation
+    from hybrid.chat import _CONTROLS, Generation
 
     out = out or sys.stdout
     ids = rt.tokenize(PROMPT)
@@ -87,7 +87,7 @@ def run_demo(rt, plan=None, *, max_tokens: int = 64, out=None) -> int:
     print(f"\nprompt: {len(ids)} tokens of plain text; generating {max_tokens} tokens, greedy", file=out)
     print("text (random weights, so it is gibberish; the point is the speed):", file=out)
     for piece in gen:
-        out.write(piece.replace("\n", " "))
+        out.write(piece.replace("\n", " ").translate(_CONTROLS))
         out.flush()
     s = gen.stats
     print("\n", file=out)

@@ -15,6 +15,7 @@ cancels its request: the worker stops after the token it is computing.
 # endpoints (local classes) from their annotations at run time.
 
 import asyncio
+import ipaddress
 import json
 import logging
 import queue
@@ -536,8 +537,15 @@ def serve(rt, sock: socket.socket, *, model: str, system: str | None = None, sho
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {model} at http://{shown}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)",
           file=out, flush=True)
+    if not ipaddress.ip_address(host).is_loopback:
+        print(f"note: listening on {host}: the API has no authentication; anyone who can reach "
+              f"this port can use the model", file=out, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:   # uvicorn shuts down gracefully, then re-raises the signal
+        pass
+    print("server stopped", file=out, flush=True)
     return 0

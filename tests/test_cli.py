@@ -74,6 +74,7 @@ def test_bad_flags(args, needle, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("hybrid-run: error: ")
 
 
 def test_usage_errors(capsys, tmp_path):
