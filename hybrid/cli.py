@@ -29,8 +29,8 @@ examples:
   hybrid-run MODEL.gguf --dry-run --gpu-mem 48GiB                       will it fit, and how
   hybrid-run --demo                                                     small built-in model, tok/s
 
-chat commands: /help /reset /system TEXT /stats /save FILE /exit; Ctrl-C stops a reply,
-Ctrl-D leaves. The server answers GET /v1/models, POST /v1/chat/completions,
+chat commands: /help /reset /system TEXT /stats /set KEY VALUE /save FILE /exit;
+Ctrl-C stops a reply, Ctrl-D leaves. The server answers GET /v1/models, POST /v1/chat/completions,
 POST /v1/completions and GET /health (see the README).
 """
 
@@ -52,7 +52,8 @@ def _number(kind, lo=None, lo_open=False, hi=None, what=""):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
         if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
         return v
@@ -71,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Run a Mixture-of-Experts GGUF model (DeepSeek-R1/V3) with the GPU holding what "
-                    "every token touches and the routed experts on the CPU. Without -p or --serve: "
-                    "an interactive chat.")
+        description="Run a Mixture-of-Experts GGUF model (DeepSeek-R1/V3): the GPU holds what every\n"
+                    "token touches, the routed experts run on the CPU. Without -p or --serve: an\n"
+                    "interactive chat.")
     p.add_argument("model", nargs="?", metavar="MODEL.gguf",
                    help="GGUF file (for a split set: any part, e.g. ...-00001-of-00009.gguf)")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -346,7 +347,7 @@ def load_runtime(path: str, a, plan, out):
             raise UserError(f"loading {path} failed: {_first_line(e)}", EXIT_FAIL) from None
     try:
         with quiet_stderr() as captured:   # llama.cpp talks while it loads the vocabulary
-            rt.tokenizer
+            _ = rt.tokenizer                 # loaded on first use
     except ValueError as e:
         rt.close()
         detail = captured().strip().splitlines()
@@ -436,16 +437,14 @@ class _LowerLevelFormatter(logging.Formatter):
         return super().format(record)
 
 
-def _setup_logging() -> None:
-    log = logging.getLogger("hybrid")
-    if not any(getattr(h, "_hybrid_cli", False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
-        h._hybrid_cli = True
-        log.addHandler(h)
-        log.propagate = False
-    if log.level == logging.NOTSET:
-        log.setLevel(logging.WARNING)
+def _log_handler() -> logging.Handler:
+    """Warnings of the hybrid.* loggers as 'hybrid-run: warning: ...' lines on stderr, while
+    main() runs (removed after, so callers and tests keep their logging as it was)."""
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(_LowerLevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
+    h.setLevel(logging.WARNING)
+    logging.getLogger("hybrid").addHandler(h)
+    return h
 
 
 def _fail(e: UserError) -> int:
@@ -453,7 +452,7 @@ def _fail(e: UserError) -> int:
     return e.code
 
 
-def run(a, parser) -> int:
+def run(a) -> int:
     modes = [m for m, on in (("-p", a.prompt is not None), ("--serve", a.serve)) if on]
     if len(modes) > 1:
         raise UserError(f"choose one of {' and '.join(modes)}")
@@ -524,14 +523,16 @@ def main(argv=None) -> int:
         a = parser.parse_args(argv)
     except SystemExit as e:  # --help / --version (0) or a usage error (2, already printed)
         return int(e.code or 0)
-    _setup_logging()
+    handler = _log_handler()
     try:
-        return run(a, parser)
+        return run(a)
     except UserError as e:
         return _fail(e)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        logging.getLogger("hybrid").removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -75,19 +75,33 @@ class Worker:
         self.max_queue = max_queue
         self.busy = False
         self.served = 0
+        self.current: Job | None = None
+        self.stopping = False
         self._thread = threading.Thread(target=self._loop, name="hybrid-server-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        try:
-            self.jobs.put_nowait(None)
-        except queue.Full:
-            pass
-        self._thread.join(timeout=10)
+        """Cancel the running and the waiting jobs and wait for the thread, so the runtime can
+        be closed safely afterwards."""
+        self.stopping = True
+        current = self.current
+        if current is not None:
+            current.cancel.set()
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel.set()
+        self.jobs.put(None)
+        self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
+        if self.stopping:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -102,6 +116,7 @@ class Worker:
             if job.cancel.is_set():
                 continue
             self.busy = True
+            self.current = job
             try:
                 self._run(job)
             except Exception as e:  # noqa: BLE001 - a failed request must not stop the server
@@ -109,6 +124,7 @@ class Worker:
                 job.send("error", APIError(500, f"generation failed: {e}", "server_error"))
             finally:
                 self.busy = False
+                self.current = None
                 self.served += 1
 
     def _run(self, job: Job) -> None:
