@@ -30,8 +30,8 @@ examples:
   hybrid-run --demo                                                     small built-in model, tok/s
 
 chat commands: /help /reset /system TEXT /stats /set KEY VALUE /save FILE /exit;
-Ctrl-C stops a reply, Ctrl-D leaves. The server answers GET /v1/models, POST /v1/chat/completions,
-POST /v1/completions and GET /health (see the README).
+Ctrl-C stops a reply, Ctrl-D leaves. The server answers GET /v1/models,
+POST /v1/chat/completions, POST /v1/completions and GET /health.
 """
 
 
