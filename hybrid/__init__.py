@@ -4,6 +4,14 @@ Importing the package is cheap (no torch, no native module); the runtime is load
 first use so that `placement` and `--dry-run` work on machines without torch.
 """
 
+import os
+
+# torch's OpenMP workers spin for a long while after every CPU op by default; between layers
+# they then take the cores the expert engine's workers need (20x slower decode measured on 2
+# cores). Passive waiting must be chosen before the OpenMP runtime starts, i.e. before torch
+# is imported: import hybrid first, or set OMP_WAIT_POLICY yourself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 
