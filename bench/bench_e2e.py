@@ -8,14 +8,18 @@ The model is the fixture builder's `TinyConfig.mid()` (2048 dims, 8 layers, 64 e
     PYTHONPATH=. python bench/bench_e2e.py --threads 2 --runs 5
     PYTHONPATH=. python bench/bench_e2e.py --model some.gguf --device cuda   # GPU decode
 
-Runs alternate between the two engines (A B A B ...) so drifting machine state hits both;
-medians are reported, with the per-run figures, as tokens/s and the ratio ours / llama.cpp.
+Each engine lives in its own worker process (both link an OpenMP runtime and a thread pool
+whose spinning threads would slow the other down in one process). Runs alternate between
+the two (A B A B ...) so drifting machine state hits both; medians are reported, with the
+per-run figures, as tokens/s and the ratio ours / llama.cpp.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import pathlib
 import statistics
 import sys
@@ -88,6 +92,55 @@ class LlamaCpp:
         self.llm.close()
 
 
+def _worker(kind, path, threads, ctx, device) -> int:
+    """Serve runs over stdin/stdout: one JSON request per line, one JSON answer per line."""
+    eng = Ours(path, threads, ctx, device) if kind == "hybrid" else LlamaCpp(path, threads, ctx)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # keep library chatter off the answer channel
+    out.write(json.dumps({"load_s": eng.load_s, "info": eng.info, "n_vocab": eng.n_vocab}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req.get("quit"):
+            break
+        pp, tg, toks = eng.run(req["prompt"], req["decode"])
+        out.write(json.dumps({"pp": pp, "tg": tg, "tokens": toks}) + "\n")
+        out.flush()
+    eng.close()
+    return 0
+
+
+class _Remote:
+    def __init__(self, kind, path, threads, ctx, device):
+        self.name = kind
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--model", str(path),
+               "--threads", str(threads), "--ctx", str(ctx), "--device", device]
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        hello = self._read()
+        self.load_s, self.info, self.n_vocab = hello["load_s"], hello["info"], hello["n_vocab"]
+
+    def _read(self):
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker died (run it with --worker {self.name} to see why)")
+        return json.loads(line)
+
+    def run(self, prompt, n_decode):
+        self.p.stdin.write(json.dumps({"prompt": prompt, "decode": n_decode}) + "\n")
+        self.p.stdin.flush()
+        r = self._read()
+        return r["pp"], r["tg"], r["tokens"]
+
+    def close(self):
+        try:
+            self.p.stdin.write(json.dumps({"quit": True}) + "\n")
+            self.p.stdin.flush()
+        except BrokenPipeError:
+            pass
+        self.p.wait(timeout=60)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF to run (default: build TinyConfig.mid() at --quant)")
@@ -100,7 +153,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="device for hybrid (llama.cpp stays on CPU)")
     ap.add_argument("--skip-llama", action="store_true", help="only time hybrid")
+    ap.add_argument("--worker", choices=("hybrid", "llama.cpp"), help=argparse.SUPPRESS)
+    ap.add_argument("--ctx", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.worker:
+        return _worker(a.worker, a.model, a.threads, a.ctx, a.device)
 
     path = a.model
     if path is None:
@@ -111,9 +168,9 @@ def main(argv=None) -> int:
         print(f"model: {path} ({os.path.getsize(path) / 2**30:.2f} GiB, ready in "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     ctx = a.prompt + a.decode + 8
-    engines = [Ours(path, a.threads, ctx, a.device)]
+    engines = [_Remote("hybrid", path, a.threads, ctx, a.device)]
     if not a.skip_llama:
-        engines.append(LlamaCpp(path, a.threads, ctx))
+        engines.append(_Remote("llama.cpp", path, a.threads, ctx, "cpu"))
     for e in engines:
         print(f"{e.name}: loaded in {e.load_s:.1f} s; {e.info}", flush=True)
     prompt = _prompt(engines[0].n_vocab, a.prompt)
