@@ -198,6 +198,17 @@ def test_model_args_from_fixture(tiny_f32):
     assert ext == 1.0 and attn * (1 + 0.1 * math.log(4.0)) == pytest.approx(1.0, rel=1e-6)
 
 
+def test_mtp_blocks_are_not_part_of_the_trunk(tiny_f32):
+    # V3/R1 GGUFs with the MTP block count it in block_count; llama.cpp runs
+    # block_count - nextn_predict_layers layers for generation
+    with GGUFFile(tiny_f32) as g:
+        md = dict(g.metadata)
+        md["deepseek2.block_count"] = 4
+        md["deepseek2.nextn_predict_layers"] = 1
+        args = ModelArgs.from_gguf(md, g.tensors, "x.gguf")
+    assert args.n_layer == 3 and args.n_nextn_layer == 1
+
+
 def test_unsupported_architecture_is_a_clear_error():
     with pytest.raises(UnsupportedArchitectureError, match="llama.*supported: deepseek2"):
         get_model_module("llama", source="x.gguf")

@@ -142,10 +142,16 @@ class ModelArgs:
         q_lora = int(key("attention.q_lora_rank", 0) or 0)
         if "blk.0.attn_q.weight" in tensors:
             q_lora = 0
+        # block_count includes the MTP (nextn) blocks appended after the trunk
+        n_nextn = int(key("nextn_predict_layers", 0) or 0)
+        n_layer = int(key("block_count", required=True)) - n_nextn
+        if n_layer <= 0:
+            raise ModelConfigError(f"{source}: block_count leaves no layers after "
+                                   f"{n_nextn} nextn_predict_layers")
         return cls(
             n_vocab=int(n_vocab),
             dim=int(key("embedding_length", required=True)),
-            n_layer=int(key("block_count", required=True)),
+            n_layer=n_layer,
             n_ff=int(scalar(key("feed_forward_length", 0))),
             n_head=n_head,
             qk_nope_dim=k_len - rope_dim,
@@ -171,7 +177,7 @@ class ModelArgs:
             rope_attn_factor=float(key("rope.scaling.attn_factor", 1.0) or 1.0),
             yarn_log_mul=log_mul,
             context_length=ctx_train,
-            n_nextn_layer=int(key("nextn_predict_layers", 0) or 0),
+            n_nextn_layer=n_nextn,
             mla_split=mla_split,
         )
 
