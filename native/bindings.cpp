@@ -199,6 +199,19 @@ PYBIND11_MODULE(_native, m) {
     });
     m.def("dequantize", &py_dequantize, py::arg("src"), py::arg("ggml_type"), py::arg("n"),
           "Dequantize n elements of GGML blocks to float32 with the active ISA path");
+    m.def(
+        "quantize_activations",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int weight_type) {
+            const type_info& ti = get_type_info(weight_type);
+            if (!ti.name) bad("quantize_activations: GGML type " + std::to_string(weight_type) + " is not supported");
+            const int64_t n = x.size();
+            if (n % ti.block) bad("quantize_activations: length is not a multiple of the " + std::string(ti.name) + " block");
+            py::array_t<uint8_t> out(act_row_bytes(ti.act, n));
+            kernels().quant_act[ti.act](x.data(), out.mutable_data(), n);
+            return out;
+        },
+        py::arg("x"), py::arg("weight_type"),
+        "The activation row a dot with `weight_type` weights consumes (block_q8_K / q8_32 / f32 bytes)");
     m.def("matmul", &py_matmul, py::arg("w"), py::arg("ggml_type"), py::arg("x"), py::arg("out") = py::none(),
           py::arg("threads") = 0,
           "Y[T,N] = X[T,K] @ W[N,K]^T; w: uint8 [N, row_bytes] GGUF bytes; x: float32 or bf16 (uint16) [T,K]");

@@ -1,6 +1,7 @@
 // Shared basics for the native module: CHECK, fp16/bf16 conversion, GGML type ids.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -78,6 +79,17 @@ static inline float bf16_to_fp32(uint16_t h) {
     float f;
     std::memcpy(&f, &bits, 4);
     return f;
+}
+
+// Rounds a float to the nearest fp16 value (ties to even), returned as a float. Used where
+// llama.cpp stores an activation scale as fp16, so our activations quantize like its own.
+static inline float round_to_fp16(float f) {
+    if (f == 0.f || !std::isfinite(f)) return f;
+    int e;
+    const double m = std::frexp((double)f, &e);  // f = m * 2^e, 0.5 <= |m| < 1
+    if (e - 1 > 15) return f > 0 ? INFINITY : -INFINITY;
+    if (e - 1 >= -14) return (float)std::ldexp(std::nearbyint(std::ldexp(m, 11)), e - 11);
+    return (float)std::ldexp(std::nearbyint(std::ldexp((double)f, 24)), -24);  // subnormal half
 }
 
 static inline int nearest_int(float x) {

@@ -2,6 +2,7 @@
 // Plain loops on purpose: these define the results every SIMD path is tested against.
 #include "quants.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace hybrid {
@@ -157,39 +158,54 @@ static void dequant_q6_K(const void* src, float* y, int64_t n) {
 
 static void quant_act_f32(const float* x, void* dst, int64_t n) { std::memcpy(dst, x, n * 4); }
 
-// Symmetric absmax scaling: the largest |x| of the block maps to 127.
+// Activations are quantized exactly as llama.cpp's x86 code does (quantize_row_q8_0 /
+// quantize_row_q8_K), so that a GGUF gives the same int8 activations, and results close to
+// llama.cpp's, whichever engine runs it.
+//
+// 32-blocks (llama.cpp's Q8_0 activations): d = amax/127 stored as fp16, q = x * 127/amax
+// rounded to nearest even.
 static void quant_act_q8_32(const float* x, void* dst, int64_t n) {
     block_q8_32* y = (block_q8_32*)dst;
     for (int64_t b = 0; b < n / QK32; b++, x += QK32) {
         float amax = 0.f;
         for (int j = 0; j < QK32; j++) amax = std::fmax(amax, std::fabs(x[j]));
-        const float d = amax / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
         int sum = 0;
         for (int j = 0; j < QK32; j++) {
             const int q = nearest_int(x[j] * id);
             y[b].qs[j] = (int8_t)q;
             sum += q;
         }
-        y[b].d = d;
+        y[b].d = round_to_fp16(amax / 127.f);
         y[b].sum = sum;
     }
 }
 
+// 256-blocks (llama.cpp's Q8_K): the value of largest magnitude (the first one, on ties)
+// maps to -127, d = 1/iscale (negative when that value is positive).
 static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
     block_q8_K* y = (block_q8_K*)dst;
     for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
-        float amax = 0.f;
-        for (int j = 0; j < QK_K; j++) amax = std::fmax(amax, std::fabs(x[j]));
-        const float d = amax / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
-        for (int j = 0; j < QK_K; j++) y[b].qs[j] = (int8_t)nearest_int(x[j] * id);
+        float amax = 0.f, mx = 0.f;
+        for (int j = 0; j < QK_K; j++) {
+            const float ax = std::fabs(x[j]);
+            if (ax > amax) {
+                amax = ax;
+                mx = x[j];
+            }
+        }
+        if (amax == 0.f) {
+            std::memset(&y[b], 0, sizeof(y[b]));
+            continue;
+        }
+        const float iscale = -127.f / mx;
+        for (int j = 0; j < QK_K; j++) y[b].qs[j] = (int8_t)std::min(127, nearest_int(iscale * x[j]));
         for (int i = 0; i < QK_K / 16; i++) {
             int s = 0;
             for (int j = 0; j < 16; j++) s += y[b].qs[16 * i + j];
             y[b].bsums[i] = (int16_t)s;
         }
-        y[b].d = d;
+        y[b].d = 1.f / iscale;
     }
 }
 

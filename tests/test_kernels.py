@@ -192,3 +192,39 @@ def test_avx512_kernels_under_emulation(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " 0 failed" in run.stdout
+
+
+def ggml_q8_K(x):
+    """llama.cpp's quantize_row_q8_K_ref, in numpy: (d, qs, bsums) per 256-block."""
+    out = []
+    for blk in x.reshape(-1, 256):
+        j = int(np.argmax(np.abs(blk)))  # first index of the largest magnitude
+        if blk[j] == 0:
+            out.append((np.float32(0), np.zeros(256, np.int8), np.zeros(16, np.int16)))
+            continue
+        iscale = np.float32(-127.0) / blk[j]
+        v = np.rint((iscale * blk).astype(np.float32))  # nearest, ties to even
+        qs = np.minimum(127, v).astype(np.int8)
+        out.append((np.float32(1) / iscale, qs, qs.reshape(16, 16).sum(1).astype(np.int16)))
+    return out
+
+
+def test_activation_quantization_is_llama_cpps(isa):
+    """Same int8 activations as llama.cpp (Q8_K for K-quants; Q8_0 with an fp16 scale for 32-blocks)."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal(1024) * rng.uniform(0.1, 10, 1024)).astype(np.float32)
+    x[256:512] = 0  # an all-zero block
+    raw = _native.quantize_activations(x, int(QT.Q4_K))
+    blocks = np.frombuffer(raw.tobytes(), dtype=np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)]))
+    for got, (d, qs, bs) in zip(blocks, ggml_q8_K(x)):
+        assert got["d"] == d
+        np.testing.assert_array_equal(got["qs"], qs)
+        np.testing.assert_array_equal(got["bsums"], bs)
+    raw = _native.quantize_activations(x, int(QT.Q8_0))
+    blocks = np.frombuffer(raw.tobytes(), dtype=np.dtype([("d", "<f4"), ("sum", "<i4"), ("qs", "i1", 32)]))
+    for got, blk in zip(blocks, x.reshape(-1, 32)):
+        amax = np.abs(blk).max()
+        assert got["d"] == np.float32(np.float16(amax / np.float32(127)))  # stored as fp16 by llama.cpp
+        want = np.rint(blk * (np.float32(127) / amax if amax else np.float32(0))).astype(np.int8)
+        np.testing.assert_array_equal(got["qs"], want)
+        assert got["sum"] == int(want.astype(np.int32).sum())

@@ -231,20 +231,26 @@ static inline int quantize_32(const float* x, __m256 id, int8_t* out) {
 static void quant_act_q8_32(const float* x, void* dst, int64_t n) {
     block_q8_32* y = (block_q8_32*)dst;
     for (int64_t b = 0; b < n / QK32; b++, x += QK32) {
-        const float d = absmax(x, QK32) / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
+        const float amax = absmax(x, QK32);
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
         y[b].sum = quantize_32(x, _mm256_set1_ps(id), y[b].qs);
-        y[b].d = d;
+        y[b].d = _cvtsh_ss(_cvtss_sh(amax / 127.f, _MM_FROUND_TO_NEAREST_INT));
     }
 }
 
 static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
     block_q8_K* y = (block_q8_K*)dst;
     for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
-        const float d = absmax(x, QK_K) / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
-        const __m256 vid = _mm256_set1_ps(id);
-        for (int j = 0; j < QK_K; j += 32) quantize_32(x + j, vid, y[b].qs + j);
+        const float amax = absmax(x, QK_K);
+        if (amax == 0.f) {
+            std::memset(&y[b], 0, sizeof(y[b]));
+            continue;
+        }
+        int j = 0;  // the first value of largest magnitude keeps its sign: it maps to -127
+        while (j < QK_K - 1 && std::fabs(x[j]) != amax) j++;
+        const float iscale = -127.f / x[j];
+        const __m256 vid = _mm256_set1_ps(iscale);
+        for (int i = 0; i < QK_K; i += 32) quantize_32(x + i, vid, y[b].qs + i);
         // bsums: pairwise sums of 16 int8 via maddubs with ones, then horizontal adds.
         const __m256i ones = _mm256_set1_epi8(1);
         for (int j = 0; j < QK_K; j += 64) {
@@ -260,7 +266,7 @@ static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
             y[b].bsums[j / 16 + 2] = w[1];
             y[b].bsums[j / 16 + 3] = w[9];
         }
-        y[b].d = d;
+        y[b].d = 1.f / iscale;
     }
 }
 
