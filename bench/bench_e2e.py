@@ -52,7 +52,7 @@ class Ours:
         rt = self.rt
         rt.reset()
         toks = [t for t, _ in rt.generate_tokens(prompt, max_tokens=n_decode + 1,
-                                                 temperature=0.0, stop_at_eos=False)]
+                                                 temperature=0.0, stop_at_eos=False) if t >= 0]
         st = rt.last_stats
         # decode_s covers n_decode forwards plus n_decode + 1 samplings
         return len(prompt) / st.prefill_s, n_decode / st.decode_s, toks
