@@ -125,9 +125,9 @@ class ExpertEngine:
 
     # -- one forward at a time per engine -------------------------------------------------
 
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_experts: int):
+    def _stage(self, x, ids, weights) -> tuple[int, int]:
         if self._pending is not None:
-            raise RuntimeError("ExpertEngine.submit: the previous forward was not waited for")
+            raise RuntimeError("ExpertEngine: the previous forward was not waited for")
         T, K = _check_inputs(x, ids, weights, self.d_model, self.max_k)
         if T > self.max_tokens:
             raise ValueError(f"x: {T} tokens exceed the engine's max_tokens {self.max_tokens}; "
@@ -135,6 +135,16 @@ class ExpertEngine:
         self.x[:T].copy_(x)
         self.ids[: T * K].view(T, K).copy_(ids)
         self.weights[: T * K].view(T, K).copy_(weights)
+        return T, K
+
+    def _result(self, T: int, device, dtype) -> torch.Tensor:
+        out = torch.empty((T, self.d_model), device=device, dtype=dtype)
+        out.copy_(self.y[:T], non_blocking=device.type == "cuda")
+        return out
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        """Start a forward and return at once (the caller may use the GPU meanwhile)."""
+        T, K = self._stage(x, ids, weights)
         self._eng.submit(layer, T, K)
         self._pending = (T, x.device, x.dtype)
 
@@ -144,9 +154,13 @@ class ExpertEngine:
         T, device, dtype = self._pending
         self._eng.wait()
         self._pending = None
-        out = torch.empty((T, self.d_model), device=device, dtype=dtype)
-        out.copy_(self.y[:T], non_blocking=device.type == "cuda")
-        return out
+        return self._result(T, device, dtype)
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Synchronous forward; the calling thread works as one of the engine's workers."""
+        T, K = self._stage(x, ids, weights)
+        self._eng.forward(layer, T, K)
+        return self._result(T, x.device, x.dtype)
 
 
 def _rows_per_expert(buf, qtype: int, n_experts: int, cols: int, name: str) -> int:
@@ -208,7 +222,7 @@ class NativeExperts:
         self.engine._eng.set_skip(self.layer, mask)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        self.engine.submit(self.layer, x, ids, weights, self.n_experts)
+        self.engine.submit(self.layer, x, ids, weights)
 
     def wait(self) -> torch.Tensor:
         return self.engine.wait()
@@ -217,11 +231,7 @@ class NativeExperts:
         T = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
         step = self.engine.max_tokens
         if T <= step:
-            self.submit(x, ids, weights)
-            return self.wait()
+            return self.engine.forward(self.layer, x, ids, weights)
         _check_inputs(x, ids, weights, self.engine.d_model, self.engine.max_k)
-        parts = []
-        for t0 in range(0, T, step):
-            self.submit(x[t0:t0 + step], ids[t0:t0 + step], weights[t0:t0 + step])
-            parts.append(self.wait())
-        return torch.cat(parts)
+        return torch.cat([self.engine.forward(self.layer, x[t0:t0 + step], ids[t0:t0 + step], weights[t0:t0 + step])
+                          for t0 in range(0, T, step)])

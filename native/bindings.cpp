@@ -283,6 +283,12 @@ PYBIND11_MODULE(_native, m) {
                  py::gil_scoped_release release;
                  e.wait();
              })
+        .def("forward",
+             [](MoEEngine& e, int layer, int64_t T, int64_t K) {
+                 py::gil_scoped_release release;
+                 e.forward(layer, T, K);
+             },
+             "submit + wait, the calling thread working as worker 0")
         .def_property_readonly("busy", &MoEEngine::busy)
         .def_property_readonly("n_layers", &MoEEngine::n_layers)
         .def_property_readonly("max_tokens", &MoEEngine::max_tokens)

@@ -281,7 +281,7 @@ void MoEEngine::ensure_scratch() {
     slot_chunk_begin_.reserve(E + 1);
 }
 
-void MoEEngine::submit(int layer, int64_t T, int64_t K) {
+bool MoEEngine::prepare(int layer, int64_t T, int64_t K) {
     if (busy()) bad("submit while a forward is pending: call wait() first");
     if (layer < 0 || layer >= n_layers()) bad("layer " + std::to_string(layer) + " does not exist");
     if (T < 0 || T > max_tokens_) bad("T=" + std::to_string(T) + " exceeds max_tokens " + std::to_string(max_tokens_));
@@ -302,8 +302,15 @@ void MoEEngine::submit(int layer, int64_t T, int64_t K) {
     j.xg_bytes = act_row_bytes(j.act_gate, L.D);
     j.xu_bytes = act_row_bytes(j.act_up, L.D);
     j.hq_bytes = act_row_bytes(j.act_down, L.F);
-    if (T == 0) return;
-    pool_.submit(&MoEEngine::worker, &j);
+    return T > 0;
+}
+
+void MoEEngine::submit(int layer, int64_t T, int64_t K) {
+    if (prepare(layer, T, K)) pool_.submit(&MoEEngine::worker, job_.get());
+}
+
+void MoEEngine::forward(int layer, int64_t T, int64_t K) {
+    if (prepare(layer, T, K)) pool_.run(&MoEEngine::worker, job_.get());
 }
 
 void MoEEngine::wait() { pool_.wait(); }

@@ -76,6 +76,8 @@ class MoEEngine {
     void submit(int layer, int64_t T, int64_t K);
     // Blocks until the pending forward finished; y() then holds the result.
     void wait();
+    // submit + wait with the calling thread working as one of the workers (no GPU to overlap).
+    void forward(int layer, int64_t T, int64_t K);
     bool busy() const { return pool_.busy(); }
     ThreadPool& pool() { return pool_; }
 
@@ -85,6 +87,7 @@ class MoEEngine {
     static void worker(void* job, int ith, int nth);
     void group_chunk(moe_job& j);
     void ensure_scratch();
+    bool prepare(int layer, int64_t T, int64_t K);  // validates, fills job_; false when T == 0
 
     std::vector<int> part_threads_;   // workers per partition
     std::vector<int> part_of_;        // partition of each worker

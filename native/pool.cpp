@@ -79,12 +79,14 @@ ThreadPool::~ThreadPool() {
 
 std::vector<int> ThreadPool::worker_cpus() const { return pinned_; }
 
-void ThreadPool::submit(job_fn fn, void* ctx) {
-    CHECK(!submitted_, "ThreadPool::submit while a job is pending: call wait() first");
+void ThreadPool::start(job_fn fn, void* ctx, bool async) {
+    CHECK(!submitted_, "ThreadPool: a job is pending: call wait() first");
     fn_ = fn;
     ctx_ = ctx;
-    pending_.store(n_, std::memory_order_relaxed);
+    async_ = async;
+    pending_.store(async ? n_ : n_ - 1, std::memory_order_relaxed);
     submitted_ = true;
+    if (!async && n_ == 1) return;  // the caller does it all
     {
         std::lock_guard<std::mutex> lock(mutex_);
         gen_.fetch_add(1, std::memory_order_release);
@@ -92,10 +94,21 @@ void ThreadPool::submit(job_fn fn, void* ctx) {
     cv_work_.notify_all();
 }
 
+void ThreadPool::submit(job_fn fn, void* ctx) { start(fn, ctx, true); }
+
+void ThreadPool::run(job_fn fn, void* ctx) {
+    start(fn, ctx, false);
+    fn(ctx, 0, n_);  // the caller is worker 0: n threads busy on n cores, as llama.cpp does
+    wait();
+}
+
 void ThreadPool::wait() {
     if (!submitted_) return;
     auto done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
-    if (!spin_until(done, caller_spins_ ? spin_budget() : std::chrono::microseconds(0))) {
+    // After run() the caller's core is its own, so it spins; after submit() it sleeps when the
+    // workers fill every core.
+    const bool spin = !async_ || caller_spins_;
+    if (!spin_until(done, spin ? spin_budget() : std::chrono::microseconds(0))) {
         std::unique_lock<std::mutex> lock(mutex_);
         cv_done_.wait(lock, done);
     }
@@ -129,6 +142,7 @@ void ThreadPool::worker_main(int ith) {
         }
         seen = gen_.load(std::memory_order_acquire);
         if (stop_.load(std::memory_order_acquire)) return;
+        if (ith == 0 && !async_) continue;  // run(): the caller takes slot 0
         fn_(ctx_, ith, n_);
         if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
             { std::lock_guard<std::mutex> lock(mutex_); }

@@ -30,10 +30,9 @@ class ThreadPool {
     void submit(job_fn fn, void* ctx);
     // Blocks until the submitted job finished on every worker (no-op when none is pending).
     void wait();
-    void run(job_fn fn, void* ctx) {
-        submit(fn, ctx);
-        wait();
-    }
+    // Synchronous: the calling thread runs slot 0 itself and workers 1..n-1 the rest, so n
+    // threads are busy, not n + a waiting caller. Worker 0 only serves submit().
+    void run(job_fn fn, void* ctx);
     bool busy() const { return pending_.load(std::memory_order_acquire) != 0 || submitted_; }
 
     // Called by every worker of the current job; returns when all have arrived.
@@ -43,6 +42,7 @@ class ThreadPool {
     std::vector<int> worker_cpus() const;
 
    private:
+    void start(job_fn fn, void* ctx, bool async);
     void worker_main(int ith);
 
     int n_;
@@ -56,6 +56,7 @@ class ThreadPool {
     std::atomic<int> started_{0};
     bool submitted_ = false;  // owner side only
     bool caller_spins_ = false;
+    bool async_ = false;  // the current job came from submit(): worker 0 takes slot 0
     job_fn fn_ = nullptr;
     void* ctx_ = nullptr;
 
