@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -166,10 +167,18 @@ class _Loader:
     """
 
     def __init__(self, gguf: GGUFFile, plan, threads: int, *, experts: str = "native",
-                 cpu_linears: str = "native", max_tokens: int = 512):
+                 cpu_linears: str = "native", max_tokens: int = 512, numa: str = "off",
+                 numa_partitions: int | None = None, expert_threads: int | None = None,
+                 hugepages: bool = True, copy_progress: bool = False):
         self.g = gguf
         self.plan = plan
         self.threads = threads
+        self.numa = numa or "off"
+        self.numa_partitions = numa_partitions
+        self.expert_threads = expert_threads
+        self.hugepages = hugepages
+        self.copy_progress = copy_progress
+        self._placed = None
         self.device = torch.device(plan.device)
         self.max_tokens = max_tokens
         native = _native()
@@ -241,13 +250,26 @@ class _Loader:
         info = self._info(name)
         return _Embedding(self.g.view(name), info.ggml_type, info.ne[0], self.device, name)
 
-    def _expert_engine(self, d_model, max_k):
-        if self._engine is None:
-            from hybrid.experts import ExpertEngine
+    def _placed_experts(self, d_model, max_k):
+        """The PlacedExperts of the plan's NUMA mode (created with the first MoE layer)."""
+        if self._placed is None:
+            from hybrid.numa import PlacedExperts, node_groups
 
-            self._engine = ExpertEngine(d_model, max_tokens=self.max_tokens, max_k=max_k,
-                                        threads=self.threads)
-        return self._engine
+            groups = node_groups(self.numa, threads=self.expert_threads,
+                                 logical_partitions=self.numa_partitions)
+            self._placed = PlacedExperts(self.g, self.numa, groups, d_model=d_model,
+                                         max_tokens=self.max_tokens, max_k=max_k,
+                                         hugepages=self.hugepages, progress=self.copy_progress)
+            self._engine = self._placed.engine
+            log.info("routed experts: numa %s, %d worker group(s): %s", self.numa, len(groups),
+                     "; ".join(f"node {g.node} cpus {g.cpus}" for g in groups))
+        return self._placed
+
+    def finish(self):
+        """After every layer asked for its experts: copy the placed expert bytes (numa modes
+        other than off; off reads the mmap in place)."""
+        if self._placed is not None:
+            self._placed.load()
 
     def experts(self, layer):
         names = [f"blk.{layer}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
@@ -260,11 +282,7 @@ class _Loader:
                                                 i.ggml_type in _native().supported_types()
                                                 for i in infos):
             self.stats["native_experts"] += 1
-            eng = self._expert_engine(D, K)
-            views = []
-            for n, i in zip(names, infos):
-                views += [self.g.view(n), i.ggml_type]
-            cpu = eng.add_layer(E, *views)
+            cpu = self._placed_experts(D, K).add_layer(layer)
             if not hot:
                 return _Overlapped(cpu) if self.device.type != "cpu" else cpu
             from hybrid.torch_experts import TorchExperts
@@ -283,9 +301,12 @@ class _Loader:
         return TorchExperts.from_gguf(self.g, layer, dtype=dt, device=self.device)
 
     def close(self):
-        if self._engine is not None:
+        if self._placed is not None:
+            self._placed.close()   # closes the engine, frees the placed copies
+            self._placed = None
+        elif self._engine is not None:
             self._engine.close()
-            self._engine = None
+        self._engine = None
 
 
 class _Overlapped:
@@ -370,21 +391,30 @@ def _solve_plan(path, device, numa, ctx, prefill_chunk):
     if device.startswith("cuda") and plan.device == "cpu":
         raise ValueError(f"{path}: device='cuda' asked for, but the placement plan puts nothing "
                          f"on the GPU:\n{plan.to_text()}")
-    if not plan.fits:
-        msgs = "; ".join(p.message for p in plan.problems) or "see the plan"
-        tips = "; ".join(f"{s.message} ({s.cli})" for s in plan.suggestions[:3])
-        raise ValueError(f"{path}: the model does not fit this machine: {msgs}"
-                         + (f". Options: {tips}" if tips else "")
-                         + " (hybrid-run MODEL --dry-run prints the full plan)")
     return plan
+
+
+def _check_plan_fits(path, plan) -> None:
+    """Refuse, before anything is loaded, a plan the solver rejected (e.g. --numa replicate
+    whose copy per node does not fit), with the plan's own explanation."""
+    if getattr(plan, "fits", True):
+        return
+    msgs = "; ".join(p.message for p in getattr(plan, "problems", [])) or "see the plan"
+    tips = "; ".join(f"{s.message} ({s.cli})" for s in getattr(plan, "suggestions", [])[:3])
+    raise ValueError(f"{path}: the model does not fit this machine (numa "
+                     f"{getattr(plan, 'numa_mode', 'off')}): {msgs}"
+                     + (f". Options: {tips}" if tips else "")
+                     + " (hybrid-run MODEL --dry-run prints the full plan)")
 
 
 class Runtime:
     """A loaded model. Not thread-safe: one sequence at a time."""
 
     def __init__(self, path, *, device="auto", threads=None, numa="off", ctx=4096, plan=None,
-                 prefill_chunk=512, experts="native", cpu_linears="native", progress=None):
+                 prefill_chunk=512, experts="native", cpu_linears="native", progress=None,
+                 numa_partitions=None, hugepages=True, copy_progress=None):
         self.path = os.fspath(path)
+        self.threads_given = threads is not None
         self.threads = int(threads) if threads else _default_threads()
         torch.set_num_threads(self.threads)
         self.prefill_chunk = int(prefill_chunk)
@@ -392,31 +422,57 @@ class Runtime:
         self._tokenizer = None
         self.model = self.loader = self.cache = None
         try:
-            self._load(device, numa, int(ctx), plan, experts, cpu_linears, progress)
+            self._load(device, numa, int(ctx), plan, experts, cpu_linears, progress,
+                       numa_partitions, hugepages, copy_progress)
         except BaseException:
             self.close()
             raise
         self._seq: list[int] = []  # tokens whose K/V are in the cache, in order
         self.last_stats: GenerationStats | None = None
 
-    def _load(self, device, numa, ctx, plan, experts, cpu_linears, progress):
+    def _expert_threads(self, numa: str) -> int | None:
+        """Workers of the expert engine. Given threads: that many. Otherwise, CPU-only with
+        numa off: every allowed CPU (torch and the experts take turns, nothing else runs);
+        else node_groups' default, each node's physical cores minus one (that core drives
+        the GPU or the other nodes' memory traffic)."""
+        if self.threads_given:
+            return self.threads
+        if numa == "off" and self.device.type == "cpu":
+            return self.threads
+        return None
+
+    def _load(self, device, numa, ctx, plan, experts, cpu_linears, progress, numa_partitions,
+              hugepages, copy_progress):
         arch = self.gguf.architecture
         mod = get_model_module(arch, source=self.path)
         if plan is None:
             plan = _solve_plan(self.path, device, numa, ctx, self.prefill_chunk)
+        _check_plan_fits(self.path, plan)
         self.plan = plan
-        self.numa = getattr(plan, "numa_mode", numa)
-        if self.numa not in ("off", None):
-            log.warning("numa=%r: the runtime does not place memory per NUMA node yet", self.numa)
+        self.numa = getattr(plan, "numa_mode", None) or numa or "off"
+        from hybrid.numa import MODES
+
+        if self.numa not in MODES:
+            raise ValueError(f"numa={self.numa!r}: use one of {', '.join(MODES)}")
+        if experts != "native" and self.numa != "off":
+            log.warning("numa=%s applies to the native expert engine; experts=%r ignores it",
+                        self.numa, experts)
         self.device = torch.device(plan.device)
         self.args = mod.ModelArgs.from_gguf(self.gguf.metadata, self.gguf.tensors, self.path)
         self.ctx = int(plan.kv_cache_tokens)
         t0 = time.perf_counter()
+        if copy_progress is None:
+            # the caller's progress callback covers loading; a bar of its own otherwise
+            copy_progress = progress is None and sys.stderr.isatty()
         self.loader = _Loader(self.gguf, plan, self.threads, experts=experts,
-                              cpu_linears=cpu_linears, max_tokens=self.prefill_chunk)
+                              cpu_linears=cpu_linears, max_tokens=self.prefill_chunk,
+                              numa=self.numa, numa_partitions=numa_partitions,
+                              expert_threads=self._expert_threads(self.numa),
+                              hugepages=hugepages, copy_progress=copy_progress)
         with torch.inference_mode():
             self.model = mod.DeepSeek2(self.args, self.loader, max_pos=self.ctx,
                                        rope_device=self.device, progress=progress)
+        self.loader.finish()
         self.load_s = time.perf_counter() - t0
         kv_dtype = _DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
         self.cache = LatentKVCache(self.args.n_layer, self.ctx, self.args.kv_lora_rank,
@@ -628,8 +684,13 @@ def load(path, device="auto", threads=None, numa="off", ctx=4096, **kw) -> Runti
     device: "auto" (GPU when torch sees one), "cpu" or "cuda"; the placement solver turns it
     into a Plan unless plan= is given (a placement.plan.Plan or an engine.MinimalPlan).
     threads: CPU threads for torch and the native engine (default: all allowed CPUs).
-    numa: off | interleave | distribute | replicate (passed to the solver). ctx: tokens of
+    numa: off | interleave | distribute | replicate (passed to the solver; the plan's
+    numa_mode decides how the routed experts are placed, see hybrid.numa). ctx: tokens of
     KV cache. Extra keywords: plan, prefill_chunk (512), experts ("native" / "torch"),
-    cpu_linears ("native" / "torch"), progress (callback(done_layers, n_layers) while loading).
+    cpu_linears ("native" / "torch"), progress (callback(done_layers, n_layers) while loading),
+    numa_partitions (split each node's CPUs into that many worker groups: the per-node
+    placement on a one-node machine), hugepages (True), copy_progress (a bar while the
+    placed expert bytes are copied; default: when stderr is a terminal and no progress=).
+    A plan that does not fit (plan.fits False) is refused before loading (ValueError).
     """
     return Runtime(path, device=device, threads=threads, numa=numa, ctx=ctx, **kw)
