@@ -90,11 +90,13 @@ const tables& all_tables() {
         t.avx512 = t.scalar;
         std::memset(t.avx2.dequant, 0, sizeof(t.avx2.dequant));
         std::memset(t.avx2.dot, 0, sizeof(t.avx2.dot));
+        std::memset(t.avx2.dot4, 0, sizeof(t.avx2.dot4));
         std::memset(t.avx2.quant_act, 0, sizeof(t.avx2.quant_act));
         t.avx512 = t.avx2;
-        // Filling a table only stores function pointers: safe on any CPU.
-        t.have_avx2 = fill_avx2_kernels(&t.avx2) && can_avx2();
-        t.have_avx512 = fill_avx512_kernels(&t.avx512) && can_avx512();
+        // Nothing compiled with ISA flags runs before cpuid says so: even the fill functions,
+        // since the compiler may use wide vector stores for them.
+        t.have_avx2 = can_avx2() && fill_avx2_kernels(&t.avx2);
+        t.have_avx512 = can_avx512() && fill_avx512_kernels(&t.avx512);
         fill_gaps(&t.avx2, t.scalar);
         fill_gaps(&t.avx512, t.avx2);
         return t;

@@ -8,7 +8,8 @@
 
 namespace hybrid {
 
-// The active table. Every entry is non-null (SIMD gaps are filled from the scalar table).
+// The active table. Every entry but dot4 is non-null (SIMD gaps are filled from the scalar
+// table; dot4 is only set where it is bit-identical to the same path's dot).
 const kernel_table& kernels();
 // Table for a named ISA; throws if the CPU cannot run it ("avx512 needs ...").
 const kernel_table& kernels_for(const std::string& isa);

@@ -100,6 +100,7 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
         }
         j.pool->barrier();
         const dot_fn dot = j.k->dot[a.w_type];
+        const dot4_fn dot4 = j.k->dot4[a.w_type];
         const int64_t n_tiles = j.n_row_tiles * j.n_tok_tiles;
         for (int64_t tile = j.tiles.take(); tile < n_tiles; tile = j.tiles.take()) {
             // Row tiles vary fastest: with many tokens, neighbouring workers share activations.
@@ -108,8 +109,16 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
             const int64_t r1 = std::min(a.N, r0 + j.row_tile), t1 = std::min(a.T, t0 + kTokenTile);
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t* wr = a.w + r * a.w_stride;
-                for (int64_t t = t0; t < t1; t++)
-                    a.y[t * a.y_stride + r] = dot(a.K, wr, j.act_buf + t * j.act_bytes);
+                int64_t t = t0;
+                if (dot4)  // unpack each weight block once for 4 tokens
+                    for (; t + 4 <= t1; t += 4) {
+                        const void* act[4];
+                        float o[4];
+                        for (int i = 0; i < 4; i++) act[i] = j.act_buf + (t + i) * j.act_bytes;
+                        dot4(a.K, wr, act, o);
+                        for (int i = 0; i < 4; i++) a.y[(t + i) * a.y_stride + r] = o[i];
+                    }
+                for (; t < t1; t++) a.y[t * a.y_stride + r] = dot(a.K, wr, j.act_buf + t * j.act_bytes);
             }
         }
     };

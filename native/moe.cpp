@@ -110,6 +110,7 @@ void MoEEngine::worker(void* p, int ith, int nth) {
     const int64_t chunk = std::min(m.max_tokens_, MoEEngine::kTokenChunk);
     const bool same_act = j.act_gate == j.act_up;
     const dot_fn dot_gate = k.dot[L.gate_type()], dot_up = k.dot[L.up_type()], dot_down = k.dot[L.down_type()];
+    const dot4_fn dot4_gate = k.dot4[L.gate_type()], dot4_up = k.dot4[L.up_type()], dot4_down = k.dot4[L.down_type()];
 
     for (int64_t t0 = 0; t0 < j.T; t0 += chunk) {
         if (ith == 0) {
@@ -148,7 +149,21 @@ void MoEEngine::worker(void* p, int ith, int nth) {
             for (int64_t f = f0; f < f1; f++) {
                 const uint8_t* grow = sl.gate.row(e, f);
                 const uint8_t* urow = sl.up.row(e, f);
-                for (int64_t i = s0; i < s1; i++) {
+                int64_t i = s0;
+                if (dot4_gate && dot4_up)  // unpack each weight block once for 4 slots
+                    for (; i + 4 <= s1; i += 4) {
+                        const void *ag[4], *au[4];
+                        float g[4], u[4];
+                        for (int r = 0; r < 4; r++) {
+                            const int64_t t = slots[i + r] / K;
+                            ag[r] = xq_gate + t * j.xg_bytes;
+                            au[r] = xq_up + t * xu_bytes;
+                        }
+                        dot4_gate(D, grow, ag, g);
+                        dot4_up(D, urow, au, u);
+                        for (int r = 0; r < 4; r++) m.h_[slots[i + r] * F + f] = silu(g[r]) * u[r];
+                    }
+                for (; i < s1; i++) {
                     const int64_t s = slots[i], t = s / K;
                     const float g = dot_gate(D, grow, xq_gate + t * j.xg_bytes);
                     const float u = dot_up(D, urow, xq_up + t * xu_bytes);
@@ -176,7 +191,19 @@ void MoEEngine::worker(void* p, int ith, int nth) {
                 const int64_t n_e = begin[e + 1] - begin[e];
                 for (int64_t d = d0; d < d1; d++) {
                     const uint8_t* drow = sl.down.row(e, d);
-                    for (int64_t i = 0; i < n_e; i++) {
+                    int64_t i = 0;
+                    if (dot4_down)
+                        for (; i + 4 <= n_e; i += 4) {
+                            const void* ah[4];
+                            float o[4];
+                            for (int r = 0; r < 4; r++) ah[r] = m.hq_.data() + slots[i + r] * j.hq_bytes;
+                            dot4_down(F, drow, ah, o);
+                            for (int r = 0; r < 4; r++) {
+                                const int64_t s = slots[i + r], t = s / K;
+                                y[t * m.d_model_ + d] += wts[s] * o[r];
+                            }
+                        }
+                    for (; i < n_e; i++) {
                         const int64_t s = slots[i], t = s / K;
                         y[t * m.d_model_ + d] += wts[s] * dot_down(F, drow, m.hq_.data() + s * j.hq_bytes);
                     }

@@ -99,12 +99,16 @@ typedef void (*dequant_fn)(const void* src, float* dst, int64_t n);
 // Dot product of one weight row with one activation row (already in the weight's act format).
 typedef float (*dot_fn)(int64_t n, const void* w, const void* act);
 typedef void (*quant_act_fn)(const float* x, void* dst, int64_t n);
+// Dots of one weight row with 4 activation rows (prefill): out[r] = dot(w, act[r]), each
+// bit-identical to the table's single dot. Null where a path has none: callers then loop.
+typedef void (*dot4_fn)(int64_t n, const void* w, const void* const* act, float* out);
 
 // One table per ISA path; entries left null by an ISA fall back to the scalar reference.
 struct kernel_table {
     const char* isa;
     dequant_fn dequant[GGML_TYPE_LIMIT];
     dot_fn dot[GGML_TYPE_LIMIT];
+    dot4_fn dot4[GGML_TYPE_LIMIT];
     quant_act_fn quant_act[ACT_COUNT];
 };
 

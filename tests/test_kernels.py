@@ -228,3 +228,15 @@ def test_activation_quantization_is_llama_cpps(isa):
         want = np.rint(blk * (np.float32(127) / amax if amax else np.float32(0))).astype(np.int8)
         np.testing.assert_array_equal(got["qs"], want)
         assert got["sum"] == int(want.astype(np.int32).sum())
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_batched_tokens_equal_single_tokens(isa, qtype):
+    """Prefill unpacks a weight block once for several tokens: each token's result must be
+    bit-identical to computing it alone (decode), or prefill and decode would disagree."""
+    rng = np.random.default_rng(12)
+    rows = random_rows(qtype, 19, 512, rng)
+    x = rng.standard_normal((11, 512)).astype(np.float32)
+    batched = _native.matmul(rows, int(qtype), x)
+    for t in range(x.shape[0]):
+        np.testing.assert_array_equal(batched[t], _native.matmul(rows, int(qtype), x[t:t + 1])[0])

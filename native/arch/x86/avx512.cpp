@@ -218,6 +218,9 @@ bool fill_avx512_kernels(kernel_table* t) {
     t->dot[GGML_Q4_K] = x86_512::dot_q4_K;
     t->dot[GGML_Q5_K] = x86_512::dot_q5_K;
     t->dot[GGML_Q6_K] = x86_512::dot_q6_K;
+    // The 4-row dots above are AVX2 code: they would not be bit-identical to these single
+    // dots, so this path does without them.
+    std::memset(t->dot4, 0, sizeof(t->dot4));
     return true;
 }
 

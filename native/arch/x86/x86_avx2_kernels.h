@@ -405,12 +405,19 @@ static inline __m256i word_bcast2(__m256i v, int i) {
     return _mm256_shuffle_epi8(v, _mm256_blend_epi32(lo, hi, 0xF0));
 }
 
-// Q4_K and Q5_K share everything but the unpacking of quants (qh = nullptr for Q4_K).
-static inline float dot_k4_avx2(int64_t n, const uint8_t* base, int64_t stride, int qs_off,
-                                int qh_off, const block_q8_K* y) {
+// Q4_K and Q5_K share everything but the unpacking of quants (qh_off = 0 for Q4_K).
+// R activation rows at once: the weight block is unpacked once for all of them (prefill);
+// each row's arithmetic is the same as with R = 1, so results do not depend on grouping.
+template <int R>
+static inline void dot_k4_rows(int64_t n, const uint8_t* base, int64_t stride, int qs_off, int qh_off,
+                               const block_q8_K* const* ys, float* out) {
     const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
+    __m256 acc[R];
+    __m128 acc_m[R];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+        acc_m[r] = _mm_setzero_ps();
+    }
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t* blk = base + b * stride;
         uint16_t dh, mh;
@@ -418,12 +425,16 @@ static inline float dot_k4_avx2(int64_t n, const uint8_t* base, int64_t stride, 
         std::memcpy(&mh, blk + 2, 2);
         uint8_t sm[16];
         unpack_scales_mins_k4(blk + 4, sm);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(y[b].d * h2f(mh)), _mm_cvtepi32_ps(k4_min_products(sm + 8, y[b].bsums)), acc_m);
+        const float dw = h2f(dh), mw = h2f(mh);
+        for (int r = 0; r < R; r++)
+            acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(ys[r][b].d * mw),
+                                    _mm_cvtepi32_ps(k4_min_products(sm + 8, ys[r][b].bsums)), acc_m[r]);
         const uint8_t* qs = blk + qs_off;
         const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
         // the 8 scales as int16 in both lanes; word_bcast picks one per sub-block
         const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)sm)));
-        __m256i sumi = _mm256_setzero_si256();
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
             __m256i lo = _mm256_and_si256(q, m4);
@@ -432,25 +443,43 @@ static inline float dot_k4_avx2(int64_t n, const uint8_t* base, int64_t stride, 
                 lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
                 hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
             }
-            const __m256i a0 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c));
-            const __m256i a1 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c + 32));
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), word_bcast(scales, 2 * c));
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), word_bcast(scales, 2 * c + 1));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+            const __m256i s0 = word_bcast(scales, 2 * c), s1 = word_bcast(scales, 2 * c + 1);
+            for (int r = 0; r < R; r++) {
+                const __m256i a0 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c));
+                const __m256i a1 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c + 32));
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), s0);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), s1);
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * h2f(dh)), _mm256_cvtepi32_ps(sumi), acc);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
     }
-    return hsum_ps(acc) - hsum_ps_128(acc_m);
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]) - hsum_ps_128(acc_m[r]);
 }
 
 static float dot_q4_K(int64_t n, const void* w, const void* a) {
-    return dot_k4_avx2(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0,
-                       (const block_q8_K*)a);
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_k4_rows<1>(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0, &y, &out);
+    return out;
 }
 
 static float dot_q5_K(int64_t n, const void* w, const void* a) {
-    return dot_k4_avx2(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs),
-                       offsetof(block_q5_K, qh), (const block_q8_K*)a);
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_k4_rows<1>(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs), offsetof(block_q5_K, qh), &y, &out);
+    return out;
+}
+
+static void dot4_q4_K(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_k4_rows<4>(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0,
+                   (const block_q8_K* const*)a, out);
+}
+
+static void dot4_q5_K(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_k4_rows<4>(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs), offsetof(block_q5_K, qh),
+                   (const block_q8_K* const*)a, out);
 }
 
 // 32 * scales[j] * bsums[j] over the 16 sub-blocks of a Q6_K block, as 8 int32 lanes: what
@@ -460,12 +489,13 @@ static inline __m256i q6_offset(const int8_t* scales, const int16_t* bsums) {
     return _mm256_slli_epi32(_mm256_madd_epi16(s, _mm256_loadu_si256((const __m256i*)bsums)), 5);
 }
 
-static float dot_q6_K(int64_t n, const void* w, const void* a) {
-    const block_q6_K* x = (const block_q6_K*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
+template <int R>
+static inline void dot_q6_K_rows(int64_t n, const block_q6_K* x, const block_q8_K* const* ys, float* out) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
-        __m256i sumi = _mm256_setzero_si256();
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int half = 0; half < 2; half++) {
             __m256i q[4];
             q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
@@ -473,14 +503,31 @@ static float dot_q6_K(int64_t n, const void* w, const void* a) {
             const __m256i sc = _mm256_broadcastsi128_si256(
                 _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(x[b].scales + 8 * half))));
             for (int i = 0; i < 4; i++) {
-                const __m256i av = _mm256_loadu_si256((const __m256i*)(y[b].qs + 128 * half + 32 * i));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], av), word_bcast2(sc, i)));
+                const __m256i s = word_bcast2(sc, i);
+                for (int r = 0; r < R; r++) {
+                    const __m256i av = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 128 * half + 32 * i));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], av), s));
+                }
             }
         }
-        sumi = _mm256_sub_epi32(sumi, q6_offset(x[b].scales, y[b].bsums));  // quants are stored +32
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * h2f(x[b].d)), _mm256_cvtepi32_ps(sumi), acc);
+        const float dw = h2f(x[b].d);
+        for (int r = 0; r < R; r++) {
+            sumi[r] = _mm256_sub_epi32(sumi[r], q6_offset(x[b].scales, ys[r][b].bsums));  // quants are stored +32
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        }
     }
-    return hsum_ps(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+static float dot_q6_K(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_q6_K_rows<1>(n, (const block_q6_K*)w, &y, &out);
+    return out;
+}
+
+static void dot4_q6_K(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_q6_K_rows<4>(n, (const block_q6_K*)w, (const block_q8_K* const*)a, out);
 }
 
 // Fills every entry this header implements.
@@ -504,6 +551,9 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
     t->dot[GGML_Q6_K] = dot_q6_K;
+    t->dot4[GGML_Q4_K] = dot4_q4_K;
+    t->dot4[GGML_Q5_K] = dot4_q5_K;
+    t->dot4[GGML_Q6_K] = dot4_q6_K;
 }
 
 }  // namespace x86
