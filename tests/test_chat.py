@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from subproc import NEUTRAL_CWD, hybrid_env
 
 from hybrid.chat import (Chat, Generation, ReplyPrinter, ThinkSplitter, fit_messages,
                          prompt_opens_think, quiet_stderr, stream_in_worker)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------- a stand-in runtime
 
@@ -272,12 +272,12 @@ def test_fit_messages_keeps_system_and_starts_with_a_user_turn():
 def test_interactive_chat_in_a_pty(tiny_q4km, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     pytest.importorskip("prompt_toolkit")
-    env = dict(os.environ, PYTHONPATH=ROOT, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm",
+    env = hybrid_env(PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm",
                HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
     env.pop("NO_COLOR", None)
     child = pexpect.spawn(sys.executable, ["-m", "hybrid.cli", str(tiny_q4km), "--device", "cpu",
                                            "--ctx", "4096", "--max-tokens", "12", "--temperature", "0"],
-                          env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
+                          env=env, cwd=NEUTRAL_CWD, encoding="utf-8", timeout=120, dimensions=(50, 200))
     log = io.StringIO()
     child.logfile_read = log
     stats = r"\[prompt (\d+) tok[^\]]*generated (\d+) tok, [\d.]+ tok/s \| first token [\d.]+ s([^\]]*)\]"

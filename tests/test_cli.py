@@ -8,18 +8,18 @@ import subprocess
 import sys
 
 import pytest
+from subproc import NEUTRAL_CWD, hybrid_env
 
 from hybrid import __version__
 from hybrid.cli import _dry_run_argv, main, model_id
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hybrid_run(*args, stdin=None, timeout=300, env=None):
-    e = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    e = hybrid_env(**(env or {}))
     e.pop("NO_COLOR", None)
     return subprocess.run([sys.executable, "-m", "hybrid.cli", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+                          capture_output=True, text=True, timeout=timeout, env=e, cwd=NEUTRAL_CWD)
 
 
 def assert_one_line_error(r, *needles, code=None):

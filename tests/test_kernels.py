@@ -18,6 +18,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from hybrid import _native
 from quantdata import ALL_TYPES, random_rows
+from subproc import NEUTRAL_CWD, hybrid_env
 
 ISAS = ["scalar", "avx2", "avx512"]
 NMSE_BOUND = {QT.F32: 1e-10, QT.F16: 1e-10, QT.BF16: 1e-10,
@@ -163,9 +164,9 @@ def test_unknown_or_unavailable_isa_is_refused():
 
 @pytest.mark.parametrize("name", ["scalar", "avx2", "avx512", "bogus"])
 def test_hybrid_isa_environment_variable(name):
-    env = dict(os.environ, HYBRID_ISA=name)
     r = subprocess.run([sys.executable, "-c", "from hybrid import _native; print(_native.isa())"],
-                       env=env, capture_output=True, text=True, timeout=120)
+                       env=hybrid_env(HYBRID_ISA=name), cwd=NEUTRAL_CWD, capture_output=True, text=True,
+                       timeout=120)
     if name in _native.available_isas():
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == name

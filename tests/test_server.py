@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from subproc import NEUTRAL_CWD, hybrid_env
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- the real server
@@ -30,11 +30,11 @@ def served(tiny_q4km, tmp_path_factory):
     """`hybrid-run MODEL --serve --port 0` in a subprocess; yields its base URL."""
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     log = open(log_path, "w+")
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = hybrid_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "hybrid.cli", str(tiny_q4km), "--serve", "--host", "127.0.0.1",
          "--port", "0", "--device", "cpu", "--ctx", "256", "--max-tokens", "16"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=NEUTRAL_CWD)
     try:
         url = None
         deadline = time.time() + 180
