@@ -67,7 +67,7 @@ class MinimalPlan:
     gpu_weight_format: str = "bf16"
     kv_cache_tokens: int = 4096
     kv_cache_dtype: str = "f32"
-    cpu_linear_min_bytes: int = 1 << 20
+    cpu_linear_min_bytes: int = 0   # every quantized CPU linear on the native matmul
     numa_mode: str = "off"
     gpu_experts: list = field(default_factory=list)
     fits: bool = True
@@ -102,7 +102,15 @@ class TorchLinear:
 
 
 class QuantLinear:
-    """y = x @ W^T on the native quantized matmul, W kept in its GGUF bytes (CPU only)."""
+    """y = x @ W^T on the native matmul, W kept in its GGUF bytes (CPU only).
+
+    Threads: all of them for more than a few tokens; for decode one per `bytes_per_thread`
+    of weights. A decode matmul of a few MB is over before a second worker has woken up:
+    on TinyConfig.mid (2 cores, every linear under 7 MB) one thread per linear took a decode
+    step from 77 to 58 ms."""
+
+    bytes_per_thread = 4 << 20
+    few_tokens = 4
 
     def __init__(self, view: np.ndarray, ggml_type: int, in_features: int, threads: int = 0,
                  name: str = "linear"):
@@ -115,6 +123,8 @@ class QuantLinear:
         self.in_features = in_features
         self.out_features = view.shape[0]
         self.threads = threads
+        self.decode_threads = max(1, min(threads or os.cpu_count() or 1,
+                                         view.nbytes // self.bytes_per_thread))
         self.name = name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,9 +133,45 @@ class QuantLinear:
         if xs.dtype != torch.float32:
             xs = xs.float()
         xs = xs.contiguous()
-        out = torch.empty(xs.shape[0], self.out_features, dtype=torch.float32)
-        self._matmul(self.view, self.ggml_type, xs.numpy(), out.numpy(), self.threads)
+        T = xs.shape[0]
+        out = torch.empty(T, self.out_features, dtype=torch.float32)
+        self._matmul(self.view, self.ggml_type, xs.numpy(), out.numpy(),
+                     self.decode_threads if T <= self.few_tokens else self.threads)
         return out.view(*lead, self.out_features)
+
+
+class NativeHeadLinear:
+    """Per-head linears y[h] = x[h] @ W[h] (MLA's absorbed up-projections) on the native
+    matmul, W as Q8_0 rows: a quarter of the bytes of torch's f32 bmm (the largest torch
+    cost of a decode step: 16 bmm of 4 MB on TinyConfig.mid), 2x faster measured. Used for
+    every absorbed call, so a token gets the same numbers whatever chunk it comes in (a
+    reused prompt prefix then continues exactly as a fresh one); the decompressed path of
+    long chunks reads the f32 `weight`. One call per head (the kernel takes one weight
+    matrix); one thread for decode: a head's matrix is too small to share (see QuantLinear)."""
+
+    def __init__(self, weight: torch.Tensor, threads: int = 1):
+        import gguf
+
+        self.weight = weight
+        self.threads = threads
+        H, K, N = weight.shape
+        rows = weight.transpose(1, 2).reshape(H * N, K).float().contiguous().numpy()
+        q = gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0)
+        self._rows = np.ascontiguousarray(q).reshape(H, N, -1)         # [H, out, row bytes]
+        self._matmul = _native().matmul
+        self.shape = (H, K, N)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        H, K, N = self.shape
+        T = x.shape[-2]
+        xs = x.float().contiguous().numpy()
+        out = torch.empty(H, T, N)
+        o = out.numpy()
+        shared = xs.ndim == 2
+        th = 1 if T <= QuantLinear.few_tokens else self.threads
+        for h in range(H):
+            self._matmul(self._rows[h], dequant.Q8_0, xs if shared else xs[h], o[h], th)
+        return out
 
 
 class _Embedding:
@@ -245,6 +291,23 @@ class _Loader:
             self.stats["torch_linears"] += 1
             fn = TorchLinear(self._dequant(name, _DTYPES[fmt], wdev).view(info.ne[1], info.ne[0]))
         return fn if wdev == self.device else _DeviceBridge(fn, wdev, self.device)
+
+    def head_linear(self, name, weight):
+        """Per-head linears from `weight` [H, in, out] float32 (made from tensor `name` at load),
+        in the plan's format of `name` (bf16 on the GPU: the bytes the plan counted, one copy
+        serving both attention paths). On the CPU, when the file stores the tensor quantized,
+        decode runs on Q8_0 copies (NativeHeadLinear; F16 copies were tried: no faster than
+        f32, the AVX2 F16C conversion bounds them); F32/F16 files keep exact float math."""
+        from hybrid.models.deepseek2 import HeadLinear
+
+        _, fmt = self.plan.placement_of(name)
+        dt = torch.bfloat16 if fmt == "bf16" else torch.float32
+        lin = HeadLinear(weight.to(device=self.device, dtype=dt))
+        if (self.device.type == "cpu" and dt == torch.float32 and self.native_linears
+                and self._info(name).ggml_type not in (dequant.F32, dequant.F16, dequant.BF16)
+                and weight.shape[1] % 32 == 0):
+            return NativeHeadLinear(lin.weight, self.threads)
+        return lin
 
     def embedding(self, name):
         info = self._info(name)
@@ -387,6 +450,10 @@ def _solve_plan(path, device, numa, ctx, prefill_chunk):
     kw = {"ctx": ctx, "numa": numa or "off", "prefill_chunk": prefill_chunk}
     if device == "cpu" or not torch.cuda.is_available():
         kw["cpu_only"] = True
+        # the native matmul beats an f32 copy at every size measured (2-core AVX2 box, decode
+        # of TinyConfig.mid: ~6 ms of ~70 ms per token went to f32 copies of the small
+        # linears), and reads 4-7x fewer bytes
+        kw["cpu_linear_min_bytes"] = 0
     plan = plan_for_gguf(path, **kw)
     if device.startswith("cuda") and plan.device == "cpu":
         raise ValueError(f"{path}: device='cuda' asked for, but the placement plan puts nothing "
@@ -417,6 +484,7 @@ class Runtime:
         self.threads_given = threads is not None
         self.threads = int(threads) if threads else _default_threads()
         torch.set_num_threads(self.threads)
+        self._torch_threads = self.threads
         self.prefill_chunk = int(prefill_chunk)
         self.gguf = GGUFFile(self.path)
         self._tokenizer = None
@@ -515,11 +583,23 @@ class Runtime:
         """Run tokens after the cached sequence; returns logits float32 on the device."""
         T = tokens.numel()
         self.cache.check_room(T)
+        self._set_torch_threads(T)
         pos0 = self.cache.length
         logits = self.model(tokens.to(self.device), pos0, self.cache, last_only=last_only)
         self.cache.advance(T)
         self._seq.extend(tokens.tolist())
         return logits
+
+    # A decode step's torch ops are tiny: on more threads each one pays the OpenMP wake-up
+    # (passive waiting, see hybrid/__init__.py) for no gain; measured on TinyConfig.mid, 2
+    # cores: 70 ms per step with 1 torch thread, 83 ms with 2. Longer inputs use them all.
+    _single_thread_tokens = 4
+
+    def _set_torch_threads(self, T: int) -> None:
+        n = 1 if T <= self._single_thread_tokens else self.threads
+        if n != self._torch_threads:
+            torch.set_num_threads(n)
+            self._torch_threads = n
 
     def _prefill(self, tokens: torch.Tensor, all_logits: bool, out=None):
         """Prefill in chunks; returns the last token's logits [B] (or fills out [T, B])."""

@@ -224,6 +224,8 @@ class WeightLoader(Protocol):
 
     def experts(self, layer: int) -> Callable: ...  # experts(x[T,D], ids[T,K], w[T,K]) -> [T,D]
 
+    # optional: head_linear(source name, W [H, in, out] float32) -> a HeadLinear equivalent
+
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, w.shape, w, eps)
@@ -293,17 +295,21 @@ class MLAttention:
         # weight surgery: per-head up-projections wk [H, N, C] (k_nope = wk @ latent) and
         # wv [H, V, C] (v = wv @ latent), from either tensor layout
         if w.has(p + "attn_k_b.weight"):
+            src = p + "attn_k_b.weight"
             wk = w.tensor(p + "attn_k_b.weight")           # ne {N, C, H} -> [H, C, N]
             wv = w.tensor(p + "attn_v_b.weight")           # ne {C, V, H} -> [H, V, C]
-            self.wk = wk.reshape(H, C, N).transpose(1, 2).contiguous()
-            self.wv = wv.reshape(H, V, C).contiguous()
+            wk = wk.reshape(H, C, N).transpose(1, 2)
+            wv = wv.reshape(H, V, C)
         else:
-            kv_b = w.tensor(p + "attn_kv_b.weight")        # ne {C, H*(N+V)} -> [H*(N+V), C]
+            src = p + "attn_kv_b.weight"
+            kv_b = w.tensor(src)                           # ne {C, H*(N+V)} -> [H*(N+V), C]
             kv_b = kv_b.reshape(H, N + V, C)
-            self.wk = kv_b[:, :N].contiguous()
-            self.wv = kv_b[:, N:].contiguous()
-        self.wk_t = self.wk.transpose(1, 2).contiguous()   # [H, C, N]
-        self.wv_t = self.wv.transpose(1, 2).contiguous()   # [H, C, V]
+            wk, wv = kv_b[:, :N], kv_b[:, N:]
+        # as per-head linears x[h] @ W[h] (the loader picks their format): the query into
+        # latent space (W = wk [H, N, C]) and the latent output to values (W = wv^T [H, C, V])
+        head_linear = getattr(w, "head_linear", None) or (lambda name, W: HeadLinear(W))
+        self.k_up = head_linear(src, wk.contiguous())
+        self.v_up = head_linear(src, wv.transpose(1, 2).contiguous())
         self.scale = args.kq_scale()
         # chunks at least this long attend decompressed: expanding k/v for the S cached
         # tokens once beats absorbing per query when T > C*(N+V) / (2C - N - V)
@@ -342,15 +348,15 @@ class MLAttention:
         T, H, _ = q_nope.shape
         C = self.args.kv_lora_rank
         cd = kv_all.dtype  # matmuls against the cache in its dtype, softmax in float32
-        q_abs = torch.bmm(q_nope.transpose(0, 1), self.wk)                # [H, T, C]
+        q_abs = self.k_up(q_nope.transpose(0, 1))                          # [H, T, C]
         qc = torch.cat((q_abs, q_pe.transpose(0, 1)), dim=-1).to(cd)       # [H, T, C+R]
-        scores = (qc.reshape(H * T, -1) @ kv_all.t()).view(H, T, -1)       # [H, T, S]
-        scores = scores.float() * self.scale
+        scores = (qc.view(H * T, -1) @ kv_all.t()).view(H, T, -1)          # [H, T, S]
+        scores = scores.float().mul_(self.scale)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores.masked_fill_(~mask, float("-inf"))
         p = torch.softmax(scores, dim=-1).to(cd)
         o_lat = (p.view(H * T, -1) @ kv_all[:, :C]).view(H, T, C)          # [H, T, C]
-        o = torch.bmm(o_lat.float(), self.wv_t)                            # [H, T, V]
+        o = self.v_up(o_lat)                                               # [H, T, V]
         return o.transpose(0, 1)                                           # [T, H, V]
 
     def _decompressed(self, q_nope, q_pe, kv_all, mask):
@@ -358,14 +364,27 @@ class MLAttention:
         T, H, _ = q_nope.shape
         S = kv_all.shape[0]
         C, R = self.args.kv_lora_rank, self.args.qk_rope_dim
-        kv_all = kv_all.float()
-        lat = kv_all[:, :C]
-        k_nope = torch.matmul(lat, self.wk_t)                              # [H, S, N]
-        v = torch.matmul(lat, self.wv_t)                                   # [H, S, V]
-        k = torch.cat((k_nope, kv_all[:, C:].expand(H, S, R)), dim=-1)     # [H, S, N+R]
+        wk, wv_t = self.k_up.weight, self.v_up.weight                      # [H,N,C], [H,C,V]
+        lat = kv_all[:, :C].to(wk.dtype)
+        k_nope = torch.matmul(lat, wk.transpose(1, 2)).float()             # [H, S, N]
+        v = torch.matmul(lat, wv_t).float()                                # [H, S, V]
+        k_pe = kv_all[:, C:].float().expand(H, S, R)
+        k = torch.cat((k_nope, k_pe), dim=-1)                              # [H, S, N+R]
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)              # [H, T, N+R]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return o.transpose(0, 1)                                           # [T, H, V]
+
+
+class HeadLinear:
+    """Per-head linears y[h] = x[h] @ W[h], W [H, in, out], in torch (x may also be one
+    [T, in] shared by every head). The loader may give a faster equivalent with the same
+    `weight` attribute."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x.to(self.weight.dtype), self.weight).float()
 
 
 class FFN:
