@@ -7,6 +7,11 @@ The model is the fixture builder's `TinyConfig.mid()` (2048 dims, 8 layers, 64 e
 
     PYTHONPATH=. python bench/bench_e2e.py --threads 2 --runs 5
     PYTHONPATH=. python bench/bench_e2e.py --model some.gguf --device cuda   # GPU decode
+    PYTHONPATH=. python bench/bench_e2e.py --baseline-tree /tmp/old   # also an older checkout
+
+--baseline-tree DIR runs a third worker importing hybrid from DIR (e.g. a copy of the tree at
+an older commit with the same native module), interleaved with the others: before/after
+ratios measured under the same machine conditions.
 
 Each engine lives in its own worker process (both link an OpenMP runtime and a thread pool
 whose spinning threads would slow the other down in one process). Runs alternate between
@@ -94,7 +99,14 @@ class LlamaCpp:
 
 def _worker(kind, path, threads, ctx, device) -> int:
     """Serve runs over stdin/stdout: one JSON request per line, one JSON answer per line."""
-    eng = Ours(path, threads, ctx, device) if kind == "hybrid" else LlamaCpp(path, threads, ctx)
+    if kind.startswith("hybrid"):
+        # hybrid before torch: it picks passive OpenMP waiting, which must precede torch's
+        # OpenMP start (hybrid/__init__.py); the llama.cpp worker keeps its own defaults
+        import hybrid  # noqa: F401
+
+        eng = Ours(path, threads, ctx, device)
+    else:
+        eng = LlamaCpp(path, threads, ctx)
     out = sys.stdout
     sys.stdout = sys.stderr  # keep library chatter off the answer channel
     out.write(json.dumps({"load_s": eng.load_s, "info": eng.info, "n_vocab": eng.n_vocab}) + "\n")
@@ -111,12 +123,15 @@ def _worker(kind, path, threads, ctx, device) -> int:
 
 
 class _Remote:
-    def __init__(self, kind, path, threads, ctx, device):
-        self.name = kind
+    def __init__(self, kind, path, threads, ctx, device, name=None, pythonpath=None):
+        self.name = name or kind
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--model", str(path),
                "--threads", str(threads), "--ctx", str(ctx), "--device", device]
+        env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
+                                  stderr=subprocess.DEVNULL, text=True, env=env)
         hello = self._read()
         self.load_s, self.info, self.n_vocab = hello["load_s"], hello["info"], hello["n_vocab"]
 
@@ -153,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="device for hybrid (llama.cpp stays on CPU)")
     ap.add_argument("--skip-llama", action="store_true", help="only time hybrid")
+    ap.add_argument("--baseline-tree", metavar="DIR",
+                    help="also run hybrid imported from DIR (an older copy of the tree)")
     ap.add_argument("--worker", choices=("hybrid", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--ctx", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -169,6 +186,9 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     ctx = a.prompt + a.decode + 8
     engines = [_Remote("hybrid", path, a.threads, ctx, a.device)]
+    if a.baseline_tree:
+        engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, name="baseline",
+                               pythonpath=os.path.abspath(a.baseline_tree)))
     if not a.skip_llama:
         engines.append(_Remote("llama.cpp", path, a.threads, ctx, "cpu"))
     for e in engines:
@@ -193,10 +213,15 @@ def main(argv=None) -> int:
     for k, (pp, tg) in med.items():
         print(f"  {k:>9}: prompt {pp:8.1f} tok/s   decode {tg:7.2f} tok/s")
     if "llama.cpp" in med:
-        (opp, otg), (lpp, ltg) = med["hybrid"], med["llama.cpp"]
-        print(f"  ratio hybrid / llama.cpp: prompt {opp / lpp:.2f}x   decode {otg / ltg:.2f}x")
-        same = sum(x == y for x, y in zip(tokens["hybrid"], tokens["llama.cpp"]))
-        print(f"  greedy tokens identical: {same}/{len(tokens['hybrid'])}")
+        (lpp, ltg) = med["llama.cpp"]
+        for k in [k for k in med if k != "llama.cpp"]:
+            opp, otg = med[k]
+            print(f"  ratio {k} / llama.cpp: prompt {opp / lpp:.2f}x   decode {otg / ltg:.2f}x")
+            same = sum(x == y for x, y in zip(tokens[k], tokens["llama.cpp"]))
+            print(f"  greedy tokens identical ({k}): {same}/{len(tokens[k])}")
+    if "baseline" in med:
+        (bpp, btg), (opp, otg) = med["baseline"], med["hybrid"]
+        print(f"  ratio hybrid / baseline: prompt {opp / bpp:.2f}x   decode {otg / btg:.2f}x")
     for e in engines:
         e.close()
     return 0
