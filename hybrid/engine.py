@@ -215,8 +215,18 @@ class _Loader:
     def __init__(self, gguf: GGUFFile, plan, threads: int, *, experts: str = "native",
                  cpu_linears: str = "native", max_tokens: int = 512, numa: str = "off",
                  numa_partitions: int | None = None, expert_threads: int | None = None,
-                 hugepages: bool = True, copy_progress: bool = False):
+                 hugepages: bool = True, copy_progress: bool = False, gpu_paths: bool = False,
+                 expert_stats=None, gpu_prefill_tokens: int | None = None,
+                 gpu_idle_timer=None):
         self.g = gguf
+        # the GPU code paths (overlapped experts, hot experts, prefill offload) also run with
+        # the CPU as the device: how tests see them without a GPU
+        self.gpu_paths = gpu_paths
+        self.expert_stats = expert_stats
+        self.gpu_prefill_tokens = gpu_prefill_tokens
+        self.gpu_idle_timer = gpu_idle_timer
+        self.bridge = None
+        self.offload = None
         self.plan = plan
         self.threads = threads
         self.numa = numa or "off"
@@ -229,7 +239,12 @@ class _Loader:
         self.max_tokens = max_tokens
         native = _native()
         self.native_types = frozenset(native.supported_types()) & _NATIVE_LINEAR_TYPES if native else frozenset()
+        if cpu_linears not in ("native", "torch", "dequant"):
+            raise ValueError(f"cpu_linears={cpu_linears!r}: use 'native', 'torch' or 'dequant'")
         self.native_linears = cpu_linears == "native" and bool(self.native_types)
+        # "dequant": quantized CPU linears keep their blocks and dequantize to bf16 at every
+        # call, as quantized GPU weights do (the GPU path's numerics, on the CPU)
+        self.dequant_linears = cpu_linears == "dequant"
         self.native_min = int(getattr(plan, "cpu_linear_min_bytes", 1 << 20))
         if experts not in ("native", "torch"):
             raise ValueError(f"experts={experts!r}: use 'native' or 'torch'")
@@ -240,7 +255,7 @@ class _Loader:
         self._engine = None
         self._warned = set()
         self.stats = {"native_linears": 0, "torch_linears": 0, "native_experts": 0,
-                      "torch_experts": 0, "gpu_hot_experts": 0}
+                      "torch_experts": 0, "gpu_hot_experts": 0, "dequant_linears": 0}
 
     def has(self, name):
         return name in self.g.tensors
@@ -274,20 +289,31 @@ class _Loader:
         info = self._info(name)
         pdev, fmt = self.plan.placement_of(name)
         wdev = _torch_device(pdev)
+        jit = (fmt == "quantized" and info.ggml_type in dequant.SUPPORTED_TYPES
+               and info.ggml_type not in (dequant.F32, dequant.F16, dequant.BF16))
         if wdev.type == "cpu":
             if (fmt == "quantized" and self.native_linears and info.ggml_type in self.native_types
                     and info.n_bytes >= self.native_min):
                 self.stats["native_linears"] += 1
                 fn = QuantLinear(self.g.view(name), info.ggml_type, info.ne[0], self.threads, name)
+            elif jit and self.dequant_linears:
+                from hybrid.gpu import DequantLinear
+
+                self.stats["dequant_linears"] += 1
+                fn = DequantLinear(self.g.view(name), info.ggml_type, info.ne[0], wdev, name=name)
             else:
                 self.stats["torch_linears"] += 1
                 dt = torch.bfloat16 if fmt == "bf16" else torch.float32
                 fn = TorchLinear(self._dequant(name, dt, wdev).view(info.ne[1], info.ne[0]))
+        elif jit:
+            # the plan keeps this linear's GGUF blocks on the GPU: dequantized per call
+            from hybrid.gpu import DequantLinear
+
+            self.stats["dequant_linears"] += 1
+            fn = DequantLinear(self.g.view(name), info.ggml_type, info.ne[0], wdev, name=name)
         else:
             if fmt not in _DTYPES:
-                self._warn_once("gpu-quantized", "plan asks for quantized weights on the GPU; "
-                                "this runtime has no GPU quantized kernels yet: using bf16")
-                fmt = "bf16"
+                fmt = "bf16"   # "quantized" float tensors (F32/F16 in the file): bf16 copy
             self.stats["torch_linears"] += 1
             fn = TorchLinear(self._dequant(name, _DTYPES[fmt], wdev).view(info.ne[1], info.ne[0]))
         return fn if wdev == self.device else _DeviceBridge(fn, wdev, self.device)
@@ -334,20 +360,46 @@ class _Loader:
         if self._placed is not None:
             self._placed.load()
 
+    def _bridge(self, D, K):
+        if self.bridge is None:
+            from hybrid.gpu import Bridge
+
+            self.bridge = Bridge(D, self.max_tokens, K, self.device)
+        return self.bridge
+
+    def _offload(self):
+        if self.offload is None and self.gpu_prefill_tokens is not None:
+            from hybrid.gpu import PrefillOffload
+
+            moe = sorted({int(n.split(".")[1]) for n in self.g.tensors
+                          if n.endswith("ffn_gate_exps.weight")})
+            self.offload = PrefillOffload(self.g, moe, self.device, self.gpu_prefill_tokens)
+        return self.offload
+
     def experts(self, layer):
         names = [f"blk.{layer}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
         infos = [self._info(n) for n in names]
         D, E = infos[0].ne[0], infos[0].ne[2]
         arch = self.g.metadata.get("general.architecture", "")
         K = int(self.g.metadata.get(f"{arch}.expert_used_count", 8))
-        hot = [int(e) for e in self.plan.gpu_expert_ids(layer)] if self.device.type != "cpu" else []
-        if self.experts_cls is not None and all(i.ggml_type in self.native_types or
-                                                i.ggml_type in _native().supported_types()
-                                                for i in infos):
-            self.stats["native_experts"] += 1
-            cpu = self._placed_experts(D, K).add_layer(layer)
-            if not hot:
-                return _Overlapped(cpu) if self.device.type != "cpu" else cpu
+        hot = [int(e) for e in self.plan.gpu_expert_ids(layer)] if self.gpu_paths else []
+        native = self.experts_cls is not None and all(
+            i.ggml_type in _native().supported_types() for i in infos)
+        if not native:
+            from hybrid.torch_experts import TorchExperts
+
+            self.stats["torch_experts"] += 1
+            dt = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+            ex = TorchExperts.from_gguf(self.g, layer, dtype=dt, device=self.device)
+            return ex if self.expert_stats is None else _Recording(ex, self.expert_stats, layer)
+        self.stats["native_experts"] += 1
+        cpu = self._placed_experts(D, K).add_layer(layer)
+        if not self.gpu_paths:
+            return cpu if self.expert_stats is None else _Recording(cpu, self.expert_stats, layer)
+        from hybrid.gpu import OverlappedExperts
+
+        gpu = lut = None
+        if hot:
             from hybrid.torch_experts import TorchExperts
 
             mask = np.zeros(E, np.uint8)
@@ -356,14 +408,17 @@ class _Loader:
             self.stats["gpu_hot_experts"] += len(hot)
             gpu = TorchExperts.from_gguf(self.g, layer, dtype=torch.bfloat16, device=self.device,
                                          experts=hot)
-            return _HotSplit(cpu, gpu, hot, E, self.device)
-        from hybrid.torch_experts import TorchExperts
-
-        self.stats["torch_experts"] += 1
-        dt = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        return TorchExperts.from_gguf(self.g, layer, dtype=dt, device=self.device)
+            lut = torch.full((E,), -1, dtype=torch.long)
+            lut[torch.tensor(hot, dtype=torch.long)] = torch.arange(len(hot))
+            lut = lut.to(self.device)                                 # global id -> hot slot
+        return OverlappedExperts(cpu, self._bridge(D, K), layer, hot=gpu, lut=lut,
+                                 stats=self.expert_stats, offload=self._offload(),
+                                 timer=self.gpu_idle_timer)
 
     def close(self):
+        if self.offload is not None:
+            self.offload.close()
+            self.offload = None
         if self._placed is not None:
             self._placed.close()   # closes the engine, frees the placed copies
             self._placed = None
@@ -372,48 +427,15 @@ class _Loader:
         self._engine = None
 
 
-class _Overlapped:
-    """CPU experts for GPU activations: the model may run the shared expert on the GPU
-    between submit() and wait()."""
+class _Recording:
+    """Routed experts of the CPU path that also count the routing (ExpertStats)."""
 
-    overlap_shared = True
-
-    def __init__(self, cpu):
-        self.cpu = cpu
-
-    def submit(self, x, ids, weights):
-        self.cpu.submit(x.contiguous(), ids.contiguous(), weights.float().contiguous())
-
-    def wait(self):
-        return self.cpu.wait().float()
+    def __init__(self, inner, stats, layer):
+        self.inner, self.stats, self.layer = inner, stats, layer
 
     def __call__(self, x, ids, weights):
-        self.submit(x, ids, weights)
-        return self.wait()
-
-
-class _HotSplit(_Overlapped):
-    """Routed experts split by the plan: `hot` ids cached on the GPU (torch), the rest on the
-    CPU engine (which skips the hot ones); the two partial sums add up."""
-
-    def __init__(self, cpu, gpu, hot, n_expert, device):
-        super().__init__(cpu)
-        self.gpu = gpu
-        lut = torch.full((n_expert,), -1, dtype=torch.long)
-        lut[torch.tensor(hot, dtype=torch.long)] = torch.arange(len(hot))
-        self.lut = lut.to(device)                                     # global id -> hot slot
-        self._args = None
-
-    def submit(self, x, ids, weights):
-        super().submit(x, ids, weights)
-        self._args = (x, ids, weights)
-
-    def wait(self):
-        x, ids, weights = self._args
-        self._args = None
-        local = torch.where(ids >= 0, self.lut[ids.clamp(min=0)], -1)
-        y_gpu = self.gpu(x, local, weights)                           # overlaps the CPU work
-        return y_gpu + super().wait()
+        self.stats.record(self.layer, ids)
+        return self.inner(x, ids, weights)
 
 
 @dataclass
@@ -479,7 +501,9 @@ class Runtime:
 
     def __init__(self, path, *, device="auto", threads=None, numa="off", ctx=4096, plan=None,
                  prefill_chunk=512, experts="native", cpu_linears="native", progress=None,
-                 numa_partitions=None, hugepages=True, copy_progress=None):
+                 numa_partitions=None, hugepages=True, copy_progress=None, gpu_paths="auto",
+                 decode_graphs="auto", record_expert_stats=False, gpu_prefill_tokens=None,
+                 gpu_prefill_chunk=8192, measure_gpu_idle=False):
         self.path = os.fspath(path)
         self.threads_given = threads is not None
         self.threads = int(threads) if threads else _default_threads()
@@ -488,10 +512,16 @@ class Runtime:
         self.prefill_chunk = int(prefill_chunk)
         self.gguf = GGUFFile(self.path)
         self._tokenizer = None
-        self.model = self.loader = self.cache = None
+        self.model = self.loader = self.cache = self.decoder = None
+        self.expert_stats = self.gpu_timer = None
+        self.gpu_prefill_tokens = gpu_prefill_tokens
+        self.gpu_prefill_chunk = int(gpu_prefill_chunk)
+        gpu_opts = dict(gpu_paths=gpu_paths, decode_graphs=decode_graphs,
+                        record_expert_stats=record_expert_stats,
+                        gpu_prefill_tokens=gpu_prefill_tokens, measure_gpu_idle=measure_gpu_idle)
         try:
             self._load(device, numa, int(ctx), plan, experts, cpu_linears, progress,
-                       numa_partitions, hugepages, copy_progress)
+                       numa_partitions, hugepages, copy_progress, gpu_opts)
         except BaseException:
             self.close()
             raise
@@ -510,7 +540,7 @@ class Runtime:
         return None
 
     def _load(self, device, numa, ctx, plan, experts, cpu_linears, progress, numa_partitions,
-              hugepages, copy_progress):
+              hugepages, copy_progress, gpu_opts):
         arch = self.gguf.architecture
         mod = get_model_module(arch, source=self.path)
         if plan is None:
@@ -532,11 +562,31 @@ class Runtime:
         if copy_progress is None:
             # the caller's progress callback covers loading; a bar of its own otherwise
             copy_progress = progress is None and sys.stderr.isatty()
+        gpu_paths = gpu_opts["gpu_paths"]
+        self.gpu_paths = self.device.type == "cuda" if gpu_paths == "auto" else bool(gpu_paths)
+        a = self.args
+        moe_layers = list(range(a.n_dense_lead, a.n_layer)) if a.n_expert > 1 else []
+        if gpu_opts["record_expert_stats"]:
+            from hybrid.stats import ExpertStats
+
+            self.expert_stats = ExpertStats(a.n_layer, a.n_expert, moe_layers,
+                                            n_expert_used=a.n_expert_used, device=self.device,
+                                            model=str(self.gguf.metadata.get("general.name", "")))
+        if gpu_opts["measure_gpu_idle"] and self.gpu_paths:
+            from hybrid.gpu import GpuIdleTimer
+
+            self.gpu_timer = GpuIdleTimer(len(moe_layers), self.device)
+        if gpu_opts["gpu_prefill_tokens"] is not None and not self.gpu_paths:
+            log.warning("gpu_prefill_tokens applies to the GPU path; this runtime has none")
         self.loader = _Loader(self.gguf, plan, self.threads, experts=experts,
                               cpu_linears=cpu_linears, max_tokens=self.prefill_chunk,
                               numa=self.numa, numa_partitions=numa_partitions,
                               expert_threads=self._expert_threads(self.numa),
-                              hugepages=hugepages, copy_progress=copy_progress)
+                              hugepages=hugepages, copy_progress=copy_progress,
+                              gpu_paths=self.gpu_paths, expert_stats=self.expert_stats,
+                              gpu_prefill_tokens=gpu_opts["gpu_prefill_tokens"]
+                              if self.gpu_paths else None,
+                              gpu_idle_timer=self.gpu_timer)
         with torch.inference_mode():
             self.model = mod.DeepSeek2(self.args, self.loader, max_pos=self.ctx,
                                        rope_device=self.device, progress=progress)
@@ -545,6 +595,36 @@ class Runtime:
         kv_dtype = _DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
         self.cache = LatentKVCache(self.args.n_layer, self.ctx, self.args.kv_lora_rank,
                                    self.args.qk_rope_dim, dtype=kv_dtype, device=self.device)
+        self._setup_decoder(gpu_opts["decode_graphs"])
+
+    def _setup_decoder(self, mode):
+        """decode_graphs: "auto" (CUDA graphs on the GPU path with CUDA), True / "graphs",
+        "static" (the same segmented fixed-shape step without capture), False / "off"."""
+        if mode == "auto":
+            mode = "graphs" if (self.gpu_paths and self.device.type == "cuda") else "off"
+        elif mode is True:
+            mode = "graphs"
+        elif mode in (False, None):
+            mode = "off"
+        if mode not in ("graphs", "static", "off"):
+            raise ValueError(f"decode_graphs={mode!r}: use 'auto', 'graphs', 'static' or 'off'")
+        if mode == "off":
+            return
+        from hybrid.gpu import DecodeGraphs, OverlappedExperts
+
+        experts = {}
+        for il, blk in enumerate(self.model.blocks):
+            ex = getattr(blk.ffn, "experts", None)
+            if ex is None:
+                continue
+            if not isinstance(ex, OverlappedExperts):
+                log.warning("decode_graphs=%s needs the GPU path's experts (gpu_paths=True, "
+                            "native experts); decoding eagerly", mode)
+                return
+            experts[il] = ex
+        self.decoder = DecodeGraphs(self.model, self.cache, experts, self.loader.bridge
+                                    if self.loader.bridge is not None else None, self.device,
+                                    mode=mode, stats=self.expert_stats)
 
     # -- tokenizer --------------------------------------------------------------------------
 
@@ -585,7 +665,16 @@ class Runtime:
         self.cache.check_room(T)
         self._set_torch_threads(T)
         pos0 = self.cache.length
-        logits = self.model(tokens.to(self.device), pos0, self.cache, last_only=last_only)
+        timer = self.gpu_timer if T == 1 else None
+        if timer is not None:
+            timer.begin_step()
+        if self.decoder is not None and T == self.decoder.T and last_only:
+            # the decoder's logits are its static output buffer: the caller gets a copy
+            logits = self.decoder(self.model.embed(tokens.to(self.device)), pos0).clone()
+        else:
+            logits = self.model(tokens.to(self.device), pos0, self.cache, last_only=last_only)
+        if timer is not None:
+            timer.end_step()
         self.cache.advance(T)
         self._seq.extend(tokens.tolist())
         return logits
@@ -605,8 +694,15 @@ class Runtime:
         """Prefill in chunks; returns the last token's logits [B] (or fills out [T, B])."""
         last = None
         n = tokens.numel()
-        for c0 in range(0, n, self.prefill_chunk):
-            chunk = tokens[c0:c0 + self.prefill_chunk]
+        step = self.prefill_chunk
+        offload = self.loader.offload if self.loader is not None else None
+        if offload is not None and n >= offload.min_tokens:
+            # the routed experts stream to the GPU once per chunk: long chunks amortize it
+            step = max(step, self.gpu_prefill_chunk, offload.min_tokens)
+        for c0 in range(0, n, step):
+            chunk = tokens[c0:c0 + step]
+            if offload is not None:
+                offload.expect_more = c0 + step < n and n - (c0 + step) >= offload.min_tokens
             lg = self._forward(chunk, last_only=not all_logits)
             if all_logits:
                 out[c0:c0 + chunk.numel()] = lg.float().cpu().numpy()
@@ -736,13 +832,27 @@ class Runtime:
             if piece:
                 yield piece
 
+    # -- statistics -------------------------------------------------------------------------
+
+    def save_expert_stats(self, path) -> None:
+        """Write the routing counts of this runtime's forwards (load with
+        record_expert_stats=True) in the format placement's --expert-stats reads."""
+        if self.expert_stats is None:
+            raise ValueError("routing statistics were not recorded: load with "
+                             "record_expert_stats=True (hybrid-run --save-expert-stats FILE)")
+        self.expert_stats.save(path)
+
+    def gpu_idle(self) -> dict:
+        """GPU idle time per decoded token (load with measure_gpu_idle=True, CUDA only)."""
+        return self.gpu_timer.summary() if self.gpu_timer is not None else {"tokens": 0}
+
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
         if self._tokenizer is not None:
             self._tokenizer.close()
             self._tokenizer = None
-        self.model = None
+        self.model = self.decoder = None
         if self.loader is not None:
             self.loader.close()
             self.loader = None
@@ -772,5 +882,12 @@ def load(path, device="auto", threads=None, numa="off", ctx=4096, **kw) -> Runti
     placement on a one-node machine), hugepages (True), copy_progress (a bar while the
     placed expert bytes are copied; default: when stderr is a terminal and no progress=).
     A plan that does not fit (plan.fits False) is refused before loading (ValueError).
+
+    GPU path (hybrid/gpu.py): gpu_paths ("auto": when the plan puts compute on the GPU; True
+    runs the same code with the CPU as the device, for tests), decode_graphs ("auto": CUDA
+    graphs per KV bucket on CUDA; "static": the segmented fixed-shape step without capture;
+    "off"), record_expert_stats (count routing for save_expert_stats), gpu_prefill_tokens
+    (chunks of at least this many tokens compute routed experts on the GPU, streaming the
+    weights; None: off) with gpu_prefill_chunk (8192), measure_gpu_idle (CUDA events).
     """
     return Runtime(path, device=device, threads=threads, numa=numa, ctx=ctx, **kw)

@@ -56,6 +56,15 @@ class LatentKVCache:
         rows[pos0:end, C:] = k_pe
         return rows[:end]
 
+    def write_at(self, layer: int, pos: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                 S: int) -> torch.Tensor:
+        """Write the rows at positions pos [T] (a device tensor: fixed shapes and no host
+        value, for CUDA graphs; the caller checked the room); return the layer's rows
+        [0, S)."""
+        rows = self.data[layer]
+        rows.index_copy_(0, pos, torch.cat((latent, k_pe), dim=-1).to(rows.dtype))
+        return rows[:S]
+
     def advance(self, n: int) -> None:
         """Mark n more tokens as held (after every layer has appended them)."""
         self.length += n

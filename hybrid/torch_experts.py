@@ -43,13 +43,20 @@ class TorchExperts:
             mats.append(w.view(v.shape[0], rows, -1))
         return cls(*mats)
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 host_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """host_ids: the same ids already on the host (the CPU engine's staging copy): the
+        per-expert token counts come from them instead of a device->host sync."""
         T, K = ids.shape
         wdt = self.gate.dtype
         flat = ids.reshape(-1)                                        # [T*K]
         valid = flat >= 0
         order = torch.argsort(torch.where(valid, flat, self.n_expert), stable=True)
-        counts = torch.bincount(flat[valid], minlength=self.n_expert).tolist()  # one sync
+        if host_ids is not None:
+            h = host_ids.reshape(-1).long()
+            counts = torch.bincount(h[h >= 0], minlength=self.n_expert).tolist()
+        else:
+            counts = torch.bincount(flat[valid], minlength=self.n_expert).tolist()  # one sync
         tok = order // K                                              # token of each slot
         xs = x.to(wdt)
         ys = torch.zeros(T * K, x.shape[1], dtype=torch.float32, device=x.device)  # per slot
@@ -64,3 +71,21 @@ class TorchExperts:
             ys[slots] = (a @ self.down[e].t()).float()                # [n, D]
         w = torch.where(ids >= 0, weights.float(), 0.0)               # [T, K]
         return torch.bmm(w.unsqueeze(1), ys.view(T, K, -1)).squeeze(1)  # [T, D]
+
+    def static(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum with fixed shapes and no host sync (capturable in a CUDA graph): every
+        slot k gathers its expert's matrices and computes; slots with ids < 0 add nothing.
+        Reads the same bytes as __call__ for decode (T=1) but costs a copy of each gathered
+        expert, so it is for decode graphs, not prefill."""
+        T, K = ids.shape
+        wdt = self.gate.dtype
+        xs = x.to(wdt)                                                # [T, D]
+        y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+        for k in range(K):   # fixed trip count: K slots, not a loop over experts
+            e = ids[:, k].clamp(min=0)                                # [T]
+            g, u, d = self.gate[e], self.up[e], self.down[e]          # [T, F, D], [T, F, D], [T, D, F]
+            a = F.silu(torch.bmm(g, xs[:, :, None])) * torch.bmm(u, xs[:, :, None])   # [T, F, 1]
+            o = torch.bmm(d, a).squeeze(-1).float()                  # [T, D]
+            w = torch.where(ids[:, k] >= 0, weights[:, k].float(), 0.0)
+            y += w[:, None] * o
+        return y

@@ -244,10 +244,12 @@ def test_quant_linear_matches_dequantized_torch():
 
 
 def test_hot_expert_split_equals_all_on_one_side(tiny_f32):
+    """Plan-assigned hot experts computed by torch (on the device; here the CPU) plus the CPU
+    engine skipping them equal all experts computed in one place."""
     pytest.importorskip("hybrid._native")
-    from hybrid.engine import _HotSplit
     from hybrid.experts import ExpertEngine
     from hybrid.gguf_file import GGUFFile
+    from hybrid.gpu import Bridge, OverlappedExperts
     from hybrid.torch_experts import TorchExperts
 
     with GGUFFile(tiny_f32) as g:
@@ -264,14 +266,21 @@ def test_hot_expert_split_equals_all_on_one_side(tiny_f32):
             mask = np.zeros(E, np.uint8)
             mask[hot] = 1
             cpu.set_skip(mask)
-            split = _HotSplit(cpu, TorchExperts.from_gguf(g, layer, experts=hot), hot, E, "cpu")
+            lut = torch.full((E,), -1, dtype=torch.long)
+            lut[hot] = torch.arange(len(hot))
+            split = OverlappedExperts(cpu, Bridge(D, 64, 4, "cpu"), layer,
+                                      hot=TorchExperts.from_gguf(g, layer, experts=hot), lut=lut)
             rng = np.random.default_rng(0)
             x = torch.from_numpy(rng.standard_normal((6, D)).astype(np.float32))
             ids = torch.stack([torch.randperm(E)[:4] for _ in range(6)])
             ids[0, 0] = -1  # skipped slot
             w = torch.rand(6, 4)
             ref = full(x, ids, w)
-            y = split(x, ids, w)
+            y = split(x, ids, w).clone()
+            # the fixed-shape (CUDA graph) form of the hot part equals the sorted one
+            local = split.local_ids(ids)
+            torch.testing.assert_close(split.hot.static(x, local, w), split.hot(x, local, w),
+                                       rtol=1e-5, atol=1e-5)
             del cpu, split
         finally:
             eng.close()
@@ -297,19 +306,20 @@ class _Bf16Plan(MinimalPlan):
 
 def test_bf16_layout_and_overlapped_experts_agree_with_f32(tiny_f32):
     """The GPU path's numerics (bf16 weights, bf16 latent cache, routed experts submitted
-    before the shared expert and waited for after), exercised on the CPU."""
+    before the shared expert and waited for after, through the staging Bridge), exercised
+    on the CPU."""
     pytest.importorskip("hybrid._native")
-    from hybrid.engine import _Overlapped
+    from hybrid.gpu import OverlappedExperts
 
     toks = np.random.default_rng(5).integers(3, 500, 48).tolist()
     with hybrid.load(tiny_f32, device="cpu", threads=2, ctx=64) as r:
         ref = r.logits(toks)
     plan = _Bf16Plan(kv_cache_tokens=64, kv_cache_dtype="bf16")
-    with hybrid.load(tiny_f32, threads=2, plan=plan) as r:
+    with hybrid.load(tiny_f32, threads=2, plan=plan, gpu_paths=True) as r:
         assert r.cache.data.dtype == torch.bfloat16
         assert r.model.blocks[0].attn.wo.weight.dtype == torch.bfloat16
         for b in r.model.blocks[r.args.n_dense_lead:]:
-            b.ffn.experts = _Overlapped(b.ffn.experts)
+            assert isinstance(b.ffn.experts, OverlappedExperts)
         got = r.logits(toks)
         step = r.decode_logits(toks[:16])
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))

@@ -267,8 +267,17 @@ class Rope:
 
     def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         """x [T, ..., R] -> roped copy; token t has position pos0 + t."""
+        return self._apply(x, self.freqs[pos0:pos0 + x.shape[0]])
+
+    def at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [T, ..., R] -> roped copy at positions pos [T] (a tensor: fixed shapes, no host
+        value, as CUDA graphs need)."""
+        return self._apply(x, self.freqs.index_select(0, pos))
+
+    @staticmethod
+    def _apply(x, f):
         T = x.shape[0]
-        f = self.freqs[pos0:pos0 + T].view((T,) + (1,) * (x.dim() - 2) + (-1,))
+        f = f.view((T,) + (1,) * (x.dim() - 2) + (-1,))
         xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
         return torch.view_as_real(xc * f).flatten(-2)
 
@@ -315,7 +324,8 @@ class MLAttention:
         # tokens once beats absorbing per query when T > C*(N+V) / (2C - N - V)
         self.decompress_min_tokens = max(1, (C * (N + V)) // max(1, 2 * C - N - V) + 1)
 
-    def __call__(self, x: torch.Tensor, pos0: int, cache, rope: Rope, mode: str = "auto"):
+    def _project(self, x: torch.Tensor):
+        """x [T, D] -> q_nope [T,H,N], q_pe [T,H,R] (not roped), latent [T,C], k_pe [T,R]."""
         a = self.args
         T = x.shape[0]
         H, N, R, C = a.n_head, a.qk_nope_dim, a.qk_rope_dim, a.kv_lora_rank
@@ -325,10 +335,14 @@ class MLAttention:
         else:
             q = self.wq(h)
         q = q.view(T, H, N + R)
-        q_nope, q_pe = q[..., :N], rope(q[..., N:], pos0)                # [T,H,N], [T,H,R]
         kv = self.wkv_a(h)                                                 # [T, C+R]
         latent = rms_norm(kv[:, :C], self.kv_a_norm, a.rms_eps)            # [T, C]
-        k_pe = rope(kv[:, C:], pos0)                                       # [T, R]
+        return q[..., :N], q[..., N:], latent, kv[:, C:]
+
+    def __call__(self, x: torch.Tensor, pos0: int, cache, rope: Rope, mode: str = "auto"):
+        T = x.shape[0]
+        q_nope, q_pe, latent, k_pe = self._project(x)
+        q_pe, k_pe = rope(q_pe, pos0), rope(k_pe, pos0)                    # [T,H,R], [T,R]
         kv_all = cache.append(self.il, pos0, latent, k_pe)                 # [S, C+R]
         S = pos0 + T
         mask = None
@@ -341,6 +355,17 @@ class MLAttention:
             o = self._absorbed(q_nope, q_pe, kv_all, mask)
         else:
             o = self._decompressed(q_nope, q_pe, kv_all, mask)
+        return self.wo(o.reshape(T, -1))
+
+    def static(self, x: torch.Tensor, pos: torch.Tensor, cache, rope: Rope, S: int):
+        """Absorbed attention of T tokens at positions pos [T] (a tensor) over the first S
+        cache rows, masked beyond each token's position: shapes depend on (T, S) only."""
+        T = x.shape[0]
+        q_nope, q_pe, latent, k_pe = self._project(x)
+        q_pe, k_pe = rope.at(q_pe, pos), rope.at(k_pe, pos)
+        kv_all = cache.write_at(self.il, pos, latent, k_pe, S)             # [S, C+R]
+        mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]   # [T, S]
+        o = self._absorbed(q_nope, q_pe, kv_all, mask)
         return self.wo(o.reshape(T, -1))
 
     def _absorbed(self, q_nope, q_pe, kv_all, mask):
@@ -485,6 +510,28 @@ class DeepSeek2:
         self.lm_head = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight")
         self.rope = Rope(args, max_pos, device=rope_device)
         self.attn_mode = "auto"  # "absorb" / "decompress" force one attention path (tests)
+
+    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, cache, S: int):
+        """One decode step with fixed shapes, as a generator cut at the routed experts (the
+        engine runs them on the CPU, or replays CUDA graphs of the segments between them).
+
+        x [T, D] embedded tokens at positions pos [T] (tensors the caller refills); S cache
+        rows attended. Per MoE layer it yields ("submit", layer, h [T, D], ids [T, K],
+        weights [T, K]), then, after the shared expert, ("wait", layer), which the caller
+        answers with the routed experts' output [T, D] (gen.send). Returns logits [T, B]."""
+        eps = self.args.rms_eps
+        for il, blk in enumerate(self.blocks):
+            x = x + blk.attn.static(x, pos, cache, self.rope, S)
+            h = rms_norm(x, blk.ffn_norm, eps)
+            if isinstance(blk.ffn, MoE):
+                ids, weights = blk.ffn.router(h)
+                yield ("submit", il, h, ids, weights)
+                s = blk.ffn.shared(h) if blk.ffn.shared is not None else None
+                y = yield ("wait", il)
+                x = x + (y if s is None else y + s)
+            else:
+                x = x + blk.ffn(h)
+        return self.lm_head(rms_norm(x, self.norm, eps))
 
     def forward(self, tokens: torch.Tensor, pos0: int, cache, last_only: bool = False):
         """tokens [T] at positions pos0.. -> logits [T, B] (or [1, B] with last_only)."""

@@ -1,0 +1,605 @@
+"""The GPU half of the runtime: CPU experts overlapped with the GPU, decode in CUDA graphs,
+quantized weights dequantized just in time, hot experts in VRAM, GPU prefill of long prompts.
+
+Everything here also runs on the CPU (no streams, no events, no capture), which is how the
+tests exercise the logic on machines without a GPU; what only CUDA can show (overlap,
+graph replay, copy/compute concurrency) is measured by bench/bench_gpu.py.
+
+One MoE layer with activations on the GPU (OverlappedExperts):
+
+    GPU  router ─► D2H h,ids,w (side stream) ─► shared expert, hot experts ─► idle ─► H2D y ─► x += s + y
+    host           wait for the D2H only ─► engine.submit ─────────────► engine.wait ─┘
+    CPU                                      routed experts (NativeExperts)
+
+Decode in CUDA graphs (DecodeGraphs): the CPU expert call cannot sit inside a graph (a host
+function node would block the GPU while the CPU works and could not release the GIL-free
+engine's buffers in order), so a decode step is cut at every MoE layer into segments:
+
+    segment 0:  attention(0..) ... router(m0), D2H(h, ids, w) -> event(m0), shared(m0)
+    segment i:  H2D(y of m_{i-1}), combine, attention, ..., router(m_i), D2H -> event(m_i), shared(m_i)
+    last:       H2D(y), combine, ..., norm, lm_head
+
+Each segment is one CUDA graph (all graphs of a KV-length bucket share a memory pool and are
+replayed in capture order). The host replays segment i, waits for its event (captured as an
+external event node: the D2H is done, the shared expert still runs), runs the CPU experts,
+writes their output to the pinned buffer the next segment's first node copies from, and
+replays segment i+1. Positions come from a device tensor, the attention reads the KV cache
+up to a bucket (powers of two) under a mask, so one capture serves every position of its
+bucket. When capture fails the runtime logs why and decodes eagerly.
+
+Shape legend: T tokens, D model dim, K experts per token, E experts, F expert FFN dim,
+S keys attended (bucket), B vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hybrid import dequant
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DequantLinear", "Bridge", "OverlappedExperts", "GpuIdleTimer", "DecodeGraphs",
+           "PrefillOffload", "kv_buckets"]
+
+
+def _is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+# ------------------------------------------------------------------------------------------
+# quantized weights on the device
+
+
+class DequantLinear:
+    """y = x @ W^T with W kept on the device as its GGUF blocks (uint8) and dequantized to
+    `dtype` at every call (hybrid.dequant, torch ops: any device). For plans with
+    gpu_weight_format "quantized": VRAM holds ~4.5 bits per weight instead of 16, at the
+    price of one dequantization per linear per forward (memory-bound on the GPU: it reads
+    the blocks once and writes the bf16 matrix once; the matrix is freed right after)."""
+
+    def __init__(self, blocks: np.ndarray, ggml_type: int, in_features: int, device,
+                 dtype=torch.bfloat16, name: str = "linear"):
+        if ggml_type not in dequant.SUPPORTED_TYPES:
+            raise dequant.DequantError(f"{name}: {dequant.type_name(ggml_type)} has no torch "
+                                       f"dequantization")
+        self.blocks = dequant._as_tensor(blocks).to(device)           # uint8 [out, row_bytes]
+        self.ggml_type = ggml_type
+        self.in_features = in_features
+        self.out_features = blocks.shape[0]
+        self.dtype = dtype
+        self.name = name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized matrix [out, in] (made now, not kept)."""
+        return dequant.dequantize(self.blocks, self.ggml_type, self.in_features,
+                                  dtype=self.dtype, name=self.name)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), self.weight).float()
+
+
+# ------------------------------------------------------------------------------------------
+# host <-> device hand-off of the routed experts
+
+
+class Bridge:
+    """Staging shared by every MoE layer (one forward at a time): pinned host buffers for
+    h, ids, weights (one D2H each way per layer, on a side stream), a device buffer for the
+    experts' output, the events the host and the main stream wait on. On the CPU the same
+    calls are plain copies."""
+
+    def __init__(self, d_model: int, max_tokens: int, max_k: int, device):
+        self.device = torch.device(device)
+        self.cuda = _is_cuda(self.device)
+        pin = self.cuda
+        self.max_tokens, self.max_k, self.d_model = max_tokens, max_k, d_model
+        self.x = torch.empty(max_tokens, d_model, pin_memory=pin)                 # [T, D]
+        self.ids = torch.empty(max_tokens * max_k, dtype=torch.int64, pin_memory=pin)
+        self.w = torch.empty(max_tokens * max_k, dtype=torch.float32, pin_memory=pin)
+        self.y_host = torch.empty(max_tokens, d_model, pin_memory=pin)            # [T, D]
+        self.y = torch.empty(max_tokens, d_model, device=self.device)             # [T, D]
+        if self.cuda:
+            self.stream = torch.cuda.Stream(self.device)
+            self.ready = torch.cuda.Event()
+            self.done = torch.cuda.Event()
+        else:
+            self.stream = self.ready = self.done = None
+
+    def host_views(self, T: int, K: int):
+        return self.x[:T], self.ids[:T * K].view(T, K), self.w[:T * K].view(T, K)
+
+    def to_host(self, x, ids, w):
+        """Copy h [T, D], ids [T, K], weights [T, K] to the pinned staging; returns when they
+        are there (the one host wait of a layer; work queued after it keeps the GPU busy)."""
+        T, K = ids.shape
+        xs, ih, wh = self.host_views(T, K)
+        if not self.cuda:
+            xs.copy_(x), ih.copy_(ids), wh.copy_(w)
+            return xs, ih, wh
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            xs.copy_(x, non_blocking=True)
+            ih.copy_(ids, non_blocking=True)
+            wh.copy_(w, non_blocking=True)
+            self.ready.record(self.stream)
+        self.ready.synchronize()
+        return xs, ih, wh
+
+    def to_device(self, y_host: torch.Tensor) -> torch.Tensor:
+        """y [T, D] from (pinned) host memory into the device buffer; the main stream waits
+        for the copy, the host does not. Valid until the next layer's to_device."""
+        T = y_host.shape[0]
+        out = self.y[:T]
+        if not self.cuda:
+            return out.copy_(y_host)
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)   # the previous layer's consumers of self.y are queued
+        with torch.cuda.stream(self.stream):
+            out.copy_(y_host, non_blocking=True)
+            self.done.record(self.stream)
+        main.wait_event(self.done)
+        return out
+
+
+class GpuIdleTimer:
+    """GPU idle time per token, from CUDA events: for each MoE layer, from the moment the
+    GPU has finished everything queued before the CPU result (shared and hot experts) to
+    the moment the result is on the device. Events are recorded without host syncs and read
+    once per token (read_token), when the logits are synced anyway."""
+
+    def __init__(self, n_layers: int, device):
+        self.cuda = _is_cuda(device)
+        n = max(1, n_layers)
+        if self.cuda:
+            self.start = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            self.end = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+            self.step = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        self.used = 0
+        self.tokens = []    # (idle_ms, step_ms) per read_token
+
+    def begin_step(self):
+        self.used = 0
+        if self.cuda:
+            self.step[0].record()
+
+    def idle_start(self):
+        if self.cuda and self.used < len(self.start):
+            self.start[self.used].record()
+
+    def idle_end(self):
+        if self.cuda and self.used < len(self.end):
+            self.end[self.used].record()
+            self.used += 1
+
+    def end_step(self):
+        if not self.cuda:
+            return
+        self.step[1].record()
+        self.step[1].synchronize()
+        idle = sum(self.start[i].elapsed_time(self.end[i]) for i in range(self.used))
+        self.tokens.append((idle, self.step[0].elapsed_time(self.step[1])))
+
+    def summary(self) -> dict:
+        if not self.tokens:
+            return {"tokens": 0}
+        idle = sum(t[0] for t in self.tokens)
+        total = sum(t[1] for t in self.tokens)
+        return {"tokens": len(self.tokens), "idle_ms_per_token": idle / len(self.tokens),
+                "step_ms": total / len(self.tokens), "idle_fraction": idle / total if total else 0.0}
+
+
+class OverlappedExperts:
+    """Routed experts of one MoE layer whose activations live on the device.
+
+    The CPU engine computes the experts it does not skip; `hot` (TorchExperts on the device
+    for the Plan's gpu_experts, with `lut` global id -> hot slot) computes the rest while the
+    CPU works; `offload` (PrefillOffload) takes long chunks to the device entirely. The
+    model calls submit(), runs the shared expert, then wait() (overlap_shared)."""
+
+    overlap_shared = True
+
+    def __init__(self, cpu, bridge: Bridge, layer: int, hot=None, lut=None, stats=None,
+                 offload=None, timer: GpuIdleTimer | None = None):
+        self.cpu, self.bridge, self.layer = cpu, bridge, layer
+        self.hot, self.lut = hot, lut
+        self.lut_host = lut.cpu() if lut is not None else None
+        self.stats, self.offload, self.timer = stats, offload, timer
+        self._pending = None
+
+    def local_ids(self, ids, lut=None):
+        """Global expert ids -> hot slots (-1: not hot)."""
+        lut = self.lut if lut is None else lut
+        return torch.where(ids >= 0, lut[ids.clamp(min=0)], -1)
+
+    def submit(self, x, ids, weights):
+        if self._pending is not None:
+            raise RuntimeError(f"layer {self.layer}: submit() twice without wait()")
+        T = x.shape[0]
+        if self.stats is not None:
+            self.stats.record(self.layer, ids)
+        if self.offload is not None and self.offload.wants(T):
+            self._pending = ("done", self.offload(self.layer, x, ids, weights))
+            return
+        if T > self.bridge.max_tokens:
+            # longer than the staging: the engine splits it, without overlap
+            y = self.cpu(x.float().cpu().contiguous(), ids.cpu().contiguous(),
+                         weights.float().cpu().contiguous()).to(x.device)
+            if self.hot is not None:
+                y = y + self.hot(x, self.local_ids(ids), weights)
+            self._pending = ("done", y)
+            return
+        xs, ih, wh = self.bridge.to_host(x, ids, weights)
+        self.cpu.submit(xs, ih, wh)
+        gpu = None
+        if self.hot is not None:   # queued now: runs on the GPU while the CPU works
+            gpu = self.hot(x, self.local_ids(ids), weights,
+                           host_ids=self.local_ids(ih, self.lut_host))
+        self._pending = ("cpu", gpu)
+
+    def wait(self):
+        kind, part = self._pending
+        self._pending = None
+        if kind == "done":
+            return part
+        if self.timer is not None:
+            self.timer.idle_start()
+        y_host = self.cpu.wait()
+        eng = getattr(self.cpu, "engine", None)
+        if eng is not None and self.bridge.cuda:
+            y_host = eng.y[:y_host.shape[0]]   # the engine's page-locked output: async DMA
+        y = self.bridge.to_device(y_host)
+        if self.timer is not None:
+            self.timer.idle_end()
+        return y if part is None else y + part
+
+    def __call__(self, x, ids, weights):
+        self.submit(x, ids, weights)
+        return self.wait()
+
+
+# ------------------------------------------------------------------------------------------
+# decode in CUDA graphs
+
+
+def kv_buckets(ctx: int, smallest: int = 256) -> list[int]:
+    """KV lengths captured: powers of two from `smallest`, the context last."""
+    out, b = [], min(smallest, ctx)
+    while b < ctx:
+        out.append(b)
+        b *= 2
+    out.append(ctx)
+    return out
+
+
+class DecodeGraphs:
+    """A decode step (T tokens at known positions) through model.decode_static, in segments
+    between the CPU expert calls (see the module docstring).
+
+    mode "graphs": capture per KV bucket on first use, replay after; "static": the same
+    segmented fixed-shape path run eagerly (the CPU tests' view of it; the fallback when
+    capture fails)."""
+
+    def __init__(self, model, cache, experts: dict, bridge: Bridge, device, T: int = 1,
+                 mode: str = "graphs", stats=None):
+        self.model, self.cache, self.experts, self.bridge = model, cache, experts, bridge
+        self.device = torch.device(device)
+        self.T = T
+        self.mode = mode if _is_cuda(self.device) else "static"
+        self.stats = stats
+        D = model.args.dim
+        self.x_in = torch.zeros(T, D, device=self.device)                        # [T, D]
+        self.pos = torch.zeros(T, dtype=torch.int64, device=self.device)          # [T]
+        self.buckets = kv_buckets(cache.max_tokens)
+        self.graphs: dict[int, tuple] = {}
+        self.failed: str | None = None
+        self.replays = 0
+        if self.mode == "graphs":
+            self.events = {il: torch.cuda.Event(external=True) for il in experts}
+
+    def bucket(self, end: int) -> int:
+        return next(b for b in self.buckets if b >= end)
+
+    def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
+        """x [T, D] embedded tokens at positions pos0.. -> logits [T, B]."""
+        T = x.shape[0]
+        if T != self.T:
+            raise ValueError(f"DecodeGraphs: built for {self.T} tokens per step, got {T}")
+        self.x_in.copy_(x)
+        self.pos.copy_(torch.arange(pos0, pos0 + T), non_blocking=True)
+        S = self.bucket(pos0 + T)
+        if self.mode == "graphs":
+            try:
+                g = self.graphs.get(S) or self._capture(S)
+            except Exception as e:   # a kernel or op that cannot be captured: decode eagerly
+                self.failed = f"{type(e).__name__}: {e}"
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", self.failed)
+                self.mode = "static"
+                torch.cuda.synchronize(self.device)
+                return self._static(S)
+            return self._replay(g)
+        return self._static(S)
+
+    # -- eager, same segments ---------------------------------------------------------------
+    def _static(self, S: int) -> torch.Tensor:
+        gen = self.model.decode_static(self.x_in, self.pos, self.cache, S)
+        msg, reply = next(gen), None
+        try:
+            while True:
+                if msg[0] == "submit":
+                    _, il, h, ids, w = msg
+                    self.experts[il].submit(h, ids, w)
+                    reply = None
+                else:
+                    reply = self.experts[msg[1]].wait()
+                msg = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+
+    # -- CUDA graphs ------------------------------------------------------------------------
+    def _capture(self, S: int):
+        """Capture the segments of bucket S (one eager run first warms cuBLAS and the caches
+        the capture must not allocate; its routing is not counted twice)."""
+        saved = {il: ex.stats for il, ex in self.experts.items()}
+        for ex in self.experts.values():
+            ex.stats = None
+        try:
+            self._static(S)
+        finally:
+            for il, ex in self.experts.items():
+                ex.stats = saved[il]
+        torch.cuda.synchronize(self.device)
+        br, T = self.bridge, self.T
+        pool = torch.cuda.graph_pool_handle()
+        gen = self.model.decode_static(self.x_in, self.pos, self.cache, S)
+        segments, keep = [], []
+        reply, started, gpu_part, logits = None, False, None, None
+        while logits is None:
+            g = torch.cuda.CUDAGraph()
+            layer = None
+            with torch.cuda.graph(g, pool=pool):
+                if started:   # the previous layer's CPU result: pinned host -> device
+                    y = br.y[:T]
+                    y.copy_(br.y_host[:T], non_blocking=True)
+                    reply = y if gpu_part is None else y + gpu_part
+                try:
+                    msg = gen.send(reply) if started else next(gen)
+                    started = True
+                    while msg[0] == "submit":
+                        _, layer, h, ids, w = msg
+                        ex = self.experts[layer]
+                        xs, ih, wh = br.host_views(T, ids.shape[1])
+                        xs.copy_(h, non_blocking=True)
+                        ih.copy_(ids, non_blocking=True)
+                        wh.copy_(w, non_blocking=True)
+                        self.events[layer].record()
+                        if self.stats is not None:
+                            self.stats.record(layer, ids)
+                        gpu_part = None
+                        if ex.hot is not None:
+                            gpu_part = ex.hot.static(h, ex.local_ids(ids), w)
+                        keep.append((h, ids, w, gpu_part))
+                        msg = gen.send(None)
+                    # msg is ("wait", layer): the segment ends here
+                except StopIteration as stop:
+                    logits = stop.value
+                    layer = None
+            segments.append((g, layer))
+        self.graphs[S] = (segments, logits, keep)
+        return self.graphs[S]
+
+    def _replay(self, captured) -> torch.Tensor:
+        segments, logits, _ = captured
+        br, T = self.bridge, self.T
+        for g, layer in segments:
+            g.replay()
+            if layer is None:
+                continue
+            self.events[layer].synchronize()          # h, ids, w of this layer on the host
+            cpu = self.experts[layer].cpu
+            xs, ih, wh = br.host_views(T, self.model.args.n_expert_used)
+            cpu.submit(xs, ih, wh)
+            br.y_host[:T].copy_(cpu.wait())           # read by the next segment's first node
+        self.replays += 1
+        return logits
+
+
+# ------------------------------------------------------------------------------------------
+# GPU prefill: a layer's routed experts streamed to the device
+
+
+class _LayerSource:
+    """Where one MoE layer's expert bytes are: the three GGUF tensors (mmap views)."""
+
+    def __init__(self, gguf, layer: int):
+        self.names = [f"blk.{layer}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
+        self.infos = [gguf.tensors[n] for n in self.names]
+        self.views = [gguf.view(n).reshape(-1) for n in self.names]
+        self.nbytes = sum(v.nbytes for v in self.views)
+
+
+class _Copier:
+    """Two device slots, each a layer's expert bytes; copies into one while the other is
+    computed on. CUDA: a worker thread memcpys the mmap into a ring of pinned chunks and
+    queues each chunk's H2D on a copy stream; the compute stream waits for a layer's last
+    copy (an event), the copy stream for the end of the compute that used the slot before.
+    CPU (tests): the same bookkeeping with plain copies."""
+
+    def __init__(self, sources: dict, device, chunk_bytes: int = 64 << 20, log_events=None):
+        self.sources = sources
+        self.device = torch.device(device)
+        self.cuda = _is_cuda(self.device)
+        size = max(s.nbytes for s in sources.values())
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self.slot_of: dict[int, int] = {}
+        self.loaded: dict[int, object] = {}      # layer -> Future (copy finished on the host side)
+        self.copied: dict[int, object] = {}      # layer -> event (copy finished on the device)
+        self.freed = [None, None]                # per slot: event after its last compute
+        self.events = log_events if log_events is not None else []
+        self._next_slot = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hybrid-prefill-copy")
+        self._lock = threading.Lock()
+        if self.cuda:
+            self.stream = torch.cuda.Stream(self.device)
+            n = 2
+            self.staging = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(n)]
+            self.staged = [None] * n
+        self.chunk = chunk_bytes
+
+    def prefetch(self, layer: int) -> None:
+        with self._lock:
+            if layer in self.loaded:
+                return
+            slot = self._next_slot
+            self._next_slot ^= 1
+            for l, s in list(self.slot_of.items()):   # whoever held this slot is evicted
+                if s == slot:
+                    del self.slot_of[l]
+                    self.loaded.pop(l, None)
+                    self.copied.pop(l, None)
+            self.slot_of[layer] = slot
+            self.events.append(("prefetch", layer, slot))
+            self.loaded[layer] = self._pool.submit(self._copy, layer, slot, self.freed[slot])
+
+    def _copy(self, layer: int, slot: int, freed) -> None:
+        src, dst = self.sources[layer], self.slots[slot]
+        if not self.cuda:
+            off = 0
+            for v in src.views:
+                dst[off:off + v.nbytes].copy_(dequant._as_tensor(v))
+                off += v.nbytes
+            self.events.append(("copied", layer, slot))
+            return
+        with torch.cuda.stream(self.stream):
+            if freed is not None:
+                self.stream.wait_event(freed)        # the slot's previous layer is computed
+            off, k = 0, 0
+            for v in src.views:
+                for s in range(0, v.nbytes, self.chunk):
+                    n = min(self.chunk, v.nbytes - s)
+                    if self.staged[k] is not None:
+                        self.staged[k].synchronize()  # this pinned chunk's last H2D is done
+                    self.staging[k][:n].copy_(dequant._as_tensor(v[s:s + n]))
+                    dst[off:off + n].copy_(self.staging[k][:n], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                    self.staged[k] = ev
+                    off += n
+                    k ^= 1
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.copied[layer] = done
+        self.events.append(("copied", layer, slot))
+
+    def acquire(self, layer: int) -> list:
+        """The layer's three tensors on the device ([E, rows, row_bytes] uint8 views), once
+        copied (the compute stream waits for the copy; the host waits only for the host-side
+        part of it)."""
+        self.prefetch(layer)
+        self.loaded[layer].result()
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[layer])
+        slot = self.slots[self.slot_of[layer]]
+        out, off = [], 0
+        for v, info in zip(self.sources[layer].views, self.sources[layer].infos):
+            E = info.shape[0]
+            out.append(slot[off:off + v.nbytes].view(E, info.shape[1], -1))
+            off += v.nbytes
+        self.events.append(("acquire", layer, self.slot_of[layer]))
+        return out
+
+    def release(self, layer: int) -> None:
+        """The compute that reads the layer's slot is queued: the slot may be refilled after it."""
+        slot = self.slot_of.get(layer)
+        if slot is None:
+            return
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self.freed[slot] = ev
+        self.events.append(("release", layer, slot))
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+        self.slots = []
+
+
+class PrefillOffload:
+    """Routed experts of long prefill chunks (at least `min_tokens` tokens) on the device:
+    each MoE layer's expert bytes stream to the GPU through pinned memory, double-buffered
+    (layer i+1 is copied while layer i computes), and are dequantized there expert by expert
+    (only experts that got tokens). Shorter chunks stay on the CPU engine.
+
+    expect_more (set by the runtime per chunk): after the last MoE layer, start copying the
+    first one again for the next chunk."""
+
+    def __init__(self, gguf, moe_layers, device, min_tokens: int, dtype=torch.bfloat16,
+                 log_events=None):
+        self.layers = sorted(moe_layers)
+        self.device = torch.device(device)
+        self.min_tokens = int(min_tokens)
+        self.dtype = dtype
+        self.d_model = None
+        sources = {l: _LayerSource(gguf, l) for l in self.layers}
+        self.copier = _Copier(sources, self.device, log_events=log_events)
+        self.events = self.copier.events
+        self.expect_more = False
+        self.calls = 0
+
+    def wants(self, T: int) -> bool:
+        return T >= self.min_tokens
+
+    def _next(self, layer: int):
+        i = self.layers.index(layer)
+        if i + 1 < len(self.layers):
+            return self.layers[i + 1]
+        return self.layers[0] if self.expect_more else None
+
+    def __call__(self, layer: int, x, ids, weights):
+        gate, up, down = self.copier.acquire(layer)
+        nxt = self._next(layer)
+        if nxt is not None:
+            self.copier.prefetch(nxt)     # overlaps this layer's compute
+        self.events.append(("compute", layer))
+        y = self._compute(self.copier.sources[layer].infos, gate, up, down, x, ids, weights)
+        self.copier.release(layer)
+        self.calls += 1
+        return y
+
+    def _compute(self, infos, gate, up, down, x, ids, weights):
+        T, K = ids.shape
+        D = x.shape[1]
+        E = infos[0].shape[0]
+        flat = ids.reshape(-1)                                        # [T*K]
+        host = flat.cpu()                                             # one sync per layer
+        counts = torch.bincount(host[host >= 0], minlength=E).tolist()
+        order = torch.argsort(torch.where(flat >= 0, flat, E), stable=True)
+        tok = order // K
+        xs = x.to(self.dtype)
+        ys = torch.zeros(T * K, D, dtype=torch.float32, device=x.device)
+        gi, ui, di = infos
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            slots = order[start:start + n]
+            h = xs[tok[start:start + n]]                              # [n, D]
+            start += n
+            g = dequant.dequantize(gate[e], gi.ggml_type, D, dtype=self.dtype)       # [F, D]
+            u = dequant.dequantize(up[e], ui.ggml_type, D, dtype=self.dtype)         # [F, D]
+            d = dequant.dequantize(down[e], di.ggml_type, g.shape[0], dtype=self.dtype)  # [D, F]
+            a = F.silu(h @ g.t()) * (h @ u.t())                       # [n, F]
+            ys[slots] = (a @ d.t()).float()
+        w = torch.where(ids >= 0, weights.float(), 0.0)
+        return torch.bmm(w.unsqueeze(1), ys.view(T, K, -1)).squeeze(1)  # [T, D]
+
+    def close(self):
+        self.copier.close()
