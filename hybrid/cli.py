@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--ctx", type=_number(int, 16, what="at least 16 tokens"), metavar="TOKENS",
                     help="context length (default: min(32768, the model's))")
     rt.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory to plan with, e.g. 40GiB")
+    rt.add_argument("--save-expert-stats", metavar="FILE",
+                    help="count which routed experts each layer chose and write them to FILE "
+                         "(JSON) at exit, for the next plan's --expert-stats")
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-tokens", type=_number(int, 1, what="at least 1"), metavar="N",
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Flags of hybrid-run that the placement dry-run does not take (with how many values follow).
 _RUN_ONLY = {"-p": 1, "--prompt": 1, "--max-tokens": 1, "--temperature": 1, "--top-p": 1,
              "--top-k": 1, "--seed": 1, "--system": 1, "--host": 1, "--port": 1,
+             "--save-expert-stats": 1,
              "--max-queue": 1, "--no-think": 0, "--serve": 0, "--raw": 0, "--demo": 0,
              "--dry-run": 0}
 
@@ -212,6 +216,8 @@ def make_plan(path: str, a):
             raise UserError("--device cuda: torch sees no CUDA GPU (is a CUDA build of torch "
                             "installed?); use --device cpu or auto")
     kw = {"numa": a.numa, "prefill_chunk": 512, "cpu_only": not cuda}
+    if not cuda:
+        kw["cpu_linear_min_bytes"] = 0   # as hybrid.load asks: every quantized linear native
     if a.ctx:
         kw["ctx"] = a.ctx
     if a.gpu_mem:
@@ -338,6 +344,8 @@ def load_runtime(path: str, a, plan, out):
     from hybrid.engine import Runtime
 
     kw = dict(device=a.device, threads=a.threads, numa=a.numa, ctx=plan.kv_cache_tokens, plan=plan)
+    if getattr(a, "save_expert_stats", None):
+        kw["record_expert_stats"] = True
     with _Progress(out, f"loading {os.path.basename(path)}") as progress:
         if "progress" in inspect.signature(Runtime.__init__).parameters:
             kw["progress"] = progress.update
@@ -508,6 +516,12 @@ def run(a) -> int:
                 return one_shot(rt, a, prompt)
             return chat(rt, a, path)
         finally:
+            if a.save_expert_stats:
+                try:
+                    rt.save_expert_stats(a.save_expert_stats)
+                except OSError as e:
+                    print(f"{PROG}: --save-expert-stats {a.save_expert_stats}: {e.strerror or e}",
+                          file=sys.stderr)
             rt.close()
     finally:
         if sock is not None:

@@ -470,6 +470,10 @@ class _Copier:
             self.loaded[layer] = self._pool.submit(self._copy, layer, slot, self.freed[slot])
 
     def _copy(self, layer: int, slot: int, freed) -> None:
+        with torch.inference_mode():   # the slots are inference tensors; mode is per thread
+            self._copy_layer(layer, slot, freed)
+
+    def _copy_layer(self, layer: int, slot: int, freed) -> None:
         src, dst = self.sources[layer], self.slots[slot]
         if not self.cuda:
             off = 0

@@ -1,0 +1,308 @@
+"""The GPU half (hybrid/gpu.py) on the CPU, and on CUDA where there is one.
+
+gpu_paths=True runs the GPU code with the CPU as the device: overlapped experts through the
+staging bridge, hot experts from the Plan, the segmented fixed-shape decode step that CUDA
+graphs capture, quantized weights dequantized per call, the GPU prefill offload, routing
+statistics. What only a GPU shows (streams overlapping, graph replay) is in the CUDA tests
+at the end, which skip themselves without one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import hybrid
+from hybrid.engine import MinimalPlan
+
+pytest.importorskip("hybrid._native")
+
+TOKENS = [5, 17, 99, 3, 250, 42, 7, 300, 11, 64, 120, 9]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cos(a, b):
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.fixture(scope="module")
+def q4(tiny_gguf):
+    return tiny_gguf("Q4_K_M")
+
+
+@pytest.fixture(scope="module")
+def cpu_ref(q4):
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64) as r:
+        return r.logits(TOKENS), r.decode_logits(TOKENS)
+
+
+# ----------------------------------------------------------------------------- overlap
+
+
+def test_gpu_path_on_cpu_equals_the_cpu_path(q4, cpu_ref):
+    from hybrid.gpu import OverlappedExperts
+
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True) as r:
+        moe = [b.ffn.experts for b in r.model.blocks[r.args.n_dense_lead:]]
+        assert moe and all(isinstance(e, OverlappedExperts) for e in moe)
+        full, step = r.logits(TOKENS), r.decode_logits(TOKENS)
+    # the same native engine computes the same experts: only the staging differs
+    np.testing.assert_array_equal(full, cpu_ref[0])
+    np.testing.assert_array_equal(step, cpu_ref[1])
+
+
+def test_routed_experts_are_submitted_before_the_shared_expert(q4, monkeypatch):
+    from hybrid.gpu import OverlappedExperts
+
+    calls = []
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True,
+                     decode_graphs="off") as r:
+        blk = r.model.blocks[r.args.n_dense_lead]
+        ex, shared = blk.ffn.experts, blk.ffn.shared
+        real_submit, real_wait, real_shared = ex.submit, ex.wait, shared.__call__
+        monkeypatch.setattr(ex, "submit", lambda *a: (calls.append("submit"), real_submit(*a))[1])
+        monkeypatch.setattr(ex, "wait", lambda: (calls.append("wait"), real_wait())[1])
+        blk.ffn.shared = lambda h: (calls.append("shared"), real_shared(h))[1]
+        r.decode_logits(TOKENS[:2])
+    assert isinstance(ex, OverlappedExperts)
+    assert calls == ["submit", "shared", "wait"] * 2
+
+
+# ----------------------------------------------------------------------------- static decode
+
+
+def test_segmented_static_decode_equals_eager(q4, cpu_ref):
+    """The fixed-shape step CUDA graphs capture (positions as a tensor, the KV cache read up
+    to a bucket under a mask, cut at every MoE layer), run eagerly on the CPU."""
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True,
+                     decode_graphs="static") as r:
+        assert r.decoder is not None and r.decoder.mode == "static"
+        assert r.decoder.buckets == [64]
+        step = r.decode_logits(TOKENS)
+    np.testing.assert_allclose(step, cpu_ref[1], rtol=2e-5, atol=2e-5 * np.abs(cpu_ref[1]).max())
+    assert (step.argmax(-1) == cpu_ref[1].argmax(-1)).all()
+
+
+def test_kv_buckets():
+    from hybrid.gpu import kv_buckets
+
+    assert kv_buckets(4096) == [256, 512, 1024, 2048, 4096]
+    assert kv_buckets(300) == [256, 300]
+    assert kv_buckets(64) == [64]
+
+
+# ----------------------------------------------------------------------------- hot experts
+
+
+def test_plan_hot_experts_run_in_torch_and_the_engine_skips_them(q4, cpu_ref):
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64) as r:
+        moe = list(range(r.args.n_dense_lead, r.args.n_layer))
+        E = r.args.n_expert
+    hot = [[] if l not in moe else list(range(0, E, 3)) for l in range(max(moe) + 1)]
+    plan = MinimalPlan(kv_cache_tokens=64, gpu_experts=hot)
+    with hybrid.load(q4, threads=2, plan=plan, gpu_paths=True, decode_graphs="static",
+                     record_expert_stats=True) as r:
+        assert r.loader.stats["gpu_hot_experts"] == sum(len(h) for h in hot)
+        ex = r.model.blocks[moe[0]].ffn.experts
+        assert ex.hot is not None and ex.hot.n_expert == len(hot[moe[0]])
+        full, step = r.logits(TOKENS), r.decode_logits(TOKENS)
+        counts = r.expert_stats.counts.clone()
+    # hot experts compute from bf16 copies in torch: close to the all-CPU result, not equal
+    assert np.median(_cos(full, cpu_ref[0])) >= 0.999
+    assert np.median(_cos(step, cpu_ref[1])) >= 0.999
+    K = 4
+    for l in moe:   # full pass + token-by-token pass, K experts each
+        assert int(counts[l].sum()) == 2 * len(TOKENS) * K
+    assert int(counts[: moe[0]].sum()) == 0
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def test_expert_stats_round_trip_into_the_planner(q4, tmp_path):
+    from placement.inventory import from_gguf
+    from placement.solver import choose_gpu_experts, load_expert_stats
+
+    from hybrid.stats import ExpertStats
+
+    path = tmp_path / "stats.json"
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64, record_expert_stats=True) as r:
+        r.logits(TOKENS)
+        r.save_expert_stats(path)
+        counts = r.expert_stats.counts
+        moe = r.expert_stats.moe_layers
+        K = r.args.n_expert_used
+    d = json.loads(path.read_text())
+    assert d["format"] == "hybrid-expert-stats" and d["tokens"] == len(TOKENS)
+    inv = from_gguf(q4)
+    loaded = load_expert_stats(str(path), inv)
+    assert sorted(loaded) == moe
+    for l in moe:
+        assert loaded[l] == [float(c) for c in counts[l].tolist()]
+        assert sum(loaded[l]) == len(TOKENS) * K
+    assert ExpertStats.load(path) == {l: counts[l].tolist() for l in moe}
+    # the planner caches the most used experts first
+    l0 = moe[0]
+    budget = inv.expert_bytes(l0) * 3
+    chosen = choose_gpu_experts(inv, budget, loaded)
+    picked = [(l, e) for l, v in chosen.items() for e in v]
+    best = sorted(((c / sum(loaded[l]), l, e) for l in moe for e, c in enumerate(loaded[l])),
+                  key=lambda x: (-x[0], x[1], x[2]))[:3]
+    assert sorted(picked) == sorted((l, e) for _, l, e in best)
+
+
+def test_cli_saves_expert_stats(q4, tmp_path):
+    out = tmp_path / "s.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(hybrid.__file__))] +
+        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    r = subprocess.run([sys.executable, "-m", "hybrid.cli", str(q4), "--device", "cpu", "--ctx",
+                        "64", "--threads", "2", "-p", "hello", "--raw", "--max-tokens", "3",
+                        "--temperature", "0", "--save-expert-stats", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["tokens"] >= 3 and d["layers"]
+
+
+# ----------------------------------------------------------------------------- quantized weights
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", "Q5_K"])
+def test_jit_dequant_linear_equals_the_bf16_linear(qtype):
+    import gguf
+
+    from hybrid import dequant
+    from hybrid.engine import TorchLinear
+    from hybrid.gpu import DequantLinear
+
+    from quantdata import random_rows
+
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    rng = np.random.default_rng(1)
+    q = random_rows(t, 64, 512, rng)
+    x = torch.from_numpy(rng.standard_normal((3, 512)).astype(np.float32))
+    jit = DequantLinear(q, int(t), 512, "cpu")
+    assert jit.blocks.dtype == torch.uint8 and jit.blocks.numel() == q.nbytes  # blocks kept
+    ref = TorchLinear(dequant.dequantize(q, int(t), dtype=torch.bfloat16))
+    torch.testing.assert_close(jit(x), ref(x), rtol=0, atol=0)
+    # and both are the quantized matrix (bf16-rounded) times x
+    exact = x @ torch.from_numpy(gguf.quants.dequantize(q, t)).t()
+    assert ((jit(x) - exact).abs().max() / exact.abs().max()) < 2e-2
+
+
+class _QuantPlan(MinimalPlan):
+    """Linears 'quantized' (as gpu_weight_format quantized), kv_b bf16 as the solver plans."""
+
+    def placement_of(self, name):
+        if "attn_kv_b" in name or "attn_k_b" in name or "attn_v_b" in name:
+            return "cpu", "bf16"
+        return super().placement_of(name)
+
+
+class _Bf16Plan(MinimalPlan):
+    def placement_of(self, name):
+        dev, fmt = super().placement_of(name)
+        return (dev, fmt) if name.startswith("token_embd") or name.endswith("_exps.weight") \
+            else ("cpu", "bf16")
+
+
+def test_model_with_jit_dequantized_linears_equals_bf16_weights(q4):
+    with hybrid.load(q4, threads=2, plan=_QuantPlan(kv_cache_tokens=32), cpu_linears="dequant") as r:
+        assert r.loader.stats["dequant_linears"] > 0 and r.loader.stats["native_linears"] == 0
+        got = r.logits(TOKENS)
+    with hybrid.load(q4, threads=2, plan=_Bf16Plan(kv_cache_tokens=32)) as r:
+        ref = r.logits(TOKENS)
+    np.testing.assert_array_equal(got, ref)
+
+
+# ----------------------------------------------------------------------------- GPU prefill
+
+
+def test_gpu_prefill_threshold_switches_paths(q4, cpu_ref):
+    """Chunks of >= gpu_prefill_tokens go to the device path (here the CPU playing the
+    device), shorter ones to the CPU engine; the next layer's weights are requested before
+    the current layer computes (double buffering)."""
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True, prefill_chunk=4,
+                     gpu_prefill_tokens=8, gpu_prefill_chunk=8, decode_graphs="off") as r:
+        off = r.loader.offload
+        assert off is not None and off.min_tokens == 8
+        moe = off.layers
+        full = r.logits(TOKENS)           # 12 tokens: a chunk of 8 (device) + 4 (CPU engine)
+        ev = list(off.events)
+        assert off.calls == len(moe)
+        short = r.logits(TOKENS[:5])      # below the threshold: CPU engine only
+        assert off.calls == len(moe)
+    computes = [e for e in ev if e[0] == "compute"]
+    assert [c[1] for c in computes] == moe
+    first = {}
+    for i, e in enumerate(ev):
+        first.setdefault(e[:2], i)
+    for a, b in zip(moe, moe[1:]):        # layer b's copy was started before layer a computed
+        assert first[("prefetch", b)] < first[("compute", a)]
+    slots = {e[1]: e[2] for e in ev if e[0] == "prefetch"}
+    assert all(slots[a] != slots[b] for a, b in zip(moe, moe[1:]))   # alternating buffers
+    # no wrap-around prefetch: the 4-token tail chunk stays on the CPU
+    assert sum(1 for e in ev if e[0] == "prefetch") == len(moe)
+    # bf16 device experts vs native quantized dots: close, not equal
+    assert np.median(_cos(full, cpu_ref[0])) >= 0.999
+    np.testing.assert_array_equal(short, cpu_ref[0][:5])
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_bench_gpu_needs_cuda_and_exits_0():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the benchmark would run")
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                         "bench_gpu.py")
+    r = subprocess.run([sys.executable, bench], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "needs CUDA" in r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@cuda
+def test_cuda_graph_decode_equals_eager(q4):
+    with hybrid.load(q4, device="cuda", threads=2, ctx=64, decode_graphs="off") as r:
+        ref = r.decode_logits(TOKENS)
+    with hybrid.load(q4, device="cuda", threads=2, ctx=64) as r:
+        assert r.decoder is not None and r.decoder.mode == "graphs"
+        got = r.decode_logits(TOKENS)
+        assert r.decoder.failed is None, r.decoder.failed
+        assert r.decoder.replays == len(TOKENS) - 1   # the first step captures
+    assert np.median(_cos(got, ref)) >= 0.9999
+
+
+@cuda
+def test_cuda_overlap_idle_timer_and_prefill_offload(q4):
+    with hybrid.load(q4, device="cuda", threads=2, ctx=64, decode_graphs="off",
+                     measure_gpu_idle=True) as r:
+        r.decode_logits(TOKENS)
+        idle = r.gpu_idle()
+        ref = r.logits(TOKENS)
+    assert idle["tokens"] == len(TOKENS) and 0.0 <= idle["idle_fraction"] < 1.0
+    with hybrid.load(q4, device="cuda", threads=2, ctx=64, prefill_chunk=4,
+                     gpu_prefill_tokens=8, gpu_prefill_chunk=8) as r:
+        got = r.logits(TOKENS)
+        assert r.loader.offload.calls > 0
+    assert np.median(_cos(got, ref)) >= 0.999
+
+
+@cuda
+def test_cuda_jit_dequant_equals_cpu():
+    from quantdata import random_rows
+
+    from hybrid.gpu import DequantLinear
+
+    rng = np.random.default_rng(2)
+    q = random_rows(12, 64, 512, rng)
+    x = torch.from_numpy(rng.standard_normal((3, 512)).astype(np.float32))
+    a = DequantLinear(q, 12, 512, "cpu")(x)
+    b = DequantLinear(q, 12, 512, "cuda")(x.cuda()).cpu()
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
