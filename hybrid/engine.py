@@ -670,7 +670,7 @@ class Runtime:
             timer.begin_step()
         if self.decoder is not None and T == self.decoder.T and last_only:
             # the decoder's logits are its static output buffer: the caller gets a copy
-            logits = self.decoder(self.model.embed(tokens.to(self.device)), pos0).clone()
+            logits = self.decoder(self.model.embed(tokens), pos0).clone()   # rows from the mmap
         else:
             logits = self.model(tokens.to(self.device), pos0, self.cache, last_only=last_only)
         if timer is not None:

@@ -154,7 +154,8 @@ class GpuIdleTimer:
     """GPU idle time per token, from CUDA events: for each MoE layer, from the moment the
     GPU has finished everything queued before the CPU result (shared and hot experts) to
     the moment the result is on the device. Events are recorded without host syncs and read
-    once per token (read_token), when the logits are synced anyway."""
+    once per token (end_step), when the logits are synced anyway. Eager steps only: replayed
+    CUDA graphs hand off outside OverlappedExperts.wait and are not timed."""
 
     def __init__(self, n_layers: int, device):
         self.cuda = _is_cuda(device)
@@ -185,6 +186,8 @@ class GpuIdleTimer:
             return
         self.step[1].record()
         self.step[1].synchronize()
+        if not self.used:   # no hand-off seen (a graph-replayed step): nothing to attribute
+            return
         idle = sum(self.start[i].elapsed_time(self.end[i]) for i in range(self.used))
         self.tokens.append((idle, self.step[0].elapsed_time(self.step[1])))
 
@@ -351,11 +354,15 @@ class DecodeGraphs:
         saved = {il: ex.stats for il, ex in self.experts.items()}
         for ex in self.experts.values():
             ex.stats = None
+        side = torch.cuda.Stream(self.device)   # warm-up on a side stream, as torch advises
+        side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            self._static(S)
+            with torch.cuda.stream(side):
+                self._static(S)
         finally:
             for il, ex in self.experts.items():
                 ex.stats = saved[il]
+        torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         br, T = self.bridge, self.T
         pool = torch.cuda.graph_pool_handle()
