@@ -21,6 +21,7 @@ def q4(tiny_gguf):
 def off_logits(q4):
     with hybrid.load(q4, device="cpu", threads=2, ctx=32, numa="off") as r:
         assert r.loader._placed.mode == "off"
+        assert r.loader._placed.placed_bytes == 0   # off: experts read in place from the mmap
         return r.logits(TOKENS), r.decode_logits(TOKENS[:4])
 
 
