@@ -1,4 +1,5 @@
-"""Build tiny deepseek2 GGUF models (random weights, small BPE vocab) and split GGUF files.
+"""Build tiny deepseek2 GGUF models (random weights with a trained model's routing and output
+traits, small BPE vocab) and split GGUF files.
 
 Used by the tests (tests/conftest.py caches the files per session) and by `hybrid-run --demo`.
 Every file is written the way llama.cpp's converter writes DeepSeek-R1/V3, scaled down, so that
@@ -12,6 +13,7 @@ Lq q_lora_rank, Lkv kv_lora_rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 # Bump when the bytes a given (config, ftype) produces change, to invalidate caches.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -386,8 +388,111 @@ def _rng(cfg: TinyConfig, name: str) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
 
 
+# Purely random weights make a poor reference model. Their router scores are i.i.d., so a
+# token's 4th and 5th expert scores are often within 1e-3 of each other: llama.cpp's 8-bit
+# activation rounding (or its f16 KV cache) flips the choice, and the flip cascades through
+# the later layers and positions (min cosine 0.82 between llama.cpp on the Q8_0 and on the F32
+# file). Their logits over ~560 tokens have near-tied maxima. A trained model has neither: its
+# routing is decisive and mostly decided by the token itself (OpenMoE's "context-independent
+# specialization"), and its next-token distribution has a clear winner at most positions.
+# So the weights stay random except for these planted traits:
+#   - each token's embedding = an identity part (random) + for every MoE layer a component of
+#     _ROUTE_STRONG (+-15%) along the router direction of each of the K experts it prefers,
+#     spread over n_group_used groups; half the tokens also carry a decoy expert (1.3x) in
+#     another group whose other experts score low (-0.5x): group-limited routing must drop
+#     the decoy, so the groups matter.
+#   - router row = _ROUTER_GAIN * (its direction + _ROUTER_NOISE * random): chosen experts
+#     score ~sigmoid(1.7), the others ~sigmoid(0 +- 0.5).
+#   - the router directions are orthonormal; the identity part is orthogonal to them and the
+#     blocks write only 1 - _WRITE_AWAY of their output into them (trained residual streams
+#     keep features apart), so routing stays decisive across layers yet depends on context.
+#   - output row of token w = _PEAK * unit(identity part of w's predecessor) + random: a
+#     bigram table over a random cyclic order of the text tokens (special tokens, EOS among
+#     them, and control bytes are never the planted winner: greedy replies have no control
+#     characters and run until max_tokens).
+#   - queries x _Q_GAIN (attention scores std ~2.6: peaked heads, so RoPE, YaRN and
+#     kq_scale slips show) and routed expert outputs x _EXPERT_GAIN (the routed experts carry
+#     most of the MoE output, as in DeepSeek's 8 routed x 2.5 vs one shared).
+# Measured: routing margins >= 0.05 in probability (the two implementations differ by < 0.001),
+# top-1 margins >= 2 standard deviations of the logits; zeroing the routed experts moves
+# logits to a median cosine of 0.80 (softmax variant: 0.98), so they matter.
+_ROUTE_STRONG = 12.0
+_ROUTE_JITTER = 0.15
+_DECOY = 1.3
+_ROUTER_GAIN = 0.5
+_ROUTER_NOISE = 0.2
+_IDENTITY_STD = 2.0
+_WRITE_AWAY = 0.9
+_PEAK = 4.0
+_Q_GAIN = 2.0
+_EXPERT_GAIN = 2.0
+_RESIDUAL_WRITES = ("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight",
+                    "ffn_down_shexp.weight")
+
+
+@dataclass(frozen=True)
+class _Traits:
+    router_dirs: dict[int, np.ndarray]  # MoE layer -> [E, D] orthonormal rows
+    router_basis: np.ndarray  # [n_moe * E, D] all of them, orthonormal ([0, D] if they do not fit)
+    identity: np.ndarray  # [V, D] the random part of each token's embedding
+    embedding: np.ndarray  # [V, D] float32, token_embd
+    succ: np.ndarray  # [V] the token each token's embedding predicts (output row peak)
+
+
+def _traits(cfg: TinyConfig) -> _Traits:
+    # Only fields that change the traits: layout options (mla_split, q_lora_rank, ...) share them.
+    return _traits_of(cfg.seed, cfg.n_merges, cfg.n_embd, cfg.n_layer, cfg.n_dense, cfg.n_expert,
+                      cfg.n_expert_used, cfg.n_group, cfg.n_group_used)
+
+
+@functools.lru_cache(maxsize=4)
+def _traits_of(seed, n_merges, D, n_layer, n_dense, E, K, G, Gu) -> _Traits:
+    rng = np.random.default_rng([seed, zlib.crc32(b"traits")])
+    tokens, types, _ = tokenizer_vocab(n_merges)
+    V = len(tokens)
+    moe = list(range(n_dense, n_layer))
+    basis = rng.standard_normal((D, E * len(moe)))
+    if E * len(moe) <= D:
+        U = np.linalg.qr(basis)[0].T if moe else np.zeros((0, D))  # orthonormal rows
+        kept_apart = U
+    else:  # more directions than dims (no test config): nearly orthogonal, nothing kept apart
+        U = (basis / np.linalg.norm(basis, axis=0)).T
+        kept_apart = np.zeros((0, D))
+    dirs = {il: U[j * E:(j + 1) * E] for j, il in enumerate(moe)}
+    identity = _IDENTITY_STD * rng.standard_normal((V, D))
+    identity -= (identity @ kept_apart.T) @ kept_apart
+    emb = identity.copy()
+    for il in moe:
+        z = np.zeros((V, E))  # [V, E] each token's component along each router direction
+        for t in range(V):
+            if G > 1:
+                per = E // G
+                groups = rng.permutation(G)
+                counts = [K // Gu + (i < K % Gu) for i in range(Gu)]
+                chosen = np.concatenate([g * per + rng.permutation(per)[:c]
+                                         for g, c in zip(groups[:Gu], counts)])
+                if rng.random() < 0.5:  # a decoy: one fitting expert in a group that does not fit
+                    g = groups[Gu + rng.integers(G - Gu)]
+                    z[t, g * per:(g + 1) * per] = -0.5 * _ROUTE_STRONG
+                    z[t, g * per + rng.integers(per)] = _DECOY * _ROUTE_STRONG
+            else:
+                chosen = rng.permutation(E)[:K]
+            z[t, chosen] = _ROUTE_STRONG * rng.uniform(1 - _ROUTE_JITTER, 1 + _ROUTE_JITTER, K)
+        emb += z @ dirs[il]
+    # Byte tokens sit at ids 3 + byte; control bytes are never predicted.
+    control = {3 + b for b in [*range(9), *range(11, 32), 127]}
+    text = np.array([i for i, ty in enumerate(types) if ty == 1 and i not in control])
+    succ = np.empty(V, dtype=np.int64)
+    order = rng.permutation(text)
+    succ[order] = np.roll(order, -1)  # one cycle: greedy text repeats only after all of it
+    rest = np.setdiff1d(np.arange(V), text)
+    succ[rest] = rng.choice(text, len(rest))
+    return _Traits(dirs, kept_apart, identity, emb.astype(np.float32), succ)
+
+
 def _weights(cfg: TinyConfig, name: str, ne: tuple[int, ...]) -> np.ndarray:
-    """Random float32 weights in numpy order (reversed ne), scaled so activations stay O(1)."""
+    """float32 weights in numpy order (reversed ne): random, scaled so activations stay O(1),
+    with the traits of a trained model described above."""
     shape = tuple(reversed(ne))
     if name.endswith("_norm.weight"):
         return (1.0 + 0.1 * _rng(cfg, name).standard_normal(shape, dtype=np.float32)).astype(np.float32)
@@ -401,10 +506,26 @@ def _weights(cfg: TinyConfig, name: str, ne: tuple[int, ...]) -> np.ndarray:
         if name.endswith("attn_k_b.weight"):
             return np.ascontiguousarray(kv_b[:, :N, :].transpose(0, 2, 1))  # [H, Lkv, N]
         return np.ascontiguousarray(kv_b[:, N:, :])  # [H, Vd, Lkv]
+    tr = _traits(cfg)
+    if name == "token_embd.weight":
+        return tr.embedding.copy()
     fan_in = ne[0]
-    scale = 1.0 if name == "token_embd.weight" else fan_in**-0.5
     w = _rng(cfg, name).standard_normal(shape, dtype=np.float32)
-    w *= np.float32(scale)  # in place: stays float32 (float32 * float64 scalar would promote)
+    w *= np.float32(fan_in**-0.5)  # in place: stays float32 (float32 * float64 scalar would promote)
+    if name.endswith("ffn_gate_inp.weight"):  # [E, D]
+        il = int(name.split(".")[1])
+        return (_ROUTER_GAIN * (tr.router_dirs[il] + _ROUTER_NOISE * w)).astype(np.float32)
+    if name == "output.weight":  # [V, D]
+        unit = tr.identity / np.linalg.norm(tr.identity, axis=1, keepdims=True)
+        np.add.at(w, tr.succ, (_PEAK * unit).astype(np.float32))
+    elif name.endswith(("attn_q_b.weight", "attn_q.weight")):
+        w *= np.float32(_Q_GAIN)
+    elif name.endswith(_RESIDUAL_WRITES):  # [..., D, in]: keep writes out of the router subspace
+        if name.endswith("ffn_down_exps.weight"):
+            w *= np.float32(_EXPERT_GAIN)
+        U = tr.router_basis.astype(np.float32)  # [n_dir, D]
+        for m in w.reshape(-1, *w.shape[-2:]):  # per expert: small temporaries
+            m -= np.float32(_WRITE_AWAY) * (U.T @ (U @ m))
     return w
 
 

@@ -327,11 +327,13 @@ def llama_cpp_logits(path, tokens, n_ctx=128, f32_kv=False):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matches_llama_cpp_exactly_on_f32(tiny_gguf, variant):
     """Same graph as llama.cpp: with F32 weights and an F32 KV cache llama.cpp computes in
-    float32 throughout, so logits agree to ~1e-7 in cosine and every top-1 matches (with
-    its default f16 cache, the rounding alone flips a near-tied expert choice now and then).
+    float32 throughout, so logits agree to ~1e-12 in cosine and every top-1 matches.
     This is the strict check of the architecture (scales, RoPE/YaRN, routing, MLA layouts):
-    measured with injected slips, min cosine drops to 0.975 (30% of the selection bias
-    leaking into the expert weights), 0.88 (YaRN off), 0.79 (kq_scale / 1.2)."""
+    measured with injected slips, the min cosine of the variant least affected drops to
+    0.9983 (30% of the selection bias leaking into the expert weights; sigmoid variants),
+    0.9932 (YaRN off), 0.9979 (kq_scale / 1.2), 0.945 (NEOX rope pairing), 0.995
+    (expert_weights_norm flipped), 0.960 (routed experts skipped), 0.837 (group-limited
+    routing ignored; grouped variants)."""
     path = tiny_gguf("F32", **VARIANTS[variant])
     with hybrid.load(path, device="cpu", threads=2, ctx=128) as rt:
         toks = _tokens(rt.n_vocab)
@@ -345,18 +347,22 @@ def test_matches_llama_cpp_exactly_on_f32(tiny_gguf, variant):
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matches_llama_cpp(tiny_gguf, ftype, variant):
-    """Quantized files vs llama.cpp.
+    """Quantized files vs llama.cpp with its default settings (f16 KV cache), 64 tokens: the
+    issue's bounds, per-position cosine >= 0.999 at every position and top-1 >= 98%.
 
-    llama.cpp quantizes activations (Q8_0 / Q8_K) inside every quantized matmul: ~0.5%
-    per element, ~1.5-2% on this 3-layer random fixture's logits, and our own native path
-    (which quantizes activations the same way) differs from our float path by as much.
-    The random fixture then flips near-tied expert choices (top-4 of 16 at 128 routing
-    decisions) and near-tied random logits, so the issue's bounds (every position >= 0.999,
-    top-1 >= 98%) are not reachable by any implementation here; measured: llama.cpp on the
-    Q8_0 file vs llama.cpp on the F32 file gives min cosine 0.82.
-    What discriminates: the median per-position cosine. Correct: deficit <= 4.2e-4 over
-    all variants; injected bugs: YaRN off >= 1.5e-3, kq_scale/1.2 >= 4.9e-3,
-    expert_weights_norm flipped >= 7.9e-3, NEOX rope >= 4.8e-2. Bound: 1e-3.
+    They hold because the fixture routes decisively and has peaked next-token distributions,
+    as a trained model does (hybrid/fixtures.py, planted traits): with purely random weights
+    llama.cpp's own 8-bit activation rounding flips near-tied expert choices and top-1s
+    (llama.cpp on the Q8_0 file vs on the F32 file: min cosine 0.82).
+    Measured, correct: min cosine >= 0.99959 (Q4_K_M) and >= 0.99979 (Q8_0) over the
+    variants, top-1 100%; over 50 other token draws min 0.99941, top-1 100%. What remains
+    is the size of llama.cpp's own f16-vs-f32 KV cache difference (0.99970 on Q4_K_M).
+    Injected bugs, min cosine of the variant least affected: YaRN off 0.9929, kq_scale / 1.2
+    0.9978, expert_weights_norm flipped 0.9946 (softmax variant; the others <= 0.69 and
+    top-1 <= 80%), NEOX rope pairing 0.945, routed experts skipped 0.960, group-limited
+    routing ignored 0.836 (grouped variants), 30% of the selection bias in the expert
+    weights 0.9980 (sigmoid variants). Top-1 stays 100% under most of them: the cosine
+    bound is the discriminating one (see also test_routed_experts_matter).
     """
     path = tiny_gguf(ftype, **VARIANTS[variant])
     with hybrid.load(path, device="cpu", threads=2, ctx=128) as rt:
@@ -365,9 +371,70 @@ def test_matches_llama_cpp(tiny_gguf, ftype, variant):
     ref = llama_cpp_logits(path, toks)
     cos = _cos_rows(ours, ref)
     top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    figures = (f"median cosine {np.median(cos):.6f}, min {cos.min():.5f}, "
-               f"{(cos >= 0.999).mean():.0%} of positions >= 0.999, top-1 {top1:.1%}")
-    assert np.median(cos) >= 0.999, figures
+    figures = (f"min cosine {cos.min():.6f} at position {cos.argmin()}, median "
+               f"{np.median(cos):.6f}, top-1 {top1:.1%}")
+    assert cos.min() >= 0.999 and top1 >= 0.98, figures
+
+
+def _zero_routed_experts(rt):
+    """Make every MoE layer's routed experts output zeros (the shared expert still runs)."""
+    moes = [b.ffn for b in rt.model.blocks if hasattr(b.ffn, "experts")]
+    assert len(moes) == rt.args.n_layer - rt.args.n_dense_lead
+    for moe in moes:
+        moe.experts = lambda h, ids, w: torch.zeros_like(h)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_routed_experts_matter(tiny_gguf, variant):
+    """Guards test_matches_llama_cpp against blindness: the fixture's decisive routing must
+    not come from routed experts too weak to matter. Without them our logits must miss
+    llama.cpp's by far more than the 1e-3 cosine deficit that test allows (measured median
+    deficit: 0.20 for the sigmoid variants, 0.021 for softmax)."""
+    path = tiny_gguf("Q8_0", **VARIANTS[variant])
+    with hybrid.load(path, device="cpu", threads=2, ctx=128) as rt:
+        toks = _tokens(rt.n_vocab)
+        _zero_routed_experts(rt)
+        ours = rt.logits(toks)
+    deficit = 1 - _cos_rows(ours, llama_cpp_logits(path, toks))
+    assert np.median(deficit) >= 1e-2, (f"without routed experts the median cosine deficit vs "
+                                        f"llama.cpp is only {np.median(deficit):.4f}")
+
+
+def llama_cpp_greedy(path, prompt, n, n_ctx=128):
+    """llama.cpp's greedy continuation of prompt (default settings): n tokens and the logits
+    each was picked from."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2,
+                          n_threads_batch=2, verbose=False)
+    try:
+        llm.eval(list(prompt))
+        out, logits = [], []
+        for _ in range(n):
+            row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            out.append(int(row.argmax()))
+            logits.append(row)
+            llm.eval([out[-1]])
+        return out, logits
+    finally:
+        llm.close()
+
+
+def test_greedy_32_tokens_equal_llama_cpp_on_q8(tiny_q8):
+    """The issue's greedy criterion: 32 tokens on the Q8_0 file equal llama.cpp's (default
+    settings); a flip shows both implementations' logits for the two tokens."""
+    with hybrid.load(tiny_q8, device="cpu", threads=2, ctx=128) as rt:
+        prompt = rt.tokenize("The capital of France is")
+        ours = [t for t, _ in rt.generate_tokens(prompt, max_tokens=32, temperature=0.0,
+                                                 stop_at_eos=False)]
+        ref, ref_logits = llama_cpp_greedy(tiny_q8, prompt, 32)
+        if ours != ref:
+            i = next(k for k, (a, b) in enumerate(zip(ours, ref)) if a != b)
+            mine = rt.logits(prompt + ours[:i])[-1]
+            pytest.fail(
+                f"first difference at step {i}: ours {ours[i]} / llama.cpp {ref[i]}; our logits "
+                f"for them {mine[ours[i]]:.5f} / {mine[ref[i]]:.5f}, llama.cpp's "
+                f"{ref_logits[i][ours[i]]:.5f} / {ref_logits[i][ref[i]]:.5f}")
+    assert len(set(ours)) > 8  # a walk through the vocabulary, not one token repeated
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -91,6 +91,38 @@ def test_mla_split_layout_is_the_same_network(tiny_gguf):
     assert np.array_equal(old.view(same), new.view(same))
 
 
+def test_planted_traits_make_it_look_trained(tiny_f32):
+    """What lets two correct implementations agree to the last token (hybrid/fixtures.py):
+    a token's own embedding routes with clear margins and predicts one text token clearly."""
+    cfg = TinyConfig()
+    K, G, Gu = cfg.n_expert_used, cfg.n_group, cfg.n_group_used
+    _, types, _ = tokenizer_vocab(cfg.n_merges)
+    with GGUFFile(tiny_f32) as g:
+        def w(name):
+            return g.view(name).view(np.float32).reshape(g.tensors[name].shape).astype(np.float64)
+
+        emb = w("token_embd.weight")                                      # [V, D]
+        V = len(emb)
+        x = emb / np.sqrt((emb * emb).mean(-1, keepdims=True))
+        for il in range(cfg.n_dense, cfg.n_layer):
+            p = f"blk.{il}."
+            h = x * w(p + "ffn_norm.weight")
+            sel = 1 / (1 + np.exp(-h @ w(p + "ffn_gate_inp.weight").T)) + w(p + "exp_probs_b.bias")
+            sel = sel.reshape(V, G, -1)                                    # [V, G, E/G]
+            score = np.sort(sel, -1)[..., -2:].sum(-1)                    # [V, G] as llama.cpp
+            order = np.argsort(-score, -1)                                 # groups, best first
+            group = np.take_along_axis(score, order, -1)
+            kept = np.sort(np.take_along_axis(sel, order[:, :Gu, None], 1).reshape(V, -1), -1)
+            assert (group[:, Gu - 1] - group[:, Gu]).min() > 0.05, f"layer {il}: near-tied groups"
+            assert (kept[:, -K] - kept[:, -K - 1]).min() > 0.05, f"layer {il}: near-tied experts"
+        logits = x @ w("output.weight").T                                  # [V, V]
+    top2 = np.sort(logits, -1)[:, -2:]
+    assert ((top2[:, 1] - top2[:, 0]) / logits.std(-1)).min() > 3
+    # never EOS or another special token, never a control byte (byte b is token 3 + b)
+    control = {3 + b for b in [*range(9), *range(11, 32), 127]}
+    assert all(types[t] == 1 and t not in control for t in logits.argmax(-1).tolist())
+
+
 def test_build_is_cached_by_config(tmp_path):
     a = build(TinyConfig(n_layer=2), "F32", tmp_path)
     mtime = a.stat().st_mtime_ns
