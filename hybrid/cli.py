@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--numa", choices=NUMA_MODES + ("auto",), default="auto",
                     help="routed experts over NUMA nodes: interleave, distribute, replicate or off "
                          "(default auto: interleave when several nodes are usable)")
+    rt.add_argument("--no-hugepages", action="store_true",
+                    help="do not ask for transparent huge pages for placed expert memory")
     rt.add_argument("--threads", type=_number(int, 1, what="at least 1"), metavar="N",
                     help="CPU threads (default: every CPU this process may use)")
     rt.add_argument("--ctx", type=_number(int, 16, what="at least 16 tokens"), metavar="TOKENS",
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 _RUN_ONLY = {"-p": 1, "--prompt": 1, "--max-tokens": 1, "--temperature": 1, "--top-p": 1,
              "--top-k": 1, "--seed": 1, "--system": 1, "--host": 1, "--port": 1,
              "--save-expert-stats": 1,
-             "--max-queue": 1, "--no-think": 0, "--serve": 0, "--raw": 0, "--demo": 0,
+             "--max-queue": 1, "--no-think": 0, "--no-hugepages": 0,
+             "--serve": 0, "--raw": 0, "--demo": 0,
              "--dry-run": 0}
 
 
@@ -343,7 +346,8 @@ def load_runtime(path: str, a, plan, out):
     from hybrid.chat import quiet_stderr
     from hybrid.engine import Runtime
 
-    kw = dict(device=a.device, threads=a.threads, numa=a.numa, ctx=plan.kv_cache_tokens, plan=plan)
+    kw = dict(device=a.device, threads=a.threads, numa=a.numa, ctx=plan.kv_cache_tokens, plan=plan,
+              hugepages=not a.no_hugepages)
     if getattr(a, "save_expert_stats", None):
         kw["record_expert_stats"] = True
     with _Progress(out, f"loading {os.path.basename(path)}") as progress:

@@ -171,3 +171,26 @@ def test_demo_builds_once_and_reports_speed(tmp_path, monkeypatch, capsys):
 def test_model_id_strips_extension_and_split_suffix():
     assert model_id("/m/DeepSeek-R1-Q4_K_M-00001-of-00009.gguf") == "DeepSeek-R1-Q4_K_M"
     assert model_id("tiny.GGUF") == "tiny"
+
+
+def test_no_hugepages_reaches_the_loader(tiny_q4km, monkeypatch):
+    import io
+
+    import hybrid
+    from hybrid import cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(path, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(hybrid, "load", spy)
+    for flags, want in (([], True), (["--no-hugepages"], False)):
+        a = cli.build_parser().parse_args([str(tiny_q4km), "--device", "cpu", "--ctx", "32", *flags])
+        with pytest.raises(Stop):
+            cli.load_runtime(str(tiny_q4km), a, cli.make_plan(str(tiny_q4km), a), io.StringIO())
+        assert seen["hugepages"] is want
