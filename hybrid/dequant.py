@@ -64,8 +64,18 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
+_SHIFTS: dict = {}
+
+
 def _shifts(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8, device=device)
+    """A small constant tensor, made once per device: building it per call would copy from
+    the host each time (a sync on CUDA that also breaks graph capture)."""
+    values = tuple(values)
+    key = (values, str(torch.device(device)))
+    t = _SHIFTS.get(key)
+    if t is None:
+        t = _SHIFTS[key] = torch.tensor(values, dtype=torch.uint8, device=device)
+    return t
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
