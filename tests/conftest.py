@@ -33,7 +33,7 @@ def tiny_gguf(fixture_cache):
 
     def make(ftype: str = "Q4_K_M", **cfg_kwargs) -> pathlib.Path:
         if ftype.upper() != "F32":
-            pytest.importorskip("llama_cpp", reason="quantized fixtures need llama-cpp-python")
+            import llama_cpp  # noqa: F401  (a dependency: its absence must fail, not skip)
         return build(TinyConfig(**cfg_kwargs), ftype, fixture_cache)
 
     return make

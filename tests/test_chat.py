@@ -270,8 +270,8 @@ def test_fit_messages_keeps_system_and_starts_with_a_user_turn():
 
 
 def test_interactive_chat_in_a_pty(tiny_q4km, tmp_path):
-    pexpect = pytest.importorskip("pexpect")
-    pytest.importorskip("prompt_toolkit")
+    import pexpect
+    import prompt_toolkit  # noqa: F401
     env = hybrid_env(PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm",
                HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
     env.pop("NO_COLOR", None)

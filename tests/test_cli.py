@@ -150,7 +150,7 @@ def test_dry_run_goes_to_the_placement_cli(tiny_q4km, capsys):
 
 def test_demo_builds_once_and_reports_speed(tmp_path, monkeypatch, capsys):
     """--demo end to end, on the tests' tiny config so that it runs in seconds."""
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
     from hybrid import demo
     from hybrid.fixtures import TinyConfig
 

@@ -313,7 +313,7 @@ def test_token_out_of_range(f32_runtime):
 
 
 def llama_cpp_logits(path, tokens, n_ctx=128, f32_kv=False):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     kv = {"type_k": 0, "type_v": 0} if f32_kv else {}  # 0 = GGML_TYPE_F32 (default f16)
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2,
                           n_threads_batch=2, verbose=False, **kv)
@@ -403,7 +403,7 @@ def test_routed_experts_matter(tiny_gguf, variant):
 def llama_cpp_greedy(path, prompt, n, n_ctx=128):
     """llama.cpp's greedy continuation of prompt (default settings): n tokens and the logits
     each was picked from."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2,
                           n_threads_batch=2, verbose=False)
     try:

@@ -164,7 +164,7 @@ def test_chat_template_renders_r1_prompt():
 
 
 def _logits(path, text=PROMPT):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
     try:
         tokens = llm.tokenize(text.encode(), add_bos=True)
@@ -220,7 +220,7 @@ def test_llama_cpp_loads_split_set(tmp_path, tiny_q4km):
 
 
 def test_tokenizer_round_trips_ascii(tiny_q4km):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp
     llm = llama_cpp.Llama(model_path=str(tiny_q4km), n_ctx=64, verbose=False, vocab_only=True)
     try:
         text = "Hello, world! 0123456789 ~`!@#$%^&*()_+-={}[]|\\:;\"'<>?,./\n\tThe  end."

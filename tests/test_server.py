@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import pytest
 from subproc import NEUTRAL_CWD, hybrid_env
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+import fastapi  # noqa: E402,F401  (test extra)
+import uvicorn  # noqa: E402,F401
+import httpx  # noqa: E402
 
 
 
@@ -69,7 +69,7 @@ def served(tiny_q4km, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(served):
-    openai = pytest.importorskip("openai")
+    import openai
     return openai.OpenAI(base_url=f"{served}/v1", api_key="unused", timeout=120, max_retries=0)
 
 

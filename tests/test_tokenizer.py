@@ -65,7 +65,7 @@ def test_template_errors_are_clear():
 
 @pytest.fixture(scope="module")
 def tok(tiny_gguf):
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401
     t = Tokenizer(tiny_gguf("Q8_0"))
     yield t
     t.close()
