@@ -156,13 +156,12 @@ def test_expert_stats_round_trip_into_the_planner(q4, tmp_path):
 
 def test_cli_saves_expert_stats(q4, tmp_path):
     out = tmp_path / "s.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(hybrid.__file__))] +
-        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    from subproc import NEUTRAL_CWD, hybrid_env
+
     r = subprocess.run([sys.executable, "-m", "hybrid.cli", str(q4), "--device", "cpu", "--ctx",
                         "64", "--threads", "2", "-p", "hello", "--raw", "--max-tokens", "3",
                         "--temperature", "0", "--save-expert-stats", str(out)],
-                       capture_output=True, text=True, timeout=300, env=env)
+                       capture_output=True, text=True, timeout=300, env=hybrid_env(), cwd=NEUTRAL_CWD)
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     assert d["tokens"] >= 3 and d["layers"]
