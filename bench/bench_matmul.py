@@ -61,7 +61,6 @@ def main(argv=None):
                 kt.append(w.nbytes / timed(lambda: _native.matmul(w, int(qtype), x, out=out, threads=args.threads)))
             gbs, read = statistics.median(kt) / 1e9, statistics.median(bw) / 1e9
             print(f"{name:6} {isa:7} {gbs:7.1f} {read:10.1f} {gbs / read:6.2f}", flush=True)
-        del w
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 not a GGUF, unsupported architecture, does not fit, bad flags: one line, non-zero, no
 traceback), --dry-run routing, --demo, --help / --version."""
 
-import os
 import re
 import subprocess
 import sys

@@ -13,7 +13,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from hybrid import _native
 from hybrid.experts import ExpertEngine
 from quantdata import random_rows
 from test_kernels import isa, reference_weights  # noqa: F401  (isa is a fixture)

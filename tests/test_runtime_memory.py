@@ -6,7 +6,6 @@ import gc
 import numpy as np
 import psutil
 
-import hybrid
 from hybrid.demo import _config
 from hybrid.fixtures import build
 

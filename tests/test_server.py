@@ -4,7 +4,6 @@ plus in-process checks with a scripted runtime: reasoning_content, one request a
 503 on a full queue, a closed stream cancels its generation."""
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -215,7 +214,6 @@ class ScriptedRuntime:
 @pytest.fixture
 def run_app():
     """Start create_app(rt) under uvicorn in a thread on a free loopback port."""
-    import uvicorn
 
     from hybrid.server import bind, create_app
 
