@@ -211,27 +211,16 @@ static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
 
 // ---------------------------------------------------------------- dot products
 
-static float dot_f32(int64_t n, const void* w, const void* a) {
-    const float* x = (const float*)w;
+// Float weights: one definition for F32 / F16 / BF16, parameterized by how an element loads.
+static inline float load_f32(const void* p, int64_t i) { return ((const float*)p)[i]; }
+static inline float load_f16(const void* p, int64_t i) { return fp16_to_fp32(((const uint16_t*)p)[i]); }
+static inline float load_bf16(const void* p, int64_t i) { return bf16_to_fp32(((const uint16_t*)p)[i]); }
+
+template <float (*load)(const void*, int64_t)>
+static float dot_float(int64_t n, const void* w, const void* a) {
     const float* y = (const float*)a;
     double s = 0;  // the reference sums in double; SIMD paths sum in float lanes
-    for (int64_t i = 0; i < n; i++) s += (double)x[i] * y[i];
-    return (float)s;
-}
-
-static float dot_f16(int64_t n, const void* w, const void* a) {
-    const uint16_t* x = (const uint16_t*)w;
-    const float* y = (const float*)a;
-    double s = 0;
-    for (int64_t i = 0; i < n; i++) s += (double)fp16_to_fp32(x[i]) * y[i];
-    return (float)s;
-}
-
-static float dot_bf16(int64_t n, const void* w, const void* a) {
-    const uint16_t* x = (const uint16_t*)w;
-    const float* y = (const float*)a;
-    double s = 0;
-    for (int64_t i = 0; i < n; i++) s += (double)bf16_to_fp32(x[i]) * y[i];
+    for (int64_t i = 0; i < n; i++) s += (double)load(w, i) * y[i];
     return (float)s;
 }
 
@@ -366,9 +355,9 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dequant[GGML_Q4_K] = dequant_q4_K;
     t->dequant[GGML_Q5_K] = dequant_q5_K;
     t->dequant[GGML_Q6_K] = dequant_q6_K;
-    t->dot[GGML_F32] = dot_f32;
-    t->dot[GGML_F16] = dot_f16;
-    t->dot[GGML_BF16] = dot_bf16;
+    t->dot[GGML_F32] = dot_float<load_f32>;
+    t->dot[GGML_F16] = dot_float<load_f16>;
+    t->dot[GGML_BF16] = dot_float<load_bf16>;
     t->dot[GGML_Q4_0] = dot_q4_0;
     t->dot[GGML_Q5_0] = dot_q5_0;
     t->dot[GGML_Q8_0] = dot_q8_0;
