@@ -9,9 +9,9 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import pytest
+from hybrid.engine import GenerationStats
 from subproc import NEUTRAL_CWD, hybrid_env
 
 from hybrid.chat import (Chat, Generation, ReplyPrinter, ThinkSplitter, fit_messages,
@@ -21,14 +21,6 @@ from hybrid.chat import (Chat, Generation, ReplyPrinter, ThinkSplitter, fit_mess
 # ----------------------------------------------------------------------------- a stand-in runtime
 
 
-@dataclass
-class _Stats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = ""
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
 
 
 class FakeRuntime:
@@ -57,7 +49,7 @@ class FakeRuntime:
 
     def generate_tokens(self, prompt, *, max_tokens=256, **kw):
         self.prompts.append(bytes(prompt).decode())
-        st = _Stats(prompt_tokens=len(prompt), prefill_s=0.01, finish_reason="length")
+        st = GenerationStats(prompt_tokens=len(prompt), prefill_s=0.01, finish_reason="length")
         self.last_stats = st
         t0 = time.perf_counter()
         for i, ch in enumerate(self.reply[:max_tokens]):

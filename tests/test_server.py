@@ -10,9 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import pytest
+from hybrid.engine import GenerationStats
 from subproc import NEUTRAL_CWD, hybrid_env
 
 import fastapi  # noqa: E402,F401  (test extra)
@@ -160,14 +160,6 @@ def test_binds_to_loopback_by_default():
 # ----------------------------------------------------------------------------- in process
 
 
-@dataclass
-class _Stats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = ""
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
 
 
 class ScriptedRuntime:
@@ -195,7 +187,7 @@ class ScriptedRuntime:
         made = 0
         try:
             self.gate.wait(30)
-            st = _Stats(prompt_tokens=len(prompt), prefill_s=0.001, finish_reason="length")
+            st = GenerationStats(prompt_tokens=len(prompt), prefill_s=0.001, finish_reason="length")
             self.last_stats = st
             for i, ch in enumerate(self.reply[:max_tokens]):
                 if self.delay:
