@@ -93,42 +93,31 @@ static void dequant_q8_0(const void* src, float* y, int64_t n) {
     }
 }
 
+// Shared by Q4_K and Q5_K (qh = nullptr for Q4_K): one 256-block.
+static void dequant_k4_block(const uint8_t* q, const uint8_t* qh, const uint8_t* scales, float d, float dmin,
+                             float* y) {
+    for (int c = 0; c < 4; c++, q += 32) {
+        uint8_t sc, m;
+        get_scale_min_k4(2 * c, scales, &sc, &m);
+        const float d1 = d * sc, m1 = dmin * m;
+        get_scale_min_k4(2 * c + 1, scales, &sc, &m);
+        const float d2 = d * sc, m2 = dmin * m;
+        const int u1 = 1 << (2 * c), u2 = 2 << (2 * c);
+        for (int l = 0; l < 32; l++) *y++ = d1 * ((q[l] & 0xF) + (qh && (qh[l] & u1) ? 16 : 0)) - m1;
+        for (int l = 0; l < 32; l++) *y++ = d2 * ((q[l] >> 4) + (qh && (qh[l] & u2) ? 16 : 0)) - m2;
+    }
+}
+
 static void dequant_q4_K(const void* src, float* y, int64_t n) {
     const block_q4_K* x = (const block_q4_K*)src;
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const float d = fp16_to_fp32(x[b].d);
-        const float dmin = fp16_to_fp32(x[b].dmin);
-        const uint8_t* q = x[b].qs;
-        for (int c = 0; c < 4; c++, q += 32) {
-            uint8_t sc, m;
-            get_scale_min_k4(2 * c, x[b].scales, &sc, &m);
-            const float d1 = d * sc, m1 = dmin * m;
-            get_scale_min_k4(2 * c + 1, x[b].scales, &sc, &m);
-            const float d2 = d * sc, m2 = dmin * m;
-            for (int l = 0; l < 32; l++) *y++ = d1 * (q[l] & 0xF) - m1;
-            for (int l = 0; l < 32; l++) *y++ = d2 * (q[l] >> 4) - m2;
-        }
-    }
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K)
+        dequant_k4_block(x[b].qs, nullptr, x[b].scales, fp16_to_fp32(x[b].d), fp16_to_fp32(x[b].dmin), y);
 }
 
 static void dequant_q5_K(const void* src, float* y, int64_t n) {
     const block_q5_K* x = (const block_q5_K*)src;
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const float d = fp16_to_fp32(x[b].d);
-        const float dmin = fp16_to_fp32(x[b].dmin);
-        const uint8_t* q = x[b].qs;
-        const uint8_t* qh = x[b].qh;
-        for (int c = 0; c < 4; c++, q += 32) {
-            uint8_t sc, m;
-            get_scale_min_k4(2 * c, x[b].scales, &sc, &m);
-            const float d1 = d * sc, m1 = dmin * m;
-            get_scale_min_k4(2 * c + 1, x[b].scales, &sc, &m);
-            const float d2 = d * sc, m2 = dmin * m;
-            const int u1 = 1 << (2 * c), u2 = 2 << (2 * c);
-            for (int l = 0; l < 32; l++) *y++ = d1 * ((q[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
-            for (int l = 0; l < 32; l++) *y++ = d2 * ((q[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
-        }
-    }
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K)
+        dequant_k4_block(x[b].qs, x[b].qh, x[b].scales, fp16_to_fp32(x[b].d), fp16_to_fp32(x[b].dmin), y);
 }
 
 static void dequant_q6_K(const void* src, float* y, int64_t n) {
