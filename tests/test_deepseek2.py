@@ -400,12 +400,12 @@ def test_routed_experts_matter(tiny_gguf, variant):
                                         f"llama.cpp is only {np.median(deficit):.4f}")
 
 
-def llama_cpp_greedy(path, prompt, n, n_ctx=128):
-    """llama.cpp's greedy continuation of prompt (default settings): n tokens and the logits
-    each was picked from."""
+def llama_cpp_greedy(path, prompt, n, n_ctx=128, f32_kv=False):
+    """llama.cpp's greedy continuation of prompt: n tokens and the logits each was picked from."""
     import llama_cpp
+    kv = {"type_k": 0, "type_v": 0} if f32_kv else {}  # 0 = GGML_TYPE_F32 (default f16)
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2,
-                          n_threads_batch=2, verbose=False)
+                          n_threads_batch=2, verbose=False, **kv)
     try:
         llm.eval(list(prompt))
         out, logits = [], []
@@ -419,14 +419,17 @@ def llama_cpp_greedy(path, prompt, n, n_ctx=128):
         llm.close()
 
 
-def test_greedy_32_tokens_equal_llama_cpp_on_q8(tiny_q8):
+@pytest.mark.parametrize("ftype", ["Q8_0", "F32"])
+def test_greedy_32_tokens_equal_llama_cpp(tiny_gguf, ftype):
     """The issue's greedy criterion: 32 tokens on the Q8_0 file equal llama.cpp's (default
-    settings); a flip shows both implementations' logits for the two tokens."""
-    with hybrid.load(tiny_q8, device="cpu", threads=2, ctx=128) as rt:
+    settings); on the F32 file too, with llama.cpp's f32 KV cache (both compute the same
+    floats). A flip shows both implementations' logits for the two tokens."""
+    path = tiny_gguf(ftype)
+    with hybrid.load(path, device="cpu", threads=2, ctx=128) as rt:
         prompt = rt.tokenize("The capital of France is")
         ours = [t for t, _ in rt.generate_tokens(prompt, max_tokens=32, temperature=0.0,
                                                  stop_at_eos=False)]
-        ref, ref_logits = llama_cpp_greedy(tiny_q8, prompt, 32)
+        ref, ref_logits = llama_cpp_greedy(path, prompt, 32, f32_kv=ftype == "F32")
         if ours != ref:
             i = next(k for k, (a, b) in enumerate(zip(ours, ref)) if a != b)
             mine = rt.logits(prompt + ours[:i])[-1]
