@@ -297,8 +297,8 @@ def test_interactive_chat_in_a_pty(tiny_q4km, tmp_path):
         child.expect(">>>")
         child.sendline("hello there")
         child.expect(released)
-        # Ctrl-C as soon as the reply streams: the random model's greedy reply to this prompt
-        # runs ~300 tokens before it samples EOS, seconds of margin
+        # Ctrl-C as soon as the reply streams: the fixture never plants EOS as the greedy
+        # winner, so the reply would run to max_tokens (4000), seconds of margin
         child.expect(r"\x1b\[2m")
         child.sendintr()
         child.expect(stats)

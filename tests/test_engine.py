@@ -286,8 +286,7 @@ def test_bf16_layout_and_overlapped_experts_agree_with_f32(tiny_f32):
         got = r.logits(toks)
         step = r.decode_logits(toks[:16])
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
-    # bf16 rounds weights and cache by ~0.4%: like llama.cpp's activation quantization,
-    # enough to flip near-tied expert choices of the random fixture at a few positions
-    assert np.median(cos) >= 0.999, np.sort(cos)[:5]
+    # bf16 rounds weights and cache by ~0.4%; the fixture's routing margins absorb that
+    assert cos.min() >= 0.999, np.sort(cos)[:5]
     c2 = (step * got[:16]).sum(-1) / (np.linalg.norm(step, axis=-1) * np.linalg.norm(got[:16], axis=-1))
     assert c2.min() >= 0.9999, c2  # same rounding both ways: cached decode = full pass
