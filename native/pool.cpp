@@ -16,13 +16,14 @@ namespace hybrid {
 
 namespace {
 
-// How long an idle worker spins for the next job before sleeping (HYBRID_SPIN_US).
-std::chrono::microseconds spin_budget() {
+// How long an idle worker spins for the next job before sleeping, unless set per pool
+// (HYBRID_SPIN_US).
+long default_spin_us() {
     static const long us = [] {
         const char* e = std::getenv("HYBRID_SPIN_US");
         return e && *e ? std::max(0L, std::atol(e)) : 100L;
     }();
-    return std::chrono::microseconds(us);
+    return us;
 }
 
 template <class Pred>
@@ -54,7 +55,8 @@ int pin_self(int cpu) {
 
 }  // namespace
 
-ThreadPool::ThreadPool(int n_threads, const std::vector<int>& cpus) : n_(n_threads), cpus_(cpus) {
+ThreadPool::ThreadPool(int n_threads, const std::vector<int>& cpus)
+    : n_(n_threads), cpus_(cpus), spin_us_(default_spin_us()) {
     CHECK(n_threads >= 1 && n_threads <= 1024, "thread count must be in 1..1024");
     // A caller spinning in wait() would take a core from a worker when the workers already
     // fill every core: then it sleeps at once and the last worker wakes it.
@@ -72,12 +74,20 @@ ThreadPool::~ThreadPool() {
         std::lock_guard<std::mutex> lock(mutex_);
         stop_.store(true, std::memory_order_release);
         gen_.fetch_add(1, std::memory_order_release);
+        gen0_.fetch_add(1, std::memory_order_release);
     }
     cv_work_.notify_all();
+    cv_work0_.notify_all();
     for (auto& t : threads_) t.join();
 }
 
 std::vector<int> ThreadPool::worker_cpus() const { return pinned_; }
+
+void ThreadPool::set_spin_us(long us) { spin_us_.store(std::max(0L, us), std::memory_order_relaxed); }
+
+std::chrono::microseconds ThreadPool::spin_budget() const {
+    return std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
+}
 
 void ThreadPool::start(job_fn fn, void* ctx, bool async) {
     CHECK(!submitted_, "ThreadPool: a job is pending: call wait() first");
@@ -90,8 +100,10 @@ void ThreadPool::start(job_fn fn, void* ctx, bool async) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         gen_.fetch_add(1, std::memory_order_release);
+        if (async) gen0_.fetch_add(1, std::memory_order_release);
     }
     cv_work_.notify_all();
+    if (async) cv_work0_.notify_all();
 }
 
 void ThreadPool::submit(job_fn fn, void* ctx) { start(fn, ctx, true); }
@@ -133,16 +145,20 @@ void ThreadPool::barrier() {
 void ThreadPool::worker_main(int ith) {
     if (!cpus_.empty()) pinned_[ith] = pin_self(cpus_[ith % cpus_.size()]);
     started_.fetch_add(1, std::memory_order_release);
+    // Worker 0 serves submit() only (run()'s caller takes slot 0 itself), so it follows its
+    // own generation counter: were it woken by run() jobs, it would spin beside the caller
+    // and the other workers for nothing, on a core they need.
+    std::atomic<uint64_t>& gen = ith == 0 ? gen0_ : gen_;
+    std::condition_variable& cv = ith == 0 ? cv_work0_ : cv_work_;
     uint64_t seen = 0;
     for (;;) {
-        auto ready = [&] { return gen_.load(std::memory_order_acquire) != seen; };
+        auto ready = [&] { return gen.load(std::memory_order_acquire) != seen; };
         if (!spin_until(ready, spin_budget())) {
             std::unique_lock<std::mutex> lock(mutex_);
-            cv_work_.wait(lock, ready);
+            cv.wait(lock, ready);
         }
-        seen = gen_.load(std::memory_order_acquire);
+        seen = gen.load(std::memory_order_acquire);
         if (stop_.load(std::memory_order_acquire)) return;
-        if (ith == 0 && !async_) continue;  // run(): the caller takes slot 0
         fn_(ctx_, ith, n_);
         if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
             { std::lock_guard<std::mutex> lock(mutex_); }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -40,9 +41,15 @@ class ThreadPool {
 
     // Affinity each worker actually got (-1: not pinned / pinning refused).
     std::vector<int> worker_cpus() const;
+    // How long idle workers spin for the next job before sleeping (default HYBRID_SPIN_US,
+    // else 100 us). Decode issues a job every few hundred us: spinning through the gaps saves
+    // a futex wake-up (~50 us here) per job; prefill's gaps are long, sleeping frees the cores.
+    void set_spin_us(long us);
+    long spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
 
    private:
     void start(job_fn fn, void* ctx, bool async);
+    std::chrono::microseconds spin_budget() const;
     void worker_main(int ith);
 
     int n_;
@@ -50,18 +57,20 @@ class ThreadPool {
     std::vector<std::thread> threads_;
     std::vector<int> pinned_;  // written by each worker at start
 
-    std::atomic<uint64_t> gen_{0};
+    std::atomic<uint64_t> gen_{0};   // every job: workers 1..n-1
+    std::atomic<uint64_t> gen0_{0};  // submit() jobs: worker 0
     std::atomic<int> pending_{0};
     std::atomic<bool> stop_{false};
     std::atomic<int> started_{0};
     bool submitted_ = false;  // owner side only
     bool caller_spins_ = false;
+    std::atomic<long> spin_us_;
     bool async_ = false;  // the current job came from submit(): worker 0 takes slot 0
     job_fn fn_ = nullptr;
     void* ctx_ = nullptr;
 
     std::mutex mutex_;
-    std::condition_variable cv_work_, cv_done_;
+    std::condition_variable cv_work_, cv_work0_, cv_done_;
 
     alignas(64) std::atomic<int> bar_count_{0};
     alignas(64) std::atomic<uint32_t> bar_phase_{0};
