@@ -9,8 +9,10 @@
 #include "dispatch.h"
 #include "matmul.h"
 #include "membench.h"
+#include "mla.h"
 #include "moe.h"
 #include "numa.h"
+#include "ops.h"
 #include "pool.h"
 #include "quants.h"
 
@@ -101,11 +103,39 @@ py::array_t<float> py_dequantize(py::buffer src, int type, int64_t n) {
     return out;
 }
 
-py::object py_matmul(py::buffer w, int type, py::buffer x, py::object out, int threads) {
-    view2d wv = as_2d(w, "w");
-    if (wv.kind != 'u') bad("w: must be the uint8 bytes of the GGUF tensor, shape [N, row_bytes]");
-    view2d xv = as_2d(x, "x");
+// A batch of 2-D views: a 3-D buffer [B, rows, cols] (contiguous rows), or a 2-D / 1-D one as
+// a batch of one with batch stride 0.
+struct view3d {
+    view2d m;
+    int64_t batch, batch_stride_bytes;
+    int ndim;
+};
+
+view3d as_3d(const py::buffer& obj, const std::string& arg) {
+    py::buffer_info bi = obj.request();
+    if (bi.ndim != 3) return {as_2d(obj, arg), 1, 0, (int)bi.ndim};
+    // the 2-D view of the first matrix, with the batch stride on top
+    view3d v{as_2d(py::memoryview::from_buffer((const void*)bi.ptr, bi.itemsize, bi.format.c_str(),
+                                                {bi.shape[1], bi.shape[2]}, {bi.strides[1], bi.strides[2]}),
+                   arg),
+             bi.shape[0], bi.strides[0], 3};
+    v.m.writable = !bi.readonly;
+    if (v.batch > 1 && (v.batch_stride_bytes < 0 || v.batch_stride_bytes % bi.itemsize))
+        bad(arg + ": unsupported batch stride");
+    return v;
+}
+
+// Y[T,N] = X[T,K] @ W[N,K]^T, or batched: W [B,N,K] with X [B,T,K] (or one X [T,K] for all)
+// into Y [B,T,N]. On the engine's workers when one is given, else on the shared pool.
+py::object py_matmul(py::buffer w, int type, py::buffer x, py::object out, int threads, py::object engine) {
+    view3d w3 = as_3d(w, "w");
+    const view2d& wv = w3.m;
+    if (wv.kind != 'u') bad("w: must be the uint8 bytes of the GGUF tensor, shape [N, row_bytes] or [B, N, row_bytes]");
+    view3d x3 = as_3d(x, "x");
+    const view2d& xv = x3.m;
     if (xv.kind == 'u') bad("x: must be float32, or uint16 holding bfloat16");
+    if (x3.ndim == 3 && x3.batch != w3.batch)
+        bad("x: batch of " + std::to_string(x3.batch) + " for " + std::to_string(w3.batch) + " weight matrices");
     const type_info& ti = get_type_info(type);
     if (!ti.name) bad("w: GGML type " + std::to_string(type) + " is not supported");
     matmul_args a;
@@ -121,20 +151,35 @@ py::object py_matmul(py::buffer w, int type, py::buffer x, py::object out, int t
     a.x_bf16 = xv.kind == 'h';
     a.T = xv.rows;
     a.x_stride = xv.row_stride_bytes / xv.itemsize;
+    a.batch = w3.batch;
+    a.w_bstride = w3.batch_stride_bytes;
+    a.x_bstride = x3.ndim == 3 ? x3.batch_stride_bytes / xv.itemsize : 0;
+    const bool batched = w3.ndim == 3;
     py::array_t<float> y;
     if (out.is_none()) {
-        y = py::array_t<float>({(py::ssize_t)a.T, (py::ssize_t)a.N});
+        y = batched ? py::array_t<float>({(py::ssize_t)a.batch, (py::ssize_t)a.T, (py::ssize_t)a.N})
+                    : py::array_t<float>({(py::ssize_t)a.T, (py::ssize_t)a.N});
     } else {
-        y = py::reinterpret_borrow<py::array_t<float>>(out);
         if (!py::isinstance<py::array_t<float>>(out)) bad("out: must be a float32 numpy array");
+        y = py::reinterpret_borrow<py::array_t<float>>(out);
     }
+    const std::string want = (batched ? "[B, T, N] = [" + std::to_string(a.batch) + ", " : "[T, N] = [") +
+                             std::to_string(a.T) + ", " + std::to_string(a.N) + "]";
     py::buffer_info yb = y.request(true);
-    if (yb.ndim != 2 || yb.shape[0] != a.T || yb.shape[1] != a.N || yb.strides[1] != 4)
-        bad("out: must be float32 [T, N] = [" + std::to_string(a.T) + ", " + std::to_string(a.N) + "] with contiguous rows");
+    const int lead = batched ? 1 : 0;
+    if (yb.ndim != lead + 2 || (batched && yb.shape[0] != a.batch) || yb.shape[lead] != a.T ||
+        yb.shape[lead + 1] != a.N || yb.strides[lead + 1] != 4 || yb.strides[lead] % 4 || (batched && yb.strides[0] % 4))
+        bad("out: must be float32 " + want + " with contiguous rows");
     a.y = (float*)yb.ptr;
-    a.y_stride = yb.strides[0] / 4;
+    a.y_stride = yb.strides[lead] / 4;
+    a.y_bstride = batched ? yb.strides[0] / 4 : 0;
     matmul_check(a);
-    {
+    if (!engine.is_none()) {
+        MoEEngine& e = engine.cast<MoEEngine&>();
+        if (e.busy()) throw std::runtime_error("matmul: the expert engine is busy with a forward; wait() first");
+        py::gil_scoped_release release;
+        matmul(e.pool(), a);
+    } else {
         py::gil_scoped_release release;
         std::lock_guard<std::mutex> lock(g_pool_mutex);
         matmul(shared_pool(threads), a);
@@ -175,6 +220,49 @@ py::array_t<T> engine_buffer(py::object self, T* ptr, int64_t rows, int64_t cols
     return py::array_t<T>({(py::ssize_t)rows, (py::ssize_t)cols}, {(py::ssize_t)(cols * sizeof(T)), (py::ssize_t)sizeof(T)}, ptr, self);
 }
 
+// One layer's MLA weights for mla_decode, keeping the Python buffers they point into alive.
+struct py_mla {
+    mla_layer L;
+    std::vector<py::object> keep;
+};
+
+const float* f32_vector(py::object obj, int64_t n, const std::string& arg, std::vector<py::object>& keep) {
+    auto a = py::array_t<float, py::array::c_style>::ensure(obj);
+    if (!a || a.ndim() != 1 || a.shape(0) != n) bad(arg + ": expected float32 [" + std::to_string(n) + "]");
+    keep.push_back(a);
+    return a.data();
+}
+
+qlinear as_qlinear(py::object obj, int64_t rows, int64_t cols, const std::string& arg, std::vector<py::object>& keep) {
+    auto t = obj.cast<py::tuple>();
+    if (t.size() != 2) bad(arg + ": expected (uint8 [rows, row_bytes], ggml_type)");
+    view2d v = as_2d(t[0].cast<py::buffer>(), arg);
+    qlinear q;
+    q.type = t[1].cast<int>();
+    const type_info& ti = get_type_info(q.type);
+    if (!ti.name) bad(arg + ": GGML type " + std::to_string(q.type) + " is not supported");
+    if (v.kind != 'u' || v.rows != rows || v.cols != row_bytes(q.type, cols))
+        bad(arg + ": expected " + std::to_string(rows) + " rows of " + std::to_string(cols) + " " + ti.name +
+            " elements (" + std::to_string(row_bytes(q.type, cols)) + " bytes)");
+    q.w = v.data;
+    q.rows = rows;
+    q.cols = cols;
+    q.stride = v.row_stride_bytes;
+    keep.push_back(t[0]);
+    return q;
+}
+
+const uint8_t* q8_heads(py::object obj, int64_t H, int64_t rows, int64_t cols, const std::string& arg,
+                        std::vector<py::object>& keep) {
+    auto a = py::array_t<uint8_t, py::array::c_style>::ensure(obj);
+    const int64_t rb = row_bytes(GGML_Q8_0, cols);
+    if (!a || a.ndim() != 3 || a.shape(0) != H || a.shape(1) != rows || a.shape(2) != rb)
+        bad(arg + ": expected Q8_0 rows uint8 [" + std::to_string(H) + ", " + std::to_string(rows) + ", " +
+            std::to_string(rb) + "]");
+    keep.push_back(a);
+    return a.data();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -213,8 +301,28 @@ PYBIND11_MODULE(_native, m) {
         py::arg("x"), py::arg("weight_type"),
         "The activation row a dot with `weight_type` weights consumes (block_q8_K / q8_32 / f32 bytes)");
     m.def("matmul", &py_matmul, py::arg("w"), py::arg("ggml_type"), py::arg("x"), py::arg("out") = py::none(),
-          py::arg("threads") = 0,
-          "Y[T,N] = X[T,K] @ W[N,K]^T; w: uint8 [N, row_bytes] GGUF bytes; x: float32 or bf16 (uint16) [T,K]");
+          py::arg("threads") = 0, py::arg("engine") = py::none(),
+          "Y[T,N] = X[T,K] @ W[N,K]^T; w: uint8 [N, row_bytes] GGUF bytes; x: float32 or bf16 (uint16) [T,K].\n"
+          "Batched: w [B, N, row_bytes], x [B, T, K] or one [T, K] for all, out [B, T, N].\n"
+          "engine: run on that MoEEngine's workers (all of them; threads is ignored) instead of\n"
+          "the shared pool, so one set of spinning workers serves experts and linears alike.");
+
+    m.def(
+        "rms_norm",
+        [](py::buffer x, py::array_t<float, py::array::c_style> w, float eps, py::buffer out) {
+            view2d xv = as_2d(x, "x"), yv = as_2d(out, "out");
+            if (xv.kind != 'f') bad("x: must be float32");
+            if (yv.kind != 'f' || !yv.writable) bad("out: must be a writable float32 array");
+            if (w.ndim() != 1 || w.shape(0) != xv.cols)
+                bad("w: expected " + std::to_string(xv.cols) + " floats, got " + std::to_string(w.size()));
+            if (yv.rows != xv.rows || yv.cols != xv.cols) bad("out: must have the shape of x");
+            const float* wp = w.data();
+            py::gil_scoped_release release;
+            rms_norm((const float*)xv.data, xv.row_stride_bytes / 4, wp, (float*)yv.data, yv.row_stride_bytes / 4,
+                     xv.rows, xv.cols, eps);
+        },
+        py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"),
+        "out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, as llama.cpp's rms_norm + mul (rows may be strided)");
 
     m.def("file_resident_bytes", &file_resident_bytes, py::arg("path"), "Bytes of a file in the page cache (mincore)");
     py::enum_<mem_policy>(m, "MemPolicy")
@@ -307,6 +415,10 @@ PYBIND11_MODULE(_native, m) {
                  return d;
              })
         .def("worker_cpus", [](MoEEngine& e) { return e.pool().worker_cpus(); })
+        .def_property(
+            "spin_us", [](MoEEngine& e) { return e.pool().spin_us(); },
+            [](MoEEngine& e, long us) { e.pool().set_spin_us(us); },
+            "How long idle workers spin for the next job before sleeping (microseconds)")
         .def_property_readonly("x", [](py::object self) {
             MoEEngine& e = self.cast<MoEEngine&>();
             return engine_buffer<float>(self, e.x(), e.max_tokens(), e.d_model());
@@ -323,6 +435,75 @@ PYBIND11_MODULE(_native, m) {
             MoEEngine& e = self.cast<MoEEngine&>();
             return engine_buffer<float>(self, e.weights(), 1, e.max_tokens() * e.max_k());
         });
+
+
+    py::class_<py_mla>(m, "MLA")
+        .def(py::init([](py::dict d) {
+                 auto p = std::make_unique<py_mla>();
+                 mla_layer& L = p->L;
+                 auto i64 = [&](const char* k) { return d[k].cast<int64_t>(); };
+                 L.D = i64("D"), L.H = i64("H"), L.N = i64("N"), L.R = i64("R"), L.V = i64("V"), L.C = i64("C");
+                 if (L.D <= 0 || L.H <= 0 || L.N <= 0 || L.R <= 0 || L.R % 2 || L.V <= 0 || L.C <= 0)
+                     bad("MLA: dims must be positive, R even");
+                 if (L.N % 32 || L.C % 32) bad("MLA: N and C must be multiples of 32 (Q8_0 head rows)");
+                 L.eps = d["eps"].cast<float>();
+                 L.kq_scale = d["kq_scale"].cast<float>();
+                 const int64_t QD = L.H * (L.N + L.R);
+                 L.attn_norm = f32_vector(d["attn_norm"], L.D, "attn_norm", p->keep);
+                 L.kv_a_norm = f32_vector(d["kv_a_norm"], L.C, "kv_a_norm", p->keep);
+                 if (!d["q_a"].is_none()) {
+                     const int64_t Q = i64("Q");
+                     L.q_a = as_qlinear(d["q_a"], Q, L.D, "q_a", p->keep);
+                     L.q_a_norm = f32_vector(d["q_a_norm"], Q, "q_a_norm", p->keep);
+                     L.q_b = as_qlinear(d["q_b"], QD, Q, "q_b", p->keep);
+                 } else {
+                     L.q = as_qlinear(d["q"], QD, L.D, "q", p->keep);
+                 }
+                 L.kv_a = as_qlinear(d["kv_a"], L.C + L.R, L.D, "kv_a", p->keep);
+                 L.wo = as_qlinear(d["wo"], L.D, L.H * L.V, "wo", p->keep);
+                 L.k_up = q8_heads(d["k_up"], L.H, L.C, L.N, "k_up", p->keep);
+                 L.v_up = q8_heads(d["v_up"], L.H, L.V, L.C, "v_up", p->keep);
+                 return p;
+             }),
+             py::arg("weights"),
+             "One layer's weights: dict of D H N R V C (Q) eps kq_scale, attn_norm kv_a_norm (q_a_norm) float32,\n"
+             "q_a q_b | q (q_a None), kv_a, wo as (uint8 [rows, row_bytes], ggml_type), k_up / v_up Q8_0 [H, rows, bytes]")
+        .def(
+            "decode",
+            [](py_mla& self, py::array_t<float, py::array::c_style> x, int64_t pos0,
+               py::array_t<float, py::array::c_style> cache, py::array_t<float, py::array::c_style> rope,
+               py::array_t<float, py::array::c_style> out, py::object engine) {
+                const mla_layer& L = self.L;
+                if (x.ndim() != 2 || x.shape(1) != L.D) bad("x: expected float32 [T, " + std::to_string(L.D) + "]");
+                const int64_t T = x.shape(0);
+                if (cache.ndim() != 2 || cache.shape(1) != L.C + L.R)
+                    bad("cache: expected the layer's float32 rows [P, " + std::to_string(L.C + L.R) + "]");
+                if (pos0 < 0 || pos0 + T > cache.shape(0))
+                    bad("cache: positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + T) + " exceed its " +
+                        std::to_string(cache.shape(0)) + " rows");
+                if (rope.ndim() != 2 || rope.shape(1) != L.R || rope.shape(0) < pos0 + T)
+                    bad("rope: expected float32 [>= " + std::to_string(pos0 + T) + ", " + std::to_string(L.R) + "]");
+                if (out.ndim() != 2 || out.shape(0) != T || out.shape(1) != L.D)
+                    bad("out: expected float32 [" + std::to_string(T) + ", " + std::to_string(L.D) + "]");
+                const float* xp = x.data();
+                float* cp = cache.mutable_data();
+                const float* rp = rope.data();
+                float* op = out.mutable_data();
+                if (!engine.is_none()) {
+                    MoEEngine& e = engine.cast<MoEEngine&>();
+                    if (e.busy()) throw std::runtime_error("MLA.decode: the expert engine is busy; wait() first");
+                    py::gil_scoped_release release;
+                    mla_decode(e.pool(), L, xp, T, pos0, cp, rp, op);
+                } else {
+                    py::gil_scoped_release release;
+                    std::lock_guard<std::mutex> lock(g_pool_mutex);
+                    mla_decode(shared_pool(0), L, xp, T, pos0, cp, rp, op);
+                }
+            },
+            // cache and out are written: a converted copy would swallow the writes
+            py::arg("x"), py::arg("pos0"), py::arg("cache").noconvert(), py::arg("rope"), py::arg("out").noconvert(),
+            py::arg("engine") = py::none(),
+            "Attention of x [T, D] at positions pos0.. (writes their cache rows) into out [T, D]");
 
     py::class_<ThreadPool>(m, "ThreadPool")
         .def(py::init<int, const std::vector<int>&>(), py::arg("threads"), py::arg("cpus") = std::vector<int>{})

@@ -39,7 +39,7 @@ void matmul_check(const matmul_args& a) {
     if (!ti.name || a.w_type == GGML_Q8_K)
         throw std::invalid_argument("matmul: weight type " + std::to_string(a.w_type) +
                                     " is not supported (F32, F16, BF16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)");
-    if (a.K <= 0 || a.N <= 0 || a.T < 0) throw std::invalid_argument("matmul: empty or negative shape");
+    if (a.K <= 0 || a.N <= 0 || a.T < 0 || a.batch < 0) throw std::invalid_argument("matmul: empty or negative shape");
     if (a.K % ti.block != 0)
         throw std::invalid_argument("matmul: K=" + std::to_string(a.K) + " is not a multiple of the " +
                                     ti.name + " block size " + std::to_string(ti.block));
@@ -49,15 +49,16 @@ void matmul_check(const matmul_args& a) {
 
 void matmul(ThreadPool& pool, const matmul_args& a) {
     matmul_check(a);
-    if (a.T == 0) return;
+    if (a.T == 0 || a.batch == 0) return;
     const kernel_table& k = kernels();
     const act_format act = get_type_info(a.w_type).act;
     const int64_t act_bytes = act_row_bytes(act, a.K);
+    const int64_t x_batches = a.x_bstride ? a.batch : 1;  // activation sets to quantize
 
     // Scratch lives in the calling thread and only grows: no allocation in steady state.
     thread_local std::vector<uint8_t> act_buf;
     thread_local std::vector<std::vector<float>> scratch;
-    if ((int64_t)act_buf.size() < a.T * act_bytes) act_buf.resize(a.T * act_bytes);
+    if ((int64_t)act_buf.size() < x_batches * a.T * act_bytes) act_buf.resize(x_batches * a.T * act_bytes);
     if ((int)scratch.size() < pool.size()) scratch.resize(pool.size());
     if (a.x_bf16)
         for (auto& s : scratch)
@@ -67,7 +68,7 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
         const matmul_args* a;
         const kernel_table* k;
         act_format act;
-        int64_t act_bytes;
+        int64_t act_bytes, x_batches;
         uint8_t* act_buf;
         std::vector<std::vector<float>>* scratch;
         int64_t row_tile, n_row_tiles, n_tok_tiles;
@@ -78,9 +79,10 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
     job.k = &k;
     job.act = act;
     job.act_bytes = act_bytes;
+    job.x_batches = x_batches;
     job.act_buf = act_buf.data();
     job.scratch = &scratch;
-    job.row_tile = row_tile(a.N, pool.size());
+    job.row_tile = row_tile(a.N * a.batch, pool.size());
     job.n_row_tiles = (a.N + job.row_tile - 1) / job.row_tile;
     job.n_tok_tiles = (a.T + kTokenTile - 1) / kTokenTile;
     job.pool = &pool;
@@ -88,37 +90,44 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
     auto worker = [](void* p, int ith, int nth) {
         job_t& j = *(job_t*)p;
         const matmul_args& a = *j.a;
-        for (int64_t t = ith; t < a.T; t += nth) {
-            const char* xr = (const char*)a.x + t * a.x_stride * (a.x_bf16 ? 2 : 4);
+        const int64_t esize = a.x_bf16 ? 2 : 4;
+        for (int64_t i = ith; i < j.x_batches * a.T; i += nth) {
+            const int64_t b = i / a.T, t = i % a.T;
+            const char* xr = (const char*)a.x + (b * a.x_bstride + t * a.x_stride) * esize;
             const float* xf = (const float*)xr;
             if (a.x_bf16) {
                 float* s = (*j.scratch)[ith].data();
                 j.k->dequant[GGML_BF16](xr, s, a.K);
                 xf = s;
             }
-            j.k->quant_act[j.act](xf, j.act_buf + t * j.act_bytes, a.K);
+            j.k->quant_act[j.act](xf, j.act_buf + i * j.act_bytes, a.K);
         }
         j.pool->barrier();
         const dot_fn dot = j.k->dot[a.w_type];
         const dot4_fn dot4 = j.k->dot4[a.w_type];
-        const int64_t n_tiles = j.n_row_tiles * j.n_tok_tiles;
+        const int64_t per_batch = j.n_row_tiles * j.n_tok_tiles;
+        const int64_t n_tiles = per_batch * a.batch;
         for (int64_t tile = j.tiles.take(); tile < n_tiles; tile = j.tiles.take()) {
             // Row tiles vary fastest: with many tokens, neighbouring workers share activations.
-            const int64_t r0 = (tile % j.n_row_tiles) * j.row_tile;
-            const int64_t t0 = (tile / j.n_row_tiles) * kTokenTile;
+            const int64_t b = tile / per_batch, in_b = tile % per_batch;
+            const int64_t r0 = (in_b % j.n_row_tiles) * j.row_tile;
+            const int64_t t0 = (in_b / j.n_row_tiles) * kTokenTile;
             const int64_t r1 = std::min(a.N, r0 + j.row_tile), t1 = std::min(a.T, t0 + kTokenTile);
+            const uint8_t* w = a.w + b * a.w_bstride;
+            const uint8_t* acts = j.act_buf + (a.x_bstride ? b : 0) * a.T * j.act_bytes;
+            float* y = a.y + b * a.y_bstride;
             for (int64_t r = r0; r < r1; r++) {
-                const uint8_t* wr = a.w + r * a.w_stride;
+                const uint8_t* wr = w + r * a.w_stride;
                 int64_t t = t0;
                 if (dot4)  // unpack each weight block once for 4 tokens
                     for (; t + 4 <= t1; t += 4) {
                         const void* act[4];
                         float o[4];
-                        for (int i = 0; i < 4; i++) act[i] = j.act_buf + (t + i) * j.act_bytes;
+                        for (int i = 0; i < 4; i++) act[i] = acts + (t + i) * j.act_bytes;
                         dot4(a.K, wr, act, o);
-                        for (int i = 0; i < 4; i++) a.y[(t + i) * a.y_stride + r] = o[i];
+                        for (int i = 0; i < 4; i++) y[(t + i) * a.y_stride + r] = o[i];
                     }
-                for (; t < t1; t++) a.y[t * a.y_stride + r] = dot(a.K, wr, j.act_buf + t * j.act_bytes);
+                for (; t < t1; t++) y[t * a.y_stride + r] = dot(a.K, wr, acts + t * j.act_bytes);
             }
         }
     };

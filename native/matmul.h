@@ -1,4 +1,5 @@
-// Quantized matmul Y[T,N] = X[T,K] @ W[N,K]^T for W in any supported GGML type.
+// Quantized matmul Y[T,N] = X[T,K] @ W[N,K]^T for W in any supported GGML type, optionally
+// batched over several (W, X, Y) of one shape.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,10 @@ struct matmul_args {
     int64_t T, x_stride;
     float* y;           // [T, N] row t at y + t * y_stride
     int64_t y_stride;
+    // `batch` independent products of the same shape (per-head linears): product b reads
+    // w + b * w_bstride bytes and x + b * x_bstride elements (0: all share one x) and writes
+    // y + b * y_bstride elements.
+    int64_t batch = 1, w_bstride = 0, x_bstride = 0, y_bstride = 0;
 };
 
 // Validates shapes and types (throws std::invalid_argument with a readable message).

@@ -332,6 +332,10 @@ static float dot_q6_K(int64_t n, const void* w, const void* a) {
     return s;
 }
 
+static void axpy_f32(int64_t n, float a, const float* x, float* y) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 void fill_scalar_kernels(kernel_table* t) {
     std::memset(t, 0, sizeof(*t));
     t->isa = "scalar";
@@ -356,6 +360,7 @@ void fill_scalar_kernels(kernel_table* t) {
     t->quant_act[ACT_F32] = quant_act_f32;
     t->quant_act[ACT_Q8_32] = quant_act_q8_32;
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
+    t->axpy_f32 = axpy_f32;
 }
 
 }  // namespace hybrid

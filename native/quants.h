@@ -102,6 +102,8 @@ typedef void (*quant_act_fn)(const float* x, void* dst, int64_t n);
 // Dots of one weight row with 4 activation rows (prefill): out[r] = dot(w, act[r]), each
 // bit-identical to the table's single dot. Null where a path has none: callers then loop.
 typedef void (*dot4_fn)(int64_t n, const void* w, const void* const* act, float* out);
+// y[i] += a * x[i] (attention's probability-weighted sum of cached rows).
+typedef void (*axpy_fn)(int64_t n, float a, const float* x, float* y);
 
 // One table per ISA path; entries left null by an ISA fall back to the scalar reference.
 struct kernel_table {
@@ -110,6 +112,7 @@ struct kernel_table {
     dot_fn dot[GGML_TYPE_LIMIT];
     dot4_fn dot4[GGML_TYPE_LIMIT];
     quant_act_fn quant_act[ACT_COUNT];
+    axpy_fn axpy_f32;
 };
 
 // Reference (scalar) kernels: the definition every SIMD path is tested against.

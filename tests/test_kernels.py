@@ -129,6 +129,53 @@ def test_matmul_writes_into_out_and_strided_rows():
     np.testing.assert_array_equal(out, _native.matmul(rows, int(QT.Q8_0), np.ascontiguousarray(x)))
 
 
+@pytest.mark.parametrize("shared_x", [False, True], ids=["x-per-matrix", "x-shared"])
+def test_batched_matmul_equals_one_call_per_matrix(isa, shared_x):
+    """w [B, N, row_bytes] (the per-head up-projections of MLA): each product is exactly the
+    single-matrix call, whether every matrix has its own x [B, T, K] or all share x [T, K],
+    on the shared pool and on an expert engine's workers."""
+    from hybrid.experts import ExpertEngine
+
+    rng = np.random.default_rng(21)
+    B, N, K, T = 5, 40, 128, 3
+    w = random_rows(QT.Q8_0, B * N, K, rng).reshape(B, N, -1)
+    x = rng.standard_normal((T, K) if shared_x else (B, T, K)).astype(np.float32)
+    want = np.stack([_native.matmul(w[b], int(QT.Q8_0), x if shared_x else x[b], threads=1)
+                     for b in range(B)])
+    np.testing.assert_array_equal(_native.matmul(w, int(QT.Q8_0), x, threads=2), want)
+    eng = ExpertEngine(K, max_tokens=1, max_k=1, threads=2)
+    try:
+        out = np.full((B, T, N), np.nan, np.float32)
+        assert _native.matmul(w, int(QT.Q8_0), x, out, engine=eng._eng) is out
+        np.testing.assert_array_equal(out, want)
+    finally:
+        eng.close()
+
+
+def test_batched_matmul_rejects_mismatched_batches():
+    rng = np.random.default_rng(22)
+    w = random_rows(QT.Q8_0, 4 * 8, 64, rng).reshape(4, 8, -1)
+    with pytest.raises(ValueError, match="x: batch of 3 for 4"):
+        _native.matmul(w, int(QT.Q8_0), np.zeros((3, 2, 64), np.float32))
+    with pytest.raises(ValueError, match=r"out: must be float32 \[B, T, N\] = \[4, 2, 8\]"):
+        _native.matmul(w, int(QT.Q8_0), np.zeros((4, 2, 64), np.float32), np.zeros((4, 2, 9), np.float32))
+
+
+def test_rms_norm_matches_float64_and_accepts_strided_rows():
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((3, 600)).astype(np.float32) * 5
+    w = rng.standard_normal(512).astype(np.float32)
+    out = np.empty((3, 512), np.float32)
+    _native.rms_norm(x[:, :512], w, 1e-6, out)            # rows 600 floats apart
+    x64 = x[:, :512].astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="w: expected 512"):
+        _native.rms_norm(x[:, :512], w[:100], 1e-6, out)
+    with pytest.raises(ValueError, match="out"):
+        _native.rms_norm(x[:, :512], w, 1e-6, np.empty((2, 512), np.float32))
+
+
 def test_matmul_rejects_bad_input():
     rng = np.random.default_rng(0)
     rows = random_rows(QT.Q4_K, 4, 512, rng)

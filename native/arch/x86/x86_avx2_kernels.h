@@ -286,6 +286,13 @@ static float dot_f32(int64_t n, const void* w, const void* a) {
     return s;
 }
 
+static void axpy_f32(int64_t n, float a, const float* x, float* y) {
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
 static inline __m256 load_f16x8(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
@@ -542,6 +549,7 @@ static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_Q6_K] = dequant_q6_K;
     t->quant_act[ACT_Q8_32] = quant_act_q8_32;
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
+    t->axpy_f32 = axpy_f32;
     t->dot[GGML_F32] = dot_f32;
     t->dot[GGML_F16] = dot_f16;
     t->dot[GGML_BF16] = dot_bf16;
