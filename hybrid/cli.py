@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--ctx", type=_number(int, 16, what="at least 16 tokens"), metavar="TOKENS",
                     help="context length (default: min(32768, the model's))")
     rt.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory to plan with, e.g. 40GiB")
+    rt.add_argument("--gpu-prefill-tokens", type=_number(int, 0, what=">= 0 (0 = off)"), metavar="N",
+                    help="prompt chunks of at least N tokens stream the routed experts to the GPU "
+                         "(0: off; default: the plan's threshold, when its buffers fit)")
     rt.add_argument("--save-expert-stats", metavar="FILE",
                     help="count which routed experts each layer chose and write them to FILE "
                          "(JSON) at exit, for the next plan's --expert-stats")
@@ -228,12 +231,22 @@ def make_plan(path: str, a):
             kw["gpu_mem"] = a.gpu_mem
         else:
             logging.getLogger("hybrid").warning("--gpu-mem %s is ignored: no CUDA GPU in use", a.gpu_mem)
+    given = getattr(a, "gpu_prefill_tokens", None)
+    if given is not None:
+        # through the solver, so that the plan reserves VRAM for the staging buffers
+        if cuda:
+            kw["gpu_prefill_tokens"] = given
+        elif given:
+            logging.getLogger("hybrid").warning("--gpu-prefill-tokens %d is ignored: no CUDA GPU in use", given)
     try:
         plan = plan_for_gguf(path, **kw)
     except ValueError as e:
         raise UserError(_first_line(e)) from None
     except OSError as e:
         raise UserError(f"{path}: {e.strerror or e}") from None
+    if cuda and given and plan.gpu_prefill_tokens != given:
+        logging.getLogger("hybrid").warning("--gpu-prefill-tokens %d: GPU prefill off: %s", given,
+                                            plan.gpu_prefill.get("reason", "see --dry-run"))
     if a.device == "cuda" and plan.device == "cpu":
         raise UserError(f"{path}: --device cuda, but the placement plan puts nothing on the GPU; "
                         f"see hybrid-run {path} --dry-run")
@@ -270,6 +283,8 @@ def plan_summary(plan) -> str:
     experts = f"routed experts on {dev_of.get('routed_experts', 'cpu')} (numa {plan.numa_mode})"
     if plan.n_gpu_experts:
         experts += f", {plan.n_gpu_experts} hot ones cached on the GPU"
+    if getattr(plan, "gpu_prefill_tokens", 0):
+        experts += f", streamed to the GPU for prompt chunks of {plan.gpu_prefill_tokens}+ tokens"
     lines.append(f"placement: other weights on {', '.join(non_expert) or 'cpu'}; {experts}; "
                  f"KV cache {plan.kv_cache_tokens} tokens ({fmt_bytes(plan.kv_cache_bytes)}, "
                  f"{plan.kv_cache_dtype}) on {plan.kv_cache_device}")
@@ -350,6 +365,9 @@ def load_runtime(path: str, a, plan, out):
               hugepages=not a.no_hugepages)
     if getattr(a, "save_expert_stats", None):
         kw["record_expert_stats"] = True
+    if getattr(a, "gpu_prefill_tokens", None) is not None:
+        # the flag went into the plan (make_plan): what it decided, with VRAM reserved for it
+        kw["gpu_prefill_tokens"] = int(getattr(plan, "gpu_prefill_tokens", 0) or 0)
     with _Progress(out, f"loading {os.path.basename(path)}") as progress:
         if "progress" in inspect.signature(Runtime.__init__).parameters:
             kw["progress"] = progress.update

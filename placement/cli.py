@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="non-expert weights on the GPU: bf16, or quantized (GGUF bytes); auto: bf16 when it fits")
     po.add_argument("--cpu-only", action="store_true", help="do not use the GPU")
     po.add_argument("--no-expert-cache", action="store_true", help="do not cache routed experts on the GPU")
+    po.add_argument("--gpu-prefill-tokens", metavar="N",
+                    help="prefill chunks of at least N tokens stream each MoE layer's routed experts to the GPU "
+                         "(0: off). Default: the crossover of PCIe streaming and CPU expert speed, when its "
+                         "buffers fit beside the rest of the plan")
     po.add_argument("--expert-stats", metavar="FILE",
                     help="JSON of expert activation counts per layer ({\"layer\": [count per expert]}): "
                          "the GPU caches the most used experts")
@@ -67,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--host-reserve", metavar="SIZE", help="host RAM left to the OS and others (default 4GiB)")
     po.add_argument("--runtime-overhead", metavar="SIZE", help="this process's own RAM (default 1GiB)")
     return p
+
+
+def _tokens(flag: str, text):
+    """A whole number of tokens >= 0 from a flag's text (argparse's own errors span lines)."""
+    from placement.solver import SolverError
+
+    if text is None:
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise SolverError(f"{flag} {text}: give a whole number of tokens >= 0 (0 turns it off)")
+    return v
 
 
 def _overrides(a) -> dict:
@@ -79,6 +98,7 @@ def _overrides(a) -> dict:
         "pcie_bandwidth": a.pcie_bandwidth, "isa": a.isa,
         "context": a.ctx, "batch": a.batch, "prefill_chunk": a.prefill_chunk,
         "numa": a.numa, "gpu_weight_format": a.gpu_format, "expert_stats": a.expert_stats,
+        "gpu_prefill_tokens": _tokens("--gpu-prefill-tokens", a.gpu_prefill_tokens),
     }
     if a.cpu_only:
         ov["use_gpu"] = False

@@ -70,7 +70,8 @@ class Plan:
     kv_cache_device: str
     kv_bytes_per_token: int
     kv_cache_dtype: str        # bf16 on the GPU, f32 on the CPU by default
-    max_context_tokens: int    # the longest context the KV budget could hold (expert cache given up)
+    max_context_tokens: int    # the longest context the KV budget could hold (expert cache and GPU
+                               # prefill given up)
     gpu_weight_format: str     # bf16 | quantized | none
     numa_mode: str             # off | interleave | distribute | replicate
     tensor_placement: dict     # group -> [device, format]
@@ -78,6 +79,10 @@ class Plan:
                                # native kernel) are held as f32 copies
     gpu_experts: list          # per layer: routed expert ids cached on the GPU ([] for dense layers)
     estimate: dict
+    # prefill chunks of at least this many tokens stream the routed experts to gpu0 (0: never);
+    # gpu_prefill says why, the crossover arithmetic and the VRAM reserved for it
+    gpu_prefill_tokens: int = 0
+    gpu_prefill: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)
     suggestions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -124,11 +129,13 @@ class Plan:
 
     def predicted_gpu_allocated(self) -> int:
         """What torch.cuda.memory_allocated() should reach after loading (no CUDA context, no
-        allocator slack, no workspace: those are not live tensors between steps)."""
+        allocator slack, no workspaces: those are not live tensors between steps; the GPU
+        prefill staging slots are, allocated at load)."""
         gpu = self.devices.get("gpu0")
         if gpu is None:
             return 0
-        return sum(v for k, v in gpu.breakdown.items() if k not in ("cuda_context", "allocator_slack", "workspace"))
+        return sum(v for k, v in gpu.breakdown.items()
+                   if k not in ("cuda_context", "allocator_slack", "workspace", "prefill_workspace"))
 
     # --- serialization ------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -166,6 +173,28 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
     # --- report for people --------------------------------------------------------------
+    def _gpu_prefill_text(self) -> list:
+        p = self.gpu_prefill or {}
+        x = p.get("crossover") or {}
+        if not p:
+            return []
+        if not self.gpu_prefill_tokens:
+            model = f" (the crossover model says from {x['tokens']} tokens per chunk)" if x.get("tokens") else ""
+            return [f"GPU prefill: off: {p.get('reason') or 'not planned'}{model}"]
+        how = "given" if p.get("source") == "given" else "crossover model"
+        head = (f"GPU prefill: chunks of {self.gpu_prefill_tokens}+ prompt tokens ({how}; up to "
+                f"{p['chunk_tokens']} per chunk) stream each MoE layer's routed experts to gpu0, double-buffered; "
+                f"reserved {fmt_bytes(p['reserve_bytes'])} (staging 2 x {fmt_bytes(p['slot_bytes'])}, "
+                f"workspace {fmt_bytes(p['workspace_bytes'])})")
+        L = [head]
+        if x:
+            L.append(f"  crossover: {x['routed_bytes'] / 1e9:.1f} GB of routed experts over PCIe at "
+                     f"{x['pcie_bandwidth'] / 1e9:.0f} GB/s = {x['pcie_s_per_chunk']:.2f} s per chunk vs "
+                     f"{x['cpu_s_per_token'] * 1e3:.2f} ms per token on the CPU: GPU from {x['tokens']} tokens; "
+                     f"experts at {p['chunk_tokens']}-token chunks ~{x['gpu_expert_tok_s']:.0f} tok/s vs "
+                     f"~{x['cpu_expert_tok_s']:.0f} on the CPU")
+        return L
+
     def to_text(self) -> str:
         L = []
         verdict = "FITS" if self.fits else "DOES NOT FIT"
@@ -202,6 +231,7 @@ class Plan:
             L.append(f"GPU expert cache: {self.n_gpu_experts} routed experts in {len(per_layer)} layers "
                      f"({'-'.join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else counts[0]} per layer)")
             L.append("  " + " ".join(f"L{i}:{n}" for i, n in per_layer))
+        L.extend(self._gpu_prefill_text())
         e = self.estimate
         if e:
             L.append(f"estimate: decode ~{e.get('decode_tok_s', 0):.1f} tok/s, prefill ~{e.get('prefill_tok_s', 0):.0f} tok/s")

@@ -5,14 +5,17 @@ Order of decisions:
      KV cache, explicit reserves (CUDA context, compute workspace, allocator slack).
   2. Host: routed experts in their GGUF form, spread over the allowed NUMA nodes by the NUMA
      mode, plus pinned buffers, page tables, the runtime's own overhead and an OS reserve.
-  3. Leftover VRAM caches routed experts on the GPU: by activation frequency when statistics
-     are given, else the same number in every MoE layer.
+  3. Leftover VRAM: first the GPU prefill buffers (two layers of routed experts streamed through
+     PCIe for long prompts, from the token threshold of prefill_crossover), then routed experts
+     cached on the GPU: by activation frequency when statistics are given, else the same
+     number in every MoE layer.
   4. Estimate tokens/s from the bytes each token moves and the bandwidths.
   5. When something overflows: re-solve with each concrete change and report those that help.
 
 Shape legend: L layers, E experts, K experts per token, D hidden, H heads.
 """
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from placement.hardware import Hardware
@@ -42,6 +45,9 @@ class Workload:
     context: object = None     # tokens per sequence the KV cache must hold; None: min(32K, model's)
     batch: int = 1             # sequences decoded together
     prefill_chunk: int = 512   # tokens per prefill step
+    # tokens per prefill step while the routed experts stream to the GPU (hybrid.load's
+    # gpu_prefill_chunk): sizes the GPU prefill workspace
+    gpu_prefill_chunk: int = 8192
 
     def resolved(self, model) -> "Workload":
         if self.context is None:
@@ -49,7 +55,8 @@ class Workload:
         return self
 
     def validate(self):
-        for k, flag in (("context", "--ctx"), ("batch", "--batch"), ("prefill_chunk", "--prefill-chunk")):
+        for k, flag in (("context", "--ctx"), ("batch", "--batch"), ("prefill_chunk", "--prefill-chunk"),
+                        ("gpu_prefill_chunk", "gpu_prefill_chunk")):
             if int(getattr(self, k)) < 1:
                 raise SolverError(f"{flag} must be >= 1, got {getattr(self, k)}")
 
@@ -61,6 +68,7 @@ class Policy:
     use_gpu: bool = True
     expert_cache: bool = True            # spend leftover VRAM on routed experts
     expert_stats: object = None          # per layer activation counts, see load_expert_stats
+    gpu_prefill_tokens: object = None    # None: from prefill_crossover; 0: off; N: chunks of >= N tokens
     cpu_weight_format: str = "quantized"  # non-expert weights when they live on the CPU
     cpu_linear_min_bytes: int = 1 * MiB   # smaller CPU linears are dequantized to f32 (torch matmul)
     kv_cache_dtype: str = "auto"         # auto: bf16 on the GPU, f32 on the CPU (no fast bf16 math there)
@@ -87,6 +95,9 @@ class Policy:
             raise SolverError(f"cpu_weight_format {self.cpu_weight_format}: quantized | f32 | bf16")
         if self.kv_cache_dtype not in ("auto",) + tuple(DTYPE_BYTES):
             raise SolverError(f"kv_cache_dtype {self.kv_cache_dtype}: auto | {' | '.join(DTYPE_BYTES)}")
+        n = self.gpu_prefill_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise SolverError(f"--gpu-prefill-tokens {n}: a whole number of tokens >= 0 (0 turns GPU prefill off)")
 
 
 # --- sizes ----------------------------------------------------------------------------
@@ -330,9 +341,31 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
             problems.append(Problem("gpu0", used, cap,
                                     f"gpu0: needs {fmt_bytes(used)} ({detail}), has {fmt_bytes(cap)}: "
                                     f"over by {fmt_bytes(used - cap)} with {gpu_fmt} weights"))
-        elif pol.expert_cache and m.n_expert > 1:
-            stats = load_expert_stats(pol.expert_stats, inv) if pol.expert_stats is not None else None
-            gpu_cache = choose_gpu_experts(inv, cap - used, stats)
+            gpu_prefill = _prefill_info(wl, "gpu0 is over budget without it")
+        else:
+            use_cache = pol.expert_cache and m.n_expert > 1
+            stats = load_expert_stats(pol.expert_stats, inv) if (use_cache and pol.expert_stats is not None) else None
+
+            def cache_for(budget):
+                return choose_gpu_experts(inv, budget, stats) if use_cache else {}
+
+            def make_room(short):
+                """Flags that free `short` more bytes of gpu0 without touching the prefill buffers."""
+                ways = []
+                if gpu_fmt == "bf16" and sum(weights.values()) - w_q >= short:
+                    ways.append("--gpu-format quantized")
+                per_tok = kv_per_token * wl.batch + (m.n_head * min(pol.attn_query_block, max(wl.prefill_chunk, wl.batch))
+                                                     * 4 if pol.workspace_bytes is None else 0)
+                ctx = (wl.context - -(-short // per_tok)) // 256 * 256
+                if ctx >= wl.gpu_prefill_chunk:
+                    ways.append(f"--ctx {ctx}")
+                return f"; {' or '.join(ways)} would make room" if ways else ""
+
+            gpu_prefill, gpu_cache, reserved, more = _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, cap - used,
+                                                                       cache_for, stats, make_room)
+            notes.extend(more)
+            breakdown.update(reserved)
+            used += sum(reserved.values())
             cached = sum(len(v) * inv.expert_bytes(l) for l, v in gpu_cache.items())
             if cached:
                 breakdown["routed_experts"] = cached
@@ -344,6 +377,9 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         _, host_weights = _weight_costs(inv, groups, pol)
         if pol.use_gpu is False and hw.gpus:
             notes.append("GPU not used (--cpu-only)")
+        gpu_prefill = _prefill_info(wl, "no GPU in this plan")
+        if pol.gpu_prefill_tokens:
+            notes.append(f"--gpu-prefill-tokens {pol.gpu_prefill_tokens}: no GPU in this plan, prefill stays on the CPU")
 
     # ---- host --------------------------------------------------------------------------
     host = {}
@@ -428,7 +464,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         kv_bytes_per_token=kv_per_token, kv_cache_dtype=kv_dtype, cpu_linear_min_bytes=pol.cpu_linear_min_bytes,
         max_context_tokens=int(max_ctx) if gpu is not None else _host_max_ctx(devices, kv_per_token, wl),
         gpu_weight_format=gpu_fmt, numa_mode=numa_mode, tensor_placement=placement, gpu_experts=gpu_experts,
-        estimate=estimate, problems=problems, notes=notes, reserves=reserves,
+        estimate=estimate, gpu_prefill_tokens=gpu_prefill["tokens"], gpu_prefill=gpu_prefill,
+        problems=problems, notes=notes, reserves=reserves,
         workload=asdict(wl), policy=_policy_dict(pol),
         hardware=dict(hw.summary(), description=hw.describe()),
     )
@@ -464,28 +501,15 @@ def _cpu_gflops(hw: Hardware) -> tuple:
     return CPU_GFLOPS_PER_CORE[""], "scalar"
 
 
-def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices) -> dict:
-    """Decode: every token reads the non-expert weights once (GPU) and K experts per MoE layer
-    (CPU, unless cached on the GPU), plus the KV cache; one CPU<->GPU hand-off per MoE layer.
-    Prefill: CPU expert FLOPs at the ISA's sustained rate, or the experts' bytes per chunk,
-    whichever is slower, plus the GPU part."""
-    m = inv.model
-    K, E = m.n_expert_used, max(m.n_expert, 1)
-    assumptions = {}
-    layers = inv.moe_layers()
-    size = {l: inv.expert_bytes(l) for l in layers}
-    hit = {l: len(gpu_cache.get(l, ())) / E for l in layers}
-    stats = None
-    if pol.expert_stats is not None and gpu_cache:
-        stats = load_expert_stats(pol.expert_stats, inv)
-        for l in layers:
-            if l in stats:
-                tot = sum(stats[l]) or 1.0
-                hit[l] = sum(stats[l][e] for e in gpu_cache.get(l, ())) / tot
-    cpu_bytes_tok = sum(K * size[l] * (1 - hit[l]) for l in layers)
-    gpu_exp_bytes_tok = sum(K * size[l] * hit[l] for l in layers)
+def _cpu_flops(hw: Hardware) -> tuple:
+    """(sustained FLOP/s of the allowed cores, how it was derived)."""
+    gflops_core, isa = _cpu_gflops(hw)
+    cores = hw.allowed_cores
+    return cores * gflops_core * 1e9, f"{cores} cores x {gflops_core:.0f} GFLOP/s ({isa}, assumed sustained)"
 
-    # RAM bandwidth the expert kernels see
+
+def _ram_bandwidth(hw: Hardware, pol: Policy, numa_mode: str) -> tuple:
+    """(bytes/s the expert kernels read at, node bandwidth, 'given' | 'assumed', how)."""
     n_nodes = max(1, len(hw.allowed_nodes))
     node_bw = hw.ram_bandwidth_per_node or ASSUMED_RAM_BANDWIDTH_PER_NODE
     src = "given" if hw.ram_bandwidth_per_node else "assumed"
@@ -496,7 +520,54 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
         how = f"{n_nodes} node(s) interleaved x {pol.interleave_efficiency if n_nodes > 1 else 1.0}"
     else:
         agg, how = node_bw, "one node's worth (pages land where first touched)"
-    eff_bw = agg * pol.ram_efficiency
+    return agg * pol.ram_efficiency, node_bw, src, how
+
+
+def _hit_rates(inv: Inventory, stats, gpu_cache: dict) -> dict:
+    """{MoE layer: share of its routed-expert calls served by the GPU cache}: the cached share
+    of the experts, or of the recorded activations when statistics are given."""
+    E = max(inv.model.n_expert, 1)
+    hit = {l: len(gpu_cache.get(l, ())) / E for l in inv.moe_layers()}
+    if stats and gpu_cache:
+        for l in hit:
+            if l in stats:
+                tot = sum(stats[l]) or 1.0
+                hit[l] = sum(stats[l][e] for e in gpu_cache.get(l, ())) / tot
+    return hit
+
+
+def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, cpu_flops: float, eff_bw: float, hit: dict) -> float:
+    """Seconds of CPU routed-expert work per prompt token (all MoE layers, cached experts
+    excluded): the expert FLOPs at the sustained rate, or the bytes a prefill_chunk touches
+    (nearly every expert once C*K >> E) spread over its tokens, whichever is slower."""
+    m = inv.model
+    K, E = m.n_expert_used, max(m.n_expert, 1)
+    layers = inv.moe_layers()
+    ffn_flops_tok = sum(2 * K * 3 * m.n_embd * m.expert_ff * (1 - hit[l]) for l in layers)
+    C = max(1, wl.prefill_chunk)
+    touched = 1 - (1 - K / E) ** C if E > K else 1.0
+    mem_per_tok = sum(inv.expert_bytes(l) * E * touched * (1 - hit[l]) for l in layers) / C / eff_bw
+    return max(ffn_flops_tok / cpu_flops, mem_per_tok)
+
+
+def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices) -> dict:
+    """Decode: every token reads the non-expert weights once (GPU) and K experts per MoE layer
+    (CPU, unless cached on the GPU), plus the KV cache; one CPU<->GPU hand-off per MoE layer.
+    Prefill: CPU expert FLOPs at the ISA's sustained rate, or the experts' bytes per chunk,
+    whichever is slower, plus the GPU part (chunks short of the GPU prefill threshold; see
+    prefill_crossover for the long ones)."""
+    m = inv.model
+    K = m.n_expert_used
+    assumptions = {}
+    layers = inv.moe_layers()
+    size = {l: inv.expert_bytes(l) for l in layers}
+    stats = load_expert_stats(pol.expert_stats, inv) if (pol.expert_stats is not None and gpu_cache) else None
+    hit = _hit_rates(inv, stats, gpu_cache)
+    cpu_bytes_tok = sum(K * size[l] * (1 - hit[l]) for l in layers)
+    gpu_exp_bytes_tok = sum(K * size[l] * hit[l] for l in layers)
+
+    # RAM bandwidth the expert kernels see
+    eff_bw, node_bw, src, how = _ram_bandwidth(hw, pol, numa_mode)
     assumptions["ram_bandwidth_per_node"] = f"{node_bw / 1e9:.0f} GB/s ({src})"
     assumptions["effective_ram_bandwidth"] = f"{eff_bw / 1e9:.0f} GB/s ({how}, x {pol.ram_efficiency} kernel efficiency)"
 
@@ -505,7 +576,7 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     if gpu is not None:
         nonexp = sum(v for k, v in devices["gpu0"].breakdown.items()
                      if k not in ("kv_cache", "workspace", "cuda_context", "allocator_slack", "routed_experts",
-                                  "embedding"))
+                                  "embedding", "prefill_staging", "prefill_workspace"))
     else:
         nonexp = sum(v for k, v in devices["cpu"].breakdown.items()
                      if k not in ("kv_cache", "workspace", "routed_experts", "embedding", "page_tables",
@@ -527,15 +598,8 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     assumptions["decode_context_position"] = f"{pos} tokens (half the context)"
 
     # prefill
-    gflops_core, isa = _cpu_gflops(hw)
-    cores = hw.allowed_cores
-    cpu_flops = cores * gflops_core * 1e9
-    assumptions["cpu_compute"] = f"{cores} cores x {gflops_core:.0f} GFLOP/s ({isa}, assumed sustained)"
-    ffn_flops_tok = sum(2 * K * 3 * m.n_embd * m.expert_ff * (1 - hit[l]) for l in layers)
-    C = max(1, wl.prefill_chunk)
-    touched = 1 - (1 - K / E) ** C if E > K else 1.0
-    mem_per_tok = sum(size[l] * E * touched * (1 - hit[l]) for l in layers) / C / eff_bw
-    t_cpu_pf = max(ffn_flops_tok / cpu_flops, mem_per_tok)
+    cpu_flops, assumptions["cpu_compute"] = _cpu_flops(hw)
+    t_cpu_pf = _cpu_expert_prefill_s(inv, wl, cpu_flops, eff_bw, hit)
     nonexp_params = sum(t.n_elements for t in inv.tensors if t.role not in ("routed_experts", "embedding"))
     gpu_flops_tok = 2 * nonexp_params + 4 * m.n_head * (m.kv_lora_rank + m.qk_rope_dim) * pos
     if gpu is not None:
@@ -556,6 +620,167 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
         "seconds_per_token": {"gpu": t_gpu, "cpu": t_cpu, "sync": t_sync},
         "assumptions": assumptions,
     }
+
+
+# --- GPU prefill ----------------------------------------------------------------------
+
+def _routed_layer_bytes(inv: Inventory) -> dict:
+    """{MoE layer: bytes of its routed experts (gate, up, down)}: what one prefill slot holds."""
+    out = {}
+    for t in inv.tensors:
+        if t.role == "routed_experts":
+            out[t.layer] = out.get(t.layer, 0) + t.n_bytes
+    return out
+
+
+def prefill_crossover(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, numa_mode: str, gpu,
+                      hit: dict) -> dict:
+    """Prompt tokens per chunk from which streaming the routed experts to the GPU beats the CPU.
+
+    GPU path (hybrid.gpu.PrefillOffload), per chunk of T tokens, summed over the MoE layers;
+    layer l+1 is copied while layer l computes, so per layer the slower of the two counts
+    (steady state: the first layer's copy of a lone chunk is not hidden, ~1/58 on R1):
+        t_gpu(T) = max(S / B_pcie, S_deq / B_gpu + T * g)
+    S: routed-expert bytes (GGUF blocks, what crosses PCIe); S_deq: those bytes read plus 2
+    bytes per weight written, every expert dequantized to bf16 once per chunk; g: expert FLOPs
+    per token at gpu_tflops. CPU path: t_cpu(T) = T * c, with c the CPU prefill cost per token
+    of the estimate (estimate_speed): the slower of the expert FLOPs at cores x GFLOP/s of the
+    ISA and the expert bytes a prefill_chunk touches over the effective RAM bandwidth, for the
+    experts not cached on the GPU. The non-expert part is the same on both paths.
+    The GPU path wins from T* = max(S / (B_pcie * c), (S_deq / B_gpu) / (c - g)); never if g >= c.
+
+    DeepSeek-R1 Q4_K_M: S = 394.0 GB over 58 MoE layers, 653.9e9 expert weights (S_deq =
+    1.70 TB), 40.9 GFLOP of experts per token; 64 AVX512-VNNI cores at 120 GFLOP/s (7.68
+    TFLOP/s), 2 x 150 GB/s interleaved (x 0.75 x 0.7 = 157.5 GB/s), 100 TFLOP/s GPU:
+      c = max(40.9e9 / 7.68e12, 394.0e9 / 512 / 157.5e9) = max(5.32, 4.89) ms = 5.32 ms; g = 0.41 ms
+      2x256g-48g (PCIe 25 GB/s, 960 GB/s): T* = max(15.76 s / 5.32 ms, 1.77 s / 4.91 ms)
+                                               = max(2962, 361) = 2962 tokens
+      2x256g-80g (PCIe 50 GB/s, 2000 GB/s): T* = max(7.88 s / 5.32 ms, 0.85 s / 4.91 ms) = 1481 tokens
+    (the hot-expert cache the plan keeps besides makes c smaller and T* a little larger).
+    """
+    m = inv.model
+    K = m.n_expert_used
+    S = sum(_routed_layer_bytes(inv).values())
+    weights = sum(t.n_elements for t in inv.tensors if t.role == "routed_experts")
+    pcie = hw.pcie_bandwidth or ASSUMED_PCIE_BANDWIDTH
+    gbw = (gpu.bandwidth if gpu is not None else 0) or ASSUMED_GPU_BANDWIDTH
+    eff_bw = _ram_bandwidth(hw, pol, numa_mode)[0]
+    cpu_flops = _cpu_flops(hw)[0]
+    c = _cpu_expert_prefill_s(inv, wl, cpu_flops, eff_bw, hit)
+    g = len(inv.moe_layers()) * 2 * K * 3 * m.n_embd * m.expert_ff / (pol.gpu_tflops * 1e12)
+    copy_s = S / pcie
+    dequant_s = (S + 2 * weights) / gbw
+    if not S or c <= g:
+        tokens = 0
+    else:
+        tokens = max(1, math.ceil(max(copy_s / c, dequant_s / (c - g))))
+    chunk = min(wl.gpu_prefill_chunk, wl.context)
+    t_chunk = max(copy_s, dequant_s + chunk * g)
+    return {
+        "tokens": tokens,
+        "routed_bytes": S, "pcie_bandwidth": pcie, "gpu_bandwidth": gbw,
+        "pcie_s_per_chunk": copy_s, "dequant_s_per_chunk": dequant_s,
+        "gpu_s_per_token": g, "cpu_s_per_token": c,
+        "gpu_expert_tok_s": chunk / t_chunk if t_chunk else 0.0,
+        "cpu_expert_tok_s": 1.0 / c if c else 0.0,
+        "formula": "T* = max(S / (B_pcie * c), (S_deq / B_gpu) / (c - g))",
+    }
+
+
+def gpu_prefill_reserve(inv: Inventory, wl: Workload, pol: Policy, tokens: int) -> dict:
+    """VRAM the GPU prefill path needs besides the rest of the plan, for chunks of `tokens`.
+
+    staging: two slots of the largest MoE layer's routed experts (hybrid.gpu._Copier fills one
+    while the other is computed on), allocated at load. workspace, live while a long chunk
+    runs: the activations of `tokens` tokens beyond the prefill_chunk ones already in the
+    workspace (workspace_formula), plus PrefillOffload's own buffers: an fp32 output row per
+    (token, expert) pair, the chunk in bf16 and its fp32 result, the routing order, and one
+    expert at a time dequantized to bf16 with its intermediates for up to every token.
+    """
+    m = inv.model
+    D, F, K = m.n_embd, m.expert_ff, m.n_expert_used
+    slot = max(_routed_layer_bytes(inv).values(), default=0)
+    acts = max(0, workspace_formula(inv, replace(wl, prefill_chunk=tokens), pol)["activations"]
+               - workspace_formula(inv, wl, pol)["activations"])
+    offload = (tokens * K * D * 4 + tokens * D * (2 + 4) + tokens * K * 8 * 3
+               + 3 * F * D * 2 + tokens * (D * 2 + 4 * F * 2 + D * (2 + 4)))
+    return {"bytes": 2 * slot + acts + offload, "staging": 2 * slot, "slot": slot,
+            "workspace": acts + offload, "tokens": tokens,
+            "formula": f"2 x {slot} B (largest MoE layer's routed experts) + activations of {tokens} tokens "
+                       f"beyond the prefill chunk ({acts} B) + offload buffers ({offload} B)"}
+
+
+def _prefill_info(wl: Workload, reason: str) -> dict:
+    """Plan.gpu_prefill with GPU prefill off. tokens: the threshold (Plan.gpu_prefill_tokens);
+    source: model | given | off; reason: why off; chunk_tokens: the longest GPU chunk planned for;
+    *_bytes: the gpu0 reserve (gpu_prefill_reserve) and the hot-expert cache it displaced;
+    crossover: prefill_crossover's arithmetic."""
+    return {"tokens": 0, "source": "off", "reason": reason, "chunk_tokens": min(wl.gpu_prefill_chunk, wl.context),
+            "reserve_bytes": 0, "staging_bytes": 0, "slot_bytes": 0, "workspace_bytes": 0,
+            "hot_cache_given_up_bytes": 0, "crossover": {}, "formula": ""}
+
+
+def _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, room, cache_for, stats, make_room) -> tuple:
+    """GPU prefill and the hot-expert cache, from the VRAM `room` the rest of the plan leaves.
+
+    The staging buffers come before the hot-expert cache: a long prompt gains several times
+    over on the GPU path, while the cache without statistics saves a few percent of the CPU
+    reads per decoded token. When the reserve does not fit even with no cache, GPU prefill is
+    off and the reason says what would make room. Returns (info, gpu_cache, gpu0 breakdown
+    entries, notes).
+    """
+    want = pol.gpu_prefill_tokens
+    chunk = min(wl.gpu_prefill_chunk, wl.context)
+    full_cache = cache_for(room)
+    info = _prefill_info(wl, "")
+
+    def crossover(cache):
+        return prefill_crossover(inv, hw, wl, pol, numa_mode, gpu, _hit_rates(inv, stats, cache))
+
+    def off(reason, note=False):
+        info.update(reason=reason, crossover=crossover(full_cache))
+        flag = f"--gpu-prefill-tokens {want}: " if want else ""
+        return info, full_cache, {}, [f"{flag}GPU prefill off: {reason}"] if note else []
+
+    if not inv.moe_layers():
+        return off("the model has no routed experts")
+    if want == 0:
+        return off("turned off (--gpu-prefill-tokens 0)")
+    if want is not None and want > wl.context:
+        return off(f"no prompt reaches {want} tokens in a {wl.context}-token context", note=True)
+    res = gpu_prefill_reserve(inv, wl, pol, min(max(chunk, want or 0), wl.context))
+    if res["bytes"] > room:
+        return off(f"its buffers need {fmt_bytes(res['bytes'])} of gpu0 (staging 2 x {fmt_bytes(res['slot'])}, "
+                   f"workspace {fmt_bytes(res['workspace'])} for {res['tokens']}-token chunks), "
+                   f"{fmt_bytes(max(room, 0))} are left after the weights, KV cache and reserves"
+                   + make_room(res["bytes"] - room), note=True)
+    cache = cache_for(room - res["bytes"])
+    cross = crossover(cache)
+    tokens, source = want, "given"
+    if want is None:
+        tokens, source = cross["tokens"], "model"
+        if not tokens:
+            hit = _hit_rates(inv, stats, cache)
+            return off("every routed expert is cached on the GPU already" if min(hit.values()) >= 1
+                       else "the GPU would compute the experts no faster than the CPU")
+        if tokens > chunk:
+            where = "the context" if chunk == wl.context else "a GPU prefill chunk"
+            return off(f"streaming pays only from {tokens} tokens per chunk, more than {where} holds "
+                       f"({chunk} tokens)")
+
+    def cached(c):
+        return sum(len(v) * inv.expert_bytes(l) for l, v in c.items())
+
+    lost = cached(full_cache) - cached(cache)
+    notes = []
+    if lost > 0:
+        notes.append(f"GPU prefill (chunks of {tokens}+ tokens) reserves {fmt_bytes(res['bytes'])} of gpu0, so the "
+                     f"hot-expert cache holds {fmt_bytes(cached(cache))} instead of {fmt_bytes(cached(full_cache))} "
+                     f"(--gpu-prefill-tokens 0 keeps the cache)")
+    info.update(tokens=tokens, source=source, reserve_bytes=res["bytes"], staging_bytes=res["staging"],
+                workspace_bytes=res["workspace"], hot_cache_given_up_bytes=max(lost, 0), crossover=cross,
+                slot_bytes=res["slot"], formula=res["formula"])
+    return info, cache, {"prefill_staging": res["staging"], "prefill_workspace": res["workspace"]}, notes
 
 
 # --- suggestions ----------------------------------------------------------------------
@@ -695,7 +920,7 @@ _HW_KEYS = ("gpu_mem", "gpu_bandwidth", "gpu_name", "ram", "numa_nodes", "cores"
 def build_inputs(hardware=None, profile=None, **overrides):
     """Split keyword overrides into (Hardware, Workload, Policy). Unknown keys are an error.
 
-    Workload keys: context (or ctx), batch, prefill_chunk. Policy keys: any Policy field
+    Workload keys: context (or ctx), batch, prefill_chunk, gpu_prefill_chunk. Policy keys: any Policy field
     (numa, gpu_weight_format or gpu_format, cpu_only, expert_stats, ...). Hardware keys:
     gpu_mem, ram, numa_nodes, cores, threads, bind_node, allowed_mems, allowed_cpus,
     ram_bandwidth, gpu_bandwidth, pcie_bandwidth, isa. `profile` names configs/hardware/<profile>.json.
@@ -712,7 +937,7 @@ def build_inputs(hardware=None, profile=None, **overrides):
     hw_kw = {k: ov.pop(k) for k in _HW_KEYS if k in ov and ov[k] is not None}
     for k in _HW_KEYS:
         ov.pop(k, None)
-    wl_kw = {k: ov.pop(k) for k in ("context", "batch", "prefill_chunk") if k in ov}
+    wl_kw = {k: ov.pop(k) for k in ("context", "batch", "prefill_chunk", "gpu_prefill_chunk") if k in ov}
     pol_fields = set(Policy.__dataclass_fields__)
     unknown = set(ov) - pol_fields
     if unknown:
@@ -762,4 +987,5 @@ def predict_cpu_rss_growth(path_or_inventory, context: int = 4096, batch: int = 
 
 
 __all__ = ["Workload", "Policy", "solve", "plan_for_gguf", "plan_for_preset", "predict_cpu_rss_growth",
-           "build_inputs", "choose_gpu_experts", "load_expert_stats", "NUMA_MODES", "GPU_FORMATS", "SolverError"]
+           "build_inputs", "choose_gpu_experts", "load_expert_stats", "prefill_crossover", "gpu_prefill_reserve",
+           "NUMA_MODES", "GPU_FORMATS", "SolverError"]

@@ -97,7 +97,8 @@ def test_24g_gpu_fits_only_with_quantized_weights(r1, box):
 
 
 def test_80g_gpu_spends_leftover_on_routed_experts(r1, box):
-    p = _plan(r1, box, gpu_mem="80GiB")
+    # GPU prefill off: its buffers would come out of this leftover (test_placement_gpu_prefill)
+    p = _plan(r1, box, gpu_mem="80GiB", gpu_prefill_tokens=0)
     p48 = _plan(r1, box)
     assert p.fits and p.gpu_weight_format == "bf16"
     moe = r1.moe_layers()
@@ -114,7 +115,7 @@ def test_80g_gpu_spends_leftover_on_routed_experts(r1, box):
     assert p.tensor_placement["routed_experts.gpu_cache"] == ("gpu0", "quantized")
     assert "L3:" in p.to_text() and "L60:" in p.to_text()
     assert p.estimate["expert_cache_hit_rate"] > p48.estimate["expert_cache_hit_rate"] > 0
-    off = _plan(r1, box, gpu_mem="80GiB", expert_cache=False)
+    off = _plan(r1, box, gpu_mem="80GiB", expert_cache=False, gpu_prefill_tokens=0)
     assert off.n_gpu_experts == 0 and off.estimate["decode_tok_s"] < p.estimate["decode_tok_s"]
 
 
