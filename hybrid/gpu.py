@@ -554,6 +554,8 @@ class PrefillOffload:
 
     def __init__(self, gguf, moe_layers, device, min_tokens: int, dtype=torch.bfloat16,
                  log_events=None):
+        if int(min_tokens) < 1:
+            raise ValueError(f"PrefillOffload: min_tokens {min_tokens}: at least 1 (GPU prefill off is no offload)")
         self.layers = sorted(moe_layers)
         self.device = torch.device(device)
         self.min_tokens = int(min_tokens)

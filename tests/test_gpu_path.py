@@ -251,6 +251,50 @@ def test_gpu_prefill_threshold_switches_paths(q4, cpu_ref):
     np.testing.assert_array_equal(short, cpu_ref[0][:5])
 
 
+def test_gpu_prefill_threshold_comes_from_the_plan(q4, cpu_ref):
+    """gpu_prefill_tokens=None (the default): the plan's threshold switches long chunks to the
+    device path, as an explicit value would."""
+    plan = MinimalPlan(kv_cache_tokens=64, gpu_prefill_tokens=8)
+    with hybrid.load(q4, threads=2, plan=plan, gpu_paths=True, prefill_chunk=4, gpu_prefill_chunk=8,
+                     decode_graphs="off") as r:
+        off = r.loader.offload
+        assert r.gpu_prefill_tokens == 8 and off is not None and off.min_tokens == 8
+        full = r.logits(TOKENS)           # 12 tokens: a chunk of 8 (device) + 4 (CPU engine)
+        assert off.calls == len(off.layers)
+        r.logits(TOKENS[:5])              # below the plan's threshold: CPU engine only
+        assert off.calls == len(off.layers)
+    assert np.median(_cos(full, cpu_ref[0])) >= 0.999
+
+
+def test_explicit_gpu_prefill_tokens_override_the_plan(q4, cpu_ref):
+    plan = MinimalPlan(kv_cache_tokens=64, gpu_prefill_tokens=8)
+    with hybrid.load(q4, threads=2, plan=plan, gpu_paths=True, prefill_chunk=4, gpu_prefill_tokens=0,
+                     decode_graphs="off") as r:
+        assert r.gpu_prefill_tokens == 0 and r.loader.offload is None
+        np.testing.assert_array_equal(r.logits(TOKENS), cpu_ref[0])
+    with hybrid.load(q4, threads=2, plan=plan, gpu_paths=True, prefill_chunk=4, gpu_prefill_tokens=12,
+                     gpu_prefill_chunk=12, decode_graphs="off") as r:
+        off = r.loader.offload
+        assert r.gpu_prefill_tokens == 12 and off.min_tokens == 12
+        r.logits(TOKENS[:11])             # would have gone to the device at the plan's 8
+        assert off.calls == 0
+        r.logits(TOKENS)
+        assert off.calls == len(off.layers)
+    with pytest.raises(ValueError, match="gpu_prefill_tokens=-1"):
+        hybrid.load(q4, threads=2, plan=plan, gpu_paths=True, gpu_prefill_tokens=-1)
+
+
+def test_plan_threshold_without_the_gpu_path_is_ignored_quietly(q4, caplog):
+    plan = MinimalPlan(kv_cache_tokens=64, gpu_prefill_tokens=8)
+    with caplog.at_level("WARNING", logger="hybrid"):
+        with hybrid.load(q4, threads=2, plan=plan) as r:
+            assert not r.gpu_paths and r.gpu_prefill_tokens == 0 and r.loader.offload is None
+        assert "gpu_prefill_tokens" not in caplog.text
+        with hybrid.load(q4, threads=2, plan=plan, gpu_prefill_tokens=8) as r:
+            assert r.loader.offload is None
+    assert "gpu_prefill_tokens applies to the GPU path; this runtime has none" in caplog.text
+
+
 # ----------------------------------------------------------------------------- bench
 
 
