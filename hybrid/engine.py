@@ -59,8 +59,8 @@ class MinimalPlan:
     """A plan without the solver: every non-expert weight on one device, in one format.
 
     Has the part of placement.plan.Plan's interface the runtime reads (placement_of,
-    device, kv_cache_*, cpu_linear_min_bytes, gpu_expert_ids), for tests and for callers
-    that want to force a layout.
+    device, kv_cache_*, cpu_linear_min_bytes, gpu_expert_ids, gpu_prefill_tokens), for tests
+    and for callers that want to force a layout.
     """
 
     device: str = "cpu"
@@ -70,6 +70,7 @@ class MinimalPlan:
     cpu_linear_min_bytes: int = 0   # every quantized CPU linear on the native matmul
     numa_mode: str = "off"
     gpu_experts: list = field(default_factory=list)
+    gpu_prefill_tokens: int = 0     # chunks of at least this many tokens: experts on the GPU; 0 off
     fits: bool = True
 
     def placement_of(self, name: str):
@@ -101,23 +102,44 @@ class TorchLinear:
         return F.linear(x, self.weight)
 
 
+class NativeWorkers:
+    """Where the native matmuls run. Once the expert engine exists: on its workers, all of
+    them. One set of spinning threads then serves the experts and every linear of a decode
+    step; with a second pool each would keep a worker spinning, more threads than cores (on
+    TinyConfig.mid, 2 cores, linears on one thread of their own pool cost ~10 ms a token).
+    Before that, while the engine is busy (its forward overlaps the GPU) or without native
+    experts: the module's shared pool, `threads` wide."""
+
+    def __init__(self):
+        self.engine = None   # the native MoEEngine, set when the loader creates it
+
+    def matmul(self, w, ggml_type: int, x, out, threads: int):
+        e = self.engine
+        if e is not None and not e.busy:
+            return _native().matmul(w, ggml_type, x, out, engine=e)
+        return _native().matmul(w, ggml_type, x, out, threads)
+
+    @property
+    def hot(self) -> bool:
+        """True when calls go to the engine's (spinning) workers."""
+        return self.engine is not None and not self.engine.busy
+
+
 class QuantLinear:
     """y = x @ W^T on the native matmul, W kept in its GGUF bytes (CPU only).
 
-    Threads: all of them for more than a few tokens; for decode one per `bytes_per_thread`
-    of weights. A decode matmul of a few MB is over before a second worker has woken up:
-    on TinyConfig.mid (2 cores, every linear under 7 MB) one thread per linear took a decode
-    step from 77 to 58 ms."""
+    On the expert engine's workers when there is one (see NativeWorkers). Otherwise threads:
+    all of them for more than a few tokens; for decode one per `bytes_per_thread` of
+    weights, since a decode matmul of a few MB is over before a sleeping worker has woken up."""
 
     bytes_per_thread = 4 << 20
     few_tokens = 4
 
     def __init__(self, view: np.ndarray, ggml_type: int, in_features: int, threads: int = 0,
-                 name: str = "linear"):
-        n = _native()
-        if n is None:
+                 name: str = "linear", workers: NativeWorkers | None = None):
+        if _native() is None:
             raise RuntimeError("QuantLinear needs hybrid._native; build the extension")
-        self._matmul = n.matmul
+        self.workers = workers or NativeWorkers()
         self.view = view                      # uint8 [out, row_bytes]
         self.ggml_type = ggml_type
         self.in_features = in_features
@@ -135,8 +157,8 @@ class QuantLinear:
         xs = xs.contiguous()
         T = xs.shape[0]
         out = torch.empty(T, self.out_features, dtype=torch.float32)
-        self._matmul(self.view, self.ggml_type, xs.numpy(), out.numpy(),
-                     self.decode_threads if T <= self.few_tokens else self.threads)
+        self.workers.matmul(self.view, self.ggml_type, xs.numpy(), out.numpy(),
+                            self.decode_threads if T <= self.few_tokens else self.threads)
         return out.view(*lead, self.out_features)
 
 
@@ -146,32 +168,135 @@ class NativeHeadLinear:
     cost of a decode step: 16 bmm of 4 MB on TinyConfig.mid), 2x faster measured. Used for
     every absorbed call, so a token gets the same numbers whatever chunk it comes in (a
     reused prompt prefix then continues exactly as a fresh one); the decompressed path of
-    long chunks reads the f32 `weight`. One call per head (the kernel takes one weight
-    matrix); one thread for decode: a head's matrix is too small to share (see QuantLinear)."""
+    long chunks reads the f32 `weight`. All heads in one batched call."""
 
-    def __init__(self, weight: torch.Tensor, threads: int = 1):
+    def __init__(self, weight: torch.Tensor, threads: int = 1, workers: NativeWorkers | None = None):
         import gguf
 
         self.weight = weight
         self.threads = threads
+        self.workers = workers or NativeWorkers()
         H, K, N = weight.shape
         rows = weight.transpose(1, 2).reshape(H * N, K).float().contiguous().numpy()
         q = gguf.quants.quantize(rows, gguf.GGMLQuantizationType.Q8_0)
         self._rows = np.ascontiguousarray(q).reshape(H, N, -1)         # [H, out, row bytes]
-        self._matmul = _native().matmul
         self.shape = (H, K, N)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        H, K, N = self.shape
+        H, _, N = self.shape
         T = x.shape[-2]
-        xs = x.float().contiguous().numpy()
         out = torch.empty(H, T, N)
-        o = out.numpy()
-        shared = xs.ndim == 2
+        # a head's matrix is too small to share between cold workers (see QuantLinear)
         th = 1 if T <= QuantLinear.few_tokens else self.threads
-        for h in range(H):
-            self._matmul(self._rows[h], dequant.Q8_0, xs if shared else xs[h], o[h], th)
+        self.workers.matmul(self._rows, dequant.Q8_0, x.float().contiguous().numpy(), out.numpy(), th)
         return out
+
+
+class NativeRMSNorm:
+    """RMSNorm of float32 CPU rows on the native kernel (llama.cpp's arithmetic): torch's
+    takes ~40 us for a 2048-float decode row on this class of machine, ~30 norms a token."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        from hybrid.models.deepseek2 import RMSNorm
+
+        self.weight, self.eps = weight, eps
+        self._torch = RMSNorm(weight, eps)
+        self._w = weight.float().contiguous().numpy()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 2 or x.stride(-1) != 1 or x.device.type != "cpu":
+            return self._torch(x)
+        out = torch.empty(x.shape)
+        _native().rms_norm(x.numpy(), self._w, self.eps, out.numpy())
+        return out
+
+
+class NativeMLA:
+    """A layer's absorbed attention (every call the model makes in that mode: decode steps and
+    short chunks) in one native call (native/mla.h) instead of ~60 small torch ops, which cost
+    more in dispatch than in arithmetic (TinyConfig.mid, 2 cores: ~1 ms a layer-token). Same
+    weights and kernels as the torch path: the native linears, NativeRMSNorm, the Q8_0 head
+    matrices of NativeHeadLinear."""
+
+    def __init__(self, attn, workers: NativeWorkers):
+        a = attn.args
+
+        def lin(f):
+            return (f.view, f.ggml_type)
+
+        q_lora = attn.wq is None
+        self._mla = _native().MLA(dict(
+            D=a.dim, H=a.n_head, N=a.qk_nope_dim, R=a.qk_rope_dim, V=a.v_head_dim,
+            C=a.kv_lora_rank, Q=a.q_lora_rank, eps=a.rms_eps, kq_scale=attn.scale,
+            attn_norm=attn.attn_norm._w, kv_a_norm=attn.kv_a_norm._w,
+            q_a=lin(attn.wq_a) if q_lora else None, q_a_norm=attn.q_a_norm._w if q_lora else None,
+            q_b=lin(attn.wq_b) if q_lora else None, q=None if q_lora else lin(attn.wq),
+            kv_a=lin(attn.wkv_a), wo=lin(attn.wo), k_up=attn.k_up._rows, v_up=attn.v_up._rows))
+        self.layer = attn.il
+        self.dim = a.dim
+        self.rope_dim = a.qk_rope_dim
+        self.workers = workers
+        self._rope_src = self._rope = None
+
+    @classmethod
+    def build(cls, attn, workers: NativeWorkers) -> NativeMLA | None:
+        """None unless every part of `attn` already runs natively (quantized linears, native
+        norms and head matrices)."""
+        linears = [attn.wkv_a, attn.wo] + ([attn.wq_a, attn.wq_b] if attn.wq is None else [attn.wq])
+        norms = [attn.attn_norm, attn.kv_a_norm] + ([attn.q_a_norm] if attn.wq is None else [])
+        if (all(isinstance(f, QuantLinear) for f in linears)
+                and all(isinstance(n, NativeRMSNorm) for n in norms)
+                and all(isinstance(h, NativeHeadLinear) for h in (attn.k_up, attn.v_up))):
+            return cls(attn, workers)
+        return None
+
+    def accepts(self, x: torch.Tensor, cache) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+                and cache.data.dtype == torch.float32 and cache.data.device.type == "cpu")
+
+    def __call__(self, x: torch.Tensor, pos0: int, cache, rope) -> torch.Tensor:
+        T = x.shape[0]
+        rows = cache.layer_rows(self.layer, pos0 + T)
+        if rope.freqs is not self._rope_src:   # [P, R/2] complex -> [P, R] (cos, sin) pairs
+            self._rope_src = rope.freqs
+            self._rope = torch.view_as_real(rope.freqs).reshape(rope.freqs.shape[0], -1).numpy()
+        out = torch.empty(T, self.dim)
+        w = self.workers
+        self._mla.decode(x.contiguous().numpy(), pos0, rows.numpy(), self._rope, out.numpy(),
+                         w.engine if w.hot else None)
+        return out
+
+
+class NativeRouter:
+    """Router.__call__'s selection after the logits (probabilities, bias, group limit, top-k,
+    weights) in one native call (~15 torch ops, ~0.2 ms a decode layer on TinyConfig.mid)."""
+
+    def __init__(self, args, bias: torch.Tensor | None):
+        self.args = args
+        self.bias = None if bias is None else bias.float().contiguous().numpy()
+
+    def __call__(self, logits: torch.Tensor):
+        a = self.args
+        T, K = logits.shape[0], a.n_expert_used
+        ids = torch.empty(T, K, dtype=torch.long)
+        weights = torch.empty(T, K)
+        _native().moe_route(logits.contiguous().numpy(), self.bias, a.gating_func, a.n_group,
+                            a.n_group_used, K, a.expert_weights_norm, a.expert_weights_scale,
+                            ids.numpy(), weights.numpy())
+        return ids, weights
+
+
+class NativeFFN:
+    """A SwiGLU FFN (the shared experts) as a one-expert layer of the native expert engine:
+    gate, up, SiLU*mul and down in one call on the engine's workers, instead of three
+    linears and two torch ops."""
+
+    def __init__(self, experts):
+        self.experts = experts      # NativeExperts of one expert
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        return self.experts(x, torch.zeros(T, 1, dtype=torch.int32), torch.ones(T, 1))
 
 
 class _Embedding:
@@ -253,6 +378,7 @@ class _Loader:
             log.warning("hybrid._native is not built: routed experts run in torch from "
                         "dequantized weights (slow, memory hungry)")
         self._engine = None
+        self.workers = NativeWorkers()   # the native linears' threads (the engine's, once made)
         self._warned = set()
         self.stats = {"native_linears": 0, "torch_linears": 0, "native_experts": 0,
                       "torch_experts": 0, "gpu_hot_experts": 0, "dequant_linears": 0}
@@ -295,7 +421,8 @@ class _Loader:
             if (fmt == "quantized" and self.native_linears and info.ggml_type in self.native_types
                     and info.n_bytes >= self.native_min):
                 self.stats["native_linears"] += 1
-                fn = QuantLinear(self.g.view(name), info.ggml_type, info.ne[0], self.threads, name)
+                fn = QuantLinear(self.g.view(name), info.ggml_type, info.ne[0], self.threads, name,
+                                 self.workers)
             elif jit and self.dequant_linears:
                 from hybrid.gpu import DequantLinear
 
@@ -332,8 +459,44 @@ class _Loader:
         if (self.device.type == "cpu" and dt == torch.float32 and self.native_linears
                 and self._info(name).ggml_type not in (dequant.F32, dequant.F16, dequant.BF16)
                 and weight.shape[1] % 32 == 0):
-            return NativeHeadLinear(lin.weight, self.threads)
+            return NativeHeadLinear(lin.weight, self.threads, self.workers)
         return lin
+
+    def expert_select(self, args, bias):
+        """The native router selection on the CPU, or None (torch)."""
+        return NativeRouter(args, bias) if self.device.type == "cpu" and _native() else None
+
+    def fused_ffn(self, prefix, suffix):
+        """The FFN `prefix`ffn_{gate,up,down}`suffix` as a one-expert layer of the native expert
+        engine (CPU, quantized, native experts), or None."""
+        names = [f"{prefix}ffn_{k}{suffix}.weight" for k in ("gate", "up", "down")]
+        # (not on the GPU path: there the shared experts overlap the engine's routed work)
+        if (self.device.type != "cpu" or self.gpu_paths or not self.native_linears
+                or self.experts_cls is None or self._placed is None):
+            return None
+        infos = [self._info(n) for n in names]
+        if any(self.plan.placement_of(n)[1] != "quantized" or i.ggml_type not in self.native_types
+               for n, i in zip(names, infos)):
+            return None
+        views = [self.g.view(n) for n in names]
+        layer = self._placed.engine.add_layer(1, views[0], infos[0].ggml_type, views[1],
+                                              infos[1].ggml_type, views[2], infos[2].ggml_type)
+        self.stats["native_linears"] += 3
+        return NativeFFN(layer)
+
+    def fused_attention(self, attn):
+        """The native whole-layer absorbed attention for `attn` on the CPU, or None."""
+        if self.device.type != "cpu":
+            return None
+        return NativeMLA.build(attn, self.workers)
+
+    def norm(self, name, eps):
+        w = self.tensor(name)
+        if self.device.type == "cpu" and _native() is not None:
+            return NativeRMSNorm(w, eps)
+        from hybrid.models.deepseek2 import RMSNorm
+
+        return RMSNorm(w, eps)
 
     def embedding(self, name):
         info = self._info(name)
@@ -350,6 +513,7 @@ class _Loader:
                                          max_tokens=self.max_tokens, max_k=max_k,
                                          hugepages=self.hugepages, progress=self.copy_progress)
             self._engine = self._placed.engine
+            self.workers.engine = self._engine._eng
             log.info("routed experts: numa %s, %d worker group(s): %s", self.numa, len(groups),
                      "; ".join(f"node {g.node} cpus {g.cpus}" for g in groups))
         return self._placed
@@ -416,6 +580,7 @@ class _Loader:
                                  timer=self.gpu_idle_timer)
 
     def close(self):
+        self.workers.engine = None
         if self.offload is not None:
             self.offload.close()
             self.offload = None
@@ -460,8 +625,10 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _solve_plan(path, device, numa, ctx, prefill_chunk):
-    """Ask the placement solver where everything goes on this machine."""
+def _solve_plan(path, device, numa, ctx, prefill_chunk, gpu_prefill_tokens=None,
+                gpu_prefill_chunk=None):
+    """Ask the placement solver where everything goes on this machine (a given GPU-prefill
+    threshold goes to it too, so that it reserves the VRAM that needs)."""
     from placement import plan_for_gguf
 
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
@@ -476,6 +643,9 @@ def _solve_plan(path, device, numa, ctx, prefill_chunk):
         # of TinyConfig.mid: ~6 ms of ~70 ms per token went to f32 copies of the small
         # linears), and reads 4-7x fewer bytes
         kw["cpu_linear_min_bytes"] = 0
+    else:
+        kw["gpu_prefill_tokens"] = gpu_prefill_tokens
+        kw["gpu_prefill_chunk"] = gpu_prefill_chunk
     plan = plan_for_gguf(path, **kw)
     if device.startswith("cuda") and plan.device == "cpu":
         raise ValueError(f"{path}: device='cuda' asked for, but the placement plan puts nothing "
@@ -509,6 +679,7 @@ class Runtime:
         self.threads = int(threads) if threads else _default_threads()
         torch.set_num_threads(self.threads)
         self._torch_threads = self.threads
+        self._default_spin_us = None
         self.prefill_chunk = int(prefill_chunk)
         self.gguf = GGUFFile(self.path)
         self._tokenizer = None
@@ -544,7 +715,10 @@ class Runtime:
         arch = self.gguf.architecture
         mod = get_model_module(arch, source=self.path)
         if plan is None:
-            plan = _solve_plan(self.path, device, numa, ctx, self.prefill_chunk)
+            given = gpu_opts["gpu_prefill_tokens"]
+            plan = _solve_plan(self.path, device, numa, ctx, self.prefill_chunk,
+                               given if isinstance(given, int) and not isinstance(given, bool) else None,
+                               self.gpu_prefill_chunk)
         _check_plan_fits(self.path, plan)
         self.plan = plan
         self.numa = getattr(plan, "numa_mode", None) or numa or "off"
@@ -576,16 +750,25 @@ class Runtime:
             from hybrid.gpu import GpuIdleTimer
 
             self.gpu_timer = GpuIdleTimer(len(moe_layers), self.device)
-        if gpu_opts["gpu_prefill_tokens"] is not None and not self.gpu_paths:
+        given = gpu_opts["gpu_prefill_tokens"]
+        if given is not None and (isinstance(given, bool) or not hasattr(given, "__index__") or given < 0):
+            raise ValueError(f"gpu_prefill_tokens={given!r}: a whole number of tokens >= 0 (0: off; "
+                             f"None: the plan's threshold)")
+        if given is not None and not self.gpu_paths:
             log.warning("gpu_prefill_tokens applies to the GPU path; this runtime has none")
+        # None: the plan's threshold (the solver reserved VRAM for it); an int overrides, 0 is off
+        planned = int(getattr(plan, "gpu_prefill_tokens", 0) or 0)
+        if given and not planned and self.device.type == "cuda":
+            log.warning("gpu_prefill_tokens=%d: the plan reserved no GPU memory for the prefill staging "
+                        "buffers (two MoE layers of routed experts); loading may run out of it", given)
+        self.gpu_prefill_tokens = (int(given) if given is not None else planned) if self.gpu_paths else 0
         self.loader = _Loader(self.gguf, plan, self.threads, experts=experts,
                               cpu_linears=cpu_linears, max_tokens=self.prefill_chunk,
                               numa=self.numa, numa_partitions=numa_partitions,
                               expert_threads=self._expert_threads(self.numa),
                               hugepages=hugepages, copy_progress=copy_progress,
                               gpu_paths=self.gpu_paths, expert_stats=self.expert_stats,
-                              gpu_prefill_tokens=gpu_opts["gpu_prefill_tokens"]
-                              if self.gpu_paths else None,
+                              gpu_prefill_tokens=self.gpu_prefill_tokens or None,
                               gpu_idle_timer=self.gpu_timer)
         with torch.inference_mode():
             self.model = mod.DeepSeek2(self.args, self.loader, max_pos=self.ctx,
@@ -683,12 +866,23 @@ class Runtime:
     # (passive waiting, see hybrid/__init__.py) for no gain; measured on TinyConfig.mid, 2
     # cores: 70 ms per step with 1 torch thread, 83 ms with 2. Longer inputs use them all.
     _single_thread_tokens = 4
+    # Decode issues a native job every few hundred microseconds: the engine's workers spin
+    # through the gaps rather than sleep and pay a futex wake-up per job (TinyConfig.mid,
+    # 2 cores: ~37 -> ~33 ms a step with 2 ms instead of 100 us). Prefill's gaps are long
+    # and torch's threads need the cores: the default applies there.
+    decode_spin_us = 2000
 
     def _set_torch_threads(self, T: int) -> None:
-        n = 1 if T <= self._single_thread_tokens else self.threads
+        decode = T <= self._single_thread_tokens
+        n = 1 if decode else self.threads
         if n != self._torch_threads:
             torch.set_num_threads(n)
             self._torch_threads = n
+        eng = self.loader.workers.engine if self.loader is not None else None
+        if eng is not None:
+            if self._default_spin_us is None:
+                self._default_spin_us = eng.spin_us
+            eng.spin_us = self.decode_spin_us if decode else self._default_spin_us
 
     def _prefill(self, tokens: torch.Tensor, all_logits: bool, out=None):
         """Prefill in chunks; returns the last token's logits [B] (or fills out [T, B])."""
@@ -888,6 +1082,8 @@ def load(path, device="auto", threads=None, numa="off", ctx=4096, **kw) -> Runti
     graphs per KV bucket on CUDA; "static": the segmented fixed-shape step without capture;
     "off"), record_expert_stats (count routing for save_expert_stats), gpu_prefill_tokens
     (chunks of at least this many tokens compute routed experts on the GPU, streaming the
-    weights; None: off) with gpu_prefill_chunk (8192), measure_gpu_idle (CUDA events).
+    weights; None: the plan's gpu_prefill_tokens, which the solver derives from PCIe and CPU
+    speed and reserves VRAM for; 0: off; a threshold the plan did not reserve for may run
+    out of GPU memory) with gpu_prefill_chunk (8192), measure_gpu_idle (CUDA events).
     """
     return Runtime(path, device=device, threads=threads, numa=numa, ctx=ctx, **kw)

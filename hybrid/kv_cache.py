@@ -47,14 +47,18 @@ class LatentKVCache:
         """Write rows [pos0, pos0+T) of `layer`; return the layer's rows [0, pos0+T)."""
         T = latent.shape[0]
         end = pos0 + T
-        if end > self.max_tokens:
-            raise ContextFullError(f"position {end} is past the context of {self.max_tokens} "
-                                   f"tokens; load with a larger ctx=")
-        rows = self.data[layer]
+        rows = self.layer_rows(layer, end)
         C = self.kv_lora_rank
         rows[pos0:end, :C] = latent
         rows[pos0:end, C:] = k_pe
         return rows[:end]
+
+    def layer_rows(self, layer: int, end: int) -> torch.Tensor:
+        """All rows of `layer` [max_tokens, C+R], for a writer of positions below `end`."""
+        if end > self.max_tokens:
+            raise ContextFullError(f"position {end} is past the context of {self.max_tokens} "
+                                   f"tokens; load with a larger ctx=")
+        return self.data[layer]
 
     def write_at(self, layer: int, pos: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                  S: int) -> torch.Tensor:

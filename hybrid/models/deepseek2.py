@@ -224,11 +224,24 @@ class WeightLoader(Protocol):
 
     def experts(self, layer: int) -> Callable: ...  # experts(x[T,D], ids[T,K], w[T,K]) -> [T,D]
 
-    # optional: head_linear(source name, W [H, in, out] float32) -> a HeadLinear equivalent
+    # optional: head_linear(source name, W [H, in, out] float32) -> a HeadLinear equivalent;
+    # norm(name, eps) -> an RMSNorm equivalent
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, w.shape, w, eps)
+class RMSNorm:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim. The loader may give a faster
+    equivalent with the same `weight` attribute."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight, self.eps = weight, eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def _norm(w: WeightLoader, name: str, eps: float):
+    make = getattr(w, "norm", None)
+    return make(name, eps) if make is not None else RMSNorm(w.tensor(name), eps)
 
 
 class Rope:
@@ -290,16 +303,16 @@ class MLAttention:
         self.args = args
         self.il = il
         H, N, V, C = args.n_head, args.qk_nope_dim, args.v_head_dim, args.kv_lora_rank
-        self.attn_norm = w.tensor(p + "attn_norm.weight")
+        self.attn_norm = _norm(w, p + "attn_norm.weight", args.rms_eps)
         if args.q_lora_rank > 0:
             self.wq_a = w.linear(p + "attn_q_a.weight")
-            self.q_a_norm = w.tensor(p + "attn_q_a_norm.weight")
+            self.q_a_norm = _norm(w, p + "attn_q_a_norm.weight", args.rms_eps)
             self.wq_b = w.linear(p + "attn_q_b.weight")
             self.wq = None
         else:
             self.wq = w.linear(p + "attn_q.weight")
         self.wkv_a = w.linear(p + "attn_kv_a_mqa.weight")
-        self.kv_a_norm = w.tensor(p + "attn_kv_a_norm.weight")
+        self.kv_a_norm = _norm(w, p + "attn_kv_a_norm.weight", args.rms_eps)
         self.wo = w.linear(p + "attn_output.weight")
         # weight surgery: per-head up-projections wk [H, N, C] (k_nope = wk @ latent) and
         # wv [H, V, C] (v = wv @ latent), from either tensor layout
@@ -323,24 +336,31 @@ class MLAttention:
         # chunks at least this long attend decompressed: expanding k/v for the S cached
         # tokens once beats absorbing per query when T > C*(N+V) / (2C - N - V)
         self.decompress_min_tokens = max(1, (C * (N + V)) // max(1, 2 * C - N - V) + 1)
+        # the loader may run the whole absorbed path as one fused call (same weights)
+        fused = getattr(w, "fused_attention", None)
+        self.fused = fused(self) if fused is not None else None
 
     def _project(self, x: torch.Tensor):
         """x [T, D] -> q_nope [T,H,N], q_pe [T,H,R] (not roped), latent [T,C], k_pe [T,R]."""
         a = self.args
         T = x.shape[0]
         H, N, R, C = a.n_head, a.qk_nope_dim, a.qk_rope_dim, a.kv_lora_rank
-        h = rms_norm(x, self.attn_norm, a.rms_eps)
+        h = self.attn_norm(x)
         if self.wq is None:
-            q = self.wq_b(rms_norm(self.wq_a(h), self.q_a_norm, a.rms_eps))
+            q = self.wq_b(self.q_a_norm(self.wq_a(h)))
         else:
             q = self.wq(h)
         q = q.view(T, H, N + R)
         kv = self.wkv_a(h)                                                 # [T, C+R]
-        latent = rms_norm(kv[:, :C], self.kv_a_norm, a.rms_eps)            # [T, C]
+        latent = self.kv_a_norm(kv[:, :C])                                 # [T, C]
         return q[..., :N], q[..., N:], latent, kv[:, C:]
 
     def __call__(self, x: torch.Tensor, pos0: int, cache, rope: Rope, mode: str = "auto"):
         T = x.shape[0]
+        if mode == "auto":
+            mode = "decompress" if T >= self.decompress_min_tokens else "absorb"
+        if mode == "absorb" and self.fused is not None and self.fused.accepts(x, cache):
+            return self.fused(x, pos0, cache, rope)
         q_nope, q_pe, latent, k_pe = self._project(x)
         q_pe, k_pe = rope(q_pe, pos0), rope(k_pe, pos0)                    # [T,H,R], [T,R]
         kv_all = cache.append(self.il, pos0, latent, k_pe)                 # [S, C+R]
@@ -349,8 +369,6 @@ class MLAttention:
         if T > 1:
             i = torch.arange(T, device=x.device)[:, None] + pos0
             mask = torch.arange(S, device=x.device)[None, :] <= i          # [T, S]
-        if mode == "auto":
-            mode = "decompress" if T >= self.decompress_min_tokens else "absorb"
         if mode == "absorb":
             o = self._absorbed(q_nope, q_pe, kv_all, mask)
         else:
@@ -432,10 +450,15 @@ class Router:
         self.args = args
         self.gate_inp = w.tensor(p + "ffn_gate_inp.weight")               # [E, D], float32
         self.bias = w.tensor(p + "exp_probs_b.bias") if w.has(p + "exp_probs_b.bias") else None
+        # the loader may give the selection below as one native call (same arithmetic)
+        select = getattr(w, "expert_select", None)
+        self.select = select(args, self.bias) if select is not None else None
 
     def __call__(self, h: torch.Tensor):
         a = self.args
         logits = h.float() @ self.gate_inp.t()                             # [T, E]
+        if self.select is not None and logits.device.type == "cpu":
+            return self.select(logits)
         if a.gating_func == GATING_SIGMOID:
             probs = torch.sigmoid(logits)
         else:
@@ -464,7 +487,11 @@ class MoE:
         p = f"blk.{il}."
         self.router = Router(args, w, il)
         self.experts = w.experts(il)
-        self.shared = FFN(w, p, "_shexp") if w.has(p + "ffn_gate_shexp.weight") else None
+        self.shared = None
+        if w.has(p + "ffn_gate_shexp.weight"):
+            # the loader may run the shared experts as one fused native call (same weights)
+            fused = getattr(w, "fused_ffn", None)
+            self.shared = (fused(p, "_shexp") if fused is not None else None) or FFN(w, p, "_shexp")
 
     def __call__(self, h):
         ids, weights = self.router(h)
@@ -482,13 +509,12 @@ class MoE:
 class Block:
     def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
         self.attn = MLAttention(args, w, il)
-        self.ffn_norm = w.tensor(f"blk.{il}.ffn_norm.weight")
+        self.ffn_norm = _norm(w, f"blk.{il}.ffn_norm.weight", args.rms_eps)
         self.ffn = FFN(w, f"blk.{il}.") if il < args.n_dense_lead else MoE(args, w, il)
-        self.eps = args.rms_eps
 
     def __call__(self, x, pos0, cache, rope, attn_mode="auto"):
         x = x + self.attn(x, pos0, cache, rope, attn_mode)
-        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+        return x + self.ffn(self.ffn_norm(x))
 
 
 class DeepSeek2:
@@ -506,7 +532,7 @@ class DeepSeek2:
             self.blocks.append(Block(args, w, il))
             if progress is not None:
                 progress(il + 1, args.n_layer)
-        self.norm = w.tensor("output_norm.weight")
+        self.norm = _norm(w, "output_norm.weight", args.rms_eps)
         self.lm_head = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight")
         self.rope = Rope(args, max_pos, device=rope_device)
         self.attn_mode = "auto"  # "absorb" / "decompress" force one attention path (tests)
@@ -519,10 +545,9 @@ class DeepSeek2:
         rows attended. Per MoE layer it yields ("submit", layer, h [T, D], ids [T, K],
         weights [T, K]), then, after the shared expert, ("wait", layer), which the caller
         answers with the routed experts' output [T, D] (gen.send). Returns logits [T, B]."""
-        eps = self.args.rms_eps
         for il, blk in enumerate(self.blocks):
             x = x + blk.attn.static(x, pos, cache, self.rope, S)
-            h = rms_norm(x, blk.ffn_norm, eps)
+            h = blk.ffn_norm(x)
             if isinstance(blk.ffn, MoE):
                 ids, weights = blk.ffn.router(h)
                 yield ("submit", il, h, ids, weights)
@@ -531,7 +556,7 @@ class DeepSeek2:
                 x = x + (y if s is None else y + s)
             else:
                 x = x + blk.ffn(h)
-        return self.lm_head(rms_norm(x, self.norm, eps))
+        return self.lm_head(self.norm(x))
 
     def forward(self, tokens: torch.Tensor, pos0: int, cache, last_only: bool = False):
         """tokens [T] at positions pos0.. -> logits [T, B] (or [1, B] with last_only)."""
@@ -540,6 +565,6 @@ class DeepSeek2:
             x = blk(x, pos0, cache, self.rope, self.attn_mode)
         if last_only:
             x = x[-1:]
-        return self.lm_head(rms_norm(x, self.norm, self.args.rms_eps))     # [T, B]
+        return self.lm_head(self.norm(x))                                  # [T, B]
 
     __call__ = forward
