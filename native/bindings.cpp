@@ -324,6 +324,54 @@ PYBIND11_MODULE(_native, m) {
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"),
         "out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, as llama.cpp's rms_norm + mul (rows may be strided)");
 
+    m.def(
+        "attention_kernels",
+        [](py::array_t<float, py::array::c_style> q, py::array_t<float, py::array::c_style> rows, int64_t C) {
+            // the active ISA's attention kernels on their own (tests): softmax-free, as mla uses them
+            if (q.ndim() != 2 || rows.ndim() != 2 || q.shape(1) != rows.shape(1) || C < 0 || C > rows.shape(1))
+                bad("attention_kernels: q [nq, W], rows [S, W], C <= W");
+            const int64_t nq = q.shape(0), S = rows.shape(0), W = rows.shape(1);
+            py::array_t<float> scores({(py::ssize_t)nq, (py::ssize_t)S}), values({(py::ssize_t)nq, (py::ssize_t)C});
+            kernels().attn_scores(q.data(), nq, rows.data(), W, S, W, scores.mutable_data());
+            kernels().attn_values(scores.data(), nq, rows.data(), W, S, C, values.mutable_data());
+            return py::make_tuple(scores, values);
+        },
+        py::arg("q"), py::arg("rows"), py::arg("C"),
+        "(scores = q @ rows^T, values = scores @ rows[:, :C]) with the kernels MLA attention uses");
+
+    m.def(
+        "moe_route",
+        [](py::array_t<float, py::array::c_style> logits, py::object bias, int gating, int64_t n_group,
+           int64_t n_group_used, int64_t k, bool norm, float scale,
+           py::array_t<int64_t, py::array::c_style> ids, py::array_t<float, py::array::c_style> weights) {
+            if (logits.ndim() != 2) bad("logits: expected float32 [T, E]");
+            const int64_t T = logits.shape(0), E = logits.shape(1);
+            if (gating != 1 && gating != 2) bad("gating: 1 (softmax) or 2 (sigmoid), got " + std::to_string(gating));
+            if (k < 1 || k > E) bad("k: " + std::to_string(k) + " experts of " + std::to_string(E));
+            if (n_group > 1 && (E % n_group || n_group_used < 1 || n_group_used > n_group || k > n_group_used * (E / n_group)))
+                bad("groups: " + std::to_string(n_group) + " groups, " + std::to_string(n_group_used) +
+                    " used, do not fit E=" + std::to_string(E) + " and k=" + std::to_string(k));
+            if (ids.ndim() != 2 || ids.shape(0) != T || ids.shape(1) != k) bad("ids: expected int64 [T, k]");
+            if (weights.ndim() != 2 || weights.shape(0) != T || weights.shape(1) != k) bad("weights: expected float32 [T, k]");
+            py::array_t<float, py::array::c_style> b;
+            if (!bias.is_none()) {
+                b = py::array_t<float, py::array::c_style>::ensure(bias);
+                if (!b || b.ndim() != 1 || b.shape(0) != E) bad("bias: expected float32 [" + std::to_string(E) + "]");
+            }
+            route_params p;
+            p.gating = gating;
+            p.n_group = n_group;
+            p.n_group_used = n_group_used;
+            p.K = k;
+            p.norm = norm;
+            p.scale = scale;
+            moe_route(logits.data(), T, E, bias.is_none() ? nullptr : b.data(), p, ids.mutable_data(),
+                      weights.mutable_data());
+        },
+        py::arg("logits"), py::arg("bias"), py::arg("gating"), py::arg("n_group"), py::arg("n_group_used"), py::arg("k"),
+        py::arg("norm"), py::arg("scale"), py::arg("ids").noconvert(), py::arg("weights").noconvert(),
+        "Expert ids [T, k] (best first) and weights for router logits [T, E], as llama.cpp's deepseek2 routing");
+
     m.def("file_resident_bytes", &file_resident_bytes, py::arg("path"), "Bytes of a file in the page cache (mincore)");
     py::enum_<mem_policy>(m, "MemPolicy")
         .value("none", mem_policy::none)

@@ -80,7 +80,8 @@ void fill_gaps(kernel_table* t, const kernel_table& ref) {
     }
     for (int i = 0; i < ACT_COUNT; i++)
         if (!t->quant_act[i]) t->quant_act[i] = ref.quant_act[i];
-    if (!t->axpy_f32) t->axpy_f32 = ref.axpy_f32;
+    if (!t->attn_scores) t->attn_scores = ref.attn_scores;
+    if (!t->attn_values) t->attn_values = ref.attn_values;
 }
 
 const tables& all_tables() {

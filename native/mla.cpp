@@ -62,13 +62,12 @@ void rope_pairs(float* v, const float* cs, int64_t R) {
 }
 
 // Attention in latent space. Item (t, g): heads [g*hpi, (g+1)*hpi) of token t over the cache
-// rows up to its position. Rows are the outer loop, so each 4.5 KB row is read once per item
-// for all of the item's heads (the per-head loop order re-read the whole cache per head).
+// rows up to its position; the kernels read each row once for several heads.
 struct attn_job {
     const kernel_table* k;
-    const float* qc;  // [H, T, C+R]: absorbed query | roped query
+    const float* qc;  // [T, H, C+R]: absorbed query | roped query
     const float* cache;
-    float* olat;      // [H, T, C]
+    float* olat;      // [T, H, C]
     int64_t H, T, C, R, pos0, heads_per_item, groups;
     float scale;
     chunk_counter items;
@@ -80,28 +79,19 @@ void attn_worker(void* p, int ith, int nth) {
     thread_local std::vector<float> scores;
     for (int64_t it = j.items.take(); it < j.T * j.groups; it = j.items.take()) {
         const int64_t t = it / j.groups, h0 = (it % j.groups) * j.heads_per_item;
-        const int64_t h1 = std::min(j.H, h0 + j.heads_per_item), nh = h1 - h0;
+        const int64_t nh = std::min(j.H, h0 + j.heads_per_item) - h0;
         const int64_t S = j.pos0 + t + 1;
         if ((int64_t)scores.size() < nh * S) scores.resize(nh * S);
-        for (int64_t s = 0; s < S; s++) {
-            const float* row = j.cache + s * W;
-            for (int64_t h = h0; h < h1; h++)
-                scores[(h - h0) * S + s] = j.k->dot[GGML_F32](W, row, j.qc + (h * j.T + t) * W) * j.scale;
-        }
-        for (int64_t h = 0; h < nh; h++) {
+        j.k->attn_scores(j.qc + (t * j.H + h0) * W, nh, j.cache, W, S, W, scores.data());
+        for (int64_t h = 0; h < nh; h++) {  // softmax of the scaled scores
             float* sc = scores.data() + h * S;
             float mx = -std::numeric_limits<float>::infinity();
-            for (int64_t s = 0; s < S; s++) mx = std::max(mx, sc[s]);
+            for (int64_t s = 0; s < S; s++) mx = std::max(mx, sc[s] *= j.scale);
             float sum = 0.f;
             for (int64_t s = 0; s < S; s++) sum += (sc[s] = std::exp(sc[s] - mx));
             for (int64_t s = 0; s < S; s++) sc[s] /= sum;
-            std::fill_n(j.olat + ((h0 + h) * j.T + t) * j.C, j.C, 0.f);
         }
-        for (int64_t s = 0; s < S; s++) {
-            const float* row = j.cache + s * W;
-            for (int64_t h = h0; h < h1; h++)
-                j.k->axpy_f32(j.C, scores[(h - h0) * S + s], row, j.olat + (h * j.T + t) * j.C);
-        }
+        j.k->attn_values(scores.data(), nh, j.cache, W, S, j.C, j.olat + (t * j.H + h0) * j.C);
     }
 }
 
@@ -143,13 +133,13 @@ void mla_decode(ThreadPool& pool, const mla_layer& L, const float* x, int64_t T,
         std::copy_n(kv + t * W + C, R, row + C);
         rope_pairs(row + C, rope + (pos0 + t) * R, R);
         for (int64_t hh = 0; hh < H; hh++) {
-            float* qpe = qc + (hh * T + t) * W + C;
+            float* qpe = qc + (t * H + hh) * W + C;
             std::copy_n(q + t * QD + hh * (N + R) + N, R, qpe);
             rope_pairs(qpe, rope + (pos0 + t) * R, R);
         }
     }
-    // absorbed query: qc[h, t, :C] = k_up[h] q_nope[t, h]
-    head_linear(pool, L.k_up, H, C, N, q, QD, N + R, T, qc, W, T * W);
+    // absorbed query: qc[t, h, :C] = k_up[h] q_nope[t, h]
+    head_linear(pool, L.k_up, H, C, N, q, QD, N + R, T, qc, H * W, W);
 
     attn_job j;
     j.k = &kernels();
@@ -167,8 +157,8 @@ void mla_decode(ThreadPool& pool, const mla_layer& L, const float* x, int64_t T,
     j.scale = L.kq_scale;
     pool.run(attn_worker, &j);
 
-    // values: o[t, h*V:(h+1)*V] = v_up[h] olat[h, t]
-    head_linear(pool, L.v_up, H, V, C, olat, C, T * C, T, o, H * V, V);
+    // values: o[t, h*V:(h+1)*V] = v_up[h] olat[t, h]
+    head_linear(pool, L.v_up, H, V, C, olat, H * C, C, T, o, H * V, V);
     linear(pool, L.wo, o, H * V, T, out, D);
 }
 

@@ -12,4 +12,18 @@ namespace hybrid {
 void rms_norm(const float* x, int64_t x_stride, const float* w, float* y, int64_t y_stride, int64_t T, int64_t n,
               float eps);
 
+// Expert selection of llama.cpp's build_moe_ffn (deepseek2) for T rows of E router logits:
+// probabilities (gating 1 softmax, 2 sigmoid); selection on probs + bias (bias may be null);
+// with n_group > 1 only the n_group_used groups whose two best selection scores sum highest
+// compete; the K best experts, best first (ties: lower id); their weights are the unbiased
+// probabilities, normalized to sum 1 (floor 2^-14) when norm, times scale unless it is 0 or 1.
+struct route_params {
+    int gating = 2;
+    int64_t n_group = 0, n_group_used = 0, K = 8;
+    bool norm = true;
+    float scale = 1.f;
+};
+void moe_route(const float* logits, int64_t T, int64_t E, const float* bias, const route_params& p, int64_t* ids,
+               float* weights);
+
 }  // namespace hybrid

@@ -332,8 +332,22 @@ static float dot_q6_K(int64_t n, const void* w, const void* a) {
     return s;
 }
 
-static void axpy_f32(int64_t n, float a, const float* x, float* y) {
-    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+static void attn_scores(const float* q, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t W,
+                        float* out) {
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t i = 0; i < nq; i++) {
+            float acc = 0.f;
+            for (int64_t c = 0; c < W; c++) acc += q[i * W + c] * rows[s * stride + c];
+            out[i * S + s] = acc;
+        }
+}
+
+static void attn_values(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
+                        float* out) {
+    for (int64_t i = 0; i < nq * C; i++) out[i] = 0.f;
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t i = 0; i < nq; i++)
+            for (int64_t c = 0; c < C; c++) out[i * C + c] += p[i * S + s] * rows[s * stride + c];
 }
 
 void fill_scalar_kernels(kernel_table* t) {
@@ -360,7 +374,8 @@ void fill_scalar_kernels(kernel_table* t) {
     t->quant_act[ACT_F32] = quant_act_f32;
     t->quant_act[ACT_Q8_32] = quant_act_q8_32;
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
-    t->axpy_f32 = axpy_f32;
+    t->attn_scores = attn_scores;
+    t->attn_values = attn_values;
 }
 
 }  // namespace hybrid

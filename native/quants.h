@@ -102,8 +102,13 @@ typedef void (*quant_act_fn)(const float* x, void* dst, int64_t n);
 // Dots of one weight row with 4 activation rows (prefill): out[r] = dot(w, act[r]), each
 // bit-identical to the table's single dot. Null where a path has none: callers then loop.
 typedef void (*dot4_fn)(int64_t n, const void* w, const void* const* act, float* out);
-// y[i] += a * x[i] (attention's probability-weighted sum of cached rows).
-typedef void (*axpy_fn)(int64_t n, float a, const float* x, float* y);
+// Attention over S cached rows (row s at rows + s * stride floats) for nq query vectors:
+// scores: out[i * S + s] = dot(q[i * W .. +W], row s[0 .. W)), W elements per row;
+// values: out[i * C + c] = sum_s p[i * S + s] * row s[c], c < C (out is overwritten).
+typedef void (*attn_scores_fn)(const float* q, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t W,
+                               float* out);
+typedef void (*attn_values_fn)(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
+                               float* out);
 
 // One table per ISA path; entries left null by an ISA fall back to the scalar reference.
 struct kernel_table {
@@ -112,7 +117,8 @@ struct kernel_table {
     dot_fn dot[GGML_TYPE_LIMIT];
     dot4_fn dot4[GGML_TYPE_LIMIT];
     quant_act_fn quant_act[ACT_COUNT];
-    axpy_fn axpy_f32;
+    attn_scores_fn attn_scores;
+    attn_values_fn attn_values;
 };
 
 // Reference (scalar) kernels: the definition every SIMD path is tested against.

@@ -288,3 +288,17 @@ def test_batched_tokens_equal_single_tokens(isa, qtype):
     batched = _native.matmul(rows, int(qtype), x)
     for t in range(x.shape[0]):
         np.testing.assert_array_equal(batched[t], _native.matmul(rows, int(qtype), x[t:t + 1])[0])
+
+
+@pytest.mark.parametrize("nq,S,W,C", [(1, 1, 8, 8), (4, 37, 576, 512), (7, 5, 100, 36), (16, 300, 576, 512)])
+def test_attention_kernels_vs_float64(isa, nq, S, W, C):
+    """The MLA attention's row kernels (scores = q . row, values = sum_s p_s row[:C]) for
+    query counts and widths on and off the SIMD blocking (4 queries, 8 / 16 floats)."""
+    rng = np.random.default_rng(nq * 1000 + S)
+    q = rng.standard_normal((nq, W)).astype(np.float32)
+    rows = rng.standard_normal((S, W)).astype(np.float32)
+    scores, values = _native.attention_kernels(q, rows, C)
+    want_s = q.astype(np.float64) @ rows.T.astype(np.float64)
+    np.testing.assert_allclose(scores, want_s, rtol=0, atol=1e-5 * np.sqrt(W) * 4)
+    want_v = scores.astype(np.float64) @ rows[:, :C].astype(np.float64)
+    np.testing.assert_allclose(values, want_v, rtol=1e-5, atol=1e-5 * np.abs(want_v).max())

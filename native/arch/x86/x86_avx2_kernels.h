@@ -286,11 +286,76 @@ static float dot_f32(int64_t n, const void* w, const void* a) {
     return s;
 }
 
-static void axpy_f32(int64_t n, float a, const float* x, float* y) {
-    const __m256 va = _mm256_set1_ps(a);
+// ---------------------------------------------------------------- attention over cached rows
+
+// Four queries per pass over a row: each 8-float chunk of the row is loaded once for four FMAs.
+static void attn_scores(const float* q, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t W,
+                        float* out) {
+    const int64_t W8 = W / 8 * 8;
+    for (int64_t s = 0; s < S; s++) {
+        const float* r = rows + s * stride;
+        int64_t i = 0;
+        for (; i + 4 <= nq; i += 4) {
+            const float *q0 = q + i * W, *q1 = q0 + W, *q2 = q1 + W, *q3 = q2 + W;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t c = 0; c < W8; c += 8) {
+                const __m256 v = _mm256_loadu_ps(r + c);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + c), v, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + c), v, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + c), v, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + c), v, a3);
+            }
+            float o[4] = {hsum_ps(a0), hsum_ps(a1), hsum_ps(a2), hsum_ps(a3)};
+            for (int64_t c = W8; c < W; c++)
+                for (int k = 0; k < 4; k++) o[k] += q[(i + k) * W + c] * r[c];
+            for (int k = 0; k < 4; k++) out[(i + k) * S + s] = o[k];
+        }
+        for (; i < nq; i++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t c = 0; c < W8; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * W + c), _mm256_loadu_ps(r + c), a);
+            float o = hsum_ps(a);
+            for (int64_t c = W8; c < W; c++) o += q[i * W + c] * r[c];
+            out[i * S + s] = o;
+        }
+    }
+}
+
+// 16 columns of four queries in eight registers across all rows, then the next 16 columns:
+// each row chunk is loaded once per four queries, the sums never leave the registers.
+static void attn_values(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
+                        float* out) {
+    const int64_t C16 = C / 16 * 16;
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
+    for (; i + 4 <= nq; i += 4) {
+        const float *p0 = p + i * S, *p1 = p0 + S, *p2 = p1 + S, *p3 = p2 + S;
+        for (int64_t c = 0; c < C16; c += 16) {
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+            for (int64_t s = 0; s < S; s++) {
+                const float* r = rows + s * stride + c;
+                const __m256 v0 = _mm256_loadu_ps(r), v1 = _mm256_loadu_ps(r + 8);
+                __m256 b = _mm256_broadcast_ss(p0 + s);
+                a00 = _mm256_fmadd_ps(b, v0, a00), a01 = _mm256_fmadd_ps(b, v1, a01);
+                b = _mm256_broadcast_ss(p1 + s);
+                a10 = _mm256_fmadd_ps(b, v0, a10), a11 = _mm256_fmadd_ps(b, v1, a11);
+                b = _mm256_broadcast_ss(p2 + s);
+                a20 = _mm256_fmadd_ps(b, v0, a20), a21 = _mm256_fmadd_ps(b, v1, a21);
+                b = _mm256_broadcast_ss(p3 + s);
+                a30 = _mm256_fmadd_ps(b, v0, a30), a31 = _mm256_fmadd_ps(b, v1, a31);
+            }
+            float* o = out + i * C + c;
+            _mm256_storeu_ps(o, a00), _mm256_storeu_ps(o + 8, a01);
+            _mm256_storeu_ps(o + C, a10), _mm256_storeu_ps(o + C + 8, a11);
+            _mm256_storeu_ps(o + 2 * C, a20), _mm256_storeu_ps(o + 2 * C + 8, a21);
+            _mm256_storeu_ps(o + 3 * C, a30), _mm256_storeu_ps(o + 3 * C + 8, a31);
+        }
+    }
+    // leftover queries and columns: plain sums
+    for (int64_t k = 0; k < nq; k++)
+        for (int64_t c = (k < i ? C16 : 0); c < C; c++) {
+            float acc = 0.f;
+            for (int64_t s = 0; s < S; s++) acc += p[k * S + s] * rows[s * stride + c];
+            out[k * C + c] = acc;
+        }
 }
 
 static inline __m256 load_f16x8(const uint16_t* p) {
@@ -549,7 +614,8 @@ static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_Q6_K] = dequant_q6_K;
     t->quant_act[ACT_Q8_32] = quant_act_q8_32;
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
-    t->axpy_f32 = axpy_f32;
+    t->attn_scores = attn_scores;
+    t->attn_values = attn_values;
     t->dot[GGML_F32] = dot_f32;
     t->dot[GGML_F16] = dot_f16;
     t->dot[GGML_BF16] = dot_bf16;
