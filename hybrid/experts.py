@@ -148,13 +148,16 @@ class ExpertEngine:
         self._eng.submit(layer, T, K)
         self._pending = (T, x.device, x.dtype)
 
-    def wait(self) -> torch.Tensor:
+    def wait(self, copy: bool = True) -> torch.Tensor:
+        """The submitted forward's y [T, D]; copy=False: the engine's own (page-locked) output
+        buffer, float32 on the CPU, valid until the next forward (for a caller that moves it
+        to the device at once: no extra host copy)."""
         if self._pending is None:
             raise RuntimeError("ExpertEngine.wait: nothing was submitted")
         T, device, dtype = self._pending
         self._eng.wait()
         self._pending = None
-        return self._result(T, device, dtype)
+        return self._result(T, device, dtype) if copy else self.y[:T]
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Synchronous forward; the calling thread works as one of the engine's workers."""
@@ -224,8 +227,8 @@ class NativeExperts:
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         self.engine.submit(self.layer, x, ids, weights)
 
-    def wait(self) -> torch.Tensor:
-        return self.engine.wait()
+    def wait(self, copy: bool = True) -> torch.Tensor:
+        return self.engine.wait(copy)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
