@@ -61,37 +61,71 @@ void rope_pairs(float* v, const float* cs, int64_t R) {
     }
 }
 
-// Attention in latent space. Item (t, g): heads [g*hpi, (g+1)*hpi) of token t over the cache
-// rows up to its position; the kernels read each row once for several heads.
+// Attention in latent space, split over the cached rows ("flash decoding"): item (t, b)
+// takes block b of token t's rows for all heads (the kernels read each row once for four
+// heads, the block stays in L2 between scores and values) and leaves unnormalized partial
+// outputs with their max and sum; after a barrier each (t, head) merges its blocks. Every
+// cached row is read from memory once per token.
 struct attn_job {
     const kernel_table* k;
     const float* qc;  // [T, H, C+R]: absorbed query | roped query
     const float* cache;
     float* olat;      // [T, H, C]
-    int64_t H, T, C, R, pos0, heads_per_item, groups;
+    float *part_o, *part_m, *part_l;  // [T, blocks, H, C], [T, blocks, H] x 2
+    int64_t H, T, C, R, pos0, blocks;
     float scale;
-    chunk_counter items;
+    chunk_counter items, merges;
+    ThreadPool* pool;
 };
 
 void attn_worker(void* p, int ith, int nth) {
     attn_job& j = *(attn_job*)p;
-    const int64_t W = j.C + j.R;
+    const int64_t W = j.C + j.R, H = j.H, C = j.C;
     thread_local std::vector<float> scores;
-    for (int64_t it = j.items.take(); it < j.T * j.groups; it = j.items.take()) {
-        const int64_t t = it / j.groups, h0 = (it % j.groups) * j.heads_per_item;
-        const int64_t nh = std::min(j.H, h0 + j.heads_per_item) - h0;
-        const int64_t S = j.pos0 + t + 1;
-        if ((int64_t)scores.size() < nh * S) scores.resize(nh * S);
-        j.k->attn_scores(j.qc + (t * j.H + h0) * W, nh, j.cache, W, S, W, scores.data());
-        for (int64_t h = 0; h < nh; h++) {  // softmax of the scaled scores
-            float* sc = scores.data() + h * S;
-            float mx = -std::numeric_limits<float>::infinity();
-            for (int64_t s = 0; s < S; s++) mx = std::max(mx, sc[s] *= j.scale);
-            float sum = 0.f;
-            for (int64_t s = 0; s < S; s++) sum += (sc[s] = std::exp(sc[s] - mx));
-            for (int64_t s = 0; s < S; s++) sc[s] /= sum;
+    for (int64_t it = j.items.take(); it < j.T * j.blocks; it = j.items.take()) {
+        const int64_t t = it / j.blocks, b = it % j.blocks, S = j.pos0 + t + 1;
+        const int64_t r0 = S * b / j.blocks, nb = S * (b + 1) / j.blocks - r0;
+        float* m = j.part_m + it * H;
+        float* l = j.part_l + it * H;
+        float* o = j.part_o + it * H * C;
+        if (nb == 0) {
+            std::fill_n(m, H, -std::numeric_limits<float>::infinity());
+            std::fill_n(l, H, 0.f);
+            std::fill_n(o, H * C, 0.f);
+            continue;
         }
-        j.k->attn_values(scores.data(), nh, j.cache, W, S, j.C, j.olat + (t * j.H + h0) * j.C);
+        if ((int64_t)scores.size() < H * nb) scores.resize(H * nb);
+        const float* rows = j.cache + r0 * W;
+        j.k->attn_scores(j.qc + t * H * W, H, rows, W, nb, W, scores.data());
+        for (int64_t h = 0; h < H; h++) {
+            float* sc = scores.data() + h * nb;
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int64_t s = 0; s < nb; s++) mx = std::max(mx, sc[s] *= j.scale);
+            float sum = 0.f;
+            for (int64_t s = 0; s < nb; s++) sum += (sc[s] = std::exp(sc[s] - mx));
+            m[h] = mx;
+            l[h] = sum;
+        }
+        j.k->attn_values(scores.data(), H, rows, W, nb, C, o);
+    }
+    j.pool->barrier();
+    for (int64_t it = j.merges.take(); it < j.T * H; it = j.merges.take()) {
+        const int64_t t = it / H, h = it % H;
+        float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+        for (int64_t b = 0; b < j.blocks; b++) mx = std::max(mx, j.part_m[(t * j.blocks + b) * H + h]);
+        for (int64_t b = 0; b < j.blocks; b++) {
+            const int64_t i = (t * j.blocks + b) * H + h;
+            sum += j.part_l[i] * std::exp(j.part_m[i] - mx);
+        }
+        float* out = j.olat + (t * H + h) * C;
+        std::fill_n(out, C, 0.f);
+        for (int64_t b = 0; b < j.blocks; b++) {
+            const int64_t i = (t * j.blocks + b) * H + h;
+            if (j.part_l[i] == 0.f) continue;
+            const float f = std::exp(j.part_m[i] - mx) / sum;
+            const float* o = j.part_o + i * C;
+            for (int64_t c = 0; c < C; c++) out[c] += f * o[c];
+        }
     }
 }
 
@@ -141,20 +175,28 @@ void mla_decode(ThreadPool& pool, const mla_layer& L, const float* x, int64_t T,
     // absorbed query: qc[t, h, :C] = k_up[h] q_nope[t, h]
     head_linear(pool, L.k_up, H, C, N, q, QD, N + R, T, qc, H * W, W);
 
+    // Row blocks per token: enough items for every worker (about 4 each over the tokens),
+    // blocks of at least 32 rows.
+    const int64_t min_rows = pos0 + 1;
+    const int64_t blocks = std::max<int64_t>(
+        1, std::min<int64_t>((4 * pool.size() + T - 1) / T, (min_rows + 31) / 32));
+    thread_local std::vector<float> part_o, part_ml;
     attn_job j;
     j.k = &kernels();
     j.qc = qc;
     j.cache = cache;
     j.olat = olat;
+    j.part_o = grown(part_o, T * blocks * H * C);
+    j.part_m = grown(part_ml, 2 * T * blocks * H);
+    j.part_l = j.part_m + T * blocks * H;
     j.H = H;
     j.T = T;
     j.C = C;
     j.R = R;
     j.pos0 = pos0;
-    j.groups = std::min<int64_t>(H, pool.size());
-    j.heads_per_item = (H + j.groups - 1) / j.groups;
-    j.groups = (H + j.heads_per_item - 1) / j.heads_per_item;
+    j.blocks = blocks;
     j.scale = L.kq_scale;
+    j.pool = &pool;
     pool.run(attn_worker, &j);
 
     // values: o[t, h*V:(h+1)*V] = v_up[h] olat[t, h]
