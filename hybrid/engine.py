@@ -296,7 +296,7 @@ class NativeFFN:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        return self.experts(x, torch.zeros(T, 1, dtype=torch.int32), torch.ones(T, 1))
+        return self.experts(x, torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1))
 
 
 class _Embedding:

@@ -445,6 +445,33 @@ PYBIND11_MODULE(_native, m) {
                  e.forward(layer, T, K);
              },
              "submit + wait, the calling thread working as worker 0")
+        .def(
+            "forward_arrays",
+            [](MoEEngine& e, int layer, py::array_t<float, py::array::c_style> x, py::array_t<int64_t, py::array::c_style> ids,
+               py::array_t<float, py::array::c_style> w, py::array_t<float, py::array::c_style> out) {
+                // decode's path: staging, forward and result in one call (the Python copies cost
+                // ~40 us a layer on this class of machine)
+                if (x.ndim() != 2 || x.shape(1) != e.d_model()) bad("x: expected float32 [T, " + std::to_string(e.d_model()) + "]");
+                const int64_t T = x.shape(0);
+                if (T > e.max_tokens()) bad("x: " + std::to_string(T) + " tokens exceed max_tokens " + std::to_string(e.max_tokens()));
+                if (ids.ndim() != 2 || ids.shape(0) != T) bad("ids: expected int64 [T, K]");
+                const int64_t K = ids.shape(1);
+                if (w.ndim() != 2 || w.shape(0) != T || w.shape(1) != K) bad("weights: expected float32 [T, K]");
+                if (out.ndim() != 2 || out.shape(0) != T || out.shape(1) != e.d_model()) bad("out: expected float32 [T, D]");
+                if (K < 1 || K > e.max_k()) bad("ids: K=" + std::to_string(K) + " is outside 1.." + std::to_string(e.max_k()));
+                const int64_t* ip = ids.data();
+                for (int64_t i = 0; i < T * K; i++) e.ids()[i] = ip[i] < 0 ? -1 : (int32_t)std::min<int64_t>(ip[i], INT32_MAX);
+                std::copy_n(x.data(), T * e.d_model(), e.x());
+                std::copy_n(w.data(), T * K, e.weights());
+                float* op = out.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    e.forward(layer, T, K);
+                }
+                std::copy_n(e.y(), T * e.d_model(), op);
+            },
+            py::arg("layer"), py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("out").noconvert(),
+            "forward of float32 x [T, D], int64 ids / float32 weights [T, K] into out [T, D], staging included")
         .def_property_readonly("busy", &MoEEngine::busy)
         .def_property_readonly("n_layers", &MoEEngine::n_layers)
         .def_property_readonly("max_tokens", &MoEEngine::max_tokens)

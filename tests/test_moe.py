@@ -121,7 +121,8 @@ def test_submit_is_asynchronous_and_matches_call(expert_sets):
     ids, w = (torch.from_numpy(a) for a in routing(256, 8, 64, rng, 0.0))
     engine = ExpertEngine(D, max_tokens=256, max_k=8, threads=2)
     layer = experts.add_to(engine)
-    want = layer(x, ids, w)
+    want = layer(x, ids, w)           # float32 / int64 on the CPU: one native call
+    assert torch.equal(layer(x, ids.int(), w), want)   # int32 ids: the staged path
     seen_busy = False
     for _ in range(5):
         layer.submit(x, ids, w)
