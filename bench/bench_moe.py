@@ -39,12 +39,15 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--steps", type=int, default=40, help="decode calls per run")
     ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--spin-us", type=int, default=2000,
+                    help="idle workers' spin before sleeping (the runtime's decode setting)")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)
     E, D, F, K = args.experts, args.d, args.f, args.k
     types = [QT[t] for t in args.types.split(",")]
     engine = ExpertEngine(D, max_tokens=max(args.prefill, 1), max_k=K, threads=args.threads)
+    engine._eng.spin_us = args.spin_us
     layers, per_expert = [], 0
     for _ in range(args.layers):
         g = random_rows(types[0], E * F, D, rng)

@@ -57,6 +57,7 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
 
     // Scratch lives in the calling thread and only grows: no allocation in steady state.
     thread_local std::vector<uint8_t> act_buf;
+    thread_local int tiles_cap = 0;
     thread_local std::vector<std::vector<float>> scratch;
     if ((int64_t)act_buf.size() < x_batches * a.T * act_bytes) act_buf.resize(x_batches * a.T * act_bytes);
     if ((int)scratch.size() < pool.size()) scratch.resize(pool.size());
@@ -72,7 +73,7 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
         uint8_t* act_buf;
         std::vector<std::vector<float>>* scratch;
         int64_t row_tile, n_row_tiles, n_tok_tiles;
-        chunk_counter tiles;
+        range_counter* tiles;
         ThreadPool* pool;
     } job;
     job.a = &a;
@@ -86,6 +87,13 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
     job.n_row_tiles = (a.N + job.row_tile - 1) / job.row_tile;
     job.n_tok_tiles = (a.T + kTokenTile - 1) / kTokenTile;
     job.pool = &pool;
+    thread_local std::unique_ptr<range_counter> tiles;
+    if (!tiles || tiles_cap < pool.size()) {
+        tiles = std::make_unique<range_counter>(pool.size());
+        tiles_cap = pool.size();
+    }
+    job.tiles = tiles.get();
+    job.tiles->reset(job.n_row_tiles * job.n_tok_tiles * a.batch, pool.size());
 
     auto worker = [](void* p, int ith, int nth) {
         job_t& j = *(job_t*)p;
@@ -107,7 +115,7 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
         const dot4_fn dot4 = j.k->dot4[a.w_type];
         const int64_t per_batch = j.n_row_tiles * j.n_tok_tiles;
         const int64_t n_tiles = per_batch * a.batch;
-        for (int64_t tile = j.tiles.take(); tile < n_tiles; tile = j.tiles.take()) {
+        for (int64_t tile = j.tiles->take(ith); tile < n_tiles; tile = j.tiles->take(ith)) {
             // Row tiles vary fastest: with many tokens, neighbouring workers share activations.
             const int64_t b = tile / per_batch, in_b = tile % per_batch;
             const int64_t r0 = (in_b % j.n_row_tiles) * j.row_tile;

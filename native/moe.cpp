@@ -56,7 +56,7 @@ struct moe_job {
     int64_t xg_bytes, xu_bytes, hq_bytes;
     // per chunk, written by worker 0 between barriers
     int64_t t0 = 0, tc = 0, n_slots = 0;
-    std::unique_ptr<chunk_counter[]> items, down_items;  // one per partition
+    std::vector<range_counter> items, down_items;        // one per partition
     std::vector<int64_t> rows_b, rows_d;                 // rows per item, per partition
 };
 
@@ -94,8 +94,9 @@ void MoEEngine::group_chunk(moe_job& j) {
         const moe_slice& sl = L.parts[p];
         j.rows_b[p] = rows_per_item((sl.f1 - sl.f0) * (int64_t)active_.size(), part_threads_[p]);
         j.rows_d[p] = rows_per_item(sl.d1 - sl.d0, part_threads_[p]);
-        j.items[p].reset();
-        j.down_items[p].reset();
+        const int64_t n_b = (sl.f1 - sl.f0 + j.rows_b[p] - 1) / j.rows_b[p] * slot_chunk_begin_.back();
+        j.items[p].reset(n_b, part_threads_[p]);
+        j.down_items[p].reset((sl.d1 - sl.d0 + j.rows_d[p] - 1) / j.rows_d[p], part_threads_[p]);
     }
 }
 
@@ -106,6 +107,7 @@ void MoEEngine::worker(void* p, int ith, int nth) {
     const kernel_table& k = *j.k;
     const int64_t D = L.D, F = L.F, K = j.K;
     const int part = m.part_of_[ith];
+    const int local = ith - m.part_first_[part];  // this worker's index within its partition
     const moe_slice& sl = L.parts[part];
     const int64_t chunk = std::min(m.max_tokens_, MoEEngine::kTokenChunk);
     const bool same_act = j.act_gate == j.act_up;
@@ -136,7 +138,7 @@ void MoEEngine::worker(void* p, int ith, int nth) {
         const int64_t rows_b = j.rows_b[part], rows_d = j.rows_d[part];
         const int64_t f_chunks = (sl.f1 - sl.f0 + rows_b - 1) / rows_b;
         const int64_t n_items = f_chunks * m.slot_chunk_begin_[n_active];
-        for (int64_t it = j.items[part].take(); it < n_items; it = j.items[part].take()) {
+        for (int64_t it = j.items[part].take(local); it < n_items; it = j.items[part].take(local)) {
             const int64_t sc = it / f_chunks;
             const int64_t a = std::upper_bound(m.slot_chunk_begin_.begin(), m.slot_chunk_begin_.begin() + n_active + 1, sc) -
                               m.slot_chunk_begin_.begin() - 1;
@@ -182,7 +184,7 @@ void MoEEngine::worker(void* p, int ith, int nth) {
         const int64_t d_chunks = (sl.d1 - sl.d0 + rows_d - 1) / rows_d;
         const float* wts = m.w_.data() + t0 * K;
         float* y = m.y_.data() + t0 * m.d_model_;
-        for (int64_t it = j.down_items[part].take(); it < d_chunks; it = j.down_items[part].take()) {
+        for (int64_t it = j.down_items[part].take(local); it < d_chunks; it = j.down_items[part].take(local)) {
             const int64_t d0 = sl.d0 + it * rows_d, d1 = std::min(sl.d1, d0 + rows_d);
             for (int64_t t = 0; t < tc; t++) std::fill(y + t * m.d_model_ + d0, y + t * m.d_model_ + d1, 0.f);
             for (int64_t a = 0; a < n_active; a++) {
@@ -241,6 +243,7 @@ MoEEngine::MoEEngine(const std::vector<std::vector<int>>& partition_cpus, int64_
     if (d_model < 1) bad("d_model must be >= 1");
     for (size_t p = 0; p < partition_cpus.size(); p++) {
         part_threads_.push_back((int)partition_cpus[p].size());
+        part_first_.push_back((int)part_of_.size());
         for (size_t i = 0; i < partition_cpus[p].size(); i++) part_of_.push_back((int)p);
     }
     x_.assign(max_tokens * d_model, 0.f);
@@ -248,8 +251,10 @@ MoEEngine::MoEEngine(const std::vector<std::vector<int>>& partition_cpus, int64_
     ids_.assign(max_tokens * max_k, -1);
     w_.assign(max_tokens * max_k, 0.f);
     job_ = std::make_unique<moe_job>();
-    job_->items.reset(new chunk_counter[partition_cpus.size()]);
-    job_->down_items.reset(new chunk_counter[partition_cpus.size()]);
+    for (size_t p = 0; p < partition_cpus.size(); p++) {
+        job_->items.emplace_back((int)partition_cpus[p].size());
+        job_->down_items.emplace_back((int)partition_cpus[p].size());
+    }
     job_->rows_b.assign(partition_cpus.size(), 16);
     job_->rows_d.assign(partition_cpus.size(), 16);
 }

@@ -91,6 +91,7 @@ class MoEEngine {
 
     std::vector<int> part_threads_;   // workers per partition
     std::vector<int> part_of_;        // partition of each worker
+    std::vector<int> part_first_;     // first worker of each partition (a partition's are contiguous)
     ThreadPool pool_;
     int64_t max_tokens_, max_k_, d_model_, max_f_ = 0;
     std::vector<std::unique_ptr<moe_layer>> layers_;

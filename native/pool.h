@@ -5,6 +5,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <algorithm>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -81,6 +83,45 @@ struct chunk_counter {
     alignas(64) std::atomic<int64_t> next{0};
     void reset() { next.store(0, std::memory_order_relaxed); }
     int64_t take() { return next.fetch_add(1, std::memory_order_relaxed); }
+};
+
+// Hands out [0, n) to nth workers so that worker i first takes its own contiguous share
+// [n*i/nth, n*(i+1)/nth) in order, then helps the others with what they have left. With a
+// shared counter consecutive items alternate between workers and each one's reads are
+// broken into item-sized pieces the prefetchers restart on; here each worker streams its
+// share and the balance stays dynamic at the end. (TinyConfig.mid decode, 2 workers: the
+// routed experts' item-by-item split lost ~10% against one contiguous share per worker.)
+class range_counter {
+   public:
+    explicit range_counter(int max_workers = 1) : slots_(new slot[std::max(1, max_workers)]), cap_(std::max(1, max_workers)) {}
+    // Not thread-safe: call before the workers start taking (e.g. before a barrier).
+    void reset(int64_t n, int nth) {
+        nth_ = std::min(nth, cap_);
+        n_ = n;
+        for (int i = 0; i < nth_; i++) {
+            slots_[i].next.store(n * i / nth_, std::memory_order_relaxed);
+            slots_[i].end = n * (i + 1) / nth_;
+        }
+    }
+    // The next item for worker i (0 <= i < nth), or n when every share is taken.
+    int64_t take(int i) {
+        for (int k = 0; k < nth_; k++) {
+            slot& s = slots_[(i + k) % nth_];
+            if (s.next.load(std::memory_order_relaxed) >= s.end) continue;
+            const int64_t it = s.next.fetch_add(1, std::memory_order_relaxed);
+            if (it < s.end) return it;
+        }
+        return n_;
+    }
+
+   private:
+    struct alignas(64) slot {
+        std::atomic<int64_t> next{0};
+        int64_t end = 0;
+    };
+    std::unique_ptr<slot[]> slots_;
+    int cap_, nth_ = 1;
+    int64_t n_ = 0;
 };
 
 // cpu_relax for spin loops.
