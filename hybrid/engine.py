@@ -308,6 +308,11 @@ class _Embedding:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.view[ids.cpu().numpy()]
+        n = _native()
+        if self.device.type == "cpu" and n is not None and self.ggml_type in n.supported_types():
+            # the native kernel: torch's block arithmetic is ~15 ops (~0.6 ms a decode token)
+            flat = n.dequantize(rows, self.ggml_type, rows.shape[0] * self.n_per_row)
+            return torch.from_numpy(flat).view(rows.shape[0], self.n_per_row)
         return dequant.dequantize(rows, self.ggml_type, self.n_per_row, device=self.device,
                                   name=self.name)
 

@@ -191,3 +191,13 @@ def test_shared_experts_run_as_one_engine_call_with_the_linears_numbers(rt):
             got = m.shared(x)
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0,
                                    atol=1e-5 * float(want.abs().max()))
+
+
+def test_embedding_rows_come_from_the_native_dequantizer_exactly(rt):
+    from hybrid import dequant
+
+    e = rt.model.embed
+    ids = torch.tensor([0, 3, rt.n_vocab - 1, 3])
+    want = dequant.dequantize(e.view[ids.numpy()], e.ggml_type, e.n_per_row, device="cpu")
+    got = e(ids)
+    assert got.shape == (4, rt.args.dim) and torch.equal(got, want)
