@@ -142,10 +142,11 @@ class ExpertEngine:
         out.copy_(self.y[:T], non_blocking=device.type == "cuda")
         return out
 
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+               shared_layer: int = -1):
         """Start a forward and return at once (the caller may use the GPU meanwhile)."""
         T, K = self._stage(x, ids, weights)
-        self._eng.submit(layer, T, K)
+        self._eng.submit(layer, T, K, shared_layer)
         self._pending = (T, x.device, x.dtype)
 
     def wait(self, copy: bool = True) -> torch.Tensor:
@@ -159,10 +160,13 @@ class ExpertEngine:
         self._pending = None
         return self._result(T, device, dtype) if copy else self.y[:T]
 
-    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Synchronous forward; the calling thread works as one of the engine's workers."""
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                shared_layer: int = -1) -> torch.Tensor:
+        """Synchronous forward; the calling thread works as one of the engine's workers.
+        shared_layer: a one-expert layer added for every token with weight 1 (see
+        NativeExperts.absorb_shared)."""
         T, K = self._stage(x, ids, weights)
-        self._eng.forward(layer, T, K)
+        self._eng.forward(layer, T, K, shared_layer)
         return self._result(T, x.device, x.dtype)
 
 
@@ -217,6 +221,17 @@ class NativeExperts:
         self.engine = engine
         self.layer = layer
         self.n_experts = n_experts
+        self.shared_layer = -1   # a one-expert layer of the same engine computed in each call
+
+    def absorb_shared(self, ffn) -> bool:
+        """Compute `ffn` (the layer's shared experts) within every call of these routed experts
+        when it is a one-expert layer of the same engine (NativeFFN): one job instead of two,
+        and y = routed + shared exactly as two calls and an add. True when absorbed."""
+        inner = getattr(ffn, "experts", None)
+        if not isinstance(inner, NativeExperts) or inner.engine is not self.engine or inner.n_experts != 1:
+            return False
+        self.shared_layer = inner.layer
+        return True
 
     def set_skip(self, mask) -> None:
         mask = np.asarray(mask, dtype=np.uint8).reshape(-1)
@@ -225,7 +240,7 @@ class NativeExperts:
         self.engine._eng.set_skip(self.layer, mask)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        self.engine.submit(self.layer, x, ids, weights)
+        self.engine.submit(self.layer, x, ids, weights, self.shared_layer)
 
     def wait(self, copy: bool = True) -> torch.Tensor:
         return self.engine.wait(copy)
@@ -241,10 +256,11 @@ class NativeExperts:
             # decode's common case: staging and result copies inside the one native call
             out = torch.empty(T, self.engine.d_model)
             self.engine._eng.forward_arrays(self.layer, x.numpy(), ids.numpy(), weights.numpy(),
-                                            out.numpy())
+                                            out.numpy(), self.shared_layer)
             return out
         if T <= step:
-            return self.engine.forward(self.layer, x, ids, weights)
+            return self.engine.forward(self.layer, x, ids, weights, self.shared_layer)
         _check_inputs(x, ids, weights, self.engine.d_model, self.engine.max_k)
-        return torch.cat([self.engine.forward(self.layer, x[t0:t0 + step], ids[t0:t0 + step], weights[t0:t0 + step])
+        return torch.cat([self.engine.forward(self.layer, x[t0:t0 + step], ids[t0:t0 + step],
+                                              weights[t0:t0 + step], self.shared_layer)
                           for t0 in range(0, T, step)])

@@ -430,25 +430,28 @@ PYBIND11_MODULE(_native, m) {
                  e.set_skip(layer, mask.data(), mask.size());
              })
         .def("submit",
-             [](MoEEngine& e, int layer, int64_t T, int64_t K) {
+             [](MoEEngine& e, int layer, int64_t T, int64_t K, int shared_layer) {
                  py::gil_scoped_release release;
-                 e.submit(layer, T, K);
-             })
+                 e.submit(layer, T, K, shared_layer);
+             },
+             py::arg("layer"), py::arg("T"), py::arg("K"), py::arg("shared_layer") = -1)
         .def("wait",
              [](MoEEngine& e) {
                  py::gil_scoped_release release;
                  e.wait();
              })
         .def("forward",
-             [](MoEEngine& e, int layer, int64_t T, int64_t K) {
+             [](MoEEngine& e, int layer, int64_t T, int64_t K, int shared_layer) {
                  py::gil_scoped_release release;
-                 e.forward(layer, T, K);
+                 e.forward(layer, T, K, shared_layer);
              },
-             "submit + wait, the calling thread working as worker 0")
+             py::arg("layer"), py::arg("T"), py::arg("K"), py::arg("shared_layer") = -1,
+             "submit + wait, the calling thread working as worker 0; shared_layer: a one-expert layer "
+             "added for every token with weight 1")
         .def(
             "forward_arrays",
             [](MoEEngine& e, int layer, py::array_t<float, py::array::c_style> x, py::array_t<int64_t, py::array::c_style> ids,
-               py::array_t<float, py::array::c_style> w, py::array_t<float, py::array::c_style> out) {
+               py::array_t<float, py::array::c_style> w, py::array_t<float, py::array::c_style> out, int shared_layer) {
                 // decode's path: staging, forward and result in one call (the Python copies cost
                 // ~40 us a layer on this class of machine)
                 if (x.ndim() != 2 || x.shape(1) != e.d_model()) bad("x: expected float32 [T, " + std::to_string(e.d_model()) + "]");
@@ -466,11 +469,12 @@ PYBIND11_MODULE(_native, m) {
                 float* op = out.mutable_data();
                 {
                     py::gil_scoped_release release;
-                    e.forward(layer, T, K);
+                    e.forward(layer, T, K, shared_layer);
                 }
                 std::copy_n(e.y(), T * e.d_model(), op);
             },
             py::arg("layer"), py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("out").noconvert(),
+            py::arg("shared_layer") = -1,
             "forward of float32 x [T, D], int64 ids / float32 weights [T, K] into out [T, D], staging included")
         .def_property_readonly("busy", &MoEEngine::busy)
         .def_property_readonly("n_layers", &MoEEngine::n_layers)

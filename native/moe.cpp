@@ -47,23 +47,30 @@ void check_matrix(const expert_matrix& m, const std::string& name, int64_t first
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 }  // namespace
 
+// One layer's share of a forward: its ids / weights are [T, K] at ids_ / w_ + ids_off.
+struct moe_part {
+    const moe_layer* L = nullptr;
+    int64_t K = 0, ids_off = 0;
+    act_format act_gate = ACT_F32, act_up = ACT_F32, act_down = ACT_F32;
+    int64_t xg_bytes = 0, xu_bytes = 0, hq_bytes = 0;
+};
+
 struct moe_job {
     MoEEngine* eng;
-    const moe_layer* L;
     const kernel_table* k;
-    int64_t T, K;
-    act_format act_gate, act_up, act_down;
-    int64_t xg_bytes, xu_bytes, hq_bytes;
+    int64_t T;
+    moe_part parts[2];  // the routed layer, then optionally an always-on one (shared experts)
+    int n_parts = 1;
     // per chunk, written by worker 0 between barriers
     int64_t t0 = 0, tc = 0, n_slots = 0;
     std::vector<range_counter> items, down_items;        // one per partition
     std::vector<int64_t> rows_b, rows_d;                 // rows per item, per partition
 };
 
-void MoEEngine::group_chunk(moe_job& j) {
-    const moe_layer& L = *j.L;
-    const int32_t* ids = ids_.data() + j.t0 * j.K;
-    const int64_t S = j.tc * j.K;
+void MoEEngine::group_chunk(moe_job& j, const moe_part& P) {
+    const moe_layer& L = *P.L;
+    const int32_t* ids = ids_.data() + P.ids_off + j.t0 * P.K;
+    const int64_t S = j.tc * P.K;
     int32_t* begin = expert_begin_.data();
     std::fill(begin, begin + L.E + 1, 0);
     for (int64_t s = 0; s < S; s++) {
@@ -102,15 +109,22 @@ void MoEEngine::group_chunk(moe_job& j) {
 
 void MoEEngine::worker(void* p, int ith, int nth) {
     moe_job& j = *(moe_job*)p;
+    for (int pi = 0; pi < j.n_parts; pi++) run_part(j, j.parts[pi], pi > 0, ith, nth);
+}
+
+// The four phases of one part; `accumulate`: add to y (a previous part wrote it) instead
+// of overwriting it, element by element in the same order, so y = y_part0 + y_part1 exactly
+// as two calls and a float add would give.
+void MoEEngine::run_part(moe_job& j, const moe_part& P, bool accumulate, int ith, int nth) {
     MoEEngine& m = *j.eng;
-    const moe_layer& L = *j.L;
+    const moe_layer& L = *P.L;
     const kernel_table& k = *j.k;
-    const int64_t D = L.D, F = L.F, K = j.K;
+    const int64_t D = L.D, F = L.F, K = P.K;
     const int part = m.part_of_[ith];
     const int local = ith - m.part_first_[part];  // this worker's index within its partition
     const moe_slice& sl = L.parts[part];
     const int64_t chunk = std::min(m.max_tokens_, MoEEngine::kTokenChunk);
-    const bool same_act = j.act_gate == j.act_up;
+    const bool same_act = P.act_gate == P.act_up;
     const dot_fn dot_gate = k.dot[L.gate_type()], dot_up = k.dot[L.up_type()], dot_down = k.dot[L.down_type()];
     const dot4_fn dot4_gate = k.dot4[L.gate_type()], dot4_up = k.dot4[L.up_type()], dot4_down = k.dot4[L.down_type()];
 
@@ -118,19 +132,19 @@ void MoEEngine::worker(void* p, int ith, int nth) {
         if (ith == 0) {
             j.t0 = t0;
             j.tc = std::min(chunk, j.T - t0);
-            m.group_chunk(j);
+            m.group_chunk(j, P);
         }
         // A: quantize activations
         const int64_t tc = std::min(chunk, j.T - t0);
         for (int64_t t = ith; t < tc; t += nth) {
             const float* xr = m.x_.data() + (t0 + t) * m.d_model_;
-            k.quant_act[j.act_gate](xr, m.xq_gate_.data() + t * j.xg_bytes, D);
-            if (!same_act) k.quant_act[j.act_up](xr, m.xq_up_.data() + t * j.xu_bytes, D);
+            k.quant_act[P.act_gate](xr, m.xq_gate_.data() + t * P.xg_bytes, D);
+            if (!same_act) k.quant_act[P.act_up](xr, m.xq_up_.data() + t * P.xu_bytes, D);
         }
         m.pool_.barrier();
         const uint8_t* xq_gate = m.xq_gate_.data();
         const uint8_t* xq_up = same_act ? m.xq_gate_.data() : m.xq_up_.data();
-        const int64_t xu_bytes = same_act ? j.xg_bytes : j.xu_bytes;
+        const int64_t xu_bytes = same_act ? P.xg_bytes : P.xu_bytes;
         const int64_t n_active = (int64_t)m.active_.size();
         const int32_t* slot_list = m.slot_list_.data();
         const int32_t* begin = m.expert_begin_.data();
@@ -158,7 +172,7 @@ void MoEEngine::worker(void* p, int ith, int nth) {
                         float g[4], u[4];
                         for (int r = 0; r < 4; r++) {
                             const int64_t t = slots[i + r] / K;
-                            ag[r] = xq_gate + t * j.xg_bytes;
+                            ag[r] = xq_gate + t * P.xg_bytes;
                             au[r] = xq_up + t * xu_bytes;
                         }
                         dot4_gate(D, grow, ag, g);
@@ -167,7 +181,7 @@ void MoEEngine::worker(void* p, int ith, int nth) {
                     }
                 for (; i < s1; i++) {
                     const int64_t s = slots[i], t = s / K;
-                    const float g = dot_gate(D, grow, xq_gate + t * j.xg_bytes);
+                    const float g = dot_gate(D, grow, xq_gate + t * P.xg_bytes);
                     const float u = dot_up(D, urow, xq_up + t * xu_bytes);
                     m.h_[s * F + f] = silu(g) * u;
                 }
@@ -177,16 +191,17 @@ void MoEEngine::worker(void* p, int ith, int nth) {
         // C: quantize the h rows of the slots in use
         for (int64_t i = ith; i < j.n_slots; i += nth) {
             const int64_t s = slot_list[i];
-            k.quant_act[j.act_down](m.h_.data() + s * F, m.hq_.data() + s * j.hq_bytes, F);
+            k.quant_act[P.act_down](m.h_.data() + s * F, m.hq_.data() + s * P.hq_bytes, F);
         }
         m.pool_.barrier();
         // D: down rows [d0, d1) of this partition, weighted sum with experts ascending
         const int64_t d_chunks = (sl.d1 - sl.d0 + rows_d - 1) / rows_d;
-        const float* wts = m.w_.data() + t0 * K;
+        const float* wts = m.w_.data() + P.ids_off + t0 * K;
         float* y = m.y_.data() + t0 * m.d_model_;
         for (int64_t it = j.down_items[part].take(local); it < d_chunks; it = j.down_items[part].take(local)) {
             const int64_t d0 = sl.d0 + it * rows_d, d1 = std::min(sl.d1, d0 + rows_d);
-            for (int64_t t = 0; t < tc; t++) std::fill(y + t * m.d_model_ + d0, y + t * m.d_model_ + d1, 0.f);
+            if (!accumulate)
+                for (int64_t t = 0; t < tc; t++) std::fill(y + t * m.d_model_ + d0, y + t * m.d_model_ + d1, 0.f);
             for (int64_t a = 0; a < n_active; a++) {
                 const int32_t e = m.active_[a];
                 const int32_t* slots = slot_list + begin[e];
@@ -198,7 +213,7 @@ void MoEEngine::worker(void* p, int ith, int nth) {
                         for (; i + 4 <= n_e; i += 4) {
                             const void* ah[4];
                             float o[4];
-                            for (int r = 0; r < 4; r++) ah[r] = m.hq_.data() + slots[i + r] * j.hq_bytes;
+                            for (int r = 0; r < 4; r++) ah[r] = m.hq_.data() + slots[i + r] * P.hq_bytes;
                             dot4_down(F, drow, ah, o);
                             for (int r = 0; r < 4; r++) {
                                 const int64_t s = slots[i + r], t = s / K;
@@ -207,7 +222,7 @@ void MoEEngine::worker(void* p, int ith, int nth) {
                         }
                     for (; i < n_e; i++) {
                         const int64_t s = slots[i], t = s / K;
-                        y[t * m.d_model_ + d] += wts[s] * dot_down(F, drow, m.hq_.data() + s * j.hq_bytes);
+                        y[t * m.d_model_ + d] += wts[s] * dot_down(F, drow, m.hq_.data() + s * P.hq_bytes);
                     }
                 }
             }
@@ -248,8 +263,8 @@ MoEEngine::MoEEngine(const std::vector<std::vector<int>>& partition_cpus, int64_
     }
     x_.assign(max_tokens * d_model, 0.f);
     y_.assign(max_tokens * d_model, 0.f);
-    ids_.assign(max_tokens * max_k, -1);
-    w_.assign(max_tokens * max_k, 0.f);
+    ids_.assign(max_tokens * (max_k + 1), -1);  // + one always-on expert per token
+    w_.assign(max_tokens * (max_k + 1), 0.f);
     job_ = std::make_unique<moe_job>();
     for (size_t p = 0; p < partition_cpus.size(); p++) {
         job_->items.emplace_back((int)partition_cpus[p].size());
@@ -326,9 +341,11 @@ void MoEEngine::ensure_scratch() {
     slot_chunk_begin_.reserve(E + 1);
 }
 
-bool MoEEngine::prepare(int layer, int64_t T, int64_t K) {
+bool MoEEngine::prepare(int layer, int64_t T, int64_t K, int shared_layer) {
     if (busy()) bad("submit while a forward is pending: call wait() first");
     if (layer < 0 || layer >= n_layers()) bad("layer " + std::to_string(layer) + " does not exist");
+    if (shared_layer >= n_layers() || shared_layer == layer)
+        bad("shared layer " + std::to_string(shared_layer) + " does not exist or is the routed layer");
     if (T < 0 || T > max_tokens_) bad("T=" + std::to_string(T) + " exceeds max_tokens " + std::to_string(max_tokens_));
     if (K < 1 || K > max_k_) bad("K=" + std::to_string(K) + " is outside 1.." + std::to_string(max_k_));
     const moe_layer& L = *layers_[layer];
@@ -337,25 +354,36 @@ bool MoEEngine::prepare(int layer, int64_t T, int64_t K) {
     ensure_scratch();
     moe_job& j = *job_;
     j.eng = this;
-    j.L = &L;
     j.k = &kernels();
     j.T = T;
-    j.K = K;
-    j.act_gate = get_type_info(L.gate_type()).act;
-    j.act_up = get_type_info(L.up_type()).act;
-    j.act_down = get_type_info(L.down_type()).act;
-    j.xg_bytes = act_row_bytes(j.act_gate, L.D);
-    j.xu_bytes = act_row_bytes(j.act_up, L.D);
-    j.hq_bytes = act_row_bytes(j.act_down, L.F);
+    auto describe = [](moe_part& P, const moe_layer& Lp, int64_t Kp, int64_t off) {
+        P.L = &Lp;
+        P.K = Kp;
+        P.ids_off = off;
+        P.act_gate = get_type_info(Lp.gate_type()).act;
+        P.act_up = get_type_info(Lp.up_type()).act;
+        P.act_down = get_type_info(Lp.down_type()).act;
+        P.xg_bytes = act_row_bytes(P.act_gate, Lp.D);
+        P.xu_bytes = act_row_bytes(P.act_up, Lp.D);
+        P.hq_bytes = act_row_bytes(P.act_down, Lp.F);
+    };
+    describe(j.parts[0], L, K, 0);
+    j.n_parts = 1;
+    if (shared_layer >= 0) {  // expert 0 of that layer, weight 1, for every token
+        std::fill(ids_.begin() + T * K, ids_.begin() + T * K + T, 0);
+        std::fill(w_.begin() + T * K, w_.begin() + T * K + T, 1.f);
+        describe(j.parts[1], *layers_[shared_layer], 1, T * K);
+        j.n_parts = 2;
+    }
     return T > 0;
 }
 
-void MoEEngine::submit(int layer, int64_t T, int64_t K) {
-    if (prepare(layer, T, K)) pool_.submit(&MoEEngine::worker, job_.get());
+void MoEEngine::submit(int layer, int64_t T, int64_t K, int shared_layer) {
+    if (prepare(layer, T, K, shared_layer)) pool_.submit(&MoEEngine::worker, job_.get());
 }
 
-void MoEEngine::forward(int layer, int64_t T, int64_t K) {
-    if (prepare(layer, T, K)) pool_.run(&MoEEngine::worker, job_.get());
+void MoEEngine::forward(int layer, int64_t T, int64_t K, int shared_layer) {
+    if (prepare(layer, T, K, shared_layer)) pool_.run(&MoEEngine::worker, job_.get());
 }
 
 void MoEEngine::wait() { pool_.wait(); }

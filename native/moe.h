@@ -14,6 +14,7 @@
 namespace hybrid {
 
 struct moe_job;
+struct moe_part;
 
 // Rows [first_row, first_row + rows) of one projection of all experts of a layer, in GGUF
 // layout: expert e, row r at data + e * expert_stride + (r - first_row) * row_stride (rows of
@@ -73,11 +74,13 @@ class MoEEngine {
 
     // Starts the forward pass of `layer` on the first T rows of the buffers (K ids per row)
     // and returns at once. Throws std::invalid_argument on bad ids / sizes (before starting).
-    void submit(int layer, int64_t T, int64_t K);
+    // shared_layer >= 0: that layer's expert 0 (the shared experts registered as a one-expert
+    // layer) is added for every token with weight 1, in the same job, after the routed ones.
+    void submit(int layer, int64_t T, int64_t K, int shared_layer = -1);
     // Blocks until the pending forward finished; y() then holds the result.
     void wait();
     // submit + wait with the calling thread working as one of the workers (no GPU to overlap).
-    void forward(int layer, int64_t T, int64_t K);
+    void forward(int layer, int64_t T, int64_t K, int shared_layer = -1);
     bool busy() const { return pool_.busy(); }
     ThreadPool& pool() { return pool_; }
 
@@ -85,9 +88,10 @@ class MoEEngine {
 
    private:
     static void worker(void* job, int ith, int nth);
-    void group_chunk(moe_job& j);
+    static void run_part(moe_job& j, const moe_part& P, bool accumulate, int ith, int nth);
+    void group_chunk(moe_job& j, const moe_part& P);
     void ensure_scratch();
-    bool prepare(int layer, int64_t T, int64_t K);  // validates, fills job_; false when T == 0
+    bool prepare(int layer, int64_t T, int64_t K, int shared_layer);  // validates, fills job_; false when T == 0
 
     std::vector<int> part_threads_;   // workers per partition
     std::vector<int> part_of_;        // partition of each worker
@@ -97,7 +101,7 @@ class MoEEngine {
     std::vector<std::unique_ptr<moe_layer>> layers_;
     // I/O buffers
     std::vector<float> x_, w_, y_;
-    std::vector<int32_t> ids_;
+    std::vector<int32_t> ids_;  // [max_tokens * (max_k + 1)]: room for an always-on expert
     // scratch, sized for one chunk of tokens
     std::vector<uint8_t> xq_gate_, xq_up_;   // [chunk, act row of D]
     std::vector<float> h_;                   // [chunk*K, F]

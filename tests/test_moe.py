@@ -218,3 +218,31 @@ def test_no_leak_when_engines_are_created_and_destroyed(expert_sets):
     cycle(200)
     growth = proc.memory_info().rss - before
     assert growth < 8 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 200 engines"
+
+
+def test_always_on_expert_in_the_same_call(expert_sets):
+    """shared_layer: a one-expert layer (other types than the routed ones) added for every
+    token with weight 1 in the same job: exactly routed + shared, also across token chunks
+    and on the async path; a bad shared layer is refused before anything runs."""
+    routed = expert_sets[(64, 0)]
+    one = ExpertSet(1, TYPE_MIXES[1], seed=99)
+    rng = np.random.default_rng(7)
+    T = 600  # > kTokenChunk (512): two chunks per part
+    x = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))
+    ids, w = (torch.from_numpy(a) for a in routing(T, 6, 64, rng))
+    engine = ExpertEngine(D, max_tokens=T, max_k=8, threads=2)
+    r, s = routed.add_to(engine), one.add_to(engine)
+    with torch.inference_mode():
+        alone = r(x, ids, w)
+        shared = s(x, torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1))
+        assert r.absorb_shared(type("FFN", (), {"experts": s})())
+        assert torch.equal(r(x, ids, w), alone + shared)
+        r.submit(x, ids, w)
+        assert torch.equal(r.wait(), alone + shared)
+        want = routed.reference(x.numpy(), ids.numpy(), w.numpy()) + one.reference(
+            x.numpy(), np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32))
+        assert nmse((alone + shared).numpy(), want) < NMSE_BOUND
+        for bad in (r.layer, 17):
+            with pytest.raises(ValueError, match="shared layer"):
+                engine.forward(r.layer, x[:2], ids[:2], w[:2], shared_layer=bad)
+    assert not r.absorb_shared(object())   # not a one-expert layer of this engine

@@ -171,25 +171,35 @@ def test_native_router_refuses_bad_arguments():
 # ----------------------------------------------------------------------------- shared experts
 
 
-def test_shared_experts_run_as_one_engine_call_with_the_linears_numbers(rt):
-    """On the CPU path the shared experts are a one-expert layer of the native engine; the
-    same blocks through three native linears and torch's SiLU agree to float rounding."""
-    from hybrid.engine import NativeFFN, QuantLinear
+def test_shared_experts_ride_along_in_the_routed_call(rt):
+    """On the CPU path the shared experts are a one-expert layer of the native engine that
+    the routed experts' call computes too: exactly routed + shared as two calls and an add
+    would give, and to float rounding what three native linears and torch's SiLU give."""
+    from hybrid.engine import QuantLinear
     from hybrid.models.deepseek2 import MoE
 
-    moes = [b.ffn for b in rt.model.blocks if isinstance(b.ffn, MoE)]
-    assert moes and all(isinstance(m.shared, NativeFFN) for m in moes)
-    g = rt.gguf
-    x = torch.randn(5, rt.args.dim, generator=torch.Generator().manual_seed(3))
-    for il, m in ((i, b.ffn) for i, b in enumerate(rt.model.blocks) if isinstance(b.ffn, MoE)):
-        lin = {k: QuantLinear(g.view(f"blk.{il}.ffn_{k}_shexp.weight"),
-                              g.tensors[f"blk.{il}.ffn_{k}_shexp.weight"].ggml_type,
-                              g.tensors[f"blk.{il}.ffn_{k}_shexp.weight"].ne[0], 2)
-               for k in ("gate", "up", "down")}
+    moes = [(i, b.ffn) for i, b in enumerate(rt.model.blocks) if isinstance(b.ffn, MoE)]
+    assert moes and all(m.shared is None and m.experts.shared_layer >= 0 for _, m in moes)
+    g, gen = rt.gguf, torch.Generator().manual_seed(3)
+    T, E, K = 5, rt.args.n_expert, rt.args.n_expert_used
+    x = torch.randn(T, rt.args.dim, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=gen)
+    for il, m in moes:
+        eng, ex = m.experts.engine, m.experts
         with torch.inference_mode():   # as the runtime calls the model
+            both = ex(x, ids, w)                                               # one native call
+            staged = eng.forward(ex.layer, x, ids.int(), w, ex.shared_layer)   # staged path
+            routed = eng.forward(ex.layer, x, ids, w)
+            shared = eng.forward(ex.shared_layer, x, torch.zeros(T, 1, dtype=torch.long),
+                                 torch.ones(T, 1))
+            lin = {k: QuantLinear(g.view(f"blk.{il}.ffn_{k}_shexp.weight"),
+                                  g.tensors[f"blk.{il}.ffn_{k}_shexp.weight"].ggml_type,
+                                  g.tensors[f"blk.{il}.ffn_{k}_shexp.weight"].ne[0], 2)
+                   for k in ("gate", "up", "down")}
             want = lin["down"](torch.nn.functional.silu(lin["gate"](x)) * lin["up"](x))
-            got = m.shared(x)
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0,
+        assert torch.equal(both, routed + shared) and torch.equal(staged, both)
+        np.testing.assert_allclose(shared.numpy(), want.numpy(), rtol=0,
                                    atol=1e-5 * float(want.abs().max()))
 
 

@@ -492,6 +492,10 @@ class MoE:
             # the loader may run the shared experts as one fused native call (same weights)
             fused = getattr(w, "fused_ffn", None)
             self.shared = (fused(p, "_shexp") if fused is not None else None) or FFN(w, p, "_shexp")
+            # the routed experts may take the shared ones into their own call (y = routed + shared)
+            absorb = getattr(self.experts, "absorb_shared", None)
+            if absorb is not None and absorb(self.shared):
+                self.shared = None
 
     def __call__(self, h):
         ids, weights = self.router(h)
