@@ -340,6 +340,16 @@ PYBIND11_MODULE(_native, m) {
         "(scores = q @ rows^T, values = scores @ rows[:, :C]) with the kernels MLA attention uses");
 
     m.def(
+        "exp_sum",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> x, float sub) {
+            py::array_t<float> y(x.size());
+            std::copy_n(x.data(), x.size(), y.mutable_data());
+            const float s = kernels().exp_sum(y.mutable_data(), y.size(), sub);
+            return py::make_tuple(y, s);
+        },
+        py::arg("x"), py::arg("sub"), "(exp(x - sub), its sum) with the active ISA's kernel (attention's softmax)");
+
+    m.def(
         "moe_route",
         [](py::array_t<float, py::array::c_style> logits, py::object bias, int gating, int64_t n_group,
            int64_t n_group_used, int64_t k, bool norm, float scale,

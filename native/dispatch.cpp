@@ -82,6 +82,7 @@ void fill_gaps(kernel_table* t, const kernel_table& ref) {
         if (!t->quant_act[i]) t->quant_act[i] = ref.quant_act[i];
     if (!t->attn_scores) t->attn_scores = ref.attn_scores;
     if (!t->attn_values) t->attn_values = ref.attn_values;
+    if (!t->exp_sum) t->exp_sum = ref.exp_sum;
 }
 
 const tables& all_tables() {

@@ -101,10 +101,8 @@ void attn_worker(void* p, int ith, int nth) {
             float* sc = scores.data() + h * nb;
             float mx = -std::numeric_limits<float>::infinity();
             for (int64_t s = 0; s < nb; s++) mx = std::max(mx, sc[s] *= j.scale);
-            float sum = 0.f;
-            for (int64_t s = 0; s < nb; s++) sum += (sc[s] = std::exp(sc[s] - mx));
             m[h] = mx;
-            l[h] = sum;
+            l[h] = j.k->exp_sum(sc, nb, mx);
         }
         j.k->attn_values(scores.data(), H, rows, W, nb, C, o);
     }

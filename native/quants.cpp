@@ -342,6 +342,12 @@ static void attn_scores(const float* q, int64_t nq, const float* rows, int64_t s
         }
 }
 
+static float exp_sum(float* x, int64_t n, float sub) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; i++) sum += (x[i] = std::exp(x[i] - sub));
+    return sum;
+}
+
 static void attn_values(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
                         float* out) {
     for (int64_t i = 0; i < nq * C; i++) out[i] = 0.f;
@@ -376,6 +382,7 @@ void fill_scalar_kernels(kernel_table* t) {
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
     t->attn_scores = attn_scores;
     t->attn_values = attn_values;
+    t->exp_sum = exp_sum;
 }
 
 }  // namespace hybrid

@@ -107,6 +107,8 @@ typedef void (*dot4_fn)(int64_t n, const void* w, const void* const* act, float*
 // values: out[i * C + c] = sum_s p[i * S + s] * row s[c], c < C (out is overwritten).
 typedef void (*attn_scores_fn)(const float* q, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t W,
                                float* out);
+// x[i] = exp(x[i] - sub) for i < n; returns the sum (attention's softmax numerators).
+typedef float (*exp_sum_fn)(float* x, int64_t n, float sub);
 typedef void (*attn_values_fn)(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
                                float* out);
 
@@ -119,6 +121,7 @@ struct kernel_table {
     quant_act_fn quant_act[ACT_COUNT];
     attn_scores_fn attn_scores;
     attn_values_fn attn_values;
+    exp_sum_fn exp_sum;
 };
 
 // Reference (scalar) kernels: the definition every SIMD path is tested against.

@@ -320,6 +320,42 @@ static void attn_scores(const float* q, int64_t nq, const float* rows, int64_t s
     }
 }
 
+// exp of 8 floats: 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-6
+// polynomial (Cephes' expf coefficients, within 2 ulp of std::exp); below -87.3 the result
+// is flushed to 0 (softmax numerators: nothing that small matters next to the max's 1).
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+static float exp_sum(float* x, int64_t n, float sub) {
+    const __m256 vs = _mm256_set1_ps(sub);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+        _mm256_storeu_ps(x + i, v);
+        acc = _mm256_add_ps(acc, v);
+    }
+    float sum = hsum_ps(acc);
+    for (; i < n; i++) sum += (x[i] = std::exp(x[i] - sub));
+    return sum;
+}
+
 // 16 columns of four queries in eight registers across all rows, then the next 16 columns:
 // each row chunk is loaded once per four queries, the sums never leave the registers.
 static void attn_values(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
@@ -616,6 +652,7 @@ static void fill_avx2_level(kernel_table* t) {
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
     t->attn_scores = attn_scores;
     t->attn_values = attn_values;
+    t->exp_sum = exp_sum;
     t->dot[GGML_F32] = dot_f32;
     t->dot[GGML_F16] = dot_f16;
     t->dot[GGML_BF16] = dot_bf16;
