@@ -165,10 +165,10 @@ class QuantLinear:
 class NativeHeadLinear:
     """Per-head linears y[h] = x[h] @ W[h] (MLA's absorbed up-projections) on the native
     matmul, W as Q8_0 rows: a quarter of the bytes of torch's f32 bmm (the largest torch
-    cost of a decode step: 16 bmm of 4 MB on TinyConfig.mid), 2x faster measured. Used for
-    every absorbed call, so a token gets the same numbers whatever chunk it comes in (a
-    reused prompt prefix then continues exactly as a fresh one); the decompressed path of
-    long chunks reads the f32 `weight`. All heads in one batched call."""
+    cost of a decode step: 16 bmm of 4 MB on TinyConfig.mid), 2x faster measured. The fused
+    attention (NativeMLA) computes with these Q8_0 rows; this object's own call (all heads in
+    one batched matmul) serves the torch absorbed path where NativeMLA does not apply. The
+    decompressed path of long chunks reads the f32 `weight`."""
 
     def __init__(self, weight: torch.Tensor, threads: int = 1, workers: NativeWorkers | None = None):
         import gguf
