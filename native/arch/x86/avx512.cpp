@@ -136,12 +136,11 @@ static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, i
         uint16_t dh, mh;
         std::memcpy(&dh, blk, 2);
         std::memcpy(&mh, blk + 2, 2);
-        uint8_t sm[16];
-        unpack_scales_mins_k4(blk + 4, sm);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(y[b].d * h2f(mh)), _mm_cvtepi32_ps(k4_min_products(sm + 8, y[b].bsums)), acc_m);
+        const __m128i sm = scales_mins_k4(blk + 4);
+        acc_m = _mm_fmadd_ps(_mm_set1_ps(y[b].d * h2f(mh)), _mm_cvtepi32_ps(k4_min_products(sm, y[b].bsums)), acc_m);
         const uint8_t* qs = blk + qs_off;
         const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
-        const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)sm)));
+        const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
         __m512i sumi = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
             const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
