@@ -13,8 +13,7 @@ namespace hybrid {
 
 namespace {
 
-void linear(ThreadPool& pool, const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y,
-            int64_t y_stride) {
+matmul_args linear_args(const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y, int64_t y_stride) {
     matmul_args a;
     a.w = W.w;
     a.w_type = W.type;
@@ -27,26 +26,21 @@ void linear(ThreadPool& pool, const qlinear& W, const float* x, int64_t x_stride
     a.x_stride = x_stride;
     a.y = y;
     a.y_stride = y_stride;
-    matmul(pool, a);
+    return a;
+}
+
+void linear(ThreadPool& pool, const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y,
+            int64_t y_stride) {
+    matmul(pool, linear_args(W, x, x_stride, T, y, y_stride));
 }
 
 // Per-head linears over H matrices of Q8_0 rows [H][rows][cols]: y[h] = W[h] x[h].
 void head_linear(ThreadPool& pool, const uint8_t* w, int64_t H, int64_t rows, int64_t cols, const float* x,
                  int64_t x_stride, int64_t x_bstride, int64_t T, float* y, int64_t y_stride, int64_t y_bstride) {
-    matmul_args a;
-    a.w = w;
-    a.w_type = GGML_Q8_0;
-    a.N = rows;
-    a.K = cols;
-    a.w_stride = row_bytes(GGML_Q8_0, cols);
-    a.x = x;
-    a.x_bf16 = false;
-    a.T = T;
-    a.x_stride = x_stride;
-    a.y = y;
-    a.y_stride = y_stride;
+    const qlinear W{w, GGML_Q8_0, rows, cols, row_bytes(GGML_Q8_0, cols)};
+    matmul_args a = linear_args(W, x, x_stride, T, y, y_stride);
     a.batch = H;
-    a.w_bstride = a.w_stride * rows;
+    a.w_bstride = W.stride * rows;
     a.x_bstride = x_bstride;
     a.y_bstride = y_bstride;
     matmul(pool, a);
