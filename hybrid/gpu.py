@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid import dequant
+from hybrid.torch_experts import grouped_experts
 
 log = logging.getLogger(__name__)
 
@@ -585,31 +586,18 @@ class PrefillOffload:
         return y
 
     def _compute(self, infos, gate, up, down, x, ids, weights):
-        T, K = ids.shape
         D = x.shape[1]
-        E = infos[0].shape[0]
-        flat = ids.reshape(-1)                                        # [T*K]
-        host = flat.cpu()                                             # one sync per layer
-        counts = torch.bincount(host[host >= 0], minlength=E).tolist()
-        order = torch.argsort(torch.where(flat >= 0, flat, E), stable=True)
-        tok = order // K
-        xs = x.to(self.dtype)
-        ys = torch.zeros(T * K, D, dtype=torch.float32, device=x.device)
         gi, ui, di = infos
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            slots = order[start:start + n]
-            h = xs[tok[start:start + n]]                              # [n, D]
-            start += n
+        host = ids.reshape(-1).cpu()                                  # one sync per layer
+        counts = torch.bincount(host[host >= 0], minlength=gi.shape[0]).tolist()
+
+        def expert(e):   # dequantized from the streamed blocks, one expert at a time
             g = dequant.dequantize(gate[e], gi.ggml_type, D, dtype=self.dtype)       # [F, D]
             u = dequant.dequantize(up[e], ui.ggml_type, D, dtype=self.dtype)         # [F, D]
             d = dequant.dequantize(down[e], di.ggml_type, g.shape[0], dtype=self.dtype)  # [D, F]
-            a = F.silu(h @ g.t()) * (h @ u.t())                       # [n, F]
-            ys[slots] = (a @ d.t()).float()
-        w = torch.where(ids >= 0, weights.float(), 0.0)
-        return torch.bmm(w.unsqueeze(1), ys.view(T, K, -1)).squeeze(1)  # [T, D]
+            return g, u, d
+
+        return grouped_experts(x, ids, weights, counts, expert, self.dtype)
 
     def close(self):
         self.copier.close()

@@ -21,6 +21,32 @@ from hybrid import dequant
 __all__ = ["TorchExperts"]
 
 
+def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, counts: list,
+                    expert, dtype) -> torch.Tensor:
+    """y[t] = sum_k weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]), e = ids[t, k] (< 0:
+    skipped), with the tokens of each expert gathered into one matmul. counts[e]: tokens routed
+    to e (a host list: the loop needs it); expert(e) -> (gate [F, D], up [F, D], down [D, F]) in
+    `dtype`, which x is cast to. Returns float32 [T, D]."""
+    T, K = ids.shape
+    flat = ids.reshape(-1)                                            # [T*K]
+    order = torch.argsort(torch.where(flat >= 0, flat, len(counts)), stable=True)
+    tok = order // K                                                  # token of each slot
+    xs = x.to(dtype)
+    ys = torch.zeros(T * K, x.shape[1], dtype=torch.float32, device=x.device)  # per slot
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        slots = order[start:start + n]
+        h = xs[tok[start:start + n]]                                  # [n, D]
+        start += n
+        gate, up, down = expert(e)
+        a = F.silu(h @ gate.t()) * (h @ up.t())                       # [n, F]
+        ys[slots] = (a @ down.t()).float()                            # [n, D]
+    w = torch.where(ids >= 0, weights.float(), 0.0)                   # [T, K]
+    return torch.bmm(w.unsqueeze(1), ys.view(T, K, -1)).squeeze(1)    # [T, D]
+
+
 class TorchExperts:
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
         """gate, up [E, F, D]; down [E, D, F] (numpy order of the GGUF tensors)."""
@@ -47,30 +73,11 @@ class TorchExperts:
                  host_ids: torch.Tensor | None = None) -> torch.Tensor:
         """host_ids: the same ids already on the host (the CPU engine's staging copy): the
         per-expert token counts come from them instead of a device->host sync."""
-        T, K = ids.shape
-        wdt = self.gate.dtype
-        flat = ids.reshape(-1)                                        # [T*K]
-        valid = flat >= 0
-        order = torch.argsort(torch.where(valid, flat, self.n_expert), stable=True)
-        if host_ids is not None:
-            h = host_ids.reshape(-1).long()
-            counts = torch.bincount(h[h >= 0], minlength=self.n_expert).tolist()
-        else:
-            counts = torch.bincount(flat[valid], minlength=self.n_expert).tolist()  # one sync
-        tok = order // K                                              # token of each slot
-        xs = x.to(wdt)
-        ys = torch.zeros(T * K, x.shape[1], dtype=torch.float32, device=x.device)  # per slot
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            slots = order[start:start + n]
-            h = xs[tok[start:start + n]]                              # [n, D]
-            start += n
-            a = F.silu(h @ self.gate[e].t()) * (h @ self.up[e].t())   # [n, F]
-            ys[slots] = (a @ self.down[e].t()).float()                # [n, D]
-        w = torch.where(ids >= 0, weights.float(), 0.0)               # [T, K]
-        return torch.bmm(w.unsqueeze(1), ys.view(T, K, -1)).squeeze(1)  # [T, D]
+        src = ids if host_ids is None else host_ids
+        flat = src.reshape(-1).long()
+        counts = torch.bincount(flat[flat >= 0], minlength=self.n_expert).tolist()  # one sync
+        return grouped_experts(x, ids, weights, counts,
+                               lambda e: (self.gate[e], self.up[e], self.down[e]), self.gate.dtype)
 
     def static(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same sum with fixed shapes and no host sync (capturable in a CUDA graph): every
