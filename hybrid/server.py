@@ -358,6 +358,49 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
     def include_usage(req) -> bool:
         return bool(req.stream_options and req.stream_options.include_usage)
 
+    def sse_response(job: Job, first: list, piece, last) -> StreamingResponse:
+        """Stream a started job as server-sent events: the `first` chunks, piece(kind, text)
+        per generated part (None: nothing to send), the chunks of last(stats) and [DONE] at
+        the end; an error after the first bytes ends the stream with its body."""
+        async def events():
+            try:
+                for c in first:
+                    yield _sse(c)
+                while True:
+                    ev = await job.events.get()
+                    if ev[0] == "part":
+                        c = piece(ev[1], ev[2])
+                        if c is not None:
+                            yield _sse(c)
+                    elif ev[0] == "done":
+                        for c in last(ev[1]):
+                            yield _sse(c)
+                        yield "data: [DONE]\n\n"
+                        return
+                    else:
+                        yield _sse(ev[1].body())
+                        return
+            finally:
+                job.cancel.set()       # the client went away, or we are done
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect(job: Job, request: Request):
+        """Run a started job to its end: ([(kind, text), ...], stats)."""
+        parts = []
+        try:
+            while True:
+                ev = await next_event(job, request)
+                if ev[0] == "part":
+                    parts.append((ev[1], ev[2]))
+                elif ev[0] == "done":
+                    return parts, ev[1]
+                else:
+                    raise ev[1]
+        finally:
+            job.cancel.set()
+
     # -- chat --------------------------------------------------------------------------------
 
     def chat_messages(req) -> list[dict]:
@@ -395,51 +438,25 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         if req.stream:
-            async def events():
-                try:
-                    yield _sse(chunk({"role": "assistant", "content": ""}))
-                    while True:
-                        ev = await job.events.get()
-                        if ev[0] == "part":
-                            _, kind, text = ev
-                            if kind == "think":
-                                if show_think:
-                                    yield _sse(chunk({"reasoning_content": text}))
-                            else:
-                                yield _sse(chunk({"content": text}))
-                        elif ev[0] == "done":
-                            st = ev[1]
-                            yield _sse(chunk({}, st.finish_reason or "stop"))
-                            if include_usage(req):
-                                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": now,
-                                            "model": model, "choices": [], "usage": usage(n_prompt, st)})
-                            yield "data: [DONE]\n\n"
-                            return
-                        else:
-                            yield _sse(ev[1].body())
-                            return
-                finally:
-                    job.cancel.set()       # the client went away, or we are done
+            def piece(kind, text):
+                if kind == "think":
+                    return chunk({"reasoning_content": text}) if show_think else None
+                return chunk({"content": text})
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            def last(st):
+                out = [chunk({}, st.finish_reason or "stop")]
+                if include_usage(req):
+                    out.append({"id": cid, "object": "chat.completion.chunk", "created": now,
+                                "model": model, "choices": [], "usage": usage(n_prompt, st)})
+                return out
 
-        think, answer = [], []
-        try:
-            while True:
-                ev = await next_event(job, request)
-                if ev[0] == "part":
-                    (think if ev[1] == "think" else answer).append(ev[2])
-                elif ev[0] == "done":
-                    st = ev[1]
-                    break
-                else:
-                    raise ev[1]
-        finally:
-            job.cancel.set()
-        message = {"role": "assistant", "content": "".join(answer)}
+            return sse_response(job, [chunk({"role": "assistant", "content": ""})], piece, last)
+
+        parts, st = await collect(job, request)
+        think = "".join(text for kind, text in parts if kind == "think")
+        message = {"role": "assistant", "content": "".join(text for kind, text in parts if kind != "think")}
         if show_think and think:
-            message["reasoning_content"] = "".join(think)
+            message["reasoning_content"] = think
         return {"id": cid, "object": "chat.completion", "created": now, "model": model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": st.finish_reason or "stop"}],
@@ -468,44 +485,17 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         if req.stream:
-            async def events():
-                try:
-                    if echo:
-                        yield _sse(body(echo))
-                    while True:
-                        ev = await job.events.get()
-                        if ev[0] == "part":
-                            yield _sse(body(ev[2]))
-                        elif ev[0] == "done":
-                            yield _sse(body("", ev[1].finish_reason or "stop"))
-                            if include_usage(req):
-                                yield _sse({"id": cid, "object": "text_completion", "created": now,
-                                            "model": model, "choices": [], "usage": usage(n_prompt, ev[1])})
-                            yield "data: [DONE]\n\n"
-                            return
-                        else:
-                            yield _sse(ev[1].body())
-                            return
-                finally:
-                    job.cancel.set()
+            def last(st):
+                out = [body("", st.finish_reason or "stop")]
+                if include_usage(req):
+                    out.append({"id": cid, "object": "text_completion", "created": now,
+                                "model": model, "choices": [], "usage": usage(n_prompt, st)})
+                return out
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return sse_response(job, [body(echo)] if echo else [], lambda kind, text: body(text), last)
 
-        parts = []
-        try:
-            while True:
-                ev = await next_event(job, request)
-                if ev[0] == "part":
-                    parts.append(ev[2])
-                elif ev[0] == "done":
-                    st = ev[1]
-                    break
-                else:
-                    raise ev[1]
-        finally:
-            job.cancel.set()
-        out = body(echo + "".join(parts), st.finish_reason or "stop")
+        parts, st = await collect(job, request)
+        out = body(echo + "".join(text for _, text in parts), st.finish_reason or "stop")
         out["usage"] = usage(n_prompt, st)
         return out
 

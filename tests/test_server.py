@@ -316,6 +316,17 @@ def test_completions_echo_token_prompts_and_unsupported_fields(run_app):
     r = httpx.post(f"{url}/v1/completions", json={"model": "scripted", "prompt": "ab", "echo": True},
                    timeout=60).json()
     assert r["choices"][0]["text"] == "abxyz" and r["usage"]["prompt_tokens"] == 2
+    # streamed: the echo first, then the text, a finish reason, the usage chunk, [DONE]
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": "scripted", "prompt": "ab", "echo": True, "stream": True,
+        "stream_options": {"include_usage": True}})
+    lines = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert chunks[0]["choices"][0]["text"] == "ab"
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "abxyz"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 2
     r = httpx.post(f"{url}/v1/completions", json={"model": "scripted", "prompt": [97, 98, 99]}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
     r = httpx.post(f"{url}/v1/completions", json={"model": "scripted", "prompt": [97, 999]}, timeout=60)
