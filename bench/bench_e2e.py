@@ -24,18 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
-
-
-def _prompt(n_vocab: int, n: int, seed: int = 0) -> list[int]:
-    # random ids except the control tokens 0..2 (BOS/EOS/PAD in the fixture vocabulary)
-    return np.random.default_rng(seed).integers(3, n_vocab, n).tolist()
+from benchlib import prompt_ids
 
 
 class Ours:
@@ -193,7 +189,7 @@ def main(argv=None) -> int:
         engines.append(_Remote("llama.cpp", path, a.threads, ctx, "cpu"))
     for e in engines:
         print(f"{e.name}: loaded in {e.load_s:.1f} s; {e.info}", flush=True)
-    prompt = _prompt(engines[0].n_vocab, a.prompt)
+    prompt = prompt_ids(engines[0].n_vocab, a.prompt)
 
     for e in engines:  # warm-up: page in the weights, JIT/first-call costs
         e.run(prompt[:16], 2)

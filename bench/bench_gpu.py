@@ -24,13 +24,9 @@ import statistics
 import sys
 import time
 
+from benchlib import prompt_ids
+
 import hybrid  # noqa: F401  (before torch: passive OpenMP waiting, see hybrid/__init__.py)
-
-
-def _prompt(n_vocab: int, n: int, seed: int = 0) -> list[int]:
-    import numpy as np
-
-    return np.random.default_rng(seed).integers(3, n_vocab, n).tolist()
 
 
 def _decode_tok_s(rt, prompt, n):
@@ -88,7 +84,7 @@ def main(argv=None) -> int:
     rt, load_s = _load(path, a.threads, ctx, measure_gpu_idle=True)
     print(f"loaded in {load_s:.1f} s; plan: {rt.plan.n_gpu_experts if hasattr(rt.plan, 'n_gpu_experts') else 0} "
           f"hot experts, GPU weights {getattr(rt.plan, 'gpu_weight_format', '?')}")
-    prompt = _prompt(rt.n_vocab, 64)
+    prompt = prompt_ids(rt.n_vocab, 64)
     _decode_tok_s(rt, prompt[:8], 4)   # warm-up, captures the first graphs
     res = {"graphs+overlap": [], "eager+overlap": [], "eager, no overlap": []}
     decoder = rt.decoder
@@ -132,7 +128,7 @@ def main(argv=None) -> int:
         pp = {}
         for name, thr in (("GPU prefill", a.gpu_prefill_tokens), ("CPU experts", None)):
             rt, _ = _load(path, a.threads, ctx, gpu_prefill_tokens=thr)
-            p = _prompt(rt.n_vocab, n, seed=n)
+            p = prompt_ids(rt.n_vocab, n, seed=n)
             _decode_tok_s(rt, p[:16], 1)
             pp[name] = [_decode_tok_s(rt, p, 1)[1] for _ in range(max(1, a.runs - 1))]
             rt.close()

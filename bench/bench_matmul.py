@@ -11,22 +11,16 @@ interleaved and each figure is the median, since these machines are shared and n
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from benchlib import timed  # noqa: E402
 from quantdata import random_rows  # noqa: E402
 
 from hybrid import _native  # noqa: E402
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main(argv=None):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from benchlib import add_expert_args  # noqa: E402
 from test_numa import write_expert_gguf  # noqa: E402
 
 from hybrid import _native  # noqa: E402
@@ -29,15 +30,8 @@ from hybrid.numa import PlacedExperts, node_groups  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--d", type=int, default=2048)
-    ap.add_argument("--f", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=2)
+    add_expert_args(ap)
     ap.add_argument("--partitions", type=int, default=2, help="logical partitions when there is one node")
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args(argv)
 
     from placement.hardware import detect

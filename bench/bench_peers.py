@@ -47,6 +47,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from benchlib import add_expert_args, timed  # noqa: E402
 from quantdata import random_rows  # noqa: E402
 
 from hybrid import _native  # noqa: E402
@@ -246,23 +247,10 @@ def rel_err(y, ref) -> float:
     return float((y - ref).norm() / ref.norm())
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--d", type=int, default=2048)
-    ap.add_argument("--f", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=6)
+    add_expert_args(ap)
     ap.add_argument("--types", default="Q4_K,Q4_K,Q6_K", help="gate,up,down GGML types")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=40, help="decode calls per run")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--kt-threads", default=None,
                     help="kt-kernel pool sizes to time, comma-separated (default: THREADS and THREADS-1, "
