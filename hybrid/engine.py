@@ -851,7 +851,7 @@ class Runtime:
         """Run tokens after the cached sequence; returns logits float32 on the device."""
         T = tokens.numel()
         self.cache.check_room(T)
-        self._set_torch_threads(T)
+        self._set_threads_for(T)
         pos0 = self.cache.length
         timer = self.gpu_timer if T == 1 else None
         if timer is not None:
@@ -877,7 +877,8 @@ class Runtime:
     # and torch's threads need the cores: the default applies there.
     decode_spin_us = 2000
 
-    def _set_torch_threads(self, T: int) -> None:
+    def _set_threads_for(self, T: int) -> None:
+        """Torch's thread count and the engine workers' spin for a call of T tokens."""
         decode = T <= self._single_thread_tokens
         n = 1 if decode else self.threads
         if n != self._torch_threads:

@@ -368,13 +368,7 @@ PYBIND11_MODULE(_native, m) {
                 b = py::array_t<float, py::array::c_style>::ensure(bias);
                 if (!b || b.ndim() != 1 || b.shape(0) != E) bad("bias: expected float32 [" + std::to_string(E) + "]");
             }
-            route_params p;
-            p.gating = gating;
-            p.n_group = n_group;
-            p.n_group_used = n_group_used;
-            p.K = k;
-            p.norm = norm;
-            p.scale = scale;
+            const route_params p{gating, n_group, n_group_used, k, norm, scale};
             moe_route(logits.data(), T, E, bias.is_none() ? nullptr : b.data(), p, ids.mutable_data(),
                       weights.mutable_data());
         },

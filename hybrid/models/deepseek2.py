@@ -457,7 +457,7 @@ class Router:
     def __call__(self, h: torch.Tensor):
         a = self.args
         logits = h.float() @ self.gate_inp.t()                             # [T, E]
-        if self.select is not None and logits.device.type == "cpu":
+        if self.select is not None:
             return self.select(logits)
         if a.gating_func == GATING_SIGMOID:
             probs = torch.sigmoid(logits)
