@@ -1,4 +1,7 @@
-// Routed-expert engine. One forward = for each chunk of tokens, four phases on the pool:
+// Routed-expert engine. One forward = for each part (the routed layer, then optionally a
+// one-expert layer added for every token: the shared experts) and each chunk of tokens,
+// four phases on the pool; items are handed out by range_counter (each worker streams its
+// own contiguous share first):
 //   A quantize x rows (once, reused by gate and up)        all workers, split by token
 //   B fused gate/up + SiLU*mul into h[slot, F]             each partition its own F rows,
 //                                                          items = (expert, 16-128 rows, 64 slots)
