@@ -74,6 +74,7 @@ static float dot_q8_0(int64_t n, const void* w, const void* a) {
     const block_q8_32* y = (const block_q8_32*)a;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
         const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
         const __m256i qy = _mm256_loadu_si256((const __m256i*)y[b].qs);
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(qx, qx),
@@ -89,6 +90,7 @@ static float dot_q4_0(int64_t n, const void* w, const void* a) {
     __m256 acc = _mm256_setzero_ps();
     float offset = 0.f;
     for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
         const float d = h2f(x[b].d) * y[b].d;
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles_32(x[b].qs),
                                               _mm256_loadu_si256((const __m256i*)y[b].qs));
@@ -104,6 +106,7 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
     __m256 acc = _mm256_setzero_ps();
     float offset = 0.f;
     for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
         uint32_t qh;
         std::memcpy(&qh, x[b].qh, 4);
         const float d = h2f(x[b].d) * y[b].d;
@@ -130,14 +133,15 @@ static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, i
                                int qh_off, const block_q8_K* y) {
     const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
     __m512 acc = _mm512_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
+    __m256 acc_m = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t* blk = base + b * stride;
+        prefetch_block(blk, stride);
         uint16_t dh, mh;
         std::memcpy(&dh, blk, 2);
         std::memcpy(&mh, blk + 2, 2);
         const __m128i sm = scales_mins_k4(blk + 4);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(y[b].d * h2f(mh)), _mm_cvtepi32_ps(k4_min_products(sm, y[b].bsums)), acc_m);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * h2f(mh)), _mm256_cvtepi32_ps(k4_min_products(sm, y[b].bsums)), acc_m);
         const uint8_t* qs = blk + qs_off;
         const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
         const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
@@ -156,7 +160,7 @@ static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, i
         }
         acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * h2f(dh)), _mm512_cvtepi32_ps(sumi), acc);
     }
-    return reduce_add(acc) - hsum_ps_128(acc_m);
+    return reduce_add(acc) - hsum_ps(acc_m);
 }
 
 static float dot_q4_K(int64_t n, const void* w, const void* a) {
@@ -182,6 +186,7 @@ static float dot_q6_K(int64_t n, const void* w, const void* a) {
     const __m512i idx1 = _mm512_load_si512((const void*)k_q6_scale_idx[1]);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q6_K));
         __m512i sumi = _mm512_setzero_si512();
         for (int half = 0; half < 2; half++) {
             __m256i q[4];

@@ -39,6 +39,14 @@ static inline int hsum_epi32_128(__m128i v) {
     return _mm_cvtsi128_si32(v);
 }
 
+// Weight rows are streamed from DRAM once per token: every dot prefetches the lines of the
+// block kPrefetchAhead bytes ahead of the one it computes (common.h). Past the end of a row
+// that is the next rows, which the same worker reads next; past a buffer's end prefetches
+// are dropped, never fault.
+static inline void prefetch_block(const uint8_t* blk, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char*)blk + kPrefetchAhead + o, _MM_HINT_T0);
+}
+
 // 32 bytes: 0x10 where bit j of `bits` is set, else 0 (the 5th bit of Q5_0 quants).
 static inline __m256i bits_to_0x10(uint32_t bits) {
     const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
@@ -442,6 +450,7 @@ static float dot_q8_0(int64_t n, const void* w, const void* a) {
     const block_q8_32* y = (const block_q8_32*)a;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);  // blocks < 64 B: one line each
         const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
         const __m256i qy = _mm256_loadu_si256((const __m256i*)y[b].qs);
         // signed x signed through maddubs: |x| times y with x's sign moved onto y
@@ -457,6 +466,7 @@ static float dot_q4_0(int64_t n, const void* w, const void* a) {
     __m256 acc = _mm256_setzero_ps();
     float offset = 0.f;
     for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
         const float d = h2f(x[b].d) * y[b].d;
         const __m256i p = dot_u8s8_32(nibbles_32(x[b].qs), _mm256_loadu_si256((const __m256i*)y[b].qs));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
@@ -471,6 +481,7 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
     __m256 acc = _mm256_setzero_ps();
     float offset = 0.f;
     for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
         uint32_t qh;
         std::memcpy(&qh, x[b].qh, 4);
         const float d = h2f(x[b].d) * y[b].d;
@@ -485,27 +496,27 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
 // ---------------------------------------------------------------- dots: K-quants (AVX2)
 
 // The 8 scales (bytes 0-7) and 8 mins (bytes 8-15) of a Q4_K / Q5_K block, as
-// unpack_scales_mins_k4 gives them, built in a register: through a 16-byte stack array the
-// 8-byte vector loads that follow spanned two 4-byte stores each, which store forwarding
-// cannot serve (an L2-resident Q4_K dot ran at ~0.6 of Q8_0's bytes/s on one thread).
+// unpack_scales_mins_k4 gives them, from the 12 packed bytes at s, in vector registers (one
+// 16-byte load: the 4 bytes after the scales are the block's own quants). Through a stack
+// array the vector loads that followed spanned two scalar stores each, which store
+// forwarding cannot serve; in scalar registers it cost ~20 uops a block.
 static inline __m128i scales_mins_k4(const uint8_t* s) {
-    uint32_t a0, a1, a2;
-    std::memcpy(&a0, s, 4);
-    std::memcpy(&a1, s + 4, 4);
-    std::memcpy(&a2, s + 8, 4);
-    return _mm_setr_epi32((int)(a0 & 0x3f3f3f3fu),                                          // sc 0..3
-                          (int)((a2 & 0x0f0f0f0fu) | (((a0 >> 6) & 0x03030303u) << 4)),     // sc 4..7
-                          (int)(a1 & 0x3f3f3f3fu),                                          // m 0..3
-                          (int)(((a2 >> 4) & 0x0f0f0f0fu) | (((a1 >> 6) & 0x03030303u) << 4)));  // m 4..7
+    const __m128i raw = _mm_loadu_si128((const __m128i*)s);             // a0 a1 a2 (a3: quants)
+    const __m128i x = _mm_shuffle_epi32(raw, _MM_SHUFFLE(2, 1, 2, 0));  // a0 a2 a1 a2
+    // sc 0..3 = a0 & 63 | sc 4..7 = a2 & 15 | m 0..3 = a1 & 63 | m 4..7 = (a2 >> 4) & 15
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(x, _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    // the top two bits of sc 4..7 / m 4..7 are bits 6-7 of a0 / a1, moved to bits 4-5
+    const __m128i y = _mm_shuffle_epi32(raw, _MM_SHUFFLE(1, 1, 0, 0));  // a0 a0 a1 a1
+    const __m128i high = _mm_and_si128(_mm_srli_epi32(y, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    return _mm_or_si128(low, high);
 }
 
 // m[j] * (bsums[2j] + bsums[2j+1]) for the 8 mins of a Q4_K / Q5_K block (sm from
-// scales_mins_k4), as 4 int32 lanes (summed once per row, not per block).
-static inline __m128i k4_min_products(__m128i sm, const int16_t* bsums) {
-    const __m128i b0 = _mm_loadu_si128((const __m128i*)bsums);
-    const __m128i b1 = _mm_loadu_si128((const __m128i*)(bsums + 8));
-    const __m128i pairs = _mm_hadd_epi16(b0, b1);  // 8 x int16 sub-block sums
-    return _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)), pairs);
+// scales_mins_k4), as 8 int32 lanes: each min doubled against the 16 bsums in one madd.
+static inline __m256i k4_min_products(__m128i sm, const int16_t* bsums) {
+    const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+    return _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i*)bsums));
 }
 
 // pshufb masks broadcasting int16 word k of each 128-bit lane to the whole lane: k_word[k].
@@ -535,21 +546,14 @@ static inline void dot_k4_rows(int64_t n, const uint8_t* base, int64_t stride, i
                                const block_q8_K* const* ys, float* out) {
     const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
     __m256 acc[R];
-    __m128 acc_m[R];
-    for (int r = 0; r < R; r++) {
-        acc[r] = _mm256_setzero_ps();
-        acc_m[r] = _mm_setzero_ps();
-    }
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t* blk = base + b * stride;
-        uint16_t dh, mh;
-        std::memcpy(&dh, blk, 2);
-        std::memcpy(&mh, blk + 2, 2);
+        prefetch_block(blk, stride);
         const __m128i sm = scales_mins_k4(blk + 4);
-        const float dw = h2f(dh), mw = h2f(mh);
-        for (int r = 0; r < R; r++)
-            acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(ys[r][b].d * mw),
-                                    _mm_cvtepi32_ps(k4_min_products(sm, ys[r][b].bsums)), acc_m[r]);
+        uint32_t d_dmin;  // fp16 d and dmin -> d dmin d dmin ... as floats
+        std::memcpy(&d_dmin, blk, 4);
+        const __m256 dm = _mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin));
         const uint8_t* qs = blk + qs_off;
         const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
         // the 8 scales as int16 in both lanes; word_bcast picks one per sub-block
@@ -573,10 +577,14 @@ static inline void dot_k4_rows(int64_t n, const uint8_t* base, int64_t stride, i
                 sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
             }
         }
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        for (int r = 0; r < R; r++) {
+            const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&ys[r][b].d));  // yd*d yd*dmin ...
+            acc[r] = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55),
+                                      _mm256_cvtepi32_ps(k4_min_products(sm, ys[r][b].bsums)), acc[r]);
+        }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]) - hsum_ps_128(acc_m[r]);
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
 }
 
 static float dot_q4_K(int64_t n, const void* w, const void* a) {
@@ -615,6 +623,7 @@ static inline void dot_q6_K_rows(int64_t n, const block_q6_K* x, const block_q8_
     __m256 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q6_K));
         __m256i sumi[R];
         for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int half = 0; half < 2; half++) {
