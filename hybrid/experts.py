@@ -248,16 +248,35 @@ class NativeExperts:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         T = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 0
         step = self.engine.max_tokens
-        if (0 < T <= step and x.dtype == torch.float32 and ids.dtype == torch.int64
-                and weights.dtype == torch.float32 and x.device.type == "cpu"
-                and ids.device.type == "cpu" and weights.device.type == "cpu"
-                and x.is_contiguous() and ids.is_contiguous() and weights.is_contiguous()
-                and self.engine._pending is None):
-            # decode's common case: staging and result copies inside the one native call
-            out = torch.empty(T, self.engine.d_model)
-            self.engine._eng.forward_arrays(self.layer, x.numpy(), ids.numpy(), weights.numpy(),
-                                            out.numpy(), self.shared_layer)
-            return out
+        if 0 < T <= step and self.engine._pending is None:
+            out = self._forward_arrays(x, ids, weights)
+            if out is not None:
+                return out
+        if T <= step:
+            return self.engine.forward(self.layer, x, ids, weights, self.shared_layer)
+        _check_inputs(x, ids, weights, self.engine.d_model, self.engine.max_k)
+        return torch.cat([self.engine.forward(self.layer, x[t0:t0 + step], ids[t0:t0 + step],
+                                              weights[t0:t0 + step], self.shared_layer)
+                          for t0 in range(0, T, step)])
+
+    def _forward_arrays(self, x, ids, weights) -> torch.Tensor | None:
+        """Decode's common case, float32 x / weights and int64 ids, contiguous on the CPU:
+        staging and result copies inside one native call. None for any other input, before
+        any work: numpy() refuses GPU, bfloat16 and autograd tensors (and non-tensors have
+        none), the binding's strict
+        array types refuse other dtypes and layouts. Asking instead (dtype, device and
+        contiguity of three tensors) cost ~30-60 us a call: the expert stream has evicted
+        torch's code and data from the caches by then."""
+        try:
+            arrays = (x.numpy(), ids.numpy(), weights.numpy())
+        except (TypeError, RuntimeError, AttributeError):  # AttributeError: not tensors
+            return None
+        out = torch.empty(x.shape[0], self.engine.d_model)
+        try:
+            self.engine._eng.forward_arrays(self.layer, *arrays, out.numpy(), self.shared_layer)
+        except TypeError:  # pybind11: the arrays' dtypes or layouts do not match
+            return None
+        return out
         if T <= step:
             return self.engine.forward(self.layer, x, ids, weights, self.shared_layer)
         _check_inputs(x, ids, weights, self.engine.d_model, self.engine.max_k)

@@ -477,8 +477,10 @@ PYBIND11_MODULE(_native, m) {
                 }
                 std::copy_n(e.y(), T * e.d_model(), op);
             },
-            py::arg("layer"), py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("out").noconvert(),
-            py::arg("shared_layer") = -1,
+            // noconvert: arrays of other dtypes or layouts raise TypeError (the caller's cue to
+            // take the general path) instead of being copied
+            py::arg("layer"), py::arg("x").noconvert(), py::arg("ids").noconvert(), py::arg("weights").noconvert(),
+            py::arg("out").noconvert(), py::arg("shared_layer") = -1,
             "forward of float32 x [T, D], int64 ids / float32 weights [T, K] into out [T, D], staging included")
         .def_property_readonly("busy", &MoEEngine::busy)
         .def_property_readonly("n_layers", &MoEEngine::n_layers)

@@ -123,6 +123,7 @@ def test_submit_is_asynchronous_and_matches_call(expert_sets):
     layer = experts.add_to(engine)
     want = layer(x, ids, w)           # float32 / int64 on the CPU: one native call
     assert torch.equal(layer(x, ids.int(), w), want)   # int32 ids: the staged path
+    assert torch.equal(layer(x.clone().requires_grad_(), ids, w), want)  # numpy() refuses: staged
     seen_busy = False
     for _ in range(5):
         layer.submit(x, ids, w)
@@ -175,6 +176,7 @@ def test_bad_input_raises_value_error_naming_the_argument(expert_sets):
         ((x, torch.zeros(4, 2, dtype=torch.int64), w), "ids"),
         ((x, torch.zeros(3, 5, dtype=torch.int64), torch.ones(3, 5)), "ids"),
         ((x, torch.zeros(3, 2), w), "ids"),
+        ((x, np.zeros((3, 2), np.int64), w), "ids"),
         ((x, torch.zeros(2, 3, dtype=torch.int64).t(), w), "ids"),
         ((x, torch.full((3, 2), 8, dtype=torch.int64), w), "ids"),
         ((x, ids, torch.ones(3, 3)), "weights"),
