@@ -77,8 +77,12 @@ def main(argv=None):
         dec.append(decode_run())
         bw.append(read_run())
     dec_gbs, bw_gbs = statistics.median(dec) / 1e9, statistics.median(bw) / 1e9
+    # each decode run next to its probe run: the median of those ratios is the steadier
+    # figure when the machine's speed drifts between runs
+    paired = statistics.median(d / b for d, b in zip(dec, bw))
     print(f"decode: {dec_gbs:.1f} GB/s of expert bytes, read bandwidth {bw_gbs:.1f} GB/s, "
-          f"ratio {dec_gbs / bw_gbs:.2f}; {1e3 * per_expert * K / (dec_gbs * 1e9):.2f} ms per layer-token")
+          f"ratio {dec_gbs / bw_gbs:.2f} (median of per-run ratios {paired:.2f}); "
+          f"{1e3 * per_expert * K / (dec_gbs * 1e9):.2f} ms per layer-token")
 
     if args.prefill > 1:
         T = args.prefill
