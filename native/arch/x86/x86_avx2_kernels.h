@@ -520,22 +520,23 @@ static inline __m256i k4_min_products(__m128i sm, const int16_t* bsums) {
 }
 
 // pshufb masks broadcasting int16 word k of each 128-bit lane to the whole lane: k_word[k].
-// Q6_K uses them with a different word per lane: k_word2[i] takes word 2i in the low lane and
-// word 2i+1 in the high lane.
+// Q6_K takes a different word per lane: k_word2[i] broadcasts word 2i in the low lane and
+// word 2i+1 in the high lane (a table of its own: blending two k_word rows cost a uop each).
+#define HYBRID_W(k) 2 * (k), 2 * (k) + 1, 2 * (k), 2 * (k) + 1, 2 * (k), 2 * (k) + 1, 2 * (k), 2 * (k) + 1, \
+                    2 * (k), 2 * (k) + 1, 2 * (k), 2 * (k) + 1, 2 * (k), 2 * (k) + 1, 2 * (k), 2 * (k) + 1
 alignas(32) static const uint8_t k_word[8][32] = {
-#define W(k) {2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, \
-              2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, \
-              2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1, 2 * k, 2 * k + 1}
-    W(0), W(1), W(2), W(3), W(4), W(5), W(6), W(7)
-#undef W
+    {HYBRID_W(0), HYBRID_W(0)}, {HYBRID_W(1), HYBRID_W(1)}, {HYBRID_W(2), HYBRID_W(2)}, {HYBRID_W(3), HYBRID_W(3)},
+    {HYBRID_W(4), HYBRID_W(4)}, {HYBRID_W(5), HYBRID_W(5)}, {HYBRID_W(6), HYBRID_W(6)}, {HYBRID_W(7), HYBRID_W(7)},
 };
+alignas(32) static const uint8_t k_word2[4][32] = {
+    {HYBRID_W(0), HYBRID_W(1)}, {HYBRID_W(2), HYBRID_W(3)}, {HYBRID_W(4), HYBRID_W(5)}, {HYBRID_W(6), HYBRID_W(7)},
+};
+#undef HYBRID_W
 static inline __m256i word_bcast(__m256i v, int k) {
     return _mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i*)k_word[k]));
 }
 static inline __m256i word_bcast2(__m256i v, int i) {
-    const __m256i lo = _mm256_load_si256((const __m256i*)k_word[2 * i]);
-    const __m256i hi = _mm256_load_si256((const __m256i*)k_word[2 * i + 1]);
-    return _mm256_shuffle_epi8(v, _mm256_blend_epi32(lo, hi, 0xF0));
+    return _mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i*)k_word2[i]));
 }
 
 // Q4_K and Q5_K share everything but the unpacking of quants (qh_off = 0 for Q4_K).
