@@ -172,19 +172,19 @@ static void dequant_q5_K(const void* src, float* y, int64_t n) {
         dequant_k4(x[b].qs, x[b].qh, x[b].scales, h2f(x[b].d), h2f(x[b].dmin), y);
 }
 
-// The four quarters (32 quants each, values 0..63) of one 128-half of a Q6_K block.
+// The four quarters (32 quants each, values 0..63) of one 128-half of a Q6_K block. Quarter
+// k's two high bits are bits 2k..2k+1 of qh: masked in place and moved to bits 4-5 with one
+// shift (none for k = 2; the mask keeps 16-bit shifts from crossing bytes).
 static inline void q6_quarters(const uint8_t* ql, const uint8_t* qh, __m256i q[4]) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), m3 = _mm256_set1_epi8(3);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
     const __m256i l0 = _mm256_loadu_si256((const __m256i*)ql);
     const __m256i l1 = _mm256_loadu_si256((const __m256i*)(ql + 32));
     const __m256i h = _mm256_loadu_si256((const __m256i*)qh);
-    q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
-    q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
-    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x03)), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(0x0C)), 2));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(h, _mm256_set1_epi8(0x30)));
     q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+                           _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
 }
 
 static void dequant_q6_K(const void* src, float* y, int64_t n) {
