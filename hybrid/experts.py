@@ -262,11 +262,10 @@ class NativeExperts:
     def _forward_arrays(self, x, ids, weights) -> torch.Tensor | None:
         """Decode's common case, float32 x / weights and int64 ids, contiguous on the CPU:
         staging and result copies inside one native call. None for any other input, before
-        any work: numpy() refuses GPU, bfloat16 and autograd tensors (and non-tensors have
-        none), the binding's strict
-        array types refuse other dtypes and layouts. Asking instead (dtype, device and
-        contiguity of three tensors) cost ~30-60 us a call: the expert stream has evicted
-        torch's code and data from the caches by then."""
+        any work: numpy() refuses GPU, bfloat16 and autograd tensors (non-tensors have no
+        numpy()), the binding's strict array types refuse other dtypes and layouts. Asking
+        instead (dtype, device and contiguity of three tensors) cost ~30-60 us a call: the
+        expert stream has evicted torch's code and data from the caches by then."""
         try:
             arrays = (x.numpy(), ids.numpy(), weights.numpy())
         except (TypeError, RuntimeError, AttributeError):  # AttributeError: not tensors
@@ -277,9 +276,3 @@ class NativeExperts:
         except TypeError:  # pybind11: the arrays' dtypes or layouts do not match
             return None
         return out
-        if T <= step:
-            return self.engine.forward(self.layer, x, ids, weights, self.shared_layer)
-        _check_inputs(x, ids, weights, self.engine.d_model, self.engine.max_k)
-        return torch.cat([self.engine.forward(self.layer, x[t0:t0 + step], ids[t0:t0 + step],
-                                              weights[t0:t0 + step], self.shared_layer)
-                          for t0 in range(0, T, step)])
