@@ -26,9 +26,10 @@ namespace {
 // Weight rows per work item: long contiguous runs for the prefetchers (the T=1 matmul went
 // from ~0.65 to ~0.8 of the read bandwidth with 128 instead of 16 rows), but at least 8
 // items per worker for balance.
+constexpr int64_t kMaxItemRows = 128;
 int64_t rows_per_item(int64_t rows, int threads) {
     const int64_t t = rows / (8 * (int64_t)threads) / 16 * 16;
-    return std::max<int64_t>(16, std::min<int64_t>(128, t));
+    return std::max<int64_t>(16, std::min<int64_t>(kMaxItemRows, t));
 }
 constexpr int64_t kSlots = 64;  // token slots per gate/up work item
 
@@ -165,30 +166,37 @@ void MoEEngine::run_part(moe_job& j, const moe_part& P, bool accumulate, int ith
             const int64_t n_e = begin[e + 1] - begin[e];
             const int64_t f0 = sl.f0 + (local % f_chunks) * rows_b, f1 = std::min(sl.f1, f0 + rows_b);
             const int64_t s0 = (local / f_chunks) * kSlots, s1 = std::min(n_e, s0 + kSlots);
+            // the item's activation rows and h rows, once for all its weight rows (a division
+            // per slot and row had cost prefill ~a third of its gate/up time)
+            const void *ag[kSlots], *au[kSlots];
+            float* hs[kSlots];
+            for (int64_t i = s0; i < s1; i++) {
+                const int64_t t = slots[i] / K;
+                ag[i - s0] = xq_gate + t * P.xg_bytes;
+                au[i - s0] = xq_up + t * xu_bytes;
+                hs[i - s0] = m.h_.data() + slots[i] * F;
+            }
+            const int64_t ns = s1 - s0;
+            // h values gather in a tile, row by row, and go to the slots' h rows at the end: the
+            // h rows are F floats apart (4 KiB for F = 1024), so storing into them row by row hit
+            // one L1 set with every slot and missed on nearly every store
+            float tile[kMaxItemRows * kSlots];
             for (int64_t f = f0; f < f1; f++) {
                 const uint8_t* grow = sl.gate.row(e, f);
                 const uint8_t* urow = sl.up.row(e, f);
-                int64_t i = s0;
+                float* hf = tile + (f - f0) * ns;
+                int64_t i = 0;
                 if (dot4_gate && dot4_up)  // unpack each weight block once for 4 slots
-                    for (; i + 4 <= s1; i += 4) {
-                        const void *ag[4], *au[4];
+                    for (; i + 4 <= ns; i += 4) {
                         float g[4], u[4];
-                        for (int r = 0; r < 4; r++) {
-                            const int64_t t = slots[i + r] / K;
-                            ag[r] = xq_gate + t * P.xg_bytes;
-                            au[r] = xq_up + t * xu_bytes;
-                        }
-                        dot4_gate(D, grow, ag, g);
-                        dot4_up(D, urow, au, u);
-                        for (int r = 0; r < 4; r++) m.h_[slots[i + r] * F + f] = silu(g[r]) * u[r];
+                        dot4_gate(D, grow, ag + i, g);
+                        dot4_up(D, urow, au + i, u);
+                        for (int r = 0; r < 4; r++) hf[i + r] = silu(g[r]) * u[r];
                     }
-                for (; i < s1; i++) {
-                    const int64_t s = slots[i], t = s / K;
-                    const float g = dot_gate(D, grow, xq_gate + t * P.xg_bytes);
-                    const float u = dot_up(D, urow, xq_up + t * xu_bytes);
-                    m.h_[s * F + f] = silu(g) * u;
-                }
+                for (; i < ns; i++) hf[i] = silu(dot_gate(D, grow, ag[i])) * dot_up(D, urow, au[i]);
             }
+            for (int64_t i = 0; i < ns; i++)
+                for (int64_t f = f0; f < f1; f++) hs[i][f] = tile[(f - f0) * ns + i];
         }
         m.pool_.barrier();
         // C: quantize the h rows of the slots in use
@@ -209,24 +217,31 @@ void MoEEngine::run_part(moe_job& j, const moe_part& P, bool accumulate, int ith
                 const int32_t e = m.active_[a];
                 const int32_t* slots = slot_list + begin[e];
                 const int64_t n_e = begin[e + 1] - begin[e];
-                for (int64_t d = d0; d < d1; d++) {
-                    const uint8_t* drow = sl.down.row(e, d);
-                    int64_t i = 0;
-                    if (dot4_down)
-                        for (; i + 4 <= n_e; i += 4) {
-                            const void* ah[4];
-                            float o[4];
-                            for (int r = 0; r < 4; r++) ah[r] = m.hq_.data() + slots[i + r] * P.hq_bytes;
-                            dot4_down(F, drow, ah, o);
-                            for (int r = 0; r < 4; r++) {
-                                const int64_t s = slots[i + r], t = s / K;
-                                y[t * m.d_model_ + d] += wts[s] * o[r];
-                            }
-                        }
-                    for (; i < n_e; i++) {
-                        const int64_t s = slots[i], t = s / K;
-                        y[t * m.d_model_ + d] += wts[s] * dot_down(F, drow, m.hq_.data() + s * P.hq_bytes);
+                // kSlots of this expert's slots at a time: their h rows, output rows and weights
+                // once for all rows d (per output element the slots still add in ascending order)
+                for (int64_t i0 = 0; i0 < n_e; i0 += kSlots) {
+                    const int64_t ns = std::min(kSlots, n_e - i0);
+                    const void* ah[kSlots];
+                    float* yo[kSlots];
+                    float ws[kSlots];
+                    for (int64_t i = 0; i < ns; i++) {
+                        const int64_t s = slots[i0 + i];
+                        ah[i] = m.hq_.data() + s * P.hq_bytes;
+                        yo[i] = y + (s / K) * m.d_model_;
+                        ws[i] = wts[s];
                     }
+                    // the dots gather in a tile first (see B: the output rows are D floats apart)
+                    float tile[kMaxItemRows * kSlots];
+                    for (int64_t d = d0; d < d1; d++) {
+                        const uint8_t* drow = sl.down.row(e, d);
+                        float* od = tile + (d - d0) * ns;
+                        int64_t i = 0;
+                        if (dot4_down)
+                            for (; i + 4 <= ns; i += 4) dot4_down(F, drow, ah + i, od + i);
+                        for (; i < ns; i++) od[i] = dot_down(F, drow, ah[i]);
+                    }
+                    for (int64_t i = 0; i < ns; i++)
+                        for (int64_t d = d0; d < d1; d++) yo[i][d] += ws[i] * tile[(d - d0) * ns + i];
                 }
             }
         }
