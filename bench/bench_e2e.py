@@ -74,6 +74,7 @@ class LlamaCpp:
                                    logits_all=False, verbose=False)
         self.load_s = time.perf_counter() - t0
         self.n_vocab = self.llm.n_vocab()
+        self._logits_ith = llama_cpp.llama_get_logits_ith
         self.info = f"llama-cpp-python {llama_cpp.__version__}"
 
     def run(self, prompt, n_decode):
@@ -91,9 +92,7 @@ class LlamaCpp:
 
     def _argmax_last(self) -> int:
         # with logits_all=False llm.scores stays zero: read the context's last logits row
-        import llama_cpp
-
-        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        row = self._logits_ith(self.llm.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(row, shape=(self.n_vocab,))))
 
     def close(self):

@@ -20,12 +20,6 @@ namespace x86 {
 // Hardware fp16 -> fp32 (F16C): exact, like the scalar fp16_to_fp32, but one instruction.
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
-static inline float hsum_ps_128(__m128 s) {
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
