@@ -25,7 +25,7 @@ from benchlib import add_expert_args  # noqa: E402
 from quantdata import random_rows  # noqa: E402
 
 from hybrid import _native  # noqa: E402
-from hybrid.experts import ExpertEngine  # noqa: E402
+from hybrid.backends.experts import ExpertEngine  # noqa: E402
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ from test_numa import write_expert_gguf  # noqa: E402
 
 from hybrid import _native  # noqa: E402
 from hybrid.gguf_file import GGUFFile  # noqa: E402
-from hybrid.numa import PlacedExperts, node_groups  # noqa: E402
+from hybrid.backends.numa import PlacedExperts, node_groups  # noqa: E402
 
 
 def main(argv=None):

@@ -51,7 +51,7 @@ from benchlib import add_expert_args, timed  # noqa: E402
 from quantdata import random_rows  # noqa: E402
 
 from hybrid import _native  # noqa: E402
-from hybrid.experts import ExpertEngine  # noqa: E402
+from hybrid.backends.experts import ExpertEngine  # noqa: E402
 
 # GGML type ids of the activations kt-kernel can take in and give back (hidden_type).
 _KT_HIDDEN = {"fp32": (0, torch.float32), "bf16": (30, torch.bfloat16)}

@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device="auto", threads=None, numa="off", ctx=4096, **kwargs):
-    """Load a GGUF model for inference; see hybrid.engine.Runtime."""
-    from hybrid.engine import load as _load
+    """Load a GGUF model for inference; see hybrid.runtime.engine.Runtime."""
+    from hybrid.runtime.engine import load as _load
 
     return _load(path, device=device, threads=threads, numa=numa, ctx=ctx, **kwargs)
 

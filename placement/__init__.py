@@ -24,7 +24,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # lazy: `import placement` stays free; hybrid.cli imports placement.cli only for --dry-run
+    # lazy: `import placement` stays free; hybrid.app.cli imports placement.cli only for --dry-run
     if name in _EXPORTS:
         import importlib
 

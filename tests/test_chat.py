@@ -11,10 +11,10 @@ import threading
 import time
 
 import pytest
-from hybrid.engine import GenerationStats
+from hybrid.runtime.engine import GenerationStats
 from subproc import NEUTRAL_CWD, hybrid_env
 
-from hybrid.chat import (Chat, Generation, ReplyPrinter, ThinkSplitter, fit_messages,
+from hybrid.app.chat import (Chat, Generation, ReplyPrinter, ThinkSplitter, fit_messages,
                          prompt_opens_think, quiet_stderr, stream_in_worker)
 
 
@@ -96,7 +96,7 @@ def test_think_splitter_when_the_model_opens_the_block_or_never_thinks():
 
 
 def test_r1_generation_prompt_opens_the_think_block(tiny_q4km):
-    from hybrid.tokenizer import Tokenizer
+    from hybrid.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(tiny_q4km)
     try:
@@ -267,7 +267,7 @@ def test_interactive_chat_in_a_pty(tiny_q4km, tmp_path):
     env = hybrid_env(PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm",
                HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
     env.pop("NO_COLOR", None)
-    child = pexpect.spawn(sys.executable, ["-m", "hybrid.cli", str(tiny_q4km), "--device", "cpu",
+    child = pexpect.spawn(sys.executable, ["-m", "hybrid.app.cli", str(tiny_q4km), "--device", "cpu",
                                            "--ctx", "4096", "--max-tokens", "12", "--temperature", "0"],
                           env=env, cwd=NEUTRAL_CWD, encoding="utf-8", timeout=120, dimensions=(50, 200))
     log = io.StringIO()

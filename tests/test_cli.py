@@ -10,14 +10,14 @@ import pytest
 from subproc import NEUTRAL_CWD, hybrid_env
 
 from hybrid import __version__
-from hybrid.cli import _dry_run_argv, main, model_id
+from hybrid.app.cli import _dry_run_argv, main, model_id
 
 
 
 def hybrid_run(*args, stdin=None, timeout=300, env=None):
     e = hybrid_env(**(env or {}))
     e.pop("NO_COLOR", None)
-    return subprocess.run([sys.executable, "-m", "hybrid.cli", *map(str, args)], input=stdin,
+    return subprocess.run([sys.executable, "-m", "hybrid.app.cli", *map(str, args)], input=stdin,
                           capture_output=True, text=True, timeout=timeout, env=e, cwd=NEUTRAL_CWD)
 
 
@@ -50,10 +50,10 @@ def test_unsupported_architecture(tmp_path):
 
     from hybrid.fixtures import encode_kv, write_gguf
 
-    kv = [encode_kv("general.architecture", VT.STRING, "llama"), encode_kv("llama.block_count", VT.UINT32, 1)]
-    p = write_gguf(tmp_path / "llama.gguf", b"".join(kv), len(kv), [], None)
+    kv = [encode_kv("general.architecture", VT.STRING, "mamba"), encode_kv("mamba.block_count", VT.UINT32, 1)]
+    p = write_gguf(tmp_path / "mamba.gguf", b"".join(kv), len(kv), [], None)
     r = hybrid_run(p, "--serve")
-    assert_one_line_error(r, "'llama' is not supported", "deepseek2", code=2)
+    assert_one_line_error(r, "'mamba' is not supported", "deepseek2", "qwen3moe", "glm4moe", code=2)
 
 
 def test_a_model_that_does_not_fit(tiny_q4km):
@@ -150,7 +150,7 @@ def test_dry_run_goes_to_the_placement_cli(tiny_q4km, capsys):
 def test_demo_builds_once_and_reports_speed(tmp_path, monkeypatch, capsys):
     """--demo end to end, on the tests' tiny config so that it runs in seconds."""
     import llama_cpp  # noqa: F401
-    from hybrid import demo
+    from hybrid.app import demo
     from hybrid.fixtures import TinyConfig
 
     monkeypatch.setenv("HYBRID_CACHE_DIR", str(tmp_path / "cache"))
@@ -176,7 +176,7 @@ def test_no_hugepages_reaches_the_loader(tiny_q4km, monkeypatch):
     import io
 
     import hybrid
-    from hybrid import cli
+    from hybrid.app import cli
 
     seen = {}
 

@@ -210,8 +210,9 @@ def test_mtp_blocks_are_not_part_of_the_trunk(tiny_f32):
 
 
 def test_unsupported_architecture_is_a_clear_error():
-    with pytest.raises(UnsupportedArchitectureError, match="llama.*supported: deepseek2"):
-        get_model_module("llama", source="x.gguf")
+    with pytest.raises(UnsupportedArchitectureError,
+                       match="x.gguf: architecture 'mamba'.*supported: deepseek2, glm4moe, llama, qwen2moe, qwen3moe"):
+        get_model_module("mamba", source="x.gguf")
 
 
 def test_missing_metadata_names_the_key(tiny_f32):
@@ -351,7 +352,7 @@ def test_matches_llama_cpp(tiny_gguf, ftype, variant):
     issue's bounds, per-position cosine >= 0.999 at every position and top-1 >= 98%.
 
     They hold because the fixture routes decisively and has peaked next-token distributions,
-    as a trained model does (hybrid/fixtures.py, planted traits): with purely random weights
+    as a trained model does (hybrid/fixtures/, planted traits): with purely random weights
     llama.cpp's own 8-bit activation rounding flips near-tied expert choices and top-1s
     (llama.cpp on the Q8_0 file vs on the F32 file: min cosine 0.82).
     Measured, correct: min cosine >= 0.99959 (Q4_K_M) and >= 0.99979 (Q8_0) over the

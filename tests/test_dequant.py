@@ -1,11 +1,11 @@
-"""hybrid.dequant vs gguf.quants.dequantize (numpy reference): bit-exact, every type."""
+"""hybrid.backends.dequant vs gguf.quants.dequantize (numpy reference): bit-exact, every type."""
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from hybrid import dequant as dq
+from hybrid.backends import dequant as dq
 from hybrid.gguf_file import GGUFFile
 
 ALL_TYPES = sorted(dq.SUPPORTED_TYPES)

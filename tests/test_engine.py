@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.engine import MinimalPlan
-from hybrid.sampling import Sampler, SamplingParams
+from hybrid.runtime.loader import MinimalPlan
+from hybrid.runtime.sampling import Sampler, SamplingParams
 
 # ----------------------------------------------------------------------------- sampling
 
@@ -189,8 +189,9 @@ def test_quant_linear_matches_dequantized_torch():
     import hybrid._native  # noqa: F401
     import gguf
 
-    from hybrid import dequant
-    from hybrid.engine import QuantLinear, TorchLinear
+    from hybrid.backends import dequant
+    from hybrid.backends.native import QuantLinear
+    from hybrid.runtime.loader import TorchLinear
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 256)).astype(np.float32)
@@ -210,10 +211,10 @@ def test_hot_expert_split_equals_all_on_one_side(tiny_f32):
     """Plan-assigned hot experts computed by torch (on the device; here the CPU) plus the CPU
     engine skipping them equal all experts computed in one place."""
     import hybrid._native  # noqa: F401
-    from hybrid.experts import ExpertEngine
+    from hybrid.backends.experts import ExpertEngine
     from hybrid.gguf_file import GGUFFile
-    from hybrid.gpu import Bridge, OverlappedExperts
-    from hybrid.torch_experts import TorchExperts
+    from hybrid.backends.gpu import Bridge, OverlappedExperts
+    from hybrid.backends.torch_experts import TorchExperts
 
     with GGUFFile(tiny_f32) as g:
         layer = 1
@@ -272,7 +273,7 @@ def test_bf16_layout_and_overlapped_experts_agree_with_f32(tiny_f32):
     before the shared expert and waited for after, through the staging Bridge), exercised
     on the CPU."""
     import hybrid._native  # noqa: F401
-    from hybrid.gpu import OverlappedExperts
+    from hybrid.backends.gpu import OverlappedExperts
 
     toks = np.random.default_rng(5).integers(3, 500, 48).tolist()
     with hybrid.load(tiny_f32, device="cpu", threads=2, ctx=64) as r:

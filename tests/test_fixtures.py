@@ -92,7 +92,7 @@ def test_mla_split_layout_is_the_same_network(tiny_gguf):
 
 
 def test_planted_traits_make_it_look_trained(tiny_f32):
-    """What lets two correct implementations agree to the last token (hybrid/fixtures.py):
+    """What lets two correct implementations agree to the last token (hybrid/fixtures/):
     a token's own embedding routes with clear margins and predicts one text token clearly."""
     cfg = TinyConfig()
     K, G, Gu = cfg.n_expert_used, cfg.n_group, cfg.n_group_used

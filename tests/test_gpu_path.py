@@ -1,4 +1,4 @@
-"""The GPU half (hybrid/gpu.py) on the CPU, and on CUDA where there is one.
+"""The GPU half (hybrid/backends/gpu.py) on the CPU, and on CUDA where there is one.
 
 gpu_paths=True runs the GPU code with the CPU as the device: overlapped experts through the
 staging bridge, hot experts from the Plan, the segmented fixed-shape decode step that CUDA
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.engine import MinimalPlan
+from hybrid.runtime.loader import MinimalPlan
 
 import hybrid._native  # noqa: E402,F401  (built with the package: missing must fail)
 
@@ -43,7 +43,7 @@ def cpu_ref(q4):
 
 
 def test_gpu_path_on_cpu_equals_the_cpu_path(q4, cpu_ref):
-    from hybrid.gpu import OverlappedExperts
+    from hybrid.backends.gpu import OverlappedExperts
 
     with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True) as r:
         moe = [b.ffn.experts for b in r.model.blocks[r.args.n_dense_lead:]]
@@ -55,7 +55,7 @@ def test_gpu_path_on_cpu_equals_the_cpu_path(q4, cpu_ref):
 
 
 def test_routed_experts_are_submitted_before_the_shared_expert(q4, monkeypatch):
-    from hybrid.gpu import OverlappedExperts
+    from hybrid.backends.gpu import OverlappedExperts
 
     calls = []
     with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True,
@@ -87,7 +87,7 @@ def test_segmented_static_decode_equals_eager(q4, cpu_ref):
 
 
 def test_kv_buckets():
-    from hybrid.gpu import kv_buckets
+    from hybrid.backends.gpu import kv_buckets
 
     assert kv_buckets(4096) == [256, 512, 1024, 2048, 4096]
     assert kv_buckets(300) == [256, 300]
@@ -126,7 +126,7 @@ def test_expert_stats_round_trip_into_the_planner(q4, tmp_path):
     from placement.inventory import from_gguf
     from placement.solver import choose_gpu_experts, load_expert_stats
 
-    from hybrid.stats import ExpertStats
+    from hybrid.runtime.stats import ExpertStats
 
     path = tmp_path / "stats.json"
     with hybrid.load(q4, device="cpu", threads=2, ctx=64, record_expert_stats=True) as r:
@@ -158,7 +158,7 @@ def test_cli_saves_expert_stats(q4, tmp_path):
     out = tmp_path / "s.json"
     from subproc import NEUTRAL_CWD, hybrid_env
 
-    r = subprocess.run([sys.executable, "-m", "hybrid.cli", str(q4), "--device", "cpu", "--ctx",
+    r = subprocess.run([sys.executable, "-m", "hybrid.app.cli", str(q4), "--device", "cpu", "--ctx",
                         "64", "--threads", "2", "-p", "hello", "--raw", "--max-tokens", "3",
                         "--temperature", "0", "--save-expert-stats", str(out)],
                        capture_output=True, text=True, timeout=300, env=hybrid_env(), cwd=NEUTRAL_CWD)
@@ -174,9 +174,9 @@ def test_cli_saves_expert_stats(q4, tmp_path):
 def test_jit_dequant_linear_equals_the_bf16_linear(qtype):
     import gguf
 
-    from hybrid import dequant
-    from hybrid.engine import TorchLinear
-    from hybrid.gpu import DequantLinear
+    from hybrid.backends import dequant
+    from hybrid.runtime.loader import TorchLinear
+    from hybrid.backends.gpu import DequantLinear
 
     from quantdata import random_rows
 
@@ -341,7 +341,7 @@ def test_cuda_overlap_idle_timer_and_prefill_offload(q4):
 def test_cuda_jit_dequant_equals_cpu():
     from quantdata import random_rows
 
-    from hybrid.gpu import DequantLinear
+    from hybrid.backends.gpu import DequantLinear
 
     rng = np.random.default_rng(2)
     q = random_rows(12, 64, 512, rng)

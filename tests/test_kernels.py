@@ -134,7 +134,7 @@ def test_batched_matmul_equals_one_call_per_matrix(isa, shared_x):
     """w [B, N, row_bytes] (the per-head up-projections of MLA): each product is exactly the
     single-matrix call, whether every matrix has its own x [B, T, K] or all share x [T, K],
     on the shared pool and on an expert engine's workers."""
-    from hybrid.experts import ExpertEngine
+    from hybrid.backends.experts import ExpertEngine
 
     rng = np.random.default_rng(21)
     B, N, K, T = 5, 40, 128, 3

@@ -13,7 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from hybrid.experts import ExpertEngine
+from hybrid.backends.experts import ExpertEngine
 from quantdata import random_rows
 from test_kernels import isa, reference_weights  # noqa: F401  (isa is a fixture)
 

@@ -14,8 +14,8 @@ import torch
 
 import hybrid
 from hybrid import _native
-from hybrid.engine import NativeRouter
-from hybrid.kv_cache import ContextFullError
+from hybrid.backends.native import NativeRouter
+from hybrid.runtime.kv_cache import ContextFullError
 from hybrid.models.deepseek2 import GATING_SIGMOID, GATING_SOFTMAX, ModelArgs, Router
 
 
@@ -175,7 +175,7 @@ def test_shared_experts_ride_along_in_the_routed_call(rt):
     """On the CPU path the shared experts are a one-expert layer of the native engine that
     the routed experts' call computes too: exactly routed + shared as two calls and an add
     would give, and to float rounding what three native linears and torch's SiLU give."""
-    from hybrid.engine import QuantLinear
+    from hybrid.backends.native import QuantLinear
     from hybrid.models.deepseek2 import MoE
 
     moes = [(i, b.ffn) for i, b in enumerate(rt.model.blocks) if isinstance(b.ffn, MoE)]
@@ -204,7 +204,7 @@ def test_shared_experts_ride_along_in_the_routed_call(rt):
 
 
 def test_embedding_rows_come_from_the_native_dequantizer_exactly(rt):
-    from hybrid import dequant
+    from hybrid.backends import dequant
 
     e = rt.model.embed
     ids = torch.tensor([0, 3, rt.n_vocab - 1, 3])

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as QT, GGUFWriter
 
 from hybrid import _native
 from hybrid.gguf_file import GGUFFile
-from hybrid.numa import PlacedExperts, node_groups, numa_maps_policy
+from hybrid.backends.numa import PlacedExperts, node_groups, numa_maps_policy
 from quantdata import random_rows
 
 TYPES = (QT.Q4_K, QT.Q4_K, QT.Q6_K)

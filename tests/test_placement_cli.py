@@ -114,7 +114,7 @@ def test_lists(capsys):
 
 
 def test_hybrid_run_routes_dry_run(capsys):
-    from hybrid.cli import main as hybrid_main
+    from hybrid.app.cli import main as hybrid_main
 
     rc = hybrid_main(["--dry-run"] + R1 + BOX + ["--numa", "replicate"])
     out, _ = capsys.readouterr()

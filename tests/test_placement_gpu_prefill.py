@@ -223,7 +223,7 @@ def test_dry_run_flag(capsys):
 
 
 def test_hybrid_run_flag_parsing(capsys):
-    from hybrid.cli import build_parser, main
+    from hybrid.app.cli import build_parser, main
 
     assert build_parser().parse_args(["m.gguf", "--gpu-prefill-tokens", "64"]).gpu_prefill_tokens == 64
     assert build_parser().parse_args(["m.gguf"]).gpu_prefill_tokens is None
@@ -242,7 +242,7 @@ def test_hybrid_run_puts_the_flag_into_the_plan_and_load_gets_the_plans_value(ti
     import torch
 
     import hybrid
-    from hybrid import cli
+    from hybrid.app import cli
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     a = cli.build_parser().parse_args([str(tiny_q4km), "--gpu-mem", "48GiB", "--ctx", "64",
@@ -269,7 +269,7 @@ def test_hybrid_run_puts_the_flag_into_the_plan_and_load_gets_the_plans_value(ti
 
 
 def test_hybrid_run_without_gpu_ignores_the_flag_with_a_warning(tiny_q4km, caplog):
-    from hybrid import cli
+    from hybrid.app import cli
 
     a = cli.build_parser().parse_args([str(tiny_q4km), "--device", "cpu", "--ctx", "64",
                                        "--gpu-prefill-tokens", "8"])

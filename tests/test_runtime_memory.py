@@ -6,7 +6,7 @@ import gc
 import numpy as np
 import psutil
 
-from hybrid.demo import _config
+from hybrid.app.demo import _config
 from hybrid.fixtures import build
 
 
@@ -18,7 +18,7 @@ def test_cpu_rss_growth_matches_the_plan(fixture_cache):
     import llama_cpp  # noqa: F401
     import torch  # noqa: F401
 
-    import hybrid.engine  # noqa: F401
+    import hybrid.runtime.engine  # noqa: F401
     gc.collect()
     proc = psutil.Process()
     before = proc.memory_info().rss

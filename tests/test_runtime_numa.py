@@ -1,4 +1,4 @@
-"""The runtime applies the Plan's NUMA mode: routed experts placed by hybrid.numa, results
+"""The runtime applies the Plan's NUMA mode: routed experts placed by hybrid.backends.numa, results
 bit-identical to numa off, a rejected mode refused before anything loads, and the CLI's
 --numa / --threads reach the expert engine."""
 
@@ -61,7 +61,7 @@ def test_replicate_that_does_not_fit_is_refused_before_loading(q4, monkeypatch):
     def no_loading(*a, **k):
         raise AssertionError("experts were placed although the plan was refused")
 
-    monkeypatch.setattr("hybrid.numa.PlacedExperts", no_loading)
+    monkeypatch.setattr("hybrid.backends.numa.PlacedExperts", no_loading)
     with pytest.raises(ValueError, match="replicate") as e:
         hybrid.load(q4, threads=2, plan=rep)
     msg = str(e.value)
@@ -76,7 +76,7 @@ def test_numa_partitions_split_the_workers(q4):
 
 
 def test_default_threads_of_a_numa_mode_follow_node_groups(q4):
-    from hybrid.numa import node_groups
+    from hybrid.backends.numa import node_groups
 
     want = sum(len(g.cpus) for g in node_groups("interleave"))
     with hybrid.load(q4, device="cpu", ctx=16, numa="interleave", copy_progress=False) as r:
@@ -87,7 +87,7 @@ def test_default_threads_of_a_numa_mode_follow_node_groups(q4):
 
 
 def test_cli_numa_and_threads_reach_the_engine(q4, monkeypatch):
-    from hybrid import cli
+    from hybrid.app import cli
 
     seen = {}
     real = hybrid.load

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from hybrid.engine import GenerationStats
+from hybrid.runtime.engine import GenerationStats
 from subproc import NEUTRAL_CWD, hybrid_env
 
 import fastapi  # noqa: E402,F401  (test extra)
@@ -31,7 +31,7 @@ def served(tiny_q4km, tmp_path_factory):
     log = open(log_path, "w+")
     env = hybrid_env()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hybrid.cli", str(tiny_q4km), "--serve", "--host", "127.0.0.1",
+        [sys.executable, "-m", "hybrid.app.cli", str(tiny_q4km), "--serve", "--host", "127.0.0.1",
          "--port", "0", "--device", "cpu", "--ctx", "256", "--max-tokens", "16"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=NEUTRAL_CWD)
     try:
@@ -151,7 +151,7 @@ def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(client, 
 
 
 def test_binds_to_loopback_by_default():
-    from hybrid.cli import build_parser
+    from hybrid.app.cli import build_parser
 
     a = build_parser().parse_args(["m.gguf", "--serve"])
     assert a.host == "127.0.0.1"
@@ -207,7 +207,7 @@ class ScriptedRuntime:
 def run_app():
     """Start create_app(rt) under uvicorn in a thread on a free loopback port."""
 
-    from hybrid.server import bind, create_app
+    from hybrid.app.server import bind, create_app
 
     servers = []
 
@@ -340,7 +340,7 @@ def test_completions_echo_token_prompts_and_unsupported_fields(run_app):
 
 
 def test_bind_reports_a_busy_port():
-    from hybrid.server import bind
+    from hybrid.app.server import bind
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@
 import pytest
 
 from hybrid.fixtures import BOS, DEEPSEEK_R1_CHAT_TEMPLATE, EOS, split_gguf
-from hybrid.tokenizer import ChatTemplateError, Tokenizer, render_chat
+from hybrid.runtime.tokenizer import ChatTemplateError, Tokenizer, render_chat
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

@@ -1,4 +1,10 @@
-"""Model implementations, one module per GGUF `general.architecture`."""
+"""Model implementations, one module per GGUF `general.architecture`.
+
+Each module has `ModelArgs` (with `from_gguf(metadata, tensors, source)`) and `Model`
+(a models.transformer.Transformer: its attention, RoPE and KV cache). Shared blocks:
+layers (norms, RoPE, FFN), attention (GQA), moe (router kinds, MoE block), gqa (the
+llama-family MoE transformer), transformer (the decoder skeleton).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,10 @@ import importlib
 # general.architecture -> module under hybrid.models
 ARCHITECTURES = {
     "deepseek2": "deepseek2",
+    "glm4moe": "glm4moe",
+    "llama": "llama",
+    "qwen2moe": "qwen2moe",
+    "qwen3moe": "qwen3moe",
 }
 
 
@@ -15,7 +25,7 @@ class UnsupportedArchitectureError(ValueError):
 
 
 def get_model_module(arch: str, source: str = "model"):
-    """The module implementing `arch` (ModelArgs, the model class); ValueError if none."""
+    """The module implementing `arch` (ModelArgs, Model); ValueError if none."""
     mod = ARCHITECTURES.get(arch)
     if mod is None:
         raise UnsupportedArchitectureError(

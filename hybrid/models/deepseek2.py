@@ -24,21 +24,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hybrid.models.layers import HeadLinear, ModelConfigError, Rope, WeightLoader, norm
+from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX, MoE, Router  # noqa: F401 (re-exported)
+from hybrid.models.transformer import Transformer
+
 log = logging.getLogger(__name__)
 
 ARCH = "deepseek2"
-
-GATING_SOFTMAX, GATING_SIGMOID = 1, 2
-
-
-class ModelConfigError(ValueError):
-    """GGUF metadata or tensors do not describe a deepseek2 model we can run."""
 
 
 @dataclass
@@ -209,92 +206,6 @@ class ModelArgs:
         return mscale * mscale / math.sqrt(self.qk_head_dim)
 
 
-class WeightLoader(Protocol):
-    """What the model needs from the engine (which applies the Plan)."""
-
-    def has(self, name: str) -> bool: ...
-
-    def shape(self, name: str) -> tuple[int, ...]: ...  # numpy order
-
-    def tensor(self, name: str) -> torch.Tensor: ...  # float32 on the compute device
-
-    def linear(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]: ...  # [T,in]->[T,out]
-
-    def embedding(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]: ...  # ids->[T,D]
-
-    def experts(self, layer: int) -> Callable: ...  # experts(x[T,D], ids[T,K], w[T,K]) -> [T,D]
-
-    # optional: head_linear(source name, W [H, in, out] float32) -> a HeadLinear equivalent;
-    # norm(name, eps) -> an RMSNorm equivalent
-
-
-class RMSNorm:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim. The loader may give a faster
-    equivalent with the same `weight` attribute."""
-
-    def __init__(self, weight: torch.Tensor, eps: float):
-        self.weight, self.eps = weight, eps
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-
-
-def _norm(w: WeightLoader, name: str, eps: float):
-    make = getattr(w, "norm", None)
-    return make(name, eps) if make is not None else RMSNorm(w.tensor(name), eps)
-
-
-class Rope:
-    """Normal (adjacent-pair) RoPE with llama.cpp's YaRN: cos/sin tables for positions
-    [0, max_pos), already multiplied by the magnitude scale."""
-
-    def __init__(self, args: ModelArgs, max_pos: int, device=None):
-        R = args.qk_rope_dim
-        ext, attn = args.rope_params()
-        fs = args.rope_freq_scale
-        half = torch.arange(R // 2, dtype=torch.float64)
-        inv_freq = args.rope_freq_base ** (-2.0 * half / R)               # [R/2]
-        pos = torch.arange(max_pos, dtype=torch.float64)[:, None]
-        theta_extrap = pos * inv_freq                                       # [P, R/2]
-        theta = fs * theta_extrap
-        mscale = attn
-        if ext != 0.0:
-            low, high = self._corr_dims(R, args.rope_orig_ctx, args.rope_freq_base,
-                                        args.yarn_beta_fast, args.yarn_beta_slow)
-            y = (half - low) / max(0.001, high - low)
-            ramp = (1.0 - y.clamp(0.0, 1.0)) * ext
-            theta = theta * (1.0 - ramp) + theta_extrap * ramp
-            mscale *= 1.0 + 0.1 * math.log(1.0 / fs)
-        # rotation of pair (x0, x1) = complex product (x0 + i x1) * mscale * e^(i theta)
-        self.freqs = torch.polar(torch.full_like(theta, mscale), theta).to(torch.complex64)
-        self.freqs = self.freqs.to(device)                                  # [P, R/2]
-
-    @staticmethod
-    def _corr_dims(n_dims, n_ctx_orig, base, beta_fast, beta_slow):
-        def corr_dim(n_rot):
-            return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-
-        start = math.floor(corr_dim(beta_fast))
-        end = math.ceil(corr_dim(beta_slow))
-        return max(0, start), min(n_dims - 1, end)
-
-    def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
-        """x [T, ..., R] -> roped copy; token t has position pos0 + t."""
-        return self._apply(x, self.freqs[pos0:pos0 + x.shape[0]])
-
-    def at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x [T, ..., R] -> roped copy at positions pos [T] (a tensor: fixed shapes, no host
-        value, as CUDA graphs need)."""
-        return self._apply(x, self.freqs.index_select(0, pos))
-
-    @staticmethod
-    def _apply(x, f):
-        T = x.shape[0]
-        f = f.view((T,) + (1,) * (x.dim() - 2) + (-1,))
-        xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-        return torch.view_as_real(xc * f).flatten(-2)
-
-
 class MLAttention:
     """Multi-head latent attention over a latent KV cache."""
 
@@ -303,16 +214,16 @@ class MLAttention:
         self.args = args
         self.il = il
         H, N, V, C = args.n_head, args.qk_nope_dim, args.v_head_dim, args.kv_lora_rank
-        self.attn_norm = _norm(w, p + "attn_norm.weight", args.rms_eps)
+        self.attn_norm = norm(w, p + "attn_norm.weight", args.rms_eps)
         if args.q_lora_rank > 0:
             self.wq_a = w.linear(p + "attn_q_a.weight")
-            self.q_a_norm = _norm(w, p + "attn_q_a_norm.weight", args.rms_eps)
+            self.q_a_norm = norm(w, p + "attn_q_a_norm.weight", args.rms_eps)
             self.wq_b = w.linear(p + "attn_q_b.weight")
             self.wq = None
         else:
             self.wq = w.linear(p + "attn_q.weight")
         self.wkv_a = w.linear(p + "attn_kv_a_mqa.weight")
-        self.kv_a_norm = _norm(w, p + "attn_kv_a_norm.weight", args.rms_eps)
+        self.kv_a_norm = norm(w, p + "attn_kv_a_norm.weight", args.rms_eps)
         self.wo = w.linear(p + "attn_output.weight")
         # weight surgery: per-head up-projections wk [H, N, C] (k_nope = wk @ latent) and
         # wv [H, V, C] (v = wv @ latent), from either tensor layout
@@ -418,157 +329,33 @@ class MLAttention:
         return o.transpose(0, 1)                                           # [T, H, V]
 
 
-class HeadLinear:
-    """Per-head linears y[h] = x[h] @ W[h], W [H, in, out], in torch (x may also be one
-    [T, in] shared by every head). The loader may give a faster equivalent with the same
-    `weight` attribute."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(x.to(self.weight.dtype), self.weight).float()
-
-
-class FFN:
-    """SwiGLU FFN: the leading dense layers and the shared experts."""
-
-    def __init__(self, w: WeightLoader, prefix: str, suffix: str = ""):
-        self.gate = w.linear(f"{prefix}ffn_gate{suffix}.weight")
-        self.up = w.linear(f"{prefix}ffn_up{suffix}.weight")
-        self.down = w.linear(f"{prefix}ffn_down{suffix}.weight")
-
-    def __call__(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-class Router:
-    """Expert selection exactly as llama.cpp's build_moe_ffn does it for deepseek2."""
-
-    def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
-        p = f"blk.{il}."
-        self.args = args
-        self.gate_inp = w.tensor(p + "ffn_gate_inp.weight")               # [E, D], float32
-        self.bias = w.tensor(p + "exp_probs_b.bias") if w.has(p + "exp_probs_b.bias") else None
-        # the loader may give the selection below as one native call (same arithmetic)
-        select = getattr(w, "expert_select", None)
-        self.select = select(args, self.bias) if select is not None else None
-
-    def __call__(self, h: torch.Tensor):
-        a = self.args
-        logits = h.float() @ self.gate_inp.t()                             # [T, E]
-        if self.select is not None:
-            return self.select(logits)
-        if a.gating_func == GATING_SIGMOID:
-            probs = torch.sigmoid(logits)
-        else:
-            probs = torch.softmax(logits, dim=-1)
-        sel = probs if self.bias is None else probs + self.bias            # selection only
-        T, E = sel.shape
-        if a.n_group > 1:
-            G = a.n_group
-            groups = sel.view(T, G, E // G)
-            g_score = groups.topk(2, dim=-1).values.sum(-1)                # [T, G]
-            keep = g_score.topk(a.n_group_used, dim=-1).indices            # [T, n_group_used]
-            gmask = torch.zeros(T, G, dtype=torch.bool, device=sel.device)
-            gmask.scatter_(1, keep, True)
-            sel = groups.masked_fill(~gmask[..., None], float("-inf")).view(T, E)
-        ids = sel.topk(a.n_expert_used, dim=-1).indices                    # [T, K]
-        weights = probs.gather(1, ids)                                     # [T, K]
-        if a.expert_weights_norm:
-            weights = weights / weights.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
-        if a.expert_weights_scale not in (0.0, 1.0):
-            weights = weights * a.expert_weights_scale
-        return ids, weights
-
-
-class MoE:
-    def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
-        p = f"blk.{il}."
-        self.router = Router(args, w, il)
-        self.experts = w.experts(il)
-        self.shared = None
-        if w.has(p + "ffn_gate_shexp.weight"):
-            # the loader may run the shared experts as one fused native call (same weights)
-            fused = getattr(w, "fused_ffn", None)
-            self.shared = (fused(p, "_shexp") if fused is not None else None) or FFN(w, p, "_shexp")
-            # the routed experts may take the shared ones into their own call (y = routed + shared)
-            absorb = getattr(self.experts, "absorb_shared", None)
-            if absorb is not None and absorb(self.shared):
-                self.shared = None
-
-    def __call__(self, h):
-        ids, weights = self.router(h)
-        if getattr(self.experts, "overlap_shared", False):
-            # routed experts on another processor: the shared expert runs meanwhile
-            self.experts.submit(h, ids, weights)
-            s = self.shared(h) if self.shared is not None else 0
-            return self.experts.wait() + s
-        y = self.experts(h, ids, weights)
-        if self.shared is not None:
-            y = y + self.shared(h)
-        return y
-
-
-class Block:
-    def __init__(self, args: ModelArgs, w: WeightLoader, il: int):
-        self.attn = MLAttention(args, w, il)
-        self.ffn_norm = _norm(w, f"blk.{il}.ffn_norm.weight", args.rms_eps)
-        self.ffn = FFN(w, f"blk.{il}.") if il < args.n_dense_lead else MoE(args, w, il)
-
-    def __call__(self, x, pos0, cache, rope, attn_mode="auto"):
-        x = x + self.attn(x, pos0, cache, rope, attn_mode)
-        return x + self.ffn(self.ffn_norm(x))
-
-
-class DeepSeek2:
-    """The whole model: embed -> blocks -> norm -> lm_head."""
+class DeepSeek2(Transformer):
+    """The whole model: MLA attention, leading dense FFN blocks, then MoE blocks."""
 
     def __init__(self, args: ModelArgs, w: WeightLoader, max_pos: int, rope_device=None,
                  progress=None):
-        self.args = args
         if args.n_nextn_layer:
             log.info("deepseek2: ignoring %d MTP/nextn layer(s) (not used for generation)",
                      args.n_nextn_layer)
-        self.embed = w.embedding("token_embd.weight")
-        self.blocks = []
-        for il in range(args.n_layer):
-            self.blocks.append(Block(args, w, il))
-            if progress is not None:
-                progress(il + 1, args.n_layer)
-        self.norm = _norm(w, "output_norm.weight", args.rms_eps)
-        self.lm_head = w.linear("output.weight" if w.has("output.weight") else "token_embd.weight")
-        self.rope = Rope(args, max_pos, device=rope_device)
-        self.attn_mode = "auto"  # "absorb" / "decompress" force one attention path (tests)
+        super().__init__(args, w, max_pos, rope_device, progress)
 
-    def decode_static(self, x: torch.Tensor, pos: torch.Tensor, cache, S: int):
-        """One decode step with fixed shapes, as a generator cut at the routed experts (the
-        engine runs them on the CPU, or replays CUDA graphs of the segments between them).
+    def make_attention(self, w: WeightLoader, il: int):
+        return MLAttention(self.args, w, il)
 
-        x [T, D] embedded tokens at positions pos [T] (tensors the caller refills); S cache
-        rows attended. Per MoE layer it yields ("submit", layer, h [T, D], ids [T, K],
-        weights [T, K]), then, after the shared expert, ("wait", layer), which the caller
-        answers with the routed experts' output [T, D] (gen.send). Returns logits [T, B]."""
-        for il, blk in enumerate(self.blocks):
-            x = x + blk.attn.static(x, pos, cache, self.rope, S)
-            h = blk.ffn_norm(x)
-            if isinstance(blk.ffn, MoE):
-                ids, weights = blk.ffn.router(h)
-                yield ("submit", il, h, ids, weights)
-                s = blk.ffn.shared(h) if blk.ffn.shared is not None else None
-                y = yield ("wait", il)
-                x = x + (y if s is None else y + s)
-            else:
-                x = x + blk.ffn(h)
-        return self.lm_head(self.norm(x))
+    def make_rope(self, max_pos: int, device):
+        a = self.args
+        ext, attn = a.rope_params()
+        return Rope(a.qk_rope_dim, max_pos, base=a.rope_freq_base, freq_scale=a.rope_freq_scale,
+                    ext_factor=ext, attn_factor=attn, orig_ctx=a.rope_orig_ctx,
+                    beta_fast=a.yarn_beta_fast, beta_slow=a.yarn_beta_slow, neox=False,
+                    device=device)
 
-    def forward(self, tokens: torch.Tensor, pos0: int, cache, last_only: bool = False):
-        """tokens [T] at positions pos0.. -> logits [T, B] (or [1, B] with last_only)."""
-        x = self.embed(tokens)                                             # [T, D]
-        for blk in self.blocks:
-            x = blk(x, pos0, cache, self.rope, self.attn_mode)
-        if last_only:
-            x = x[-1:]
-        return self.lm_head(self.norm(x))                                  # [T, B]
+    def new_cache(self, tokens: int, dtype: torch.dtype, device):
+        from hybrid.runtime.kv_cache import LatentKVCache
 
-    __call__ = forward
+        a = self.args
+        return LatentKVCache(a.n_layer, tokens, a.kv_lora_rank, a.qk_rope_dim, dtype=dtype,
+                             device=device)
+
+
+Model = DeepSeek2

@@ -128,7 +128,7 @@ class Worker:
                 self.served += 1
 
     def _run(self, job: Job) -> None:
-        from hybrid.chat import Generation, ThinkSplitter, prompt_opens_think
+        from hybrid.app.chat import Generation, ThinkSplitter, prompt_opens_think
 
         rt = self.rt
         try:

@@ -48,13 +48,13 @@ def cache_dir() -> pathlib.Path:
 def demo_model(log=None) -> pathlib.Path:
     """Path of the demo GGUF, building it the first time (llama.cpp's quantizer output is kept
     quiet and shown only if the build fails)."""
-    from hybrid.chat import quiet_stderr
-    from hybrid.fixtures import _cache_key, build
+    from hybrid.app.chat import quiet_stderr
+    from hybrid.fixtures import build, cache_key
 
     log = log or sys.stderr
     cfg = _config()
     d = cache_dir()
-    path = d / f"tiny-deepseek2-{_cache_key(cfg, DEMO_FTYPE)}-{DEMO_FTYPE}.gguf"
+    path = d / f"tiny-{cfg.ARCH}-{cache_key(cfg, DEMO_FTYPE)}-{DEMO_FTYPE}.gguf"
     if path.exists():
         return path
     print(f"building the demo model once: deepseek2, {cfg.n_params() / 1e6:.0f}M random parameters, "
@@ -75,7 +75,7 @@ def demo_model(log=None) -> pathlib.Path:
 
 def run_demo(rt, plan=None, *, max_tokens: int = 64, out=None) -> int:
     """A short warm-up, then one measured generation; prints the text and tok/s."""
-    from hybrid.chat import _CONTROLS, Generation
+    from hybrid.app.chat import _CONTROLS, Generation
 
     out = out or sys.stdout
     ids = rt.tokenize(PROMPT)

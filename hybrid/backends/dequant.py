@@ -244,7 +244,7 @@ def dequantize(data, ggml_type: int, n_per_row: int | None = None, *,
     fn = _DEQUANT.get(ggml_type)
     if fn is None:
         raise DequantError(
-            f"{name}: GGML {type_name(ggml_type)} is not supported by hybrid.dequant "
+            f"{name}: GGML {type_name(ggml_type)} is not supported by hybrid.backends.dequant "
             f"(supported: {', '.join(TYPE_NAMES[t] for t in sorted(SUPPORTED_TYPES))}); "
             f"re-quantize the model with one of these types")
     blk, nb = BLOCK[ggml_type]

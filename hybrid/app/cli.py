@@ -170,7 +170,7 @@ def _dry_run(argv: list[str]) -> int:
 
     args = _dry_run_argv(argv)
     if "--demo" in argv:
-        from hybrid.demo import demo_model
+        from hybrid.app.demo import demo_model
 
         try:
             args = [str(demo_model(log=sys.stderr))] + args
@@ -358,8 +358,8 @@ def load_runtime(path: str, a, plan, out):
     import inspect
 
     import hybrid
-    from hybrid.chat import quiet_stderr
-    from hybrid.engine import Runtime
+    from hybrid.app.chat import quiet_stderr
+    from hybrid.runtime.engine import Runtime
 
     kw = dict(device=a.device, threads=a.threads, numa=a.numa, ctx=plan.kv_cache_tokens, plan=plan,
               hugepages=not a.no_hugepages)
@@ -414,7 +414,7 @@ def _read_prompt(a) -> str:
 def one_shot(rt, a, text: str) -> int:
     import threading as _threading
 
-    from hybrid.chat import (Generation, ReplyPrinter, ThinkSplitter, prompt_opens_think,
+    from hybrid.app.chat import (Generation, ReplyPrinter, ThinkSplitter, prompt_opens_think,
                              stream_in_worker, use_color)
 
     chat = not a.raw and bool(getattr(rt.tokenizer, "chat_template", None))
@@ -450,7 +450,7 @@ def one_shot(rt, a, text: str) -> int:
 
 
 def chat(rt, a, path: str) -> int:
-    from hybrid.chat import Chat, make_reader
+    from hybrid.app.chat import Chat, make_reader
 
     if not getattr(rt.tokenizer, "chat_template", None):
         raise UserError(f"{path}: the GGUF has no chat template (tokenizer.chat_template), so it "
@@ -491,7 +491,7 @@ def run(a) -> int:
             raise UserError("--demo builds its own model: drop MODEL.gguf, or drop --demo")
         if modes:
             raise UserError(f"--demo runs its own generation: drop {modes[0]}")
-        from hybrid.demo import demo_model
+        from hybrid.app.demo import demo_model
 
         try:
             path = str(demo_model(log=sys.stdout))
@@ -511,7 +511,7 @@ def run(a) -> int:
         except ImportError:
             raise UserError("--serve needs FastAPI and uvicorn: pip install 'hybrid[server]' "
                             "(or pip install fastapi uvicorn)") from None
-        from hybrid.server import bind
+        from hybrid.app.server import bind
 
         try:
             sock = bind(a.host, a.port)
@@ -525,11 +525,11 @@ def run(a) -> int:
         rt = load_runtime(path, a, plan, info)
         try:
             if a.demo:
-                from hybrid.demo import run_demo
+                from hybrid.app.demo import run_demo
 
                 return run_demo(rt, plan, max_tokens=a.max_tokens or 64, out=sys.stdout)
             if sock is not None:
-                from hybrid.server import serve
+                from hybrid.app.server import serve
 
                 return serve(rt, sock, model=model_id(path), system=a.system,
                              show_think=not a.no_think, max_queue=a.max_queue,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hybrid import _native
-from hybrid.experts import ExpertEngine, NativeExperts, split_rows
+from hybrid.backends.experts import ExpertEngine, NativeExperts, split_rows
 
 MODES = ("off", "interleave", "distribute", "replicate")
 _CHUNK = 64 << 20  # bytes per read: big enough to stream, small enough to drop from the page cache

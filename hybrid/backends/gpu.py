@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybrid import dequant
-from hybrid.torch_experts import grouped_experts
+from hybrid.backends import dequant
+from hybrid.backends.torch_experts import grouped_experts
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _is_cuda(device) -> bool:
 
 class DequantLinear:
     """y = x @ W^T with W kept on the device as its GGUF blocks (uint8) and dequantized to
-    `dtype` at every call (hybrid.dequant, torch ops: any device). For plans with
+    `dtype` at every call (hybrid.backends.dequant, torch ops: any device). For plans with
     gpu_weight_format "quantized": VRAM holds ~4.5 bits per weight instead of 16, at the
     price of one dequantization per linear per forward (memory-bound on the GPU: it reads
     the blocks once and writes the bf16 matrix once; the matrix is freed right after)."""

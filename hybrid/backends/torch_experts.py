@@ -1,6 +1,6 @@
 """Routed experts computed by torch from dequantized weights.
 
-The reference for the native expert engine (same call signature as hybrid.experts'
+The reference for the native expert engine (same call signature as hybrid.backends.experts'
 NativeExperts), the fallback when the native module is not built, and later the home of
 "hot" experts kept on the GPU. Computes, per token t:
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybrid import dequant
+from hybrid.backends import dequant
 
 __all__ = ["TorchExperts"]
 

@@ -41,7 +41,7 @@ class ExpertEngine:
 
     Workers form partitions (one per NUMA node; `partitions` gives each one's CPUs, one worker
     per entry, -1 = not pinned). Each partition computes its own rows of every expert, from
-    memory local to it when the layer was placed per node (hybrid/numa.py).
+    memory local to it when the layer was placed per node (hybrid/backends/numa.py).
     """
 
     def __init__(self, d_model: int, *, max_tokens: int = 512, max_k: int = 8,

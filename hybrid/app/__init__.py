@@ -1,0 +1,1 @@
+"""User-facing programs: the `hybrid-run` command line, terminal chat, HTTP server, demo."""

@@ -1,0 +1,25 @@
+"""GLM-4.5 / 4.6 (GGUF architecture `glm4moe`).
+
+llama.cpp's graph (src/models/glm4-moe.cpp): GQA with q/k/v biases, optional per-head q/k RMS
+norms, NEOX RoPE on the first `rope.dimension_count` dims of each head (half of them);
+`leading_dense_block_count` dense blocks, then MoE: sigmoid gating with the selection bias
+`exp_probs_b`, group-limited top-k when the file has expert groups, weights normalized and
+scaled per the file's keys, shared experts added. The trailing `nextn_predict_layers` MTP
+blocks are counted in block_count and not run (as llama.cpp does for generation).
+"""
+
+from __future__ import annotations
+
+from hybrid.models.gqa import GQAArgs, GQATransformer
+
+ARCH = "glm4moe"
+
+
+class ModelArgs(GQAArgs):
+    @classmethod
+    def from_gguf(cls, metadata: dict, tensors: dict, source: str = "model") -> GQAArgs:
+        return cls.read(ARCH, metadata, tensors, source, rope_neox=True)
+
+
+class Model(GQATransformer):
+    pass
