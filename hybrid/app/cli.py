@@ -199,14 +199,28 @@ def check_model(path: str) -> str:
     try:
         with GGUFFile(path) as g:
             arch = g.metadata.get("general.architecture")
+            if arch not in ARCHITECTURES:
+                raise UserError(f"{path}: architecture {arch!r} is not supported; supported: "
+                                f"{', '.join(sorted(ARCHITECTURES))}")
+            check_tensor_shapes(path, arch, g)
     except GGUFError as e:
         raise UserError(_first_line(e)) from None
     except OSError as e:
         raise UserError(f"{path}: {e.strerror or e}") from None
-    if arch not in ARCHITECTURES:
-        raise UserError(f"{path}: architecture {arch!r} is not supported; supported: "
-                        f"{', '.join(sorted(ARCHITECTURES))}")
     return arch
+
+
+def check_tensor_shapes(path: str, arch: str, g) -> None:
+    """Every tensor the model reads has the shape its metadata implies (header only)."""
+    from hybrid.models import get_model_module
+    from hybrid.models.specs import check_tensors
+
+    mod = get_model_module(arch, source=path)
+    try:
+        args = mod.ModelArgs.from_gguf(g.metadata, g.tensors, path)
+        check_tensors(mod.Model.tensor_specs(args), g.tensors, path, arch)
+    except ValueError as e:
+        raise UserError(_first_line(e)) from None
 
 
 def make_plan(path: str, a):

@@ -16,7 +16,8 @@ import torch
 from hybrid.models.attention import GQAttention
 from hybrid.models.layers import ModelConfigError, Rope, WeightLoader
 from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX
-from hybrid.models.transformer import Transformer
+from hybrid.models.specs import TensorSpec
+from hybrid.models.transformer import Transformer, moe_layer
 
 __all__ = ["GQAArgs", "GQATransformer"]
 
@@ -45,6 +46,7 @@ class GQAArgs:
     n_expert_used: int = 0          # K
     n_ff_exp: int = 0               # F of a routed expert
     n_expert_shared: int = 0
+    n_ff_shexp: int = 0             # shared expert FFN dim (0: not in the metadata)
     gating_func: int = GATING_SOFTMAX
     expert_weights_norm: bool = False
     expert_weights_scale: float = 0.0
@@ -130,6 +132,7 @@ class GQAArgs:
             n_expert=n_expert, n_expert_used=n_used,
             n_ff_exp=int(key("expert_feed_forward_length", 0) or 0),
             n_expert_shared=int(key("expert_shared_count", 0) or 0),
+            n_ff_shexp=int(key("expert_shared_feed_forward_length", 0) or 0),
             gating_func=gating,
             expert_weights_norm=(bool(key("expert_weights_norm", False))
                                  if expert_weights_norm is None else expert_weights_norm),
@@ -148,6 +151,54 @@ class GQAArgs:
 
 
 class GQATransformer(Transformer):
+    @staticmethod
+    def tensor_specs(a: GQAArgs) -> list:
+        D, V, H, Hkv, Dk, Dv = a.dim, a.n_vocab, a.n_head, a.n_head_kv, a.head_dim_k, a.head_dim_v
+        E, F = a.n_expert, a.n_ff_exp
+        p_ = a.arch + "."
+        heads = f"{p_}attention.head_count(_kv), key_length, value_length"
+        specs = [TensorSpec("token_embd.weight", (D, V), f"{p_}embedding_length and the vocabulary"),
+                 TensorSpec("output_norm.weight", (D,), f"{p_}embedding_length"),
+                 TensorSpec("output.weight", (D, V), "the embedding", required=False)]
+        for il in range(a.n_layer):
+            b = f"blk.{il}."
+
+            def t(name, ne, why, required=True):
+                specs.append(TensorSpec(b + name, ne, why, required))
+
+            t("attn_norm.weight", (D,), f"{p_}embedding_length")
+            t("attn_q.weight", (D, H * Dk), heads)
+            t("attn_k.weight", (D, Hkv * Dk), heads)
+            t("attn_v.weight", (D, Hkv * Dv), heads)
+            t("attn_output.weight", (H * Dv, D), heads)
+            t("attn_q.bias", (H * Dk,), heads, False)
+            t("attn_k.bias", (Hkv * Dk,), heads, False)
+            t("attn_v.bias", (Hkv * Dv,), heads, False)
+            t("attn_q_norm.weight", (Dk,), f"{p_}attention.key_length", False)
+            t("attn_k_norm.weight", (Dk,), f"{p_}attention.key_length", False)
+            t("ffn_norm.weight", (D,), f"{p_}embedding_length")
+            if not moe_layer(a, il):
+                ff = f"{p_}feed_forward_length"
+                t("ffn_gate.weight", (D, a.n_ff), ff)
+                t("ffn_up.weight", (D, a.n_ff), ff)
+                t("ffn_down.weight", (a.n_ff, D), ff)
+                continue
+            ex = f"{p_}expert_count and expert_feed_forward_length"
+            t("ffn_gate_inp.weight", (D, E), f"{p_}expert_count")
+            t("exp_probs_b.bias", (E,), f"{p_}expert_count", False)
+            t("ffn_gate_exps.weight", (D, F, E), ex)
+            t("ffn_up_exps.weight", (D, F, E), ex)
+            t("ffn_down_exps.weight", (F, D, E), ex)
+            # the shared expert: its size from whichever key the architecture writes
+            fs = a.n_ff_shexp or (F * a.n_expert_shared) or None
+            need = bool(a.n_expert_shared)
+            sh = f"{p_}expert_shared_feed_forward_length / expert_shared_count"
+            t("ffn_gate_shexp.weight", (D, fs), sh, need)
+            t("ffn_up_shexp.weight", (D, fs), sh, need)
+            t("ffn_down_shexp.weight", (fs, D), sh, need)
+            t("ffn_gate_inp_shexp.weight", (D,), f"{p_}embedding_length", False)
+        return specs
+
     def make_attention(self, w: WeightLoader, il: int):
         return GQAttention(self.args, w, il)
 

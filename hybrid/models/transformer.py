@@ -13,7 +13,12 @@ import torch
 from hybrid.models.layers import FFN, WeightLoader, norm
 from hybrid.models.moe import MoE
 
-__all__ = ["Block", "Transformer"]
+__all__ = ["Block", "Transformer", "moe_layer"]
+
+
+def moe_layer(args, il: int) -> bool:
+    """Layer il is an MoE block: the model has experts and il is past the leading dense ones."""
+    return args.n_expert > 1 and il >= args.n_dense_lead
 
 
 class Block:
@@ -27,7 +32,7 @@ class Block:
 
 class Transformer:
     """The whole model. Subclasses set `make_attention(w, il)`, `make_rope(max_pos, device)`,
-    `new_cache(tokens, dtype, device)` and, where it differs, `is_moe(il)`."""
+    `new_cache(tokens, dtype, device)`, `tensor_specs(args)` and, where it differs, `is_moe(il)`."""
 
     def __init__(self, args, w: WeightLoader, max_pos: int, rope_device=None, progress=None):
         self.args = args
@@ -47,8 +52,12 @@ class Transformer:
         self.attn_mode = "auto"  # "absorb" / "decompress" force one MLA path (tests)
 
     def is_moe(self, il: int) -> bool:
-        a = self.args
-        return a.n_expert > 1 and il >= a.n_dense_lead
+        return moe_layer(self.args, il)
+
+    @staticmethod
+    def tensor_specs(args) -> list:
+        """models.specs.TensorSpec of every tensor the model reads, from its args."""
+        raise NotImplementedError
 
     def make_attention(self, w: WeightLoader, il: int):
         raise NotImplementedError

@@ -20,6 +20,7 @@ import torch
 
 from hybrid.gguf_file import GGUFFile
 from hybrid.models import get_model_module
+from hybrid.models.specs import check_tensors
 from hybrid.runtime.loader import DTYPES, Loader, MinimalPlan, TorchLinear
 from hybrid.runtime.sampling import Sampler, SamplingParams
 
@@ -156,6 +157,8 @@ class Runtime:
                         self.numa, experts)
         self.device = torch.device(plan.device)
         self.args = mod.ModelArgs.from_gguf(self.gguf.metadata, self.gguf.tensors, self.path)
+        # every tensor's shape against the metadata, before any weight is read or sized
+        check_tensors(mod.Model.tensor_specs(self.args), self.gguf.tensors, self.path, arch)
         self.ctx = int(plan.kv_cache_tokens)
         t0 = time.perf_counter()
         if copy_progress is None:
