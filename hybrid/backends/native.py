@@ -14,7 +14,7 @@ import torch
 
 from hybrid.backends import dequant
 
-__all__ = ["NativeFFN", "NativeHeadLinear", "NativeMLA", "NativeRMSNorm", "NativeRouter",
+__all__ = ["NativeFFN", "NativeGQA", "NativeHeadLinear", "NativeMLA", "NativeRMSNorm", "NativeRouter",
            "NativeWorkers", "QuantLinear", "native", "native_experts_cls"]
 
 # GGML types the native quantized matmul takes (float weights stay in torch)
@@ -151,6 +151,24 @@ class NativeRMSNorm:
         return out
 
 
+class _RopeTable:
+    """A Rope's complex [P, R/2] table as the native calls read it: [P, R] (cos, sin) pairs,
+    converted once per table."""
+
+    def __init__(self):
+        self._src = self._table = None
+
+    def __call__(self, rope) -> np.ndarray:
+        if rope.freqs is not self._src:
+            self._src = rope.freqs
+            self._table = torch.view_as_real(rope.freqs).reshape(rope.freqs.shape[0], -1).numpy()
+        return self._table
+
+
+def _linear_args(f):
+    return (f.view, f.ggml_type)
+
+
 class NativeMLA:
     """A layer's absorbed attention (every call the model makes in that mode: decode steps and
     short chunks) in one native call (native/mla.h) instead of ~60 small torch ops, which cost
@@ -160,10 +178,7 @@ class NativeMLA:
 
     def __init__(self, attn, workers: NativeWorkers):
         a = attn.args
-
-        def lin(f):
-            return (f.view, f.ggml_type)
-
+        lin = _linear_args
         q_lora = attn.wq is None
         self._mla = native().MLA(dict(
             D=a.dim, H=a.n_head, N=a.qk_nope_dim, R=a.qk_rope_dim, V=a.v_head_dim,
@@ -176,7 +191,7 @@ class NativeMLA:
         self.dim = a.dim
         self.rope_dim = a.qk_rope_dim
         self.workers = workers
-        self._rope_src = self._rope = None
+        self._rope = _RopeTable()
 
     @classmethod
     def build(cls, attn, workers: NativeWorkers) -> NativeMLA | None:
@@ -197,13 +212,65 @@ class NativeMLA:
     def __call__(self, x: torch.Tensor, pos0: int, cache, rope) -> torch.Tensor:
         T = x.shape[0]
         rows = cache.layer_rows(self.layer, pos0 + T)
-        if rope.freqs is not self._rope_src:   # [P, R/2] complex -> [P, R] (cos, sin) pairs
-            self._rope_src = rope.freqs
-            self._rope = torch.view_as_real(rope.freqs).reshape(rope.freqs.shape[0], -1).numpy()
         out = torch.empty(T, self.dim)
         w = self.workers
-        self._mla.decode(x.contiguous().numpy(), pos0, rows.numpy(), self._rope, out.numpy(),
+        self._mla.decode(x.contiguous().numpy(), pos0, rows.numpy(), self._rope(rope), out.numpy(),
                          w.engine if w.hot else None)
+        return out
+
+
+class NativeGQA:
+    """A layer's grouped-query attention for decode steps and short chunks in one native call
+    (native/gqa.h): norm, q/k/v projections and biases, q/k norms, RoPE, the cache write,
+    attention and the output projection, with the same weights as the torch path (the
+    native linears and NativeRMSNorm). Longer chunks stay with torch's SDPA, whose blocked
+    kernels win once T rows share each cached K/V row."""
+
+    max_tokens = 16
+
+    def __init__(self, attn, workers: NativeWorkers):
+        a = attn.args
+
+        def vec(t):
+            return None if t is None else t.float().contiguous().numpy()
+
+        self._keep = [vec(attn.bq), vec(attn.bk), vec(attn.bv)]   # the native call reads them
+        self._gqa = native().GQA(dict(
+            D=a.dim, H=a.n_head, Hkv=a.n_head_kv, Dk=a.head_dim_k, Dv=a.head_dim_v, R=a.rope_dim,
+            neox=bool(a.rope_neox), eps=a.rms_eps, kq_scale=attn.scale,
+            attn_norm=attn.attn_norm._w, q=_linear_args(attn.wq), k=_linear_args(attn.wk),
+            v=_linear_args(attn.wv), o=_linear_args(attn.wo),
+            bq=self._keep[0], bk=self._keep[1], bv=self._keep[2],
+            q_norm=attn.q_norm._w if attn.q_norm is not None else None,
+            k_norm=attn.k_norm._w if attn.k_norm is not None else None))
+        self.layer = attn.il
+        self.dim = a.dim
+        self.workers = workers
+        self._rope = _RopeTable()
+
+    @classmethod
+    def build(cls, attn, workers: NativeWorkers) -> NativeGQA | None:
+        """None unless every part of `attn` already runs natively (quantized linears, native
+        norms) and the module has the call."""
+        norms = [n for n in (attn.attn_norm, attn.q_norm, attn.k_norm) if n is not None]
+        if (hasattr(native(), "GQA")
+                and all(isinstance(f, QuantLinear) for f in (attn.wq, attn.wk, attn.wv, attn.wo))
+                and all(isinstance(n, NativeRMSNorm) for n in norms)):
+            return cls(attn, workers)
+        return None
+
+    def accepts(self, x: torch.Tensor, cache) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+                and x.shape[0] <= self.max_tokens
+                and cache.k.dtype == torch.float32 and cache.k.device.type == "cpu")
+
+    def __call__(self, x: torch.Tensor, pos0: int, cache, rope) -> torch.Tensor:
+        T = x.shape[0]
+        k_rows, v_rows = cache.layer_rows(self.layer, pos0 + T)
+        out = torch.empty(T, self.dim)
+        w = self.workers
+        self._gqa.decode(x.contiguous().numpy(), pos0, k_rows.numpy(), v_rows.numpy(),
+                         self._rope(rope), out.numpy(), w.engine if w.hot else None)
         return out
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.backends import dequant
-from hybrid.backends.native import (NativeFFN, NativeHeadLinear, NativeMLA, NativeRMSNorm,
-                                    NativeRouter, NativeWorkers, QuantLinear, native,
-                                    native_experts_cls)
+from hybrid.backends.native import (NativeFFN, NativeGQA, NativeHeadLinear, NativeMLA,
+                                    NativeRMSNorm, NativeRouter, NativeWorkers, QuantLinear,
+                                    native, native_experts_cls)
 from hybrid.gguf_file import GGUFFile
 
 log = logging.getLogger(__name__)
@@ -270,10 +270,13 @@ class Loader:
         is: MLA's absorbed path, or GQA), or None."""
         if self.device.type != "cpu":
             return None
+        from hybrid.models.attention import GQAttention
         from hybrid.models.deepseek2 import MLAttention
 
         if isinstance(attn, MLAttention):
             return NativeMLA.build(attn, self.workers)
+        if isinstance(attn, GQAttention):
+            return NativeGQA.build(attn, self.workers)
         return None
 
     def norm(self, name, eps):
