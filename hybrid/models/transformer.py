@@ -34,6 +34,8 @@ class Transformer:
     """The whole model. Subclasses set `make_attention(w, il)`, `make_rope(max_pos, device)`,
     `new_cache(tokens, dtype, device)`, `tensor_specs(args)` and, where it differs, `is_moe(il)`."""
 
+    FFN_NORM = "ffn_norm"  # a block's norm before its FFN (glm4moe: post_attention_norm)
+
     def __init__(self, args, w: WeightLoader, max_pos: int, rope_device=None, progress=None):
         self.args = args
         self.embed = w.embedding("token_embd.weight")
@@ -42,7 +44,7 @@ class Transformer:
         for il in range(args.n_layer):
             p = f"blk.{il}."
             attn = self.make_attention(w, il)
-            ffn_norm = norm(w, p + "ffn_norm.weight", args.rms_eps)
+            ffn_norm = norm(w, p + self.FFN_NORM + ".weight", args.rms_eps)
             self.blocks.append(Block(attn, ffn_norm, MoE(args, w, il) if self.is_moe(il) else FFN(w, p)))
             if progress is not None:
                 progress(il + 1, args.n_layer)
