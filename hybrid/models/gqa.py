@@ -151,8 +151,8 @@ class GQAArgs:
 
 
 class GQATransformer(Transformer):
-    @staticmethod
-    def tensor_specs(a: GQAArgs) -> list:
+    @classmethod
+    def tensor_specs(cls, a: GQAArgs) -> list:
         D, V, H, Hkv, Dk, Dv = a.dim, a.n_vocab, a.n_head, a.n_head_kv, a.head_dim_k, a.head_dim_v
         E, F = a.n_expert, a.n_ff_exp
         p_ = a.arch + "."
@@ -176,7 +176,7 @@ class GQATransformer(Transformer):
             t("attn_v.bias", (Hkv * Dv,), heads, False)
             t("attn_q_norm.weight", (Dk,), f"{p_}attention.key_length", False)
             t("attn_k_norm.weight", (Dk,), f"{p_}attention.key_length", False)
-            t("ffn_norm.weight", (D,), f"{p_}embedding_length")
+            t(cls.FFN_NORM + ".weight", (D,), f"{p_}embedding_length")
             if not moe_layer(a, il):
                 ff = f"{p_}feed_forward_length"
                 t("ffn_gate.weight", (D, a.n_ff), ff)
