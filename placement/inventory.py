@@ -6,17 +6,23 @@ the architecture numbers and the quantizer's type rules.
 """
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 from placement import ggml
 
-SUPPORTED_ARCHITECTURES = ("deepseek2",)
+SUPPORTED_ARCHITECTURES = ("deepseek2", "glm4moe", "llama", "qwen2moe", "qwen3moe")
+# attention kind per architecture: "mla" keeps a latent KV cache, "gqa" K and V per KV head
+ATTENTION_KIND = {"deepseek2": "mla", "glm4moe": "gqa", "llama": "gqa", "qwen2moe": "gqa", "qwen3moe": "gqa"}
 
-# role of a tensor: what it does in the model, which decides where it may live
+# role of a tensor: what it does in the model, which decides where it may live.
+# "mtp": the multi-token-prediction (nextn) blocks that llama.cpp loads but never runs for
+# generation (TENSOR_SKIP); their bytes are in the file but no token reads them, so they are
+# planned nowhere: the pages stay unread in the mmap, as in llama.cpp.
 ROLES = (
     "embedding", "attention", "norm", "router", "dense_ffn", "shared_expert",
-    "routed_experts", "output", "other",
+    "routed_experts", "output", "mtp", "other",
 )
 # the MLA up-projections; the runtime splits/absorbs them at load, so it needs them dequantized
 KV_B_STEMS = ("attn_kv_b", "attn_k_b", "attn_v_b")
@@ -44,7 +50,21 @@ def tensor_layer(name: str):
     return None
 
 
-def tensor_role(name: str) -> str:
+# early Mixtral GGUFs store each expert as its own 2-D tensor: blk.N.ffn_gate.E.weight
+_PER_EXPERT = re.compile(r"ffn_(gate|up|down)\.\d+$")
+
+
+def tensor_role(name: str, n_layer: int = None) -> str:
+    """Role of tensor `name`; with `n_layer` (blocks run per token), blocks past it are "mtp".
+
+    qwen2moe's `ffn_gate_inp_shexp` (a [D] vector: sigmoid(x . w) scales the shared expert's
+    output) is part of the shared expert, not a router: it selects nothing, exists only with the
+    shared expert and is read exactly when it is, so it goes where that branch goes.
+    q/k/v biases (qwen2moe, glm4moe) stay with their projections: "attention".
+    """
+    layer = tensor_layer(name)
+    if ".nextn." in name or (n_layer is not None and layer is not None and layer >= n_layer):
+        return "mtp"
     s = _stem(name)
     if s == "token_embd":
         return "embedding"
@@ -54,7 +74,7 @@ def tensor_role(name: str) -> str:
         return "norm"
     if s in ("ffn_gate_inp", "exp_probs_b"):
         return "router"
-    if s.endswith("_exps"):
+    if s.endswith("_exps") or _PER_EXPERT.match(s):
         return "routed_experts"
     if s.endswith("_shexp"):
         return "shared_expert"
@@ -65,9 +85,9 @@ def tensor_role(name: str) -> str:
     return "other"
 
 
-def tensor_group(name: str) -> str:
+def tensor_group(name: str, role: str = None) -> str:
     """Key into Plan.tensor_placement: the role, with the MLA up-projections split out."""
-    role = tensor_role(name)
+    role = role or tensor_role(name)
     if role == "attention" and _stem(name) in KV_B_STEMS:
         return "attention.kv_b"
     return role
@@ -92,12 +112,17 @@ class Tensor:
 
     @property
     def group(self) -> str:
-        return tensor_group(self.name)
+        return tensor_group(self.name, self.role)
 
 
 @dataclass
 class ModelInfo:
-    """The architecture numbers the solver needs (deepseek2 names, GGUF meaning)."""
+    """The architecture numbers the solver needs (GGUF meaning; MLA fields are 0 for GQA models).
+
+    n_layer counts the blocks a token runs through: GGUF's block_count less the MTP (nextn)
+    blocks appended after the trunk (`nextn_predict_layers`, glm4moe and newer deepseek2
+    converters), which llama.cpp skips and hybrid does not load either (n_nextn of them).
+    """
     architecture: str
     name: str
     n_layer: int
@@ -116,11 +141,49 @@ class ModelInfo:
     expert_ff: int
     dense_ff: int
     context_length: int
+    attention: str = "mla"     # mla | gqa (ATTENTION_KIND)
+    n_head_kv: int = 0         # GQA only (0 for MLA): KV heads and their K / V widths
+    head_dim_k: int = 0        #   (attention.key_length / value_length, default D / H)
+    head_dim_v: int = 0
+    shared_ff: int = 0         # FFN width of the shared expert(s) together, 0 without
+    n_nextn: int = 0
+
+    @property
+    def n_block(self) -> int:
+        """Blocks in the file (GGUF block_count)."""
+        return self.n_layer + self.n_nextn
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Cached values per token over all layers that run.
+
+        MLA: the latent (kv_lora_rank) plus the shared rope key per layer.
+        GQA: K and V of every KV head per layer.
+        """
+        if self.attention == "mla":
+            return self.n_layer * (self.kv_lora_rank + self.qk_rope_dim)
+        return self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """MLA latent cache: (kv_lora_rank + rope dims) bf16 values per token per layer."""
-        return self.n_layer * (self.kv_lora_rank + self.qk_rope_dim) * 2
+        """KV cache bytes per token in bf16 (the solver scales by the planned cache dtype)."""
+        return self.kv_values_per_token * 2
+
+    @property
+    def attn_width(self) -> int:
+        """Widest per-token attention intermediate: the absorbed MLA query and output in latent
+        space (H x latent each), or the GQA query, key and value projections."""
+        if self.attention == "mla":
+            return 2 * self.n_head * (self.kv_lora_rank + self.qk_rope_dim)
+        return self.n_head * self.head_dim_k + self.n_head_kv * (self.head_dim_k + self.head_dim_v)
+
+    @property
+    def attn_flops_per_position(self) -> int:
+        """FLOPs one query spends on one cached position in one layer (scores and weighted
+        sum over all heads); absorbed MLA works in the latent space."""
+        if self.attention == "mla":
+            return 4 * self.n_head * (self.kv_lora_rank + self.qk_rope_dim)
+        return 2 * self.n_head * (self.head_dim_k + self.head_dim_v)
 
     @property
     def moe_layers(self) -> list:
@@ -140,6 +203,45 @@ class ModelInfo:
                 raise InventoryError(f"{where}: metadata key '{arch}.{key}' is missing")
             return int(v)
 
+        def opt(key, default=0):
+            v = get(key, None)
+            return default if v is None else int(v)
+
+        n_block = need("block_count")
+        n_nextn = opt("nextn_predict_layers")
+        if not 0 <= n_nextn < n_block:
+            raise InventoryError(f"{where}: {arch}.nextn_predict_layers = {n_nextn} leaves no block of "
+                                 f"the {n_block} in {arch}.block_count to run")
+        n_embd, n_head = need("embedding_length"), need("attention.head_count")
+        n_expert = opt("expert_count")
+        n_dense_lead = opt("leading_dense_block_count")
+        dense_ff = opt("feed_forward_length")
+        # Mixtral-style llama files give the experts' width as feed_forward_length only
+        expert_ff = opt("expert_feed_forward_length") or (dense_ff if n_expert > 1 else 0)
+        if n_expert > 1 and not n_dense_lead:
+            dense_ff = 0   # no dense FFN block runs (qwen3moe's feed_forward_length is unused)
+        n_shared = opt("expert_shared_count")
+        # qwen2moe gives the shared expert its own width; deepseek2 / glm4moe: count x expert width
+        shared_ff = opt("expert_shared_feed_forward_length") or n_shared * expert_ff
+        common = dict(
+            architecture=arch, name=name,
+            n_layer=n_block - n_nextn, n_nextn=n_nextn,
+            n_dense_lead=n_dense_lead,
+            n_embd=n_embd, n_vocab=int(n_vocab), n_head=n_head,
+            n_expert=n_expert, n_expert_used=opt("expert_used_count"),
+            n_expert_shared=n_shared or (1 if shared_ff else 0),
+            expert_ff=expert_ff, shared_ff=shared_ff,
+            dense_ff=dense_ff,
+            context_length=opt("context_length", 4096),
+            attention=ATTENTION_KIND[arch],
+        )
+        if ATTENTION_KIND[arch] == "gqa":
+            k = opt("attention.key_length", n_embd // max(n_head, 1))
+            v = opt("attention.value_length", n_embd // max(n_head, 1))
+            return cls(**common, q_lora_rank=0, kv_lora_rank=0,
+                       qk_rope_dim=opt("rope.dimension_count", k), qk_nope_dim=0, v_head_dim=v,
+                       n_head_kv=opt("attention.head_count_kv", n_head), head_dim_k=k, head_dim_v=v)
+
         rope = need("rope.dimension_count")
         # MLA-aware converters store the decompressed head sizes under *_mla keys
         k_mla = get("attention.key_length_mla", None)
@@ -149,23 +251,8 @@ class ModelInfo:
         else:
             nope = need("attention.key_length") - rope
             v_dim = need("attention.value_length")
-        return cls(
-            architecture=arch, name=name,
-            n_layer=need("block_count"),
-            n_dense_lead=int(get("leading_dense_block_count", 0)),
-            n_embd=need("embedding_length"),
-            n_vocab=int(n_vocab),
-            n_head=need("attention.head_count"),
-            q_lora_rank=int(get("attention.q_lora_rank", 0)),
-            kv_lora_rank=need("attention.kv_lora_rank"),
-            qk_rope_dim=rope, qk_nope_dim=nope, v_head_dim=v_dim,
-            n_expert=int(get("expert_count", 0)),
-            n_expert_used=int(get("expert_used_count", 0)),
-            n_expert_shared=int(get("expert_shared_count", 0)),
-            expert_ff=int(get("expert_feed_forward_length", 0)),
-            dense_ff=int(get("feed_forward_length", 0)),
-            context_length=int(get("context_length", 4096)),
-        )
+        return cls(**common, q_lora_rank=opt("attention.q_lora_rank"), kv_lora_rank=need("attention.kv_lora_rank"),
+                   qk_rope_dim=rope, qk_nope_dim=nope, v_head_dim=v_dim)
 
 
 @dataclass
@@ -222,9 +309,10 @@ class Inventory:
         return sorted({t.layer for t in self.tensors if t.role == "routed_experts"})
 
 
-def make_tensor(name: str, ggml_type_id: int, ne) -> Tensor:
+def make_tensor(name: str, ggml_type_id: int, ne, n_layer: int = None) -> Tensor:
+    """A tensor of GGML type `ggml_type_id` and dims `ne`; `n_layer` as in tensor_role."""
     ne = tuple(int(d) for d in ne)
-    return Tensor(name=name, role=tensor_role(name), layer=tensor_layer(name),
+    return Tensor(name=name, role=tensor_role(name, n_layer), layer=tensor_layer(name),
                   ggml_type=int(ggml_type_id), ne=ne, n_bytes=ggml.tensor_nbytes(ggml_type_id, ne))
 
 
@@ -242,15 +330,16 @@ def from_gguf(path) -> Inventory:
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
+    embd = g.tensors.get("token_embd.weight")
+    n_vocab = get("vocab_size", None) or (int(embd.ne[1]) if embd is not None else 0)
+    name = str(meta.get("general.name", os.path.basename(path)))
+    model = ModelInfo.from_hparams(arch, get, name=name, n_vocab=int(n_vocab), where=path)
     tensors = []
     for info in g.tensors.values():
         ne = tuple(int(d) for d in info.ne)
-        tensors.append(Tensor(name=info.name, role=tensor_role(info.name), layer=tensor_layer(info.name),
-                              ggml_type=int(info.ggml_type), ne=ne, n_bytes=int(info.n_bytes)))
-    embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
-    n_vocab = get("vocab_size", None) or (embd.ne[1] if embd is not None else 0)
-    name = str(meta.get("general.name", os.path.basename(path)))
-    model = ModelInfo.from_hparams(arch, get, name=name, n_vocab=int(n_vocab), where=path)
+        tensors.append(Tensor(name=info.name, role=tensor_role(info.name, model.n_layer),
+                              layer=tensor_layer(info.name), ggml_type=int(info.ggml_type), ne=ne,
+                              n_bytes=int(info.n_bytes)))
     files = [os.fspath(p) for p in getattr(g, "paths", [path])]
     file_bytes = sum(os.path.getsize(f) for f in files)
     close = getattr(g, "close", None)

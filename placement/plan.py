@@ -83,6 +83,7 @@ class Plan:
     # gpu_prefill says why, the crossover arithmetic and the VRAM reserved for it
     gpu_prefill_tokens: int = 0
     gpu_prefill: dict = field(default_factory=dict)
+    kv_cache_kind: str = "mla"  # mla: one latent (+ rope key) per layer; gqa: K and V per KV head
     problems: list = field(default_factory=list)
     suggestions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -222,7 +223,9 @@ class Plan:
         for g, (dev, fmt) in self.tensor_placement.items():
             L.append(f"{g:<26} {dev:<8} {fmt:<10}")
         L.append("")
-        L.append(f"KV cache (MLA latent, {self.kv_cache_dtype}): {self.kv_cache_tokens} tokens x {self.kv_bytes_per_token} B = "
+        kind = "K and V per KV head" if self.kv_cache_kind == "gqa" else "MLA latent"
+        L.append(f"KV cache ({kind}, {self.kv_cache_dtype}): {self.kv_cache_tokens} tokens x "
+                 f"{self.kv_bytes_per_token} B = "
                  f"{fmt_bytes(self.kv_cache_bytes)} on {self.kv_cache_device}; room for up to "
                  f"{self.max_context_tokens} tokens")
         if self.n_gpu_experts:

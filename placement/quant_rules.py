@@ -12,6 +12,23 @@ Rule sets:
   "llama.cpp-recent": llama.cpp master as of late 2025 classifies `attn_kv_b` with attn_v
       ("more sensitive"), so Q4_K_M gives it Q6_K in the use_more_bits layers and Q2_K gives it
       Q3_K; and Q2_K/Q3_K rows that are not whole 256-blocks fall back to Q4_0, not IQ4_NL.
+      The same change sends a fused `attn_qkv` down the attn_v branch (its own Q5_K rule for
+      Q4_K_M is no longer reached). None of the preset architectures has a fused attn_qkv.
+
+Both sets agree on everything the GQA MoE presets (qwen3moe, glm4moe) and the split-MLA
+layout (Kimi K2: attn_k_b / attn_v_b, no attn_kv_b) contain:
+  - attn_v: Q6_K in the use_more_bits layers (Q4_K_M); the rule counts attn_v tensors, one per
+    block, in layer order (llama.cpp sorts tensors by block number), so its counter is the
+    block number and its total the block count, MTP blocks included;
+  - ffn_down, ffn_down_exps, ffn_down_shexp: Q6_K in the use_more_bits blocks, the block
+    parsed from the name for MoE models, out of all blocks (llama.cpp's n_layer counts the MTP
+    blocks: glm4moe's block 92 of 93 is in the last eighth);
+  - the n_expert == 8 rules (attn_v / attn_k Q8_0, attn_output Q5_K) fire for Mixtral-style
+    8-expert models only: not for 128/160/384 experts;
+  - routers (ffn_gate_inp), norms, biases and other 1-D tensors stay in float; a [D, 1] tensor
+    is 1-D to ggml (trailing 1s do not count as dims).
+Not modelled: the recent rule that gives token_embd the output's type when the model has no
+output.weight (tied embeddings); no preset has tied embeddings.
 """
 
 from placement import ggml
@@ -40,9 +57,18 @@ def use_more_bits(i_layer: int, n_layer: int) -> bool:
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
+def n_dims(ne) -> int:
+    """ggml_n_dims: trailing dimensions of 1 do not count (a [D, 1] tensor is 1-D)."""
+    n = 1
+    for i, d in enumerate(ne):
+        if int(d) > 1:
+            n = i + 1
+    return n
+
+
 def is_quantizable(name: str, ne) -> bool:
     """Which tensors the quantizer touches at all (others keep their stored type, F32 here)."""
-    if len([d for d in ne]) < 2:
+    if n_dims(ne) < 2:
         return False
     if not name.endswith("weight"):
         return False
@@ -56,7 +82,8 @@ def is_quantizable(name: str, ne) -> bool:
 
 def _layer_of(name: str) -> int:
     # llama.cpp parses "blk.%d." for MoE models; the running counters it uses otherwise give
-    # the same number for models with one such tensor per layer, which covers deepseek2.
+    # the same number for models with one such tensor per block (every architecture we have
+    # presets for: one attn_v / attn_kv_b and one ffn_down* family per block, blocks in order).
     if not name.startswith("blk."):
         raise ValueError(f"tensor {name} has no layer number")
     return int(name.split(".")[1])
@@ -77,7 +104,7 @@ def tensor_type(name: str, ne, mix: str, *, n_layer: int, n_expert: int, n_gqa: 
 
     t = MIX_BASE_TYPE[mix]
     attn_v_like = "attn_v.weight" in name
-    if rules != "llama.cpp-2025-01" and "attn_kv_b.weight" in name:
+    if rules != "llama.cpp-2025-01" and ("attn_kv_b.weight" in name or "attn_qkv.weight" in name):
         attn_v_like = True
 
     if name == "output.weight":

@@ -1,8 +1,9 @@
 """Inventory x Hardware x Workload x Policy -> Plan: fit a huge MoE into one GPU and host RAM.
 
 Order of decisions:
-  1. GPU: non-expert weights (bf16, or the GGUF bytes when bf16 does not fit), the MLA latent
-     KV cache, explicit reserves (CUDA context, compute workspace, allocator slack).
+  1. GPU: non-expert weights (bf16, or the GGUF bytes when bf16 does not fit), the KV cache
+     (MLA: the latent; GQA: K and V per KV head), explicit reserves (CUDA context, compute
+     workspace, allocator slack). MTP (nextn) blocks are planned nowhere: never run.
   2. Host: routed experts in their GGUF form, spread over the allowed NUMA nodes by the NUMA
      mode, plus pinned buffers, page tables, the runtime's own overhead and an OS reserve.
   3. Leftover VRAM: first the GPU prefill buffers (two layers of routed experts streamed through
@@ -142,7 +143,7 @@ def _weight_costs(inv: Inventory, groups: dict, pol: Policy) -> tuple:
     """
     gpu, host = {}, {}
     for t in inv.tensors:
-        if t.role == "routed_experts":
+        if t.role in ("routed_experts", "mtp"):   # mtp: never read, stays in the file (_mtp_note)
             continue
         dev, fmt = groups[t.group if t.group in groups else "other"]
         if dev == "gpu0":
@@ -163,10 +164,10 @@ def workspace_formula(inv: Inventory, wl: Workload, pol: Policy) -> dict:
     (fp32) plus one block of attention scores (H x query block x context, fp32)."""
     m = inv.model
     tokens = max(wl.prefill_chunk, wl.batch)
-    latent = m.kv_lora_rank + m.qk_rope_dim
     # residual, normed input, attention out, MoE out; the widest projection pair: the dense FFN
-    # gate+up, or the absorbed MLA query and output in latent space (H x latent each)
-    width = 4 * m.n_embd + max(2 * m.dense_ff, 2 * m.n_expert_shared * m.expert_ff, 2 * m.n_head * latent)
+    # gate+up, the shared experts' gate+up, or the attention projections (MLA: the absorbed
+    # query and output in latent space, H x latent each; GQA: q, k and v)
+    width = 4 * m.n_embd + max(2 * m.dense_ff, 2 * m.shared_ff, m.attn_width)
     activations = tokens * width * 4
     scores = m.n_head * min(pol.attn_query_block, tokens) * wl.context * 4
     logits = wl.batch * m.n_vocab * 4
@@ -298,7 +299,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
 
     kv_device = "gpu0" if gpu is not None else "cpu"
     kv_dtype = pol.kv_cache_dtype if pol.kv_cache_dtype != "auto" else ("bf16" if gpu is not None else "f32")
-    kv_per_token = m.n_layer * (m.kv_lora_rank + m.qk_rope_dim) * DTYPE_BYTES[kv_dtype]
+    # MLA: the latent cache; GQA: K and V per KV head (ModelInfo.kv_values_per_token)
+    kv_per_token = m.kv_values_per_token * DTYPE_BYTES[kv_dtype]
     kv_tokens = wl.context * wl.batch
     kv_bytes = kv_tokens * kv_per_token
     ws = workspace_formula(inv, wl, pol)
@@ -447,7 +449,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
                                         f"over by {fmt_bytes(u.bytes - u.capacity_bytes)}; {why}"))
 
     # ---- placement table ---------------------------------------------------------------
-    present = {t.group if t.group in groups else "other" for t in inv.tensors if t.role != "routed_experts"}
+    present = {t.group if t.group in groups else "other" for t in inv.tensors
+               if t.role not in ("routed_experts", "mtp")}
     placement = {g: tuple(v) for g, v in groups.items() if g in present}
     if any(t.role == "routed_experts" for t in inv.tensors):
         placement["routed_experts"] = ("cpu", "quantized")
@@ -455,13 +458,17 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
             placement["routed_experts.gpu_cache"] = ("gpu0", "quantized")
     gpu_experts = [list(gpu_cache.get(l, [])) for l in range(m.n_layer)]
 
+    mtp = _mtp_note(inv)
+    if mtp:
+        notes.append(mtp)
     estimate = estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices)
     plan = Plan(
         fits=not problems,
         model=m.name, source=inv.source, architecture=m.architecture, quantization=inv.quantization,
         weights_bytes=inv.total_bytes, n_tensors=len(inv.tensors), devices=devices,
         kv_cache_bytes=kv_bytes, kv_cache_tokens=kv_tokens, kv_cache_device=kv_device,
-        kv_bytes_per_token=kv_per_token, kv_cache_dtype=kv_dtype, cpu_linear_min_bytes=pol.cpu_linear_min_bytes,
+        kv_bytes_per_token=kv_per_token, kv_cache_dtype=kv_dtype, kv_cache_kind=m.attention,
+        cpu_linear_min_bytes=pol.cpu_linear_min_bytes,
         max_context_tokens=int(max_ctx) if gpu is not None else _host_max_ctx(devices, kv_per_token, wl),
         gpu_weight_format=gpu_fmt, numa_mode=numa_mode, tensor_placement=placement, gpu_experts=gpu_experts,
         estimate=estimate, gpu_prefill_tokens=gpu_prefill["tokens"], gpu_prefill=gpu_prefill,
@@ -472,6 +479,22 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     if problems and _suggest:
         plan.suggestions = suggest(inv, hw, wl, pol, plan)
     return plan
+
+
+def _mtp_note(inv: Inventory) -> str:
+    """The MTP (nextn) blocks: in the file, in weights_bytes, planned nowhere.
+
+    llama.cpp loads them with TENSOR_SKIP and never runs them for generation; neither does
+    hybrid. Counting them on the GPU (their attention, shared expert, eh_proj) or in host RAM
+    (their routed experts) would reserve memory no token reads; their mmap pages stay unread.
+    """
+    mtp = [t for t in inv.tensors if t.role == "mtp"]
+    if not mtp:
+        return ""
+    blocks = sorted({t.layer for t in mtp if t.layer is not None})
+    return (f"{len(mtp)} tensors ({fmt_bytes(sum(t.n_bytes for t in mtp))}) of the MTP/nextn block(s) "
+            f"{fmt_int_list(blocks)} stay unread in the file: they are not run for generation "
+            f"(llama.cpp skips them too)")
 
 
 def _policy_dict(pol: Policy) -> dict:
@@ -600,8 +623,10 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     # prefill
     cpu_flops, assumptions["cpu_compute"] = _cpu_flops(hw)
     t_cpu_pf = _cpu_expert_prefill_s(inv, wl, cpu_flops, eff_bw, hit)
-    nonexp_params = sum(t.n_elements for t in inv.tensors if t.role not in ("routed_experts", "embedding"))
-    gpu_flops_tok = 2 * nonexp_params + 4 * m.n_head * (m.kv_lora_rank + m.qk_rope_dim) * pos
+    nonexp_params = sum(t.n_elements for t in inv.tensors
+                        if t.role not in ("routed_experts", "embedding", "mtp"))
+    # attention over `pos` cached positions in every layer that runs
+    gpu_flops_tok = 2 * nonexp_params + m.n_layer * m.attn_flops_per_position * pos
     if gpu is not None:
         pcie = hw.pcie_bandwidth or ASSUMED_PCIE_BANDWIDTH
         t_gpu_pf = gpu_flops_tok / (pol.gpu_tflops * 1e12) + len(layers) * 2 * m.n_embd * 4 / pcie

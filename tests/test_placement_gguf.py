@@ -103,9 +103,10 @@ def test_split_set_inventory(tiny_f32, tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    kv = [encode_kv("general.architecture", VT.STRING, "llama"), encode_kv("llama.block_count", VT.UINT32, 1)]
-    p = write_gguf(tmp_path / "llama.gguf", b"".join(kv), len(kv), [("token_embd.weight", 0, (32, 8))], None)
-    with pytest.raises(ValueError, match="'llama' is not supported; supported: deepseek2"):
+    kv = [encode_kv("general.architecture", VT.STRING, "gemma3"), encode_kv("gemma3.block_count", VT.UINT32, 1)]
+    p = write_gguf(tmp_path / "gemma3.gguf", b"".join(kv), len(kv), [("token_embd.weight", 0, (32, 8))], None)
+    with pytest.raises(ValueError, match="'gemma3' is not supported; supported: deepseek2, glm4moe, llama, qwen2moe, "
+                                         "qwen3moe"):
         from_gguf(p)
 
 
@@ -113,7 +114,12 @@ def test_missing_metadata_names_the_key(tmp_path):
     kv = [encode_kv("general.architecture", VT.STRING, "deepseek2"),
           encode_kv("deepseek2.rope.dimension_count", VT.UINT32, 16)]
     p = write_gguf(tmp_path / "half.gguf", b"".join(kv), len(kv), [("token_embd.weight", 0, (32, 8))], None)
-    with pytest.raises(ValueError, match="deepseek2.attention.key_length"):
+    with pytest.raises(ValueError, match="'deepseek2.block_count' is missing"):
+        from_gguf(p)
+    kv += [encode_kv(f"deepseek2.{k}", VT.UINT32, 8)
+           for k in ("block_count", "embedding_length", "attention.head_count")]
+    p = write_gguf(tmp_path / "half2.gguf", b"".join(kv), len(kv), [("token_embd.weight", 0, (32, 8))], None)
+    with pytest.raises(ValueError, match="'deepseek2.attention.key_length' is missing"):
         from_gguf(p)
 
 
