@@ -104,7 +104,7 @@ class Policy:
 # --- sizes ----------------------------------------------------------------------------
 
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
-# GGML types the native CPU matmul takes as they are (hybrid.engine._NATIVE_LINEAR_TYPES)
+# GGML types the native CPU matmul takes as they are (hybrid.runtime.engine._NATIVE_LINEAR_TYPES)
 CPU_NATIVE_TYPES = frozenset({2, 6, 8, 12, 13, 14})   # Q4_0 Q5_0 Q8_0 Q4_K Q5_K Q6_K
 _LINEAR_ROLES = ("attention", "dense_ffn", "shared_expert", "output", "other")
 
@@ -662,7 +662,7 @@ def prefill_crossover(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, n
                       hit: dict) -> dict:
     """Prompt tokens per chunk from which streaming the routed experts to the GPU beats the CPU.
 
-    GPU path (hybrid.gpu.PrefillOffload), per chunk of T tokens, summed over the MoE layers;
+    GPU path (hybrid.backends.gpu.PrefillOffload), per chunk of T tokens, summed over the MoE layers;
     layer l+1 is copied while layer l computes, so per layer the slower of the two counts
     (steady state: the first layer's copy of a lone chunk is not hidden, ~1/58 on R1):
         t_gpu(T) = max(S / B_pcie, S_deq / B_gpu + T * g)
@@ -715,7 +715,7 @@ def prefill_crossover(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, n
 def gpu_prefill_reserve(inv: Inventory, wl: Workload, pol: Policy, tokens: int) -> dict:
     """VRAM the GPU prefill path needs besides the rest of the plan, for chunks of `tokens`.
 
-    staging: two slots of the largest MoE layer's routed experts (hybrid.gpu._Copier fills one
+    staging: two slots of the largest MoE layer's routed experts (hybrid.backends.gpu._Copier fills one
     while the other is computed on), allocated at load. workspace, live while a long chunk
     runs: the activations of `tokens` tokens beyond the prefill_chunk ones already in the
     workspace (workspace_formula), plus PrefillOffload's own buffers: an fp32 output row per
