@@ -104,7 +104,7 @@ class Policy:
 # --- sizes ----------------------------------------------------------------------------
 
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
-# GGML types the native CPU matmul takes as they are (hybrid.runtime.engine._NATIVE_LINEAR_TYPES)
+# GGML types the native CPU matmul takes as they are (hybrid.runtime.loader.NATIVE_LINEAR_TYPES)
 CPU_NATIVE_TYPES = frozenset({2, 6, 8, 12, 13, 14})   # Q4_0 Q5_0 Q8_0 Q4_K Q5_K Q6_K
 _LINEAR_ROLES = ("attention", "dense_ffn", "shared_expert", "output", "other")
 
