@@ -28,6 +28,13 @@ def _cos(a, b):
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+def assert_close_everywhere(got, want, bound):
+    """Per-position cosine >= bound at every position (a median would let a few positions
+    with an expert missing through: one hot expert dropped leaves 7 of 12 positions intact)."""
+    cos = _cos(got, want)
+    assert cos.min() >= bound, f"min cosine {cos.min():.6f} at position {cos.argmin()} (bound {bound})"
+
+
 @pytest.fixture(scope="module")
 def q4(tiny_gguf):
     return tiny_gguf("Q4_K_M")
@@ -112,8 +119,9 @@ def test_plan_hot_experts_run_in_torch_and_the_engine_skips_them(q4, cpu_ref):
         counts = r.expert_stats.counts.clone()
         K = r.args.n_expert_used
     # hot experts compute from bf16 copies in torch: close to the all-CPU result, not equal
-    assert np.median(_cos(full, cpu_ref[0])) >= 0.999
-    assert np.median(_cos(step, cpu_ref[1])) >= 0.999
+    # (min cosine 0.9998 measured; the last hot expert dropped: 0.966)
+    assert_close_everywhere(full, cpu_ref[0], 0.999)
+    assert_close_everywhere(step, cpu_ref[1], 0.999)
     for l in moe:   # full pass + token-by-token pass, K experts each
         assert int(counts[l].sum()) == 2 * len(TOKENS) * K
     assert int(counts[: moe[0]].sum()) == 0
@@ -172,10 +180,12 @@ def test_cli_saves_expert_stats(q4, tmp_path):
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", "Q5_K"])
 def test_jit_dequant_linear_equals_the_bf16_linear(qtype):
+    """The JIT-dequantized linear is exactly gguf's numpy dequantization (an independent
+    decoder), rounded to bf16, times x in bf16: the decoders agree to the bit in float32, so
+    the bf16 roundings agree too."""
     import gguf
+    import torch.nn.functional as F
 
-    from hybrid.backends import dequant
-    from hybrid.runtime.loader import TorchLinear
     from hybrid.backends.gpu import DequantLinear
 
     from quantdata import random_rows
@@ -186,11 +196,15 @@ def test_jit_dequant_linear_equals_the_bf16_linear(qtype):
     x = torch.from_numpy(rng.standard_normal((3, 512)).astype(np.float32))
     jit = DequantLinear(q, int(t), 512, "cpu")
     assert jit.blocks.dtype == torch.uint8 and jit.blocks.numel() == q.nbytes  # blocks kept
-    ref = TorchLinear(dequant.dequantize(q, int(t), dtype=torch.bfloat16))
-    torch.testing.assert_close(jit(x), ref(x), rtol=0, atol=0)
-    # and both are the quantized matrix (bf16-rounded) times x
-    exact = x @ torch.from_numpy(gguf.quants.dequantize(q, t)).t()
-    assert ((jit(x) - exact).abs().max() / exact.abs().max()) < 2e-2
+    w = torch.from_numpy(np.asarray(gguf.quants.dequantize(q, t), np.float32))  # [64, 512]
+    assert torch.equal(jit.weight, w.to(torch.bfloat16))
+    got = jit(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float(),
+                               rtol=0, atol=0)
+    # and both are the quantized matrix times x, to bf16 rounding
+    exact = x.double() @ w.double().t()
+    assert ((got.double() - exact).abs().max() / exact.abs().max()) < 2e-2
 
 
 class _QuantPlan(MinimalPlan):
@@ -247,7 +261,7 @@ def test_gpu_prefill_threshold_switches_paths(q4, cpu_ref):
     # no wrap-around prefetch: the 4-token tail chunk stays on the CPU
     assert sum(1 for e in ev if e[0] == "prefetch") == len(moe)
     # bf16 device experts vs native quantized dots: close, not equal
-    assert np.median(_cos(full, cpu_ref[0])) >= 0.999
+    assert_close_everywhere(full, cpu_ref[0], 0.999)
     np.testing.assert_array_equal(short, cpu_ref[0][:5])
 
 
@@ -263,7 +277,7 @@ def test_gpu_prefill_threshold_comes_from_the_plan(q4, cpu_ref):
         assert off.calls == len(off.layers)
         r.logits(TOKENS[:5])              # below the plan's threshold: CPU engine only
         assert off.calls == len(off.layers)
-    assert np.median(_cos(full, cpu_ref[0])) >= 0.999
+    assert_close_everywhere(full, cpu_ref[0], 0.999)
 
 
 def test_explicit_gpu_prefill_tokens_override_the_plan(q4, cpu_ref):
@@ -319,7 +333,7 @@ def test_cuda_graph_decode_equals_eager(q4):
         got = r.decode_logits(TOKENS)
         assert r.decoder.failed is None, r.decoder.failed
         assert r.decoder.replays == len(TOKENS) - 1   # the first step captures
-    assert np.median(_cos(got, ref)) >= 0.9999
+    assert_close_everywhere(got, ref, 0.9999)
 
 
 @cuda
@@ -334,7 +348,7 @@ def test_cuda_overlap_idle_timer_and_prefill_offload(q4):
                      gpu_prefill_tokens=8, gpu_prefill_chunk=8) as r:
         got = r.logits(TOKENS)
         assert r.loader.offload.calls > 0
-    assert np.median(_cos(got, ref)) >= 0.999
+    assert_close_everywhere(got, ref, 0.999)
 
 
 @cuda

@@ -1,0 +1,395 @@
+"""Planted bugs that the test suite must notice: a curated list of mutants.
+
+Each mutant is one small text replacement in one file (MUTANTS below: name, file, old, new,
+tests). For each, this script copies the working tree to a scratch directory (the files git
+tracks or would track, plus the compiled hybrid/_native*.so), applies the replacement, runs the
+named tests there and reports `caught` (some test failed) or `survived` (all passed: a hole in
+the suite). Mutants of native/ or CMakeLists.txt rebuild the extension in their copy first
+(a scratch tree kept between runs, so only the mutated file recompiles).
+
+    python scripts/mutants.py                  # every mutant; exit 0 when all were caught
+    python scripts/mutants.py --list           # names, files, tests
+    python scripts/mutants.py rope-sign-flip 'router-*'    # some, by name or glob
+    python scripts/mutants.py --baseline       # the same tests on the unmutated copy: must pass
+
+Not part of the README's test command (minutes per native mutant). Fixtures come from
+HYBRID_FIXTURE_CACHE (default /tmp/fixture-cache), shared with the dev test command, so they
+are built once.
+
+To add a mutant: append a Mutant(name, file, old, new, tests, why) to MUTANTS. `old` must occur
+exactly once in `file` (else the mutant is reported `stale`); `tests` are pytest arguments
+(node ids, or a file followed by "-k", "expression").
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # path relative to the repository root
+    old: str  # text that must occur exactly once in file
+    new: str  # its replacement
+    tests: tuple[str, ...]  # pytest arguments run in the mutated copy
+    why: str = ""  # the bug it stands for, or the issue case it guards
+
+    @property
+    def native(self) -> bool:
+        return self.file.startswith("native/") or self.file == "CMakeLists.txt"
+
+
+T_DS2 = "tests/test_deepseek2.py"
+T_GPU = "tests/test_gpu_path.py"
+T_NAT = "tests/test_native_decode.py"
+
+MUTANTS: list[Mutant] = [
+    # ------------------------------------------------------------------ engine / model skeleton
+    Mutant("blocks-bypassed", "hybrid/models/transformer.py",
+           "        x = x + self.attn(x, pos0, cache, rope, attn_mode)\n"
+           "        return x + self.ffn(self.ffn_norm(x))",
+           "        return x",
+           (f"{T_DS2}::test_greedy_32_tokens_equal_llama_cpp",),
+           "issue 20 case 1: every block returns its input; the greedy test must notice"),
+    Mutant("attention-zeroed", "hybrid/models/transformer.py",
+           "        x = x + self.attn(x, pos0, cache, rope, attn_mode)\n",
+           "        x = x + 0 * self.attn(x, pos0, cache, rope, attn_mode)\n",
+           (f"{T_DS2}::test_top1_equals_references_where_the_blocks_decide",),
+           "issue 20 case 1: the top-1 checks must notice attention computing nothing"),
+    Mutant("lm-head-from-embedding-norm-skipped", "hybrid/models/transformer.py",
+           "        return self.lm_head(self.norm(x))                                  # [T, B]",
+           "        return self.lm_head(x)                                             # [T, B]",
+           (f"{T_DS2}::test_matches_float64_reference",),
+           "final RMSNorm skipped"),
+    Mutant("prefill-chunk-drops-last-token", "hybrid/runtime/engine.py",
+           "            chunk = tokens[c0:c0 + step]\n",
+           "            chunk = tokens[c0:c0 + step]\n"
+           "            chunk = chunk if chunk.numel() == 1 or c0 + step < n else chunk[:-1]\n",
+           (f"{T_DS2}::test_chunked_prefill_equals_one_shot", f"{T_DS2}::test_matches_float64_reference"),
+           "the last token of a prompt is never run"),
+    Mutant("kv-cache-append-off-by-one", "hybrid/runtime/kv_cache.py",
+           "        rows[pos0:end, :C] = latent\n        rows[pos0:end, C:] = k_pe\n        return rows[:end]",
+           "        rows[pos0:end, :C] = latent\n        rows[pos0:end, C:] = k_pe\n"
+           "        return rows[:end - 1] if end > 1 else rows[:end]",
+           (f"{T_DS2}::test_cached_decode_equals_full_sequence", f"{T_DS2}::test_matches_float64_reference"),
+           "a KV-cache slice one row short: each token misses itself"),
+    Mutant("kv-cache-write-at-wrong-rows", "hybrid/runtime/kv_cache.py",
+           "        rows.index_copy_(0, pos, torch.cat((latent, k_pe), dim=-1).to(rows.dtype))",
+           "        rows.index_copy_(0, (pos + 1).clamp(max=rows.shape[0] - 1), "
+           "torch.cat((latent, k_pe), dim=-1).to(rows.dtype))",
+           (f"{T_GPU}::test_segmented_static_decode_equals_eager",),
+           "the fixed-shape (CUDA-graph) step writes the cache one row late"),
+    # ------------------------------------------------------------------ MLA attention
+    Mutant("rope-sign-flip", "hybrid/models/layers.py",
+           "            y = torch.view_as_real(xc * f).flatten(-2).to(x.dtype)",
+           "            y = torch.view_as_real(xc * f.conj()).flatten(-2).to(x.dtype)",
+           (T_DS2, "-k", "exactly_on_f32 and default"),
+           "RoPE rotates the wrong way (normal pair layout)"),
+    Mutant("rope-table-sign-flip", "hybrid/models/layers.py",
+           "        self.freqs = torch.polar(torch.full_like(theta, mscale), theta).to(torch.complex64)",
+           "        self.freqs = torch.polar(torch.full_like(theta, mscale), -theta).to(torch.complex64)",
+           (T_DS2, "-k", "test_matches_llama_cpp and not exactly and not cuda and Q8_0 and default"),
+           "the shared cos/sin table (native attention reads it too) rotates the wrong way"),
+    Mutant("kq-scale-without-mscale", "hybrid/models/deepseek2.py",
+           "        return mscale * mscale / math.sqrt(self.qk_head_dim)",
+           "        return mscale / math.sqrt(self.qk_head_dim)",
+           (f"{T_DS2}::test_model_args_from_fixture",),
+           "YaRN's mscale applied once instead of squared"),
+    Mutant("mla-kv-b-split-swapped", "hybrid/models/deepseek2.py",
+           "            wk, wv = kv_b[:, :N], kv_b[:, N:]",
+           "            wk, wv = kv_b[:, V:], kv_b[:, :V]",
+           (T_DS2, "-k", "float64_reference and default"),
+           "attn_kv_b split with the value part first (same sizes in the fixture)"),
+    Mutant("mla-rotated-head", "hybrid/backends/native.py",
+           "        self._rows = np.ascontiguousarray(q).reshape(H, N, -1)         # [H, out, row bytes]",
+           "        self._rows = np.ascontiguousarray(np.roll(q.reshape(H, N, -1), 1, axis=0))",
+           (T_NAT, "-k", "fused_attention_equals_the_float64_reference"),
+           "issue 20 case 4: the native head matrices rotated by one head"),
+    Mutant("mla-decompress-mask-strict", "hybrid/models/deepseek2.py",
+           "            mask = torch.arange(S, device=x.device)[None, :] <= i          # [T, S]",
+           "            mask = torch.arange(S, device=x.device)[None, :] < i + (i == 0)  # [T, S]",
+           (f"{T_DS2}::test_absorbed_and_decompressed_attention_agree",),
+           "causal mask hides each token from itself"),
+    # ------------------------------------------------------------------ routing
+    Mutant("router-wrong-group", "hybrid/models/moe.py",
+           "            keep = g_score.topk(a.n_group_used, dim=-1).indices            # [T, n_group_used]",
+           "            keep = (-g_score).topk(a.n_group_used, dim=-1).indices         # [T, n_group_used]",
+           (T_NAT, "-k", "native_router_selects_as_the_torch_router"),
+           "group-limited routing keeps the worst groups"),
+    Mutant("router-group-score-top1", "hybrid/models/moe.py",
+           "            g_score = groups.topk(2, dim=-1).values.sum(-1)                # [T, G]",
+           "            g_score = groups.topk(1, dim=-1).values.sum(-1)                # [T, G]",
+           (T_NAT, "-k", "native_router_selects_as_the_torch_router"),
+           "group score from the best expert only (llama.cpp sums the top 2)"),
+    Mutant("router-weights-not-normalized", "hybrid/models/moe.py",
+           "        if a.expert_weights_norm:\n            weights = weights / weights.sum(-1, keepdim=True)",
+           "        if False:\n            weights = weights / weights.sum(-1, keepdim=True)",
+           (T_NAT, "-k", "native_router_selects_as_the_torch_router"),
+           "expert_weights_norm ignored"),
+    Mutant("router-bias-in-weights", "hybrid/models/moe.py",
+           "        weights = probs.gather(1, ids)                                     # [T, K]",
+           "        weights = sel.gather(1, ids)                                       # [T, K]",
+           (T_DS2, "-k", "exactly_on_f32 and default"),
+           "the selection bias leaks into the expert weights"),
+    Mutant("shared-expert-missing", "hybrid/models/moe.py",
+           "        y = self.experts(h, ids, weights)\n        if self.shared is not None:\n"
+           "            y = y + self.shared(h)",
+           "        y = self.experts(h, ids, weights)",
+           (T_DS2, "-k", "exactly_on_f32 and default"),
+           "the shared expert is dropped (torch path)"),
+    Mutant("shared-expert-absorbed-but-not-run", "hybrid/backends/experts.py",
+           "        self.shared_layer = inner.layer\n        return True",
+           "        return True",
+           (f"{T_NAT}::test_shared_experts_ride_along_in_the_routed_call",),
+           "the native routed call claims the shared expert and never computes it"),
+    Mutant("native-router-k-minus-one", "hybrid/backends/native.py",
+           "        T, K = logits.shape[0], a.n_expert_used\n",
+           "        T, K = logits.shape[0], a.n_expert_used\n"
+           "        logits = logits.clone()\n        logits[:, 0] = -1e30\n",
+           (T_NAT, "-k", "native_router_selects_as_the_torch_router"),
+           "an expert can never be chosen by the native router"),
+    # ------------------------------------------------------------------ GPU stand-in paths
+    Mutant("hot-expert-dropped", "hybrid/runtime/loader.py",
+           "            lut[torch.tensor(hot, dtype=torch.long)] = torch.arange(len(hot))",
+           "            lut[torch.tensor(hot[:-1], dtype=torch.long)] = torch.arange(len(hot) - 1)",
+           (f"{T_GPU}::test_plan_hot_experts_run_in_torch_and_the_engine_skips_them",),
+           "issue 20 case 2: the last hot expert is computed neither on the CPU nor in torch"),
+    Mutant("gpu-prefill-expert-dropped", "hybrid/backends/gpu.py",
+           "            return g, u, d\n",
+           "            return g, u, d * (e != 3)\n",
+           (T_GPU, "-k", "gpu_prefill_threshold"),
+           "issue 20 case 2: one expert is never computed on the device prefill path"),
+    Mutant("overlap-shared-before-submit", "hybrid/models/moe.py",
+           "            self.experts.submit(h, ids, weights)\n"
+           "            s = self.shared(h) if self.shared is not None else 0\n",
+           "            s = self.shared(h) if self.shared is not None else 0\n"
+           "            self.experts.submit(h, ids, weights)\n",
+           (f"{T_GPU}::test_routed_experts_are_submitted_before_the_shared_expert",),
+           "the shared expert no longer overlaps the routed experts"),
+    Mutant("dequant-q6k-offset", "hybrid/backends/dequant.py",
+           "    q = (lo | (hi.reshape(n, 8, 32) << 4)).to(torch.int8) - 32",
+           "    q = (lo | (hi.reshape(n, 8, 32) << 4)).to(torch.int8) - 31",
+           (T_GPU, "-k", "jit_dequant_linear and Q6_K"),
+           "issue 20 case 6: the torch Q6_K decoder off by one step (the JIT test used to "
+           "compare against this same decoder)"),
+    Mutant("jit-dequant-float16", "hybrid/backends/gpu.py",
+           "        return F.linear(x.to(self.dtype), self.weight).float()",
+           "        return F.linear(x.half(), self.weight.half()).float()",
+           (T_GPU, "-k", "jit_dequant_linear"),
+           "the JIT-dequantized linear computes in float16, not its dtype"),
+    # ------------------------------------------------------------------ memory / placement
+    Mutant("hidden-copy-of-expert-bytes", "hybrid/runtime/loader.py",
+           "        cpu = self._placed_experts(D, K).add_layer(layer)\n",
+           "        cpu = self._placed_experts(D, K).add_layer(layer)\n"
+           "        _v = self.g.view(names[2])\n"
+           "        self.__dict__.setdefault('_hidden', []).append(_v[: _v.size * 3 // 10].copy())\n",
+           ("tests/test_runtime_memory.py",),
+           "issue 20 case 3: a hidden copy of 10% of the expert bytes the Plan does not count"),
+    # ------------------------------------------------------------------ server / CLI
+    Mutant("server-binds-all-interfaces", "hybrid/app/cli.py",
+           '    srv.add_argument("--host", default="127.0.0.1",',
+           '    srv.add_argument("--host", default="0.0.0.0",',
+           ("tests/test_server.py", "-k", "loopback"),
+           "README: the server binds 127.0.0.1 by default"),
+    Mutant("server-queue-unbounded", "hybrid/app/server.py",
+           "        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)",
+           "        self.jobs: queue.Queue = queue.Queue(maxsize=0)",
+           ("tests/test_server.py::test_requests_run_one_at_a_time_and_a_full_queue_answers_503",),
+           "a full queue no longer answers 503"),
+    # ------------------------------------------------------------------ native kernels (rebuild)
+    Mutant("native-q4k-scalar-dot-min-sign", "native/quants.cpp",
+           "    return y->d * (d * (float)sumi - dmin * (float)summ);",
+           "    return y->d * (d * (float)sumi + dmin * (float)summ);",
+           ("tests/test_kernels.py", "-k", "matmul_vs_float64 and scalar and Q4_K"),
+           "scalar reference dot adds the Q4_K block minimum instead of subtracting it"),
+    Mutant("native-isa-refusal-removed", "native/dispatch.cpp",
+           "        if (!t.have_avx512)\n            throw",
+           "        if (false)\n            throw",
+           ("tests/test_kernels.py", "-k", "isa"),
+           "issue 20 case 6: HYBRID_ISA=avx512 accepted on a CPU without AVX-512 (caught on "
+           "CPUs without AVX-512; the test skips itself, visibly, on CPUs with it)"),
+    Mutant("native-mla-kv-slice-off-by-one", "native/mla.cpp",
+           "S = j.pos0 + t + 1;",
+           "S = j.pos0 + t + (j.pos0 + t == 0);",
+           (T_NAT, "-k", "fused_attention_equals_the_float64_reference"),
+           "native attention reads one cached row too few (each token misses itself)"),
+    Mutant("native-router-group-score-top1", "native/ops.cpp",
+           "                gscore[g] = per_group > 1 ? a + b : a;",
+           "                gscore[g] = a;",
+           (T_NAT, "-k", "native_router_selects_as_the_torch_router"),
+           "native group score from the best expert only (llama.cpp sums the top 2)"),
+]
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+
+def _tree_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT,
+                         check=True, capture_output=True).stdout
+    files = [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+    return files + [p.relative_to(ROOT).as_posix() for p in (ROOT / "hybrid").glob("_native*.so")]
+
+
+def _sync(dst: pathlib.Path, files: list[str], skip_so: bool) -> None:
+    """Make dst hold the current content of files (copying only what differs)."""
+    for f in files:
+        if skip_so and f.startswith("hybrid/_native"):
+            continue
+        src, out = ROOT / f, dst / f
+        data = src.read_bytes()
+        if out.is_file() and out.read_bytes() == data:
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+        shutil.copymode(src, out)
+
+
+def _scratch(kind: str) -> pathlib.Path:
+    tag = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
+    d = pathlib.Path(tempfile.gettempdir()) / f"hybrid-mutants-{tag}" / kind
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _pybind11_cmakedir() -> str | None:
+    """pybind11's CMake dir: $PYBIND11_DIR, else from this interpreter or the first python3
+    on PATH that has pybind11 (the venv may not: scikit-build-core installs it per build)."""
+    if os.environ.get("PYBIND11_DIR"):
+        return os.environ["PYBIND11_DIR"]
+    for py in (sys.executable, shutil.which("python3")):
+        if py:
+            r = subprocess.run([py, "-m", "pybind11", "--cmakedir"], capture_output=True, text=True)
+            if r.returncode == 0 and r.stdout.strip():
+                return r.stdout.strip()
+    return None
+
+
+def _build_native(tree: pathlib.Path, log) -> bool:
+    py = sys.executable
+    cmakedir = _pybind11_cmakedir()
+    if cmakedir is None:
+        log.write("pybind11 not found: pip install pybind11, or set PYBIND11_DIR\n")
+        return False
+    cfg = ["cmake", "-S", str(tree), "-B", str(tree / "build"), "-DHYBRID_INPLACE=ON",
+           f"-DPython_EXECUTABLE={py}", f"-Dpybind11_DIR={cmakedir}", "-DCMAKE_BUILD_TYPE=Release"]
+    for cmd in (cfg, ["cmake", "--build", str(tree / "build"), "-j2"]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        log.write(r.stdout + r.stderr)
+        if r.returncode != 0:
+            return False
+    return True
+
+
+def run_one(m: Mutant | None, tests: tuple[str, ...], *, timeout: int, verbose: bool,
+            native: bool) -> tuple[str, float, str]:
+    """(result, seconds, pytest output tail). m None: the unmutated baseline."""
+    t0 = time.time()
+    tree = _scratch("native" if native else "python")
+    _sync(tree, _tree_files(), skip_so=native)
+    target = tree / m.file if m else None
+    original = target.read_text() if m else None
+    try:
+        if m:
+            n = original.count(m.old)
+            if n != 1:
+                return "stale", time.time() - t0, f"`old` occurs {n} times in {m.file}"
+            target.write_text(original.replace(m.old, m.new))
+        if native:
+            with open(tree / "build.log", "w") as log:
+                if not _build_native(tree, log):
+                    return ("build-failed" if m is None else "caught (build)"), time.time() - t0, \
+                        (tree / "build.log").read_text()[-3000:]
+        env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1",
+                   HYBRID_FIXTURE_CACHE=os.environ.get("HYBRID_FIXTURE_CACHE", "/tmp/fixture-cache"))
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        try:
+            r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            return "timeout", time.time() - t0, out[-3000:]
+        out = r.stdout + r.stderr
+        if r.returncode == 0:
+            result = "passed" if m is None else "survived"
+        elif r.returncode == 1:
+            result = "failed" if m is None else "caught"
+        else:   # 2 interrupted (collection error), 4 usage, 5 nothing collected
+            result = f"error (pytest exit {r.returncode})"
+        return result, time.time() - t0, out[-3000:]
+    finally:
+        if m:
+            target.write_text(original)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="mutants to run (names or globs; default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--baseline", action="store_true",
+                    help="run the selected mutants' tests on the unmutated copy (must pass)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant's tests")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show pytest's output tail")
+    a = ap.parse_args(argv)
+
+    chosen = [m for m in MUTANTS if not a.names or any(fnmatch.fnmatch(m.name, p) for p in a.names)]
+    names = [m.name for m in MUTANTS]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        print(f"duplicate mutant names: {sorted(dup)}", file=sys.stderr)
+        return 2
+    if not chosen:
+        print(f"no mutant matches {a.names}; --list shows them", file=sys.stderr)
+        return 2
+    if a.list:
+        for m in chosen:
+            print(f"{m.name:40s} {m.file}\n{'':40s} tests: {' '.join(m.tests)}\n{'':40s} {m.why}")
+        print(f"{len(chosen)} mutants")
+        return 0
+
+    if a.baseline:
+        groups: dict[tuple, bool] = {}
+        for m in chosen:
+            groups.setdefault(m.tests, False)
+            groups[m.tests] |= m.native
+        bad = 0
+        for tests, nat in groups.items():
+            res, secs, out = run_one(None, tests, timeout=a.timeout, verbose=a.verbose, native=nat)
+            print(f"{res:10s} {secs:6.0f}s  {' '.join(tests)}", flush=True)
+            if res != "passed":
+                bad += 1
+                print(out)
+        print(f"baseline: {len(groups) - bad} of {len(groups)} test sets pass unmutated")
+        return 1 if bad else 0
+
+    results = []
+    for m in chosen:
+        res, secs, out = run_one(m, m.tests, timeout=a.timeout, verbose=a.verbose, native=m.native)
+        results.append((m, res))
+        print(f"{res:16s} {secs:6.0f}s  {m.name}", flush=True)
+        if a.verbose or not res.startswith("caught"):
+            print("    " + "\n    ".join(out.strip().splitlines()[-25:]))
+    caught = sum(r.startswith("caught") for _, r in results)
+    survived = [m.name for m, r in results if r == "survived"]
+    other = [f"{m.name} ({r})" for m, r in results if not r.startswith("caught") and r != "survived"]
+    print(f"\n{len(results)} mutants: {caught} caught, {len(survived)} survived, {len(other)} other"
+          + (f"; survived: {', '.join(survived)}" if survived else "")
+          + (f"; other: {', '.join(other)}" if other else ""))
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
