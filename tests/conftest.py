@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny deepseek2 GGUF models, built once per test session.
+"""Shared fixtures: tiny deepseek2 and GQA-family GGUF models, built once per test session.
 
 Set HYBRID_FIXTURE_CACHE=/some/dir to keep the built files across sessions (they are named by a
 hash of the config, the quantization type and the builder version, so stale files are never
@@ -52,3 +52,17 @@ def tiny_q4km(tiny_gguf) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_q8(tiny_gguf) -> pathlib.Path:
     return tiny_gguf("Q8_0")
+
+
+@pytest.fixture(scope="session")
+def gqa_gguf(fixture_cache):
+    """Factory: gqa_gguf(arch, ftype="Q4_K_M", **GQAConfig fields) -> path of a tiny model of
+    a GQA-family architecture (qwen3moe, qwen2moe, llama, glm4moe; GQAConfig.of's layout)."""
+    from hybrid.fixtures import GQAConfig
+
+    def make(arch: str, ftype: str = "Q4_K_M", **cfg_kwargs) -> pathlib.Path:
+        if ftype.upper() != "F32":
+            import llama_cpp  # noqa: F401  (a dependency: its absence must fail, not skip)
+        return build(GQAConfig.of(arch, **cfg_kwargs), ftype, fixture_cache)
+
+    return make

@@ -1,0 +1,253 @@
+"""The GQA-family architectures (qwen3moe, qwen2moe, llama as Mixtral-style MoE and dense,
+glm4moe) against llama.cpp on the same files: tiny fixtures written the way llama.cpp's
+converter writes each architecture (hybrid/fixtures/gqa.py), F32 and quantized by llama.cpp.
+
+The fixtures' next-token distributions are spread like a trained model's (top-1 probability
+~0.75 on average, entropy ~1.9 nats: GQAConfig.output_peak), so KL divergences measure
+something; routing is decisive (fixtures/traits.py), so the two implementations pick the same
+experts and greedy text has clear winners.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import hybrid
+from hybrid.fixtures import GQAConfig
+from hybrid.gguf_file import GGUFFile
+from hybrid.models import get_model_module
+from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX
+from test_deepseek2 import _cos_rows, llama_cpp_greedy, llama_cpp_logits
+
+N_TOKENS = 128  # >= 128 positions for the KL criterion, >= 64 for the exact one
+CTX = 192
+
+# name -> (architecture, GQAConfig overrides of GQAConfig.of's layout)
+MODELS = {
+    "qwen3moe": ("qwen3moe", {}),  # q/k norms, head_dim * heads != n_embd, 2 KV heads
+    "qwen2moe": ("qwen2moe", {}),  # q/k/v biases, sigmoid-gated shared expert, no weight norm
+    "mixtral": ("llama", {}),  # llama with experts, NORMAL rope pairs
+    "llama_dense": ("llama", {"n_expert": 0}),
+    "glm4moe": ("glm4moe", {}),  # biases, q/k norms, half-rope, dense lead, groups, MTP block
+}
+# other layouts of the same architectures, checked for exactness on F32
+LAYOUTS = {
+    "mixtral_tied": ("llama", {"tied_output": True}),
+    "llama_dense_tied": ("llama", {"n_expert": 0, "tied_output": True}),  # SmolLM2's layout
+    "glm4moe_plain": ("glm4moe", {"qk_norm": False, "n_group": 0, "n_group_used": 0,
+                                  "expert_weights_norm": False, "expert_weights_scale": 0.0}),
+    "qwen2moe_mha": ("qwen2moe", {"n_head_kv": 4}),
+}
+
+
+def _tokens(n_vocab, n=N_TOKENS, seed=1):
+    # never the control tokens 0..2 (BOS/EOS/PAD): a prompt has them at most at its start
+    return tuple(np.random.default_rng(seed).integers(3, n_vocab, n).tolist())
+
+
+@pytest.fixture(scope="module")
+def model_file(gqa_gguf):
+    def get(name, ftype):
+        arch, kw = {**MODELS, **LAYOUTS}[name]
+        return gqa_gguf(arch, ftype, **kw)
+
+    return get
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_cpp(path, tokens, f32_kv=False) -> np.ndarray:
+    return llama_cpp_logits(path, tokens, n_ctx=CTX, f32_kv=f32_kv)
+
+
+def _ours(path, tokens, **kw) -> np.ndarray:
+    with hybrid.load(path, device="cpu", threads=2, ctx=CTX, **kw) as rt:
+        return rt.logits(tokens)
+
+
+def _kl(p_logits, q_logits) -> np.ndarray:
+    """KL(P || Q) per position, P and Q the softmax of the rows (float64)."""
+    def logp(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = logp(p_logits), logp(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def _reference(model_file, name):
+    """The F32 model's logits (llama.cpp, f32 KV cache: equal to ours to ~1e-7, see below)."""
+    f32 = model_file(name, "F32")
+    toks = _tokens(GQAConfig.of(MODELS[name][0], **MODELS[name][1]).vocab_size)
+    return toks, _llama_cpp(f32, toks, f32_kv=True)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@pytest.mark.parametrize("name", list(MODELS) + list(LAYOUTS))
+def test_model_args_from_fixture(model_file, name):
+    arch, kw = {**MODELS, **LAYOUTS}[name]
+    cfg = GQAConfig.of(arch, **kw)
+    path = model_file(name, "F32")
+    with GGUFFile(path) as g:
+        a = get_model_module(arch).ModelArgs.from_gguf(g.metadata, g.tensors, str(path))
+    assert (a.dim, a.n_layer, a.n_head, a.n_head_kv) == (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_head_kv)
+    assert (a.head_dim_k, a.head_dim_v, a.rope_dim) == (cfg.head_dim, cfg.head_dim, cfg.rope_dim or cfg.head_dim)
+    assert a.rope_neox == (arch != "llama")  # llama.cpp: LLAMA_ROPE_TYPE_NORM for llama only
+    assert (a.n_expert, a.n_expert_used, a.n_dense_lead) == (cfg.n_expert, cfg.n_expert_used if cfg.n_expert else 0, cfg.n_dense)
+    if cfg.n_expert:
+        assert a.n_ff_exp == cfg.expert_ffn  # Mixtral: from feed_forward_length
+    assert a.gating_func == (GATING_SIGMOID if cfg.gating == "sigmoid" else GATING_SOFTMAX)
+    assert a.expert_weights_norm == cfg.expert_weights_norm
+    assert (a.n_group, a.n_group_used, a.n_nextn_layer) == (cfg.n_group, cfg.n_group_used, cfg.n_nextn)
+
+
+def test_glm4moe_gating_defaults_to_sigmoid(model_file):
+    # llama.cpp: a glm4moe file without expert_gating_func gates with sigmoid
+    path = model_file("glm4moe", "F32")
+    with GGUFFile(path) as g:
+        md = dict(g.metadata)
+        del md["glm4moe.expert_gating_func"]
+        a = get_model_module("glm4moe").ModelArgs.from_gguf(md, g.tensors, str(path))
+    assert a.gating_func == GATING_SIGMOID
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+@pytest.mark.parametrize("name", list(MODELS) + list(LAYOUTS))
+def test_f32_matches_llama_cpp_exactly(model_file, name):
+    """Same graph as llama.cpp: with F32 weights and llama.cpp's f32 KV cache both compute in
+    float32, so logits agree to float32 rounding (measured max |diff| / max |logit| <= 3.2e-7
+    over the models and layouts) and every top-1 matches. A slip in any op (rope pairing or
+    partial rope, a bias, a norm, the routing, the FFN norm's tensor) moves logits by >= 1e-3."""
+    path = model_file(name, "F32")
+    arch, kw = {**MODELS, **LAYOUTS}[name]
+    toks = _tokens(GQAConfig.of(arch, **kw).vocab_size)
+    ours = _ours(path, toks)
+    ref = _llama_cpp(path, toks, f32_kv=True)
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel <= 1e-5, f"max |ours - llama.cpp| / max |logit| = {rel:.3g}"
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_quantized_kl_within_llama_cpp(model_file, name, ftype):
+    """The issue's criterion: on the same quantized file, the mean KL divergence of our logits
+    from the F32 model's is at most 1.25x llama.cpp's, over 128 positions; and our logits
+    stay close to llama.cpp's at every position (per-position cosine >= 0.999, every top-1).
+
+    Measured: KL ratio 0.93..1.06 (Q8_0), 0.99..1.02 (Q4_K_M); min cosine >= 0.99969
+    (glm4moe Q4_K_M), >= 0.99987 elsewhere. test_blocks_matter shows what a skipped block
+    does to both figures."""
+    toks, ref = _reference(model_file, name)
+    path = model_file(name, ftype)
+    ours = _ours(path, toks)
+    theirs = _llama_cpp(path, toks)
+    kl_ours, kl_theirs = _kl(ref, ours).mean(), _kl(ref, theirs).mean()
+    cos = _cos_rows(ours, theirs)
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    figures = (f"mean KL vs F32: ours {kl_ours:.4g}, llama.cpp {kl_theirs:.4g} (ratio "
+               f"{kl_ours / kl_theirs:.3f}); min cosine vs llama.cpp {cos.min():.6f} at position "
+               f"{cos.argmin()}; top-1 {top1:.1%}")
+    assert kl_ours <= 1.25 * kl_theirs, figures
+    assert cos.min() >= 0.999 and top1 == 1.0, figures
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_32_tokens_equal_llama_cpp_on_q8(model_file, name):
+    """32 greedy tokens on the Q8_0 file equal llama.cpp's (default settings, f16 KV cache).
+    A difference shows both implementations' logits for the two tokens (a near-tie, or not)."""
+    path = model_file(name, "Q8_0")
+    with hybrid.load(path, device="cpu", threads=2, ctx=CTX) as rt:
+        prompt = rt.tokenize("The capital of France is")
+        # (a last (-1, text) item flushes text held back mid-UTF-8 sequence)
+        ours = [t for t, _ in rt.generate_tokens(prompt, max_tokens=32, temperature=0.0,
+                                                 stop_at_eos=False) if t >= 0]
+        ref, ref_logits = llama_cpp_greedy(path, prompt, 32, n_ctx=CTX)
+        if ours != ref:
+            i = next(k for k, (a, b) in enumerate(zip(ours, ref)) if a != b)
+            mine = rt.logits(prompt + ours[:i])[-1]
+            pytest.fail(
+                f"first difference at step {i}: ours {ours[i]} / llama.cpp {ref[i]}; our logits "
+                f"for them {mine[ours[i]]:.5f} / {mine[ref[i]]:.5f}, llama.cpp's "
+                f"{ref_logits[i][ours[i]]:.5f} / {ref_logits[i][ref[i]]:.5f}")
+    assert len(set(ours)) > 8  # a walk through the vocabulary, not one token repeated
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+@pytest.mark.parametrize("ftype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prefill_then_decode_equals_full_sequence(model_file, name, ftype):
+    """Token-by-token decode through the K/V cache gives the logits of one full-sequence
+    prefill. F32: the same float32 arithmetic (measured <= 2.3e-7 of the logit scale). Q8_0:
+    the native matmul quantizes activations to 8 bits per block, and a 1e-7 difference
+    between the prefill's and the decode's attention outputs flips a rounding now and then
+    (measured up to 5e-3 of the logit scale, cosine >= 0.99989); a K/V cache slot or RoPE
+    position off by one costs far more (cosine < 0.99)."""
+    path = model_file(name, ftype)
+    arch, kw = MODELS[name]
+    toks = _tokens(GQAConfig.of(arch, **kw).vocab_size, n=64, seed=2)
+    with hybrid.load(path, device="cpu", threads=2, ctx=CTX) as rt:
+        full = rt.logits(toks)
+        step = rt.decode_logits(toks)
+        old = rt.prefill_chunk
+        try:
+            rt.prefill_chunk = 7  # chunks that straddle every boundary
+            chunked = rt.logits(toks)
+        finally:
+            rt.prefill_chunk = old
+    scale = np.abs(full).max()
+    if ftype == "F32":
+        np.testing.assert_allclose(step, full, rtol=0, atol=2e-5 * scale)
+        np.testing.assert_allclose(chunked, full, rtol=0, atol=2e-5 * scale)
+    else:
+        for other in (step, chunked):
+            cos = _cos_rows(other, full)
+            assert cos.min() >= 0.9999, f"min cosine {cos.min():.7f} at position {cos.argmin()}"
+            assert (other.argmax(-1) == full.argmax(-1)).all()
+            assert np.abs(other - full).max() <= 2e-2 * scale
+
+
+# ----------------------------------------------------------------------------- the blocks matter
+
+
+def _bypass(rt, part):
+    """Make every block's attention, FFN (dense or MoE), or routed experts output zeros: the
+    residual stream passes through that part unchanged."""
+    zeros = torch.zeros_like
+    for blk in rt.model.blocks:
+        if part == "attention":
+            blk.attn = lambda x, *a, **k: zeros(x)
+        elif part == "ffn":
+            blk.ffn = lambda h: zeros(h)
+        elif hasattr(blk.ffn, "experts"):
+            blk.ffn.experts = lambda h, ids, w: zeros(h)
+
+
+@pytest.mark.parametrize("part", ["attention", "ffn", "routed"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_blocks_matter(model_file, name, part):
+    """Guards the comparisons above against blindness: the fixtures must not let a model pass
+    whose attention, FFN or routed experts do nothing. With that part skipped, both criteria of
+    test_quantized_kl_within_llama_cpp fail on the Q8_0 file, by far (measured: KL 30x to
+    3000x llama.cpp's, median cosine 0.76..0.97)."""
+    if part == "routed" and MODELS[name][1].get("n_expert") == 0:
+        pytest.skip("a dense model has no routed experts")
+    toks, ref = _reference(model_file, name)
+    path = model_file(name, "Q8_0")
+    theirs = _llama_cpp(path, toks)
+    with hybrid.load(path, device="cpu", threads=2, ctx=CTX) as rt:
+        _bypass(rt, part)
+        ours = rt.logits(toks)
+    kl_ours, kl_theirs = _kl(ref, ours).mean(), _kl(ref, theirs).mean()
+    cos = _cos_rows(ours, theirs)
+    figures = f"without the {part}: KL {kl_ours:.4g} vs llama.cpp's {kl_theirs:.4g}, min cosine {cos.min():.4f}"
+    assert kl_ours > 10 * kl_theirs, figures
+    assert cos.min() < 0.99, figures
