@@ -47,30 +47,15 @@ def _rms(x, w, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def reference_logits(path, tokens):
-    """float64 logits [T, B] of a deepseek2 GGUF, computed the plain way."""
-    g = GGUFFile(path)
-    md = g.metadata
+def rope_tables(md, n_pos):
+    """(cos [P, R/2], sin [P, R/2], kq_scale) of a deepseek2 GGUF's metadata md: llama.cpp's
+    "normal" RoPE (adjacent pairs) with YaRN, written out per position from its formulas."""
     a = "deepseek2."
-    H = md[a + "attention.head_count"]
     R = md[a + "rope.dimension_count"]
     Kh = md.get(a + "attention.key_length_mla", md[a + "attention.key_length"])
-    Vh = md.get(a + "attention.value_length_mla", md[a + "attention.value_length"])
-    N = Kh - R
-    C = md[a + "attention.kv_lora_rank"]
-    eps = md[a + "attention.layer_norm_rms_epsilon"]
     base = md[a + "rope.freq_base"]
-    n_dense = md[a + "leading_dense_block_count"]
-    K = md[a + "expert_used_count"]
-    G = md.get(a + "expert_group_count", 0)
-    Gu = md.get(a + "expert_group_used_count", 0)
-    sigmoid = md[a + "expert_gating_func"] == 2
-    w_norm = md[a + "expert_weights_norm"]
-    w_scale = md[a + "expert_weights_scale"]
     yarn = md.get(a + "rope.scaling.type") == "yarn"
-    T = len(tokens)
-
-    # RoPE (llama.cpp "normal": rotate adjacent pairs) with YaRN, per position
+    T = n_pos
     cos = np.zeros((T, R // 2))
     sin = np.zeros((T, R // 2))
     kq_scale = 1.0 / math.sqrt(Kh)
@@ -95,6 +80,33 @@ def reference_logits(path, tokens):
         mscale = mag * (1 + 0.1 * m_all * math.log(s))
         kq_scale = mscale * mscale / math.sqrt(Kh)
 
+    return cos, sin, kq_scale
+
+
+def reference_logits(path, tokens):
+    """float64 logits [T, B] of a deepseek2 GGUF, computed the plain way."""
+    g = GGUFFile(path)
+    md = g.metadata
+    a = "deepseek2."
+    H = md[a + "attention.head_count"]
+    R = md[a + "rope.dimension_count"]
+    Kh = md.get(a + "attention.key_length_mla", md[a + "attention.key_length"])
+    Vh = md.get(a + "attention.value_length_mla", md[a + "attention.value_length"])
+    N = Kh - R
+    C = md[a + "attention.kv_lora_rank"]
+    eps = md[a + "attention.layer_norm_rms_epsilon"]
+    base = md[a + "rope.freq_base"]
+    n_dense = md[a + "leading_dense_block_count"]
+    K = md[a + "expert_used_count"]
+    G = md.get(a + "expert_group_count", 0)
+    Gu = md.get(a + "expert_group_used_count", 0)
+    sigmoid = md[a + "expert_gating_func"] == 2
+    w_norm = md[a + "expert_weights_norm"]
+    w_scale = md[a + "expert_weights_scale"]
+    yarn = md.get(a + "rope.scaling.type") == "yarn"
+    T = len(tokens)
+
+    cos, sin, kq_scale = rope_tables(md, T)
     def rope(x):  # [T, ..., R]
         out = x.copy()
         for p in range(T):

@@ -26,12 +26,12 @@ import httpx  # noqa: E402
 
 @pytest.fixture(scope="module")
 def served(tiny_q4km, tmp_path_factory):
-    """`hybrid-run MODEL --serve --port 0` in a subprocess; yields its base URL."""
+    """`hybrid-run MODEL --serve --port 0` in a subprocess (default host); yields its base URL."""
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     log = open(log_path, "w+")
     env = hybrid_env()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hybrid.app.cli", str(tiny_q4km), "--serve", "--host", "127.0.0.1",
+        [sys.executable, "-m", "hybrid.app.cli", str(tiny_q4km), "--serve",   # default --host
          "--port", "0", "--device", "cpu", "--ctx", "256", "--max-tokens", "16"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=NEUTRAL_CWD)
     try:
@@ -157,6 +157,16 @@ def test_binds_to_loopback_by_default():
     assert a.host == "127.0.0.1"
 
 
+def test_served_on_loopback_by_default(served):
+    """End to end (the README's claim): `--serve` without --host listens on 127.0.0.1 only."""
+    import psutil
+
+    port = int(served.rsplit(":", 1)[1])
+    listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening == ["127.0.0.1"], listening
+
+
 # ----------------------------------------------------------------------------- in process
 
 
@@ -260,16 +270,20 @@ def test_requests_run_one_at_a_time_and_a_full_queue_answers_503(run_app):
     def call():
         results.append(_chat(url).status_code)
 
+    def wait_for(queued):   # the server's own account, not a sleep, orders the requests
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            h = httpx.get(f"{url}/health", timeout=10).json()
+            if h["busy"] and h["queued"] == queued:
+                return
+            time.sleep(0.05)
+        pytest.fail(f"the server never reported 1 running and {queued} queued: {h}")
+
     threads = [threading.Thread(target=call) for _ in range(3)]   # 1 running + 2 waiting
-    for t in threads:
+    for i, t in enumerate(threads):
         t.start()
-        time.sleep(0.3)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        h = httpx.get(f"{url}/health", timeout=10).json()
-        if h["busy"] and h["queued"] == 2:
-            break
-        time.sleep(0.05)
+        wait_for(i)
+    assert rt.active == 1                            # the gate holds the first one
     r = _chat(url)
     assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
     rt.gate.set()
