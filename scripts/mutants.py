@@ -194,8 +194,8 @@ MUTANTS: list[Mutant] = [
     Mutant("hidden-copy-of-expert-bytes", "hybrid/runtime/loader.py",
            "        cpu = self._placed_experts(D, K).add_layer(layer)\n",
            "        cpu = self._placed_experts(D, K).add_layer(layer)\n"
-           "        _v = self.g.view(names[2])\n"
-           "        self.__dict__.setdefault('_hidden', []).append(_v[: _v.size * 3 // 10].copy())\n",
+           "        _n = sum(self.g.view(n).size for n in names) // 10\n"
+           "        self.__dict__.setdefault('_hidden', []).append(self.g.view(names[2]).reshape(-1)[:_n].copy())\n",
            ("tests/test_runtime_memory.py",),
            "issue 20 case 3: a hidden copy of 10% of the expert bytes the Plan does not count"),
     # ------------------------------------------------------------------ server / CLI
