@@ -163,6 +163,13 @@ def test_runtime_uses_the_solver_plan(rt):
 
     assert isinstance(rt.plan, Plan) and rt.plan.fits
     assert rt.ctx == rt.plan.kv_cache_tokens == 128
+    # what the Plan places, the runtime loads there: routed experts on the CPU (torch, as
+    # asked), one set per MoE layer; every linear on the CPU; the KV cache it sized
+    a = rt.args
+    assert rt.plan.placement_of("blk.1.ffn_up_exps.weight") == ("cpu", "quantized")
+    assert rt.loader.stats["torch_experts"] == a.n_layer - a.n_dense_lead
+    assert rt.loader.stats["native_experts"] == rt.loader.stats["gpu_hot_experts"] == 0
+    assert rt.cache.data.shape[1] == rt.plan.kv_cache_tokens
 
 
 # ----------------------------------------------------------------------------- llama.cpp

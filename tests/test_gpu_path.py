@@ -172,7 +172,13 @@ def test_cli_saves_expert_stats(q4, tmp_path):
                        capture_output=True, text=True, timeout=300, env=hybrid_env(), cwd=NEUTRAL_CWD)
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
-    assert d["tokens"] >= 3 and d["layers"]
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64) as rt:
+        a, n_prompt = rt.args, len(rt.tokenize("hello"))
+    # every MoE layer, every expert; each routed token counted K times in each layer
+    assert sorted(int(k) for k in d["layers"]) == list(range(a.n_dense_lead, a.n_layer))
+    assert all(len(v) == a.n_expert for v in d["layers"].values())
+    assert {sum(v) for v in d["layers"].values()} == {d["tokens"] * a.n_expert_used}
+    assert n_prompt + 2 <= d["tokens"] <= n_prompt + 3   # the prompt, then the decode steps
 
 
 # ----------------------------------------------------------------------------- quantized weights
