@@ -2,10 +2,9 @@
 glm4moe) against llama.cpp on the same files: tiny fixtures written the way llama.cpp's
 converter writes each architecture (hybrid/fixtures/gqa.py), F32 and quantized by llama.cpp.
 
-The fixtures' next-token distributions are spread like a trained model's (top-1 probability
-~0.75 on average, entropy ~1.9 nats: GQAConfig.output_peak), so KL divergences measure
-something; routing is decisive (fixtures/traits.py), so the two implementations pick the same
-experts and greedy text has clear winners.
+The fixtures' next-token distributions are spread (GQAConfig.output_peak, block_gain), so KL
+divergences measure something and the transformer blocks decide a share of the argmaxes;
+routing is decisive (fixtures/traits.py), so both implementations pick the same experts.
 """
 
 import functools
@@ -29,7 +28,7 @@ MODELS = {
     "qwen3moe": ("qwen3moe", {}),  # q/k norms, head_dim * heads != n_embd, 2 KV heads
     "qwen2moe": ("qwen2moe", {}),  # q/k/v biases, sigmoid-gated shared expert, no weight norm
     "mixtral": ("llama", {}),  # llama with experts, NORMAL rope pairs
-    "llama_dense": ("llama", {"n_expert": 0}),
+    "llama_dense": ("llama", {"n_expert": 0, "block_gain": 3.0}),
     "glm4moe": ("glm4moe", {}),  # biases, q/k norms, half-rope, dense lead, groups, MTP block
 }
 # other layouts of the same architectures, checked for exactness on F32
@@ -77,6 +76,18 @@ def _kl(p_logits, q_logits) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
+# per-position cosine vs llama.cpp on the same file (its f16 KV cache included)
+MIN_COS = {"Q4_K_M": 0.998, "Q8_0": 0.9995}
+DECISIVE = 0.1  # a top-2 logit margin no implementation difference on these files reaches
+
+
+def _top1_splits(ours, theirs) -> list[int]:
+    """Positions where the top-1s differ although `theirs` has a decisive top-2 margin."""
+    s = np.sort(theirs, -1)
+    decisive = s[:, -1] - s[:, -2] >= DECISIVE
+    return np.flatnonzero(decisive & (ours.argmax(-1) != theirs.argmax(-1))).tolist()
+
+
 def _reference(model_file, name):
     """The F32 model's logits (llama.cpp, f32 KV cache: equal to ours to ~1e-7, see below)."""
     f32 = model_file(name, "F32")
@@ -121,7 +132,7 @@ def test_glm4moe_gating_defaults_to_sigmoid(model_file):
 @pytest.mark.parametrize("name", list(MODELS) + list(LAYOUTS))
 def test_f32_matches_llama_cpp_exactly(model_file, name):
     """Same graph as llama.cpp: with F32 weights and llama.cpp's f32 KV cache both compute in
-    float32, so logits agree to float32 rounding (measured max |diff| / max |logit| <= 3.2e-7
+    float32, so logits agree to float32 rounding (measured max |diff| / max |logit| <= 1.8e-6
     over the models and layouts) and every top-1 matches. A slip in any op (rope pairing or
     partial rope, a bias, a norm, the routing, the FFN norm's tensor) moves logits by >= 1e-3."""
     path = model_file(name, "F32")
@@ -139,23 +150,26 @@ def test_f32_matches_llama_cpp_exactly(model_file, name):
 def test_quantized_kl_within_llama_cpp(model_file, name, ftype):
     """The issue's criterion: on the same quantized file, the mean KL divergence of our logits
     from the F32 model's is at most 1.25x llama.cpp's, over 128 positions; and our logits
-    stay close to llama.cpp's at every position (per-position cosine >= 0.999, every top-1).
+    stay close to llama.cpp's at every position (per-position cosine, and the same top-1
+    wherever llama.cpp's top-2 margin is decisive).
 
-    Measured: KL ratio 0.93..1.06 (Q8_0), 0.99..1.02 (Q4_K_M); min cosine >= 0.99969
-    (glm4moe Q4_K_M), >= 0.99987 elsewhere. test_blocks_matter shows what a skipped block
-    does to both figures."""
+    Measured: KL ratio 1.000..1.003 (Q4_K_M), 0.97..1.04 (Q8_0); min cosine 0.99893
+    (llama_dense Q4_K_M), >= 0.99954 for the others on Q4_K_M, >= 0.99963 on Q8_0; top-1s
+    differ only at margins below 0.035 (near-ties: the blocks decide many argmaxes here). test_blocks_matter shows
+    what a skipped block does to these figures."""
     toks, ref = _reference(model_file, name)
     path = model_file(name, ftype)
     ours = _ours(path, toks)
     theirs = _llama_cpp(path, toks)
     kl_ours, kl_theirs = _kl(ref, ours).mean(), _kl(ref, theirs).mean()
     cos = _cos_rows(ours, theirs)
-    top1 = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    split = _top1_splits(ours, theirs)
     figures = (f"mean KL vs F32: ours {kl_ours:.4g}, llama.cpp {kl_theirs:.4g} (ratio "
                f"{kl_ours / kl_theirs:.3f}); min cosine vs llama.cpp {cos.min():.6f} at position "
-               f"{cos.argmin()}; top-1 {top1:.1%}")
+               f"{cos.argmin()}; top-1 differs where llama.cpp's top-2 margin >= {DECISIVE} at "
+               f"{split}")
     assert kl_ours <= 1.25 * kl_theirs, figures
-    assert cos.min() >= 0.999 and top1 == 1.0, figures
+    assert cos.min() >= MIN_COS[ftype] and not split, figures
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -186,10 +200,10 @@ def test_greedy_32_tokens_equal_llama_cpp_on_q8(model_file, name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_prefill_then_decode_equals_full_sequence(model_file, name, ftype):
     """Token-by-token decode through the K/V cache gives the logits of one full-sequence
-    prefill. F32: the same float32 arithmetic (measured <= 2.3e-7 of the logit scale). Q8_0:
+    prefill. F32: the same float32 arithmetic (measured <= 1.2e-6 of the logit scale). Q8_0:
     the native matmul quantizes activations to 8 bits per block, and a 1e-7 difference
     between the prefill's and the decode's attention outputs flips a rounding now and then
-    (measured up to 5e-3 of the logit scale, cosine >= 0.99989); a K/V cache slot or RoPE
+    (measured up to 1e-2 of the logit scale, cosine >= 0.99987); a K/V cache slot or RoPE
     position off by one costs far more (cosine < 0.99)."""
     path = model_file(name, ftype)
     arch, kw = MODELS[name]
@@ -210,12 +224,18 @@ def test_prefill_then_decode_equals_full_sequence(model_file, name, ftype):
     else:
         for other in (step, chunked):
             cos = _cos_rows(other, full)
-            assert cos.min() >= 0.9999, f"min cosine {cos.min():.7f} at position {cos.argmin()}"
-            assert (other.argmax(-1) == full.argmax(-1)).all()
+            assert cos.min() >= 0.9995, f"min cosine {cos.min():.7f} at position {cos.argmin()}"
+            assert not _top1_splits(other, full)
             assert np.abs(other - full).max() <= 2e-2 * scale
 
 
 # ----------------------------------------------------------------------------- the blocks matter
+
+
+def _greedy(rt, prompt, n=32):
+    # (a last (-1, text) item flushes text held back mid-UTF-8 sequence)
+    return [t for t, _ in rt.generate_tokens(prompt, max_tokens=n, temperature=0.0,
+                                             stop_at_eos=False) if t >= 0]
 
 
 def _bypass(rt, part):
@@ -236,18 +256,24 @@ def _bypass(rt, part):
 def test_blocks_matter(model_file, name, part):
     """Guards the comparisons above against blindness: the fixtures must not let a model pass
     whose attention, FFN or routed experts do nothing. With that part skipped, both criteria of
-    test_quantized_kl_within_llama_cpp fail on the Q8_0 file, by far (measured: KL 30x to
-    3000x llama.cpp's, median cosine 0.76..0.97)."""
+    test_quantized_kl_within_llama_cpp fail on the Q8_0 file by far, and the 32 greedy tokens
+    of test_greedy_32_tokens_equal_llama_cpp_on_q8 change (measured: at most 56% of them
+    stay; the blocks decide some steps, GQAConfig.block_gain)."""
     if part == "routed" and MODELS[name][1].get("n_expert") == 0:
         pytest.skip("a dense model has no routed experts")
     toks, ref = _reference(model_file, name)
     path = model_file(name, "Q8_0")
     theirs = _llama_cpp(path, toks)
     with hybrid.load(path, device="cpu", threads=2, ctx=CTX) as rt:
+        prompt = rt.tokenize("The capital of France is")
+        greedy = _greedy(rt, prompt)
         _bypass(rt, part)
         ours = rt.logits(toks)
+        bypassed = _greedy(rt, prompt)
     kl_ours, kl_theirs = _kl(ref, ours).mean(), _kl(ref, theirs).mean()
     cos = _cos_rows(ours, theirs)
-    figures = f"without the {part}: KL {kl_ours:.4g} vs llama.cpp's {kl_theirs:.4g}, min cosine {cos.min():.4f}"
+    figures = (f"without the {part}: KL {kl_ours:.4g} vs llama.cpp's {kl_theirs:.4g}, min "
+               f"cosine {cos.min():.4f}; greedy tokens {greedy} -> {bypassed}")
     assert kl_ours > 10 * kl_theirs, figures
     assert cos.min() < 0.99, figures
+    assert bypassed != greedy, figures
