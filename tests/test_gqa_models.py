@@ -38,6 +38,7 @@ LAYOUTS = {
     "glm4moe_plain": ("glm4moe", {"qk_norm": False, "n_group": 0, "n_group_used": 0,
                                   "expert_weights_norm": False, "expert_weights_scale": 0.0}),
     "qwen2moe_mha": ("qwen2moe", {"n_head_kv": 4}),
+    "glm4moe_bias": ("glm4moe", {"selection_bias": 0.5}),  # the selection bias decides choices
 }
 
 
@@ -133,8 +134,12 @@ def test_glm4moe_gating_defaults_to_sigmoid(model_file):
 def test_f32_matches_llama_cpp_exactly(model_file, name):
     """Same graph as llama.cpp: with F32 weights and llama.cpp's f32 KV cache both compute in
     float32, so logits agree to float32 rounding (measured max |diff| / max |logit| <= 1.8e-6
-    over the models and layouts) and every top-1 matches. A slip in any op (rope pairing or
-    partial rope, a bias, a norm, the routing, the FFN norm's tensor) moves logits by >= 1e-3."""
+    over the models and layouts) and every top-1 matches. Planted slips, in a copy of the tree:
+    kq scale / sqrt(1.1) 0.018; k norm skipped 0.087; q bias dropped 0.11; qwen2moe's shared
+    expert gate ignored 0.23; glm4moe's partial RoPE ignored 0.33, its MTP block run 0.40,
+    expert groups ignored 0.44, softmax gating 0.58, selection bias ignored 0.57 (on
+    glm4moe_bias; the default's small bias never overturns a choice); llama with NEOX pairs
+    0.42; K/V heads swapped 0.46."""
     path = model_file(name, "F32")
     arch, kw = {**MODELS, **LAYOUTS}[name]
     toks = _tokens(GQAConfig.of(arch, **kw).vocab_size)
