@@ -374,8 +374,10 @@ def test_matches_llama_cpp(tiny_gguf, ftype, variant):
     0.9978, expert_weights_norm flipped 0.9946 (softmax variant; the others <= 0.69 and
     top-1 <= 80%), NEOX rope pairing 0.945, routed experts skipped 0.960, group-limited
     routing ignored 0.836 (grouped variants), 30% of the selection bias in the expert
-    weights 0.9980 (sigmoid variants). Top-1 stays 100% under most of them: the cosine
-    bound is the discriminating one (see also test_routed_experts_matter).
+    weights 0.9980 (sigmoid variants). Top-1 stays 100% under most of them, here as with
+    attention zeroed (the planted successor decides every argmax): the cosine bound is the
+    discriminating one (see also test_routed_experts_matter); top-1 where the blocks decide is
+    test_top1_equals_references_where_the_blocks_decide's.
     """
     path = tiny_gguf(ftype, **VARIANTS[variant])
     with hybrid.load(path, device="cpu", threads=2, ctx=128) as rt:
