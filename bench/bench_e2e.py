@@ -1,11 +1,15 @@
 """End-to-end tokens/s, hybrid vs llama.cpp (llama-cpp-python) on the same GGUF, CPU only,
 same thread count: prompt (prefill) and decode (greedy, one token at a time).
 
-The model is the fixture builder's `TinyConfig.mid()` (2048 dims, 8 layers, 64 experts of
-1024, ~2 GB at Q4_K_M: weights dwarf the caches), built on first use into --cache-dir
-(several minutes and ~6 GB of temporary F16 source on a 2-core machine).
+The model is any GGUF hybrid runs (--model), or the fixture builder's benchmark model of
+--arch: deepseek2 `TinyConfig.mid()` (2048 dims, 8 layers, 64 experts of 1024, ~2 GB at
+Q4_K_M), or `GQAConfig.mid(arch)` for qwen3moe / qwen2moe / llama / glm4moe (2048 dims, 5
+layers, 128 experts of 768, top-8, ~1.9 GB at Q4_K_M): weights dwarf the caches. Built on
+first use into --cache-dir (several minutes and ~6 GB of temporary F16 source on a 2-core
+machine).
 
     PYTHONPATH=. python bench/bench_e2e.py --threads 2 --runs 5
+    PYTHONPATH=. python bench/bench_e2e.py --arch qwen3moe --threads 2 --runs 5
     PYTHONPATH=. python bench/bench_e2e.py --model some.gguf --device cuda   # GPU decode
     PYTHONPATH=. python bench/bench_e2e.py --baseline-tree /tmp/old   # also an older checkout
 
@@ -160,7 +164,10 @@ class _Remote:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="GGUF to run (default: build TinyConfig.mid() at --quant)")
+    ap.add_argument("--model", help="GGUF to run (default: build --arch's benchmark model at --quant)")
+    ap.add_argument("--arch", default="deepseek2",
+                    choices=("deepseek2", "qwen3moe", "qwen2moe", "llama", "glm4moe"),
+                    help="architecture of the built benchmark model (without --model)")
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--cache-dir", default=os.environ.get("HYBRID_FIXTURE_CACHE",
                                                           str(pathlib.Path.home() / ".cache/hybrid-bench")))
@@ -180,10 +187,11 @@ def main(argv=None) -> int:
 
     path = a.model
     if path is None:
-        from hybrid.fixtures import TinyConfig, build
+        from hybrid.fixtures import GQAConfig, TinyConfig, build
 
         t0 = time.perf_counter()
-        path = build(TinyConfig.mid(), a.quant, a.cache_dir)
+        cfg = TinyConfig.mid() if a.arch == "deepseek2" else GQAConfig.mid(a.arch)
+        path = build(cfg, a.quant, a.cache_dir)
         print(f"model: {path} ({os.path.getsize(path) / 2**30:.2f} GiB, ready in "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     ctx = a.prompt + a.decode + 8
@@ -220,7 +228,7 @@ def main(argv=None) -> int:
             opp, otg = med[k]
             print(f"  ratio {k} / llama.cpp: prompt {opp / lpp:.2f}x   decode {otg / ltg:.2f}x")
             same = sum(x == y for x, y in zip(tokens[k], tokens["llama.cpp"]))
-            # TinyConfig.mid routes less decisively than the test fixtures: near-tied expert
+            # The mid models route less decisively than the test fixtures: near-tied expert
             # choices flip between implementations (llama.cpp with an f32 instead of its f16 KV
             # cache agrees with itself on ~73% of top-1s there), so expect a shared prefix only
             print(f"  greedy tokens identical ({k}): {same}/{len(tokens[k])}")
