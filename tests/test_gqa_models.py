@@ -39,6 +39,7 @@ LAYOUTS = {
                                   "expert_weights_norm": False, "expert_weights_scale": 0.0}),
     "qwen2moe_mha": ("qwen2moe", {"n_head_kv": 4}),
     "glm4moe_bias": ("glm4moe", {"selection_bias": 0.5}),  # the selection bias decides choices
+    "qwen3moe_yarn": ("qwen3moe", {"yarn_factor": 4.0}),  # as Qwen3 long-context files carry it
 }
 
 
@@ -139,7 +140,7 @@ def test_f32_matches_llama_cpp_exactly(model_file, name):
     expert gate ignored 0.23; glm4moe's partial RoPE ignored 0.33, its MTP block run 0.40,
     expert groups ignored 0.44, softmax gating 0.58, selection bias ignored 0.57 (on
     glm4moe_bias; the default's small bias never overturns a choice); llama with NEOX pairs
-    0.42; K/V heads swapped 0.46."""
+    0.42; K/V heads swapped 0.46; YaRN ignored 0.37 (qwen3moe_yarn)."""
     path = model_file(name, "F32")
     arch, kw = {**MODELS, **LAYOUTS}[name]
     toks = _tokens(GQAConfig.of(arch, **kw).vocab_size)
