@@ -3,10 +3,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <mutex>
 
 #include "dispatch.h"
+#include "gqa.h"
 #include "matmul.h"
 #include "membench.h"
 #include "mla.h"
@@ -261,6 +264,24 @@ const uint8_t* q8_heads(py::object obj, int64_t H, int64_t rows, int64_t cols, c
             std::to_string(rb) + "]");
     keep.push_back(a);
     return a.data();
+}
+
+// One layer's GQA weights for gqa_decode, keeping the Python buffers they point into alive.
+struct py_gqa {
+    gqa_layer L;
+    std::vector<py::object> keep;
+};
+
+// A GQA linear: as_qlinear plus what the matmul needs of it, checked now rather than per call.
+qlinear gqa_linear(py::dict d, const char* key, int64_t rows, int64_t cols, std::vector<py::object>& keep) {
+    const std::string arg = std::string("GQA: ") + key;
+    qlinear q = as_qlinear(d[key], rows, cols, arg, keep);
+    const type_info& ti = get_type_info(q.type);
+    if (q.type == GGML_Q8_K) bad(arg + ": Q8_K is an activation format, not a weight type the matmul reads");
+    if (cols % ti.block)
+        bad(arg + ": rows of " + std::to_string(cols) + " elements are not whole " + ti.name + " blocks of " +
+            std::to_string(ti.block));
+    return q;
 }
 
 }  // namespace
@@ -589,6 +610,99 @@ PYBIND11_MODULE(_native, m) {
             py::arg("x"), py::arg("pos0"), py::arg("cache").noconvert(), py::arg("rope"), py::arg("out").noconvert(),
             py::arg("engine") = py::none(),
             "Attention of x [T, D] at positions pos0.. (writes their cache rows) into out [T, D]");
+
+    py::class_<py_gqa>(m, "GQA")
+        .def(py::init([](py::dict d) {
+                 static const char* known[] = {"D", "H", "Hkv", "Dk", "Dv", "R", "neox", "eps", "kq_scale",
+                                               "attn_norm", "q", "k", "v", "o", "bq", "bk", "bv", "q_norm", "k_norm"};
+                 for (auto item : d) {
+                     const std::string key = py::str(item.first);
+                     if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return key == k; }) ==
+                         std::end(known))
+                         bad("GQA: unknown key '" + key + "'");
+                 }
+                 for (const char* k : {"D", "H", "Hkv", "Dk", "Dv", "R", "neox", "eps", "kq_scale", "attn_norm", "q",
+                                       "k", "v", "o"})
+                     if (!d.contains(k)) bad(std::string("GQA: missing '") + k + "'");
+                 auto p = std::make_unique<py_gqa>();
+                 gqa_layer& L = p->L;
+                 auto i64 = [&](const char* k) { return d[k].cast<int64_t>(); };
+                 L.D = i64("D"), L.H = i64("H"), L.Hkv = i64("Hkv"), L.Dk = i64("Dk"), L.Dv = i64("Dv"), L.R = i64("R");
+                 const std::string dims = " (D=" + std::to_string(L.D) + " H=" + std::to_string(L.H) +
+                                          " Hkv=" + std::to_string(L.Hkv) + " Dk=" + std::to_string(L.Dk) +
+                                          " Dv=" + std::to_string(L.Dv) + " R=" + std::to_string(L.R) + ")";
+                 if (L.D <= 0 || L.H <= 0 || L.Hkv <= 0 || L.Dk <= 0 || L.Dv <= 0)
+                     bad("GQA: D, H, Hkv, Dk and Dv must be positive" + dims);
+                 if (L.R < 0 || L.R % 2 || L.R > L.Dk) bad("GQA: R must be even and within 0..Dk" + dims);
+                 if (L.H % L.Hkv) bad("GQA: H must be a multiple of Hkv" + dims);
+                 L.neox = d["neox"].cast<bool>();
+                 L.eps = d["eps"].cast<float>();
+                 L.kq_scale = d["kq_scale"].cast<float>();
+                 if (!(L.eps >= 0.f) || !(L.kq_scale > 0.f) || !std::isfinite(L.kq_scale))
+                     bad("GQA: eps must be >= 0 and kq_scale positive");
+                 L.attn_norm = f32_vector(d["attn_norm"], L.D, "GQA: attn_norm", p->keep);
+                 L.q = gqa_linear(d, "q", L.H * L.Dk, L.D, p->keep);
+                 L.k = gqa_linear(d, "k", L.Hkv * L.Dk, L.D, p->keep);
+                 L.v = gqa_linear(d, "v", L.Hkv * L.Dv, L.D, p->keep);
+                 L.o = gqa_linear(d, "o", L.D, L.H * L.Dv, p->keep);
+                 auto opt = [&](const char* k, int64_t n) -> const float* {
+                     if (!d.contains(k) || d[k].is_none()) return nullptr;
+                     return f32_vector(d[k], n, std::string("GQA: ") + k, p->keep);
+                 };
+                 L.bq = opt("bq", L.H * L.Dk);
+                 L.bk = opt("bk", L.Hkv * L.Dk);
+                 L.bv = opt("bv", L.Hkv * L.Dv);
+                 L.q_norm = opt("q_norm", L.Dk);
+                 L.k_norm = opt("k_norm", L.Dk);
+                 return p;
+             }),
+             py::arg("weights"),
+             "One layer's weights: dict of D H Hkv Dk Dv R neox eps kq_scale, attn_norm float32 [D],\n"
+             "q k v o as (uint8 [rows, row_bytes], ggml_type), optional float32 bq bk bv, q_norm k_norm [Dk]")
+        .def(
+            "decode",
+            [](py_gqa& self, py::array_t<float, py::array::c_style> x, int64_t pos0,
+               py::array_t<float, py::array::c_style> k_cache, py::array_t<float, py::array::c_style> v_cache,
+               py::array_t<float, py::array::c_style> rope, py::array_t<float, py::array::c_style> out,
+               py::object engine) {
+                const gqa_layer& L = self.L;
+                if (x.ndim() != 2 || x.shape(1) != L.D) bad("x: expected float32 [T, " + std::to_string(L.D) + "]");
+                const int64_t T = x.shape(0);
+                auto check_cache = [&](py::array_t<float, py::array::c_style>& c, const char* name, int64_t Dh) {
+                    if (c.ndim() != 3 || c.shape(1) != L.Hkv || c.shape(2) != Dh)
+                        bad(std::string(name) + ": expected the layer's float32 rows [P, " + std::to_string(L.Hkv) +
+                            ", " + std::to_string(Dh) + "]");
+                    if (!c.writeable()) bad(std::string(name) + ": must be writable");
+                    if (pos0 < 0 || pos0 + T > c.shape(0))
+                        bad(std::string(name) + ": positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + T) +
+                            " exceed its " + std::to_string(c.shape(0)) + " rows");
+                };
+                check_cache(k_cache, "k_cache", L.Dk);
+                check_cache(v_cache, "v_cache", L.Dv);
+                if (rope.ndim() != 2 || rope.shape(1) != L.R || rope.shape(0) < pos0 + T)
+                    bad("rope: expected float32 [>= " + std::to_string(pos0 + T) + ", " + std::to_string(L.R) + "]");
+                if (out.ndim() != 2 || out.shape(0) != T || out.shape(1) != L.D)
+                    bad("out: expected float32 [" + std::to_string(T) + ", " + std::to_string(L.D) + "]");
+                const float* xp = x.data();
+                float* kp = k_cache.mutable_data();
+                float* vp = v_cache.mutable_data();
+                const float* rp = rope.data();
+                float* op = out.mutable_data();
+                if (!engine.is_none()) {
+                    MoEEngine& e = engine.cast<MoEEngine&>();
+                    if (e.busy()) throw std::runtime_error("GQA.decode: the expert engine is busy; wait() first");
+                    py::gil_scoped_release release;
+                    gqa_decode(e.pool(), L, xp, T, pos0, kp, vp, rp, op);
+                } else {
+                    py::gil_scoped_release release;
+                    std::lock_guard<std::mutex> lock(g_pool_mutex);
+                    gqa_decode(shared_pool(0), L, xp, T, pos0, kp, vp, rp, op);
+                }
+            },
+            // the caches and out are written: a converted copy would swallow the writes
+            py::arg("x"), py::arg("pos0"), py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
+            py::arg("rope"), py::arg("out").noconvert(), py::arg("engine") = py::none(),
+            "Attention of x [T, D] at positions pos0.. (writes their k / v cache rows) into out [T, D]; out may be x");
 
     py::class_<ThreadPool>(m, "ThreadPool")
         .def(py::init<int, const std::vector<int>&>(), py::arg("threads"), py::arg("cpus") = std::vector<int>{})
