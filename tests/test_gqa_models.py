@@ -80,7 +80,9 @@ def _kl(p_logits, q_logits) -> np.ndarray:
 
 # per-position cosine vs llama.cpp on the same file (its f16 KV cache included)
 MIN_COS = {"Q4_K_M": 0.998, "Q8_0": 0.9995}
-DECISIVE = 0.1  # a top-2 logit margin no implementation difference on these files reaches
+# a decisive top-2 logit margin: above the largest shift of a top-2 margin between the two
+# implementations measured on these files (0.19, llama_dense Q4_K_M; 0.13 on Q8_0)
+DECISIVE = 0.25
 
 
 def _top1_splits(ours, theirs) -> list[int]:
