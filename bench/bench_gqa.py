@@ -136,6 +136,11 @@ def main(argv=None):
                 if r % every == 0:
                     times[label].append(timed(lambda: fn(c % a.layers)))
                     c += 1
+        # the paths compute the same thing (each call rewrites the same cache row)
+        separate(0)
+        want = out.copy()
+        fused_call(0)
+        err = float(np.abs(out - want).max() / np.abs(want).max())
     probe = np.ones(64 << 20, np.uint8)
     bw = statistics.median(probe.nbytes / timed(lambda: _native.stream_read(probe, a.threads)) for _ in range(7))
     med = {label: statistics.median(t) for label, t in times.items()}
@@ -143,7 +148,8 @@ def main(argv=None):
     kv_bytes = 2 * P * Hkv * Dk * 4
     print(f"cpu: {_native.cpu_features()}; isa {_native.isa()}; threads {a.threads}; D={D} H={H} Hkv={Hkv} "
           f"Dk=Dv={Dk} {a.type}; S={a.s}; {a.layers} layers cycled; median of {a.calls} calls")
-    print(f"weights {wbytes / 2**20:.2f} MiB/layer, kv cache {kv_bytes / 2**20:.2f} MiB/layer")
+    print(f"weights {wbytes / 2**20:.2f} MiB/layer, kv cache {kv_bytes / 2**20:.2f} MiB/layer; "
+          f"fused vs separate ops: max difference {err:.1e} of the largest output")
     print(f"{'path':34} {'us/call':>8} {'ratio':>6}")
     for label, t in med.items():
         print(f"{label:34} {t * 1e6:8.0f} {t / tf:6.2f}")
