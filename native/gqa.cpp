@@ -15,23 +15,6 @@ namespace hybrid {
 
 namespace {
 
-void linear(ThreadPool& pool, const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y,
-            int64_t y_stride) {
-    matmul_args a;
-    a.w = W.w;
-    a.w_type = W.type;
-    a.N = W.rows;
-    a.K = W.cols;
-    a.w_stride = W.stride;
-    a.x = x;
-    a.x_bf16 = false;
-    a.T = T;
-    a.x_stride = x_stride;
-    a.y = y;
-    a.y_stride = y_stride;
-    matmul(pool, a);
-}
-
 template <class T>
 T* grown(std::vector<T>& v, int64_t n) {
     if ((int64_t)v.size() < n) v.resize(n);

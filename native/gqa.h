@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "mla.h"  // qlinear
+#include "matmul.h"  // qlinear
 #include "pool.h"
 
 namespace hybrid {

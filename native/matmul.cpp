@@ -142,4 +142,25 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
     pool.run(worker, &job);
 }
 
+matmul_args linear_args(const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y, int64_t y_stride) {
+    matmul_args a;
+    a.w = W.w;
+    a.w_type = W.type;
+    a.N = W.rows;
+    a.K = W.cols;
+    a.w_stride = W.stride;
+    a.x = x;
+    a.x_bf16 = false;
+    a.T = T;
+    a.x_stride = x_stride;
+    a.y = y;
+    a.y_stride = y_stride;
+    return a;
+}
+
+void linear(ThreadPool& pool, const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y,
+            int64_t y_stride) {
+    matmul(pool, linear_args(W, x, x_stride, T, y, y_stride));
+}
+
 }  // namespace hybrid

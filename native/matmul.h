@@ -25,6 +25,20 @@ struct matmul_args {
     int64_t batch = 1, w_bstride = 0, x_bstride = 0, y_bstride = 0;
 };
 
+// A weight matrix in GGML blocks: `rows` rows of `cols` elements, `stride` bytes apart.
+struct qlinear {
+    const uint8_t* w = nullptr;
+    int type = -1;
+    int64_t rows = 0, cols = 0, stride = 0;
+};
+
+// The matmul of y[T, rows] = x[T, cols] @ W^T, rows of x and y x_stride / y_stride apart.
+matmul_args linear_args(const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y,
+                        int64_t y_stride);
+// Runs it on every worker of pool (the native layers' projections).
+void linear(ThreadPool& pool, const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y,
+            int64_t y_stride);
+
 // Validates shapes and types (throws std::invalid_argument with a readable message).
 void matmul_check(const matmul_args& a);
 // Runs on every worker of pool; blocks until done. Deterministic for any pool size.

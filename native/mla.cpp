@@ -13,27 +13,6 @@ namespace hybrid {
 
 namespace {
 
-matmul_args linear_args(const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y, int64_t y_stride) {
-    matmul_args a;
-    a.w = W.w;
-    a.w_type = W.type;
-    a.N = W.rows;
-    a.K = W.cols;
-    a.w_stride = W.stride;
-    a.x = x;
-    a.x_bf16 = false;
-    a.T = T;
-    a.x_stride = x_stride;
-    a.y = y;
-    a.y_stride = y_stride;
-    return a;
-}
-
-void linear(ThreadPool& pool, const qlinear& W, const float* x, int64_t x_stride, int64_t T, float* y,
-            int64_t y_stride) {
-    matmul(pool, linear_args(W, x, x_stride, T, y, y_stride));
-}
-
 // Per-head linears over H matrices of Q8_0 rows [H][rows][cols]: y[h] = W[h] x[h].
 void head_linear(ThreadPool& pool, const uint8_t* w, int64_t H, int64_t rows, int64_t cols, const float* x,
                  int64_t x_stride, int64_t x_bstride, int64_t T, float* y, int64_t y_stride, int64_t y_bstride) {

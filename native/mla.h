@@ -10,16 +10,10 @@
 
 #include <cstdint>
 
+#include "matmul.h"  // qlinear
 #include "pool.h"
 
 namespace hybrid {
-
-// A weight matrix in GGML blocks: `rows` rows of `cols` elements, `stride` bytes apart.
-struct qlinear {
-    const uint8_t* w = nullptr;
-    int type = -1;
-    int64_t rows = 0, cols = 0, stride = 0;
-};
 
 struct mla_layer {
     int64_t D = 0, H = 0, N = 0, R = 0, V = 0, C = 0;
