@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from hybrid.models.layers import HeadLinear, ModelConfigError, Rope, WeightLoader, norm
 from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX, MoE, Router  # noqa: F401 (re-exported)
-from hybrid.models.specs import TensorSpec
-from hybrid.models.transformer import Transformer, moe_layer
+from hybrid.models.specs import transformer_specs
+from hybrid.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -345,53 +345,29 @@ class DeepSeek2(Transformer):
 
     @staticmethod
     def tensor_specs(a: ModelArgs) -> list:
-        D, V, H = a.dim, a.n_vocab, a.n_head
+        D, H = a.dim, a.n_head
         N, R, Vd, C, Q = a.qk_nope_dim, a.qk_rope_dim, a.v_head_dim, a.kv_lora_rank, a.q_lora_rank
-        E, F = a.n_expert, a.n_ff_exp
-        p_ = ARCH + "."
-        heads = f"{p_}attention.head_count, key_length(_mla), value_length(_mla), rope.dimension_count"
-        specs = [TensorSpec("token_embd.weight", (D, V), f"{p_}embedding_length and the vocabulary"),
-                 TensorSpec("output_norm.weight", (D,), f"{p_}embedding_length"),
-                 TensorSpec("output.weight", (D, V), "the embedding", required=False)]
-        for il in range(a.n_layer):
-            b = f"blk.{il}."
+        p = ARCH + "."
+        heads = f"{p}attention.head_count, key_length(_mla), value_length(_mla), rope.dimension_count"
 
-            def t(name, ne, why, required=True):
-                specs.append(TensorSpec(b + name, ne, why, required))
-
-            t("attn_norm.weight", (D,), f"{p_}embedding_length")
+        def attention(il):
+            rows = [("attn_norm.weight", (D,), f"{p}embedding_length", True)]
             if Q:
-                t("attn_q_a.weight", (D, Q), f"{p_}attention.q_lora_rank")
-                t("attn_q_a_norm.weight", (Q,), f"{p_}attention.q_lora_rank")
-                t("attn_q_b.weight", (Q, H * (N + R)), heads)
+                rows += [("attn_q_a.weight", (D, Q), f"{p}attention.q_lora_rank", True),
+                         ("attn_q_a_norm.weight", (Q,), f"{p}attention.q_lora_rank", True),
+                         ("attn_q_b.weight", (Q, H * (N + R)), heads, True)]
             else:
-                t("attn_q.weight", (D, H * (N + R)), heads)
-            t("attn_kv_a_mqa.weight", (D, C + R), f"{p_}attention.kv_lora_rank, rope.dimension_count")
-            t("attn_kv_a_norm.weight", (C,), f"{p_}attention.kv_lora_rank")
+                rows.append(("attn_q.weight", (D, H * (N + R)), heads, True))
+            rows += [("attn_kv_a_mqa.weight", (D, C + R), f"{p}attention.kv_lora_rank, rope.dimension_count", True),
+                     ("attn_kv_a_norm.weight", (C,), f"{p}attention.kv_lora_rank", True)]
             if a.mla_split:
-                t("attn_k_b.weight", (N, C, H), heads)
-                t("attn_v_b.weight", (C, Vd, H), heads)
+                rows += [("attn_k_b.weight", (N, C, H), heads, True), ("attn_v_b.weight", (C, Vd, H), heads, True)]
             else:
-                t("attn_kv_b.weight", (C, H * (N + Vd)), heads)
-            t("attn_output.weight", (H * Vd, D), heads)
-            t("ffn_norm.weight", (D,), f"{p_}embedding_length")
-            if not moe_layer(a, il):
-                ff = f"{p_}feed_forward_length"
-                t("ffn_gate.weight", (D, a.n_ff), ff)
-                t("ffn_up.weight", (D, a.n_ff), ff)
-                t("ffn_down.weight", (a.n_ff, D), ff)
-                continue
-            ex = f"{p_}expert_count and expert_feed_forward_length"
-            t("ffn_gate_inp.weight", (D, E), f"{p_}expert_count")
-            t("exp_probs_b.bias", (E,), f"{p_}expert_count", False)
-            t("ffn_gate_exps.weight", (D, F, E), ex)
-            t("ffn_up_exps.weight", (D, F, E), ex)
-            t("ffn_down_exps.weight", (F, D, E), ex)
-            fs, sh = F * a.n_expert_shared, f"{p_}expert_shared_count"
-            t("ffn_gate_shexp.weight", (D, fs), sh, bool(fs))
-            t("ffn_up_shexp.weight", (D, fs), sh, bool(fs))
-            t("ffn_down_shexp.weight", (fs, D), sh, bool(fs))
-        return specs
+                rows.append(("attn_kv_b.weight", (C, H * (N + Vd)), heads, True))
+            return rows + [("attn_output.weight", (H * Vd, D), heads, True)]
+
+        fs = a.n_ff_exp * a.n_expert_shared
+        return transformer_specs(a, ARCH, attention, shexp_ff=fs or None, shexp_required=bool(fs))
 
     def make_rope(self, max_pos: int, device):
         a = self.args

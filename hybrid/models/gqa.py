@@ -16,8 +16,8 @@ import torch
 from hybrid.models.attention import GQAttention
 from hybrid.models.layers import ModelConfigError, Rope, WeightLoader
 from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX
-from hybrid.models.specs import TensorSpec
-from hybrid.models.transformer import Transformer, moe_layer
+from hybrid.models.specs import transformer_specs
+from hybrid.models.transformer import Transformer
 
 __all__ = ["GQAArgs", "GQATransformer"]
 
@@ -153,51 +153,26 @@ class GQAArgs:
 class GQATransformer(Transformer):
     @classmethod
     def tensor_specs(cls, a: GQAArgs) -> list:
-        D, V, H, Hkv, Dk, Dv = a.dim, a.n_vocab, a.n_head, a.n_head_kv, a.head_dim_k, a.head_dim_v
-        E, F = a.n_expert, a.n_ff_exp
-        p_ = a.arch + "."
-        heads = f"{p_}attention.head_count(_kv), key_length, value_length"
-        specs = [TensorSpec("token_embd.weight", (D, V), f"{p_}embedding_length and the vocabulary"),
-                 TensorSpec("output_norm.weight", (D,), f"{p_}embedding_length"),
-                 TensorSpec("output.weight", (D, V), "the embedding", required=False)]
-        for il in range(a.n_layer):
-            b = f"blk.{il}."
+        H, Hkv, Dk, Dv, D = a.n_head, a.n_head_kv, a.head_dim_k, a.head_dim_v, a.dim
+        heads = f"{a.arch}.attention.head_count(_kv), key_length, value_length"
+        kl = f"{a.arch}.attention.key_length"
 
-            def t(name, ne, why, required=True):
-                specs.append(TensorSpec(b + name, ne, why, required))
+        def attention(il):
+            return [("attn_norm.weight", (D,), f"{a.arch}.embedding_length", True),
+                    ("attn_q.weight", (D, H * Dk), heads, True),
+                    ("attn_k.weight", (D, Hkv * Dk), heads, True),
+                    ("attn_v.weight", (D, Hkv * Dv), heads, True),
+                    ("attn_output.weight", (H * Dv, D), heads, True),
+                    ("attn_q.bias", (H * Dk,), heads, False),
+                    ("attn_k.bias", (Hkv * Dk,), heads, False),
+                    ("attn_v.bias", (Hkv * Dv,), heads, False),
+                    ("attn_q_norm.weight", (Dk,), kl, False),
+                    ("attn_k_norm.weight", (Dk,), kl, False)]
 
-            t("attn_norm.weight", (D,), f"{p_}embedding_length")
-            t("attn_q.weight", (D, H * Dk), heads)
-            t("attn_k.weight", (D, Hkv * Dk), heads)
-            t("attn_v.weight", (D, Hkv * Dv), heads)
-            t("attn_output.weight", (H * Dv, D), heads)
-            t("attn_q.bias", (H * Dk,), heads, False)
-            t("attn_k.bias", (Hkv * Dk,), heads, False)
-            t("attn_v.bias", (Hkv * Dv,), heads, False)
-            t("attn_q_norm.weight", (Dk,), f"{p_}attention.key_length", False)
-            t("attn_k_norm.weight", (Dk,), f"{p_}attention.key_length", False)
-            t(cls.FFN_NORM + ".weight", (D,), f"{p_}embedding_length")
-            if not moe_layer(a, il):
-                ff = f"{p_}feed_forward_length"
-                t("ffn_gate.weight", (D, a.n_ff), ff)
-                t("ffn_up.weight", (D, a.n_ff), ff)
-                t("ffn_down.weight", (a.n_ff, D), ff)
-                continue
-            ex = f"{p_}expert_count and expert_feed_forward_length"
-            t("ffn_gate_inp.weight", (D, E), f"{p_}expert_count")
-            t("exp_probs_b.bias", (E,), f"{p_}expert_count", False)
-            t("ffn_gate_exps.weight", (D, F, E), ex)
-            t("ffn_up_exps.weight", (D, F, E), ex)
-            t("ffn_down_exps.weight", (F, D, E), ex)
-            # the shared expert: its size from whichever key the architecture writes
-            fs = a.n_ff_shexp or (F * a.n_expert_shared) or None
-            need = bool(a.n_expert_shared)
-            sh = f"{p_}expert_shared_feed_forward_length / expert_shared_count"
-            t("ffn_gate_shexp.weight", (D, fs), sh, need)
-            t("ffn_up_shexp.weight", (D, fs), sh, need)
-            t("ffn_down_shexp.weight", (fs, D), sh, need)
-            t("ffn_gate_inp_shexp.weight", (D,), f"{p_}embedding_length", False)
-        return specs
+        # the shared expert's width from whichever key the architecture writes
+        return transformer_specs(a, a.arch, attention, ffn_norm=cls.FFN_NORM,
+                                 shexp_ff=a.n_ff_shexp or (a.n_ff_exp * a.n_expert_shared) or None,
+                                 shexp_required=bool(a.n_expert_shared))
 
     def make_attention(self, w: WeightLoader, il: int):
         return GQAttention(self.args, w, il)
