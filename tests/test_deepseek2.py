@@ -434,6 +434,23 @@ def llama_cpp_greedy(path, prompt, n, n_ctx=128, f32_kv=False):
         llm.close()
 
 
+def greedy_equal_to_llama_cpp(rt, path, prompt, n=32, **llama_kw):
+    """Our greedy continuation (n tokens) and llama.cpp's on the same file; fails at the first
+    difference showing both implementations' logits for the two tokens."""
+    # (a last (-1, text) item flushes text held back mid-UTF-8 sequence)
+    ours = [t for t, _ in rt.generate_tokens(prompt, max_tokens=n, temperature=0.0,
+                                             stop_at_eos=False) if t >= 0]
+    ref, ref_logits = llama_cpp_greedy(path, prompt, n, **llama_kw)
+    if ours != ref:
+        i = next(k for k, (a, b) in enumerate(zip(ours, ref)) if a != b)
+        mine = rt.logits(prompt + ours[:i])[-1]
+        pytest.fail(
+            f"first difference at step {i}: ours {ours[i]} / llama.cpp {ref[i]}; our logits "
+            f"for them {mine[ours[i]]:.5f} / {mine[ref[i]]:.5f}, llama.cpp's "
+            f"{ref_logits[i][ours[i]]:.5f} / {ref_logits[i][ref[i]]:.5f}")
+    return ours
+
+
 # The fixture plants each token's successor in the output weights (hybrid/fixtures/traits.py)
 # so strongly (top-1 margins >= 12 logits) that embedding and head alone decide every argmax:
 # greedy and top-1 checks on it pass with every block bypassed. These files keep 10% of that
@@ -497,16 +514,7 @@ def test_greedy_32_tokens_equal_llama_cpp(blocks_decide, ftype):
     path, succ = blocks_decide(ftype)
     with hybrid.load(path, device="cpu", threads=2, ctx=128) as rt:
         prompt = rt.tokenize("The capital of France is")
-        ours = [t for t, _ in rt.generate_tokens(prompt, max_tokens=32, temperature=0.0,
-                                                 stop_at_eos=False)]
-        ref, ref_logits = llama_cpp_greedy(path, prompt, 32, f32_kv=ftype == "F32")
-        if ours != ref:
-            i = next(k for k, (a, b) in enumerate(zip(ours, ref)) if a != b)
-            mine = rt.logits(prompt + ours[:i])[-1]
-            pytest.fail(
-                f"first difference at step {i}: ours {ours[i]} / llama.cpp {ref[i]}; our logits "
-                f"for them {mine[ours[i]]:.5f} / {mine[ref[i]]:.5f}, llama.cpp's "
-                f"{ref_logits[i][ours[i]]:.5f} / {ref_logits[i][ref[i]]:.5f}")
+        ours = greedy_equal_to_llama_cpp(rt, path, prompt, 32, f32_kv=ftype == "F32")
     assert len(set(ours)) > 8  # a walk through the vocabulary, not one token repeated
     seq = prompt + ours
     off = _off_successor(seq[len(prompt) - 1:-1], ours, succ)

@@ -18,7 +18,7 @@ from hybrid.fixtures import GQAConfig
 from hybrid.gguf_file import GGUFFile
 from hybrid.models import get_model_module
 from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX
-from test_deepseek2 import _cos_rows, llama_cpp_greedy, llama_cpp_logits
+from test_deepseek2 import _cos_rows, greedy_equal_to_llama_cpp, llama_cpp_logits
 
 N_TOKENS = 128  # >= 128 positions for the KL criterion, >= 64 for the exact one
 CTX = 192
@@ -187,17 +187,7 @@ def test_greedy_32_tokens_equal_llama_cpp_on_q8(model_file, name):
     path = model_file(name, "Q8_0")
     with hybrid.load(path, device="cpu", threads=2, ctx=CTX) as rt:
         prompt = rt.tokenize("The capital of France is")
-        # (a last (-1, text) item flushes text held back mid-UTF-8 sequence)
-        ours = [t for t, _ in rt.generate_tokens(prompt, max_tokens=32, temperature=0.0,
-                                                 stop_at_eos=False) if t >= 0]
-        ref, ref_logits = llama_cpp_greedy(path, prompt, 32, n_ctx=CTX)
-        if ours != ref:
-            i = next(k for k, (a, b) in enumerate(zip(ours, ref)) if a != b)
-            mine = rt.logits(prompt + ours[:i])[-1]
-            pytest.fail(
-                f"first difference at step {i}: ours {ours[i]} / llama.cpp {ref[i]}; our logits "
-                f"for them {mine[ours[i]]:.5f} / {mine[ref[i]]:.5f}, llama.cpp's "
-                f"{ref_logits[i][ours[i]]:.5f} / {ref_logits[i][ref[i]]:.5f}")
+        ours = greedy_equal_to_llama_cpp(rt, path, prompt, 32, n_ctx=CTX)
     assert len(set(ours)) > 8  # a walk through the vocabulary, not one token repeated
 
 
