@@ -205,6 +205,7 @@ class Runtime:
         self.load_s = time.perf_counter() - t0
         kv_dtype = DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
         self.cache = self.model.new_cache(self.ctx, dtype=kv_dtype, device=self.device)
+        self.loader.record(self.loader.compute_plan_device(), "kv_cache", self.cache.nbytes)   # placed_bytes
         self._setup_decoder(gpu_opts["decode_graphs"])
 
     def _setup_decoder(self, mode):
