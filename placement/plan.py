@@ -231,8 +231,11 @@ class Plan:
         if self.n_gpu_experts:
             per_layer = [(i, len(x)) for i, x in enumerate(self.gpu_experts) if x]
             counts = sorted({n for _, n in per_layer})
+            fmt = self.tensor_placement.get("routed_experts.gpu_cache", ("gpu0", "bf16"))[1]
+            size = self.devices["gpu0"].breakdown.get("routed_experts", 0) if "gpu0" in self.devices else 0
             L.append(f"GPU expert cache: {self.n_gpu_experts} routed experts in {len(per_layer)} layers "
-                     f"({'-'.join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else counts[0]} per layer)")
+                     f"({'-'.join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else counts[0]} per layer), "
+                     f"{fmt_bytes(size)} as {fmt} (dequantized at load: planned at that size, not the GGUF's)")
             L.append("  " + " ".join(f"L{i}:{n}" for i, n in per_layer))
         L.extend(self._gpu_prefill_text())
         e = self.estimate

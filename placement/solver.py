@@ -185,6 +185,23 @@ def pinned_formula(inv: Inventory, wl: Workload) -> int:
     return 2 * tokens * (2 * m.n_embd * 4 + m.n_expert_used * 8)
 
 
+# --- hot experts -----------------------------------------------------------------------
+
+# The hot-expert cache is dequantized to bf16 when loaded (hybrid/runtime/loader.py experts(),
+# TorchExperts.from_gguf): kept in GGUF blocks it would need a fused dequantize-and-multiply
+# kernel on the GPU, which no GPU here could measure against bf16 (issue 18). So the cache is
+# planned at its bf16 size, 2 bytes a weight, ~3.3x the Q4_K_M bytes: the Plan's bytes and
+# the runtime's allocations agree (tests/test_plan_allocation.py checks it).
+HOT_EXPERT_FORMAT = "bf16"
+
+
+def hot_expert_bytes(inv: Inventory, layer: int) -> int:
+    """VRAM of one hot expert of `layer` (its gate, up and down) as the runtime holds it: bf16."""
+    n = max(inv.model.n_expert, 1)
+    elems = sum(t.n_elements for t in inv.tensors if t.layer == layer and t.role == "routed_experts")
+    return elems // n * DTYPE_BYTES[HOT_EXPERT_FORMAT]
+
+
 # --- expert statistics ----------------------------------------------------------------
 
 def load_expert_stats(obj, inv: Inventory) -> dict:
@@ -226,10 +243,11 @@ def choose_gpu_experts(inv: Inventory, budget: int, stats=None) -> dict:
     With stats: the most used experts first. Caching expert e of layer l saves K*p_l(e)*b_l
     bytes of CPU reads per token for b_l bytes of VRAM, so the ratio only depends on p_l(e).
     Without: the same count in every MoE layer (lowest ids; nothing better is known).
+    Sizes are the VRAM a hot expert takes (hot_expert_bytes: bf16).
     """
     layers = inv.moe_layers()
     E = inv.model.n_expert
-    size = {l: inv.expert_bytes(l) for l in layers}
+    size = {l: hot_expert_bytes(inv, l) for l in layers}
     chosen = {l: [] for l in layers}
     if budget <= 0 or not layers:
         return chosen
@@ -368,7 +386,7 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
             notes.extend(more)
             breakdown.update(reserved)
             used += sum(reserved.values())
-            cached = sum(len(v) * inv.expert_bytes(l) for l, v in gpu_cache.items())
+            cached = sum(len(v) * hot_expert_bytes(inv, l) for l, v in gpu_cache.items())
             if cached:
                 breakdown["routed_experts"] = cached
                 used += cached
@@ -455,7 +473,7 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     if any(t.role == "routed_experts" for t in inv.tensors):
         placement["routed_experts"] = ("cpu", "quantized")
         if any(gpu_cache.values()):
-            placement["routed_experts.gpu_cache"] = ("gpu0", "quantized")
+            placement["routed_experts.gpu_cache"] = ("gpu0", HOT_EXPERT_FORMAT)
     gpu_experts = [list(gpu_cache.get(l, [])) for l in range(m.n_layer)]
 
     mtp = _mtp_note(inv)
@@ -587,7 +605,8 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     stats = load_expert_stats(pol.expert_stats, inv) if (pol.expert_stats is not None and gpu_cache) else None
     hit = _hit_rates(inv, stats, gpu_cache)
     cpu_bytes_tok = sum(K * size[l] * (1 - hit[l]) for l in layers)
-    gpu_exp_bytes_tok = sum(K * size[l] * hit[l] for l in layers)
+    gpu_exp_bytes_tok = sum(K * size[l] * hit[l] for l in layers)    # the CPU reads they save
+    gpu_hot_read_tok = sum(K * hot_expert_bytes(inv, l) * hit[l] for l in layers)   # bf16 on the GPU
 
     # RAM bandwidth the expert kernels see
     eff_bw, node_bw, src, how = _ram_bandwidth(hw, pol, numa_mode)
@@ -609,7 +628,7 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     if gpu is not None:
         gbw = gpu.bandwidth or ASSUMED_GPU_BANDWIDTH
         assumptions["gpu_bandwidth"] = f"{gbw / 1e9:.0f} GB/s ({'given' if gpu.bandwidth else 'assumed'})"
-        t_gpu = (nonexp + kv_read + gpu_exp_bytes_tok) / gbw
+        t_gpu = (nonexp + kv_read + gpu_hot_read_tok) / gbw
         t_sync = len(layers) * pol.sync_latency_s
         assumptions["sync_latency_per_moe_layer"] = f"{pol.sync_latency_s * 1e6:.0f} us"
     else:
@@ -794,7 +813,7 @@ def _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, room, cache_for, stats, 
                        f"({chunk} tokens)")
 
     def cached(c):
-        return sum(len(v) * inv.expert_bytes(l) for l, v in c.items())
+        return sum(len(v) * hot_expert_bytes(inv, l) for l, v in c.items())
 
     lost = cached(full_cache) - cached(cache)
     notes = []

@@ -132,8 +132,9 @@ def test_dry_run_on_48g_gpu_512g_ram(capsys, name):
             # 578 GiB of weights, 546 GiB of them routed experts, cannot fit 512 GiB of RAM: the
             # plan names the shortfall and the change that makes it fit
             assert rc == 3 and "verdict: DOES NOT FIT" in out
-            assert "cpu: needs 553.2" in out and "GiB missing" in out
-            assert "[fits] 42.00 GiB" in out and "more RAM" in out
+            # (the hot-expert cache planned at bf16 size holds ~3x fewer experts: more stay in RAM)
+            assert "cpu: needs 570.2" in out and "GiB missing" in out
+            assert "[fits] 59.00 GiB" in out and "more RAM" in out
         else:
             assert rc == 0 and "verdict: FITS" in out, out
         if name.startswith("glm"):
