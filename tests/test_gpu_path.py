@@ -132,7 +132,7 @@ def test_plan_hot_experts_run_in_torch_and_the_engine_skips_them(q4, cpu_ref):
 
 def test_expert_stats_round_trip_into_the_planner(q4, tmp_path):
     from placement.inventory import from_gguf
-    from placement.solver import choose_gpu_experts, load_expert_stats
+    from placement.solver import choose_gpu_experts, hot_expert_bytes, load_expert_stats
 
     from hybrid.runtime.stats import ExpertStats
 
@@ -154,7 +154,7 @@ def test_expert_stats_round_trip_into_the_planner(q4, tmp_path):
     assert ExpertStats.load(path) == {l: counts[l].tolist() for l in moe}
     # the planner caches the most used experts first
     l0 = moe[0]
-    budget = inv.expert_bytes(l0) * 3
+    budget = hot_expert_bytes(inv, l0) * 3    # VRAM of three hot (bf16) experts
     chosen = choose_gpu_experts(inv, budget, loaded)
     picked = [(l, e) for l, v in chosen.items() for e in v]
     best = sorted(((c / sum(loaded[l]), l, e) for l in moe for e, c in enumerate(loaded[l])),
@@ -327,30 +327,186 @@ def test_bench_gpu_needs_cuda_and_exits_0():
     assert r.returncode == 0 and "needs CUDA" in r.stdout + r.stderr
 
 
+# ----------------------------------------------------------------------------- small defects
+# (issue 18, item 5: what the CPU stand-in can show)
+
+
+def test_a_cpu_run_registers_no_host_memory_with_cuda(q4, monkeypatch):
+    """device="cpu" must not start a CUDA context: even where torch sees a GPU, the engine's
+    buffers are not handed to cudaHostRegister (only a CUDA run registers, and only y)."""
+    calls = []
+
+    class FakeCudart:
+        def __getattr__(self, name):
+            return lambda *a: calls.append(name) or 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True, decode_graphs="off") as r:
+        r.logits(TOKENS[:3])
+        eng = r.loader._engine
+    assert calls == []
+    # asked for a CUDA device, only the output buffer (the one copied to the GPU) is registered;
+    # a failure is reported, not ignored
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("synchronize"))
+    from hybrid.backends.experts import ExpertEngine
+
+    e = ExpertEngine(16, max_tokens=4, max_k=2, threads=1)
+    assert e.register_output("cpu") is False and calls == []
+    assert e.register_output("cuda:0") is True
+    assert calls == ["cudaHostRegister"] and e._pinned == [e.y]
+    e.close()   # waits for in-flight copies out of y before unregistering
+    assert calls == ["cudaHostRegister", "synchronize", "cudaHostUnregister"]
+    assert eng is None or eng._pinned == []
+
+
+def test_copier_close_waits_for_its_copy_stream(q4):
+    """_Copier.close: the copy stream's writes into the device slots finish before the slots
+    are freed (the allocator does not know that stream). Shown with a stand-in stream."""
+    from hybrid.backends.gpu import _Copier, _LayerSource
+    from hybrid.gguf_file import GGUFFile
+
+    g = GGUFFile(str(q4))
+    moe = sorted({int(n.split(".")[1]) for n in g.tensors if n.endswith("ffn_gate_exps.weight")})
+    cp = _Copier({l: _LayerSource(g, l) for l in moe}, "cpu")
+    seen = []
+
+    class Stream:
+        def synchronize(self):
+            seen.append(("synchronize", len(cp.slots)))
+
+    cp.cuda, cp.stream, cp.staging = True, Stream(), []
+    cp.close()
+    assert seen == [("synchronize", 2)] and cp.slots == []
+
+
+def test_static_hot_experts_bound_their_gathered_copies():
+    """TorchExperts.static (decode graphs' hot experts) gathers each token's expert matrices;
+    for many tokens those copies stay within static_gather_bytes, and the sum is __call__'s."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hybrid.backends.torch_experts import TorchExperts
+
+    torch.manual_seed(0)
+    E, F_, D, T, K = 6, 32, 16, 9, 3
+    ex = TorchExperts(torch.randn(E, F_, D), torch.randn(E, F_, D), torch.randn(E, D, F_))
+    x = torch.randn(T, D)
+    ids = torch.randint(-1, E, (T, K))
+    w = torch.rand(T, K)
+    per_token = 3 * F_ * D * 4
+    ex.static_gather_bytes = 2 * per_token            # two tokens' experts at a time
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default):
+                Largest.biggest = max(Largest.biggest, out.numel() * out.element_size())
+            return out
+
+    with Largest():
+        got = ex.static(x, ids, w)
+    assert 0 < Largest.biggest <= 2 * per_token // 3   # one of gate/up/down for <= 2 tokens
+    torch.testing.assert_close(got, ex(x, ids, w), rtol=1e-5, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- CUDA
+# The CUDA tests force a plan in which the CPU engine computes routed experts: on a big GPU
+# the solver would cache every expert of the tiny fixture, and the CPU -> GPU hand-off (the
+# bridge, the graphs' host step) would never run (issue 18, item 4).
+
+
+def _forced_plan(q4, device, hot):
+    """Non-expert weights on `device`; hot "none": every routed expert on the CPU engine;
+    "third": every third expert of each MoE layer hot on the device, the rest on the CPU."""
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64) as r:
+        moe = list(range(r.args.n_dense_lead, r.args.n_layer))
+        E = r.args.n_expert
+    experts = [list(range(0, E, 3)) if (hot == "third" and l in moe) else [] for l in range(max(moe) + 1)]
+    dt = "bf16" if device.startswith("cuda") else "f32"
+    return MinimalPlan(device=device, kv_cache_tokens=64, kv_cache_dtype=dt, gpu_experts=experts)
+
+
+@pytest.mark.parametrize("hot", ["none", "third"])
+def test_forced_plans_leave_routed_experts_to_the_cpu_engine(q4, cpu_ref, hot):
+    """The plans the CUDA tests use, run here on the GPU path with the CPU as the device: the
+    native engine gets tokens (non-hot experts are routed to), hot experts exist only in
+    "third", and the result is the CPU path's."""
+    plan = _forced_plan(q4, "cpu", hot)
+    with hybrid.load(q4, threads=2, plan=plan, gpu_paths=True, decode_graphs="static",
+                     record_expert_stats=True) as r:
+        ex = r.model.blocks[r.args.n_dense_lead].ffn.experts
+        step = r.decode_logits(TOKENS)
+        counts = r.expert_stats.counts.clone()
+        E = r.args.n_expert
+        moe = list(range(r.args.n_dense_lead, r.args.n_layer))
+    if hot == "none":
+        assert ex.hot is None
+        np.testing.assert_allclose(step, cpu_ref[1], rtol=2e-5, atol=2e-5 * np.abs(cpu_ref[1]).max())
+    else:
+        assert ex.hot is not None and ex.hot.n_expert == len(range(0, E, 3)) < E
+        assert_close_everywhere(step, cpu_ref[1], 0.999)
+    cold = [e for e in range(E) if hot == "none" or e % 3]
+    for l in moe:   # tokens went to the CPU engine's experts in every MoE layer
+        assert int(counts[l][cold].sum()) > 0
 
 
 @cuda
-def test_cuda_graph_decode_equals_eager(q4):
-    with hybrid.load(q4, device="cuda", threads=2, ctx=64, decode_graphs="off") as r:
+@pytest.mark.parametrize("hot", ["none", "third"])
+def test_cuda_graph_decode_equals_eager(q4, hot):
+    plan = _forced_plan(q4, "cuda:0", hot)
+    with hybrid.load(q4, threads=2, plan=plan, decode_graphs="off") as r:
         ref = r.decode_logits(TOKENS)
-    with hybrid.load(q4, device="cuda", threads=2, ctx=64) as r:
+    with hybrid.load(q4, threads=2, plan=plan) as r:
         assert r.decoder is not None and r.decoder.mode == "graphs"
         got = r.decode_logits(TOKENS)
         assert r.decoder.failed is None, r.decoder.failed
-        assert r.decoder.replays == len(TOKENS) - 1   # the first step captures
+        # ctx 64: one KV bucket, captured by the first step, which then replays it too
+        assert r.decoder.captures == 1 and r.decoder.replays == len(TOKENS)
+    assert_close_everywhere(got, ref, 0.9999)
+
+
+@cuda
+def test_cuda_failed_capture_restores_the_stream_and_decodes_eagerly(q4, monkeypatch):
+    plan = _forced_plan(q4, "cuda:0", "third")
+    with hybrid.load(q4, threads=2, plan=plan, decode_graphs="off") as r:
+        ref = r.decode_logits(TOKENS[:4])
+    with hybrid.load(q4, threads=2, plan=plan) as r:
+        dec = r.decoder
+        real = dec.model.decode_static
+
+        def bad(*a, **kw):   # a host sync inside the capture: CUDA refuses it
+            gen = real(*a, **kw)
+            msg = next(gen)
+            if torch.cuda.is_current_stream_capturing():
+                msg[2].sum().item()
+            reply = yield msg
+            while True:
+                try:
+                    msg = gen.send(reply)
+                except StopIteration as stop:
+                    return stop.value
+                reply = yield msg
+
+        monkeypatch.setattr(dec.model, "decode_static", bad)
+        caller = torch.cuda.current_stream()
+        got = r.decode_logits(TOKENS[:4])
+        assert dec.failed is not None and dec.mode == "static" and not dec.graphs
+        assert torch.cuda.current_stream() == caller
+    torch.cuda.synchronize()   # no CUDA error left behind
     assert_close_everywhere(got, ref, 0.9999)
 
 
 @cuda
 def test_cuda_overlap_idle_timer_and_prefill_offload(q4):
-    with hybrid.load(q4, device="cuda", threads=2, ctx=64, decode_graphs="off",
-                     measure_gpu_idle=True) as r:
+    plan = _forced_plan(q4, "cuda:0", "none")
+    with hybrid.load(q4, threads=2, plan=plan, decode_graphs="off", measure_gpu_idle=True) as r:
         r.decode_logits(TOKENS)
         idle = r.gpu_idle()
         ref = r.logits(TOKENS)
     assert idle["tokens"] == len(TOKENS) and 0.0 <= idle["idle_fraction"] < 1.0
-    with hybrid.load(q4, device="cuda", threads=2, ctx=64, prefill_chunk=4,
+    with hybrid.load(q4, threads=2, plan=plan, prefill_chunk=4,
                      gpu_prefill_tokens=8, gpu_prefill_chunk=8) as r:
         got = r.logits(TOKENS)
         assert r.loader.offload.calls > 0

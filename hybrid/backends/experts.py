@@ -11,10 +11,14 @@ is a DMA). Each MoE layer gets a `NativeExperts` callable with the signature the
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from hybrid import _native
+
+log = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
@@ -73,25 +77,44 @@ class ExpertEngine:
         self.y = torch.from_numpy(self._eng.y)                 # [max_tokens, D]
         self.ids = torch.from_numpy(self._eng.ids).view(-1)    # [max_tokens * max_k]
         self.weights = torch.from_numpy(self._eng.weights).view(-1)
-        self._pinned = []
-        if torch.cuda.is_available():
-            self._pin(self.x, self.y, self.ids, self.weights)
+        self._pinned = []          # buffers page-locked by register_output
+        self._pinned_device = None
         self._pending: tuple | None = None
 
-    def _pin(self, *tensors):
+    def register_output(self, device) -> bool:
+        """Page-lock the output buffer y for async copies to `device` (the GPU path: y goes
+        host -> device each MoE layer; x, ids and weights are filled by host copies and are
+        not transferred). Only for a CUDA device: a CPU run must not start a CUDA context.
+        Returns whether y is registered; a refusal is logged and y stays pageable (the copy
+        is then synchronous, still correct)."""
+        device = torch.device(device)
+        if device.type != "cuda" or self._pinned:
+            return bool(self._pinned)
         cudart = torch.cuda.cudart()
-        for t in tensors:
-            if cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0) == 0:
-                self._pinned.append(t)
+        t = self.y
+        rc = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(rc) != 0:
+            log.warning("cudaHostRegister of the expert engine's output (%d bytes) failed: %s; "
+                        "its copies to the GPU stay synchronous", t.numel() * t.element_size(),
+                        cudart.cudaGetErrorString(rc))
+            return False
+        self._pinned = [t]
+        self._pinned_device = device
+        return True
 
     def close(self):
         if self._eng is None:
             return
         self._eng.wait()
         if self._pinned:
+            # a non_blocking copy out of y may still be queued on a stream: unregistering
+            # page-locked memory under an in-flight DMA is undefined, so wait for the device
+            torch.cuda.synchronize(self._pinned_device)
             cudart = torch.cuda.cudart()
             for t in self._pinned:
-                cudart.cudaHostUnregister(t.data_ptr())
+                rc = cudart.cudaHostUnregister(t.data_ptr())
+                if int(rc) != 0:
+                    log.warning("cudaHostUnregister failed: %s", cudart.cudaGetErrorString(rc))
             self._pinned = []
         self._eng = None
 

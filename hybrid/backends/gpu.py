@@ -302,7 +302,8 @@ class DecodeGraphs:
         self.buckets = kv_buckets(cache.max_tokens)
         self.graphs: dict[int, tuple] = {}
         self.failed: str | None = None
-        self.replays = 0
+        self.replays = 0      # steps run from captured graphs (the capturing step too)
+        self.captures = 0     # KV buckets captured
         if self.mode == "graphs":
             self.events = {il: torch.cuda.Event(external=True) for il in experts}
 
@@ -324,6 +325,7 @@ class DecodeGraphs:
                 self.failed = f"{type(e).__name__}: {e}"
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", self.failed)
                 self.mode = "static"
+                self.graphs.clear()   # their pool goes with them
                 torch.cuda.synchronize(self.device)
                 return self._static(S)
             return self._replay(g)
@@ -362,6 +364,27 @@ class DecodeGraphs:
                 ex.stats = saved[il]
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
+        # a capture that raises can leave the capture stream current (torch.cuda.graph's exit
+        # raising before it restores the stream) and a partial graph holding the pool: both
+        # are undone in finally, so the eager fallback runs on the caller's stream
+        caller = torch.cuda.current_stream(self.device)
+        partial: list = []
+        try:
+            out = self._capture_segments(S, partial)
+        except BaseException:
+            for g in partial:   # free what the captured segments hold in the pool
+                try:
+                    g.reset()
+                except Exception:   # the graph whose capture failed may refuse
+                    pass
+            raise
+        finally:
+            if torch.cuda.current_stream(self.device) != caller:
+                torch.cuda.set_stream(caller)
+        self.captures += 1
+        return out
+
+    def _capture_segments(self, S: int, partial: list):
         br, T = self.bridge, self.T
         pool = torch.cuda.graph_pool_handle()
         gen = self.model.decode_static(self.x_in, self.pos, self.cache, S)
@@ -369,6 +392,7 @@ class DecodeGraphs:
         reply, started, gpu_part, logits = None, False, None, None
         while logits is None:
             g = torch.cuda.CUDAGraph()
+            partial.append(g)
             layer = None
             with torch.cuda.graph(g, pool=pool):
                 if started:   # the previous layer's CPU result: pinned host -> device
@@ -537,8 +561,14 @@ class _Copier:
         self.events.append(("release", layer, slot))
 
     def close(self):
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)   # no copy is being queued any more
+        if self.cuda:
+            # the copy stream's H2D into the slots may still run: the caching allocator only
+            # knows the stream the slots were made on, so freeing them now could hand memory
+            # still being written to the next allocation
+            self.stream.synchronize()
         self.slots = []
+        self.staging = []
 
 
 class PrefillOffload:

@@ -53,6 +53,11 @@ class TorchExperts:
         self.gate, self.up, self.down = gate, up, down
         self.n_expert = gate.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the held matrices (bf16 hot experts: what the Plan counts for them)."""
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
     @classmethod
     def from_gguf(cls, gguf, layer: int, dtype=torch.float32, device=None, experts=None):
         """Dequantize one layer's routed experts (all, or the `experts` ids given)."""
@@ -79,20 +84,30 @@ class TorchExperts:
         return grouped_experts(x, ids, weights, counts,
                                lambda e: (self.gate[e], self.up[e], self.down[e]), self.gate.dtype)
 
+    # bytes of gathered expert matrices static() holds at once (per slot: gate, up and down of
+    # each token's expert); tokens go through in blocks that fit, at least one at a time
+    static_gather_bytes = 64 << 20
+
     def static(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same sum with fixed shapes and no host sync (capturable in a CUDA graph): every
         slot k gathers its expert's matrices and computes; slots with ids < 0 add nothing.
         Reads the same bytes as __call__ for decode (T=1) but costs a copy of each gathered
-        expert, so it is for decode graphs, not prefill."""
+        expert, so it is for decode graphs, not prefill; the copies are bounded by
+        static_gather_bytes (token blocks: a fixed trip count for a fixed T)."""
         T, K = ids.shape
         wdt = self.gate.dtype
         xs = x.to(wdt)                                                # [T, D]
         y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-        for k in range(K):   # fixed trip count: K slots, not a loop over experts
-            e = ids[:, k].clamp(min=0)                                # [T]
-            g, u, d = self.gate[e], self.up[e], self.down[e]          # [T, F, D], [T, F, D], [T, D, F]
-            a = F.silu(torch.bmm(g, xs[:, :, None])) * torch.bmm(u, xs[:, :, None])   # [T, F, 1]
-            o = torch.bmm(d, a).squeeze(-1).float()                  # [T, D]
-            w = torch.where(ids[:, k] >= 0, weights[:, k].float(), 0.0)
-            y += w[:, None] * o
+        F_, D = self.gate.shape[1], self.gate.shape[2]
+        per_token = 3 * F_ * D * self.gate.element_size()
+        tb = max(1, min(T, self.static_gather_bytes // max(per_token, 1)))
+        for t0 in range(0, T, tb):
+            t1 = min(T, t0 + tb)
+            xb = xs[t0:t1, :, None]                                   # [b, D, 1]
+            for k in range(K):   # fixed trip count: K slots, not a loop over experts
+                e = ids[t0:t1, k].clamp(min=0)                        # [b]
+                a = F.silu(torch.bmm(self.gate[e], xb)) * torch.bmm(self.up[e], xb)   # [b, F, 1]
+                o = torch.bmm(self.down[e], a).squeeze(-1).float()   # [b, D]
+                w = torch.where(ids[t0:t1, k] >= 0, weights[t0:t1, k].float(), 0.0)
+                y[t0:t1] += w[:, None] * o
         return y

@@ -21,7 +21,7 @@ from hybrid.gguf_file import GGUFFile
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "Loader", "MinimalPlan", "TorchLinear"]
+__all__ = ["DTYPES", "CpuStandIn", "Loader", "MinimalPlan", "TorchLinear"]
 
 # GGML types the native quantized matmul takes (float weights stay in torch)
 NATIVE_LINEAR_TYPES = frozenset({dequant.Q4_0, dequant.Q5_0, dequant.Q8_0, dequant.Q4_K,
@@ -59,7 +59,24 @@ class MinimalPlan:
         return list(self.gpu_experts[layer]) if layer < len(self.gpu_experts) else []
 
 
+class CpuStandIn:
+    """A Plan made for a GPU, run with the CPU standing in for it (tests, no GPU): device
+    "cpu"; every other attribute is the plan's, so gpu0 placements, formats, hot experts and
+    the GPU prefill threshold are what the GPU would get. Load it with gpu_paths=True."""
+
+    cpu_stands_in_for_gpu = True
+
+    def __init__(self, plan):
+        self._plan = plan
+
+    device = "cpu"
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+_FMT_OF = {v: k for k, v in DTYPES.items()}
 
 
 class TorchLinear:
@@ -163,6 +180,54 @@ class Loader:
         self._warned = set()
         self.stats = {"native_linears": 0, "torch_linears": 0, "native_experts": 0,
                       "torch_experts": 0, "gpu_hot_experts": 0, "dequant_linears": 0}
+        # bytes placed per tensor name: (plan device, kind, bytes); placed_bytes sums them
+        self._tensor_bytes: dict[str, tuple] = {}
+        self._extra_bytes: dict[tuple, int] = {}
+        self._head_srcs: set = set()
+
+    # -- what was placed where (Plan = allocation) -------------------------------------------
+    @property
+    def stand_in(self) -> bool:
+        """The CPU plays the plan's GPU (a CpuStandIn plan, gpu_paths): gpu0 placements land
+        on the CPU through the GPU's code paths (no native attention) and count as gpu0's."""
+        return (self.gpu_paths and self.device.type == "cpu"
+                and bool(getattr(self.plan, "cpu_stands_in_for_gpu", False)))
+
+    def compute_plan_device(self) -> str:
+        """Plan device of what goes to the compute device (tensor(), head_linear)."""
+        return self._gpu_name() if (self.device.type == "cuda" or self.stand_in) else "cpu"
+
+    def _wdev(self, plan_device: str) -> torch.device:
+        if plan_device.startswith("gpu") and self.device.type == "cpu" and self.stand_in:
+            return self.device
+        return _torch_device(plan_device)
+
+    def record(self, plan_device: str, kind: str, nbytes: int) -> None:
+        """Count bytes placed outside the per-tensor records (hot experts, KV cache,
+        staging buffers) on a plan device ("gpu0", "cpu")."""
+        key = (plan_device, kind)
+        self._extra_bytes[key] = self._extra_bytes.get(key, 0) + int(nbytes)
+
+    def _record_tensor(self, name: str, plan_device: str, kind: str, t) -> None:
+        self._tensor_bytes[name] = (plan_device, kind, int(t.numel() * t.element_size()))
+
+    @property
+    def placed_bytes(self) -> dict:
+        """{plan device: {kind: bytes}} the loader (and the runtime, for the KV cache) allocated:
+        weights by the format they are held in ("weights.bf16", "weights.f32",
+        "weights.quantized": GGUF blocks), "routed_experts" (hot experts), "kv_cache",
+        "prefill_staging" (the prefill offload's device slots), "bridge" (the MoE hand-off's
+        device buffer), "pinned" (host staging). Tensors left in the GGUF mmap are not counted.
+        Workspaces live per forward and are not here. Keys match the Plan's breakdown where
+        both have them (tests/test_plan_allocation.py)."""
+        out: dict = {}
+        for dev, kind, n in self._tensor_bytes.values():
+            d = out.setdefault(dev, {})
+            d[kind] = d.get(kind, 0) + n
+        for (dev, kind), n in self._extra_bytes.items():
+            d = out.setdefault(dev, {})
+            d[kind] = d.get(kind, 0) + n
+        return out
 
     def has(self, name):
         return name in self.g.tensors
@@ -185,7 +250,9 @@ class Loader:
 
     def tensor(self, name):
         # norms, router, biases and the k_b / v_b surgery: float32 on the compute device
-        return self._dequant(name, torch.float32, self.device)
+        t = self._dequant(name, torch.float32, self.device)
+        self._record_tensor(name, self.compute_plan_device(), "weights.f32", t)
+        return t
 
     def _warn_once(self, key, msg, *a):
         if key not in self._warned:
@@ -195,10 +262,20 @@ class Loader:
     def linear(self, name):
         info = self._info(name)
         pdev, fmt = self.plan.placement_of(name)
-        wdev = _torch_device(pdev)
+        wdev = self._wdev(pdev)
         jit = (fmt == "quantized" and info.ggml_type in dequant.SUPPORTED_TYPES
                and info.ggml_type not in (dequant.F32, dequant.F16, dequant.BF16))
-        if wdev.type == "cpu":
+        fn = self._linear(name, info, pdev, fmt, wdev, jit)
+        if isinstance(fn, QuantLinear):
+            pass                       # reads the GGUF mmap in place: nothing placed
+        elif hasattr(fn, "blocks"):
+            self._record_tensor(name, pdev, "weights.quantized", fn.blocks)
+        else:
+            self._record_tensor(name, pdev, f"weights.{_FMT_OF[fn.weight.dtype]}", fn.weight)
+        return fn if wdev == self.device else _DeviceBridge(fn, wdev, self.device)
+
+    def _linear(self, name, info, pdev, fmt, wdev, jit):
+        if not pdev.startswith("gpu"):
             if (fmt == "quantized" and self.native_linears and info.ggml_type in self.native_types
                     and info.n_bytes >= self.native_min):
                 self.stats["native_linears"] += 1
@@ -224,7 +301,7 @@ class Loader:
                 fmt = "bf16"   # "quantized" float tensors (F32/F16 in the file): bf16 copy
             self.stats["torch_linears"] += 1
             fn = TorchLinear(self._dequant(name, DTYPES[fmt], wdev).view(info.ne[1], info.ne[0]))
-        return fn if wdev == self.device else _DeviceBridge(fn, wdev, self.device)
+        return fn
 
     def head_linear(self, name, weight):
         """Per-head linears from `weight` [H, in, out] float32 (made from tensor `name` at load),
@@ -237,6 +314,14 @@ class Loader:
         _, fmt = self.plan.placement_of(name)
         dt = torch.bfloat16 if fmt == "bf16" else torch.float32
         lin = HeadLinear(weight.to(device=self.device, dtype=dt))
+        # the float32 tensors the surgery read are freed; the per-head copies stay
+        blk = name.rsplit("attn_", 1)[0]
+        if name not in self._head_srcs:
+            self._head_srcs.add(name)
+            for stem in ("attn_kv_b", "attn_k_b", "attn_v_b"):
+                self._tensor_bytes.pop(f"{blk}{stem}.weight", None)
+        key = f"{name}#head{sum(1 for k in self._tensor_bytes if k.startswith(name + '#'))}"
+        self._record_tensor(key, self.compute_plan_device(), f"weights.{_FMT_OF[dt]}", lin.weight)
         if (self.device.type == "cpu" and dt == torch.float32 and self.native_linears
                 and self._info(name).ggml_type not in (dequant.F32, dequant.F16, dequant.BF16)
                 and weight.shape[1] % 32 == 0):
@@ -267,8 +352,8 @@ class Loader:
 
     def fused_attention(self, attn):
         """The native whole-layer attention for `attn` on the CPU (chosen by what the layer
-        is: MLA's absorbed path, or GQA), or None."""
-        if self.device.type != "cpu":
+        is: MLA's absorbed path, or GQA), or None (the GPU, or the CPU standing in for it)."""
+        if self.device.type != "cpu" or self.stand_in:
             return None
         from hybrid.models.attention import GQAttention
         from hybrid.models.deepseek2 import MLAttention
@@ -302,6 +387,8 @@ class Loader:
                                          max_tokens=self.max_tokens, max_k=max_k,
                                          hugepages=self.hugepages, progress=self.copy_progress)
             self._engine = self._placed.engine
+            if self.device.type == "cuda":   # y goes to the GPU each MoE layer: page-locked
+                self._engine.register_output(self.device)
             self.workers.engine = self._engine._eng
             log.info("routed experts: numa %s, %d worker group(s): %s", self.numa, len(groups),
                      "; ".join(f"node {g.node} cpus {g.cpus}" for g in groups))
@@ -313,11 +400,20 @@ class Loader:
         if self._placed is not None:
             self._placed.load()
 
+    def _gpu_name(self) -> str:
+        """The plan device the GPU path places on ("gpu0"; its index from the torch device)."""
+        return f"gpu{self.device.index or 0}"
+
     def _bridge(self, D, K):
         if self.bridge is None:
             from hybrid.backends.gpu import Bridge
 
             self.bridge = Bridge(D, self.max_tokens, K, self.device)
+            gdev = self._gpu_name()
+            self.record(gdev, "bridge", self.bridge.y.numel() * self.bridge.y.element_size())
+            self.record("cpu", "pinned", sum(t.numel() * t.element_size() for t in
+                                             (self.bridge.x, self.bridge.ids, self.bridge.w,
+                                              self.bridge.y_host)))
         return self.bridge
 
     def _offload(self):
@@ -327,6 +423,10 @@ class Loader:
             moe = sorted({int(n.split(".")[1]) for n in self.g.tensors
                           if n.endswith("ffn_gate_exps.weight")})
             self.offload = PrefillOffload(self.g, moe, self.device, self.gpu_prefill_tokens)
+            cp = self.offload.copier
+            self.record(self._gpu_name(), "prefill_staging", sum(t.numel() for t in cp.slots))
+            if cp.cuda:
+                self.record("cpu", "pinned", sum(t.numel() for t in cp.staging))
         return self.offload
 
     def experts(self, layer):
@@ -359,8 +459,10 @@ class Loader:
             mask[hot] = 1
             cpu.set_skip(mask)
             self.stats["gpu_hot_experts"] += len(hot)
+            # bf16 copies: the size the solver plans them at (placement.solver.hot_expert_bytes)
             gpu = TorchExperts.from_gguf(self.g, layer, dtype=torch.bfloat16, device=self.device,
                                          experts=hot)
+            self.record(self._gpu_name(), "routed_experts", gpu.nbytes)
             lut = torch.full((E,), -1, dtype=torch.long)
             lut[torch.tensor(hot, dtype=torch.long)] = torch.arange(len(hot))
             lut = lut.to(self.device)                                 # global id -> hot slot

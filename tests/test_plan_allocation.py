@@ -1,0 +1,105 @@
+"""Plan = allocation (issue 18): what the loader places on the GPU matches what the solver
+planned for it, per kind, within 5%.
+
+No GPU here: the solver plans for a fake one (--gpu-mem on a hardware profile) sized so the
+Plan spends VRAM on non-expert weights (bf16 or GGUF blocks), a hot-expert cache that holds
+some experts but not all, the KV cache and GPU prefill's staging slots; the runtime loads
+that Plan with the CPU standing in for the GPU (CpuStandIn, gpu_paths=True), through the GPU's
+code paths, and its loader records the bytes placed per plan device (Loader.placed_bytes).
+Workspaces, the CUDA context and the allocator slack live per forward or inside CUDA: only a
+GPU can measure them (max_memory_allocated, issue 18's gpu-check kit)."""
+
+import numpy as np
+import pytest
+
+import hybrid
+from hybrid.runtime.loader import CpuStandIn
+from placement.inventory import from_gguf
+from placement.solver import _fmt_bytes_of, hot_expert_bytes, plan_for_gguf
+
+import hybrid._native  # noqa: E402,F401
+
+TOKENS = [5, 17, 99, 3, 250, 42, 7, 300, 11, 64, 120, 9]
+WEIGHT_ROLES = ("attention", "dense_ffn", "shared_expert", "output", "router", "norm", "other")
+KW = dict(profile="1x256g-24g", numa="off", ctx=64, prefill_chunk=16, gpu_prefill_chunk=8,
+          gpu_prefill_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def q4(tiny_gguf):
+    return tiny_gguf("Q4_K_M")
+
+
+def _gpu_plan(path, fmt):
+    """A plan whose gpu0 holds the weights in `fmt`, GPU prefill at 8 tokens, and room for
+    a third of the routed experts (rounded down: some hot, not all)."""
+    inv = from_gguf(path)
+    base = plan_for_gguf(path, gpu_mem="48GiB", gpu_format=fmt, expert_cache=False, **KW)
+    per_round = sum(hot_expert_bytes(inv, l) for l in inv.moe_layers())
+    cap = base.devices["gpu0"].bytes + per_round * (inv.model.n_expert // 3) + per_round // 2
+    plan = plan_for_gguf(path, gpu_mem=str(cap), gpu_format=fmt, **KW)
+    assert plan.fits and plan.gpu_weight_format == fmt and plan.gpu_prefill_tokens == 8
+    n_hot = [len(plan.gpu_experts[l]) for l in inv.moe_layers()]
+    assert all(0 < n < inv.model.n_expert for n in n_hot), n_hot
+    return inv, plan
+
+
+def _planned_weights_by_format(inv, plan) -> dict:
+    """The Plan's gpu0 weights split by the format it gave each tensor group."""
+    from placement.inventory import tensor_group
+
+    out = {}
+    for t in inv.tensors:
+        if t.role in ("routed_experts", "mtp", "embedding"):
+            continue
+        g = tensor_group(t.name)
+        dev, fmt = plan.tensor_placement[g if g in plan.tensor_placement else t.role]
+        if dev == "gpu0":
+            out[fmt] = out.get(fmt, 0) + _fmt_bytes_of(t, fmt)
+    return out
+
+
+def _close(got, want, what):
+    assert want > 0, f"{what}: the plan has none"
+    assert abs(got - want) <= 0.05 * want, f"{what}: placed {got} B, planned {want} B"
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "quantized"])
+def test_placed_bytes_match_the_plan(q4, fmt):
+    inv, plan = _gpu_plan(q4, fmt)
+    g = plan.devices["gpu0"].breakdown
+    with hybrid.load(q4, threads=2, plan=CpuStandIn(plan), gpu_paths=True, prefill_chunk=16,
+                     gpu_prefill_chunk=8, decode_graphs="static") as r:
+        assert r.loader.stand_in and r.loader.offload is not None
+        placed = r.loader.placed_bytes["gpu0"]
+        # the stand-in computes what the CPU path does (hot experts and prefill in bf16)
+        got = r.logits(TOKENS)
+        assert r.loader.offload.calls > 0
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64) as r:
+        ref = r.logits(TOKENS)
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.999 and (got.argmax(-1) == ref.argmax(-1)).all()
+
+    # hot experts: bf16 copies, planned at bf16 size
+    _close(placed.get("routed_experts", 0), g["routed_experts"], "hot experts")
+    _close(placed.get("kv_cache", 0), g["kv_cache"], "KV cache")
+    _close(placed.get("prefill_staging", 0), g["prefill_staging"], "prefill staging")
+    weights = {k.split(".", 1)[1]: v for k, v in placed.items() if k.startswith("weights.")}
+    _close(sum(weights.values()), sum(g.get(k, 0) for k in WEIGHT_ROLES), "weights")
+    want = _planned_weights_by_format(inv, plan)
+    assert sum(want.values()) == sum(g.get(k, 0) for k in WEIGHT_ROLES)
+    assert set(weights) == set(want), (weights, want)
+    for k in want:
+        _close(weights[k], want[k], f"weights held as {k}")
+    if fmt == "quantized":
+        assert weights["quantized"] > weights["bf16"]   # kv_b alone is bf16
+    # and together: everything the loader placed on gpu0, against the same entries of the plan
+    kinds = ("routed_experts", "kv_cache", "prefill_staging")
+    _close(sum(weights.values()) + sum(placed[k] for k in kinds),
+           sum(g.get(k, 0) for k in WEIGHT_ROLES + kinds), "gpu0 total")
+
+
+def test_placed_bytes_of_a_cpu_run_have_no_gpu(q4):
+    with hybrid.load(q4, device="cpu", threads=2, ctx=64) as r:
+        placed, kv = r.loader.placed_bytes, r.cache.nbytes
+    assert "gpu0" not in placed and placed["cpu"]["kv_cache"] == kv
