@@ -358,6 +358,15 @@ def _parse_header(path: pathlib.Path) -> _Header:
             raw.append((name, gtype, ne, n_el // block * type_size, rel))
 
         data_start = -(-r.pos // alignment) * alignment
+        # no two tensors share bytes: a type or shape that disagrees with the data layout
+        # (sizes derive from them) shows as an overlap with the next tensor
+        by_offset = sorted(raw, key=lambda x: x[4])
+        for (name, gtype, ne, n_bytes, rel), nxt in zip(by_offset, by_offset[1:]):
+            if rel + n_bytes > nxt[4]:
+                raise GGUFError(
+                    f"{path}: tensor {name!r} ({_type_name(gtype)}, ne={ne}) needs bytes "
+                    f"[{rel}, {rel + n_bytes}) of the data but tensor {nxt[0]!r} starts at "
+                    f"{nxt[4]}: its type or shape disagrees with the data (corrupt file)")
         tensors = []
         for name, gtype, ne, n_bytes, rel in raw:
             start = data_start + rel

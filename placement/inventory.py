@@ -334,6 +334,10 @@ def from_gguf(path) -> Inventory:
     n_vocab = get("vocab_size", None) or (int(embd.ne[1]) if embd is not None else 0)
     name = str(meta.get("general.name", os.path.basename(path)))
     model = ModelInfo.from_hparams(arch, get, name=name, n_vocab=int(n_vocab), where=path)
+    # the loader's own checks (torch-free): a plan of an inconsistent file is refused, not computed
+    from hybrid.models.args import header_args
+
+    header_args(arch, meta, g.tensors, path)
     tensors = []
     for info in g.tensors.values():
         ne = tuple(int(d) for d in info.ne)

@@ -355,7 +355,7 @@ def test_fuzz_mutated_headers(tmp_path):
     p = tmp_path / "fuzz.gguf"
     fd = os.open(p, os.O_RDWR | os.O_CREAT)  # rewrite in place: O_TRUNC costs ~1 ms on ext4
     outcomes = {"ok": 0, "error": 0}
-    for case in range(3000):
+    for case in range(20_000):
         blob = bytearray(good)
         kind = case % 4
         if kind == 0:  # flip a few header bytes
@@ -385,4 +385,4 @@ def test_fuzz_mutated_headers(tmp_path):
         g.close()
         outcomes["ok"] += 1
     os.close(fd)
-    assert outcomes["error"] > 1000 and outcomes["ok"] > 10, outcomes
+    assert outcomes["error"] > 7000 and outcomes["ok"] > 60, outcomes

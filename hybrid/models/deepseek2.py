@@ -22,16 +22,13 @@ G expert groups, F FFN dim, B vocabulary.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybrid.models.layers import HeadLinear, ModelConfigError, Rope, WeightLoader, norm
+from hybrid.models.args import DeepSeek2Args
+from hybrid.models.layers import HeadLinear, ModelConfigError, Rope, WeightLoader, norm  # noqa: F401 (re-exported)
 from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX, MoE, Router  # noqa: F401 (re-exported)
-from hybrid.models.specs import transformer_specs
 from hybrid.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -39,172 +36,8 @@ log = logging.getLogger(__name__)
 ARCH = "deepseek2"
 
 
-@dataclass
-class ModelArgs:
-    n_vocab: int
-    dim: int                       # D
-    n_layer: int
-    n_ff: int                      # dense FFN dim
-    n_head: int                    # H
-    qk_nope_dim: int               # N
-    qk_rope_dim: int               # R
-    v_head_dim: int                # V
-    q_lora_rank: int               # Q (0: one attn_q linear)
-    kv_lora_rank: int              # C
-    rms_eps: float
-    n_dense_lead: int
-    n_ff_exp: int                  # F of routed / shared experts
-    n_expert: int                  # E
-    n_expert_used: int             # K
-    n_expert_shared: int
-    expert_weights_scale: float
-    expert_weights_norm: bool
-    gating_func: int               # GATING_SOFTMAX / GATING_SIGMOID
-    n_group: int                   # G (0/1: no group limit)
-    n_group_used: int
-    rope_freq_base: float
-    rope_scaling_type: str         # none / linear / yarn
-    rope_freq_scale: float         # 1 / rope.scaling.factor
-    rope_orig_ctx: int
-    rope_attn_factor: float
-    yarn_log_mul: float            # rope.scaling.yarn_log_multiplier / 0.1 (llama.cpp's fix)
-    yarn_beta_fast: float = 32.0
-    yarn_beta_slow: float = 1.0
-    context_length: int = 0
-    n_nextn_layer: int = 0
-    mla_split: bool = False        # file has attn_k_b / attn_v_b (else attn_kv_b)
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_dim + self.qk_rope_dim
-
-    @property
-    def kv_cache_dim(self) -> int:
-        """Floats cached per token and layer: latent + rope key."""
-        return self.kv_lora_rank + self.qk_rope_dim
-
-    @classmethod
-    def from_gguf(cls, metadata: dict, tensors: dict, source: str = "model") -> "ModelArgs":
-        p = ARCH + "."
-
-        def key(name, default=None, required=False):
-            v = metadata.get(p + name)
-            if v is None:
-                if required:
-                    raise ModelConfigError(f"{source}: metadata key {p + name} is missing; "
-                                           f"the GGUF is incomplete or not a deepseek2 model")
-                return default
-            return v
-
-        def scalar(v, il=None):
-            # some keys may be per-layer arrays (llama.cpp get_key_or_arr)
-            if isinstance(v, np.ndarray):
-                return v.tolist()[il or 0]
-            return v
-
-        n_vocab = key("vocab_size")
-        if n_vocab is None:
-            toks = metadata.get("tokenizer.ggml.tokens")
-            n_vocab = len(toks) if toks is not None else tensors["token_embd.weight"].ne[1]
-        n_head = int(scalar(key("attention.head_count", required=True)))
-        rope_dim = int(key("rope.dimension_count", required=True))
-        # head sizes "as MHA": the *_mla keys of MLA-aware converters, else (early-2025 files
-        # with one attn_kv_b) the plain key/value lengths
-        k_len = key("attention.key_length_mla")
-        if k_len is None:
-            k_len = key("attention.key_length", required=True)
-        v_len = key("attention.value_length_mla")
-        if v_len is None:
-            v_len = key("attention.value_length", required=True)
-        k_len, v_len = int(scalar(k_len)), int(scalar(v_len))
-        if k_len <= rope_dim:
-            raise ModelConfigError(f"{source}: key length {k_len} must exceed rope dims {rope_dim}")
-        mla_split = "blk.0.attn_k_b.weight" in tensors
-
-        scaling_type = str(key("rope.scaling.type", "linear") or "linear")
-        factor = float(key("rope.scaling.factor", 0.0) or 0.0)
-        freq_scale = 1.0 if factor == 0.0 else 1.0 / factor
-        if scaling_type == "none":
-            freq_scale = 1.0
-        if scaling_type not in ("none", "linear", "yarn"):
-            raise ModelConfigError(f"{source}: rope.scaling.type {scaling_type!r} is not "
-                                   f"supported for deepseek2 (none, linear, yarn)")
-        ctx_train = int(key("context_length", 0) or 0)
-        log_mul = float(key("rope.scaling.yarn_log_multiplier", 0.0) or 0.0) / 0.1
-        gating = int(key("expert_gating_func", 0) or 0)
-        if gating == 0:
-            gating = GATING_SOFTMAX  # llama.cpp's default for old V2 files without the key
-        if gating not in (GATING_SOFTMAX, GATING_SIGMOID):
-            raise ModelConfigError(f"{source}: expert_gating_func {gating} is not supported "
-                                   f"(1 softmax, 2 sigmoid)")
-        q_lora = int(key("attention.q_lora_rank", 0) or 0)
-        if "blk.0.attn_q.weight" in tensors:
-            q_lora = 0
-        # block_count includes the MTP (nextn) blocks appended after the trunk
-        n_nextn = int(key("nextn_predict_layers", 0) or 0)
-        n_layer = int(key("block_count", required=True)) - n_nextn
-        if n_layer <= 0:
-            raise ModelConfigError(f"{source}: block_count leaves no layers after "
-                                   f"{n_nextn} nextn_predict_layers")
-        return cls(
-            n_vocab=int(n_vocab),
-            dim=int(key("embedding_length", required=True)),
-            n_layer=n_layer,
-            n_ff=int(scalar(key("feed_forward_length", 0))),
-            n_head=n_head,
-            qk_nope_dim=k_len - rope_dim,
-            qk_rope_dim=rope_dim,
-            v_head_dim=v_len,
-            q_lora_rank=q_lora,
-            kv_lora_rank=int(key("attention.kv_lora_rank", required=True)),
-            rms_eps=float(key("attention.layer_norm_rms_epsilon", required=True)),
-            n_dense_lead=int(key("leading_dense_block_count", 0) or 0),
-            n_ff_exp=int(scalar(key("expert_feed_forward_length", 0))),
-            n_expert=int(key("expert_count", 0) or 0),
-            n_expert_used=int(key("expert_used_count", 0) or 0),
-            n_expert_shared=int(key("expert_shared_count", 0) or 0),
-            expert_weights_scale=float(key("expert_weights_scale", 0.0) or 0.0),
-            expert_weights_norm=bool(key("expert_weights_norm", False)),
-            gating_func=gating,
-            n_group=int(key("expert_group_count", 0) or 0),
-            n_group_used=int(key("expert_group_used_count", 0) or 0),
-            rope_freq_base=float(key("rope.freq_base", 10000.0)),
-            rope_scaling_type=scaling_type,
-            rope_freq_scale=freq_scale,
-            rope_orig_ctx=int(key("rope.scaling.original_context_length", 0) or ctx_train),
-            rope_attn_factor=float(key("rope.scaling.attn_factor", 1.0) or 1.0),
-            yarn_log_mul=log_mul,
-            context_length=ctx_train,
-            n_nextn_layer=n_nextn,
-            mla_split=mla_split,
-        )
-
-    # -- llama.cpp's YaRN / attention-scale arithmetic (llama-context.cpp + deepseek2.cpp) ----
-
-    def rope_params(self) -> tuple[float, float]:
-        """(ext_factor, attn_factor) as llama.cpp passes them to ggml_rope_ext."""
-        ext = 1.0 if self.rope_scaling_type == "yarn" else 0.0
-        attn = 1.0
-        if ext != 0.0:
-            s = 1.0 / self.rope_freq_scale
-
-            def get_mscale(scale, m):
-                return 1.0 if scale <= 1.0 else 0.1 * m * math.log(scale) + 1.0
-
-            if self.yarn_log_mul != 0.0:
-                # llama.cpp takes mscale = mscale_all_dims for deepseek2: the ratio is 1
-                attn = get_mscale(s, self.yarn_log_mul) / get_mscale(s, self.yarn_log_mul)
-            else:
-                attn = get_mscale(s, 1.0)
-            attn *= 1.0 / (1.0 + 0.1 * math.log(s))
-        return ext, attn * self.rope_attn_factor
-
-    def kq_scale(self) -> float:
-        _, attn = self.rope_params()
-        s = 1.0 / self.rope_freq_scale
-        attn_org = attn * (1.0 + 0.1 * math.log(s))
-        mscale = attn_org * (1.0 + 0.1 * self.yarn_log_mul * math.log(s))
-        return mscale * mscale / math.sqrt(self.qk_head_dim)
+# the header facts (ModelArgs, tensor specs) live, torch-free, in hybrid.models.args
+ModelArgs = DeepSeek2Args
 
 
 class MLAttention:
@@ -345,29 +178,7 @@ class DeepSeek2(Transformer):
 
     @staticmethod
     def tensor_specs(a: ModelArgs) -> list:
-        D, H = a.dim, a.n_head
-        N, R, Vd, C, Q = a.qk_nope_dim, a.qk_rope_dim, a.v_head_dim, a.kv_lora_rank, a.q_lora_rank
-        p = ARCH + "."
-        heads = f"{p}attention.head_count, key_length(_mla), value_length(_mla), rope.dimension_count"
-
-        def attention(il):
-            rows = [("attn_norm.weight", (D,), f"{p}embedding_length", True)]
-            if Q:
-                rows += [("attn_q_a.weight", (D, Q), f"{p}attention.q_lora_rank", True),
-                         ("attn_q_a_norm.weight", (Q,), f"{p}attention.q_lora_rank", True),
-                         ("attn_q_b.weight", (Q, H * (N + R)), heads, True)]
-            else:
-                rows.append(("attn_q.weight", (D, H * (N + R)), heads, True))
-            rows += [("attn_kv_a_mqa.weight", (D, C + R), f"{p}attention.kv_lora_rank, rope.dimension_count", True),
-                     ("attn_kv_a_norm.weight", (C,), f"{p}attention.kv_lora_rank", True)]
-            if a.mla_split:
-                rows += [("attn_k_b.weight", (N, C, H), heads, True), ("attn_v_b.weight", (C, Vd, H), heads, True)]
-            else:
-                rows.append(("attn_kv_b.weight", (C, H * (N + Vd)), heads, True))
-            return rows + [("attn_output.weight", (H * Vd, D), heads, True)]
-
-        fs = a.n_ff_exp * a.n_expert_shared
-        return transformer_specs(a, ARCH, attention, shexp_ff=fs or None, shexp_required=bool(fs))
+        return a.tensor_specs()
 
     def make_rope(self, max_pos: int, device):
         a = self.args

@@ -11,19 +11,14 @@ blocks are counted in block_count and not run (as llama.cpp does for generation)
 
 from __future__ import annotations
 
-from hybrid.models.gqa import GQAArgs, GQATransformer
-from hybrid.models.moe import GATING_SIGMOID
+from hybrid.models.args import Glm4MoeArgs
+from hybrid.models.gqa import GQATransformer
 
 ARCH = "glm4moe"
 
-
-class ModelArgs(GQAArgs):
-    @classmethod
-    def from_gguf(cls, metadata: dict, tensors: dict, source: str = "model") -> GQAArgs:
-        # llama.cpp takes sigmoid gating when the file has no expert_gating_func
-        gating = None if metadata.get(ARCH + ".expert_gating_func") else GATING_SIGMOID
-        return cls.read(ARCH, metadata, tensors, source, rope_neox=True, gating_func=gating)
+# metadata reading, hard-coded router kinds and tensor specs: hybrid.models.args (torch-free)
+ModelArgs = Glm4MoeArgs
 
 
 class Model(GQATransformer):
-    FFN_NORM = "post_attention_norm"   # what the converter names the FFN's norm
+    FFN_NORM = ModelArgs.FFN_NORM   # post_attention_norm: what the converter names it

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 __all__ = ["FFN", "HeadLinear", "ModelConfigError", "RMSNorm", "Rope", "WeightLoader", "norm"]
 
 
-class ModelConfigError(ValueError):
-    """GGUF metadata or tensors do not describe a model of the architecture we can run."""
+from hybrid.models.specs import ModelConfigError  # noqa: E402 (torch-free, re-exported)
 
 
 class WeightLoader(Protocol):

@@ -8,22 +8,13 @@ embedding (no `output.weight`).
 
 from __future__ import annotations
 
-from hybrid.models.gqa import GQAArgs, GQATransformer
-from hybrid.models.moe import GATING_SOFTMAX
+from hybrid.models.args import LlamaArgs
+from hybrid.models.gqa import GQATransformer
 
 ARCH = "llama"
 
-
-class ModelArgs(GQAArgs):
-    @classmethod
-    def from_gguf(cls, metadata: dict, tensors: dict, source: str = "model") -> GQAArgs:
-        a = cls.read(ARCH, metadata, tensors, source,
-                     rope_neox=False, gating_func=GATING_SOFTMAX, expert_weights_norm=True)
-        if a.n_expert and metadata.get(ARCH + ".expert_feed_forward_length") is None:
-            # Mixtral files have no expert_feed_forward_length: llama.cpp sizes llama's experts
-            # by feed_forward_length (not n_ff / K, the qwen*moe fallback)
-            a.n_ff_exp = a.n_ff
-        return a
+# metadata reading, hard-coded router kinds and tensor specs: hybrid.models.args (torch-free)
+ModelArgs = LlamaArgs
 
 
 class Model(GQATransformer):

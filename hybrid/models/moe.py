@@ -18,7 +18,7 @@ from hybrid.models.layers import FFN, WeightLoader
 
 __all__ = ["GATING_SIGMOID", "GATING_SOFTMAX", "MoE", "Router"]
 
-GATING_SOFTMAX, GATING_SIGMOID = 1, 2   # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_*
+from hybrid.models.args import GATING_SIGMOID, GATING_SOFTMAX  # noqa: E402 (torch-free)
 
 
 class Router:

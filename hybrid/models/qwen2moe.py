@@ -7,17 +7,13 @@ every block: softmax top-k, weights not normalized, plus a shared expert of
 
 from __future__ import annotations
 
-from hybrid.models.gqa import GQAArgs, GQATransformer
-from hybrid.models.moe import GATING_SOFTMAX
+from hybrid.models.args import Qwen2MoeArgs
+from hybrid.models.gqa import GQATransformer
 
 ARCH = "qwen2moe"
 
-
-class ModelArgs(GQAArgs):
-    @classmethod
-    def from_gguf(cls, metadata: dict, tensors: dict, source: str = "model") -> GQAArgs:
-        return cls.read(ARCH, metadata, tensors, source,
-                        rope_neox=True, gating_func=GATING_SOFTMAX, expert_weights_norm=False)
+# metadata reading, hard-coded router kinds and tensor specs: hybrid.models.args (torch-free)
+ModelArgs = Qwen2MoeArgs
 
 
 class Model(GQATransformer):

@@ -16,9 +16,7 @@ from hybrid.models.moe import MoE
 __all__ = ["Block", "Transformer", "moe_layer"]
 
 
-def moe_layer(args, il: int) -> bool:
-    """Layer il is an MoE block: the model has experts and il is past the leading dense ones."""
-    return args.n_expert > 1 and il >= args.n_dense_lead
+from hybrid.models.specs import moe_layer  # noqa: E402 (torch-free, re-exported)
 
 
 class Block:
