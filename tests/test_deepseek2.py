@@ -217,8 +217,11 @@ def test_mtp_blocks_are_not_part_of_the_trunk(tiny_f32):
         md = dict(g.metadata)
         md["deepseek2.block_count"] = 4
         md["deepseek2.nextn_predict_layers"] = 1
-        args = ModelArgs.from_gguf(md, g.tensors, "x.gguf")
-    assert args.n_layer == 3 and args.n_nextn_layer == 1
+        tensors = dict(g.tensors, **{"blk.3.attn_norm.weight": g.tensors["blk.2.attn_norm.weight"]})
+        args = ModelArgs.from_gguf(md, tensors, "x.gguf")       # the MTP block is in the file
+        assert args.n_layer == 3 and args.n_nextn_layer == 1
+        with pytest.raises(ValueError, match="block_count is 4, expected 3"):
+            ModelArgs.from_gguf(md, g.tensors, "x.gguf")        # ... and must be
 
 
 def test_unsupported_architecture_is_a_clear_error():
