@@ -136,7 +136,8 @@ class Plan:
         if gpu is None:
             return 0
         return sum(v for k, v in gpu.breakdown.items()
-                   if k not in ("cuda_context", "allocator_slack", "workspace", "prefill_workspace"))
+                   if k not in ("cuda_context", "allocator_slack", "workspace", "prefill_workspace",
+                                "dequant_workspace"))
 
     # --- serialization ------------------------------------------------------------------
     def to_dict(self) -> dict:

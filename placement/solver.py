@@ -185,6 +185,19 @@ def pinned_formula(inv: Inventory, wl: Workload) -> int:
     return 2 * tokens * (2 * m.n_embd * 4 + m.n_expert_used * 8)
 
 
+# Quantized GPU weights (gpu_weight_format "quantized") are dequantized per call in row blocks
+# of DEQUANT_BLOCK_WEIGHTS weights (hybrid.backends.gpu.DequantLinear, the same number); one
+# block's bf16 copy and the float32 temporaries of its decoding peak at ~22 B a weight
+# (measured on the CPU for Q4_0..Q6_K: tests/test_gpu_path.py), budgeted at 32.
+DEQUANT_BLOCK_WEIGHTS = 1 << 22
+DEQUANT_BYTES_PER_WEIGHT = 32
+
+
+def dequant_workspace_bytes() -> int:
+    """VRAM one quantized linear's call needs beyond its blocks and its output."""
+    return DEQUANT_BLOCK_WEIGHTS * DEQUANT_BYTES_PER_WEIGHT
+
+
 # --- hot experts -----------------------------------------------------------------------
 
 # The hot-expert cache is dequantized to bf16 when loaded (hybrid/runtime/loader.py experts(),
@@ -351,6 +364,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         breakdown = dict(weights)
         breakdown.update({"kv_cache": kv_bytes, "workspace": workspace,
                           "cuda_context": pol.cuda_context_bytes, "allocator_slack": pol.allocator_slack_bytes})
+        if gpu_fmt == "quantized":
+            breakdown["dequant_workspace"] = dequant_workspace_bytes()
         used = sum(breakdown.values())
         per_token_ctx = kv_per_token * wl.batch + m.n_head * min(pol.attn_query_block,
                                                                 max(wl.prefill_chunk, wl.batch)) * 4
@@ -618,7 +633,7 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     if gpu is not None:
         nonexp = sum(v for k, v in devices["gpu0"].breakdown.items()
                      if k not in ("kv_cache", "workspace", "cuda_context", "allocator_slack", "routed_experts",
-                                  "embedding", "prefill_staging", "prefill_workspace"))
+                                  "embedding", "prefill_staging", "prefill_workspace", "dequant_workspace"))
     else:
         nonexp = sum(v for k, v in devices["cpu"].breakdown.items()
                      if k not in ("kv_cache", "workspace", "routed_experts", "embedding", "page_tables",

@@ -410,6 +410,21 @@ MUTANTS: list[Mutant] = [
            "            t1 = min(T - 1, t0 + tb)",
            (T_GPU, "-k", "static_hot_experts_bound"),
            "the token blocks of static() miss the last token"),
+    Mutant("dequant-linear-whole-matrix", "hybrid/backends/gpu.py",
+           "        if R >= self.out_features:\n",
+           "        if True:\n",
+           (T_GPU, "-k", "row_blocks_within"),
+           "issue 18 defect 3: DequantLinear dequantizes the whole matrix on every call"),
+    Mutant("dequant-linear-last-row-unwritten", "hybrid/backends/gpu.py",
+           "            r1 = min(self.out_features, r0 + R)\n",
+           "            r1 = min(self.out_features - 1, r0 + R)\n",
+           (T_GPU, "-k", "row_blocks_within"),
+           "the row blocks stop one row short (an uninitialized output)"),
+    Mutant("dequant-workspace-not-planned", "placement/solver.py",
+           '        if gpu_fmt == "quantized":\n            breakdown["dequant_workspace"]',
+           '        if False:\n            breakdown["dequant_workspace"]',
+           (T_GPU, "-k", "dequant_workspace"),
+           "the Plan does not count the quantized linears' dequant workspace"),
 ]
 
 

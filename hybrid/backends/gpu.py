@@ -58,15 +58,25 @@ def _is_cuda(device) -> bool:
 # quantized weights on the device
 
 
+# Weights a DequantLinear dequantizes at a time: a matrix streams through in row blocks of
+# about this many weights, so its bf16 copy and the float32 temporaries of the decoding never
+# exceed one block (the output head of R1 whole would be ~1.85 GB bf16 plus f32 temporaries).
+# placement.solver.DEQUANT_BLOCK_WEIGHTS is the same number: the Plan's dequant workspace.
+DEQUANT_BLOCK_WEIGHTS = 1 << 22
+
+
 class DequantLinear:
     """y = x @ W^T with W kept on the device as its GGUF blocks (uint8) and dequantized to
     `dtype` at every call (hybrid.backends.dequant, torch ops: any device). For plans with
     gpu_weight_format "quantized": VRAM holds ~4.5 bits per weight instead of 16, at the
     price of one dequantization per linear per forward (memory-bound on the GPU: it reads
-    the blocks once and writes the bf16 matrix once; the matrix is freed right after)."""
+    the blocks once and writes the bf16 matrix once). Rows go through in blocks of
+    block_weights weights (DEQUANT_BLOCK_WEIGHTS), each freed before the next: the peak is
+    one block, whatever the matrix."""
 
     def __init__(self, blocks: np.ndarray, ggml_type: int, in_features: int, device,
-                 dtype=torch.bfloat16, name: str = "linear"):
+                 dtype=torch.bfloat16, name: str = "linear",
+                 block_weights: int = DEQUANT_BLOCK_WEIGHTS):
         if ggml_type not in dequant.SUPPORTED_TYPES:
             raise dequant.DequantError(f"{name}: {dequant.type_name(ggml_type)} has no torch "
                                        f"dequantization")
@@ -76,15 +86,27 @@ class DequantLinear:
         self.out_features = blocks.shape[0]
         self.dtype = dtype
         self.name = name
+        self.rows_per_block = max(1, min(self.out_features, block_weights // max(in_features, 1)))
+
+    def _rows(self, r0: int, r1: int) -> torch.Tensor:
+        return dequant.dequantize(self.blocks[r0:r1], self.ggml_type, self.in_features,
+                                  dtype=self.dtype, name=self.name)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized matrix [out, in] (made now, not kept)."""
-        return dequant.dequantize(self.blocks, self.ggml_type, self.in_features,
-                                  dtype=self.dtype, name=self.name)
+        """The dequantized matrix [out, in] (made now, whole, not kept: for tests)."""
+        return self._rows(0, self.out_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.dtype), self.weight).float()
+        xs = x.to(self.dtype)
+        R = self.rows_per_block
+        if R >= self.out_features:
+            return F.linear(xs, self.weight).float()
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32, device=x.device)
+        for r0 in range(0, self.out_features, R):   # fixed trip count: capturable
+            r1 = min(self.out_features, r0 + R)
+            y[..., r0:r1] = F.linear(xs, self._rows(r0, r1))
+        return y
 
 
 # ------------------------------------------------------------------------------------------
