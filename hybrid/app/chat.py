@@ -535,9 +535,10 @@ class Chat:
             "replies": [asdict(t) for t in self.session.history],
         }
         try:
-            with open(os.path.expanduser(path), "w", encoding="utf-8") as f:
-                json.dump(doc, f, ensure_ascii=False, indent=2)
-                f.write("\n")
+            from hybrid.atomic import write_text
+
+            # whole or not at all: a temporary name beside it, then renamed
+            write_text(os.path.expanduser(path), json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
         except OSError as e:
             self.say(f"/save {path}: {e.strerror or e}")
             return

@@ -153,7 +153,11 @@ def smollm2_model(directory=None, *, n_expert: int = N_EXPERT, n_expert_used: in
 
 
 def demo_path(name: str = DEMOS[0], log=None) -> pathlib.Path:
-    """The model file of demo `name`, built the first time."""
+    """The model file of demo `name`, built the first time. Temporary files a killed build
+    left in the cache are removed first (hybrid.atomic)."""
+    from hybrid.atomic import remove_stale_temps
+
+    remove_stale_temps(cache_dir())
     if name == "smollm2":
         return smollm2_model(log=log or sys.stderr)
     if name == "deepseek2":

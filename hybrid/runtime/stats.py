@@ -55,11 +55,9 @@ class ExpertStats:
 
     def save(self, path) -> None:
         """Write the JSON file (via a temporary name, so a reader never sees half of it)."""
-        path = os.fspath(path)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f)
-        os.replace(tmp, path)
+        from hybrid.atomic import write_text
+
+        write_text(os.fspath(path), json.dumps(self.to_dict()))
 
     @staticmethod
     def load(path) -> dict:
