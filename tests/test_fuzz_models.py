@@ -48,9 +48,9 @@ def _variants(src):
         if vt not in _INT_TYPES or key.startswith("general."):
             continue
         v = int(meta[key])
-        for new in sorted({0, 1, v - 1, v + 1, 2 * v, 2**31 - 1, 2**32 - 1} - {v}):
-            if new >= 0:
-                out.append((f"{key}={new}", {"metadata": {key: new}}))
+        for new in sorted(_mutations(v)):
+            out.append((f"{key}={new}", {"metadata": {key: new}}))
+    out.append(("retype output_norm.weight 24", {"retype": {"output_norm.weight": 24}}))  # I8
     rng = random.Random(17)
     for name, t in tensors.items():
         out.append((f"drop {name}", {"drop": [name]}))
@@ -90,10 +90,35 @@ def test_every_variant_passes_or_is_refused_in_one_line(sources, arch, tmp_path)
         path.unlink()
     print(f"{arch}: {len(variants)} variants, {len(refused)} refused, {len(passed)} passed")
     # the dangerous ones are among the refused
-    for must in (f"{arch}.block_count=4294967295", f"{arch}.embedding_length=4294967295",
-                 "drop token_embd.weight", f"{arch}.block_count=0"):
+    with GGUFFile(src) as g:
+        meta = dict(g.metadata)
+    for must in _must_refuse(arch, meta):
         assert must in refused, must
     assert len(refused) > len(variants) // 2
+
+
+def _must_refuse(arch, meta):
+    """Variants the checks must refuse: those that crash or misbehave further on."""
+    p = arch + "."
+    out = ["drop token_embd.weight", "retype output_norm.weight 24"]
+    v = meta[p + "block_count"]
+    out += [f"{p}block_count={n}" for n in (0, v - 1, v + 1, 2**32 - 1)]
+    out += [f"{p}embedding_length={2**32 - 1}", f"{p}context_length=0", f"{p}context_length={2**32 - 1}",
+            f"tokenizer.ggml.eos_token_id={2**31 - 1}"]
+    E = meta.get(p + "expert_count", 0)
+    if E > 1:
+        out += [f"{p}expert_used_count={n}" for n in (0, 2**32 - 1) if n != meta[p + "expert_used_count"]]
+        out += [f"{p}expert_used_count={E + 1}"] if E + 1 in _mutations(meta[p + "expert_used_count"]) else []
+    G = meta.get(p + "expert_group_count", 0)
+    if G > 1 and G in _mutations(meta[p + "expert_group_used_count"]):
+        out.append(f"{p}expert_group_used_count={G}")
+    if p + "rope.dimension_count" in meta:
+        out.append(f"{p}rope.dimension_count={meta[p + 'rope.dimension_count'] + 1}")
+    return out
+
+
+def _mutations(v: int) -> set:
+    return {n for n in (0, 1, v - 1, v + 1, 2 * v, 2**31 - 1, 2**32 - 1) if n >= 0 and n != v}
 
 
 def _limit_memory():
@@ -172,3 +197,12 @@ def test_the_checked_types_are_the_computed_ones():
     from hybrid.models.specs import COMPUTABLE_TYPES
 
     assert COMPUTABLE_TYPES == dequant.SUPPORTED_TYPES
+
+
+def test_a_type_that_disagrees_with_the_data_is_refused_by_the_parser(sources, tmp_path):
+    """A tensor retyped to a bigger type would read into the next tensor's bytes."""
+    src = sources["qwen3moe"]
+    path = rewrite_gguf(src, tmp_path / "f64.gguf", retype={"blk.0.attn_q.weight": 28}, data=False)
+    with pytest.raises(UserError, match=r"tensor 'blk.0.attn_q.weight' \(F64.*needs bytes .* but tensor "
+                                        r"'blk.0.attn_k.weight' starts at \d+: its type or shape disagrees"):
+        check_model(str(path))
