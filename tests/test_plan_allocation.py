@@ -11,6 +11,7 @@ GPU can measure them (max_memory_allocated, issue 18's gpu-check kit)."""
 
 import numpy as np
 import pytest
+import torch
 
 import hybrid
 from hybrid.runtime.loader import CpuStandIn
@@ -103,3 +104,19 @@ def test_placed_bytes_of_a_cpu_run_have_no_gpu(q4):
     with hybrid.load(q4, device="cpu", threads=2, ctx=64) as r:
         placed, kv = r.loader.placed_bytes, r.cache.nbytes
     assert "gpu0" not in placed and placed["cpu"]["kv_cache"] == kv
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", ["bf16", "quantized"])
+def test_cuda_allocated_after_load_matches_placed_and_plan(q4, fmt):
+    """On a GPU: what torch holds after loading is what the loader recorded (plus the bridge
+    and small tables) and what the Plan predicts (Plan.predicted_gpu_allocated), within 5%."""
+    _, plan = _gpu_plan(q4, fmt)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with hybrid.load(q4, threads=2, plan=plan, prefill_chunk=16, gpu_prefill_chunk=8) as r:
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        placed = sum(r.loader.placed_bytes["gpu0"].values())
+    _close(held, placed, "allocated vs placed")
+    _close(held, plan.predicted_gpu_allocated(), "allocated vs the Plan")
