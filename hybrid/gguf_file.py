@@ -358,15 +358,18 @@ def _parse_header(path: pathlib.Path) -> _Header:
             raw.append((name, gtype, ne, n_el // block * type_size, rel))
 
         data_start = -(-r.pos // alignment) * alignment
-        # no two tensors share bytes: a type or shape that disagrees with the data layout
-        # (sizes derive from them) shows as an overlap with the next tensor
-        by_offset = sorted(raw, key=lambda x: x[4])
-        for (name, gtype, ne, n_bytes, rel), nxt in zip(by_offset, by_offset[1:]):
-            if rel + n_bytes > nxt[4]:
+        # tensors lie back to back in the order of the header, each padded to the alignment
+        # (as llama.cpp's gguf_init requires): a type or shape that disagrees with the data
+        # layout (sizes derive from them) shows as an offset out of place
+        expect = 0
+        for i, (name, gtype, ne, n_bytes, rel) in enumerate(raw):
+            if rel != expect:
+                prev = (f"after tensor {raw[i - 1][0]!r} ({_type_name(raw[i - 1][1])}, ne={raw[i - 1][2]})"
+                        if i else "for the first tensor")
                 raise GGUFError(
-                    f"{path}: tensor {name!r} ({_type_name(gtype)}, ne={ne}) needs bytes "
-                    f"[{rel}, {rel + n_bytes}) of the data but tensor {nxt[0]!r} starts at "
-                    f"{nxt[4]}: its type or shape disagrees with the data (corrupt file)")
+                    f"{path}: tensor {name!r} has data offset {rel}, expected {expect} {prev}: a "
+                    f"type or shape disagrees with the data (corrupt file)")
+            expect = rel + -(-n_bytes // alignment) * alignment
         tensors = []
         for name, gtype, ne, n_bytes, rel in raw:
             start = data_start + rel
