@@ -29,8 +29,9 @@ ARCHS = ["deepseek2", "qwen3moe", "qwen2moe", "llama", "glm4moe"]
 _INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
               GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}
 # F16, BF16, Q8_0, Q4_K, Q6_K, Q4_1 (computable, smaller than F32); F64, I64 (larger: the data no
-# longer fits); I8, IQ2_XXS (not computable)
-_RETYPES = [1, 30, 8, 12, 14, 3, 28, 27, 24, 16]
+# longer fits); I8, IQ2_XXS, I32 (not computable; I32 of F32's size). Any change of size breaks
+# the back-to-back layout of the data, which the header parser refuses
+_RETYPES = [1, 30, 8, 12, 14, 3, 28, 27, 24, 16, 26]
 _ERR = re.compile(r"\berror\b", re.I)
 
 
@@ -50,7 +51,8 @@ def _variants(src):
         v = int(meta[key])
         for new in sorted(_mutations(v)):
             out.append((f"{key}={new}", {"metadata": {key: new}}))
-    out.append(("retype output_norm.weight 24", {"retype": {"output_norm.weight": 24}}))  # I8
+    # I32: F32's size, so the layout holds and only the type check can refuse it
+    out.append(("retype output_norm.weight 26", {"retype": {"output_norm.weight": 26}}))
     rng = random.Random(17)
     for name, t in tensors.items():
         out.append((f"drop {name}", {"drop": [name]}))
@@ -100,7 +102,7 @@ def test_every_variant_passes_or_is_refused_in_one_line(sources, arch, tmp_path)
 def _must_refuse(arch, meta):
     """Variants the checks must refuse: those that crash or misbehave further on."""
     p = arch + "."
-    out = ["drop token_embd.weight", "retype output_norm.weight 24"]
+    out = ["drop token_embd.weight", "retype output_norm.weight 26"]
     v = meta[p + "block_count"]
     out += [f"{p}block_count={n}" for n in (0, v - 1, v + 1, 2**32 - 1)]
     out += [f"{p}embedding_length={2**32 - 1}", f"{p}context_length=0", f"{p}context_length={2**32 - 1}",
