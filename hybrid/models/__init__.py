@@ -1,7 +1,10 @@
 """Model implementations, one module per GGUF `general.architecture`.
 
 Each module has `ModelArgs` (with `from_gguf(metadata, tensors, source)`) and `Model`
-(a models.transformer.Transformer: its attention, RoPE and KV cache). Shared blocks:
+(a models.transformer.Transformer: its attention, RoPE and KV cache). The ModelArgs classes
+and their tensor specs live, torch-free, in models.args (the dry-run checks files with them;
+`header_args(arch, metadata, tensors, source)`), each architecture file re-exports its own.
+Shared blocks:
 layers (norms, RoPE, FFN), attention (GQA), moe (router kinds, MoE block), gqa (the
 llama-family MoE transformer), transformer (the decoder skeleton).
 """
