@@ -6,6 +6,7 @@ graphs capture, quantized weights dequantized per call, the GPU prefill offload,
 statistics. What only a GPU shows (streams overlapping, graph replay) is in the CUDA tests
 at the end, which skip themselves without one."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -535,6 +536,24 @@ def test_cuda_graph_decode_equals_eager(q4, hot):
         # ctx 64: one KV bucket, captured by the first step, which then replays it too
         assert r.decoder.captures == 1 and r.decoder.replays == len(TOKENS)
     assert_close_everywhere(got, ref, 0.9999)
+
+
+@cuda
+def test_cuda_graphs_of_two_buckets_share_one_pool(q4):
+    """ctx 512: buckets 256 and 512, both captured into one pool; decoding across the
+    boundary, then a new sequence back in the first bucket, equals eager decode."""
+    plan = dataclasses.replace(_forced_plan(q4, "cuda:0", "third"), kv_cache_tokens=512)
+    toks = (TOKENS * 30)[:300]
+    with hybrid.load(q4, threads=2, plan=plan, decode_graphs="off") as r:
+        ref = r.decode_logits(toks)
+    with hybrid.load(q4, threads=2, plan=plan) as r:
+        got = r.decode_logits(toks)
+        again = r.decode_logits(toks[:20])          # bucket 256 replayed after 512's capture
+        dec = r.decoder
+        assert dec.failed is None and dec.captures == 2 and sorted(dec.graphs) == [256, 512]
+        assert dec.pool is not None
+    assert_close_everywhere(got, ref, 0.9999)
+    assert_close_everywhere(again, ref[:20], 0.9999)
 
 
 @cuda

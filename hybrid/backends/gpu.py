@@ -19,8 +19,8 @@ engine's buffers in order), so a decode step is cut at every MoE layer into segm
     segment i:  H2D(y of m_{i-1}), combine, attention, ..., router(m_i), D2H -> event(m_i), shared(m_i)
     last:       H2D(y), combine, ..., norm, lm_head
 
-Each segment is one CUDA graph (all graphs of a KV-length bucket share a memory pool and are
-replayed in capture order). The host replays segment i, waits for its event (captured as an
+Each segment is one CUDA graph (the graphs of every KV-length bucket share one memory pool;
+a bucket's segments are replayed in capture order). The host replays segment i, waits for its event (captured as an
 external event node: the D2H is done, the shared expert still runs), runs the CPU experts,
 writes their output to the pinned buffer the next segment's first node copies from, and
 replays segment i+1. Positions come from a device tensor, the attention reads the KV cache
@@ -326,6 +326,10 @@ class DecodeGraphs:
         self.failed: str | None = None
         self.replays = 0      # steps run from captured graphs (the capturing step too)
         self.captures = 0     # KV buckets captured
+        # one memory pool for every bucket's graphs: buckets replay one at a time and what
+        # outlives a step (logits, the hand-off tensors in `keep`) stays referenced, so a
+        # later bucket's capture only reuses blocks that an earlier one frees after each step
+        self.pool = None
         if self.mode == "graphs":
             self.events = {il: torch.cuda.Event(external=True) for il in experts}
 
@@ -348,6 +352,7 @@ class DecodeGraphs:
                 log.warning("CUDA graph capture failed (%s); decoding without graphs", self.failed)
                 self.mode = "static"
                 self.graphs.clear()   # their pool goes with them
+                self.pool = None
                 torch.cuda.synchronize(self.device)
                 return self._static(S)
             return self._replay(g)
@@ -408,7 +413,9 @@ class DecodeGraphs:
 
     def _capture_segments(self, S: int, partial: list):
         br, T = self.bridge, self.T
-        pool = torch.cuda.graph_pool_handle()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        pool = self.pool
         gen = self.model.decode_static(self.x_in, self.pos, self.cache, S)
         segments, keep = [], []
         reply, started, gpu_part, logits = None, False, None, None
