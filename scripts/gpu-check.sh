@@ -12,6 +12,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
+GPU_CHECK_STAND_IN="${GPU_CHECK_STAND_IN:-}"
 if [ "${1:-}" = "--prepare" ]; then
   DIR="$(mkdir -p "${2:?--prepare DIR}" && cd "$2" && pwd)"
   # pure-Python packages the GPU machine lacks (torch and numpy come with its CUDA torch);
@@ -39,7 +40,8 @@ PYEOF
 fi
 DIR="$(cd "${1:?usage: gpu-check.sh [--prepare] DIR}" && pwd)"
 export PYTHONPATH="$DIR/pylib:$ROOT"
-if ! ls "$ROOT"/hybrid/_native*.so >/dev/null 2>&1; then
+HAS_CUDA="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')"
+if [ "$HAS_CUDA$GPU_CHECK_STAND_IN" != "0" ] && ! ls "$ROOT"/hybrid/_native*.so >/dev/null 2>&1; then
   PB="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')"
   cmake -S "$ROOT" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -Dpybind11_DIR="$PB" \
         -DPython_EXECUTABLE="$(command -v "$PY")" >/dev/null

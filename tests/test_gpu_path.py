@@ -398,6 +398,25 @@ def test_bench_gpu_needs_cuda_and_exits_0():
     assert r.returncode == 0 and "needs CUDA" in r.stdout + r.stderr
 
 
+def test_gpu_check_without_cuda_skips_each_check_in_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the check would run")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("GPU_CHECK_STAND_IN", None)
+    r = subprocess.run([os.path.join(root, "scripts", "gpu-check.sh"), str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    skipped = [l.split()[1] for l in lines if l.startswith("skipped")]
+    assert skipped == ["cuda-tests", "decode", "quantized-graphs", "prefill-wrap", "stats",
+                       "sync-after-close", "speed"]
+    assert all("no CUDA" in l for l in lines if l.startswith("skipped"))
+    assert lines[-1] == "0 ok, 0 FAIL, 7 skipped"
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["check"] for r in rows if r["status"] == "skipped"] == skipped
+
+
 # ----------------------------------------------------------------------------- small defects
 # (issue 18, item 5: what the CPU stand-in can show)
 
