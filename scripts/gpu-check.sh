@@ -15,11 +15,12 @@ PY="${PYTHON:-python3}"
 GPU_CHECK_STAND_IN="${GPU_CHECK_STAND_IN:-}"
 if [ "${1:-}" = "--prepare" ]; then
   DIR="$(mkdir -p "${2:?--prepare DIR}" && cd "$2" && pwd)"
-  # pure-Python packages the GPU machine lacks (torch and numpy come with its CUDA torch);
-  # psutil / py-libnuma are optional at run time
-  # (pyyaml and markupsafe fall back to pure Python where their compiled parts do not load)
+  # the Python packages the GPU machine lacks (torch and numpy come with its CUDA torch;
+  # py-libnuma is optional: without it NUMA detection reads sysfs)
+  # (pyyaml and markupsafe fall back to pure Python where their compiled parts do not load;
+  # psutil's wheel is abi3: any CPython 3 on Linux x86_64)
   "$PY" -m pip install -q --no-deps --target "$DIR/pylib" gguf pyyaml pytest pluggy iniconfig \
-    packaging pybind11 jinja2 markupsafe tqdm
+    packaging pybind11 jinja2 markupsafe tqdm psutil
   # the tests' conftest imports llama_cpp before building a quantized fixture; the fixtures
   # are prebuilt in DIR/fixtures, so a stand-in that refuses to work is enough there
   mkdir -p "$DIR/pylib/llama_cpp"
