@@ -201,8 +201,8 @@ MUTANTS: list[Mutant] = [
            "issue 20 case 6: the torch Q6_K decoder off by one step (the JIT test used to "
            "compare against this same decoder)"),
     Mutant("jit-dequant-float16", "hybrid/backends/gpu.py",
-           "        return F.linear(x.to(self.dtype), self.weight).float()",
-           "        return F.linear(x.half(), self.weight.half()).float()",
+           "        xs = x.to(self.dtype)",
+           "        xs = x.half()",
            (T_GPU, "-k", "jit_dequant_linear"),
            "the JIT-dequantized linear computes in float16, not its dtype"),
     Mutant("stats-expert-0-not-counted", "hybrid/runtime/stats.py",
