@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from subproc import NEUTRAL_CWD, hybrid_env
 from hybrid.atomic import atomic_path, remove_stale_temps, temp_path, write_text
 
 
@@ -88,10 +89,9 @@ def test_expert_stats_and_chat_save_write_through_a_temporary(tmp_path, monkeypa
 
 
 def test_a_killed_demo_build_leaves_no_temporary_after_the_next_run(tmp_path):
-    env = dict(os.environ, HYBRID_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=os.environ.get("PYTHONPATH", os.getcwd()))
+    env = hybrid_env(HYBRID_CACHE_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "hybrid.app.cli", "--demo", "deepseek2", "--dry-run"]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, env=env, cwd=NEUTRAL_CWD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not _temps(tmp_path) and p.poll() is None and time.monotonic() < deadline:
@@ -102,7 +102,7 @@ def test_a_killed_demo_build_leaves_no_temporary_after_the_next_run(tmp_path):
         p.kill()
         p.wait()
     assert p.returncode < 0 and _temps(tmp_path) == left and left[0].endswith(f".{p.pid}.tmp")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=env, cwd=NEUTRAL_CWD, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _temps(tmp_path) == [], _temps(tmp_path)
     assert [q.name for q in tmp_path.iterdir() if q.name.endswith("Q4_K_M.gguf")]

@@ -24,6 +24,7 @@ from gguf import GGUFValueType
 from hybrid.app.cli import UserError, check_model
 from hybrid.fixtures.gguf_writer import kv_entries, rewrite_gguf
 from hybrid.gguf_file import GGUFFile
+from subproc import NEUTRAL_CWD, hybrid_env
 
 ARCHS = ["deepseek2", "qwen3moe", "qwen2moe", "llama", "glm4moe"]
 _INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
@@ -158,10 +159,9 @@ def test_real_cli_never_crashes(sources, arch, label, kw, tmp_path):
         rewrite_gguf(src, path, **kw)
     except KeyError:
         pytest.fail(f"{label}: the fixture has no such key: {kw}")
-    env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", os.getcwd()))
     r = subprocess.run([sys.executable, "-m", "hybrid.app.cli", str(path), "-p", "hi", "--max-tokens", "2",
-                        "--device", "cpu"], capture_output=True, text=True, timeout=120, env=env,
-                       preexec_fn=_limit_memory)
+                        "--device", "cpu"], capture_output=True, text=True, timeout=120, env=hybrid_env(),
+                       cwd=NEUTRAL_CWD, preexec_fn=_limit_memory)
     assert r.returncode >= 0, f"{label}: killed by signal {-r.returncode}"
     assert "Traceback" not in r.stderr, f"{label}:\n{r.stderr[-3000:]}"
     if r.returncode:
