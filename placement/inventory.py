@@ -177,6 +177,18 @@ class ModelInfo:
             return 2 * self.n_head * (self.kv_lora_rank + self.qk_rope_dim)
         return self.n_head * self.head_dim_k + self.n_head_kv * (self.head_dim_k + self.head_dim_v)
 
+    def attn_expansion_per_position(self, tokens: int) -> int:
+        """Values a chunk of `tokens` queries expands per cached position: MLA chunks long
+        enough to attend decompressed (hybrid.models.args.mla_decompress_min_tokens) hold every
+        head's K (nope + rope) and V for the whole context at once; 0 otherwise."""
+        if self.attention != "mla":
+            return 0
+        from hybrid.models.args import mla_decompress_min_tokens  # torch-free
+
+        if tokens < mla_decompress_min_tokens(self.kv_lora_rank, self.qk_nope_dim, self.v_head_dim):
+            return 0
+        return self.n_head * (self.qk_nope_dim + self.qk_rope_dim + self.v_head_dim)
+
     @property
     def attn_flops_per_position(self) -> int:
         """FLOPs one query spends on one cached position in one layer (scores and weighted

@@ -159,9 +159,11 @@ def _weight_costs(inv: Inventory, groups: dict, pol: Policy) -> tuple:
     return gpu, host
 
 
-def workspace_formula(inv: Inventory, wl: Workload, pol: Policy) -> dict:
+def workspace_formula(inv: Inventory, wl: Workload, pol: Policy, value_bytes: int = 4) -> dict:
     """Compute workspace of the device that runs attention: activations of the tokens in flight
-    (fp32) plus one block of attention scores (H x query block x context, fp32)."""
+    (fp32), one block of attention scores (H x query block x context, fp32) and, for MLA chunks
+    that attend decompressed, every head's K and V over the context (`value_bytes` each: 2 where
+    the GPU expands in bf16, 4 for the CPU's fp32)."""
     m = inv.model
     tokens = max(wl.prefill_chunk, wl.batch)
     # residual, normed input, attention out, MoE out; the widest projection pair: the dense FFN
@@ -169,12 +171,18 @@ def workspace_formula(inv: Inventory, wl: Workload, pol: Policy) -> dict:
     # query and output in latent space, H x latent each; GQA: q, k and v)
     width = 4 * m.n_embd + max(2 * m.dense_ff, 2 * m.shared_ff, m.attn_width)
     activations = tokens * width * 4
-    scores = m.n_head * min(pol.attn_query_block, tokens) * wl.context * 4
+    block = min(pol.attn_query_block, tokens)
+    scores = m.n_head * block * wl.context * 4
+    expanded = m.attn_expansion_per_position(tokens) * wl.context * value_bytes
     logits = wl.batch * m.n_vocab * 4
-    return {"activations": activations, "attention_scores": scores, "logits": logits,
-            "total": activations + scores + logits,
-            "formula": f"{tokens} tokens x {width} x 4 B + {m.n_head} heads x "
-                       f"{min(pol.attn_query_block, tokens)} queries x {wl.context} keys x 4 B + logits"}
+    formula = (f"{tokens} tokens x {width} x 4 B + {m.n_head} heads x {block} queries x "
+               f"{wl.context} keys x 4 B")
+    if expanded:
+        formula += (f" + K/V expanded for {wl.context} keys "
+                    f"({m.attn_expansion_per_position(tokens)} values x {value_bytes} B)")
+    return {"activations": activations, "attention_scores": scores, "attention_expansion": expanded,
+            "logits": logits, "total": activations + scores + expanded + logits,
+            "formula": formula + " + logits"}
 
 
 def pinned_formula(inv: Inventory, wl: Workload) -> int:
@@ -334,7 +342,10 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     kv_per_token = m.kv_values_per_token * DTYPE_BYTES[kv_dtype]
     kv_tokens = wl.context * wl.batch
     kv_bytes = kv_tokens * kv_per_token
-    ws = workspace_formula(inv, wl, pol)
+    ws = workspace_formula(inv, wl, pol, value_bytes=2 if gpu is not None else 4)
+    # workspace bytes per token of context (scores, MLA expansion): 0 when the workspace is given
+    ws_per_ctx = 0 if pol.workspace_bytes is not None else (
+        (ws["attention_scores"] + ws["attention_expansion"]) // max(1, wl.context))
     workspace = int(pol.workspace_bytes) if pol.workspace_bytes is not None else ws["total"]
     reserves["workspace"] = ({"bytes": workspace, "given": True} if pol.workspace_bytes is not None
                              else dict(ws, bytes=workspace))
@@ -367,9 +378,8 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         if gpu_fmt == "quantized":
             breakdown["dequant_workspace"] = dequant_workspace_bytes()
         used = sum(breakdown.values())
-        per_token_ctx = kv_per_token * wl.batch + m.n_head * min(pol.attn_query_block,
-                                                                max(wl.prefill_chunk, wl.batch)) * 4
-        base = used - kv_bytes - ws["attention_scores"] * (pol.workspace_bytes is None)
+        per_token_ctx = kv_per_token * wl.batch + ws_per_ctx
+        base = used - kv_bytes - ws_per_ctx * wl.context
         max_ctx = max(0, (cap - base) // per_token_ctx)
         if used > cap:
             detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1]) if v)
@@ -389,8 +399,7 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
                 ways = []
                 if gpu_fmt == "bf16" and sum(weights.values()) - w_q >= short:
                     ways.append("--gpu-format quantized")
-                per_tok = kv_per_token * wl.batch + (m.n_head * min(pol.attn_query_block, max(wl.prefill_chunk, wl.batch))
-                                                     * 4 if pol.workspace_bytes is None else 0)
+                per_tok = kv_per_token * wl.batch + ws_per_ctx
                 ctx = (wl.context - -(-short // per_tok)) // 256 * 256
                 if ctx >= wl.gpu_prefill_chunk:
                     ways.append(f"--ctx {ctx}")

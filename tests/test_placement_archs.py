@@ -6,8 +6,10 @@ tiny GGUF headers of each architecture that llama.cpp itself loads and quantizes
 import ctypes
 import dataclasses
 import os
+import re
 
 import numpy as np
+
 import pytest
 
 from placement import ggml, hardware, quant_rules
@@ -132,8 +134,10 @@ def test_dry_run_on_48g_gpu_512g_ram(capsys, name):
             # 578 GiB of weights, 546 GiB of them routed experts, cannot fit 512 GiB of RAM: the
             # plan names the shortfall and the change that makes it fit
             assert rc == 3 and "verdict: DOES NOT FIT" in out
-            # (the hot-expert cache planned at bf16 size holds ~3x fewer experts: more stay in RAM)
-            assert "cpu: needs 570.2" in out and "GiB missing" in out
+            # (the hot-expert cache planned at bf16 size holds ~3x fewer experts: more stay in RAM;
+            # the GPU workspace holds the MLA K/V expansion of a 512-token chunk: fewer still)
+            needs = float(re.search(r"cpu: needs ([0-9.]+) GiB", out).group(1))
+            assert 565 < needs < 575 and "GiB missing" in out, out
             assert "[fits] 59.00 GiB" in out and "more RAM" in out
         else:
             assert rc == 0 and "verdict: FITS" in out, out

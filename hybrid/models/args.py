@@ -37,6 +37,15 @@ MAX_VOCAB = 1 << 24
 DEEPSEEK2 = "deepseek2"
 
 
+def mla_decompress_min_tokens(kv_lora_rank: int, qk_nope_dim: int, v_head_dim: int) -> int:
+    """Chunks of at least this many queries attend MLA decompressed: expanding K and V for the
+    S cached tokens once beats absorbing per query when T > C*(N+V) / (2C - N - V).
+    The runtime (models/deepseek2.py) picks its path by it, the solver sizes the expansion's
+    workspace by it."""
+    C, N, V = kv_lora_rank, qk_nope_dim, v_head_dim
+    return max(1, (C * (N + V)) // max(1, 2 * C - N - V) + 1)
+
+
 def _int(source, key, value, lo, hi, why=""):
     return check_range(source, key, value, lo, hi, why)
 

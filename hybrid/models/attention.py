@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hybrid.models.layers import Rope, WeightLoader, norm
+from hybrid.models.layers import QUERY_BLOCK, Rope, WeightLoader, attend, norm
 
 __all__ = ["GQAttention"]
 
@@ -41,6 +41,7 @@ class GQAttention:
         self.q_norm = norm(w, p + "attn_q_norm.weight", args.rms_eps) if w.has(p + "attn_q_norm.weight") else None
         self.k_norm = norm(w, p + "attn_k_norm.weight", args.rms_eps) if w.has(p + "attn_k_norm.weight") else None
         self.scale = 1.0 / math.sqrt(args.head_dim_k)
+        self.query_block = getattr(w, "attn_query_block", QUERY_BLOCK)
         # the loader may run the whole layer as one fused call (same weights, same arithmetic)
         fused = getattr(w, "fused_attention", None)
         self.fused = fused(self) if fused is not None else None
@@ -71,12 +72,7 @@ class GQAttention:
         q, k, v = self._project(x)
         q, k = rope(q, pos0), rope(k, pos0)
         k_all, v_all = cache.append(self.il, pos0, k, v)                  # [S, Hkv, Dk|Dv]
-        S = pos0 + T
-        mask = None
-        if T > 1:
-            i = torch.arange(T, device=x.device)[:, None] + pos0
-            mask = torch.arange(S, device=x.device)[None, :] <= i          # [T, S]
-        o = self._attend(q, k_all, v_all, mask)                            # [T, H, Dv]
+        o = self._attend(q, k_all, v_all, pos0=pos0)                       # [T, H, Dv]
         return self.wo(o.reshape(T, -1))
 
     def static(self, x: torch.Tensor, pos: torch.Tensor, cache, rope: Rope, S: int):
@@ -87,14 +83,14 @@ class GQAttention:
         q, k = rope.at(q, pos), rope.at(k, pos)
         k_all, v_all = cache.write_at(self.il, pos, k, v, S)
         mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]   # [T, S]
-        return self.wo(self._attend(q, k_all, v_all, mask).reshape(T, -1))
+        return self.wo(self._attend(q, k_all, v_all, mask=mask).reshape(T, -1))
 
-    def _attend(self, q, k_all, v_all, mask):
-        """Softmax attention in float32; the K/V heads are shared by G query heads each."""
-        cd = q.dtype if q.dtype == torch.float32 else torch.float32
-        qh = q.transpose(0, 1).to(cd)                                      # [H, T, Dk]
-        kh = k_all.transpose(0, 1).to(cd)                                  # [Hkv, S, Dk]
-        vh = v_all.transpose(0, 1).to(cd)                                  # [Hkv, S, Dv]
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
-                                           enable_gqa=True)                # [H, T, Dv]
-        return o.transpose(0, 1)                                           # [T, H, Dv]
+    def _attend(self, q, k_all, v_all, *, pos0=None, mask=None):
+        """Softmax attention in query blocks (layers.attend). On the CPU in float32; on CUDA in
+        the cache's 16-bit type when it has one, so the fused kernels apply."""
+        cd = torch.float32
+        if q.is_cuda and k_all.dtype in (torch.bfloat16, torch.float16):
+            cd = k_all.dtype
+        o = attend(q.transpose(0, 1).to(cd), k_all.transpose(0, 1).to(cd), v_all.transpose(0, 1).to(cd),
+                   self.scale, self.query_block, pos0=pos0, mask=mask)    # [H, T, Dv]
+        return o.transpose(0, 1).to(q.dtype)                               # [T, H, Dv]

@@ -26,8 +26,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from hybrid.models.args import DeepSeek2Args
-from hybrid.models.layers import HeadLinear, ModelConfigError, Rope, WeightLoader, norm  # noqa: F401 (re-exported)
+from hybrid.models.args import DeepSeek2Args, mla_decompress_min_tokens
+from hybrid.models.layers import (QUERY_BLOCK, HeadLinear, ModelConfigError, Rope, WeightLoader,  # noqa: F401
+                                  attend, causal_mask, norm, query_blocks)
 from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX, MoE, Router  # noqa: F401 (re-exported)
 from hybrid.models.transformer import Transformer
 
@@ -78,9 +79,10 @@ class MLAttention:
         self.k_up = head_linear(src, wk.contiguous())
         self.v_up = head_linear(src, wv.transpose(1, 2).contiguous())
         self.scale = args.kq_scale()
-        # chunks at least this long attend decompressed: expanding k/v for the S cached
-        # tokens once beats absorbing per query when T > C*(N+V) / (2C - N - V)
-        self.decompress_min_tokens = max(1, (C * (N + V)) // max(1, 2 * C - N - V) + 1)
+        # chunks at least this long attend decompressed (the solver sizes its workspace by the
+        # same rule)
+        self.decompress_min_tokens = mla_decompress_min_tokens(C, N, V)
+        self.query_block = getattr(w, "attn_query_block", QUERY_BLOCK)
         # the loader may run the whole absorbed path as one fused call (same weights)
         fused = getattr(w, "fused_attention", None)
         self.fused = fused(self) if fused is not None else None
@@ -109,15 +111,10 @@ class MLAttention:
         q_nope, q_pe, latent, k_pe = self._project(x)
         q_pe, k_pe = rope(q_pe, pos0), rope(k_pe, pos0)                    # [T,H,R], [T,R]
         kv_all = cache.append(self.il, pos0, latent, k_pe)                 # [S, C+R]
-        S = pos0 + T
-        mask = None
-        if T > 1:
-            i = torch.arange(T, device=x.device)[:, None] + pos0
-            mask = torch.arange(S, device=x.device)[None, :] <= i          # [T, S]
         if mode == "absorb":
-            o = self._absorbed(q_nope, q_pe, kv_all, mask)
+            o = self._absorbed(q_nope, q_pe, kv_all, pos0=pos0)
         else:
-            o = self._decompressed(q_nope, q_pe, kv_all, mask)
+            o = self._decompressed(q_nope, q_pe, kv_all, pos0=pos0)
         return self.wo(o.reshape(T, -1))
 
     def static(self, x: torch.Tensor, pos: torch.Tensor, cache, rope: Rope, S: int):
@@ -128,39 +125,54 @@ class MLAttention:
         q_pe, k_pe = rope.at(q_pe, pos), rope.at(k_pe, pos)
         kv_all = cache.write_at(self.il, pos, latent, k_pe, S)             # [S, C+R]
         mask = torch.arange(S, device=x.device)[None, :] <= pos[:, None]   # [T, S]
-        o = self._absorbed(q_nope, q_pe, kv_all, mask)
+        o = self._absorbed(q_nope, q_pe, kv_all, mask=mask)
         return self.wo(o.reshape(T, -1))
 
-    def _absorbed(self, q_nope, q_pe, kv_all, mask):
-        """Attention in latent space: MQA with one shared K=[latent|k_pe], V=latent."""
+    def _absorbed(self, q_nope, q_pe, kv_all, *, pos0=None, mask=None):
+        """Attention in latent space: MQA with one shared K=[latent|k_pe], V=latent, in blocks of
+        queries (all heads): one [H, block, S] block of scores at a time, the Plan's workspace.
+        Masking as layers.attend: causal from pos0, or an explicit mask [T, S]."""
         T, H, _ = q_nope.shape
         C = self.args.kv_lora_rank
         cd = kv_all.dtype  # matmuls against the cache in its dtype, softmax in float32
         q_abs = self.k_up(q_nope.transpose(0, 1))                          # [H, T, C]
         qc = torch.cat((q_abs, q_pe.transpose(0, 1)), dim=-1).to(cd)       # [H, T, C+R]
-        scores = (qc.view(H * T, -1) @ kv_all.t()).view(H, T, -1)          # [H, T, S]
-        scores = scores.float().mul_(self.scale)
-        if mask is not None:
-            scores.masked_fill_(~mask, float("-inf"))
-        p = torch.softmax(scores, dim=-1).to(cd)
-        o_lat = (p.view(H * T, -1) @ kv_all[:, :C]).view(H, T, C)          # [H, T, C]
+        o_lat = torch.empty(H, T, C, dtype=cd, device=kv_all.device)
+        for t0, t1 in query_blocks(T, self.query_block):
+            n = t1 - t0
+            kv, m = kv_all, None
+            if pos0 is not None:
+                kv = kv_all[:min(kv_all.shape[0], pos0 + t1)]             # keys the block can see
+                if n > 1:
+                    m = causal_mask(t0, t1, pos0, kv.shape[0], kv.device)
+            elif mask is not None:
+                m = mask[t0:t1]
+            scores = (qc[:, t0:t1].reshape(H * n, -1) @ kv.t()).view(H, n, -1)   # [H, n, S]
+            scores = scores.float().mul_(self.scale)
+            if m is not None:
+                scores.masked_fill_(~m, float("-inf"))
+            p = torch.softmax(scores, dim=-1).to(cd)
+            o_lat[:, t0:t1] = (p.view(H * n, -1) @ kv[:, :C]).view(H, n, C)
         o = self.v_up(o_lat)                                               # [H, T, V]
         return o.transpose(0, 1)                                           # [T, H, V]
 
-    def _decompressed(self, q_nope, q_pe, kv_all, mask):
-        """Expand the cached latents to per-head K and V, then ordinary attention."""
-        T, H, _ = q_nope.shape
+    def _decompressed(self, q_nope, q_pe, kv_all, *, pos0=None):
+        """Expand the cached latents to per-head K and V (once per chunk: the Plan's workspace
+        counts the expansion), then attention in query blocks (layers.attend): float32 on the
+        CPU, the weights' 16-bit type on CUDA so the fused kernels apply."""
         S = kv_all.shape[0]
-        C, R = self.args.kv_lora_rank, self.args.qk_rope_dim
+        C, R, H = self.args.kv_lora_rank, self.args.qk_rope_dim, q_nope.shape[1]
         wk, wv_t = self.k_up.weight, self.v_up.weight                      # [H,N,C], [H,C,V]
+        cd = wk.dtype if (kv_all.is_cuda and wk.dtype in (torch.bfloat16, torch.float16)) else torch.float32
         lat = kv_all[:, :C].to(wk.dtype)
-        k_nope = torch.matmul(lat, wk.transpose(1, 2)).float()             # [H, S, N]
-        v = torch.matmul(lat, wv_t).float()                                # [H, S, V]
-        k_pe = kv_all[:, C:].float().expand(H, S, R)
+        k_nope = torch.matmul(lat, wk.transpose(1, 2)).to(cd)              # [H, S, N]
+        v = torch.matmul(lat, wv_t).to(cd)                                 # [H, S, V]
+        k_pe = kv_all[:, C:].to(cd).expand(H, S, R)
         k = torch.cat((k_nope, k_pe), dim=-1)                              # [H, S, N+R]
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)              # [H, T, N+R]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return o.transpose(0, 1)                                           # [T, H, V]
+        del k_nope
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1).to(cd)       # [H, T, N+R]
+        o = attend(q, k, v, self.scale, self.query_block, pos0=pos0)       # [H, T, V]
+        return o.transpose(0, 1).to(q_nope.dtype)                          # [T, H, V]
 
 
 class DeepSeek2(Transformer):

@@ -16,7 +16,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FFN", "HeadLinear", "ModelConfigError", "RMSNorm", "Rope", "WeightLoader", "norm"]
+__all__ = ["FFN", "HeadLinear", "ModelConfigError", "QUERY_BLOCK", "RMSNorm", "Rope", "WeightLoader",
+           "attend", "causal_mask", "norm", "query_blocks"]
 
 
 from hybrid.models.specs import ModelConfigError  # noqa: E402 (torch-free, re-exported)
@@ -40,6 +41,7 @@ class WeightLoader(Protocol):
     # optional, each returning a faster equivalent or None: norm(name, eps),
     # head_linear(source name, W [H, in, out]), expert_select(router spec, bias),
     # fused_ffn(prefix, suffix), fused_attention(attention block)
+    # optional attribute: attn_query_block (the Plan's queries per attention step)
 
 
 class RMSNorm:
@@ -144,3 +146,54 @@ class FFN:
 
     def __call__(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+# Queries per attention step unless the Plan says otherwise (placement.solver Policy
+# attn_query_block): the Plan's workspace holds one block of scores, heads x block x keys, fp32.
+QUERY_BLOCK = 64
+
+
+def query_blocks(T: int, block: int) -> list[tuple[int, int]]:
+    """[t0, t1) spans of at most `block` queries covering 0..T."""
+    block = max(1, int(block))
+    return [(t0, min(T, t0 + block)) for t0 in range(0, T, block)]
+
+
+def causal_mask(t0: int, t1: int, pos0: int, S: int, device) -> torch.Tensor:
+    """[t1-t0, S] bool: query t (at position pos0 + t) sees keys 0..pos0 + t."""
+    i = torch.arange(t0, t1, device=device)[:, None] + pos0
+    return torch.arange(S, device=device)[None, :] <= i
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block: int, *,
+           pos0: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of q [Hq, T, Dk] over k [Hkv, S, Dk], v [Hkv, S, Dv] -> [Hq, T, Dv],
+    query head h reading K/V head h // (Hq / Hkv), in blocks of `block` queries.
+
+    Masking: `pos0` (query t at position pos0 + t sees keys 0..pos0 + t, and a block reads only
+    the keys its last query sees), or an explicit `mask` [T, S] bool, or neither (every query
+    sees every key). No more than Hq x block x S scores exist at once, whichever kernel
+    scaled_dot_product_attention takes: the Plan budgets exactly one such block. The inputs are
+    4-D, which the fused CUDA kernels need (3-D sends CUDA to the math kernel); the G query
+    heads of a K/V head become G x block query rows of that head (no copy of K/V per query head).
+    """
+    Hq, T, Dk = q.shape
+    Hkv, S, Dv = k.shape[0], k.shape[1], v.shape[2]
+    G = Hq // Hkv
+    out = torch.empty(Hq, T, Dv, dtype=v.dtype, device=v.device)
+    for t0, t1 in query_blocks(T, block):
+        n = t1 - t0
+        qb = q[:, t0:t1].reshape(1, Hkv, G * n, Dk)
+        kb, vb, m = k, v, None
+        if pos0 is not None:
+            s = min(S, pos0 + t1)                      # keys beyond the block's last query: unseen
+            kb, vb = k[:, :s], v[:, :s]
+            if n > 1:
+                m = causal_mask(t0, t1, pos0, s, q.device)
+        elif mask is not None:
+            m = mask[t0:t1]
+        if m is not None and G > 1:
+            m = m.repeat(G, 1)                         # rows g * n + t: query t of head group g
+        ob = F.scaled_dot_product_attention(qb, kb.unsqueeze(0), vb.unsqueeze(0), attn_mask=m, scale=scale)
+        out[:, t0:t1] = ob.view(Hq, n, Dv)
+    return out

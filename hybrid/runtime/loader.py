@@ -18,6 +18,7 @@ from hybrid.backends.native import (NativeFFN, NativeGQA, NativeHeadLinear, Nati
                                     NativeRMSNorm, NativeRouter, NativeWorkers, QuantLinear,
                                     native, native_experts_cls)
 from hybrid.gguf_file import GGUFFile
+from hybrid.models.layers import QUERY_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ class Loader:
         self._placed = None
         self.device = torch.device(plan.device)
         self.max_tokens = max_tokens
+        # queries per attention step: the Plan's workspace holds one block of scores
+        self.attn_query_block = int((getattr(plan, "policy", None) or {}).get("attn_query_block", QUERY_BLOCK))
         mod = native()
         self.native_types = frozenset(mod.supported_types()) & NATIVE_LINEAR_TYPES if mod else frozenset()
         if cpu_linears not in ("native", "torch", "dequant"):
