@@ -12,7 +12,7 @@ run writes one line per check into the summary; a check that needs CUDA on a mac
 it says "skipped: no CUDA" on its line. Checks (each against the CPU reference: cosine >= 0.999
 at every position and the same argmax):
 
-  cuda-tests        every CUDA test of tests/test_gpu_path.py and tests/test_plan_allocation.py
+  cuda-tests        every CUDA test of tests/test_gpu_path.py, test_plan_allocation.py, test_attention_blocks.py
   decode/<model>/<hot>/<mode>   decode with the CPU engine doing the routed experts (hot
                     "none": gpu_experts=[]) and with every third expert hot, through CUDA graphs,
                     the static segmented step and eager decode
@@ -160,7 +160,8 @@ def run(d: pathlib.Path) -> int:
 
     t0 = time.time()
     r = subprocess.run(["true"]) if stand_in else subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-                        "tests/test_gpu_path.py", "tests/test_plan_allocation.py"],
+                        "tests/test_gpu_path.py", "tests/test_plan_allocation.py",
+                        "tests/test_attention_blocks.py"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if stand_in:
         s.add("cuda-tests", "skipped", why="no CUDA (stand-in run)")

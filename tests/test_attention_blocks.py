@@ -143,3 +143,25 @@ def test_the_loader_takes_the_block_from_the_plan(tiny_gguf):
     plan.policy = dict(plan.policy, attn_query_block=5)
     with hybrid.load(path, device="cpu", threads=2, ctx=128, plan=plan, experts="torch") as rt:
         assert {a.query_block for a in _blocks(rt)} == {5}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_blocks_run_on_fused_kernels_within_one_block():
+    """bf16 4-D blocks are accepted by the fused kernels alone (the math kernel excluded), and
+    the peak stays near one block of scores, far below [H, T, S]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = torch.device("cuda")
+    Hq, Hkv, T, D, block = 32, 4, 4096, 128, 64
+    q = torch.randn(Hq, T, D, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(Hkv, T, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        out = attend(q, k, v, D ** -0.5, block, pos0=0)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= out.numel() * 2 + 2 * Hq * block * T * 4, peak        # output + one block, twice
+    ref = _reference(q[:, -8:].float().cpu(), k.float().cpu(), v.float().cpu(), D ** -0.5, pos0=T - 8)
+    np.testing.assert_allclose(out[:, -8:].float().cpu().numpy(), ref.numpy(), rtol=0, atol=2e-2)
