@@ -71,3 +71,39 @@ def test_a_gqa_head_count_that_disagrees_is_named(gqa_gguf, tmp_path):
     with pytest.raises(ModelConfigError, match=r"k.gguf: tensor 'blk.0.attn_k.weight' has shape "
                                                r"\[%d, %d\], expected \[%d, %d\]" % (ne[0] * 2, ne[1] // 2, *ne)):
         hybrid.load(bad, device="cpu", threads=1, ctx=64)
+
+
+# --- allocations the metadata sizes are checked against the Plan first (issue 17) ---------------
+
+def _no_loading(monkeypatch):
+    """Fail the test if the loader starts: the refusal must come before any weight is placed."""
+    import hybrid.runtime.engine as engine
+
+    def refuse(*a, **k):
+        raise AssertionError("the loader started before the plan's budget was checked")
+
+    monkeypatch.setattr(engine, "Loader", refuse)
+
+
+def test_a_plan_for_another_file_is_refused_before_loading(tiny_gguf, tiny_f32, monkeypatch):
+    from placement import plan_for_gguf
+
+    other = plan_for_gguf(str(tiny_gguf("F32", n_layer=4)), ctx=128, cpu_only=True)
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"the plan was made for a model of \d+ tensors .* plan again"):
+        hybrid.load(tiny_f32, device="cpu", ctx=128, plan=other)
+
+
+@pytest.mark.parametrize("arch", ["deepseek2", "qwen3moe"])
+def test_a_kv_cache_beyond_the_plans_budget_is_refused_before_loading(tiny_f32, gqa_gguf, monkeypatch,
+                                                                      arch):
+    from placement import plan_for_gguf
+
+    path = tiny_f32 if arch == "deepseek2" else gqa_gguf(arch, "F32")
+    plan = plan_for_gguf(str(path), ctx=128, cpu_only=True)
+    assert plan.kv_cache_bytes == 128 * plan.kv_bytes_per_token
+    # the solver and the model agree to the byte: a plan one byte a token short is refused
+    plan.kv_cache_bytes -= 128
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"the KV cache for 128 tokens needs .* the plan counted"):
+        hybrid.load(path, device="cpu", ctx=128, plan=plan)

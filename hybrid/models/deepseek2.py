@@ -200,6 +200,11 @@ class DeepSeek2(Transformer):
                     beta_fast=a.yarn_beta_fast, beta_slow=a.yarn_beta_slow, neox=False,
                     device=device)
 
+    @staticmethod
+    def cache_bytes_per_token(a: ModelArgs, dtype: torch.dtype) -> int:
+        """What new_cache holds per position: the latent and the rope key of every layer."""
+        return a.n_layer * (a.kv_lora_rank + a.qk_rope_dim) * dtype.itemsize
+
     def new_cache(self, tokens: int, dtype: torch.dtype, device):
         from hybrid.runtime.kv_cache import LatentKVCache
 

@@ -29,6 +29,11 @@ class GQATransformer(Transformer):
     def make_rope(self, max_pos: int, device):
         return self.args.rope(max_pos, device)
 
+    @staticmethod
+    def cache_bytes_per_token(a, dtype: torch.dtype) -> int:
+        """What new_cache holds per position: K and V of every KV head of every layer."""
+        return a.n_layer * a.n_head_kv * (a.head_dim_k + a.head_dim_v) * dtype.itemsize
+
     def new_cache(self, tokens: int, dtype: torch.dtype, device):
         from hybrid.runtime.kv_cache import KVCache
 

@@ -65,6 +65,11 @@ class Transformer:
     def make_rope(self, max_pos: int, device):
         raise NotImplementedError
 
+    @staticmethod
+    def cache_bytes_per_token(a, dtype: torch.dtype) -> int:
+        """Bytes new_cache holds per position (checked against the Plan before allocating)."""
+        raise NotImplementedError
+
     def new_cache(self, tokens: int, dtype: torch.dtype, device):
         """The KV cache this model's attention reads and writes, for `tokens` positions."""
         raise NotImplementedError

@@ -92,6 +92,35 @@ def _check_plan_fits(path, plan) -> None:
                      + " (hybrid-run MODEL --dry-run prints the full plan)")
 
 
+def _check_plan_budget(path, plan, gguf, model, args, kv_dtype) -> None:
+    """The allocations the metadata sizes, against the Plan's budget, before any is made.
+
+    Weights are as large as the file's tensors; what metadata alone sizes is the KV cache
+    (layers x positions x widths; the positions are the Plan's) and what follows from the
+    tensor shapes the loader has already checked. A plan made for another file, or a metadata
+    value read differently by the solver and the model, is refused here with the figures, not
+    met later as an out-of-memory kill. (MinimalPlan, a caller's forced layout, has no budget.)"""
+    from placement.units import fmt_bytes
+
+    n = getattr(plan, "n_tensors", None)
+    if n is not None:
+        have = (len(gguf.tensors), sum(int(t.n_bytes) for t in gguf.tensors.values()))
+        if (n, plan.weights_bytes) != have:
+            raise ValueError(f"{path}: the plan was made for a model of {n} tensors "
+                             f"({fmt_bytes(plan.weights_bytes)}), this file has {have[0]} "
+                             f"({fmt_bytes(have[1])}): plan again for this file (load without plan=)")
+    budget = getattr(plan, "kv_cache_bytes", None)
+    if budget is None:
+        return
+    tokens = int(plan.kv_cache_tokens)
+    per_token = model.cache_bytes_per_token(args, kv_dtype)
+    if tokens * per_token > budget:
+        raise ValueError(f"{path}: the KV cache for {tokens} tokens needs {fmt_bytes(tokens * per_token)} "
+                         f"({per_token} B a token over {args.n_layer} layers), the plan counted "
+                         f"{fmt_bytes(budget)} ({plan.kv_bytes_per_token} B a token): the plan does not "
+                         f"match this file's metadata; plan again for this file")
+
+
 class Runtime:
     """A loaded model. Not thread-safe: one sequence at a time."""
 
@@ -159,6 +188,8 @@ class Runtime:
         self.args = mod.ModelArgs.from_gguf(self.gguf.metadata, self.gguf.tensors, self.path)
         # every tensor's shape against the metadata, before any weight is read or sized
         check_tensors(mod.Model.tensor_specs(self.args), self.gguf.tensors, self.path, arch)
+        kv_dtype = DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
+        _check_plan_budget(self.path, plan, self.gguf, mod.Model, self.args, kv_dtype)
         self.ctx = int(plan.kv_cache_tokens)
         t0 = time.perf_counter()
         if copy_progress is None:
@@ -203,7 +234,6 @@ class Runtime:
                                    rope_device=self.device, progress=progress)
         self.loader.finish()
         self.load_s = time.perf_counter() - t0
-        kv_dtype = DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
         self.cache = self.model.new_cache(self.ctx, dtype=kv_dtype, device=self.device)
         self.loader.record(self.loader.compute_plan_device(), "kv_cache", self.cache.nbytes)   # placed_bytes
         self._setup_decoder(gpu_opts["decode_graphs"])
