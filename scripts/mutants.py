@@ -471,6 +471,22 @@ MUTANTS: list[Mutant] = [
            '            open(os.path.expanduser(path), "w").write(json.dumps(doc))',
            (T_ATOM, "-k", "chat_save"),
            "/save writes the file in place: a failure leaves half of it"),
+    Mutant("issue16-router-logits-by-blas", "hybrid/models/moe.py",
+           "            return self.select(self.select.logits(h, self.gate_inp))",
+           "            return self.select(h.float() @ self.gate_inp.t())",
+           ("tests/test_batching.py", "-k", "solo_logits"),
+           "a request's routing depends on which requests share its decode step (BLAS takes "
+           "another path for one row than for 16)"),
+    Mutant("issue16-attention-on-the-wrong-slot", "hybrid/runtime/batch.py",
+           "blk.attn(x[i:i + 1], pos[i], s.cache, m.rope, m.attn_mode)",
+           "blk.attn(x[i:i + 1], pos[i], slots[0].cache, m.rope, m.attn_mode)",
+           ("tests/test_batching.py", "-k", "solo_logits or solo_texts"),
+           "batched rows attend against one shared cache instead of their own slots"),
+    Mutant("issue16-prefix-cache-ignores-cached", "hybrid/runtime/scheduler.py",
+           "                common = slot.common_prefix(r.ids[:-1])",
+           "                common = 0",
+           ("tests/test_batching.py", "-k", "second_turn"),
+           "a second chat turn prefills its whole history again"),
 ]
 
 
