@@ -487,6 +487,33 @@ MUTANTS: list[Mutant] = [
            "                common = 0",
            ("tests/test_batching.py", "-k", "second_turn"),
            "a second chat turn prefills its whole history again"),
+    Mutant("issue16-api-key-not-checked", "hybrid/app/server.py",
+           "            if not hmac.compare_digest(given.encode(), self.api_key.encode()):",
+           "            if given is None:",
+           ("tests/test_server.py", "-k", "api_key"),
+           "--api-key set, and requests without it are served"),
+    Mutant("issue16-body-read-before-its-size", "hybrid/app/server.py",
+           "        if n is not None and n > self.max_body:\n            return self._too_large()",
+           "        if False:\n            return self._too_large()",
+           ("tests/test_server.py", "-k", "body_over_the_limit"),
+           "a 200 MB body is read whole before it is refused"),
+    Mutant("issue16-no-429", "hybrid/app/server.py",
+           "        if pending[0] + sched.queue_depth >= opt.max_queue:",
+           "        if False:",
+           ("tests/test_server.py", "-k", "full_queue_answers_429"),
+           "a full queue answers with a server error instead of 429 + Retry-After"),
+    Mutant("issue16-tokenize-on-the-loop", "hybrid/app/server.py",
+           "            text, ids = await asyncio.get_running_loop().run_in_executor(\n"
+           "                tok_pool, tokenize, messages, prompt, param)",
+           "            text, ids = tokenize(messages, prompt, param)",
+           ("tests/test_server.py", "-k", "off_the_engine_thread"),
+           "a huge prompt is tokenized on the event loop, stalling every other request"),
+    Mutant("issue16-disconnect-keeps-the-slot", "hybrid/app/server.py",
+           "                if await request.is_disconnected():\n                    cancel(job)\n"
+           "                    raise APIError(499, \"the client closed the request\")",
+           "                if False:\n                    pass",
+           ("tests/test_server.py", "-k", "gives_up"),
+           "a client that gave up keeps its slot busy until max_tokens"),
 ]
 
 
