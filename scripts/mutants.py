@@ -514,6 +514,11 @@ MUTANTS: list[Mutant] = [
            "                if False:\n                    pass",
            ("tests/test_server.py", "-k", "gives_up"),
            "a client that gave up keeps its slot busy until max_tokens"),
+    Mutant("issue16-sigterm-kills", "hybrid/app/server.py",
+           "    previous = signal.signal(signal.SIGTERM, stopped) if main else None",
+           "    previous = None",
+           ("tests/test_server_load.py", "-k", "sigterm"),
+           "SIGTERM kills the server (status -15, no 'server stopped', the runtime never closed)"),
 ]
 
 

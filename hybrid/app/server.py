@@ -898,9 +898,26 @@ def serve(rt, sock: socket.socket, *, model: str, system: str | None = None, sho
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5, backlog=1024)
     server = uvicorn.Server(config)
+
+    class Stopped(Exception):
+        pass
+
+    def stopped(signum, frame):
+        raise Stopped
+
+    # uvicorn shuts down gracefully (stops accepting, gives open requests 5 s, then the
+    # scheduler cancels the rest), then re-raises the signal to the handler it found: ours
+    # turns SIGTERM into a normal return, as Ctrl-C's KeyboardInterrupt is
+    import signal
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stopped) if main else None
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:   # uvicorn shuts down gracefully, then re-raises the signal
+    except (KeyboardInterrupt, Stopped):
         pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     say("server stopped")
     return 0
