@@ -555,8 +555,8 @@ def run(a) -> int:
             import fastapi  # noqa: F401
             import uvicorn  # noqa: F401
         except ImportError:
-            raise UserError("--serve needs FastAPI and uvicorn: pip install 'hybrid[server]' "
-                            "(or pip install fastapi uvicorn)") from None
+            raise UserError("--serve needs FastAPI and uvicorn, dependencies of hybrid that are "
+                            "missing here: pip install fastapi uvicorn") from None
         from hybrid.app.server import bind
 
         try:
