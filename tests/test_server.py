@@ -350,20 +350,35 @@ def test_max_tokens_over_the_cap_is_a_400(run_app):
 
 
 def test_prompts_are_tokenized_off_the_engine_thread(run_app, tiny_rt, monkeypatch):
-    url, _, _ = run_app()
+    url, _, _ = run_app(parallel=2)
     seen = []
     real = tiny_rt.tokenize
+    slow = threading.Event()           # holds the tokenization of the "huge" prompt
 
-    def spy(*a, **kw):
+    def spy(text, *a, **kw):
         seen.append(threading.current_thread().name)
-        return real(*a, **kw)
+        if "HUGE" in text:
+            assert slow.wait(60)
+        return real(text, *a, **kw)
 
     monkeypatch.setattr(tiny_rt, "tokenize", spy)
+    big = []
+    t = threading.Thread(target=lambda: big.append(_chat(url, messages=[
+        {"role": "user", "content": "HUGE prompt"}], max_tokens=2)))
+    t.start()
+    deadline = time.time() + 30
+    while not seen and time.time() < deadline:
+        time.sleep(0.01)
+    # while the big prompt is still being tokenized, a small request is served
     assert _chat(url).status_code == 200
+    assert not big
+    slow.set()
+    t.join(60)
+    assert big[0].status_code == 200
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "abc", "max_tokens": 2},
                    timeout=30)
     assert r.status_code == 200
-    assert len(seen) == 2 and all(n.startswith("hybrid-tokenize") for n in seen), seen
+    assert len(seen) == 3 and all(n.startswith("hybrid-tokenize") for n in seen), seen
 
 
 def test_metrics_and_the_access_log_count_what_was_served(run_app):

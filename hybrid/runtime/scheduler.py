@@ -168,7 +168,13 @@ class Scheduler:
     def tokens_per_s(self, window: float = 10.0) -> float:
         """Tokens generated per second over the last `window` seconds."""
         now = time.perf_counter()
-        return sum(n for t, n in list(self._recent) if t >= now - window) / window
+        while True:
+            try:
+                recent = list(self._recent)     # the scheduler thread appends meanwhile
+                break
+            except RuntimeError:
+                continue
+        return sum(n for t, n in recent if t >= now - window) / window
 
     @property
     def queue_depth(self) -> int:
