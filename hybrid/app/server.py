@@ -126,7 +126,9 @@ def _json_bytes(obj) -> bytes:
 class Gate:
     """ASGI middleware in front of every route: the access log line and request counts,
     the API key, and the body size limit (from Content-Length before anything is read; a
-    body without one is read up to the limit, no further)."""
+    body without one is kept up to the limit, no further)."""
+
+    DRAIN = 64 * MiB      # bytes of an over-limit chunked body read and dropped before the 413
 
     def __init__(self, app, *, api_key: str | None, max_body: int, access, counts: collections.Counter,
                  routes: set):
@@ -206,6 +208,11 @@ class Gate:
                 break
             size += len(msg.get("body", b""))
             if size > self.max_body:
+                # let the client finish sending (discarded, up to a bound) so that it reads
+                # the 413 rather than a connection reset mid-upload
+                while msg.get("more_body") and size <= self.max_body + self.DRAIN:
+                    msg = await receive()
+                    size += len(msg.get("body", b""))
                 return None
             chunks.append(msg.get("body", b""))
             if not msg.get("more_body"):

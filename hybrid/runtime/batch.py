@@ -94,12 +94,63 @@ class SlotEngine:
         rt._set_threads_for(1)
         x = m.embed(torch.tensor(list(tokens), dtype=torch.long).to(rt.device))      # [T, D]
         pos = [s.cache.length for s in slots]
+        caches = [s.cache for s in slots]
         for blk in m.blocks:
-            a = [blk.attn(x[i:i + 1], pos[i], s.cache, m.rope, m.attn_mode) for i, s in enumerate(slots)]
-            x = x + (a[0] if len(a) == 1 else torch.cat(a))
+            x = x + attention_rows(blk.attn, x, pos, caches, m.rope)
             x = x + blk.ffn(blk.ffn_norm(x))
         logits = m.lm_head(m.norm(x))                                                 # [T, B]
         for s, t in zip(slots, tokens):
             s.cache.advance(1)
             s.tokens.append(int(t))
         return logits
+
+
+def attention_rows(attn, x: torch.Tensor, pos: Sequence[int], caches: Sequence, rope) -> torch.Tensor:
+    """One decode token per row, row i at position pos[i] of caches[i] -> [T, D].
+
+    MLA (absorbed) and GQA: the projections, the absorbed head matrices and the output
+    projection run once over all rows (each reads its weights once per step, and every one
+    computes row by row: a row's numbers do not depend on the others); only the scores
+    against each row's own cache are per row. Other attentions: one call per row."""
+    from hybrid.models.attention import GQAttention
+    from hybrid.models.deepseek2 import MLAttention
+
+    if isinstance(attn, MLAttention):
+        return _mla_rows(attn, x, pos, caches, rope)
+    if isinstance(attn, GQAttention):
+        return _gqa_rows(attn, x, pos, caches, rope)
+    rows = [attn(x[i:i + 1], p, c, rope) for i, (p, c) in enumerate(zip(pos, caches))]
+    return torch.cat(rows)
+
+
+def _mla_rows(attn, x, pos, caches, rope):
+    """MLAttention's absorbed path (MLAttention._absorbed) with a cache per row."""
+    T = x.shape[0]
+    C = attn.args.kv_lora_rank
+    where = torch.tensor(list(pos), device=x.device)
+    q_nope, q_pe, latent, k_pe = attn._project(x)
+    q_pe, k_pe = rope.at(q_pe, where), rope.at(k_pe, where)              # [T,H,R], [T,R]
+    q_abs = attn.k_up(q_nope.transpose(0, 1))                            # [H, T, C]
+    o_lat = []
+    for i, cache in enumerate(caches):
+        kv_all = cache.append(attn.il, pos[i], latent[i:i + 1], k_pe[i:i + 1])   # [S, C+R]
+        cd = kv_all.dtype
+        qc = torch.cat((q_abs[:, i], q_pe[i]), dim=-1).to(cd)             # [H, C+R]
+        scores = (qc @ kv_all.t()).float().mul_(attn.scale)              # [H, S]
+        p = torch.softmax(scores, dim=-1).to(cd)
+        o_lat.append(p @ kv_all[:, :C])                                  # [H, C]
+    o = attn.v_up(torch.stack(o_lat, dim=1).float())                     # [H, T, V]
+    return attn.wo(o.transpose(0, 1).reshape(T, -1))
+
+
+def _gqa_rows(attn, x, pos, caches, rope):
+    """GQAttention's path with a cache per row."""
+    T = x.shape[0]
+    where = torch.tensor(list(pos), device=x.device)
+    q, k, v = attn._project(x)
+    q, k = rope.at(q, where), rope.at(k, where)
+    o = []
+    for i, cache in enumerate(caches):
+        k_all, v_all = cache.append(attn.il, pos[i], k[i:i + 1], v[i:i + 1])
+        o.append(attn._attend(q[i:i + 1], k_all, v_all, None))            # [1, H, Dv]
+    return attn.wo(torch.cat(o).reshape(T, -1))
