@@ -85,7 +85,8 @@ def _pct(xs, q):
 
 
 def _breakdown(path, threads, sizes, ctx, steps=8):
-    """Seconds per decode step at each T: attention (per row) and the rest (per batch)."""
+    """(T, attention mode, seconds per decode step, of which attention) at each T, with the
+    attention batched (SlotEngine's default) and per row (the fused single-sequence call)."""
     import torch
 
     import hybrid
@@ -94,39 +95,39 @@ def _breakdown(path, threads, sizes, ctx, steps=8):
     rt = hybrid.load(path, device="cpu", threads=threads, ctx=ctx)
     eng = SlotEngine(rt, max(sizes))
     spent = {"attention": 0.0}
+    import hybrid.runtime.batch as batch
 
-    class Timed:
-        def __init__(self, f):
-            self.f = f
+    real_rows = batch.attention_rows
 
-        def __call__(self, *a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return self.f(*a, **kw)
-            finally:
-                spent["attention"] += time.perf_counter() - t0
+    def timed_rows(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real_rows(*a, **kw)
+        finally:
+            spent["attention"] += time.perf_counter() - t0
 
-    for blk in rt.model.blocks:
-        blk.attn = Timed(blk.attn)
+    batch.attention_rows = timed_rows
     rows = []
     for T in sizes:
-        slots = eng.slots[:T]
-        for i, s in enumerate(slots):
-            s.truncate(0)
-            eng.prefill(s, list(np.random.default_rng(i).integers(3, rt.n_vocab, 16)))
-        toks = [5] * T
-        eng.decode(slots, toks)                                 # warm-up
-        times, att = [], []
-        for _ in range(steps):
-            spent["attention"] = 0.0
-            t0 = time.perf_counter()
-            lg = eng.decode(slots, toks)
-            times.append(time.perf_counter() - t0)
-            att.append(spent["attention"])
-            toks = [int(x) for x in torch.argmax(lg, -1)]
-        step = statistics.median(times)
-        a = statistics.median(att)
-        rows.append((T, step, a))
+        for mode in (True, False):
+            eng.batched_attention = mode
+            slots = eng.slots[:T]
+            for i, s in enumerate(slots):
+                s.truncate(0)
+                eng.prefill(s, list(np.random.default_rng(i).integers(3, rt.n_vocab, 16)))
+            toks = [5] * T
+            eng.decode(slots, toks)                             # warm-up
+            times, att = [], []
+            for _ in range(steps):
+                spent["attention"] = 0.0
+                t0 = time.perf_counter()
+                lg = eng.decode(slots, toks)
+                times.append(time.perf_counter() - t0)
+                att.append(spent["attention"])
+                toks = [int(x) for x in torch.argmax(lg, -1)]
+            rows.append((T, "batched" if mode else "per row", statistics.median(times),
+                         statistics.median(att)))
+    batch.attention_rows = real_rows
     rt.close()
     return rows
 
@@ -188,10 +189,11 @@ def main(argv=None) -> int:
 
     if not a.no_breakdown:
         print("\nwhere a decode step's time goes (this process, same threads):")
-        print(f"{'T':>4} {'step ms':>9} {'attention ms':>13} {'rest ms':>9} {'tok/s':>8}")
-        for T, step, att in _breakdown(path, a.threads, levels, ctx):
-            print(f"{T:>4} {step * 1e3:>9.1f} {att * 1e3:>13.1f} {(step - att) * 1e3:>9.1f} "
-                  f"{T / step:>8.1f}")
+        print(f"{'T':>4} {'attention':>10} {'step ms':>9} {'attention ms':>13} {'rest ms':>9} "
+              f"{'tok/s':>8}")
+        for T, mode, step, att in _breakdown(path, a.threads, levels, ctx):
+            print(f"{T:>4} {mode:>10} {step * 1e3:>9.1f} {att * 1e3:>13.1f} "
+                  f"{(step - att) * 1e3:>9.1f} {T / step:>8.1f}")
     return 0
 
 

@@ -365,7 +365,8 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
     if engine is None:
         engine = SlotEngine(rt, opt.parallel or default_parallel(rt))
     tokenizer = rt.tokenizer          # made here: the tokenizer threads share it
-    sched = Scheduler(engine, tokenizer, max_queue=opt.max_queue, prefill_chunk=opt.prefill_chunk,
+    chunk = min(opt.prefill_chunk, getattr(rt, "prefill_chunk", opt.prefill_chunk))
+    sched = Scheduler(engine, tokenizer, max_queue=opt.max_queue, prefill_chunk=chunk,
                       prefix_cache=opt.prefix_cache)
     tok_pool = concurrent.futures.ThreadPoolExecutor(opt.tokenizer_threads, "hybrid-tokenize")
     ctx = engine.ctx
@@ -892,8 +893,13 @@ def serve(rt, sock: socket.socket, *, model: str, system: str | None = None, sho
     def say(line):
         print(line, file=out, flush=True)
 
-    app = create_app(rt, model=model, system=system, show_think=show_think, options=opt,
-                     defaults=defaults, access=say)
+    from hybrid.app.cli import UserError
+
+    try:
+        app = create_app(rt, model=model, system=system, show_think=show_think, options=opt,
+                         defaults=defaults, access=say)
+    except ValueError as e:              # --parallel beyond what the runtime takes
+        raise UserError(str(e)) from None
     sched = app.state.scheduler
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

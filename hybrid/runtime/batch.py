@@ -50,9 +50,17 @@ class SlotEngine:
     Not thread-safe: one thread (the scheduler's) calls it. The runtime's own cache serves
     as slot 0, so a server with one slot allocates nothing more."""
 
+    # False: each row's attention is the call a single-sequence decode makes (the fused
+    # native layer on the CPU), projections included (bench/bench_serve.py compares)
+    batched_attention = True
+
     def __init__(self, rt, n_slots: int, ctx: int | None = None):
         if n_slots < 1:
             raise ValueError(f"--parallel {n_slots}: at least 1 slot")
+        if n_slots > rt.prefill_chunk:
+            # a decode step is one call of n_slots tokens: the engine's buffers hold a chunk
+            raise ValueError(f"--parallel {n_slots}: at most {rt.prefill_chunk} slots (the "
+                             f"runtime's prefill chunk, which sizes the expert engine's buffers)")
         self.rt = rt
         self.model = rt.model
         self.ctx = int(ctx or rt.ctx)
@@ -96,7 +104,7 @@ class SlotEngine:
         pos = [s.cache.length for s in slots]
         caches = [s.cache for s in slots]
         for blk in m.blocks:
-            x = x + attention_rows(blk.attn, x, pos, caches, m.rope)
+            x = x + attention_rows(blk.attn, x, pos, caches, m.rope, self.batched_attention)
             x = x + blk.ffn(blk.ffn_norm(x))
         logits = m.lm_head(m.norm(x))                                                 # [T, B]
         for s, t in zip(slots, tokens):
@@ -105,7 +113,8 @@ class SlotEngine:
         return logits
 
 
-def attention_rows(attn, x: torch.Tensor, pos: Sequence[int], caches: Sequence, rope) -> torch.Tensor:
+def attention_rows(attn, x: torch.Tensor, pos: Sequence[int], caches: Sequence, rope,
+                   batched: bool = True) -> torch.Tensor:
     """One decode token per row, row i at position pos[i] of caches[i] -> [T, D].
 
     MLA (absorbed) and GQA: the projections, the absorbed head matrices and the output
@@ -115,9 +124,9 @@ def attention_rows(attn, x: torch.Tensor, pos: Sequence[int], caches: Sequence, 
     from hybrid.models.attention import GQAttention
     from hybrid.models.deepseek2 import MLAttention
 
-    if isinstance(attn, MLAttention):
+    if batched and isinstance(attn, MLAttention):
         return _mla_rows(attn, x, pos, caches, rope)
-    if isinstance(attn, GQAttention):
+    if batched and isinstance(attn, GQAttention):
         return _gqa_rows(attn, x, pos, caches, rope)
     rows = [attn(x[i:i + 1], p, c, rope) for i, (p, c) in enumerate(zip(pos, caches))]
     return torch.cat(rows)

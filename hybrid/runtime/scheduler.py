@@ -4,8 +4,8 @@ One thread (the scheduler's) owns the SlotEngine. Each turn of its loop it
   1. drops requests whose client went away (their slots are free at once),
   2. moves waiting requests into free slots (preferring the idle slot that already holds
      the longest prefix of the prompt, else the least recently used one),
-  3. prefills one chunk of one new prompt (the oldest), so that a long prompt delays the
-     streams of others by one chunk per step, not by its whole length,
+  3. prefills up to one chunk of prompt tokens (the oldest new prompts first), so that a
+     long prompt delays the streams of others by one chunk per step, not by its whole length,
   4. runs one decode step over the next token of every decoding request together, and
      samples each with its own parameters (temperature, top-k, top-p, seed, stop strings,
      max tokens).
@@ -239,10 +239,14 @@ class Scheduler:
 
     def _step(self) -> None:
         eng = self.engine
-        prefilling = [r for r in self.active if r.next_token is None]
-        if prefilling:
-            r = prefilling[0]
-            chunk = r.ids[r.pos:r.pos + self.prefill_chunk]
+        # up to prefill_chunk prompt tokens a step, oldest request first: several short
+        # prompts start together, a long one goes a chunk at a time between decode steps
+        budget = self.prefill_chunk
+        for r in [r for r in self.active if r.next_token is None]:
+            if budget <= 0:
+                break
+            chunk = r.ids[r.pos:r.pos + budget]
+            budget -= len(chunk)
             t0 = time.perf_counter()
             logits = eng.prefill(r.slot, chunk)
             r.stats.prefill_s += time.perf_counter() - t0
