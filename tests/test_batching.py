@@ -29,8 +29,10 @@ def _prompts(rt, n, seed=0):
     return [torch.randint(5, rt.n_vocab, (3 + 2 * i,), generator=g).tolist() for i in range(n)]
 
 
-def test_a_batched_decode_step_gives_every_row_its_solo_logits(rt):
+@pytest.mark.parametrize("batched_attention", [False, True])
+def test_a_batched_decode_step_gives_every_row_its_solo_logits(rt, batched_attention):
     eng = SlotEngine(rt, 8)
+    eng.batched_attention = batched_attention
     prompts = _prompts(rt, 8)
 
     def run(together):

@@ -318,7 +318,7 @@ def _ndjson(obj) -> str:
 
 
 ROUTES = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-          "/api/tags", "/api/version", "/api/chat", "/api/generate", "/api/show", "/api/ps"}
+          "/api/tags", "/api/version", "/api/chat", "/api/generate"}
 
 
 class Job:

@@ -50,9 +50,6 @@ class SlotEngine:
     Not thread-safe: one thread (the scheduler's) calls it. The runtime's own cache serves
     as slot 0, so a server with one slot allocates nothing more."""
 
-    # False: each row's attention is the call a single-sequence decode makes (the fused
-    # native layer on the CPU), projections included (bench/bench_serve.py compares)
-    batched_attention = True
 
     def __init__(self, rt, n_slots: int, ctx: int | None = None):
         if n_slots < 1:
@@ -72,6 +69,13 @@ class SlotEngine:
         while len(caches) < n_slots:
             caches.append(self.model.new_cache(self.ctx, dtype=dtype, device=device))
         self.slots = [Slot(i, c) for i, c in enumerate(caches)]
+        # Attention of a decode step: batched (projections once over all rows, see
+        # attention_rows), or per row through the call a single-sequence decode makes. On
+        # the CPU per row wins: the fused native layer is one call where the batched path
+        # is ~10 torch ops a row, and a layer's weights stay in cache from row to row
+        # (TinyConfig.mid, 2 cores: equal at 16 rows, 4 ms a token faster alone;
+        # bench/bench_serve.py compares). On a GPU, per-row calls would be launch-bound.
+        self.batched_attention = device.type != "cpu"
         rt.reset()   # slot 0's cache no longer belongs to generate()
 
     @property
