@@ -26,6 +26,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -42,6 +43,8 @@ def _start_server(path, threads, parallel, ctx):
     for line in proc.stdout:
         m = re.search(r"at http://[^\s]+:(\d+)/v1", line)
         if m:
+            # keep reading its output (the access log), or a full pipe would stall the server
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc, f"http://127.0.0.1:{m.group(1)}"
     raise SystemExit(f"the server did not start (exit status {proc.wait()})")
 
