@@ -115,7 +115,6 @@ def test_a_second_turn_prefills_only_its_new_tokens(rt):
         assert done[0].wait(60)
         held = list(reqs[0].slot.tokens)           # prompt + all but the last reply token
         second = held + [7, 8, 9]
-        nxt = []
         ev = threading.Event()
         r2 = Request(ids=second, emit=lambda k, v: ev.set() if k == "done" else None, max_tokens=2,
                      sampling=SamplingParams(temperature=0.0))
@@ -132,7 +131,6 @@ def test_a_second_turn_prefills_only_its_new_tokens(rt):
         sched.submit(r3)
         assert ev3.wait(60)
         assert r3.slot is not r2.slot and r3.stats.cached_tokens == 0
-        nxt.append(r3)
     finally:
         sched.stop()
 
