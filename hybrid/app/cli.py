@@ -129,13 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true",
                      help="-p: send the prompt as plain text, without the chat template")
 
-    srv = p.add_argument_group("server (--serve)")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    srv.add_argument("--port", type=_number(int, 0, hi=65535, what="0..65535"), default=8080,
-                     help="port (default 8080; 0 picks a free one)")
-    srv.add_argument("--max-queue", type=_number(int, 1, what="at least 1"), default=16, metavar="N",
-                     help="requests waiting behind the running one before the server answers 503 "
-                          "(default 16)")
+    from hybrid.app.server import add_serve_args
+
+    add_serve_args(p)
     return p
 
 
@@ -143,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 _RUN_ONLY = {"-p": 1, "--prompt": 1, "--max-tokens": 1, "--temperature": 1, "--top-p": 1,
              "--top-k": 1, "--seed": 1, "--system": 1, "--host": 1, "--port": 1,
              "--save-expert-stats": 1,
-             "--max-queue": 1, "--no-think": 0, "--no-hugepages": 0,
+             "--max-queue": 1, "--parallel": 1, "--api-key": 1, "--max-body": 1,
+             "--max-tokens-cap": 1, "--no-think": 0, "--no-hugepages": 0,
              "--serve": 0, "--raw": 0,
              "--dry-run": 0}
 
@@ -558,8 +555,8 @@ def run(a) -> int:
             import fastapi  # noqa: F401
             import uvicorn  # noqa: F401
         except ImportError:
-            raise UserError("--serve needs FastAPI and uvicorn: pip install 'hybrid[server]' "
-                            "(or pip install fastapi uvicorn)") from None
+            raise UserError("--serve needs FastAPI and uvicorn, dependencies of hybrid that are "
+                            "missing here: pip install fastapi uvicorn") from None
         from hybrid.app.server import bind
 
         try:
@@ -578,10 +575,10 @@ def run(a) -> int:
 
                 return run_demo(rt, plan, name=a.demo, max_tokens=a.max_tokens or 64, out=sys.stdout)
             if sock is not None:
-                from hybrid.app.server import serve
+                from hybrid.app.server import ServeOptions, serve
 
                 return serve(rt, sock, model=model_id(path), system=a.system,
-                             show_think=not a.no_think, max_queue=a.max_queue,
+                             show_think=not a.no_think, options=ServeOptions.from_args(a),
                              defaults=_gen_params(a, 1024))
             if prompt is not None:
                 return one_shot(rt, a, prompt)

@@ -282,6 +282,19 @@ class NativeRouter:
         self.args = args
         self.bias = None if bias is None else bias.float().contiguous().numpy()
 
+    @staticmethod
+    def logits(h: torch.Tensor, gate_inp: torch.Tensor) -> torch.Tensor:
+        """h [T, D] @ gate_inp [E, D]^T on the native matmul: each row's dot products are
+        the same whatever else is in the batch (torch's BLAS takes another path for one row
+        than for several), so a request's routing does not depend on the requests batched
+        with it (hybrid.runtime.batch)."""
+        x = h.float().contiguous()
+        w = gate_inp.float().contiguous()
+        out = torch.empty(x.shape[0], w.shape[0])
+        native().matmul(w.numpy().view(np.uint8), dequant.F32, x.numpy(), out.numpy(),
+                        torch.get_num_threads())
+        return out
+
     def __call__(self, logits: torch.Tensor):
         a = self.args
         T, K = logits.shape[0], a.n_expert_used

@@ -37,9 +37,9 @@ class Router:
 
     def __call__(self, h: torch.Tensor):
         a = self.args
-        logits = h.float() @ self.gate_inp.t()                             # [T, E]
         if self.select is not None:
-            return self.select(logits)
+            return self.select(self.select.logits(h, self.gate_inp))
+        logits = h.float() @ self.gate_inp.t()                             # [T, E]
         if a.gating_func == GATING_SIGMOID:
             probs = torch.sigmoid(logits)
         else:

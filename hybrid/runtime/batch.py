@@ -1,0 +1,169 @@
+"""Batched forwards over per-request KV slots, for the server's continuous batching.
+
+A slot is one KV cache of the model's own kind (the latent cache for MLA, per-head K/V for
+GQA) holding one request's sequence. A decode step runs the next token of every decoding
+request as one [T, D] batch through everything that works per token (linears, norms, the
+router, the routed and shared experts, the head): the expert engine sees T tokens and reads
+each expert's weights once for all of them. Attention runs per row, each token against its
+own slot at its own position, through the same call a single-sequence decode makes, so a row's
+result does not depend on which other requests share the step.
+
+Prompts are prefilled per slot, in chunks, through the model's ordinary forward.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["Slot", "SlotEngine"]
+
+
+class Slot:
+    """One KV cache and the tokens it holds (in order), for prefix reuse."""
+
+    def __init__(self, index: int, cache):
+        self.index = index
+        self.cache = cache
+        self.tokens: list[int] = []
+        self.last_used = 0.0
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n cached tokens."""
+        self.cache.truncate(n)
+        del self.tokens[n:]
+
+    def common_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of ids this slot holds already."""
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
+class SlotEngine:
+    """Forwards of a loaded Runtime over `n_slots` KV slots of `ctx` tokens each.
+
+    Not thread-safe: one thread (the scheduler's) calls it. The runtime's own cache serves
+    as slot 0, so a server with one slot allocates nothing more."""
+
+
+    def __init__(self, rt, n_slots: int, ctx: int | None = None):
+        if n_slots < 1:
+            raise ValueError(f"--parallel {n_slots}: at least 1 slot")
+        if n_slots > rt.prefill_chunk:
+            # a decode step is one call of n_slots tokens: the engine's buffers hold a chunk
+            raise ValueError(f"--parallel {n_slots}: at most {rt.prefill_chunk} slots (the "
+                             f"runtime's prefill chunk, which sizes the expert engine's buffers)")
+        self.rt = rt
+        self.model = rt.model
+        self.ctx = int(ctx or rt.ctx)
+        cache = rt.cache
+        dtype = getattr(cache, "data", None)
+        dtype = (dtype if dtype is not None else cache.k).dtype
+        device = rt.device
+        caches = [cache] if self.ctx == cache.max_tokens else []
+        while len(caches) < n_slots:
+            caches.append(self.model.new_cache(self.ctx, dtype=dtype, device=device))
+        self.slots = [Slot(i, c) for i, c in enumerate(caches)]
+        # Attention of a decode step: batched (projections once over all rows, see
+        # attention_rows), or per row through the call a single-sequence decode makes. On
+        # the CPU per row wins: the fused native layer is one call where the batched path
+        # is ~10 torch ops a row, and a layer's weights stay in cache from row to row
+        # (TinyConfig.mid, 2 cores: equal at 16 rows, 4 ms a token faster alone;
+        # bench/bench_serve.py compares). On a GPU, per-row calls would be launch-bound.
+        self.batched_attention = device.type != "cpu"
+        rt.reset()   # slot 0's cache no longer belongs to generate()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.cache.nbytes for s in self.slots)
+
+    @torch.inference_mode()
+    def prefill(self, slot: Slot, ids: Sequence[int]) -> torch.Tensor:
+        """Run ids after the slot's cached tokens; returns the last token's logits [B]."""
+        rt = self.rt
+        T = len(ids)
+        slot.cache.check_room(T)
+        rt._set_threads_for(T)
+        tokens = torch.tensor(list(ids), dtype=torch.long)
+        pos0 = slot.cache.length
+        logits = self.model(tokens.to(rt.device), pos0, slot.cache, last_only=True)
+        slot.cache.advance(T)
+        slot.tokens.extend(ids)
+        return logits[-1]
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[Slot], tokens: Sequence[int]) -> torch.Tensor:
+        """One token per slot (slot i's next token is tokens[i]); returns logits [T, B]."""
+        rt, m = self.rt, self.model
+        for s in slots:
+            s.cache.check_room(1)
+        # a decode step's torch ops are tiny whatever T is: decode's thread settings
+        rt._set_threads_for(1)
+        x = m.embed(torch.tensor(list(tokens), dtype=torch.long).to(rt.device))      # [T, D]
+        pos = [s.cache.length for s in slots]
+        caches = [s.cache for s in slots]
+        for blk in m.blocks:
+            x = x + attention_rows(blk.attn, x, pos, caches, m.rope, self.batched_attention)
+            x = x + blk.ffn(blk.ffn_norm(x))
+        logits = m.lm_head(m.norm(x))                                                 # [T, B]
+        for s, t in zip(slots, tokens):
+            s.cache.advance(1)
+            s.tokens.append(int(t))
+        return logits
+
+
+def attention_rows(attn, x: torch.Tensor, pos: Sequence[int], caches: Sequence, rope,
+                   batched: bool = True) -> torch.Tensor:
+    """One decode token per row, row i at position pos[i] of caches[i] -> [T, D].
+
+    MLA (absorbed) and GQA: the projections, the absorbed head matrices and the output
+    projection run once over all rows (each reads its weights once per step, and every one
+    computes row by row: a row's numbers do not depend on the others); only the scores
+    against each row's own cache are per row. Other attentions: one call per row."""
+    from hybrid.models.attention import GQAttention
+    from hybrid.models.deepseek2 import MLAttention
+
+    if batched and isinstance(attn, MLAttention):
+        return _mla_rows(attn, x, pos, caches, rope)
+    if batched and isinstance(attn, GQAttention):
+        return _gqa_rows(attn, x, pos, caches, rope)
+    rows = [attn(x[i:i + 1], p, c, rope) for i, (p, c) in enumerate(zip(pos, caches))]
+    return torch.cat(rows)
+
+
+def _mla_rows(attn, x, pos, caches, rope):
+    """MLAttention's absorbed path (MLAttention._absorbed) with a cache per row."""
+    T = x.shape[0]
+    C = attn.args.kv_lora_rank
+    where = torch.tensor(list(pos), device=x.device)
+    q_nope, q_pe, latent, k_pe = attn._project(x)
+    q_pe, k_pe = rope.at(q_pe, where), rope.at(k_pe, where)              # [T,H,R], [T,R]
+    q_abs = attn.k_up(q_nope.transpose(0, 1))                            # [H, T, C]
+    o_lat = []
+    for i, cache in enumerate(caches):
+        kv_all = cache.append(attn.il, pos[i], latent[i:i + 1], k_pe[i:i + 1])   # [S, C+R]
+        cd = kv_all.dtype
+        qc = torch.cat((q_abs[:, i], q_pe[i]), dim=-1).to(cd)             # [H, C+R]
+        scores = (qc @ kv_all.t()).float().mul_(attn.scale)              # [H, S]
+        p = torch.softmax(scores, dim=-1).to(cd)
+        o_lat.append(p @ kv_all[:, :C])                                  # [H, C]
+    o = attn.v_up(torch.stack(o_lat, dim=1).float())                     # [H, T, V]
+    return attn.wo(o.transpose(0, 1).reshape(T, -1))
+
+
+def _gqa_rows(attn, x, pos, caches, rope):
+    """GQAttention's path with a cache per row."""
+    T = x.shape[0]
+    where = torch.tensor(list(pos), device=x.device)
+    q, k, v = attn._project(x)
+    q, k = rope.at(q, where), rope.at(k, where)
+    o = []
+    for i, cache in enumerate(caches):
+        k_all, v_all = cache.append(attn.il, pos[i], k[i:i + 1], v[i:i + 1])
+        o.append(attn._attend(q[i:i + 1], k_all, v_all, None))            # [1, H, Dv]
+    return attn.wo(torch.cat(o).reshape(T, -1))
