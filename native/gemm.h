@@ -18,6 +18,11 @@ typedef void (*gemm_tile_fn)(int64_t n, const uint8_t* w, int64_t w_stride, int6
 // none (the scalar reference, other types): callers then loop over the table's dot / dot4.
 gemm_tile_fn gemm_tile_for(const kernel_table& k, int type);
 
+// Off: gemm_tile_for returns null for every type, so prefill takes the per-row dot / dot4
+// loops (benchmarks compare both paths in one process). On by default.
+void set_gemm_tiles(bool on);
+bool gemm_tiles();
+
 // Filled by arch/x86/gemm_*.cpp ([GGML_TYPE_LIMIT] entries); false when built without the ISA.
 bool fill_avx2_gemm(gemm_tile_fn* t);
 bool fill_avx512_gemm(gemm_tile_fn* t);
