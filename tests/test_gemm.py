@@ -22,11 +22,22 @@ from test_moe import D, ExpertSet, routing
 TILE_TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 
+def test_tile_kernels_are_in_use(isa):
+    """The equality tests below prove something only where the tiles are the path taken."""
+    want = [] if isa == "scalar" else sorted(int(t) for t in TILE_TYPES)
+    assert _native.prefill_tile_types() == want
+    _native.set_prefill_tiles(False)
+    try:
+        assert _native.prefill_tile_types() == []
+    finally:
+        _native.set_prefill_tiles(True)
+
+
 def one_token_at_a_time(rows, qtype, x):
     return np.stack([_native.matmul(rows, int(qtype), x[t:t + 1])[0] for t in range(x.shape[0])])
 
 
-@pytest.mark.parametrize("T", [2, 7, 64, 513, 2048])
+@pytest.mark.parametrize("T", [2, 7, 64, 513, 2048], ids=lambda T: f"T{T}")
 @pytest.mark.parametrize("qtype", TILE_TYPES, ids=lambda t: t.name)
 def test_matmul_prefill_equals_decode(isa, qtype, T):
     rng = np.random.default_rng(T)
