@@ -537,6 +537,15 @@ MUTANTS: list[Mutant] = [
            'if (std::strcmp(k.isa, "avx2") == 0) {', 'if (std::strcmp(k.isa, "avx-2") == 0) {',
            ("tests/test_gemm.py", "-k", "in_use"),
            "the AVX2 tile kernels are never picked: every equality test would pass on the old path"),
+    Mutant("issue15-avx2-k4-pairs-not-interleaved", "native/arch/x86/gemm_avx2.cpp",
+           "_mm256_madd_epi16(_mm256_shuffle_epi8(h, inter), sc[c])", "_mm256_madd_epi16(h, sc[c])",
+           ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and Q4_K and T7"),
+           "hadd's layout fed to madd as is: sub-blocks 2c and 2c+1 get each other's scales"),
+    Mutant("issue15-avx2-q6k-scale-pairs-swapped", "native/arch/x86/gemm_avx2.cpp",
+           "{HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(1, 3)",
+           "{HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(1, 3)",
+           ("tests/test_gemm.py", "-k", "avx2 and Q6_K and T64"),
+           "the first two Q6_K quarters of a half take each other's sub-block scales in prefill"),
 ]
 
 

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from hybrid import _native
 from hybrid.backends.experts import ExpertEngine
 from quantdata import random_rows
-from test_kernels import isa  # noqa: F401  (fixture)
+from test_kernels import isa, reference_weights  # noqa: F401  (isa is a fixture)
 from test_moe import D, ExpertSet, routing
 
 TILE_TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
@@ -56,6 +56,28 @@ def test_matmul_prefill_writes_only_its_outputs(isa):
     _native.matmul(rows, int(QT.Q8_0), x, out=out[:, 5:26])
     np.testing.assert_array_equal(out[:, 5:26], one_token_at_a_time(rows, QT.Q8_0, x))
     assert np.all(out[:, :5] == 7) and np.all(out[:, 26:] == 7)
+
+
+# fp16 scale offsets per block of the types whose other bytes may all be 0xFF (largest quants
+# and 6-bit scales): the int16 pair sums of the AVX2 K-quant tiles are closest to overflow there.
+SCALE_FIELDS = {QT.Q4_K: (144, (0, 2)), QT.Q5_K: (176, (0, 2)), QT.Q6_K: (210, (208,))}
+
+
+@pytest.mark.parametrize("qtype", list(SCALE_FIELDS), ids=lambda t: t.name)
+def test_largest_quants_do_not_overflow(isa, qtype):
+    block, fields = SCALE_FIELDS[qtype]
+    N, K = 5, 512
+    rows = np.full((N, K // 256 * block), 0xFF, np.uint8)
+    for off in fields:
+        rows.reshape(N, -1, block)[:, :, off:off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    # -1 everywhere but +1 first in each 256-block: that +1 maps to -127, every -1 to +127, so
+    # every product has the largest magnitude with one sign; the second token flips all signs
+    x = -np.ones((6, K), np.float32)
+    x[:, ::256] = 1
+    x[1::2] *= -1
+    np.testing.assert_array_equal(_native.matmul(rows, int(qtype), x), one_token_at_a_time(rows, qtype, x))
+    want = x.astype(np.float64) @ reference_weights(qtype, rows).T
+    np.testing.assert_allclose(_native.matmul(rows, int(qtype), x), want, rtol=1e-3)
 
 
 MIXES = [(QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.Q5_K, QT.Q8_0, QT.Q5_0), (QT.Q4_0, QT.Q6_K, QT.Q4_K),
