@@ -37,7 +37,7 @@ def one_token_at_a_time(rows, qtype, x):
     return np.stack([_native.matmul(rows, int(qtype), x[t:t + 1])[0] for t in range(x.shape[0])])
 
 
-@pytest.mark.parametrize("T", [2, 7, 64, 513, 2048], ids=lambda T: f"T{T}")
+@pytest.mark.parametrize("T", [2, 5, 7, 64, 513, 2048], ids=lambda T: f"T{T}")
 @pytest.mark.parametrize("qtype", TILE_TYPES, ids=lambda t: t.name)
 def test_matmul_prefill_equals_decode(isa, qtype, T):
     rng = np.random.default_rng(T)

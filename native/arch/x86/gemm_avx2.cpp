@@ -175,28 +175,43 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
     for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
 }
 
-// ROWS functions: the dots of one weight row with N activation rows.
-template <int N>
-static void rows_q8_0(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-    dot_q8_0_rows<N>(n, (const block_q8_0*)w, (const block_q8_32* const*)a, out);
-}
-template <int N>
-static void rows_q4_0(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-    dot_q45_0_rows<N, false>(n, w, (const block_q8_32* const*)a, out);
-}
-template <int N>
-static void rows_q5_0(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-    dot_q45_0_rows<N, true>(n, w, (const block_q8_32* const*)a, out);
-}
+// Each type's dots of one weight row with N activation rows, for tile().
+struct q8_0_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        dot_q8_0_rows<N>(n, (const block_q8_0*)w, (const block_q8_32* const*)a, out);
+    }
+};
+template <bool Q5>
+struct q45_0_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        dot_q45_0_rows<N, Q5>(n, w, (const block_q8_32* const*)a, out);
+    }
+};
+template <bool QH>
+struct k4_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        rows_k4<N, QH>(n, w, a, out);
+    }
+};
+struct q6_K_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        rows_q6_K<N>(n, w, a, out);
+    }
+};
+
 static void fill(gemm_tile_fn* g) {
     // Tokens per pass, measured on Zen 2: 8 paid for the 32-blocks (Q8_0 +7%, Q5_0 +5% over
     // 4); the K-quants lost 3-10% with 8 (their per-token state no longer fits 16 registers).
-    g[GGML_Q8_0] = tile<8, rows_q8_0<8>, rows_q8_0<4>, dot_q8_0>;
-    g[GGML_Q4_0] = tile<8, rows_q4_0<8>, rows_q4_0<4>, dot_q4_0>;
-    g[GGML_Q5_0] = tile<8, rows_q5_0<8>, rows_q5_0<4>, dot_q5_0>;
-    g[GGML_Q4_K] = tile<4, rows_k4<4, false>, rows_k4<4, false>, dot_q4_K>;
-    g[GGML_Q5_K] = tile<4, rows_k4<4, true>, rows_k4<4, true>, dot_q5_K>;
-    g[GGML_Q6_K] = tile<4, rows_q6_K<4>, rows_q6_K<4>, dot_q6_K>;
+    g[GGML_Q8_0] = tile<8, q8_0_kernel>;
+    g[GGML_Q4_0] = tile<8, q45_0_kernel<false>>;
+    g[GGML_Q5_0] = tile<8, q45_0_kernel<true>>;
+    g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
+    g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
+    g[GGML_Q6_K] = tile<4, q6_K_kernel>;
 }
 
 }  // namespace x86_gemm

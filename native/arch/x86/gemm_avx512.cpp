@@ -15,7 +15,6 @@
 namespace hybrid {
 namespace x86_gemm512 {
 using namespace x86;
-using x86_gemm::rows_fn;
 using x86_gemm::tile;
 
 static inline __m512i join256(__m256i lo, __m256i hi) {
@@ -180,23 +179,35 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
     for (int r = 0; r < N; r++) out[r] = reduce_add(acc[r]);
 }
 
-// The single dots, N = 1 of the same code: bit-identical to avx512.cpp's by the test above.
-template <rows_fn ROWS>
-static float dot1(int64_t n, const void* w, const void* a) {
-    float o;
-    ROWS(n, (const uint8_t*)w, &a, &o);
-    return o;
-}
+// Each type's dots of one weight row with N activation rows, for tile().
+struct q8_0_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) { rows_q8_0<N>(n, w, a, out); }
+};
+template <bool Q5>
+struct q45_0_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) { rows_q45_0<N, Q5>(n, w, a, out); }
+};
+template <bool QH>
+struct k4_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) { rows_k4<N, QH>(n, w, a, out); }
+};
+struct q6_K_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) { rows_q6_K<N>(n, w, a, out); }
+};
 
 static void fill(gemm_tile_fn* g) {
     // 8 tokens for the 32-blocks (one accumulator each), 4 for the K-quants (three registers
     // per token of the 32; not yet measured on an AVX-512 machine).
-    g[GGML_Q8_0] = tile<8, rows_q8_0<8>, rows_q8_0<4>, dot1<rows_q8_0<1>>>;
-    g[GGML_Q4_0] = tile<8, rows_q45_0<8, false>, rows_q45_0<4, false>, dot1<rows_q45_0<1, false>>>;
-    g[GGML_Q5_0] = tile<8, rows_q45_0<8, true>, rows_q45_0<4, true>, dot1<rows_q45_0<1, true>>>;
-    g[GGML_Q4_K] = tile<4, rows_k4<4, false>, rows_k4<4, false>, dot1<rows_k4<1, false>>>;
-    g[GGML_Q5_K] = tile<4, rows_k4<4, true>, rows_k4<4, true>, dot1<rows_k4<1, true>>>;
-    g[GGML_Q6_K] = tile<4, rows_q6_K<4>, rows_q6_K<4>, dot1<rows_q6_K<1>>>;
+    g[GGML_Q8_0] = tile<8, q8_0_kernel>;
+    g[GGML_Q4_0] = tile<8, q45_0_kernel<false>>;
+    g[GGML_Q5_0] = tile<8, q45_0_kernel<true>>;
+    g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
+    g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
+    g[GGML_Q6_K] = tile<4, q6_K_kernel>;
 }
 
 }  // namespace x86_gemm512
