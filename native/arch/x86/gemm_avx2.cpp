@@ -12,8 +12,7 @@ namespace hybrid {
 namespace x86_gemm {
 using namespace x86;
 
-
-// ---------------------------------------------------------------- 32-blocks, R tokens
+// ---------------------------------------------------------------- 32-blocks, R tokens at once
 // Per token the same instructions in the same order as x86::dot_q8_0 / dot_q4_0 / dot_q5_0,
 // so each result is bit-identical to the single dot; only the unpacking is shared.
 
@@ -35,7 +34,7 @@ static inline void dot_q8_0_rows(int64_t n, const block_q8_0* x, const block_q8_
     for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
 }
 
-// Q4_0 (qh == nullptr) and Q5_0: unsigned quants, the offset (8 or 16) subtracted at the end.
+// Q4_0 and (Q5) Q5_0: unsigned quants, the offset (8 or 16) subtracted at the end.
 template <int R, bool Q5>
 static inline void dot_q45_0_rows(int64_t n, const uint8_t* base, const block_q8_32* const* ys, float* out) {
     const int64_t bytes = Q5 ? sizeof(block_q5_0) : sizeof(block_q4_0);
@@ -67,7 +66,7 @@ static inline void dot_q45_0_rows(int64_t n, const uint8_t* base, const block_q8
     for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]) - offset[r];
 }
 
-// ---------------------------------------------------------------- Q4_K / Q5_K, N tokens
+// ---------------------------------------------------------------- Q4_K / Q5_K, N tokens at once
 // x86::dot_k4_rows takes two multiplies per 32 quants per token (maddubs, then madd by the
 // sub-block scale). Here the two maddubs of a chunk (sub-blocks 2c and 2c+1, 16 int16 pair sums
 // each) are added pairwise with one hadd and interleaved so that one madd by (s_2c, s_2c+1)
@@ -125,7 +124,7 @@ static void rows_k4(int64_t n, const uint8_t* w, const void* const* a, float* ou
     for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
 }
 
-// ---------------------------------------------------------------- Q6_K, N tokens
+// ---------------------------------------------------------------- Q6_K, N tokens at once
 // pshufb masks making int16 pairs (scale of quarter 2j, scale of quarter 2j+1) from 8 int16
 // scales in both lanes: low lane (4j, 4j+2), high lane (4j+1, 4j+3).
 #define HYBRID_P(a, b) 2 * (a), 2 * (a) + 1, 2 * (b), 2 * (b) + 1
@@ -151,8 +150,8 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
         for (int half = 0; half < 2; half++) {
             __m256i q[4];
             q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
-            // int16 scale pairs per lane: (sc[4j], sc[4j+2]) low lane, (sc[4j+1], sc[4j+3]) high
-            // lane, for quarters 2j and 2j+1 of this half (sub-block 2i low, 2i+1 high)
+            // quarter i holds sub-blocks 2i (low lane) and 2i+1 (high lane) of this half, so
+            // quarters 2j and 2j+1 pair scales (sc[4j], sc[4j+2]) low and (sc[4j+1], sc[4j+3]) high
             const __m128i s16 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(x[b].scales + 8 * half)));
             const __m256i s2 = _mm256_broadcastsi128_si256(s16);
             const __m256i sp[2] = {_mm256_shuffle_epi8(s2, _mm256_load_si256((const __m256i*)k_q6_pairs[0])),
