@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "dispatch.h"
+#include "gemm.h"
 #include "gqa.h"
 #include "matmul.h"
 #include "membench.h"
@@ -294,6 +295,15 @@ PYBIND11_MODULE(_native, m) {
     m.def("isa", &current_isa, "ISA path in use: scalar, avx2 or avx512");
     m.def("set_isa", &set_isa, py::arg("isa"), "Force an ISA path; ValueError if this CPU cannot run it");
     m.def("available_isas", &available_isas);
+    m.def("set_prefill_tiles", &set_gemm_tiles, py::arg("on"),
+          "Prefill with the rows x tokens tile kernels (default) or, off, with the per-row dot loops");
+    m.def("prefill_tiles", &gemm_tiles);
+    m.def("prefill_tile_types", [] {
+        std::vector<int> v;
+        for (int t = 0; t < GGML_TYPE_LIMIT; t++)
+            if (gemm_tile_for(kernels(), t)) v.push_back(t);
+        return v;
+    }, "GGML types the active ISA prefills with tile kernels (others: per-row dot loops)");
     m.def("cpu_features", &cpu_features);
     m.def("allowed_cpus", &allowed_cpus);
     m.def("supported_types", [] {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "dispatch.h"
+#include "gemm.h"
 
 namespace hybrid {
 
@@ -113,6 +114,7 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
         j.pool->barrier();
         const dot_fn dot = j.k->dot[a.w_type];
         const dot4_fn dot4 = j.k->dot4[a.w_type];
+        const gemm_tile_fn gemm = gemm_tile_for(*j.k, a.w_type);
         const int64_t per_batch = j.n_row_tiles * j.n_tok_tiles;
         const int64_t n_tiles = per_batch * a.batch;
         for (int64_t tile = j.tiles->take(ith); tile < n_tiles; tile = j.tiles->take(ith)) {
@@ -124,6 +126,12 @@ void matmul(ThreadPool& pool, const matmul_args& a) {
             const uint8_t* w = a.w + b * a.w_bstride;
             const uint8_t* acts = j.act_buf + (a.x_bstride ? b : 0) * a.T * j.act_bytes;
             float* y = a.y + b * a.y_bstride;
+            if (gemm && t1 - t0 > 1) {  // decode (one token) keeps the plain dot
+                const void* act[kTokenTile];
+                for (int64_t t = t0; t < t1; t++) act[t - t0] = acts + t * j.act_bytes;
+                gemm(a.K, w + r0 * a.w_stride, a.w_stride, r1 - r0, act, t1 - t0, y + t0 * a.y_stride + r0, 1, a.y_stride);
+                continue;
+            }
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t* wr = w + r * a.w_stride;
                 int64_t t = t0;

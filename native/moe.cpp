@@ -19,6 +19,7 @@
 #include <string>
 
 #include "dispatch.h"
+#include "gemm.h"
 
 namespace hybrid {
 
@@ -131,6 +132,8 @@ void MoEEngine::run_part(moe_job& j, const moe_part& P, bool accumulate, int ith
     const bool same_act = P.act_gate == P.act_up;
     const dot_fn dot_gate = k.dot[L.gate_type()], dot_up = k.dot[L.up_type()], dot_down = k.dot[L.down_type()];
     const dot4_fn dot4_gate = k.dot4[L.gate_type()], dot4_up = k.dot4[L.up_type()], dot4_down = k.dot4[L.down_type()];
+    const gemm_tile_fn gemm_gate = gemm_tile_for(k, L.gate_type()), gemm_up = gemm_tile_for(k, L.up_type()),
+                       gemm_down = gemm_tile_for(k, L.down_type());
 
     for (int64_t t0 = 0; t0 < j.T; t0 += chunk) {
         if (ith == 0) {
@@ -181,6 +184,12 @@ void MoEEngine::run_part(moe_job& j, const moe_part& P, bool accumulate, int ith
             // h rows are F floats apart (4 KiB for F = 1024), so storing into them row by row hit
             // one L1 set with every slot and missed on nearly every store
             float tile[kMaxItemRows * kSlots];
+            if (gemm_gate && gemm_up && ns > 1) {  // decode (one slot) keeps the plain dots
+                float up[kMaxItemRows * kSlots];
+                gemm_gate(D, sl.gate.row(e, f0), sl.gate.row_stride, f1 - f0, ag, ns, tile, ns, 1);
+                gemm_up(D, sl.up.row(e, f0), sl.up.row_stride, f1 - f0, au, ns, up, ns, 1);
+                for (int64_t i = 0; i < (f1 - f0) * ns; i++) tile[i] = silu(tile[i]) * up[i];
+            } else
             for (int64_t f = f0; f < f1; f++) {
                 const uint8_t* grow = sl.gate.row(e, f);
                 const uint8_t* urow = sl.up.row(e, f);
@@ -232,6 +241,9 @@ void MoEEngine::run_part(moe_job& j, const moe_part& P, bool accumulate, int ith
                     }
                     // the dots gather in a tile first (see B: the output rows are D floats apart)
                     float tile[kMaxItemRows * kSlots];
+                    if (gemm_down && ns > 1)
+                        gemm_down(F, sl.down.row(e, d0), sl.down.row_stride, d1 - d0, ah, ns, tile, ns, 1);
+                    else
                     for (int64_t d = d0; d < d1; d++) {
                         const uint8_t* drow = sl.down.row(e, d);
                         float* od = tile + (d - d0) * ns;

@@ -36,6 +36,7 @@ static inline __m512 shim_cvtepi32_ps(__m512i v) {
 #define _mm512_cvtepi32_ps shim_cvtepi32_ps
 
 #include "../../native/arch/x86/avx512.cpp"
+#include "../../native/arch/x86/gemm_avx512.cpp"
 
 using namespace hybrid;
 
@@ -76,6 +77,55 @@ static std::vector<uint8_t> random_row(int type, int n) {
         }
     }
     return row;
+}
+
+// The prefill tiles (gemm_avx512.cpp) against the AVX-512 single dot, bit for bit: token
+// counts around the 4- and 8-token groups (tails of 1..7), several rows, a strided output.
+static void check_gemm_tiles(const kernel_table& simd, int* passed, int* failed) {
+    gemm_tile_fn gemm[GGML_TYPE_LIMIT] = {};
+    fill_avx512_gemm(gemm);
+    const int types[] = {GGML_Q4_0, GGML_Q5_0, GGML_Q8_0, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K};
+    const int n = 512, R = 3;
+    for (int type : types) {
+        const type_info& ti = get_type_info(type);
+        const int64_t rb = row_bytes(type, n), ab = act_row_bytes(ti.act, n);
+        std::vector<uint8_t> w;
+        for (int r = 0; r < R; r++) {
+            std::vector<uint8_t> row = random_row(type, n);
+            w.insert(w.end(), row.begin(), row.end());
+        }
+        for (int T : {1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 17}) {
+            std::vector<uint8_t> act(T * ab);
+            std::vector<const void*> ptr(T);
+            std::vector<float> x(n);
+            for (int t = 0; t < T; t++) {
+                for (auto& v : x) v = next_normalish() * (1 + t % 3);
+                simd.quant_act[ti.act](x.data(), act.data() + t * ab, n);
+                ptr[T - 1 - t] = act.data() + t * ab;  // any order of activation rows
+            }
+            const int64_t t_stride = R + 2;  // out[r + t * (R + 2)]: rows 1 apart, tokens R + 2
+            std::vector<float> out(T * t_stride, -1.f);
+            if (!gemm[type]) {
+                std::printf("FAIL %s: no AVX-512 tile kernel\n", ti.name);
+                (*failed)++;
+                break;
+            }
+            gemm[type](n, w.data(), rb, R, ptr.data(), T, out.data(), 1, t_stride);
+            bool ok = true;
+            for (int t = 0; t < T; t++)
+                for (int r = 0; r < R; r++) {
+                    const float want = simd.dot[type](n, w.data() + r * rb, ptr[t]);
+                    if (std::memcmp(&want, &out[r + t * t_stride], 4) != 0) {
+                        if (ok) std::printf("FAIL %s tile T=%d: row %d token %d %.9g, dot %.9g\n", ti.name, T, r, t,
+                                            out[r + t * t_stride], want);
+                        ok = false;
+                    }
+                }
+            for (int t = 0; t < T; t++)  // the gaps of the strided output stay untouched
+                for (int r = R; r < t_stride; r++) ok = ok && out[r + t * t_stride] == -1.f;
+            ok ? (*passed)++ : (*failed)++;
+        }
+    }
 }
 
 int main() {
@@ -122,6 +172,7 @@ int main() {
             }
         }
     }
+    check_gemm_tiles(simd, &passed, &failed);
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

@@ -1,0 +1,223 @@
+// AVX2 prefill tiles (gemm.h). Compiled with -mavx2 -mfma -mf16c -mbmi2; filled only for a
+// kernel table cpuid admitted.
+#include "../../gemm.h"
+#include "gemm_tile.h"
+// the header's table filler is avx2.cpp's business, unused here
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "x86_avx2_kernels.h"
+#pragma GCC diagnostic pop
+
+namespace hybrid {
+namespace x86_gemm {
+using namespace x86;
+
+// ---------------------------------------------------------------- 32-blocks, R tokens at once
+// Per token the same instructions in the same order as x86::dot_q8_0 / dot_q4_0 / dot_q5_0,
+// so each result is bit-identical to the single dot; only the unpacking is shared.
+
+template <int R>
+static inline void dot_q8_0_rows(int64_t n, const block_q8_0* x, const block_q8_32* const* ys, float* out) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
+        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
+        const __m256i ax = _mm256_sign_epi8(qx, qx);
+        const float dx = h2f(x[b].d);
+        for (int r = 0; r < R; r++) {
+            const __m256i qy = _mm256_loadu_si256((const __m256i*)ys[r][b].qs);
+            const __m256i p = dot_u8s8_32(ax, _mm256_sign_epi8(qy, qx));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * ys[r][b].d), _mm256_cvtepi32_ps(p), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+// Q4_0 and (Q5) Q5_0: unsigned quants, the offset (8 or 16) subtracted at the end.
+template <int R, bool Q5>
+static inline void dot_q45_0_rows(int64_t n, const uint8_t* base, const block_q8_32* const* ys, float* out) {
+    const int64_t bytes = Q5 ? sizeof(block_q5_0) : sizeof(block_q4_0);
+    __m256 acc[R];
+    float offset[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        const uint8_t* blk = base + b * bytes;
+        prefetch_block(blk, 1);
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const float dx = h2f(dh);
+        __m256i q;
+        if (Q5) {
+            const block_q5_0* x = (const block_q5_0*)blk;
+            uint32_t qh;
+            std::memcpy(&qh, x->qh, 4);
+            q = _mm256_or_si256(nibbles_32(x->qs), bits_to_0x10(qh));
+        } else {
+            q = nibbles_32(((const block_q4_0*)blk)->qs);
+        }
+        for (int r = 0; r < R; r++) {
+            const float d = dx * ys[r][b].d;
+            const __m256i p = dot_u8s8_32(q, _mm256_loadu_si256((const __m256i*)ys[r][b].qs));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[r]);
+            offset[r] += d * (float)((Q5 ? 16 : 8) * ys[r][b].sum);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]) - offset[r];
+}
+
+// ---------------------------------------------------------------- Q4_K / Q5_K, N tokens at once
+// x86::dot_k4_rows takes two multiplies per 32 quants per token (maddubs, then madd by the
+// sub-block scale). Here the two maddubs of a chunk (sub-blocks 2c and 2c+1, 16 int16 pair sums
+// each) are added pairwise with one hadd and interleaved so that one madd by (s_2c, s_2c+1)
+// gives each int32 lane exactly the integer the dot's two madds give it: the same lane sums,
+// so the float steps that follow are the dot's and the result is bit-identical, with three
+// multiplies instead of four. The int16 sums fit: |q| <= 31, |a| <= 127, 4 products < 2^15.
+alignas(32) static const uint8_t k_interleave[32] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                                     0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
+template <int N, bool QH>
+static void rows_k4(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+    const block_q8_K* const* ys = (const block_q8_K* const*)a;
+    const int64_t stride = QH ? sizeof(block_q5_K) : sizeof(block_q4_K);
+    const int qs_off = QH ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs);
+    const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+    const __m256i inter = _mm256_load_si256((const __m256i*)k_interleave);
+    __m256 acc[N];
+    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const uint8_t* blk = w + b * stride;
+        prefetch_block(blk, stride);
+        const __m128i sm = scales_mins_k4(blk + 4);
+        uint32_t d_dmin;
+        std::memcpy(&d_dmin, blk, 4);
+        const __m256 dm = _mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin));
+        const uint8_t* qs = blk + qs_off;
+        const __m256i hbits = QH ? _mm256_loadu_si256((const __m256i*)(blk + offsetof(block_q5_K, qh))) : _mm256_setzero_si256();
+        // (s_2c, s_2c+1) int16 pairs: scales as int16 in both lanes, then dword c broadcast
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        const __m256i sc[4] = {_mm256_shuffle_epi32(scales, 0x00), _mm256_shuffle_epi32(scales, 0x55),
+                               _mm256_shuffle_epi32(scales, 0xAA), _mm256_shuffle_epi32(scales, 0xFF)};
+        __m256i sumi[N];
+        for (int r = 0; r < N; r++) sumi[r] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+            __m256i lo = _mm256_and_si256(q, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (QH) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
+            }
+            for (int r = 0; r < N; r++) {
+                const __m256i a0 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c));
+                const __m256i a1 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c + 32));
+                const __m256i h = _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_maddubs_epi16(hi, a1));
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_shuffle_epi8(h, inter), sc[c]));
+            }
+        }
+        for (int r = 0; r < N; r++) {
+            const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&ys[r][b].d));
+            acc[r] = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55),
+                                      _mm256_cvtepi32_ps(k4_min_products(sm, ys[r][b].bsums)), acc[r]);
+        }
+    }
+    for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
+}
+
+// ---------------------------------------------------------------- Q6_K, N tokens at once
+// pshufb masks making int16 pairs (scale of quarter 2j, scale of quarter 2j+1) from 8 int16
+// scales in both lanes: low lane (4j, 4j+2), high lane (4j+1, 4j+3).
+#define HYBRID_P(a, b) 2 * (a), 2 * (a) + 1, 2 * (b), 2 * (b) + 1
+alignas(32) static const uint8_t k_q6_pairs[2][32] = {
+    {HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(1, 3), HYBRID_P(1, 3), HYBRID_P(1, 3), HYBRID_P(1, 3)},
+    {HYBRID_P(4, 6), HYBRID_P(4, 6), HYBRID_P(4, 6), HYBRID_P(4, 6), HYBRID_P(5, 7), HYBRID_P(5, 7), HYBRID_P(5, 7), HYBRID_P(5, 7)},
+};
+#undef HYBRID_P
+// The same trick on x86::dot_q6_K_rows: quarters i and i+1 of a half (4 sub-blocks of 16,
+// one per 128-bit lane each) share one hadd, interleave and madd by their scale pairs. The
+// int16 sums fit: |q| <= 63, |a| <= 127 (Q8_K never holds -128), 4 products <= 32004.
+template <int N>
+static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+    const block_q6_K* x = (const block_q6_K*)w;
+    const block_q8_K* const* ys = (const block_q8_K* const*)a;
+    const __m256i inter = _mm256_load_si256((const __m256i*)k_interleave);
+    __m256 acc[N];
+    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q6_K));
+        __m256i sumi[N];
+        for (int r = 0; r < N; r++) sumi[r] = _mm256_setzero_si256();
+        for (int half = 0; half < 2; half++) {
+            __m256i q[4];
+            q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
+            // quarter i holds sub-blocks 2i (low lane) and 2i+1 (high lane) of this half, so
+            // quarters 2j and 2j+1 pair scales (sc[4j], sc[4j+2]) low and (sc[4j+1], sc[4j+3]) high
+            const __m128i s16 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(x[b].scales + 8 * half)));
+            const __m256i s2 = _mm256_broadcastsi128_si256(s16);
+            const __m256i sp[2] = {_mm256_shuffle_epi8(s2, _mm256_load_si256((const __m256i*)k_q6_pairs[0])),
+                                   _mm256_shuffle_epi8(s2, _mm256_load_si256((const __m256i*)k_q6_pairs[1]))};
+            for (int j = 0; j < 2; j++)
+                for (int r = 0; r < N; r++) {
+                    const int8_t* ay = ys[r][b].qs + 128 * half + 64 * j;
+                    const __m256i p0 = _mm256_maddubs_epi16(q[2 * j], _mm256_loadu_si256((const __m256i*)ay));
+                    const __m256i p1 = _mm256_maddubs_epi16(q[2 * j + 1], _mm256_loadu_si256((const __m256i*)(ay + 32)));
+                    const __m256i h = _mm256_shuffle_epi8(_mm256_hadd_epi16(p0, p1), inter);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(h, sp[j]));
+                }
+        }
+        const float dw = h2f(x[b].d);
+        for (int r = 0; r < N; r++) {
+            sumi[r] = _mm256_sub_epi32(sumi[r], q6_offset(x[b].scales, ys[r][b].bsums));  // quants are stored +32
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
+}
+
+// Each type's dots of one weight row with N activation rows, for tile().
+struct q8_0_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        dot_q8_0_rows<N>(n, (const block_q8_0*)w, (const block_q8_32* const*)a, out);
+    }
+};
+template <bool Q5>
+struct q45_0_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        dot_q45_0_rows<N, Q5>(n, w, (const block_q8_32* const*)a, out);
+    }
+};
+template <bool QH>
+struct k4_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        rows_k4<N, QH>(n, w, a, out);
+    }
+};
+struct q6_K_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        rows_q6_K<N>(n, w, a, out);
+    }
+};
+
+static void fill(gemm_tile_fn* g) {
+    // Tokens per pass, measured on Zen 2: 8 paid for the 32-blocks (Q8_0 +7%, Q5_0 +5% over
+    // 4); the K-quants lost 3-10% with 8 (their per-token state no longer fits 16 registers).
+    g[GGML_Q8_0] = tile<8, q8_0_kernel>;
+    g[GGML_Q4_0] = tile<8, q45_0_kernel<false>>;
+    g[GGML_Q5_0] = tile<8, q45_0_kernel<true>>;
+    g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
+    g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
+    g[GGML_Q6_K] = tile<4, q6_K_kernel>;
+}
+
+}  // namespace x86_gemm
+
+bool fill_avx2_gemm(gemm_tile_fn* t) {
+    x86_gemm::fill(t);
+    return true;
+}
+
+}  // namespace hybrid
