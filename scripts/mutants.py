@@ -471,6 +471,15 @@ MUTANTS: list[Mutant] = [
            '            open(os.path.expanduser(path), "w").write(json.dumps(doc))',
            (T_ATOM, "-k", "chat_save"),
            "/save writes the file in place: a failure leaves half of it"),
+    Mutant("issue14-expert-types-unchecked", "hybrid/runtime/loader.py",
+           "            check_native_expert_types(gguf, mod.supported_types())", "            pass",
+           ("tests/test_quant_types.py", "-k", "refused_not_dequantized"),
+           "routed experts the engine cannot run silently become float copies the plan never counted"),
+    Mutant("issue14-torch-experts-uncounted", "hybrid/runtime/loader.py",
+           "                self._record_tensor(name, self.compute_plan_device(), f\"weights.{_FMT_OF[dt]}\", w)",
+           "                pass",
+           ("tests/test_quant_types.py", "-k", "counted"),
+           "experts chosen dequantized take memory the placed-bytes accounting does not show"),
 ]
 
 
