@@ -14,7 +14,11 @@ static bool init_types() {
     g_types[GGML_F16] = {"F16", 1, 2, ACT_F32};
     g_types[GGML_BF16] = {"BF16", 1, 2, ACT_F32};
     g_types[GGML_Q4_0] = {"Q4_0", QK32, (int)sizeof(block_q4_0), ACT_Q8_32};
+    g_types[GGML_Q4_1] = {"Q4_1", QK32, (int)sizeof(block_q4_1), ACT_Q8_1};
     g_types[GGML_Q5_0] = {"Q5_0", QK32, (int)sizeof(block_q5_0), ACT_Q8_32};
+    g_types[GGML_Q5_1] = {"Q5_1", QK32, (int)sizeof(block_q5_1), ACT_Q8_1};
+    g_types[GGML_Q2_K] = {"Q2_K", QK_K, (int)sizeof(block_q2_K), ACT_Q8_K};
+    g_types[GGML_Q3_K] = {"Q3_K", QK_K, (int)sizeof(block_q3_K), ACT_Q8_K};
     g_types[GGML_Q8_0] = {"Q8_0", QK32, (int)sizeof(block_q8_0), ACT_Q8_32};
     g_types[GGML_Q4_K] = {"Q4_K", QK_K, (int)sizeof(block_q4_K), ACT_Q8_K};
     g_types[GGML_Q5_K] = {"Q5_K", QK_K, (int)sizeof(block_q5_K), ACT_Q8_K};
@@ -31,6 +35,13 @@ const type_info& get_type_info(int type) {
 
 bool type_supported(int type) { return get_type_info(type).name != nullptr; }
 
+std::string supported_type_names() {
+    std::string s;
+    for (int t = 0; t < GGML_TYPE_LIMIT; t++)
+        if (type_supported(t) && t != GGML_Q8_K) s += (s.empty() ? "" : ", ") + std::string(get_type_info(t).name);
+    return s;
+}
+
 int64_t row_bytes(int type, int64_t n) {
     const type_info& ti = get_type_info(type);
     return n / ti.block * ti.block_bytes;
@@ -41,6 +52,7 @@ int64_t act_row_bytes(act_format f, int64_t n) {
         case ACT_F32: return n * 4;
         case ACT_Q8_32: return n / QK32 * (int64_t)sizeof(block_q8_32);
         case ACT_Q8_K: return n / QK_K * (int64_t)sizeof(block_q8_K);
+        case ACT_Q8_1: return n / QK32 * (int64_t)sizeof(block_q8_1);
         default: return 0;
     }
 }
@@ -81,6 +93,69 @@ static void dequant_q5_0(const void* src, float* y, int64_t n) {
             const int h1 = ((qh >> (j + 16)) & 1) << 4;
             y[j] = ((x[b].qs[j] & 0xF) + h0 - 16) * d;
             y[j + 16] = ((x[b].qs[j] >> 4) + h1 - 16) * d;
+        }
+    }
+}
+
+static void dequant_q4_1(const void* src, float* y, int64_t n) {
+    const block_q4_1* x = (const block_q4_1*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        const float d = fp16_to_fp32(x[b].d), m = fp16_to_fp32(x[b].m);
+        for (int j = 0; j < QK32 / 2; j++) {
+            y[j] = (x[b].qs[j] & 0xF) * d + m;
+            y[j + 16] = (x[b].qs[j] >> 4) * d + m;
+        }
+    }
+}
+
+static void dequant_q5_1(const void* src, float* y, int64_t n) {
+    const block_q5_1* x = (const block_q5_1*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        const float d = fp16_to_fp32(x[b].d), m = fp16_to_fp32(x[b].m);
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        for (int j = 0; j < QK32 / 2; j++) {
+            y[j] = ((x[b].qs[j] & 0xF) | (((qh >> j) & 1) << 4)) * d + m;
+            y[j + 16] = ((x[b].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) * d + m;
+        }
+    }
+}
+
+// The 256 quants of a Q2_K / Q3_K block in weight order: 2-bit fields, and for Q3_K (hmask
+// set) minus 4 where the high bit is clear.
+static void unpack_q2_q3(const uint8_t* qs, const uint8_t* hmask, int8_t* q) {
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 32; l++) {
+                int v = (qs[32 * h + l] >> (2 * j)) & 3;
+                if (hmask && !((hmask[l] >> (4 * h + j)) & 1)) v -= 4;
+                q[128 * h + 32 * j + l] = (int8_t)v;
+            }
+}
+
+static void dequant_q2_K(const void* src, float* y, int64_t n) {
+    const block_q2_K* x = (const block_q2_K*)src;
+    int8_t q[QK_K];
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        const float d = fp16_to_fp32(x[b].d), dmin = fp16_to_fp32(x[b].dmin);
+        unpack_q2_q3(x[b].qs, nullptr, q);
+        for (int i = 0; i < 16; i++) {
+            const float dl = d * (x[b].scales[i] & 0xF), ml = dmin * (x[b].scales[i] >> 4);
+            for (int l = 0; l < 16; l++) y[16 * i + l] = dl * q[16 * i + l] - ml;
+        }
+    }
+}
+
+static void dequant_q3_K(const void* src, float* y, int64_t n) {
+    const block_q3_K* x = (const block_q3_K*)src;
+    int8_t q[QK_K], sc[16];
+    for (int64_t b = 0; b < n / QK_K; b++, y += QK_K) {
+        const float d = fp16_to_fp32(x[b].d);
+        unpack_q2_q3(x[b].qs, x[b].hmask, q);
+        q3_k_scales(x[b].scales, sc);
+        for (int i = 0; i < 16; i++) {
+            const float dl = d * sc[i];
+            for (int l = 0; l < 16; l++) y[16 * i + l] = dl * q[16 * i + l];
         }
     }
 }
@@ -170,6 +245,26 @@ static void quant_act_q8_32(const float* x, void* dst, int64_t n) {
     }
 }
 
+// 32-blocks for Q4_1 / Q5_1 (llama.cpp's Q8_1): as Q8_0, plus s = fp16(d * sum of quants)
+// with the unrounded d.
+static void quant_act_q8_1(const float* x, void* dst, int64_t n) {
+    block_q8_1* y = (block_q8_1*)dst;
+    for (int64_t b = 0; b < n / QK32; b++, x += QK32) {
+        float amax = 0.f;
+        for (int j = 0; j < QK32; j++) amax = std::fmax(amax, std::fabs(x[j]));
+        const float d = amax / 127.f;
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QK32; j++) {
+            const int q = nearest_int(x[j] * id);
+            y[b].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        y[b].d = round_to_fp16(d);
+        y[b].s = round_to_fp16(d * (float)sum);
+    }
+}
+
 // 256-blocks (llama.cpp's Q8_K): the value of largest magnitude (the first one, on ties)
 // maps to -127, d = 1/iscale (negative when that value is positive).
 static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
@@ -240,6 +335,77 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
             sumi += q0 * y[b].qs[j] + q1 * y[b].qs[j + 16];
         }
         s += fp16_to_fp32(x[b].d) * y[b].d * (float)(sumi - 16 * y[b].sum);
+    }
+    return s;
+}
+
+// Q4_1 / Q5_1: sum d * da * (q . qa) + m * s, the min's term from the activation's s.
+static float dot_q4_1(int64_t n, const void* w, const void* a) {
+    const block_q4_1* x = (const block_q4_1*)w;
+    const block_q8_1* y = (const block_q8_1*)a;
+    float s = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        int sumi = 0;
+        for (int j = 0; j < 16; j++)
+            sumi += (x[b].qs[j] & 0xF) * y[b].qs[j] + (x[b].qs[j] >> 4) * y[b].qs[j + 16];
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi + fp16_to_fp32(x[b].m) * y[b].s;
+    }
+    return s;
+}
+
+static float dot_q5_1(int64_t n, const void* w, const void* a) {
+    const block_q5_1* x = (const block_q5_1*)w;
+    const block_q8_1* y = (const block_q8_1*)a;
+    float s = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        int sumi = 0;
+        for (int j = 0; j < 16; j++) {
+            const int q0 = (x[b].qs[j] & 0xF) | (((qh >> j) & 1) << 4);
+            const int q1 = (x[b].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            sumi += q0 * y[b].qs[j] + q1 * y[b].qs[j + 16];
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi + fp16_to_fp32(x[b].m) * y[b].s;
+    }
+    return s;
+}
+
+// Q2_K: y.d * (d * sum_i scale_i (q . qa)_i - dmin * sum_i min_i bsums_i), as llama.cpp.
+static float dot_q2_K(int64_t n, const void* w, const void* a) {
+    const block_q2_K* x = (const block_q2_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    int8_t q[QK_K];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        unpack_q2_q3(x[b].qs, nullptr, q);
+        int sumi = 0, summ = 0;
+        for (int i = 0; i < 16; i++) {
+            int si = 0;
+            for (int l = 0; l < 16; l++) si += q[16 * i + l] * y[b].qs[16 * i + l];
+            sumi += (x[b].scales[i] & 0xF) * si;
+            summ += (x[b].scales[i] >> 4) * y[b].bsums[i];
+        }
+        s += y[b].d * fp16_to_fp32(x[b].d) * (float)sumi - y[b].d * fp16_to_fp32(x[b].dmin) * (float)summ;
+    }
+    return s;
+}
+
+static float dot_q3_K(int64_t n, const void* w, const void* a) {
+    const block_q3_K* x = (const block_q3_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    int8_t q[QK_K], sc[16];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        unpack_q2_q3(x[b].qs, x[b].hmask, q);
+        q3_k_scales(x[b].scales, sc);
+        int sumi = 0;
+        for (int i = 0; i < 16; i++) {
+            int si = 0;
+            for (int l = 0; l < 16; l++) si += q[16 * i + l] * y[b].qs[16 * i + l];
+            sumi += sc[i] * si;
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi;
     }
     return s;
 }
@@ -363,7 +529,11 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dequant[GGML_F16] = dequant_f16;
     t->dequant[GGML_BF16] = dequant_bf16;
     t->dequant[GGML_Q4_0] = dequant_q4_0;
+    t->dequant[GGML_Q4_1] = dequant_q4_1;
     t->dequant[GGML_Q5_0] = dequant_q5_0;
+    t->dequant[GGML_Q5_1] = dequant_q5_1;
+    t->dequant[GGML_Q2_K] = dequant_q2_K;
+    t->dequant[GGML_Q3_K] = dequant_q3_K;
     t->dequant[GGML_Q8_0] = dequant_q8_0;
     t->dequant[GGML_Q4_K] = dequant_q4_K;
     t->dequant[GGML_Q5_K] = dequant_q5_K;
@@ -372,7 +542,11 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dot[GGML_F16] = dot_float<load_f16>;
     t->dot[GGML_BF16] = dot_float<load_bf16>;
     t->dot[GGML_Q4_0] = dot_q4_0;
+    t->dot[GGML_Q4_1] = dot_q4_1;
     t->dot[GGML_Q5_0] = dot_q5_0;
+    t->dot[GGML_Q5_1] = dot_q5_1;
+    t->dot[GGML_Q2_K] = dot_q2_K;
+    t->dot[GGML_Q3_K] = dot_q3_K;
     t->dot[GGML_Q8_0] = dot_q8_0;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
@@ -380,6 +554,7 @@ void fill_scalar_kernels(kernel_table* t) {
     t->quant_act[ACT_F32] = quant_act_f32;
     t->quant_act[ACT_Q8_32] = quant_act_q8_32;
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
+    t->quant_act[ACT_Q8_1] = quant_act_q8_1;
     t->attn_scores = attn_scores;
     t->attn_values = attn_values;
     t->exp_sum = exp_sum;

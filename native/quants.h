@@ -22,10 +22,42 @@ struct block_q5_0 {
     uint8_t qh[4];
     uint8_t qs[QK32 / 2];
 };
+// Q4_1, 20 B / 32 weights: w[j] = d * nibble + m; nibbles as in Q4_0 (low = w[j], high = w[j+16]).
+struct block_q4_1 {
+    uint16_t d;  // fp16
+    uint16_t m;  // fp16
+    uint8_t qs[QK32 / 2];
+};
+// Q5_1, 24 B / 32 weights: Q4_1 plus the 5th bit of w[j] in bit j of qh (LE u32); w = d * q + m.
+struct block_q5_1 {
+    uint16_t d;
+    uint16_t m;
+    uint8_t qh[4];
+    uint8_t qs[QK32 / 2];
+};
 // Q8_0, 34 B / 32 weights: w[j] = d * qs[j].
 struct block_q8_0 {
     uint16_t d;
     int8_t qs[QK32];
+};
+// Q2_K, 84 B / 256 weights: 16 sub-blocks of 16; scales[i] low nibble = scale, high nibble =
+// min of sub-block i; w = d * scale * q - dmin * min, q = 2 bits. Two halves of 128 weights
+// with qs[32] each: element l (0..31) of quarter j of half h is (qs[32h + l] >> 2j) & 3, it is
+// weight 128h + 32j + l and belongs to sub-block 8h + 2j + l / 16.
+struct block_q2_K {
+    uint8_t scales[QK_K / 16];
+    uint8_t qs[QK_K / 4];
+    uint16_t d;
+    uint16_t dmin;
+};
+// Q3_K, 110 B / 256 weights: 16 sub-blocks of 16 with signed 6-bit scales (q3_k_scales);
+// q = (2 low bits, placed as in Q2_K) - (4 if the high bit is clear); the high bit of
+// element l of quarter j of half h is bit 4h + j of hmask[l]; w = d * scale * q.
+struct block_q3_K {
+    uint8_t hmask[QK_K / 8];
+    uint8_t qs[QK_K / 4];
+    uint8_t scales[12];
+    uint16_t d;
 };
 // Q4_K, 144 B / 256 weights: 8 sub-blocks of 32 with 6-bit scale sc and min m packed in
 // scales[12]; w = d*sc*q - dmin*m. qs: 4 chunks of 32 bytes, low nibbles = sub-block 2c,
@@ -70,7 +102,21 @@ struct block_q8_32 {
     int8_t qs[QK32];
 };
 
+// Activation format for Q4_1 / Q5_1 (== llama.cpp's block_q8_1 as its x86 code makes it),
+// 40 B / 32 values: x[j] ~= d * qs[j], d = amax / 127 rounded to fp16; s = d' * sum of qs
+// with d' the unrounded d, rounded to fp16 (the term the weights' min multiplies).
+struct block_q8_1 {
+    float d;
+    float s;
+    int8_t qs[QK32];
+};
+
 static_assert(sizeof(block_q4_0) == 18, "block_q4_0 size");
+static_assert(sizeof(block_q4_1) == 20, "block_q4_1 size");
+static_assert(sizeof(block_q5_1) == 24, "block_q5_1 size");
+static_assert(sizeof(block_q2_K) == 84, "block_q2_K size");
+static_assert(sizeof(block_q3_K) == 110, "block_q3_K size");
+static_assert(sizeof(block_q8_1) == 40, "block_q8_1 size");
 static_assert(sizeof(block_q5_0) == 22, "block_q5_0 size");
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
 static_assert(sizeof(block_q4_K) == 144, "block_q4_K size");
@@ -80,7 +126,7 @@ static_assert(sizeof(block_q8_K) == 292, "block_q8_K size");
 static_assert(sizeof(block_q8_32) == 40, "block_q8_32 size");
 
 // Which activation format a weight type's dot product consumes.
-enum act_format : int { ACT_F32 = 0, ACT_Q8_32 = 1, ACT_Q8_K = 2, ACT_COUNT = 3 };
+enum act_format : int { ACT_F32 = 0, ACT_Q8_32 = 1, ACT_Q8_K = 2, ACT_Q8_1 = 3, ACT_COUNT = 4 };
 
 struct type_info {
     const char* name;  // nullptr: not a type we compute
@@ -92,6 +138,7 @@ struct type_info {
 // Indexed by GGML type id; name == nullptr for unsupported ids.
 const type_info& get_type_info(int type);
 bool type_supported(int type);
+std::string supported_type_names();  // "F32, F16, Q4_0, ..." in type id order
 int64_t row_bytes(int type, int64_t n);      // bytes of one row of n elements
 int64_t act_row_bytes(act_format f, int64_t n);
 
@@ -148,6 +195,20 @@ static inline void unpack_scales_mins_k4(const uint8_t* s, uint8_t out[16]) {
     r[2] = a1 & 0x3f3f3f3fu;                                         // m 0..3
     r[3] = ((a2 >> 4) & 0x0f0f0f0fu) | (((a1 >> 6) & 0x03030303u) << 4);  // m 4..7
     std::memcpy(out, r, 16);
+}
+
+// The 16 signed scales of a Q3_K block from its 12 packed bytes: scale i has its low 4 bits
+// in byte i % 8 (low nibble for i < 8, high nibble after) and its high 2 bits in byte
+// 8 + i % 4, bits 2 * (i / 4); stored + 32.
+static inline void q3_k_scales(const uint8_t* s, int8_t out[16]) {
+    uint32_t a[3], r[4];
+    std::memcpy(a, s, 12);
+    r[0] = (a[0] & 0x0f0f0f0fu) | (((a[2] >> 0) & 0x03030303u) << 4);
+    r[1] = (a[1] & 0x0f0f0f0fu) | (((a[2] >> 2) & 0x03030303u) << 4);
+    r[2] = ((a[0] >> 4) & 0x0f0f0f0fu) | (((a[2] >> 4) & 0x03030303u) << 4);
+    r[3] = ((a[1] >> 4) & 0x0f0f0f0fu) | (((a[2] >> 6) & 0x03030303u) << 4);
+    std::memcpy(out, r, 16);
+    for (int i = 0; i < 16; i++) out[i] = (int8_t)(out[i] - 32);
 }
 
 }  // namespace hybrid

@@ -6,14 +6,19 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 # Byte offsets of the fp16 scale fields inside one block, per type.
 _FP16_FIELDS = {
     QT.Q4_0: [0],
+    QT.Q4_1: [0, 2],
     QT.Q5_0: [0],
+    QT.Q5_1: [0, 2],
+    QT.Q2_K: [80, 82],
+    QT.Q3_K: [108],
     QT.Q8_0: [0],
     QT.Q4_K: [0, 2],
     QT.Q5_K: [0, 2],
     QT.Q6_K: [208],
 }
 
-ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+             QT.Q4_1, QT.Q5_1, QT.Q2_K, QT.Q3_K]
 
 
 def row_bytes(qtype, k):

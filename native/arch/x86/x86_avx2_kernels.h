@@ -240,6 +240,18 @@ static void quant_act_q8_32(const float* x, void* dst, int64_t n) {
     }
 }
 
+static void quant_act_q8_1(const float* x, void* dst, int64_t n) {
+    block_q8_1* y = (block_q8_1*)dst;
+    for (int64_t b = 0; b < n / QK32; b++, x += QK32) {
+        const float amax = absmax(x, QK32);
+        const float d = amax / 127.f;
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        const int sum = quantize_32(x, _mm256_set1_ps(id), y[b].qs);
+        y[b].d = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+        y[b].s = _cvtsh_ss(_cvtss_sh(d * (float)sum, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
 static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
     block_q8_K* y = (block_q8_K*)dst;
     for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
@@ -487,6 +499,42 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc) - offset;
 }
 
+// Q4_1 / Q5_1: d * da * (q . qa) per block in float lanes, plus m * s (the activation's
+// scaled sum) per block in a scalar. dot32 is the u8 x s8 sum of 32 pairs (maddubs here,
+// VNNI in the AVX-512 table).
+template <__m256i (*dot32)(__m256i, __m256i)>
+static float dot_q4_1_t(int64_t n, const void* w, const void* a) {
+    const block_q4_1* x = (const block_q4_1*)w;
+    const block_q8_1* y = (const block_q8_1*)a;
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
+        const __m256i p = dot32(nibbles_32(x[b].qs), _mm256_loadu_si256((const __m256i*)y[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+        summs += h2f(x[b].m) * y[b].s;
+    }
+    return hsum_ps(acc) + summs;
+}
+
+template <__m256i (*dot32)(__m256i, __m256i)>
+static float dot_q5_1_t(int64_t n, const void* w, const void* a) {
+    const block_q5_1* x = (const block_q5_1*)w;
+    const block_q8_1* y = (const block_q8_1*)a;
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
+        const __m256i p = dot32(q, _mm256_loadu_si256((const __m256i*)y[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+        summs += h2f(x[b].m) * y[b].s;
+    }
+    return hsum_ps(acc) + summs;
+}
+
 // ---------------------------------------------------------------- dots: K-quants (AVX2)
 
 // The 8 scales (bytes 0-7) and 8 mins (bytes 8-15) of a Q4_K / Q5_K block, as
@@ -657,6 +705,112 @@ static void dot4_q6_K(int64_t n, const void* w, const void* const* a, float* out
     dot_q6_K_rows<4>(n, (const block_q6_K*)w, (const block_q8_K* const*)a, out);
 }
 
+// The four quarters (32 quants each) of 128-half h of a Q2_K / Q3_K block as unsigned bytes:
+// the 2-bit fields (qs: the half's 32 bytes), and for Q3_K (hmask set) + 4 where the high
+// bit is set, i.e. the signed quant + 4 (0..7).
+static inline void q2_quarters(const uint8_t* qs, const uint8_t* hmask, int h, __m256i q[4]) {
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)qs);
+    const __m256i hb = hmask ? _mm256_loadu_si256((const __m256i*)hmask) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        q[j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m3);
+        if (hmask)
+            q[j] = _mm256_or_si256(q[j], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4 * h + j), one), 2));
+    }
+}
+
+// The 16 sub-block scales of a Q2_K block (low nibbles) or its 16 mins (high nibbles) as int16.
+static inline __m256i q2_nibbles16(const uint8_t* scales, int shift) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)scales);
+    return _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, shift), _mm_set1_epi8(0xF)));
+}
+
+// sum_i sc_i * (u . a)_i over the 16 sub-blocks of a Q2_K / Q3_K block with unsigned quants
+// u (q2_quarters), R activation rows; sc16: the 16 scales as int16 (lane 0: 0..7, lane 1: 8..15).
+template <int R>
+static inline void q2_q3_sums(const uint8_t* qs, const uint8_t* hmask, __m256i sc16, const block_q8_K* const* ys,
+                              int64_t b, __m256i* sumi) {
+    // each half's 8 scales in both lanes
+    const __m256i halves[2] = {_mm256_permute2x128_si256(sc16, sc16, 0x00), _mm256_permute2x128_si256(sc16, sc16, 0x11)};
+    for (int h = 0; h < 2; h++) {
+        __m256i q[4];
+        q2_quarters(qs + 32 * h, hmask, h, q);
+        const __m256i sc = halves[h];
+        for (int j = 0; j < 4; j++) {
+            const __m256i s = word_bcast2(sc, j);
+            for (int r = 0; r < R; r++) {
+                const __m256i av = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 128 * h + 32 * j));
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], av), s));
+            }
+        }
+    }
+}
+
+template <int R>
+static inline void dot_q2_K_rows(int64_t n, const block_q2_K* x, const block_q8_K* const* ys, float* out) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q2_K));
+        const __m256i mins = q2_nibbles16(x[b].scales, 4);
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
+        q2_q3_sums<R>(x[b].qs, nullptr, q2_nibbles16(x[b].scales, 0), ys, b, sumi);
+        const float d = h2f(x[b].d), dmin = h2f(x[b].dmin);
+        for (int r = 0; r < R; r++) {
+            const __m256i m = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i*)ys[r][b].bsums));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(ys[r][b].d * dmin), _mm256_cvtepi32_ps(m), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+template <int R>
+static inline void dot_q3_K_rows(int64_t n, const block_q3_K* x, const block_q8_K* const* ys, float* out) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q3_K));
+        int8_t sc[16];
+        q3_k_scales(x[b].scales, sc);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc));
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
+        q2_q3_sums<R>(x[b].qs, x[b].hmask, sc16, ys, b, sumi);
+        const float d = h2f(x[b].d);
+        for (int r = 0; r < R; r++) {
+            // the quants went in + 4: take 4 * sum_i sc_i * bsums_i back out
+            const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i*)ys[r][b].bsums));
+            sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 2));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+static float dot_q2_K(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_q2_K_rows<1>(n, (const block_q2_K*)w, &y, &out);
+    return out;
+}
+
+static void dot4_q2_K(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_q2_K_rows<4>(n, (const block_q2_K*)w, (const block_q8_K* const*)a, out);
+}
+
+static float dot_q3_K(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_q3_K_rows<1>(n, (const block_q3_K*)w, &y, &out);
+    return out;
+}
+
+static void dot4_q3_K(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_q3_K_rows<4>(n, (const block_q3_K*)w, (const block_q8_K* const*)a, out);
+}
+
 // Fills every entry this header implements.
 static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_F16] = dequant_f16;
@@ -669,6 +823,7 @@ static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_Q6_K] = dequant_q6_K;
     t->quant_act[ACT_Q8_32] = quant_act_q8_32;
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
+    t->quant_act[ACT_Q8_1] = quant_act_q8_1;
     t->attn_scores = attn_scores;
     t->attn_values = attn_values;
     t->exp_sum = exp_sum;
@@ -678,6 +833,12 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot[GGML_Q4_0] = dot_q4_0;
     t->dot[GGML_Q5_0] = dot_q5_0;
     t->dot[GGML_Q8_0] = dot_q8_0;
+    t->dot[GGML_Q4_1] = dot_q4_1_t<dot_u8s8_32>;
+    t->dot[GGML_Q5_1] = dot_q5_1_t<dot_u8s8_32>;
+    t->dot[GGML_Q2_K] = dot_q2_K;
+    t->dot[GGML_Q3_K] = dot_q3_K;
+    t->dot4[GGML_Q2_K] = dot4_q2_K;
+    t->dot4[GGML_Q3_K] = dot4_q3_K;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
     t->dot[GGML_Q6_K] = dot_q6_K;
