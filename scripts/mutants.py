@@ -480,6 +480,23 @@ MUTANTS: list[Mutant] = [
            "                pass",
            ("tests/test_quant_types.py", "-k", "counted"),
            "experts chosen dequantized take memory the placed-bytes accounting does not show"),
+    Mutant("issue14-q3k-avx2-offset", "native/arch/x86/x86_avx2_kernels.h",
+           "sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 2));",
+           "sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 1));",
+           ("tests/test_quant_types.py", "-k", "expert_engine"),
+           "Q3_K's AVX2 dot takes back the wrong multiple of its +4 offset"),
+    Mutant("issue14-q8-1-sum-unrounded", "native/quants.cpp",
+           "        y[b].s = round_to_fp16(d * (float)sum);", "        y[b].s = d * (float)sum;",
+           ("tests/test_kernels.py", "-k", "activation_quantization"),
+           "Q4_1 / Q5_1 activations keep a float32 sum term where llama.cpp rounds it to fp16"),
+    Mutant("issue14-q2k-avx512-half-scales", "native/arch/x86/avx512.cpp",
+           "_mm_cvtepu8_epi16(h ? _mm_srli_si128(sc, 8) : sc)", "_mm_cvtepu8_epi16(sc)",
+           ("tests/test_kernels.py", "-k", "emulation"),
+           "the AVX-512 Q2_K dot uses the first half's scales for the second half"),
+    Mutant("issue14-q2k-dequant-min-nibble", "native/quants.cpp",
+           "ml = dmin * (x[b].scales[i] >> 4);", "ml = dmin * (x[b].scales[i] & 0xF);",
+           ("tests/test_quant_types.py", "-k", "llama_cpp_blocks"),
+           "Q2_K dequantization takes the scale's nibble for the min"),
 ]
 
 

@@ -66,3 +66,125 @@ def test_chosen_dequantized_experts_are_counted(tiny_gguf):
         placed = rt.loader.placed_bytes["cpu"]["weights.f32"]
         assert rt.loader.stats["torch_experts"] == a.n_layer - a.n_dense_lead
     assert placed >= 4 * elems
+
+
+# ----------------------------------------------------------------------------- kernels on real blocks
+
+from test_kernels import isa, reference_weights, ulp_distance  # noqa: E402,F401  (isa is a fixture)
+
+NEW_TYPES = {QT.Q4_1, QT.Q5_1, QT.Q2_K, QT.Q3_K}
+LLAMA_FTYPES = ["Q2_K", "Q3_K_M", "Q4_1", "Q5_1"]
+
+
+@pytest.mark.parametrize("ftype", LLAMA_FTYPES)
+def test_native_dequant_of_llama_cpp_blocks(isa, tiny_gguf, ftype):
+    """Blocks llama.cpp's quantizer made (no importance matrix): the native dequantization is
+    gguf's within 1 ulp, on every ISA path; and the dots agree with float64 on them."""
+    from gguf.quants import dequantize
+
+    from hybrid.gguf_file import GGUFFile
+
+    seen = set()
+    with GGUFFile(tiny_gguf(ftype)) as g:
+        for name, t in g.tensors.items():
+            if t.ggml_type not in NEW_TYPES:
+                continue
+            rows = np.asarray(g.view(name))
+            want = dequantize(rows, QT(t.ggml_type)).astype(np.float32).ravel()
+            got = _native.dequantize(rows, t.ggml_type, want.size)
+            assert ulp_distance(got, want).max() <= 1, name
+            seen.add(QT(t.ggml_type))
+            if len(seen) == 1 or name.endswith("_exps.weight"):
+                sub = rows[:64]
+                x = np.random.default_rng(len(name)).standard_normal((3, t.ne[0])).astype(np.float32)
+                y = _native.matmul(np.ascontiguousarray(sub), t.ggml_type, x)
+                ref = x.astype(np.float64) @ reference_weights(QT(t.ggml_type), sub).T
+                assert np.mean((y - ref) ** 2) / np.mean(ref ** 2) < 3e-4, name
+    assert seen & NEW_TYPES, f"{ftype}: no tensor of {sorted(t.name for t in NEW_TYPES)}"
+
+
+# ----------------------------------------------------------------------------- expert engine, mixed types
+
+EXPERT_MIXES = [(QT.Q2_K, QT.Q2_K, QT.Q3_K),     # what Q2_K does to a layer
+                (QT.Q3_K, QT.Q4_1, QT.Q5_1),
+                (QT.Q5_1, QT.Q4_K, QT.Q2_K)]
+
+
+@pytest.fixture(scope="module")
+def mixed_sets():
+    from test_moe import ExpertSet
+
+    return [ExpertSet(8, types, seed=100 + i) for i, types in enumerate(EXPERT_MIXES)]
+
+
+@pytest.mark.parametrize("T", [1, 3, 64, 300])
+def test_expert_engine_mixed_types_vs_float64(isa, mixed_sets, T):
+    """Three layers of one engine, each mixing the new types (and older ones) within the
+    layer, vs the float64 reference on the dequantized weights. Bound: test_moe's 5e-4 (two
+    activation quantizations; the Q4_1 / Q5_1 min term adds ~1e-4, see test_kernels)."""
+    import torch
+
+    from hybrid.backends.experts import ExpertEngine
+    from test_moe import D, nmse, routing
+
+    engine = ExpertEngine(D, max_tokens=128, max_k=4, threads=2)
+    try:
+        layers = [s.add_to(engine) for s in mixed_sets]
+        for i, (s, layer) in enumerate(zip(mixed_sets, layers)):
+            rng = np.random.default_rng(T * 10 + i)
+            x = rng.standard_normal((T, D)).astype(np.float32)
+            ids, w = routing(T, 4, s.E, rng)
+            y = layer(torch.from_numpy(x), torch.from_numpy(ids), torch.from_numpy(w)).numpy()
+            err = nmse(y, s.reference(x, ids, w))
+            assert err < 5e-4, f"{[t.name for t in s.types]} T={T}: nmse {err:.2e}"
+    finally:
+        engine.close()
+
+
+# ----------------------------------------------------------------------------- whole models
+
+def _log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def mean_kl(ref_logits, logits):
+    """Mean over positions of KL(softmax(ref) || softmax(logits))."""
+    p = _log_softmax(ref_logits)
+    return float((np.exp(p) * (p - _log_softmax(logits))).sum(-1).mean())
+
+
+from test_deepseek2 import blocks_decide  # noqa: E402,F401  (a fixture)
+
+
+@pytest.fixture(scope="module")
+def float_reference(blocks_decide):
+    """float64 logits of the unquantized model the files below are quantized from: the
+    fixture with its planted next-token peak cut (test_deepseek2.blocks_decide), so the
+    blocks, experts included, decide the distributions the KL compares."""
+    from test_deepseek2 import _tokens, reference_logits
+
+    path, _ = blocks_decide("F32")
+    with hybrid.load(path, device="cpu", threads=2, ctx=128) as rt:
+        toks = _tokens(rt.n_vocab)
+    return toks, reference_logits(path, toks)
+
+
+@pytest.mark.parametrize("ftype", LLAMA_FTYPES)
+def test_whole_model_kl_within_llama_cpps(blocks_decide, float_reference, ftype):
+    """The deepseek2 fixture quantized by llama.cpp: with its routed experts on the native
+    engine (no torch fallback) our mean KL against the float model is within 1.25x of
+    llama.cpp's own on the same file."""
+    from test_deepseek2 import llama_cpp_logits
+
+    toks, ref = float_reference
+    path, _ = blocks_decide(ftype)
+    with hybrid.load(path, device="cpu", threads=2, ctx=128) as rt:
+        ours = rt.logits(toks)
+        assert rt.loader.stats["torch_experts"] == 0
+        assert rt.loader.stats["native_experts"] == rt.args.n_layer - rt.args.n_dense_lead
+    kl_ours = mean_kl(ref, ours)
+    kl_llama = mean_kl(ref, llama_cpp_logits(path, toks))
+    print(f"{ftype}: mean KL ours {kl_ours:.3e}, llama.cpp {kl_llama:.3e}")
+    assert kl_ours <= 1.25 * kl_llama, f"{ftype}: mean KL ours {kl_ours:.3e}, llama.cpp {kl_llama:.3e}"
