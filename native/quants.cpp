@@ -19,6 +19,8 @@ static bool init_types() {
     g_types[GGML_Q5_1] = {"Q5_1", QK32, (int)sizeof(block_q5_1), ACT_Q8_1};
     g_types[GGML_Q2_K] = {"Q2_K", QK_K, (int)sizeof(block_q2_K), ACT_Q8_K};
     g_types[GGML_Q3_K] = {"Q3_K", QK_K, (int)sizeof(block_q3_K), ACT_Q8_K};
+    g_types[GGML_IQ4_NL] = {"IQ4_NL", QK32, (int)sizeof(block_iq4_nl), ACT_Q8_32};
+    g_types[GGML_IQ4_XS] = {"IQ4_XS", QK_K, (int)sizeof(block_iq4_xs), ACT_Q8_K};
     g_types[GGML_Q8_0] = {"Q8_0", QK32, (int)sizeof(block_q8_0), ACT_Q8_32};
     g_types[GGML_Q4_K] = {"Q4_K", QK_K, (int)sizeof(block_q4_K), ACT_Q8_K};
     g_types[GGML_Q5_K] = {"Q5_K", QK_K, (int)sizeof(block_q5_K), ACT_Q8_K};
@@ -156,6 +158,32 @@ static void dequant_q3_K(const void* src, float* y, int64_t n) {
         for (int i = 0; i < 16; i++) {
             const float dl = d * sc[i];
             for (int l = 0; l < 16; l++) y[16 * i + l] = dl * q[16 * i + l];
+        }
+    }
+}
+
+static void dequant_iq4_nl(const void* src, float* y, int64_t n) {
+    const block_iq4_nl* x = (const block_iq4_nl*)src;
+    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int j = 0; j < QK32 / 2; j++) {
+            y[j] = d * kIQ4NLValues[x[b].qs[j] & 0xF];
+            y[j + 16] = d * kIQ4NLValues[x[b].qs[j] >> 4];
+        }
+    }
+}
+
+static void dequant_iq4_xs(const void* src, float* y, int64_t n) {
+    const block_iq4_xs* x = (const block_iq4_xs*)src;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int i = 0; i < QK_K / 32; i++, y += 32) {
+            const float dl = d * iq4_xs_scale(x[b], i);
+            const uint8_t* qs = x[b].qs + 16 * i;
+            for (int j = 0; j < 16; j++) {
+                y[j] = dl * kIQ4NLValues[qs[j] & 0xF];
+                y[j + 16] = dl * kIQ4NLValues[qs[j] >> 4];
+            }
         }
     }
 }
@@ -410,6 +438,38 @@ static float dot_q3_K(int64_t n, const void* w, const void* a) {
     return s;
 }
 
+// IQ4_NL on llama.cpp's Q8_0 activations; IQ4_XS on Q8_K.
+static float dot_iq4_nl(int64_t n, const void* w, const void* a) {
+    const block_iq4_nl* x = (const block_iq4_nl*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    float s = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        int sumi = 0;
+        for (int j = 0; j < 16; j++)
+            sumi += kIQ4NLValues[x[b].qs[j] & 0xF] * y[b].qs[j] + kIQ4NLValues[x[b].qs[j] >> 4] * y[b].qs[j + 16];
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi;
+    }
+    return s;
+}
+
+static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
+    const block_iq4_xs* x = (const block_iq4_xs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        int sumi = 0;
+        for (int i = 0; i < QK_K / 32; i++) {
+            const uint8_t* qs = x[b].qs + 16 * i;
+            const int8_t* q8 = y[b].qs + 32 * i;
+            int si = 0;
+            for (int j = 0; j < 16; j++) si += kIQ4NLValues[qs[j] & 0xF] * q8[j] + kIQ4NLValues[qs[j] >> 4] * q8[j + 16];
+            sumi += iq4_xs_scale(x[b], i) * si;
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi;
+    }
+    return s;
+}
+
 static float dot_q8_0(int64_t n, const void* w, const void* a) {
     const block_q8_0* x = (const block_q8_0*)w;
     const block_q8_32* y = (const block_q8_32*)a;
@@ -534,6 +594,8 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dequant[GGML_Q5_1] = dequant_q5_1;
     t->dequant[GGML_Q2_K] = dequant_q2_K;
     t->dequant[GGML_Q3_K] = dequant_q3_K;
+    t->dequant[GGML_IQ4_NL] = dequant_iq4_nl;
+    t->dequant[GGML_IQ4_XS] = dequant_iq4_xs;
     t->dequant[GGML_Q8_0] = dequant_q8_0;
     t->dequant[GGML_Q4_K] = dequant_q4_K;
     t->dequant[GGML_Q5_K] = dequant_q5_K;
@@ -547,6 +609,8 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dot[GGML_Q5_1] = dot_q5_1;
     t->dot[GGML_Q2_K] = dot_q2_K;
     t->dot[GGML_Q3_K] = dot_q3_K;
+    t->dot[GGML_IQ4_NL] = dot_iq4_nl;
+    t->dot[GGML_IQ4_XS] = dot_iq4_xs;
     t->dot[GGML_Q8_0] = dot_q8_0;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;

@@ -59,6 +59,25 @@ struct block_q3_K {
     uint8_t scales[12];
     uint16_t d;
 };
+// The 16 values of IQ4_NL / IQ4_XS's non-linear 4-bit code (ggml's kvalues_iq4nl; the same
+// table gguf-py's gguf/quants.py IQ4_NL.kvalues publishes).
+alignas(16) static const int8_t kIQ4NLValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                                    1,    13,   25,  38,  53,  69,  89,  113};
+// IQ4_NL, 18 B / 32 weights: w[j] = d * kIQ4NLValues[nibble]; nibbles as in Q4_0.
+struct block_iq4_nl {
+    uint16_t d;  // fp16
+    uint8_t qs[QK32 / 2];
+};
+// IQ4_XS, 136 B / 256 weights: 8 sub-blocks of 32 with 6-bit scales, low 4 bits of
+// sub-block i in scales_l[i / 2] (nibble i % 2), high 2 bits in scales_h bits 2i..2i+1; stored
+// + 32. Sub-block i's quants are qs[16i .. 16i+15], low nibbles = its elements 0..15, high =
+// 16..31; w = d * (scale - 32) * kIQ4NLValues[nibble].
+struct block_iq4_xs {
+    uint16_t d;
+    uint16_t scales_h;
+    uint8_t scales_l[QK_K / 64];
+    uint8_t qs[QK_K / 2];
+};
 // Q4_K, 144 B / 256 weights: 8 sub-blocks of 32 with 6-bit scale sc and min m packed in
 // scales[12]; w = d*sc*q - dmin*m. qs: 4 chunks of 32 bytes, low nibbles = sub-block 2c,
 // high nibbles = sub-block 2c+1.
@@ -117,6 +136,8 @@ static_assert(sizeof(block_q5_1) == 24, "block_q5_1 size");
 static_assert(sizeof(block_q2_K) == 84, "block_q2_K size");
 static_assert(sizeof(block_q3_K) == 110, "block_q3_K size");
 static_assert(sizeof(block_q8_1) == 40, "block_q8_1 size");
+static_assert(sizeof(block_iq4_nl) == 18, "block_iq4_nl size");
+static_assert(sizeof(block_iq4_xs) == 136, "block_iq4_xs size");
 static_assert(sizeof(block_q5_0) == 22, "block_q5_0 size");
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
 static_assert(sizeof(block_q4_K) == 144, "block_q4_K size");
@@ -195,6 +216,11 @@ static inline void unpack_scales_mins_k4(const uint8_t* s, uint8_t out[16]) {
     r[2] = a1 & 0x3f3f3f3fu;                                         // m 0..3
     r[3] = ((a2 >> 4) & 0x0f0f0f0fu) | (((a1 >> 6) & 0x03030303u) << 4);  // m 4..7
     std::memcpy(out, r, 16);
+}
+
+// Sub-block i's scale of an IQ4_XS block, -32..31.
+static inline int iq4_xs_scale(const block_iq4_xs& b, int i) {
+    return (((b.scales_l[i / 2] >> (4 * (i % 2))) & 0xF) | (((b.scales_h >> (2 * i)) & 3) << 4)) - 32;
 }
 
 // The 16 signed scales of a Q3_K block from its 12 packed bytes: scale i has its low 4 bits

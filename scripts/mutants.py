@@ -497,6 +497,19 @@ MUTANTS: list[Mutant] = [
            "ml = dmin * (x[b].scales[i] >> 4);", "ml = dmin * (x[b].scales[i] & 0xF);",
            ("tests/test_quant_types.py", "-k", "llama_cpp_blocks"),
            "Q2_K dequantization takes the scale's nibble for the min"),
+    Mutant("issue14-iq4xs-avx2-scale", "native/arch/x86/x86_avx2_kernels.h",
+           "_mm256_madd_epi16(p1, _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c + 1)))",
+           "_mm256_madd_epi16(p1, _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c)))",
+           ("tests/test_kernels.py", "-k", "matmul_vs_float64 and IQ4_XS"),
+           "IQ4_XS's AVX2 dot scales the odd sub-blocks with the even ones' scale"),
+    Mutant("issue14-iq4xs-avx512-sign", "native/arch/x86/avx512.cpp",
+           "_mm512_mask_sub_epi8(av, _mm512_movepi8_mask(wv),", "_mm512_mask_sub_epi8(av, _mm512_movepi8_mask(av),",
+           ("tests/test_kernels.py", "-k", "emulation"),
+           "IQ4_XS's AVX-512 dot moves the wrong operand's sign"),
+    Mutant("issue14-iq4xs-torch-scale-bits", "hybrid/backends/dequant.py",
+           "    scales = (lo.to(torch.int32) | (hi << 4)) - 32", "    scales = (lo.to(torch.int32) | (hi << 3)) - 32",
+           ("tests/test_dequant.py", "-k", "IQ4_XS"),
+           "the GPU dequantizer places IQ4_XS's high scale bits wrong"),
 ]
 
 

@@ -72,8 +72,8 @@ def test_chosen_dequantized_experts_are_counted(tiny_gguf):
 
 from test_kernels import isa, reference_weights, ulp_distance  # noqa: E402,F401  (isa is a fixture)
 
-NEW_TYPES = {QT.Q4_1, QT.Q5_1, QT.Q2_K, QT.Q3_K}
-LLAMA_FTYPES = ["Q2_K", "Q3_K_M", "Q4_1", "Q5_1"]
+NEW_TYPES = {QT.Q4_1, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS}
+LLAMA_FTYPES = ["Q2_K", "Q3_K_M", "Q4_1", "Q5_1", "IQ4_NL", "IQ4_XS"]
 
 
 @pytest.mark.parametrize("ftype", LLAMA_FTYPES)
@@ -107,7 +107,8 @@ def test_native_dequant_of_llama_cpp_blocks(isa, tiny_gguf, ftype):
 
 EXPERT_MIXES = [(QT.Q2_K, QT.Q2_K, QT.Q3_K),     # what Q2_K does to a layer
                 (QT.Q3_K, QT.Q4_1, QT.Q5_1),
-                (QT.Q5_1, QT.Q4_K, QT.Q2_K)]
+                (QT.Q5_1, QT.Q4_K, QT.Q2_K),
+                (QT.IQ4_XS, QT.IQ4_NL, QT.IQ4_XS)]
 
 
 @pytest.fixture(scope="module")

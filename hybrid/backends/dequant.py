@@ -26,6 +26,12 @@ Block layouts (ggml-common.h; f16 = IEEE half, little endian; QK_K = 256):
                        bit s of qh[i] is the 5th bit of element i of sub-block s
     Q6_K  210 B / 256: u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d
                        16 sub-blocks of 16; q = (4 low | 2 high << 4) - 32; w = d*sc*q
+    IQ4_NL  18 B / 32: f16 d; u8 qs[16]            w = d * IQ4_NL_VALUES[nibble]; nibbles
+                                                    as in Q4_0
+    IQ4_XS 136 B / 256: f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]
+                       8 sub-blocks of 32; scale i = (nibble i of scales_l | 2 bits i of
+                       scales_h << 4) - 32; sub-block i: qs[16i..], low nibbles then high;
+                       w = d * scale * IQ4_NL_VALUES[nibble]
 """
 
 from __future__ import annotations
@@ -40,11 +46,15 @@ QK_K = 256
 # GGML type ids (ggml.h enum ggml_type); only the ones handled here.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
+IQ4_NL, IQ4_XS = 20, 23
+
+# IQ4_NL / IQ4_XS's non-linear 4-bit code: ggml's kvalues_iq4nl (as gguf-py publishes it)
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 TYPE_NAMES = {
     F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
     Q5_1: "Q5_1", Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K",
-    Q6_K: "Q6_K",
+    Q6_K: "Q6_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS",
 }
 
 # ggml_type -> (elements per block, bytes per block)
@@ -52,6 +62,7 @@ BLOCK = {
     F32: (1, 4), F16: (1, 2), BF16: (1, 2),
     Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
     Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
+    IQ4_NL: (32, 18), IQ4_XS: (256, 136),
 }
 
 
@@ -204,11 +215,42 @@ def _deq_q6_k(b):
     return (dl * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
 
 
+_TABLES: dict = {}
+
+
+def _table(values, device) -> torch.Tensor:
+    """A constant float32 lookup table, made once per device (see _shifts)."""
+    key = (values, str(torch.device(device)))
+    t = _TABLES.get(key)
+    if t is None:
+        t = _TABLES[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return t
+
+
+def _deq_iq4_nl(b):
+    d = _f16(b[:, 0:2])
+    q = _nibbles(b[:, 2:18]).reshape(-1, 32).long()
+    return d * _table(IQ4_NL_VALUES, b.device)[q]
+
+
+def _deq_iq4_xs(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2])
+    sh = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32).reshape(n, 1)       # [n, 1]
+    lo = (b[:, 4:8].reshape(n, 4, 1) >> _shifts([0, 4], b.device).reshape(1, 1, 2)).reshape(n, 8) & 0x0F
+    hi = (sh >> (2 * torch.arange(8, device=b.device, dtype=torch.int32)).reshape(1, 8)) & 3
+    scales = (lo.to(torch.int32) | (hi << 4)) - 32
+    dl = (d * scales.float()).reshape(n, 8, 1)
+    q = _nibbles(b[:, 8:136].reshape(n, 8, 16)).reshape(n, 8, 32).long()
+    return (dl * _table(IQ4_NL_VALUES, b.device)[q]).reshape(n, QK_K)
+
+
 # Dispatch table indexed by GGML type: [n_blocks, block_bytes] uint8 -> [n_blocks, block] f32.
 _DEQUANT = {
     F32: _deq_f32, F16: _deq_f16, BF16: _deq_bf16,
     Q4_0: _deq_q4_0, Q4_1: _deq_q4_1, Q5_0: _deq_q5_0, Q5_1: _deq_q5_1, Q8_0: _deq_q8_0,
     Q2_K: _deq_q2_k, Q3_K: _deq_q3_k, Q4_K: _deq_q4_k, Q5_K: _deq_q5_k, Q6_K: _deq_q6_k,
+    IQ4_NL: _deq_iq4_nl, IQ4_XS: _deq_iq4_xs,
 }
 
 SUPPORTED_TYPES = frozenset(_DEQUANT)

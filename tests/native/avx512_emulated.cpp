@@ -76,6 +76,8 @@ static std::vector<uint8_t> random_row(int type, int n) {
             case GGML_Q5_1: set_half(base); set_half(base + 2); break;
             case GGML_Q2_K: set_half(base + 80); set_half(base + 82); break;
             case GGML_Q3_K: set_half(base + 108); break;
+            case GGML_IQ4_NL:
+            case GGML_IQ4_XS: set_half(base); break;
             default: set_half(base); break;
         }
     }
@@ -88,7 +90,8 @@ int main() {
     std::memset(&simd, 0, sizeof(simd));
     fill_avx512_kernels(&simd);
     const int types[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q4_0, GGML_Q5_0, GGML_Q8_0,
-                         GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_Q4_1, GGML_Q5_1, GGML_Q2_K, GGML_Q3_K};
+                         GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_Q4_1, GGML_Q5_1, GGML_Q2_K, GGML_Q3_K,
+                         GGML_IQ4_NL, GGML_IQ4_XS};
     int passed = 0, failed = 0;
     const int n = 1024;
     for (int type : types) {

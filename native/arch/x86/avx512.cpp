@@ -269,6 +269,33 @@ static float dot_q3_K(int64_t n, const void* w, const void* a) {
     return reduce_add(acc);
 }
 
+// IQ4_XS: a pair of sub-blocks (64 quants) per 512-bit register, pair sums scaled by vpdpwssd.
+static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
+    const block_iq4_xs* x = (const block_iq4_xs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq4_xs));
+        __m512i sumi = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(x[b].qs + 32 * c));
+            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m512i wv = join256(iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x20)),
+                                       iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x31)));
+            const __m512i av = _mm512_loadu_si512((const void*)(y[b].qs + 64 * c));
+            // |w| x (a with w's sign): AVX-512 has no vpsignb, a masked negate does it
+            const __m512i as = _mm512_mask_sub_epi8(av, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), av);
+            const __m512i p = _mm512_maddubs_epi16(_mm512_abs_epi8(wv), as);
+            const __m512i s = join256(_mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c)),
+                                      _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c + 1)));
+            sumi = _mm512_dpwssd_epi32(sumi, p, s);
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(x[b].d) * y[b].d), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return reduce_add(acc);
+}
+
 }  // namespace x86_512
 
 bool fill_avx512_kernels(kernel_table* t) {
@@ -287,6 +314,8 @@ bool fill_avx512_kernels(kernel_table* t) {
     t->dot[GGML_Q5_1] = x86::dot_q5_1_t<x86_512::dot_vnni_32>;
     t->dot[GGML_Q2_K] = x86_512::dot_q2_K;
     t->dot[GGML_Q3_K] = x86_512::dot_q3_K;
+    t->dot[GGML_IQ4_NL] = x86::dot_iq4_nl_t<x86_512::dot_vnni_32>;
+    t->dot[GGML_IQ4_XS] = x86_512::dot_iq4_xs;
     // The 4-row dots above are AVX2 code: they would not be bit-identical to these single
     // dots, so this path does without them.
     std::memset(t->dot4, 0, sizeof(t->dot4));

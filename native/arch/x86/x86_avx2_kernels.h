@@ -811,6 +811,59 @@ static void dot4_q3_K(int64_t n, const void* w, const void* const* a, float* out
     dot_q3_K_rows<4>(n, (const block_q3_K*)w, (const block_q8_K* const*)a, out);
 }
 
+// ---------------------------------------------------------------- dots: IQ4_NL / IQ4_XS
+
+// 32 nibble indices -> the signed IQ4_NL values (one pshufb per 32).
+static inline __m256i iq4_lookup(__m256i idx) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kIQ4NLValues));
+    return _mm256_shuffle_epi8(v, idx);
+}
+
+// 32 signed x signed products summed as 16 int16 pair sums (|w| <= 127: no saturation).
+static inline __m256i dot_s8s8_pairs(__m256i w, __m256i a) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+}
+
+template <__m256i (*dot32)(__m256i, __m256i)>
+static float dot_iq4_nl_t(int64_t n, const void* w, const void* a) {
+    const block_iq4_nl* x = (const block_iq4_nl*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
+        const __m256i q = iq4_lookup(nibbles_32(x[b].qs));
+        const __m256i av = _mm256_loadu_si256((const __m256i*)y[b].qs);
+        const __m256i p = dot32(_mm256_sign_epi8(q, q), _mm256_sign_epi8(av, q));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+    }
+    return hsum_ps(acc);
+}
+
+// IQ4_XS: 32 bytes of quants hold sub-blocks 2c (lane 0) and 2c+1 (lane 1), each as low then
+// high nibbles: two lane permutes put each sub-block's 32 values in weight order.
+static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
+    const block_iq4_xs* x = (const block_iq4_xs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq4_xs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(x[b].qs + 32 * c));
+            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m256i w0 = iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x20));
+            const __m256i w1 = iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x31));
+            const __m256i p0 = dot_s8s8_pairs(w0, _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c)));
+            const __m256i p1 = dot_s8s8_pairs(w1, _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p0, _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c))));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c + 1))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
 // Fills every entry this header implements.
 static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_F16] = dequant_f16;
@@ -838,6 +891,8 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot[GGML_Q2_K] = dot_q2_K;
     t->dot[GGML_Q3_K] = dot_q3_K;
     t->dot4[GGML_Q2_K] = dot4_q2_K;
+    t->dot[GGML_IQ4_NL] = dot_iq4_nl_t<dot_u8s8_32>;
+    t->dot[GGML_IQ4_XS] = dot_iq4_xs;
     t->dot4[GGML_Q3_K] = dot4_q3_K;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
