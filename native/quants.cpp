@@ -21,6 +21,9 @@ static bool init_types() {
     g_types[GGML_Q3_K] = {"Q3_K", QK_K, (int)sizeof(block_q3_K), ACT_Q8_K};
     g_types[GGML_IQ4_NL] = {"IQ4_NL", QK32, (int)sizeof(block_iq4_nl), ACT_Q8_32};
     g_types[GGML_IQ4_XS] = {"IQ4_XS", QK_K, (int)sizeof(block_iq4_xs), ACT_Q8_K};
+    g_types[GGML_IQ2_XXS] = {"IQ2_XXS", QK_K, (int)sizeof(block_iq2_xxs), ACT_Q8_K};
+    g_types[GGML_IQ3_S] = {"IQ3_S", QK_K, (int)sizeof(block_iq3_s), ACT_Q8_K};
+    g_types[GGML_IQ1_S] = {"IQ1_S", QK_K, (int)sizeof(block_iq1_s), ACT_Q8_K};
     g_types[GGML_Q8_0] = {"Q8_0", QK32, (int)sizeof(block_q8_0), ACT_Q8_32};
     g_types[GGML_Q4_K] = {"Q4_K", QK_K, (int)sizeof(block_q4_K), ACT_Q8_K};
     g_types[GGML_Q5_K] = {"Q5_K", QK_K, (int)sizeof(block_q5_K), ACT_Q8_K};
@@ -184,6 +187,86 @@ static void dequant_iq4_xs(const void* src, float* y, int64_t n) {
                 y[j] = dl * kIQ4NLValues[qs[j] & 0xF];
                 y[j + 16] = dl * kIQ4NLValues[qs[j] >> 4];
             }
+        }
+    }
+}
+
+// Grid values of the IQ types: byte k of a grid entry.
+static inline int grid_byte(uint64_t e, int k) { return (int)(uint8_t)(e >> (8 * k)); }
+
+// IQ2_XXS sub-block ib of block x: the 32 (grid value, sign) pairs and the scale.
+static inline void iq2_xxs_sub(const block_iq2_xxs& x, int ib, int8_t* g, bool* neg, int* scale) {
+    uint32_t a[2];
+    std::memcpy(a, x.qs + 4 * ib, 8);
+    for (int l = 0; l < 4; l++) {
+        const uint64_t e = kIQ2XXSGrid[(a[0] >> (8 * l)) & 0xFF];
+        const int s = iq_ksigns((a[1] >> (7 * l)) & 127);
+        for (int j = 0; j < 8; j++) {
+            g[8 * l + j] = (int8_t)grid_byte(e, j);
+            neg[8 * l + j] = (s >> j) & 1;
+        }
+    }
+    *scale = (int)(a[1] >> 28);
+}
+
+static void dequant_iq2_xxs(const void* src, float* y, int64_t n) {
+    const block_iq2_xxs* x = (const block_iq2_xxs*)src;
+    int8_t g[32];
+    bool neg[32];
+    int s;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int ib = 0; ib < 8; ib++, y += 32) {
+            iq2_xxs_sub(x[b], ib, g, neg, &s);
+            const float db = d * (0.5f + (float)s) * 0.25f;
+            for (int j = 0; j < 32; j++) y[j] = db * g[j] * (neg[j] ? -1.f : 1.f);
+        }
+    }
+}
+
+// IQ3_S sub-block ib: grid values and signs in element order.
+static inline void iq3_s_sub(const block_iq3_s& x, int ib, int8_t* g, bool* neg) {
+    for (int k = 0; k < 8; k++) {
+        const uint32_t e = kIQ3SGrid[x.qs[8 * ib + k] | (((x.qh[ib] >> k) & 1) << 8)];
+        for (int j = 0; j < 4; j++) g[4 * k + j] = (int8_t)(e >> (8 * j));
+    }
+    for (int j = 0; j < 32; j++) neg[j] = (x.signs[4 * ib + j / 8] >> (j % 8)) & 1;
+}
+
+static inline int iq3_s_scale(const block_iq3_s& x, int ib) { return 1 + 2 * ((x.scales[ib / 2] >> (4 * (ib % 2))) & 0xF); }
+
+static void dequant_iq3_s(const void* src, float* y, int64_t n) {
+    const block_iq3_s* x = (const block_iq3_s*)src;
+    int8_t g[32];
+    bool neg[32];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int ib = 0; ib < 8; ib++, y += 32) {
+            iq3_s_sub(x[b], ib, g, neg);
+            const float db = d * (float)iq3_s_scale(x[b], ib);
+            for (int j = 0; j < 32; j++) y[j] = db * g[j] * (neg[j] ? -1.f : 1.f);
+        }
+    }
+}
+
+// IQ1_S sub-block ib: the 32 grid values (-1, 0, 1) in element order.
+static inline void iq1_s_sub(const block_iq1_s& x, int ib, int8_t* g) {
+    for (int l = 0; l < 4; l++) {
+        const uint64_t e = kIQ1SGrid[x.qs[4 * ib + l] | (((x.qh[ib] >> (3 * l)) & 7) << 8)];
+        for (int j = 0; j < 8; j++) g[8 * l + j] = (int8_t)grid_byte(e, j);
+    }
+}
+
+static void dequant_iq1_s(const void* src, float* y, int64_t n) {
+    const block_iq1_s* x = (const block_iq1_s*)src;
+    int8_t g[32];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int ib = 0; ib < 8; ib++, y += 32) {
+            iq1_s_sub(x[b], ib, g);
+            const float dl = d * (float)(2 * ((x[b].qh[ib] >> 12) & 7) + 1);
+            const float delta = (x[b].qh[ib] & 0x8000) ? -kIQ1SDelta : kIQ1SDelta;
+            for (int j = 0; j < 32; j++) y[j] = dl * ((float)g[j] + delta);
         }
     }
 }
@@ -470,6 +553,67 @@ static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
     return s;
 }
 
+// IQ2_XXS / IQ3_S / IQ1_S on Q8_K activations, as llama.cpp's reference dots: integer sums
+// per sub-block times the odd integer scale, one float multiply per block.
+static float dot_iq2_xxs(int64_t n, const void* w, const void* a) {
+    const block_iq2_xxs* x = (const block_iq2_xxs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    int8_t g[32];
+    bool neg[32];
+    int sc;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        int bsum = 0;
+        for (int ib = 0; ib < 8; ib++) {
+            iq2_xxs_sub(x[b], ib, g, neg, &sc);
+            int sumi = 0;
+            for (int j = 0; j < 32; j++) sumi += g[j] * y[b].qs[32 * ib + j] * (neg[j] ? -1 : 1);
+            bsum += sumi * (2 * sc + 1);
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)bsum;
+    }
+    return 0.125f * s;
+}
+
+static float dot_iq3_s(int64_t n, const void* w, const void* a) {
+    const block_iq3_s* x = (const block_iq3_s*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    int8_t g[32];
+    bool neg[32];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        int bsum = 0;
+        for (int ib = 0; ib < 8; ib++) {
+            iq3_s_sub(x[b], ib, g, neg);
+            int sumi = 0;
+            for (int j = 0; j < 32; j++) sumi += g[j] * y[b].qs[32 * ib + j] * (neg[j] ? -1 : 1);
+            bsum += sumi * iq3_s_scale(x[b], ib);
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)bsum;
+    }
+    return s;
+}
+
+static float dot_iq1_s(int64_t n, const void* w, const void* a) {
+    const block_iq1_s* x = (const block_iq1_s*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    int8_t g[32];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        int sumi = 0, sumi1 = 0;
+        for (int ib = 0; ib < 8; ib++) {
+            iq1_s_sub(x[b], ib, g);
+            int lsum = 0;
+            for (int j = 0; j < 32; j++) lsum += g[j] * y[b].qs[32 * ib + j];
+            const int ls = 2 * ((x[b].qh[ib] >> 12) & 7) + 1;
+            sumi += ls * lsum;
+            sumi1 += ls * ((x[b].qh[ib] & 0x8000) ? -1 : 1) * (y[b].bsums[2 * ib] + y[b].bsums[2 * ib + 1]);
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * ((float)sumi + kIQ1SDelta * (float)sumi1);
+    }
+    return s;
+}
+
 static float dot_q8_0(int64_t n, const void* w, const void* a) {
     const block_q8_0* x = (const block_q8_0*)w;
     const block_q8_32* y = (const block_q8_32*)a;
@@ -596,6 +740,9 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dequant[GGML_Q3_K] = dequant_q3_K;
     t->dequant[GGML_IQ4_NL] = dequant_iq4_nl;
     t->dequant[GGML_IQ4_XS] = dequant_iq4_xs;
+    t->dequant[GGML_IQ2_XXS] = dequant_iq2_xxs;
+    t->dequant[GGML_IQ3_S] = dequant_iq3_s;
+    t->dequant[GGML_IQ1_S] = dequant_iq1_s;
     t->dequant[GGML_Q8_0] = dequant_q8_0;
     t->dequant[GGML_Q4_K] = dequant_q4_K;
     t->dequant[GGML_Q5_K] = dequant_q5_K;
@@ -611,6 +758,9 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dot[GGML_Q3_K] = dot_q3_K;
     t->dot[GGML_IQ4_NL] = dot_iq4_nl;
     t->dot[GGML_IQ4_XS] = dot_iq4_xs;
+    t->dot[GGML_IQ2_XXS] = dot_iq2_xxs;
+    t->dot[GGML_IQ3_S] = dot_iq3_s;
+    t->dot[GGML_IQ1_S] = dot_iq1_s;
     t->dot[GGML_Q8_0] = dot_q8_0;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "common.h"
+#include "iq_tables.h"
 
 namespace hybrid {
 
@@ -78,6 +79,55 @@ struct block_iq4_xs {
     uint8_t scales_l[QK_K / 64];
     uint8_t qs[QK_K / 2];
 };
+// IQ2_XXS, 66 B / 256 weights: 8 sub-blocks of 32, each two little-endian u32 words in qs.
+// The first holds 4 indices (bytes) into kIQ2XXSGrid, 8 values each; the second four 7-bit
+// sign indices (bits 7l..7l+6, see iq_ksigns) and the scale s in bits 28-31.
+// w = d * (0.5 + s) / 4 * grid value * sign.
+struct block_iq2_xxs {
+    uint16_t d;
+    uint16_t qs[QK_K / 8];
+};
+// IQ3_S, 110 B / 256 weights: 8 sub-blocks of 32 = 8 groups of 4 values. Group k of
+// sub-block i: 9-bit index qs[8i + k] | bit k of qh[i] << 8 into kIQ3SGrid; the sign of
+// element j of the sub-block is bit j % 8 of signs[4i + j / 8] (set: negative); scale s of
+// sub-block i is nibble i % 2 of scales[i / 2]; w = d * (1 + 2s) * grid value * sign.
+struct block_iq3_s {
+    uint16_t d;
+    uint8_t qs[QK_K / 4];
+    uint8_t qh[QK_K / 32];
+    uint8_t signs[QK_K / 8];
+    uint8_t scales[QK_K / 64];
+};
+// IQ1_S, 50 B / 256 weights: 8 sub-blocks of 32 = 4 groups of 8. qh[i] (u16) of sub-block
+// i: bits 3l..3l+2 are the high bits of group l's 11-bit index qs[4i + l] | bits << 8 into
+// kIQ1SGrid (values -1, 0, 1), bits 12-14 the scale s, bit 15 the sign of the shift:
+// w = d * (2s + 1) * (grid value + delta), delta = -1/8 if bit 15 is set, else +1/8.
+struct block_iq1_s {
+    uint16_t d;
+    uint8_t qs[QK_K / 8];
+    uint16_t qh[QK_K / 32];
+};
+constexpr float kIQ1SDelta = 0.125f;
+
+// ggml's ksigns: the 8 signs of a group from 7 stored bits, the 8th making the number of
+// negative values even (bit set: negative).
+static inline int iq_ksigns(int i) { return i | (__builtin_parity((unsigned)i) << 7); }
+// The same as 8 bytes of +1 / -1 (0x01 / 0xff) per 7-bit index, for the SIMD paths.
+struct iq_sign_bytes {
+    uint64_t v[128];
+    constexpr iq_sign_bytes() : v() {
+        for (int i = 0; i < 128; i++) {
+            int s = i, par = 0;
+            for (int j = 0; j < 7; j++) par ^= (i >> j) & 1;
+            s |= par << 7;
+            uint64_t w = 0;
+            for (int j = 0; j < 8; j++) w |= (uint64_t)(((s >> j) & 1) ? 0xff : 0x01) << (8 * j);
+            v[i] = w;
+        }
+    }
+};
+alignas(64) static constexpr iq_sign_bytes kIQSignBytes{};
+
 // Q4_K, 144 B / 256 weights: 8 sub-blocks of 32 with 6-bit scale sc and min m packed in
 // scales[12]; w = d*sc*q - dmin*m. qs: 4 chunks of 32 bytes, low nibbles = sub-block 2c,
 // high nibbles = sub-block 2c+1.
@@ -138,6 +188,9 @@ static_assert(sizeof(block_q3_K) == 110, "block_q3_K size");
 static_assert(sizeof(block_q8_1) == 40, "block_q8_1 size");
 static_assert(sizeof(block_iq4_nl) == 18, "block_iq4_nl size");
 static_assert(sizeof(block_iq4_xs) == 136, "block_iq4_xs size");
+static_assert(sizeof(block_iq2_xxs) == 66, "block_iq2_xxs size");
+static_assert(sizeof(block_iq3_s) == 110, "block_iq3_s size");
+static_assert(sizeof(block_iq1_s) == 50, "block_iq1_s size");
 static_assert(sizeof(block_q5_0) == 22, "block_q5_0 size");
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
 static_assert(sizeof(block_q4_K) == 144, "block_q4_K size");

@@ -13,6 +13,9 @@ _FP16_FIELDS = {
     QT.Q3_K: [108],
     QT.IQ4_NL: [0],
     QT.IQ4_XS: [0],
+    QT.IQ2_XXS: [0],
+    QT.IQ3_S: [0],
+    QT.IQ1_S: [0],
     QT.Q8_0: [0],
     QT.Q4_K: [0, 2],
     QT.Q5_K: [0, 2],
@@ -20,7 +23,8 @@ _FP16_FIELDS = {
 }
 
 ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K,
-             QT.Q4_1, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS]
+             QT.Q4_1, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS,
+             QT.IQ2_XXS, QT.IQ3_S, QT.IQ1_S]
 
 
 def row_bytes(qtype, k):

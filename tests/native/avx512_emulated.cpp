@@ -77,7 +77,10 @@ static std::vector<uint8_t> random_row(int type, int n) {
             case GGML_Q2_K: set_half(base + 80); set_half(base + 82); break;
             case GGML_Q3_K: set_half(base + 108); break;
             case GGML_IQ4_NL:
-            case GGML_IQ4_XS: set_half(base); break;
+            case GGML_IQ4_XS:
+            case GGML_IQ2_XXS:
+            case GGML_IQ3_S:
+            case GGML_IQ1_S: set_half(base); break;
             default: set_half(base); break;
         }
     }
@@ -91,7 +94,7 @@ int main() {
     fill_avx512_kernels(&simd);
     const int types[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q4_0, GGML_Q5_0, GGML_Q8_0,
                          GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_Q4_1, GGML_Q5_1, GGML_Q2_K, GGML_Q3_K,
-                         GGML_IQ4_NL, GGML_IQ4_XS};
+                         GGML_IQ4_NL, GGML_IQ4_XS, GGML_IQ2_XXS, GGML_IQ3_S, GGML_IQ1_S};
     int passed = 0, failed = 0;
     const int n = 1024;
     for (int type : types) {

@@ -864,6 +864,102 @@ static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc);
 }
 
+// ---------------------------------------------------------------- dots: IQ2_XXS / IQ3_S / IQ1_S
+// Grid entries are gathered as 4 x 8 bytes (8 x 4 for IQ3_S) per 32 quants with scalar loads
+// (the index arithmetic is scalar anyway); signs become +1 / -1 bytes applied to the
+// activations, so one maddubs (unsigned grid values x signed activations) and one madd with
+// the sub-block's odd scale give 8 int32 lanes per sub-block.
+
+static float dot_iq2_xxs(int64_t n, const void* w, const void* a) {
+    const block_iq2_xxs* x = (const block_iq2_xxs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_xxs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            uint32_t aux[2];
+            std::memcpy(aux, x[b].qs + 4 * ib, 8);
+            const uint8_t* idx = (const uint8_t*)aux;
+            const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
+                                                (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
+            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[(aux[1] >> 21) & 127],
+                                                (long long)kIQSignBytes.v[(aux[1] >> 14) & 127],
+                                                (long long)kIQSignBytes.v[(aux[1] >> 7) & 127],
+                                                (long long)kIQSignBytes.v[aux[1] & 127]);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
+            const __m256i p = _mm256_maddubs_epi16(g, q8);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)(2 * (aux[1] >> 28) + 1))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return 0.125f * hsum_ps(acc);
+}
+
+// 32 bytes: 0xff where bit j of `bits` is set, else 0x01 (a sign per element).
+static inline __m256i bits_to_signs(uint32_t bits) {
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                           0x0101010101010101, 0x0000000000000000);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+    return _mm256_or_si256(v, _mm256_set1_epi8(1));
+}
+
+static float dot_iq3_s(int64_t n, const void* w, const void* a) {
+    const block_iq3_s* x = (const block_iq3_s*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq3_s));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* qs = x[b].qs + 8 * ib;
+            const int h = x[b].qh[ib];
+            int e[8];
+            for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];
+            const __m256i g = _mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]);
+            uint32_t sb;
+            std::memcpy(&sb, x[b].signs + 4 * ib, 4);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), bits_to_signs(sb));
+            const int ls = 1 + 2 * ((x[b].scales[ib / 2] >> (4 * (ib % 2))) & 0xF);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), _mm256_set1_epi16((short)ls)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+// IQ1_S: grid values -1 / 0 / 1 apply to the activations with one vpsignb; the +-1/8 shift
+// is the sub-block's activation sum (bsums) times its scale, as in llama.cpp.
+static float dot_iq1_s(int64_t n, const void* w, const void* a) {
+    const block_iq1_s* x = (const block_iq1_s*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_s));
+        __m256i sumi = _mm256_setzero_si256();
+        int sumi1 = 0;
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* qs = x[b].qs + 4 * ib;
+            const int h = x[b].qh[ib];
+            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[qs[3] | (((h >> 9) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[2] | (((h >> 6) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[1] | (((h >> 3) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[0] | ((h & 7) << 8)]);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), g);
+            const int ls = 2 * ((h >> 12) & 7) + 1;
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, q8), _mm256_set1_epi16((short)ls)));
+            sumi1 += ls * ((h & 0x8000) ? -1 : 1) * (y[b].bsums[2 * ib] + y[b].bsums[2 * ib + 1]);
+        }
+        const float d = h2f(x[b].d) * y[b].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_add_ps(acc, _mm256_setr_ps(d * kIQ1SDelta * (float)sumi1, 0, 0, 0, 0, 0, 0, 0));
+    }
+    return hsum_ps(acc);
+}
+
 // Fills every entry this header implements.
 static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_F16] = dequant_f16;
@@ -893,6 +989,9 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot4[GGML_Q2_K] = dot4_q2_K;
     t->dot[GGML_IQ4_NL] = dot_iq4_nl_t<dot_u8s8_32>;
     t->dot[GGML_IQ4_XS] = dot_iq4_xs;
+    t->dot[GGML_IQ2_XXS] = dot_iq2_xxs;
+    t->dot[GGML_IQ3_S] = dot_iq3_s;
+    t->dot[GGML_IQ1_S] = dot_iq1_s;
     t->dot4[GGML_Q3_K] = dot4_q3_K;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
