@@ -510,6 +510,19 @@ MUTANTS: list[Mutant] = [
            "    scales = (lo.to(torch.int32) | (hi << 4)) - 32", "    scales = (lo.to(torch.int32) | (hi << 3)) - 32",
            ("tests/test_dequant.py", "-k", "IQ4_XS"),
            "the GPU dequantizer places IQ4_XS's high scale bits wrong"),
+    Mutant("issue14-iq1s-avx2-delta-sign", "native/arch/x86/x86_avx2_kernels.h",
+           "sumi1 += ls * ((h & 0x8000) ? -1 : 1) * (y[b].bsums[2 * ib] + y[b].bsums[2 * ib + 1]);",
+           "sumi1 += ls * (y[b].bsums[2 * ib] + y[b].bsums[2 * ib + 1]);",
+           ("tests/test_quant_types.py", "-k", "lattice_expert and IQ1_S"),
+           "IQ1_S's AVX2 dot ignores the sign of the +-1/8 shift: the whole model drifts from llama.cpp"),
+    Mutant("issue14-iq3s-avx2-high-bit", "native/arch/x86/x86_avx2_kernels.h",
+           "e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];", "e[k] = (int)kIQ3SGrid[qs[k]];",
+           ("tests/test_quant_types.py", "-k", "grid_entry"),
+           "IQ3_S's AVX2 dot drops the 9th index bit: half the grid is never reached"),
+    Mutant("issue14-iq2xxs-torch-scale", "hybrid/backends/dequant.py",
+           "    db = d * (0.5 + scale) * 0.25", "    db = d * scale * 0.25",
+           ("tests/test_dequant.py", "-k", "IQ2_XXS"),
+           "the GPU dequantizer drops IQ2_XXS's half-step scale offset"),
 ]
 
 

@@ -50,3 +50,37 @@ def random_rows(qtype, n, k, rng):
         d = rng.uniform(0.002, 0.05, size=(n, nb)).astype(np.float16)
         raw[:, :, off : off + 2] = d.view(np.uint8).reshape(n, nb, 2)
     return raw.reshape(n, nb * size)
+
+
+# Lattice types: (grid entries, index fields per block) and how to write field k of a block.
+def _set_iq2_xxs(blk, k, v):        # byte l of sub-block i's first word
+    blk[2 + 8 * (k // 4) + k % 4] = v
+
+
+def _set_iq3_s(blk, k, v):          # qs[k], bit k % 8 of qh[k // 8]
+    blk[2 + k] = v & 0xFF
+    blk[66 + k // 8] = (int(blk[66 + k // 8]) & ~(1 << (k % 8)) & 0xFF) | ((v >> 8) << (k % 8))
+
+
+def _set_iq1_s(blk, k, v):          # qs[k], bits 3l..3l+2 of qh[k // 4]
+    blk[2 + k] = v & 0xFF
+    i, sh = k // 4, 3 * (k % 4)
+    qh = int(blk[34 + 2 * i]) | int(blk[35 + 2 * i]) << 8
+    qh = (qh & ~(7 << sh)) | ((v >> 8) << sh)
+    blk[34 + 2 * i], blk[35 + 2 * i] = qh & 0xFF, qh >> 8
+
+
+_GRID_FIELDS = {QT.IQ2_XXS: (256, 32, _set_iq2_xxs), QT.IQ3_S: (512, 64, _set_iq3_s),
+                QT.IQ1_S: (2048, 32, _set_iq1_s)}
+LATTICE_TYPES = list(_GRID_FIELDS)
+
+
+def every_index_rows(qtype, rng):
+    """Random valid blocks of a lattice type whose grid indices, in order, cover every grid
+    entry once: uint8 [blocks, block bytes] (one 256-row per block)."""
+    n_entries, per_block, put = _GRID_FIELDS[QT(qtype)]
+    rows = random_rows(qtype, n_entries // per_block, 256, rng)
+    for b in range(rows.shape[0]):
+        for k in range(per_block):
+            put(rows[b], k, b * per_block + k)
+    return rows

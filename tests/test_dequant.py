@@ -31,7 +31,7 @@ def _random_blocks(ggml_type, n_rows=5, blocks_per_row=3, seed=0):
     # byte offsets of f16 fields per block layout
     f16_at = {dq.Q4_0: [0], dq.Q4_1: [0, 2], dq.Q5_0: [0], dq.Q5_1: [0, 2], dq.Q8_0: [0],
               dq.Q2_K: [80, 82], dq.Q3_K: [108], dq.Q4_K: [0, 2], dq.Q5_K: [0, 2], dq.Q6_K: [208],
-              dq.IQ4_NL: [0], dq.IQ4_XS: [0]}
+              dq.IQ4_NL: [0], dq.IQ4_XS: [0], dq.IQ2_XXS: [0], dq.IQ3_S: [0], dq.IQ1_S: [0]}
     for off in f16_at[ggml_type]:
         d = (rng.standard_normal((n_rows, blocks_per_row)) * 0.01).astype(np.float16)
         raw[:, :, off:off + 2] = d.view(np.uint8).reshape(n_rows, blocks_per_row, 2)
@@ -74,7 +74,7 @@ def test_one_dimensional_input_with_row_length():
 
 def test_unsupported_type_names_tensor_and_types():
     with pytest.raises(dq.DequantError, match=r"blk\.0\.x.*not supported.*Q4_K"):
-        dq.dequantize(np.zeros((1, 66), np.uint8), 16, name="blk.0.x")  # 16 = IQ2_XXS
+        dq.dequantize(np.zeros((1, 54), np.uint8), 34, name="blk.0.x")  # 34 = TQ1_0
 
 
 def test_ragged_bytes_are_refused():

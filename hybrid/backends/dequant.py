@@ -32,6 +32,15 @@ Block layouts (ggml-common.h; f16 = IEEE half, little endian; QK_K = 256):
                        8 sub-blocks of 32; scale i = (nibble i of scales_l | 2 bits i of
                        scales_h << 4) - 32; sub-block i: qs[16i..], low nibbles then high;
                        w = d * scale * IQ4_NL_VALUES[nibble]
+    IQ2_XXS 66 B / 256: f16 d; 8 x (u32 4 grid indices; u32 4 x 7-bit sign indices, scale
+                       in bits 28-31); w = d * (0.5 + scale) / 4 * grid[8 values] * sign
+    IQ3_S 110 B / 256: f16 d; u8 qs[64]; u8 qh[8]; u8 signs[32]; u8 scales[4]: group k of
+                       sub-block i indexes grid[qs[8i+k] | bit k of qh[i] << 8] (4 values);
+                       w = d * (1 + 2 * scale) * grid * sign
+    IQ1_S  50 B / 256: f16 d; u8 qs[32]; u16 qh[8]: group l of sub-block i indexes
+                       grid[qs[4i+l] | bits 3l..3l+2 of qh[i] << 8] (8 values of -1/0/1);
+                       w = d * (2 * scale + 1) * (grid + delta), delta = -+1/8 by bit 15
+    (the lattice grids are ggml's, as gguf-py publishes them: _grid())
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ QK_K = 256
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
 IQ4_NL, IQ4_XS = 20, 23
+IQ2_XXS, IQ1_S, IQ3_S = 16, 19, 21
 
 # IQ4_NL / IQ4_XS's non-linear 4-bit code: ggml's kvalues_iq4nl (as gguf-py publishes it)
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -54,7 +64,8 @@ IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 TYPE_NAMES = {
     F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
     Q5_1: "Q5_1", Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K",
-    Q6_K: "Q6_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS",
+    Q6_K: "Q6_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS", IQ2_XXS: "IQ2_XXS", IQ3_S: "IQ3_S",
+    IQ1_S: "IQ1_S",
 }
 
 # ggml_type -> (elements per block, bytes per block)
@@ -62,7 +73,7 @@ BLOCK = {
     F32: (1, 4), F16: (1, 2), BF16: (1, 2),
     Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
     Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
-    IQ4_NL: (32, 18), IQ4_XS: (256, 136),
+    IQ4_NL: (32, 18), IQ4_XS: (256, 136), IQ2_XXS: (256, 66), IQ3_S: (256, 110), IQ1_S: (256, 50),
 }
 
 
@@ -245,12 +256,85 @@ def _deq_iq4_xs(b):
     return (dl * _table(IQ4_NL_VALUES, b.device)[q]).reshape(n, QK_K)
 
 
+def _grid(ggml_type: int, device) -> torch.Tensor:
+    """float32 [entries, values] lattice grid of an IQ type: ggml's, decoded from the tables
+    gguf-py publishes; made once per device."""
+    key = ("grid", ggml_type, str(torch.device(device)))
+    t = _TABLES.get(key)
+    if t is None:
+        from gguf import GGMLQuantizationType, quants
+
+        cls = getattr(quants, GGMLQuantizationType(ggml_type).name)
+        cls.init_grid()
+        g = np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
+        t = _TABLES[key] = torch.from_numpy(g.copy()).to(device)
+    return t
+
+
+def _ksign_bits(device) -> torch.Tensor:
+    """[128, 8] float32 +1 / -1: ggml's ksigns (7 stored sign bits, the 8th making the count
+    of negative values even), one row per 7-bit index."""
+    key = ("ksigns", str(torch.device(device)))
+    t = _TABLES.get(key)
+    if t is None:
+        i = np.arange(128)
+        parity = np.array([bin(v).count("1") & 1 for v in i])
+        s = i | (parity << 7)
+        bits = (s[:, None] >> np.arange(8)[None, :]) & 1
+        t = _TABLES[key] = torch.from_numpy(np.where(bits == 1, -1.0, 1.0).astype(np.float32)).to(device)
+    return t
+
+
+def _bit_signs(b: torch.Tensor) -> torch.Tensor:
+    """[n, k] bytes -> [n, k * 8] float32 +1 / -1 (bit j of byte i: element 8i + j negative)."""
+    bits = (b.unsqueeze(-1) >> _shifts(range(8), b.device)) & 1
+    return (1 - 2 * bits.to(torch.int8)).float().reshape(b.shape[0], -1)
+
+
+def _deq_iq2_xxs(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2]).reshape(n, 1, 1, 1)
+    words = b[:, 2:66].reshape(n, 8, 8)
+    idx = words[:, :, 0:4].long()                                             # [n, 8, 4]
+    w1 = words[:, :, 4:8].contiguous().view(torch.int32).reshape(n, 8, 1)     # signs + scale
+    scale = ((w1 >> 28) & 15).float().reshape(n, 8, 1, 1)
+    sidx = ((w1 >> (7 * torch.arange(4, device=b.device, dtype=torch.int32))) & 127).long()
+    db = d * (0.5 + scale) * 0.25
+    grid = _grid(IQ2_XXS, b.device)[idx]                                      # [n, 8, 4, 8]
+    return (db * grid * _ksign_bits(b.device)[sidx]).reshape(n, QK_K)
+
+
+def _deq_iq3_s(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2])
+    qs, qh, signs, sc = b[:, 2:66], b[:, 66:74], b[:, 74:106], b[:, 106:110]
+    scales = (sc.reshape(n, 4, 1) >> _shifts([0, 4], b.device).reshape(1, 1, 2)).reshape(n, 8) & 0x0F
+    db = (d * (1 + 2 * scales.to(torch.int32)).float()).reshape(n, 8, 1)
+    hi = ((qh.unsqueeze(-1) >> _shifts(range(8), b.device)) & 1).reshape(n, 64).long()
+    idx = qs.long() | (hi << 8)
+    grid = _grid(IQ3_S, b.device)[idx].reshape(n, 8, 32)
+    return (db * grid * _bit_signs(signs).reshape(n, 8, 32)).reshape(n, QK_K)
+
+
+def _deq_iq1_s(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2])
+    qs = b[:, 2:34].reshape(n, 8, 4).long()
+    qh = b[:, 34:50].contiguous().view(torch.int16).to(torch.int32).reshape(n, 8) & 0xFFFF
+    dl = (d * (2 * ((qh >> 12) & 7) + 1).float()).reshape(n, 8, 1, 1)
+    delta = torch.where((qh & 0x8000) == 0, 0.125, -0.125).float().reshape(n, 8, 1, 1)
+    hi = (qh.unsqueeze(-1) >> (3 * torch.arange(4, device=b.device, dtype=torch.int32))) & 7
+    grid = _grid(IQ1_S, b.device)[qs | (hi.long() << 8)]                      # [n, 8, 4, 8]
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
 # Dispatch table indexed by GGML type: [n_blocks, block_bytes] uint8 -> [n_blocks, block] f32.
 _DEQUANT = {
     F32: _deq_f32, F16: _deq_f16, BF16: _deq_bf16,
     Q4_0: _deq_q4_0, Q4_1: _deq_q4_1, Q5_0: _deq_q5_0, Q5_1: _deq_q5_1, Q8_0: _deq_q8_0,
     Q2_K: _deq_q2_k, Q3_K: _deq_q3_k, Q4_K: _deq_q4_k, Q5_K: _deq_q5_k, Q6_K: _deq_q6_k,
-    IQ4_NL: _deq_iq4_nl, IQ4_XS: _deq_iq4_xs,
+    IQ4_NL: _deq_iq4_nl, IQ4_XS: _deq_iq4_xs, IQ2_XXS: _deq_iq2_xxs, IQ3_S: _deq_iq3_s,
+    IQ1_S: _deq_iq1_s,
 }
 
 SUPPORTED_TYPES = frozenset(_DEQUANT)
