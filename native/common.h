@@ -54,10 +54,14 @@ enum ggml_type : int {
     GGML_Q6_K = 14,
     GGML_Q8_K = 15,
     GGML_IQ2_XXS = 16,
+    GGML_IQ2_XS = 17,
+    GGML_IQ3_XXS = 18,
     GGML_IQ1_S = 19,
     GGML_IQ4_NL = 20,
     GGML_IQ3_S = 21,
+    GGML_IQ2_S = 22,
     GGML_IQ4_XS = 23,
+    GGML_IQ1_M = 29,
     GGML_BF16 = 30,
     GGML_TYPE_LIMIT = 31,  // size of tables indexed by ggml type id
 };

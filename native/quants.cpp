@@ -24,6 +24,10 @@ static bool init_types() {
     g_types[GGML_IQ2_XXS] = {"IQ2_XXS", QK_K, (int)sizeof(block_iq2_xxs), ACT_Q8_K};
     g_types[GGML_IQ3_S] = {"IQ3_S", QK_K, (int)sizeof(block_iq3_s), ACT_Q8_K};
     g_types[GGML_IQ1_S] = {"IQ1_S", QK_K, (int)sizeof(block_iq1_s), ACT_Q8_K};
+    g_types[GGML_IQ2_XS] = {"IQ2_XS", QK_K, (int)sizeof(block_iq2_xs), ACT_Q8_K};
+    g_types[GGML_IQ2_S] = {"IQ2_S", QK_K, (int)sizeof(block_iq2_s), ACT_Q8_K};
+    g_types[GGML_IQ3_XXS] = {"IQ3_XXS", QK_K, (int)sizeof(block_iq3_xxs), ACT_Q8_K};
+    g_types[GGML_IQ1_M] = {"IQ1_M", QK_K, (int)sizeof(block_iq1_m), ACT_Q8_K};
     g_types[GGML_Q8_0] = {"Q8_0", QK32, (int)sizeof(block_q8_0), ACT_Q8_32};
     g_types[GGML_Q4_K] = {"Q4_K", QK_K, (int)sizeof(block_q4_K), ACT_Q8_K};
     g_types[GGML_Q5_K] = {"Q5_K", QK_K, (int)sizeof(block_q5_K), ACT_Q8_K};
@@ -269,6 +273,159 @@ static void dequant_iq1_s(const void* src, float* y, int64_t n) {
             for (int j = 0; j < 32; j++) y[j] = dl * ((float)g[j] + delta);
         }
     }
+}
+
+// IQ2_XS / IQ2_S / IQ3_XXS sub-block ib: 32 grid values, their signs, and the scale nibble
+// of each 16 values (s16[0], s16[1]; equal for IQ3_XXS).
+static inline void iq2_xs_sub(const block_iq2_xs& x, int ib, int8_t* g, bool* neg, int* s16) {
+    for (int l = 0; l < 4; l++) {
+        const int q = x.qs[4 * ib + l];
+        const uint64_t e = kIQ2XSGrid[q & 511];
+        const int s = iq_ksigns(q >> 9);
+        for (int j = 0; j < 8; j++) {
+            g[8 * l + j] = (int8_t)grid_byte(e, j);
+            neg[8 * l + j] = (s >> j) & 1;
+        }
+    }
+    s16[0] = x.scales[ib] & 0xF;
+    s16[1] = x.scales[ib] >> 4;
+}
+
+static inline void iq2_s_sub(const block_iq2_s& x, int ib, int8_t* g, bool* neg, int* s16) {
+    for (int l = 0; l < 4; l++) {
+        const uint64_t e = kIQ2SGrid[x.qs[4 * ib + l] | (((x.qh[ib] >> (2 * l)) & 3) << 8)];
+        const int s = x.qs[32 + 4 * ib + l];
+        for (int j = 0; j < 8; j++) {
+            g[8 * l + j] = (int8_t)grid_byte(e, j);
+            neg[8 * l + j] = (s >> j) & 1;
+        }
+    }
+    s16[0] = x.scales[ib] & 0xF;
+    s16[1] = x.scales[ib] >> 4;
+}
+
+static inline void iq3_xxs_sub(const block_iq3_xxs& x, int ib, int8_t* g, bool* neg, int* s16) {
+    uint32_t aux;
+    std::memcpy(&aux, x.qs + 64 + 4 * ib, 4);
+    for (int k = 0; k < 8; k++) {
+        const uint32_t e = kIQ3XXSGrid[x.qs[8 * ib + k]];
+        for (int j = 0; j < 4; j++) g[4 * k + j] = (int8_t)(e >> (8 * j));
+    }
+    for (int l = 0; l < 4; l++) {
+        const int s = iq_ksigns((aux >> (7 * l)) & 127);
+        for (int j = 0; j < 8; j++) neg[8 * l + j] = (s >> j) & 1;
+    }
+    s16[0] = s16[1] = (int)(aux >> 28);
+}
+
+// d * (0.5 + s) * f for each 16 values, in gguf's order of operations (f = 1/4 or 1/2).
+template <typename B, void (*sub)(const B&, int, int8_t*, bool*, int*)>
+static void dequant_iq_signed(const void* src, float* y, int64_t n, float f) {
+    const B* x = (const B*)src;
+    int8_t g[32];
+    bool neg[32];
+    int s16[2];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(x[b].d);
+        for (int ib = 0; ib < 8; ib++, y += 32) {
+            sub(x[b], ib, g, neg, s16);
+            for (int j = 0; j < 32; j++) {
+                const float db = d * (0.5f + (float)s16[j / 16]) * f;
+                y[j] = db * g[j] * (neg[j] ? -1.f : 1.f);
+            }
+        }
+    }
+}
+static void dequant_iq2_xs(const void* s, float* y, int64_t n) { dequant_iq_signed<block_iq2_xs, iq2_xs_sub>(s, y, n, 0.25f); }
+static void dequant_iq2_s(const void* s, float* y, int64_t n) { dequant_iq_signed<block_iq2_s, iq2_s_sub>(s, y, n, 0.25f); }
+static void dequant_iq3_xxs(const void* s, float* y, int64_t n) { dequant_iq_signed<block_iq3_xxs, iq3_xxs_sub>(s, y, n, 0.5f); }
+
+// llama.cpp's reference dot of the same types: per 16 values the integer sum times the odd
+// scale 2s + 1, one float multiply per block, the constant factor (1/8, 1/4) at the end.
+template <typename B, void (*sub)(const B&, int, int8_t*, bool*, int*)>
+static float dot_iq_signed(int64_t n, const void* w, const void* a, float f) {
+    const B* x = (const B*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    int8_t g[32];
+    bool neg[32];
+    int s16[2];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        int bsum = 0;
+        for (int ib = 0; ib < 8; ib++) {
+            sub(x[b], ib, g, neg, s16);
+            for (int h = 0; h < 2; h++) {
+                int sumi = 0;
+                for (int j = 16 * h; j < 16 * h + 16; j++) sumi += g[j] * y[b].qs[32 * ib + j] * (neg[j] ? -1 : 1);
+                bsum += sumi * (2 * s16[h] + 1);
+            }
+        }
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)bsum;
+    }
+    return f * s;
+}
+static float dot_iq2_xs(int64_t n, const void* w, const void* a) { return dot_iq_signed<block_iq2_xs, iq2_xs_sub>(n, w, a, 0.125f); }
+static float dot_iq2_s(int64_t n, const void* w, const void* a) { return dot_iq_signed<block_iq2_s, iq2_s_sub>(n, w, a, 0.125f); }
+static float dot_iq3_xxs(int64_t n, const void* w, const void* a) { return dot_iq_signed<block_iq3_xxs, iq3_xxs_sub>(n, w, a, 0.25f); }
+
+// IQ1_M sub-block ib: 32 grid values, the delta sign of each group of 8 (true: -delta), and
+// the 3-bit scale of each 16 values.
+static inline void iq1_m_sub(const block_iq1_m& x, int ib, int8_t* g, bool* dneg, int* s16) {
+    for (int l = 0; l < 4; l++) {
+        const int nib = (x.qh[2 * ib + l / 2] >> (4 * (l % 2))) & 0xF;
+        const uint64_t e = kIQ1SGrid[x.qs[4 * ib + l] | ((nib & 7) << 8)];
+        for (int j = 0; j < 8; j++) g[8 * l + j] = (int8_t)grid_byte(e, j);
+        dneg[l] = nib & 8;
+    }
+    uint16_t sc;
+    std::memcpy(&sc, x.scales + 2 * (ib / 2), 2);
+    s16[0] = (sc >> (6 * (ib % 2))) & 7;
+    s16[1] = (sc >> (6 * (ib % 2) + 3)) & 7;
+}
+
+static void dequant_iq1_m(const void* src, float* y, int64_t n) {
+    const block_iq1_m* x = (const block_iq1_m*)src;
+    int8_t g[32];
+    bool dneg[4];
+    int s16[2];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float d = fp16_to_fp32(iq1_m_d(x[b]));
+        for (int ib = 0; ib < 8; ib++, y += 32) {
+            iq1_m_sub(x[b], ib, g, dneg, s16);
+            for (int j = 0; j < 32; j++) {
+                const float dl = d * (float)(2 * s16[j / 16] + 1);
+                y[j] = dl * ((float)g[j] + (dneg[j / 8] ? -kIQ1SDelta : kIQ1SDelta));
+            }
+        }
+    }
+}
+
+static float dot_iq1_m(int64_t n, const void* w, const void* a) {
+    const block_iq1_m* x = (const block_iq1_m*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    float s = 0.f;
+    int8_t g[32];
+    bool dneg[4];
+    int s16[2];
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        int sumi1 = 0, sumi2 = 0;
+        for (int ib = 0; ib < 8; ib++) {
+            iq1_m_sub(x[b], ib, g, dneg, s16);
+            const int8_t* q8 = y[b].qs + 32 * ib;
+            for (int l = 0; l < 4; l++) {
+                int lsum1 = 0, lsum2 = 0;
+                for (int j = 8 * l; j < 8 * l + 8; j++) {
+                    lsum1 += g[j] * q8[j];
+                    lsum2 += q8[j];
+                }
+                const int ls = 2 * s16[l / 2] + 1;
+                sumi1 += ls * lsum1;
+                sumi2 += ls * lsum2 * (dneg[l] ? -1 : 1);
+            }
+        }
+        s += fp16_to_fp32(iq1_m_d(x[b])) * y[b].d * ((float)sumi1 + kIQ1SDelta * (float)sumi2);
+    }
+    return s;
 }
 
 static void dequant_q8_0(const void* src, float* y, int64_t n) {
@@ -743,6 +900,10 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dequant[GGML_IQ2_XXS] = dequant_iq2_xxs;
     t->dequant[GGML_IQ3_S] = dequant_iq3_s;
     t->dequant[GGML_IQ1_S] = dequant_iq1_s;
+    t->dequant[GGML_IQ2_XS] = dequant_iq2_xs;
+    t->dequant[GGML_IQ2_S] = dequant_iq2_s;
+    t->dequant[GGML_IQ3_XXS] = dequant_iq3_xxs;
+    t->dequant[GGML_IQ1_M] = dequant_iq1_m;
     t->dequant[GGML_Q8_0] = dequant_q8_0;
     t->dequant[GGML_Q4_K] = dequant_q4_K;
     t->dequant[GGML_Q5_K] = dequant_q5_K;
@@ -761,6 +922,10 @@ void fill_scalar_kernels(kernel_table* t) {
     t->dot[GGML_IQ2_XXS] = dot_iq2_xxs;
     t->dot[GGML_IQ3_S] = dot_iq3_s;
     t->dot[GGML_IQ1_S] = dot_iq1_s;
+    t->dot[GGML_IQ2_XS] = dot_iq2_xs;
+    t->dot[GGML_IQ2_S] = dot_iq2_s;
+    t->dot[GGML_IQ3_XXS] = dot_iq3_xxs;
+    t->dot[GGML_IQ1_M] = dot_iq1_m;
     t->dot[GGML_Q8_0] = dot_q8_0;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;

@@ -108,6 +108,45 @@ struct block_iq1_s {
     uint16_t qh[QK_K / 32];
 };
 constexpr float kIQ1SDelta = 0.125f;
+// IQ2_XS, 74 B / 256 weights: 32 groups of 8; qs[g] (u16): bits 0-8 index kIQ2XSGrid, bits
+// 9-15 the sign index (iq_ksigns); scales[i] low nibble s for groups 4i, 4i+1, high nibble for
+// 4i+2, 4i+3: w = d * (0.5 + s) / 4 * grid value * sign.
+struct block_iq2_xs {
+    uint16_t d;
+    uint16_t qs[QK_K / 8];
+    uint8_t scales[QK_K / 32];
+};
+// IQ2_S, 82 B / 256 weights: 32 groups of 8; group g's 10-bit index is qs[g] | bits
+// 2(g%4)..2(g%4)+1 of qh[g/4] << 8 into kIQ2SGrid, its 8 signs the bits of qs[32 + g] (set:
+// negative); scales as IQ2_XS: w = d * (0.5 + s) / 4 * grid value * sign.
+struct block_iq2_s {
+    uint16_t d;
+    uint8_t qs[QK_K / 4];
+    uint8_t qh[QK_K / 32];
+    uint8_t scales[QK_K / 32];
+};
+// IQ3_XXS, 98 B / 256 weights: qs[0..63] index kIQ3XXSGrid (4 values each), 8 per sub-block;
+// then 8 LE u32, one per sub-block: four 7-bit sign indices (bits 7l..; iq_ksigns, 8 values
+// each) and the scale s in bits 28-31: w = d * (0.5 + s) / 2 * grid value * sign.
+struct block_iq3_xxs {
+    uint16_t d;
+    uint8_t qs[3 * QK_K / 8];
+};
+// IQ1_M, 56 B / 256 weights, no d field: the fp16 d is the top 4 bits of the 4 LE u16 of
+// scales (bits 12-15 of u16 k = d bits 4k..4k+3); the rest are 3-bit scales, two per
+// sub-block i (bits 6(i%2) and 6(i%2)+3 of u16 i/2), one per 16 values. Group l (of 8) of
+// sub-block i indexes kIQ1SGrid with qs[4i + l] | bits 0-2 of nibble l of qh[2i..2i+1] << 8;
+// bit 3 of the nibble is the sign of its delta: w = d * (2s + 1) * (grid value + delta).
+struct block_iq1_m {
+    uint8_t qs[QK_K / 8];
+    uint8_t qh[QK_K / 16];
+    uint8_t scales[QK_K / 32];
+};
+static inline uint16_t iq1_m_d(const block_iq1_m& x) {
+    uint16_t s[4];
+    std::memcpy(s, x.scales, 8);
+    return (uint16_t)((s[0] >> 12) | ((s[1] >> 8) & 0x00f0) | ((s[2] >> 4) & 0x0f00) | (s[3] & 0xf000));
+}
 
 // ggml's ksigns: the 8 signs of a group from 7 stored bits, the 8th making the number of
 // negative values even (bit set: negative).
@@ -191,6 +230,10 @@ static_assert(sizeof(block_iq4_xs) == 136, "block_iq4_xs size");
 static_assert(sizeof(block_iq2_xxs) == 66, "block_iq2_xxs size");
 static_assert(sizeof(block_iq3_s) == 110, "block_iq3_s size");
 static_assert(sizeof(block_iq1_s) == 50, "block_iq1_s size");
+static_assert(sizeof(block_iq2_xs) == 74, "block_iq2_xs size");
+static_assert(sizeof(block_iq2_s) == 82, "block_iq2_s size");
+static_assert(sizeof(block_iq3_xxs) == 98, "block_iq3_xxs size");
+static_assert(sizeof(block_iq1_m) == 56, "block_iq1_m size");
 static_assert(sizeof(block_q5_0) == 22, "block_q5_0 size");
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
 static_assert(sizeof(block_q4_K) == 144, "block_q4_K size");

@@ -523,6 +523,18 @@ MUTANTS: list[Mutant] = [
            "    db = d * (0.5 + scale) * 0.25", "    db = d * scale * 0.25",
            ("tests/test_dequant.py", "-k", "IQ2_XXS"),
            "the GPU dequantizer drops IQ2_XXS's half-step scale offset"),
+    Mutant("issue14-iq1m-avx2-lane-scales", "native/arch/x86/x86_avx2_kernels.h",
+           "const __m256i ls = lane_scales(s & 7, (s >> 3) & 7);", "const __m256i ls = lane_scales(s & 7, s & 7);",
+           ("tests/test_quant_types.py", "-k", "grid_entry and IQ1_M"),
+           "IQ1_M's AVX2 dot scales the second 16 values of a sub-block with the first one's scale"),
+    Mutant("issue14-iq2s-scalar-qh", "native/quants.cpp",
+           "kIQ2SGrid[x.qs[4 * ib + l] | (((x.qh[ib] >> (2 * l)) & 3) << 8)]", "kIQ2SGrid[x.qs[4 * ib + l] | ((x.qh[ib] & 3) << 8)]",
+           ("tests/test_quant_types.py", "-k", "grid_entry and IQ2_S"),
+           "IQ2_S's reference takes every group's high index bits from the first group"),
+    Mutant("issue14-iq-tables-stale", "native/iq_tables.h",
+           "0x0808080808080808, 0x080808080808082b,", "0x0808080808080808, 0x0808080808080819,",
+           ("tests/test_quant_types.py", "-k", "grid_entry and IQ2_XXS"),
+           "a grid entry of the generated tables differs from ggml's"),
 ]
 
 

@@ -31,10 +31,15 @@ def _random_blocks(ggml_type, n_rows=5, blocks_per_row=3, seed=0):
     # byte offsets of f16 fields per block layout
     f16_at = {dq.Q4_0: [0], dq.Q4_1: [0, 2], dq.Q5_0: [0], dq.Q5_1: [0, 2], dq.Q8_0: [0],
               dq.Q2_K: [80, 82], dq.Q3_K: [108], dq.Q4_K: [0, 2], dq.Q5_K: [0, 2], dq.Q6_K: [208],
-              dq.IQ4_NL: [0], dq.IQ4_XS: [0], dq.IQ2_XXS: [0], dq.IQ3_S: [0], dq.IQ1_S: [0]}
+              dq.IQ4_NL: [0], dq.IQ4_XS: [0], dq.IQ2_XXS: [0], dq.IQ3_S: [0], dq.IQ1_S: [0],
+              dq.IQ2_XS: [0], dq.IQ2_S: [0], dq.IQ3_XXS: [0], dq.IQ1_M: []}
     for off in f16_at[ggml_type]:
         d = (rng.standard_normal((n_rows, blocks_per_row)) * 0.01).astype(np.float16)
         raw[:, :, off:off + 2] = d.view(np.uint8).reshape(n_rows, blocks_per_row, 2)
+    if ggml_type == dq.IQ1_M:   # d lives in the top nibbles of the scales
+        from quantdata import _set_iq1_m_d
+
+        _set_iq1_m_d(raw, (rng.standard_normal((n_rows, blocks_per_row)) * 0.01).astype(np.float16))
     return raw.reshape(n_rows, -1)
 
 

@@ -34,7 +34,8 @@ NMSE_BOUND = {QT.F32: 1e-10, QT.F16: 1e-10, QT.BF16: 1e-10,
               # IQ4_NL on Q8_0 activations (32-blocks), IQ4_XS on Q8_K (256-blocks)
               QT.IQ4_NL: 1.5e-4, QT.IQ4_XS: 2.5e-4,
               # lattice types on Q8_K activations; measured 5e-5 .. 8.4e-5
-              QT.IQ2_XXS: 2.5e-4, QT.IQ3_S: 2.5e-4, QT.IQ1_S: 2.5e-4}
+              QT.IQ2_XXS: 2.5e-4, QT.IQ3_S: 2.5e-4, QT.IQ1_S: 2.5e-4,
+              QT.IQ2_XS: 2.5e-4, QT.IQ2_S: 2.5e-4, QT.IQ3_XXS: 2.5e-4, QT.IQ1_M: 2.5e-4}
 
 
 @pytest.fixture(params=ISAS)

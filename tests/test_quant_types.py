@@ -109,7 +109,9 @@ EXPERT_MIXES = [(QT.Q2_K, QT.Q2_K, QT.Q3_K),     # what Q2_K does to a layer
                 (QT.Q3_K, QT.Q4_1, QT.Q5_1),
                 (QT.Q5_1, QT.Q4_K, QT.Q2_K),
                 (QT.IQ4_XS, QT.IQ4_NL, QT.IQ4_XS),
-                (QT.IQ2_XXS, QT.IQ1_S, QT.IQ3_S)]         # UD files mix these in one layer
+                (QT.IQ2_XXS, QT.IQ1_S, QT.IQ3_S),         # UD files mix these in one layer
+                (QT.IQ1_M, QT.IQ2_XS, QT.IQ3_XXS),
+                (QT.IQ2_S, QT.IQ2_S, QT.IQ1_M)]
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +194,7 @@ def test_whole_model_kl_within_llama_cpps(blocks_decide, float_reference, ftype)
     assert kl_ours <= 1.25 * kl_llama, f"{ftype}: mean KL ours {kl_ours:.3e}, llama.cpp {kl_llama:.3e}"
 
 
-# ----------------------------------------------------------------------------- lattice types (IQ2_XXS, IQ3_S, IQ1_S)
+# ----------------------------------------------------------------------------- lattice types (IQ1 / IQ2 / IQ3)
 
 from quantdata import LATTICE_TYPES, every_index_rows  # noqa: E402
 
@@ -207,7 +209,7 @@ def test_every_grid_entry_dequantizes_like_gguf(isa, qtype):
 
     rows = every_index_rows(qtype, np.random.default_rng(int(qtype)))
     want = dequantize(rows, qtype).astype(np.float32)
-    assert len(np.unique(want.reshape(-1, 4 if qtype == QT.IQ3_S else 8), axis=0)) > 100
+    assert len(np.unique(want.reshape(-1, 4 if qtype in (QT.IQ3_S, QT.IQ3_XXS) else 8), axis=0)) > 100
     got = _native.dequantize(rows, int(qtype), want.size)
     assert ulp_distance(got, want.ravel()).max() <= 1
     assert ulp_distance(dq.dequantize(rows, int(qtype)).numpy().ravel(), want.ravel()).max() <= 1

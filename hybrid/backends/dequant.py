@@ -40,6 +40,15 @@ Block layouts (ggml-common.h; f16 = IEEE half, little endian; QK_K = 256):
     IQ1_S  50 B / 256: f16 d; u8 qs[32]; u16 qh[8]: group l of sub-block i indexes
                        grid[qs[4i+l] | bits 3l..3l+2 of qh[i] << 8] (8 values of -1/0/1);
                        w = d * (2 * scale + 1) * (grid + delta), delta = -+1/8 by bit 15
+    IQ2_XS 74 B / 256: f16 d; u16 qs[32] (9-bit grid index, 7-bit sign index); u8 scales[8]
+                       (a nibble per 16 values); w = d * (0.5 + scale) / 4 * grid * sign
+    IQ2_S  82 B / 256: f16 d; u8 qs[32] + u8 signs[32]; u8 qh[8] (2 index bits per group);
+                       u8 scales[8]; as IQ2_XS with a 10-bit index and plain sign bits
+    IQ3_XXS 98 B / 256: f16 d; u8 qs[64] (grid of 4 values); 8 x u32 (4 sign indices, scale
+                       in bits 28-31); w = d * (0.5 + scale) / 2 * grid * sign
+    IQ1_M  56 B / 256: u8 qs[32]; u8 qh[16] (a nibble per group: 3 index bits, delta sign);
+                       u16 scales[4]: 3-bit scales per 16 values, d = their top nibbles;
+                       w = d * (2 * scale + 1) * (grid + delta)
     (the lattice grids are ggml's, as gguf-py publishes them: _grid())
 """
 
@@ -56,7 +65,7 @@ QK_K = 256
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
 IQ4_NL, IQ4_XS = 20, 23
-IQ2_XXS, IQ1_S, IQ3_S = 16, 19, 21
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
 
 # IQ4_NL / IQ4_XS's non-linear 4-bit code: ggml's kvalues_iq4nl (as gguf-py publishes it)
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -65,7 +74,7 @@ TYPE_NAMES = {
     F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
     Q5_1: "Q5_1", Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K",
     Q6_K: "Q6_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS", IQ2_XXS: "IQ2_XXS", IQ3_S: "IQ3_S",
-    IQ1_S: "IQ1_S",
+    IQ1_S: "IQ1_S", IQ2_XS: "IQ2_XS", IQ2_S: "IQ2_S", IQ3_XXS: "IQ3_XXS", IQ1_M: "IQ1_M",
 }
 
 # ggml_type -> (elements per block, bytes per block)
@@ -74,6 +83,7 @@ BLOCK = {
     Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
     Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
     IQ4_NL: (32, 18), IQ4_XS: (256, 136), IQ2_XXS: (256, 66), IQ3_S: (256, 110), IQ1_S: (256, 50),
+    IQ2_XS: (256, 74), IQ2_S: (256, 82), IQ3_XXS: (256, 98), IQ1_M: (256, 56),
 }
 
 
@@ -328,13 +338,65 @@ def _deq_iq1_s(b):
     return (dl * (grid + delta)).reshape(n, QK_K)
 
 
+def _nibble_scales(sc: torch.Tensor) -> torch.Tensor:
+    """[n, 8] bytes -> [n, 16] float32 scale nibbles, low nibble first."""
+    n = sc.shape[0]
+    return ((sc.reshape(n, 8, 1) >> _shifts([0, 4], sc.device).reshape(1, 1, 2)) & 0x0F).reshape(n, 16).float()
+
+
+def _deq_iq2_xs(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2]).reshape(n, 1, 1)
+    qs = b[:, 2:66].contiguous().view(torch.int16).to(torch.int32).reshape(n, 32) & 0xFFFF
+    db = (d * (0.5 + _nibble_scales(b[:, 66:74]).reshape(n, 16, 1)) * 0.25).reshape(n, 16, 1, 1)
+    grid = _grid(IQ2_XS, b.device)[(qs & 511).long()].reshape(n, 16, 2, 8)
+    signs = _ksign_bits(b.device)[(qs >> 9).long()].reshape(n, 16, 2, 8)
+    return (db * grid * signs).reshape(n, QK_K)
+
+
+def _deq_iq2_s(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2]).reshape(n, 1, 1)
+    qs, signs, qh = b[:, 2:34], b[:, 34:66], b[:, 66:74]
+    db = (d * (0.5 + _nibble_scales(b[:, 74:82]).reshape(n, 16, 1)) * 0.25).reshape(n, 16, 1, 1)
+    hi = ((qh.reshape(n, 8, 1) >> _shifts([0, 2, 4, 6], b.device).reshape(1, 1, 4)) & 3).reshape(n, 32)
+    grid = _grid(IQ2_S, b.device)[qs.long() | (hi.long() << 8)].reshape(n, 16, 2, 8)
+    return (db * grid * _bit_signs(signs).reshape(n, 16, 2, 8)).reshape(n, QK_K)
+
+
+def _deq_iq3_xxs(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2]).reshape(n, 1, 1, 1)
+    qs = b[:, 2:66]
+    aux = b[:, 66:98].contiguous().view(torch.int32).reshape(n, 8, 1)
+    db = d * (0.5 + ((aux >> 28) & 15).float().reshape(n, 8, 1, 1)) * 0.5
+    sidx = ((aux >> (7 * torch.arange(4, device=b.device, dtype=torch.int32))) & 127).long()
+    grid = _grid(IQ3_XXS, b.device)[qs.long()].reshape(n, 8, 4, 8)
+    return (db * grid * _ksign_bits(b.device)[sidx]).reshape(n, QK_K)
+
+
+def _deq_iq1_m(b):
+    n = b.shape[0]
+    qs, qh = b[:, 0:32].reshape(n, 8, 4).long(), b[:, 32:48]
+    sc = b[:, 48:56].contiguous().view(torch.int16).to(torch.int32).reshape(n, 4) & 0xFFFF
+    dbits = ((sc >> 12) & 0xF) << (4 * torch.arange(4, device=b.device, dtype=torch.int32))
+    d = dbits.sum(-1).to(torch.int16).view(torch.float16).float().reshape(n, 1)  # < 2^16: fits
+    s = (sc.reshape(n, 4, 1) >> (3 * torch.arange(4, device=b.device, dtype=torch.int32)).reshape(1, 1, 4)) & 7
+    dl = (d * (2 * s.reshape(n, 16) + 1).float()).reshape(n, 8, 2, 1, 1)
+    nib = ((qh.reshape(n, 16, 1) >> _shifts([0, 4], b.device).reshape(1, 1, 2)) & 0x0F).reshape(n, 8, 4)
+    delta = torch.where((nib & 8) == 0, 0.125, -0.125).float().reshape(n, 8, 2, 2, 1)
+    grid = _grid(IQ1_S, b.device)[qs | ((nib & 7).long() << 8)].reshape(n, 8, 2, 2, 8)
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
 # Dispatch table indexed by GGML type: [n_blocks, block_bytes] uint8 -> [n_blocks, block] f32.
 _DEQUANT = {
     F32: _deq_f32, F16: _deq_f16, BF16: _deq_bf16,
     Q4_0: _deq_q4_0, Q4_1: _deq_q4_1, Q5_0: _deq_q5_0, Q5_1: _deq_q5_1, Q8_0: _deq_q8_0,
     Q2_K: _deq_q2_k, Q3_K: _deq_q3_k, Q4_K: _deq_q4_k, Q5_K: _deq_q5_k, Q6_K: _deq_q6_k,
     IQ4_NL: _deq_iq4_nl, IQ4_XS: _deq_iq4_xs, IQ2_XXS: _deq_iq2_xxs, IQ3_S: _deq_iq3_s,
-    IQ1_S: _deq_iq1_s,
+    IQ1_S: _deq_iq1_s, IQ2_XS: _deq_iq2_xs, IQ2_S: _deq_iq2_s, IQ3_XXS: _deq_iq3_xxs,
+    IQ1_M: _deq_iq1_m,
 }
 
 SUPPORTED_TYPES = frozenset(_DEQUANT)

@@ -960,6 +960,120 @@ static float dot_iq1_s(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc);
 }
 
+// IQ2_XS / IQ2_S: a scale per 16 values, i.e. per 128-bit lane of the madd.
+static inline __m256i lane_scales(int s_lo, int s_hi) {
+    return _mm256_set_m128i(_mm_set1_epi16((short)(2 * s_hi + 1)), _mm_set1_epi16((short)(2 * s_lo + 1)));
+}
+
+static float dot_iq2_xs(int64_t n, const void* w, const void* a) {
+    const block_iq2_xs* x = (const block_iq2_xs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_xs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint16_t* q = x[b].qs + 4 * ib;
+            const __m256i g = _mm256_set_epi64x((long long)kIQ2XSGrid[q[3] & 511], (long long)kIQ2XSGrid[q[2] & 511],
+                                                (long long)kIQ2XSGrid[q[1] & 511], (long long)kIQ2XSGrid[q[0] & 511]);
+            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[q[3] >> 9], (long long)kIQSignBytes.v[q[2] >> 9],
+                                                (long long)kIQSignBytes.v[q[1] >> 9], (long long)kIQSignBytes.v[q[0] >> 9]);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
+            const __m256i sc = lane_scales(x[b].scales[ib] & 0xF, x[b].scales[ib] >> 4);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), sc));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return 0.125f * hsum_ps(acc);
+}
+
+static float dot_iq2_s(int64_t n, const void* w, const void* a) {
+    const block_iq2_s* x = (const block_iq2_s*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_s));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* q = x[b].qs + 4 * ib;
+            const int h = x[b].qh[ib];
+            const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[q[3] | ((h >> 6) & 3) << 8],
+                                                (long long)kIQ2SGrid[q[2] | ((h >> 4) & 3) << 8],
+                                                (long long)kIQ2SGrid[q[1] | ((h >> 2) & 3) << 8],
+                                                (long long)kIQ2SGrid[q[0] | (h & 3) << 8]);
+            uint32_t sb;
+            std::memcpy(&sb, x[b].qs + 32 + 4 * ib, 4);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), bits_to_signs(sb));
+            const __m256i sc = lane_scales(x[b].scales[ib] & 0xF, x[b].scales[ib] >> 4);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), sc));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return 0.125f * hsum_ps(acc);
+}
+
+static float dot_iq3_xxs(int64_t n, const void* w, const void* a) {
+    const block_iq3_xxs* x = (const block_iq3_xxs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq3_xxs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* q = x[b].qs + 8 * ib;
+            uint32_t aux;
+            std::memcpy(&aux, x[b].qs + 64 + 4 * ib, 4);
+            const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
+                                                (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
+                                                (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
+            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[(aux >> 21) & 127],
+                                                (long long)kIQSignBytes.v[(aux >> 14) & 127],
+                                                (long long)kIQSignBytes.v[(aux >> 7) & 127],
+                                                (long long)kIQSignBytes.v[aux & 127]);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
+            const __m256i p = _mm256_maddubs_epi16(g, q8);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)(2 * (aux >> 28) + 1))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return 0.25f * hsum_ps(acc);
+}
+
+// IQ1_M: as IQ1_S with a scale per 16 values and a delta sign per group of 8, whose term is
+// the group's activation sum (there are no bsums per 8): a second maddubs on the activations
+// with the delta signs applied.
+static float dot_iq1_m(int64_t n, const void* w, const void* a) {
+    const block_iq1_m* x = (const block_iq1_m*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_m));
+        uint16_t sc[4];
+        std::memcpy(sc, x[b].scales, 8);
+        __m256i sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* qs = x[b].qs + 4 * ib;
+            const int h0 = x[b].qh[2 * ib], h1 = x[b].qh[2 * ib + 1];
+            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[qs[3] | ((h1 >> 4) & 7) << 8],
+                                                (long long)kIQ1SGrid[qs[2] | (h1 & 7) << 8],
+                                                (long long)kIQ1SGrid[qs[1] | ((h0 >> 4) & 7) << 8],
+                                                (long long)kIQ1SGrid[qs[0] | (h0 & 7) << 8]);
+            const auto dsign = [](int nib) { return (long long)((nib & 8) ? 0xffffffffffffffffull : 0x0101010101010101ull); };
+            const __m256i ds = _mm256_set_epi64x(dsign(h1 >> 4), dsign(h1), dsign(h0 >> 4), dsign(h0));
+            const __m256i q8 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib));
+            const int s = sc[ib / 2] >> (6 * (ib % 2));
+            const __m256i ls = lane_scales(s & 7, (s >> 3) & 7);
+            sumi1 = _mm256_add_epi32(sumi1, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, g)), ls));
+            sumi2 = _mm256_add_epi32(sumi2, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, ds)), ls));
+        }
+        const float d = h2f(iq1_m_d(x[b])) * y[b].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi1), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * kIQ1SDelta), _mm256_cvtepi32_ps(sumi2), acc);
+    }
+    return hsum_ps(acc);
+}
+
 // Fills every entry this header implements.
 static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_F16] = dequant_f16;
@@ -992,6 +1106,10 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot[GGML_IQ2_XXS] = dot_iq2_xxs;
     t->dot[GGML_IQ3_S] = dot_iq3_s;
     t->dot[GGML_IQ1_S] = dot_iq1_s;
+    t->dot[GGML_IQ2_XS] = dot_iq2_xs;
+    t->dot[GGML_IQ2_S] = dot_iq2_s;
+    t->dot[GGML_IQ3_XXS] = dot_iq3_xxs;
+    t->dot[GGML_IQ1_M] = dot_iq1_m;
     t->dot4[GGML_Q3_K] = dot4_q3_K;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
