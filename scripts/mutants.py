@@ -532,7 +532,8 @@ MUTANTS: list[Mutant] = [
            ("tests/test_quant_types.py", "-k", "grid_entry and IQ2_S"),
            "IQ2_S's reference takes every group's high index bits from the first group"),
     Mutant("issue14-iq-tables-stale", "native/iq_tables.h",
-           "0x0808080808080808, 0x080808080808082b,", "0x0808080808080808, 0x0808080808080819,",
+           "0x2b2b082b08080808, 0x2b2b190808192b08, 0x2b2b2b0819190808, 0x2b2b2b1908081908,",
+           "0x2b2b082b08080808, 0x2b2b190808192b08, 0x2b2b2b0819190808, 0x2b2b2b1908082b08,",
            ("tests/test_quant_types.py", "-k", "grid_entry and IQ2_XXS"),
            "a grid entry of the generated tables differs from ggml's"),
 ]

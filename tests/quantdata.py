@@ -114,11 +114,13 @@ LATTICE_TYPES = list(_GRID_FIELDS)
 
 
 def every_index_rows(qtype, rng):
-    """Random valid blocks of a lattice type whose grid indices, in order, cover every grid
-    entry once: uint8 [blocks, block bytes] (one 256-row per block)."""
+    """Random valid blocks of a lattice type whose grid indices cover every grid entry once,
+    in random order (so the high index bits differ within a block): uint8 [blocks, block
+    bytes] (one 256-row per block)."""
     n_entries, per_block, put = _GRID_FIELDS[QT(qtype)]
     rows = random_rows(qtype, n_entries // per_block, 256, rng)
+    order = rng.permutation(n_entries)
     for b in range(rows.shape[0]):
         for k in range(per_block):
-            put(rows[b], k, b * per_block + k)
+            put(rows[b], k, int(order[b * per_block + k]))
     return rows
