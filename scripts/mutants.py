@@ -536,6 +536,10 @@ MUTANTS: list[Mutant] = [
            "0x2b2b082b08080808, 0x2b2b190808192b08, 0x2b2b2b0819190808, 0x2b2b2b1908082b08,",
            ("tests/test_quant_types.py", "-k", "grid_entry and IQ2_XXS"),
            "a grid entry of the generated tables differs from ggml's"),
+    Mutant("issue14-recipe-layers-ignored", "placement/quant_rules.py",
+           "            if not lo <= _layer_of(name) < hi:", "            if False:",
+           ("tests/test_presets_lowbit.py",),
+           "a dynamic mix's higher-bit down_proj layers spread to every layer: the preset's size is off"),
 ]
 
 
