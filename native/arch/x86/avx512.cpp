@@ -252,9 +252,7 @@ static float dot_q3_K(int64_t n, const void* w, const void* a) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_q3_K));
-        int8_t sc[16];
-        q3_k_scales(x[b].scales, sc);
-        const __m128i sc8 = _mm_loadu_si128((const __m128i*)sc);
+        const __m128i sc8 = q3_scales_128(x[b].scales);
         __m512i sumi = _mm512_setzero_si512();
         for (int h = 0; h < 2; h++) {
             __m256i q[4];
