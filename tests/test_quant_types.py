@@ -273,3 +273,17 @@ def test_lattice_expert_model_kl_within_llama_cpps(lattice_model, qtype):
     kl_ours, kl_llama = mean_kl(ref, ours), mean_kl(ref, llama_cpp_logits(path, toks))
     print(f"{qtype.name}: mean KL ours {kl_ours:.3e}, llama.cpp {kl_llama:.3e}")
     assert kl_ours <= 1.25 * kl_llama, f"{qtype.name}: mean KL ours {kl_ours:.3e}, llama.cpp {kl_llama:.3e}"
+
+
+@pytest.mark.parametrize("mode,parts", [("interleave", None), ("distribute", 2), ("replicate", 2)])
+def test_numa_modes_with_low_bit_experts_match_off(tiny_gguf, lattice_model, mode, parts):
+    """The NUMA placements copy and split expert rows of any block type: on files mixing the
+    new types (Q2_K gate/up + Q3_K down; IQ1_S experts) every mode gives numa off's logits."""
+    toks = [5, 17, 99, 3, 250, 42, 7, 300]
+    for path in (tiny_gguf("Q2_K"), lattice_model(QT.IQ1_S)):
+        with hybrid.load(path, device="cpu", threads=2, ctx=32, numa="off") as r:
+            want = r.logits(toks)
+        with hybrid.load(path, device="cpu", threads=2, ctx=32, numa=mode, numa_partitions=parts,
+                         copy_progress=False) as r:
+            assert r.loader._placed.placed_bytes > 0 and r.loader.stats["torch_experts"] == 0
+            np.testing.assert_array_equal(r.logits(toks), want)
