@@ -287,3 +287,15 @@ def test_numa_modes_with_low_bit_experts_match_off(tiny_gguf, lattice_model, mod
                          copy_progress=False) as r:
             assert r.loader._placed.placed_bytes > 0 and r.loader.stats["torch_experts"] == 0
             np.testing.assert_array_equal(r.logits(toks), want)
+
+
+def test_generated_grid_tables_are_ggmls():
+    """native/iq_tables.h is what scripts/gen_iq_tables.py makes from gguf-py's published grids."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "scripts" / "gen_iq_tables.py"), "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr + r.stdout
