@@ -540,6 +540,11 @@ MUTANTS: list[Mutant] = [
            "            if not lo <= _layer_of(name) < hi:", "            if False:",
            ("tests/test_presets_lowbit.py",),
            "a dynamic mix's higher-bit down_proj layers spread to every layer: the preset's size is off"),
+    Mutant("issue14-iq1s-torch-delta-sign", "hybrid/backends/dequant.py",
+           "    delta = torch.where((qh & 0x8000) == 0, 0.125, -0.125).float().reshape(n, 8, 1, 1)",
+           "    delta = torch.where((qh & 0x8000) == 0, 0.125, 0.125).float().reshape(n, 8, 1, 1)",
+           ("tests/test_quant_types.py", "-k", "gpu_prefill"),
+           "GPU prefill dequantizes IQ1_S experts with the shift's sign ignored"),
 ]
 
 

@@ -299,3 +299,20 @@ def test_generated_grid_tables_are_ggmls():
     r = subprocess.run([sys.executable, str(root / "scripts" / "gen_iq_tables.py"), "--check"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_gpu_prefill_path_dequantizes_low_bit_experts(tiny_gguf, lattice_model):
+    """GPU prefill (the CPU playing the device): long chunks' experts are dequantized by the
+    torch dequantizer, for Q2_K / Q3_K and lattice experts alike; the logits agree with the
+    native engine's."""
+    from test_gpu_path import assert_close_everywhere
+
+    toks = [5, 17, 99, 3, 250, 42, 7, 300, 11, 64, 21, 9]
+    for path in (tiny_gguf("Q2_K"), lattice_model(QT.IQ1_S), lattice_model(QT.IQ2_XXS)):
+        with hybrid.load(path, device="cpu", threads=2, ctx=64) as r:
+            want = r.logits(toks)
+        with hybrid.load(path, device="cpu", threads=2, ctx=64, gpu_paths=True, prefill_chunk=4,
+                         gpu_prefill_tokens=8, gpu_prefill_chunk=8, decode_graphs="off") as r:
+            got = r.logits(toks)
+            assert r.loader.offload.calls == len(r.loader.offload.layers) > 0
+        assert_close_everywhere(got, want, 0.999)
