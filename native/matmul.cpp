@@ -39,7 +39,7 @@ void matmul_check(const matmul_args& a) {
     const type_info& ti = get_type_info(a.w_type);
     if (!ti.name || a.w_type == GGML_Q8_K)
         throw std::invalid_argument("matmul: weight type " + std::to_string(a.w_type) +
-                                    " is not supported (F32, F16, BF16, Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)");
+                                    " is not supported (supported: " + supported_type_names() + ")");
     if (a.K <= 0 || a.N <= 0 || a.T < 0 || a.batch < 0) throw std::invalid_argument("matmul: empty or negative shape");
     if (a.K % ti.block != 0)
         throw std::invalid_argument("matmul: K=" + std::to_string(a.K) + " is not a multiple of the " +

@@ -2,7 +2,8 @@
 
 A preset file (configs/presets/*.json) holds the architecture numbers (GGUF metadata keys
 without the 'arch.' prefix), the tensor layout variant and, per quantization mix, the llama.cpp
-rule set the public file was made with. Tensor shapes come from the architecture (one
+rule set the public file was made with, or for a hand-made mix (Unsloth's dynamic quants) its
+recipe: the type of each tensor group (quant_rules.recipe_type). Tensor shapes come from the architecture (one
 generator per GGUF architecture: `deepseek2_tensors`, `qwen3moe_tensors`, ..., each listing the
 tensors llama.cpp's loader (src/llama-model.cpp) creates for it), tensor types from
 placement.quant_rules; no size is typed in.
@@ -252,11 +253,15 @@ def build_preset(name: str, rules: str = None) -> Inventory:
     model_info = ModelInfo.from_hparams(arch, lambda k, d=None: hp.get(k, d),
                                         name=f"{cfg.get('general.name', model)} {mix}",
                                         n_vocab=hp["vocab_size"], where=f"preset {name}")
+    recipe = cfg["mixes"][mix].get("recipe")
     tensors = []
     for tname, ne in _LAYOUTS[arch](hp, cfg.get("layout", {})):
-        # llama.cpp's quantizer counts every block, MTP blocks included (hparams.n_layer)
-        t = quant_rules.tensor_type(tname, ne, mix, n_layer=hp["block_count"], n_expert=hp.get("expert_count", 0),
-                                    n_gqa=n_gqa, rules=rules)
+        if recipe is not None:   # a hand-made mix: its per-tensor-group types
+            t = quant_rules.recipe_type(tname, ne, recipe)
+        else:
+            # llama.cpp's quantizer counts every block, MTP blocks included (hparams.n_layer)
+            t = quant_rules.tensor_type(tname, ne, mix, n_layer=hp["block_count"],
+                                        n_expert=hp.get("expert_count", 0), n_gqa=n_gqa, rules=rules)
         tensors.append(make_tensor(tname, t, ne, n_layer=model_info.n_layer))
     return Inventory(source=f"preset:{name.lower()}", model=model_info, tensors=tensors, quantization=mix)
 

@@ -31,6 +31,8 @@ Not modelled: the recent rule that gives token_embd the output's type when the m
 output.weight (tied embeddings); no preset has tied embeddings.
 """
 
+import re
+
 from placement import ggml
 
 RULE_SETS = ("llama.cpp-2025-01", "llama.cpp-recent")
@@ -87,6 +89,29 @@ def _layer_of(name: str) -> int:
     if not name.startswith("blk."):
         raise ValueError(f"tensor {name} has no layer number")
     return int(name.split(".")[1])
+
+
+def recipe_type(name: str, ne, recipe: list) -> int:
+    """GGML type id of tensor `name` under an explicit recipe: the per-tensor-group choices of
+    a hand-made mix (Unsloth's dynamic "UD" files are made with llama-quantize's per-tensor
+    overrides, not with a named mix's heuristics). recipe: ordered rules {"match": regex on
+    the name, "type": GGML type name, "layers": [first, end) optional}; the first rule that
+    matches decides; tensors the quantizer does not touch stay F32 (is_quantizable)."""
+    if not is_quantizable(name, ne):
+        return ggml.F32
+    for rule in recipe:
+        if not re.search(rule["match"], name):
+            continue
+        if "layers" in rule:
+            lo, hi = rule["layers"]
+            if not lo <= _layer_of(name) < hi:
+                continue
+        t = ggml.ggml_type(rule["type"]).id
+        if ne[0] % ggml.ggml_type(t).block_size:
+            raise ValueError(f"recipe gives {name} (rows of {ne[0]}) type {rule['type']}, whose "
+                             f"blocks do not fit its rows")
+        return t
+    raise ValueError(f"recipe has no rule for tensor {name}")
 
 
 def tensor_type(name: str, ne, mix: str, *, n_layer: int, n_expert: int, n_gqa: int = 1,

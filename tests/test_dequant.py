@@ -30,10 +30,16 @@ def _random_blocks(ggml_type, n_rows=5, blocks_per_row=3, seed=0):
         return np.ascontiguousarray((vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8))
     # byte offsets of f16 fields per block layout
     f16_at = {dq.Q4_0: [0], dq.Q4_1: [0, 2], dq.Q5_0: [0], dq.Q5_1: [0, 2], dq.Q8_0: [0],
-              dq.Q2_K: [80, 82], dq.Q3_K: [108], dq.Q4_K: [0, 2], dq.Q5_K: [0, 2], dq.Q6_K: [208]}
+              dq.Q2_K: [80, 82], dq.Q3_K: [108], dq.Q4_K: [0, 2], dq.Q5_K: [0, 2], dq.Q6_K: [208],
+              dq.IQ4_NL: [0], dq.IQ4_XS: [0], dq.IQ2_XXS: [0], dq.IQ3_S: [0], dq.IQ1_S: [0],
+              dq.IQ2_XS: [0], dq.IQ2_S: [0], dq.IQ3_XXS: [0], dq.IQ1_M: []}
     for off in f16_at[ggml_type]:
         d = (rng.standard_normal((n_rows, blocks_per_row)) * 0.01).astype(np.float16)
         raw[:, :, off:off + 2] = d.view(np.uint8).reshape(n_rows, blocks_per_row, 2)
+    if ggml_type == dq.IQ1_M:   # d lives in the top nibbles of the scales
+        from quantdata import _set_iq1_m_d
+
+        _set_iq1_m_d(raw, (rng.standard_normal((n_rows, blocks_per_row)) * 0.01).astype(np.float16))
     return raw.reshape(n_rows, -1)
 
 
@@ -73,7 +79,7 @@ def test_one_dimensional_input_with_row_length():
 
 def test_unsupported_type_names_tensor_and_types():
     with pytest.raises(dq.DequantError, match=r"blk\.0\.x.*not supported.*Q4_K"):
-        dq.dequantize(np.zeros((1, 66), np.uint8), 16, name="blk.0.x")  # 16 = IQ2_XXS
+        dq.dequantize(np.zeros((1, 54), np.uint8), 34, name="blk.0.x")  # 34 = TQ1_0
 
 
 def test_ragged_bytes_are_refused():
@@ -83,7 +89,7 @@ def test_ragged_bytes_are_refused():
 
 # llama.cpp-quantized fixtures: every tensor of each file, all types the quantizer chose
 FTYPES = ["Q4_K_M", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q5_K_M", "Q6_K", "Q2_K", "Q3_K_M",
-          "F16", "BF16"]
+          "IQ4_NL", "IQ4_XS", "F16", "BF16"]
 
 
 @pytest.mark.parametrize("ftype", FTYPES)

@@ -30,9 +30,9 @@ ARCHS = ["deepseek2", "qwen3moe", "qwen2moe", "llama", "glm4moe"]
 _INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
               GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64}
 # F16, BF16, Q8_0, Q4_K, Q6_K, Q4_1 (computable, smaller than F32); F64, I64 (larger: the data no
-# longer fits); I8, IQ2_XXS, I32 (not computable; I32 of F32's size). Any change of size breaks
+# longer fits); I8, TQ1_0, I32 (not computable; I32 of F32's size). Any change of size breaks
 # the back-to-back layout of the data, which the header parser refuses
-_RETYPES = [1, 30, 8, 12, 14, 3, 28, 27, 24, 16, 26]
+_RETYPES = [1, 30, 8, 12, 14, 3, 28, 27, 24, 34, 26]
 _ERR = re.compile(r"\berror\b", re.I)
 
 

@@ -23,7 +23,19 @@ from subproc import NEUTRAL_CWD, hybrid_env
 ISAS = ["scalar", "avx2", "avx512"]
 NMSE_BOUND = {QT.F32: 1e-10, QT.F16: 1e-10, QT.BF16: 1e-10,
               QT.Q4_0: 1.5e-4, QT.Q5_0: 1.5e-4, QT.Q8_0: 1.5e-4,
-              QT.Q4_K: 2.5e-4, QT.Q5_K: 2.5e-4, QT.Q6_K: 2.5e-4}
+              QT.Q4_K: 2.5e-4, QT.Q5_K: 2.5e-4, QT.Q6_K: 2.5e-4,
+              # Q8_1 activations: Q8_0's plus fp16 rounding of d and of the scaled sum s
+              # (relative 2^-12 each, ~1e-7 in NMSE). The random blocks' min is as large as
+              # their spread, so the exact dot shrinks against the rounding error of sum(x):
+              # measured 1.2e-4 (Q4_1) and 6.6e-5 (Q5_1); 2.5x that
+              QT.Q4_1: 3e-4, QT.Q5_1: 3e-4,
+              # Q8_K activations like the other K-quants: the 256-block bound
+              QT.Q2_K: 2.5e-4, QT.Q3_K: 2.5e-4,
+              # IQ4_NL on Q8_0 activations (32-blocks), IQ4_XS on Q8_K (256-blocks)
+              QT.IQ4_NL: 1.5e-4, QT.IQ4_XS: 2.5e-4,
+              # lattice types on Q8_K activations; measured 5e-5 .. 8.4e-5
+              QT.IQ2_XXS: 2.5e-4, QT.IQ3_S: 2.5e-4, QT.IQ1_S: 2.5e-4,
+              QT.IQ2_XS: 2.5e-4, QT.IQ2_S: 2.5e-4, QT.IQ3_XXS: 2.5e-4, QT.IQ1_M: 2.5e-4}
 
 
 @pytest.fixture(params=ISAS)
@@ -189,7 +201,7 @@ def test_matmul_rejects_bad_input():
     with pytest.raises(ValueError, match="x"):
         _native.matmul(rows, int(QT.Q4_K), np.zeros((512, 2), np.float32).T)  # column-major
     with pytest.raises(ValueError, match="not supported"):
-        _native.matmul(rows, 10, x)  # Q2_K
+        _native.matmul(rows, 34, x)  # TQ1_0
     with pytest.raises(ValueError, match="out"):
         _native.matmul(rows, int(QT.Q4_K), x, out=np.zeros((2, 5), np.float32))
     with pytest.raises(ValueError, match="w"):
@@ -286,6 +298,16 @@ def test_activation_quantization_is_llama_cpps(isa):
         want = np.rint(blk * (np.float32(127) / amax if amax else np.float32(0))).astype(np.int8)
         np.testing.assert_array_equal(got["qs"], want)
         assert got["sum"] == int(want.astype(np.int32).sum())
+    # Q8_1 (Q4_1 / Q5_1): d and s = d * sum(q) rounded to fp16, s from the unrounded d
+    raw = _native.quantize_activations(x, int(QT.Q4_1))
+    blocks = np.frombuffer(raw.tobytes(), dtype=np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)]))
+    for got, blk in zip(blocks, x.reshape(-1, 32)):
+        amax = np.abs(blk).max()
+        d = amax / np.float32(127)
+        want = np.rint(blk * (np.float32(127) / amax if amax else np.float32(0))).astype(np.int8)
+        np.testing.assert_array_equal(got["qs"], want)
+        assert got["d"] == np.float32(np.float16(d))
+        assert got["s"] == np.float32(np.float16(d * np.float32(want.astype(np.int32).sum())))
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)

@@ -281,7 +281,7 @@ def test_bad_params_are_refused():
     refused(r"q: expected 256 rows", H=4)             # H changed, q no longer fits
     refused(r"o: expected 256 rows of 512", o=good["q"])
     refused(r"k: expected 128 rows of 256 Q8_0", k=(good["k"][0][:64], good["k"][1]))
-    refused("not supported", v=(good["v"][0], 10))     # Q2_K
+    refused("not supported", v=(good["v"][0], 34))     # TQ1_0
     refused(r"bq: expected float32 \[512\]", bq=np.zeros(511, np.float32))
     refused(r"k_norm: expected float32 \[64\]", k_norm=np.zeros(128, np.float32))
     refused(r"attn_norm: expected float32 \[256\]", attn_norm=np.zeros(255, np.float32))

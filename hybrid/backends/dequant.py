@@ -26,6 +26,30 @@ Block layouts (ggml-common.h; f16 = IEEE half, little endian; QK_K = 256):
                        bit s of qh[i] is the 5th bit of element i of sub-block s
     Q6_K  210 B / 256: u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d
                        16 sub-blocks of 16; q = (4 low | 2 high << 4) - 32; w = d*sc*q
+    IQ4_NL  18 B / 32: f16 d; u8 qs[16]            w = d * IQ4_NL_VALUES[nibble]; nibbles
+                                                    as in Q4_0
+    IQ4_XS 136 B / 256: f16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]
+                       8 sub-blocks of 32; scale i = (nibble i of scales_l | 2 bits i of
+                       scales_h << 4) - 32; sub-block i: qs[16i..], low nibbles then high;
+                       w = d * scale * IQ4_NL_VALUES[nibble]
+    IQ2_XXS 66 B / 256: f16 d; 8 x (u32 4 grid indices; u32 4 x 7-bit sign indices, scale
+                       in bits 28-31); w = d * (0.5 + scale) / 4 * grid[8 values] * sign
+    IQ3_S 110 B / 256: f16 d; u8 qs[64]; u8 qh[8]; u8 signs[32]; u8 scales[4]: group k of
+                       sub-block i indexes grid[qs[8i+k] | bit k of qh[i] << 8] (4 values);
+                       w = d * (1 + 2 * scale) * grid * sign
+    IQ1_S  50 B / 256: f16 d; u8 qs[32]; u16 qh[8]: group l of sub-block i indexes
+                       grid[qs[4i+l] | bits 3l..3l+2 of qh[i] << 8] (8 values of -1/0/1);
+                       w = d * (2 * scale + 1) * (grid + delta), delta = -+1/8 by bit 15
+    IQ2_XS 74 B / 256: f16 d; u16 qs[32] (9-bit grid index, 7-bit sign index); u8 scales[8]
+                       (a nibble per 16 values); w = d * (0.5 + scale) / 4 * grid * sign
+    IQ2_S  82 B / 256: f16 d; u8 qs[32] + u8 signs[32]; u8 qh[8] (2 index bits per group);
+                       u8 scales[8]; as IQ2_XS with a 10-bit index and plain sign bits
+    IQ3_XXS 98 B / 256: f16 d; u8 qs[64] (grid of 4 values); 8 x u32 (4 sign indices, scale
+                       in bits 28-31); w = d * (0.5 + scale) / 2 * grid * sign
+    IQ1_M  56 B / 256: u8 qs[32]; u8 qh[16] (a nibble per group: 3 index bits, delta sign);
+                       u16 scales[4]: 3-bit scales per 16 values, d = their top nibbles;
+                       w = d * (2 * scale + 1) * (grid + delta)
+    (the lattice grids are ggml's, as gguf-py publishes them: _grid())
 """
 
 from __future__ import annotations
@@ -40,11 +64,17 @@ QK_K = 256
 # GGML type ids (ggml.h enum ggml_type); only the ones handled here.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
+IQ4_NL, IQ4_XS = 20, 23
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
+
+# IQ4_NL / IQ4_XS's non-linear 4-bit code: ggml's kvalues_iq4nl (as gguf-py publishes it)
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 TYPE_NAMES = {
     F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
     Q5_1: "Q5_1", Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K",
-    Q6_K: "Q6_K",
+    Q6_K: "Q6_K", IQ4_NL: "IQ4_NL", IQ4_XS: "IQ4_XS", IQ2_XXS: "IQ2_XXS", IQ3_S: "IQ3_S",
+    IQ1_S: "IQ1_S", IQ2_XS: "IQ2_XS", IQ2_S: "IQ2_S", IQ3_XXS: "IQ3_XXS", IQ1_M: "IQ1_M",
 }
 
 # ggml_type -> (elements per block, bytes per block)
@@ -52,6 +82,8 @@ BLOCK = {
     F32: (1, 4), F16: (1, 2), BF16: (1, 2),
     Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
     Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
+    IQ4_NL: (32, 18), IQ4_XS: (256, 136), IQ2_XXS: (256, 66), IQ3_S: (256, 110), IQ1_S: (256, 50),
+    IQ2_XS: (256, 74), IQ2_S: (256, 82), IQ3_XXS: (256, 98), IQ1_M: (256, 56),
 }
 
 
@@ -204,11 +236,167 @@ def _deq_q6_k(b):
     return (dl * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
 
 
+_TABLES: dict = {}
+
+
+def _table(values, device) -> torch.Tensor:
+    """A constant float32 lookup table, made once per device (see _shifts)."""
+    key = (values, str(torch.device(device)))
+    t = _TABLES.get(key)
+    if t is None:
+        t = _TABLES[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return t
+
+
+def _deq_iq4_nl(b):
+    d = _f16(b[:, 0:2])
+    q = _nibbles(b[:, 2:18]).reshape(-1, 32).long()
+    return d * _table(IQ4_NL_VALUES, b.device)[q]
+
+
+def _deq_iq4_xs(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2])
+    sh = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32).reshape(n, 1)       # [n, 1]
+    lo = (b[:, 4:8].reshape(n, 4, 1) >> _shifts([0, 4], b.device).reshape(1, 1, 2)).reshape(n, 8) & 0x0F
+    hi = (sh >> (2 * torch.arange(8, device=b.device, dtype=torch.int32)).reshape(1, 8)) & 3
+    scales = (lo.to(torch.int32) | (hi << 4)) - 32
+    dl = (d * scales.float()).reshape(n, 8, 1)
+    q = _nibbles(b[:, 8:136].reshape(n, 8, 16)).reshape(n, 8, 32).long()
+    return (dl * _table(IQ4_NL_VALUES, b.device)[q]).reshape(n, QK_K)
+
+
+def _grid(ggml_type: int, device) -> torch.Tensor:
+    """float32 [entries, values] lattice grid of an IQ type: ggml's, decoded from the tables
+    gguf-py publishes; made once per device."""
+    key = ("grid", ggml_type, str(torch.device(device)))
+    t = _TABLES.get(key)
+    if t is None:
+        from gguf import GGMLQuantizationType, quants
+
+        cls = getattr(quants, GGMLQuantizationType(ggml_type).name)
+        cls.init_grid()
+        g = np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
+        t = _TABLES[key] = torch.from_numpy(g.copy()).to(device)
+    return t
+
+
+def _ksign_bits(device) -> torch.Tensor:
+    """[128, 8] float32 +1 / -1: ggml's ksigns (7 stored sign bits, the 8th making the count
+    of negative values even), one row per 7-bit index."""
+    key = ("ksigns", str(torch.device(device)))
+    t = _TABLES.get(key)
+    if t is None:
+        i = np.arange(128)
+        parity = np.array([bin(v).count("1") & 1 for v in i])
+        s = i | (parity << 7)
+        bits = (s[:, None] >> np.arange(8)[None, :]) & 1
+        t = _TABLES[key] = torch.from_numpy(np.where(bits == 1, -1.0, 1.0).astype(np.float32)).to(device)
+    return t
+
+
+def _bit_signs(b: torch.Tensor) -> torch.Tensor:
+    """[n, k] bytes -> [n, k * 8] float32 +1 / -1 (bit j of byte i: element 8i + j negative)."""
+    bits = (b.unsqueeze(-1) >> _shifts(range(8), b.device)) & 1
+    return (1 - 2 * bits.to(torch.int8)).float().reshape(b.shape[0], -1)
+
+
+def _deq_iq2_xxs(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2]).reshape(n, 1, 1, 1)
+    words = b[:, 2:66].reshape(n, 8, 8)
+    idx = words[:, :, 0:4].long()                                             # [n, 8, 4]
+    w1 = words[:, :, 4:8].contiguous().view(torch.int32).reshape(n, 8, 1)     # signs + scale
+    scale = ((w1 >> 28) & 15).float().reshape(n, 8, 1, 1)
+    sidx = ((w1 >> (7 * torch.arange(4, device=b.device, dtype=torch.int32))) & 127).long()
+    db = d * (0.5 + scale) * 0.25
+    grid = _grid(IQ2_XXS, b.device)[idx]                                      # [n, 8, 4, 8]
+    return (db * grid * _ksign_bits(b.device)[sidx]).reshape(n, QK_K)
+
+
+def _deq_iq3_s(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2])
+    qs, qh, signs, sc = b[:, 2:66], b[:, 66:74], b[:, 74:106], b[:, 106:110]
+    scales = (sc.reshape(n, 4, 1) >> _shifts([0, 4], b.device).reshape(1, 1, 2)).reshape(n, 8) & 0x0F
+    db = (d * (1 + 2 * scales.to(torch.int32)).float()).reshape(n, 8, 1)
+    hi = ((qh.unsqueeze(-1) >> _shifts(range(8), b.device)) & 1).reshape(n, 64).long()
+    idx = qs.long() | (hi << 8)
+    grid = _grid(IQ3_S, b.device)[idx].reshape(n, 8, 32)
+    return (db * grid * _bit_signs(signs).reshape(n, 8, 32)).reshape(n, QK_K)
+
+
+def _deq_iq1_s(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2])
+    qs = b[:, 2:34].reshape(n, 8, 4).long()
+    qh = b[:, 34:50].contiguous().view(torch.int16).to(torch.int32).reshape(n, 8) & 0xFFFF
+    dl = (d * (2 * ((qh >> 12) & 7) + 1).float()).reshape(n, 8, 1, 1)
+    delta = torch.where((qh & 0x8000) == 0, 0.125, -0.125).float().reshape(n, 8, 1, 1)
+    hi = (qh.unsqueeze(-1) >> (3 * torch.arange(4, device=b.device, dtype=torch.int32))) & 7
+    grid = _grid(IQ1_S, b.device)[qs | (hi.long() << 8)]                      # [n, 8, 4, 8]
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
+def _nibble_scales(sc: torch.Tensor) -> torch.Tensor:
+    """[n, 8] bytes -> [n, 16] float32 scale nibbles, low nibble first."""
+    n = sc.shape[0]
+    return ((sc.reshape(n, 8, 1) >> _shifts([0, 4], sc.device).reshape(1, 1, 2)) & 0x0F).reshape(n, 16).float()
+
+
+def _deq_iq2_xs(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2]).reshape(n, 1, 1)
+    qs = b[:, 2:66].contiguous().view(torch.int16).to(torch.int32).reshape(n, 32) & 0xFFFF
+    db = (d * (0.5 + _nibble_scales(b[:, 66:74]).reshape(n, 16, 1)) * 0.25).reshape(n, 16, 1, 1)
+    grid = _grid(IQ2_XS, b.device)[(qs & 511).long()].reshape(n, 16, 2, 8)
+    signs = _ksign_bits(b.device)[(qs >> 9).long()].reshape(n, 16, 2, 8)
+    return (db * grid * signs).reshape(n, QK_K)
+
+
+def _deq_iq2_s(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2]).reshape(n, 1, 1)
+    qs, signs, qh = b[:, 2:34], b[:, 34:66], b[:, 66:74]
+    db = (d * (0.5 + _nibble_scales(b[:, 74:82]).reshape(n, 16, 1)) * 0.25).reshape(n, 16, 1, 1)
+    hi = ((qh.reshape(n, 8, 1) >> _shifts([0, 2, 4, 6], b.device).reshape(1, 1, 4)) & 3).reshape(n, 32)
+    grid = _grid(IQ2_S, b.device)[qs.long() | (hi.long() << 8)].reshape(n, 16, 2, 8)
+    return (db * grid * _bit_signs(signs).reshape(n, 16, 2, 8)).reshape(n, QK_K)
+
+
+def _deq_iq3_xxs(b):
+    n = b.shape[0]
+    d = _f16(b[:, 0:2]).reshape(n, 1, 1, 1)
+    qs = b[:, 2:66]
+    aux = b[:, 66:98].contiguous().view(torch.int32).reshape(n, 8, 1)
+    db = d * (0.5 + ((aux >> 28) & 15).float().reshape(n, 8, 1, 1)) * 0.5
+    sidx = ((aux >> (7 * torch.arange(4, device=b.device, dtype=torch.int32))) & 127).long()
+    grid = _grid(IQ3_XXS, b.device)[qs.long()].reshape(n, 8, 4, 8)
+    return (db * grid * _ksign_bits(b.device)[sidx]).reshape(n, QK_K)
+
+
+def _deq_iq1_m(b):
+    n = b.shape[0]
+    qs, qh = b[:, 0:32].reshape(n, 8, 4).long(), b[:, 32:48]
+    sc = b[:, 48:56].contiguous().view(torch.int16).to(torch.int32).reshape(n, 4) & 0xFFFF
+    dbits = ((sc >> 12) & 0xF) << (4 * torch.arange(4, device=b.device, dtype=torch.int32))
+    d = dbits.sum(-1).to(torch.int16).view(torch.float16).float().reshape(n, 1)  # < 2^16: fits
+    s = (sc.reshape(n, 4, 1) >> (3 * torch.arange(4, device=b.device, dtype=torch.int32)).reshape(1, 1, 4)) & 7
+    dl = (d * (2 * s.reshape(n, 16) + 1).float()).reshape(n, 8, 2, 1, 1)
+    nib = ((qh.reshape(n, 16, 1) >> _shifts([0, 4], b.device).reshape(1, 1, 2)) & 0x0F).reshape(n, 8, 4)
+    delta = torch.where((nib & 8) == 0, 0.125, -0.125).float().reshape(n, 8, 2, 2, 1)
+    grid = _grid(IQ1_S, b.device)[qs | ((nib & 7).long() << 8)].reshape(n, 8, 2, 2, 8)
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
 # Dispatch table indexed by GGML type: [n_blocks, block_bytes] uint8 -> [n_blocks, block] f32.
 _DEQUANT = {
     F32: _deq_f32, F16: _deq_f16, BF16: _deq_bf16,
     Q4_0: _deq_q4_0, Q4_1: _deq_q4_1, Q5_0: _deq_q5_0, Q5_1: _deq_q5_1, Q8_0: _deq_q8_0,
     Q2_K: _deq_q2_k, Q3_K: _deq_q3_k, Q4_K: _deq_q4_k, Q5_K: _deq_q5_k, Q6_K: _deq_q6_k,
+    IQ4_NL: _deq_iq4_nl, IQ4_XS: _deq_iq4_xs, IQ2_XXS: _deq_iq2_xxs, IQ3_S: _deq_iq3_s,
+    IQ1_S: _deq_iq1_s, IQ2_XS: _deq_iq2_xs, IQ2_S: _deq_iq2_s, IQ3_XXS: _deq_iq3_xxs,
+    IQ1_M: _deq_iq1_m,
 }
 
 SUPPORTED_TYPES = frozenset(_DEQUANT)

@@ -15,7 +15,7 @@ import torch
 from hybrid.backends import dequant
 
 __all__ = ["NativeFFN", "NativeGQA", "NativeHeadLinear", "NativeMLA", "NativeRMSNorm", "NativeRouter",
-           "NativeWorkers", "QuantLinear", "native", "native_experts_cls"]
+           "NativeWorkers", "QuantLinear", "check_native_expert_types", "native", "native_experts_cls"]
 
 # GGML types the native quantized matmul takes (float weights stay in torch)
 _NATIVE_LINEAR_TYPES = frozenset({dequant.Q4_0, dequant.Q5_0, dequant.Q8_0, dequant.Q4_K,
@@ -29,6 +29,27 @@ def native():
     except ImportError:
         return None
     return n
+
+
+def check_native_expert_types(gguf, native_types) -> None:
+    """Refuse, before anything is loaded, routed experts the native expert engine cannot run
+    in their GGUF blocks. Run anyway they would be dequantized to float copies several times
+    the file's bytes that the Plan never counted (a silent blow-up); the error names the
+    tensors, their types and the cost, and how to choose those copies deliberately."""
+    bad = [t for name, t in gguf.tensors.items()
+           if name.endswith("_exps.weight") and t.ggml_type not in native_types]
+    if not bad:
+        return
+    shown = ", ".join(f"{t.name} ({t.type_name})" for t in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    n_file = sum(t.n_bytes for t in bad)
+    n_f32 = sum(t.n_rows * t.ne[0] * 4 for t in bad)
+    raise ValueError(
+        f"{gguf.paths[0]}: routed experts {shown}{more} are in a GGML type the native expert "
+        f"engine cannot run; dequantized they would take {n_f32 / 2**30:.2f} GiB of float32 "
+        f"instead of the file's {n_file / 2**30:.2f} GiB, which the plan does not count. Use a "
+        f"file whose experts are in a supported type, or pass experts='torch' to run them from "
+        f"dequantized copies")
 
 
 def native_experts_cls():

@@ -39,8 +39,10 @@ def check_range(source: str, key: str, value, lo: int, hi: int, why: str = "") -
 
 # GGML types the runtime computes: hybrid.backends.dequant handles each (on the CPU and the
 # GPU), the native kernels a subset of them; the same set, spelled without importing torch
-COMPUTABLE_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30})
-# F32 F16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K BF16
+COMPUTABLE_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23,
+                              29, 30})
+# F32 F16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ2_XXS IQ2_XS IQ3_XXS IQ1_S IQ4_NL
+# IQ3_S IQ2_S IQ4_XS IQ1_M BF16
 
 
 _BLK = re.compile(r"blk\.(\d+)\.")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hybrid.backends import dequant
 from hybrid.backends.native import (NativeFFN, NativeGQA, NativeHeadLinear, NativeMLA,
                                     NativeRMSNorm, NativeRouter, NativeWorkers, QuantLinear,
-                                    native, native_experts_cls)
+                                    check_native_expert_types, native, native_experts_cls)
 from hybrid.gguf_file import GGUFFile
 from hybrid.models.layers import QUERY_BLOCK
 
@@ -178,6 +178,8 @@ class Loader:
         if experts == "native" and self.experts_cls is None:
             log.warning("hybrid._native is not built: routed experts run in torch from "
                         "dequantized weights (slow, memory hungry)")
+        if self.experts_cls is not None:   # before anything is placed: no silent float copy
+            check_native_expert_types(gguf, mod.supported_types())
         self._engine = None
         self.workers = NativeWorkers()   # the native linears' threads (the engine's, once made)
         self._warned = set()
@@ -447,6 +449,9 @@ class Loader:
             self.stats["torch_experts"] += 1
             dt = torch.float32 if self.device.type == "cpu" else torch.bfloat16
             ex = TorchExperts.from_gguf(self.g, layer, dtype=dt, device=self.device)
+            # the dequantized copies are what this choice costs: counted, never silent
+            for name, w in zip(names, (ex.gate, ex.up, ex.down)):
+                self._record_tensor(name, self.compute_plan_device(), f"weights.{_FMT_OF[dt]}", w)
             return ex if self.expert_stats is None else _Recording(ex, self.expert_stats, layer)
         self.stats["native_experts"] += 1
         cpu = self._placed_experts(D, K).add_layer(layer)

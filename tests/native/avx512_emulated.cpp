@@ -73,6 +73,23 @@ static std::vector<uint8_t> random_row(int type, int n) {
             case GGML_Q4_K:
             case GGML_Q5_K: set_half(base); set_half(base + 2); break;
             case GGML_Q6_K: set_half(base + 208); break;
+            case GGML_Q4_1:
+            case GGML_Q5_1: set_half(base); set_half(base + 2); break;
+            case GGML_Q2_K: set_half(base + 80); set_half(base + 82); break;
+            case GGML_Q3_K: set_half(base + 108); break;
+            case GGML_IQ4_NL:
+            case GGML_IQ4_XS:
+            case GGML_IQ2_XXS:
+            case GGML_IQ3_S:
+            case GGML_IQ1_S:
+            case GGML_IQ2_XS:
+            case GGML_IQ2_S:
+            case GGML_IQ3_XXS: set_half(base); break;
+            case GGML_IQ1_M: {  // d in the top nibbles of the 4 u16 scales
+                const uint16_t h = (uint16_t)(0x1C00 + next_u32() % 0x0E00);
+                for (int k = 0; k < 4; k++) row[base + 49 + 2 * k] = (uint8_t)((row[base + 49 + 2 * k] & 0x0F) | (((h >> (4 * k)) & 0xF) << 4));
+                break;
+            }
             default: set_half(base); break;
         }
     }
@@ -134,7 +151,9 @@ int main() {
     std::memset(&simd, 0, sizeof(simd));
     fill_avx512_kernels(&simd);
     const int types[] = {GGML_F32, GGML_F16, GGML_BF16, GGML_Q4_0, GGML_Q5_0, GGML_Q8_0,
-                         GGML_Q4_K, GGML_Q5_K, GGML_Q6_K};
+                         GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_Q4_1, GGML_Q5_1, GGML_Q2_K, GGML_Q3_K,
+                         GGML_IQ4_NL, GGML_IQ4_XS, GGML_IQ2_XXS, GGML_IQ3_S, GGML_IQ1_S,
+                         GGML_IQ2_XS, GGML_IQ2_S, GGML_IQ3_XXS, GGML_IQ1_M};
     int passed = 0, failed = 0;
     const int n = 1024;
     for (int type : types) {

@@ -208,6 +208,92 @@ static float dot_q6_K(int64_t n, const void* w, const void* a) {
     return reduce_add(acc);
 }
 
+// Q4_1 / Q5_1: the AVX2 code with one VNNI instruction for the 32 u8 x s8 products.
+static inline __m256i dot_vnni_32(__m256i u, __m256i s) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+}
+
+// sum_i sc_i * (u . a)_i over one 128-half of a Q2_K / Q3_K block: quarters q (q2_quarters),
+// the half's 8 scales as int16 in sc8, its 128 activations at ay. 64 quants per register:
+// maddubs, then vpdpwssd with the scales spread over 4 x 8 words (k_q6_scale_idx's layout).
+static inline __m512i q2_half_sums_512(__m512i sumi, const __m256i q[4], __m128i sc8, const int8_t* ay) {
+    const __m512i sc = _mm512_castsi128_si512(sc8);
+    const __m512i a01 = _mm512_loadu_si512((const void*)ay), a23 = _mm512_loadu_si512((const void*)(ay + 64));
+    const __m512i idx0 = _mm512_load_si512((const void*)k_q6_scale_idx[0]);
+    const __m512i idx1 = _mm512_load_si512((const void*)k_q6_scale_idx[1]);
+    sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[0], q[1]), a01), _mm512_permutexvar_epi16(idx0, sc));
+    return _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[2], q[3]), a23), _mm512_permutexvar_epi16(idx1, sc));
+}
+
+static float dot_q2_K(int64_t n, const void* w, const void* a) {
+    const block_q2_K* x = (const block_q2_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m512 acc = _mm512_setzero_ps();
+    __m256 acc_m = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q2_K));
+        const __m128i sc = _mm_and_si128(_mm_loadu_si128((const __m128i*)x[b].scales), _mm_set1_epi8(0xF));
+        __m512i sumi = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            __m256i q[4];
+            q2_quarters(x[b].qs + 32 * h, nullptr, h, q);
+            sumi = q2_half_sums_512(sumi, q, _mm_cvtepu8_epi16(h ? _mm_srli_si128(sc, 8) : sc), y[b].qs + 128 * h);
+        }
+        const __m256i mins = _mm256_madd_epi16(q2_nibbles16(x[b].scales, 4), _mm256_loadu_si256((const __m256i*)y[b].bsums));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * h2f(x[b].d)), _mm512_cvtepi32_ps(sumi), acc);
+        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * h2f(x[b].dmin)), _mm256_cvtepi32_ps(mins), acc_m);
+    }
+    return reduce_add(acc) - hsum_ps(acc_m);
+}
+
+static float dot_q3_K(int64_t n, const void* w, const void* a) {
+    const block_q3_K* x = (const block_q3_K*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q3_K));
+        const __m128i sc8 = q3_scales_128(x[b].scales);
+        __m512i sumi = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            __m256i q[4];
+            q2_quarters(x[b].qs + 32 * h, x[b].hmask, h, q);
+            sumi = q2_half_sums_512(sumi, q, _mm_cvtepi8_epi16(h ? _mm_srli_si128(sc8, 8) : sc8), y[b].qs + 128 * h);
+        }
+        // the quants went in + 4: take 4 * sum_i sc_i * bsums_i back out (8 lanes, low half)
+        const __m256i off = _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc8), _mm256_loadu_si256((const __m256i*)y[b].bsums));
+        sumi = _mm512_sub_epi32(sumi, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_slli_epi32(off, 2), 0));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * h2f(x[b].d)), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return reduce_add(acc);
+}
+
+// IQ4_XS: a pair of sub-blocks (64 quants) per 512-bit register, pair sums scaled by vpdpwssd.
+static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
+    const block_iq4_xs* x = (const block_iq4_xs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq4_xs));
+        __m512i sumi = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(x[b].qs + 32 * c));
+            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m512i wv = join256(iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x20)),
+                                       iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x31)));
+            const __m512i av = _mm512_loadu_si512((const void*)(y[b].qs + 64 * c));
+            // |w| x (a with w's sign): AVX-512 has no vpsignb, a masked negate does it
+            const __m512i as = _mm512_mask_sub_epi8(av, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), av);
+            const __m512i p = _mm512_maddubs_epi16(_mm512_abs_epi8(wv), as);
+            const __m512i s = join256(_mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c)),
+                                      _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c + 1)));
+            sumi = _mm512_dpwssd_epi32(sumi, p, s);
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(x[b].d) * y[b].d), _mm512_cvtepi32_ps(sumi), acc);
+    }
+    return reduce_add(acc);
+}
+
 }  // namespace x86_512
 
 bool fill_avx512_kernels(kernel_table* t) {
@@ -222,6 +308,12 @@ bool fill_avx512_kernels(kernel_table* t) {
     t->dot[GGML_Q4_K] = x86_512::dot_q4_K;
     t->dot[GGML_Q5_K] = x86_512::dot_q5_K;
     t->dot[GGML_Q6_K] = x86_512::dot_q6_K;
+    t->dot[GGML_Q4_1] = x86::dot_q4_1_t<x86_512::dot_vnni_32>;
+    t->dot[GGML_Q5_1] = x86::dot_q5_1_t<x86_512::dot_vnni_32>;
+    t->dot[GGML_Q2_K] = x86_512::dot_q2_K;
+    t->dot[GGML_Q3_K] = x86_512::dot_q3_K;
+    t->dot[GGML_IQ4_NL] = x86::dot_iq4_nl_t<x86_512::dot_vnni_32>;
+    t->dot[GGML_IQ4_XS] = x86_512::dot_iq4_xs;
     // The 4-row dots above are AVX2 code: they would not be bit-identical to these single
     // dots, so this path does without them.
     std::memset(t->dot4, 0, sizeof(t->dot4));

@@ -240,6 +240,18 @@ static void quant_act_q8_32(const float* x, void* dst, int64_t n) {
     }
 }
 
+static void quant_act_q8_1(const float* x, void* dst, int64_t n) {
+    block_q8_1* y = (block_q8_1*)dst;
+    for (int64_t b = 0; b < n / QK32; b++, x += QK32) {
+        const float amax = absmax(x, QK32);
+        const float d = amax / 127.f;
+        const float id = amax != 0.f ? 127.f / amax : 0.f;
+        const int sum = quantize_32(x, _mm256_set1_ps(id), y[b].qs);
+        y[b].d = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+        y[b].s = _cvtsh_ss(_cvtss_sh(d * (float)sum, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
 static void quant_act_q8_K(const float* x, void* dst, int64_t n) {
     block_q8_K* y = (block_q8_K*)dst;
     for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
@@ -487,6 +499,42 @@ static float dot_q5_0(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc) - offset;
 }
 
+// Q4_1 / Q5_1: d * da * (q . qa) per block in float lanes, plus m * s (the activation's
+// scaled sum) per block in a scalar. dot32 is the u8 x s8 sum of 32 pairs (maddubs here,
+// VNNI in the AVX-512 table).
+template <__m256i (*dot32)(__m256i, __m256i)>
+static float dot_q4_1_t(int64_t n, const void* w, const void* a) {
+    const block_q4_1* x = (const block_q4_1*)w;
+    const block_q8_1* y = (const block_q8_1*)a;
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
+        const __m256i p = dot32(nibbles_32(x[b].qs), _mm256_loadu_si256((const __m256i*)y[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+        summs += h2f(x[b].m) * y[b].s;
+    }
+    return hsum_ps(acc) + summs;
+}
+
+template <__m256i (*dot32)(__m256i, __m256i)>
+static float dot_q5_1_t(int64_t n, const void* w, const void* a) {
+    const block_q5_1* x = (const block_q5_1*)w;
+    const block_q8_1* y = (const block_q8_1*)a;
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.f;
+    for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
+        uint32_t qh;
+        std::memcpy(&qh, x[b].qh, 4);
+        const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
+        const __m256i p = dot32(q, _mm256_loadu_si256((const __m256i*)y[b].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+        summs += h2f(x[b].m) * y[b].s;
+    }
+    return hsum_ps(acc) + summs;
+}
+
 // ---------------------------------------------------------------- dots: K-quants (AVX2)
 
 // The 8 scales (bytes 0-7) and 8 mins (bytes 8-15) of a Q4_K / Q5_K block, as
@@ -657,6 +705,385 @@ static void dot4_q6_K(int64_t n, const void* w, const void* const* a, float* out
     dot_q6_K_rows<4>(n, (const block_q6_K*)w, (const block_q8_K* const*)a, out);
 }
 
+// The four quarters (32 quants each) of 128-half h of a Q2_K / Q3_K block as unsigned bytes:
+// the 2-bit fields (qs: the half's 32 bytes), and for Q3_K (hmask set) + 4 where the high
+// bit is set, i.e. the signed quant + 4 (0..7).
+static inline void q2_quarters(const uint8_t* qs, const uint8_t* hmask, int h, __m256i q[4]) {
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)qs);
+    const __m256i hb = hmask ? _mm256_loadu_si256((const __m256i*)hmask) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        q[j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m3);
+        if (hmask)
+            q[j] = _mm256_or_si256(q[j], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4 * h + j), one), 2));
+    }
+}
+
+// The 16 sub-block scales of a Q2_K block (low nibbles) or its 16 mins (high nibbles) as int16.
+static inline __m256i q2_nibbles16(const uint8_t* scales, int shift) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)scales);
+    return _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, shift), _mm_set1_epi8(0xF)));
+}
+
+// sum_i sc_i * (u . a)_i over the 16 sub-blocks of a Q2_K / Q3_K block with unsigned quants
+// u (q2_quarters), R activation rows; sc16: the 16 scales as int16 (lane 0: 0..7, lane 1: 8..15).
+template <int R>
+static inline void q2_q3_sums(const uint8_t* qs, const uint8_t* hmask, __m256i sc16, const block_q8_K* const* ys,
+                              int64_t b, __m256i* sumi) {
+    // each half's 8 scales in both lanes
+    const __m256i halves[2] = {_mm256_permute2x128_si256(sc16, sc16, 0x00), _mm256_permute2x128_si256(sc16, sc16, 0x11)};
+    for (int h = 0; h < 2; h++) {
+        __m256i q[4];
+        q2_quarters(qs + 32 * h, hmask, h, q);
+        const __m256i sc = halves[h];
+        for (int j = 0; j < 4; j++) {
+            const __m256i s = word_bcast2(sc, j);
+            for (int r = 0; r < R; r++) {
+                const __m256i av = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 128 * h + 32 * j));
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], av), s));
+            }
+        }
+    }
+}
+
+template <int R>
+static inline void dot_q2_K_rows(int64_t n, const block_q2_K* x, const block_q8_K* const* ys, float* out) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q2_K));
+        const __m256i mins = q2_nibbles16(x[b].scales, 4);
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
+        q2_q3_sums<R>(x[b].qs, nullptr, q2_nibbles16(x[b].scales, 0), ys, b, sumi);
+        const float d = h2f(x[b].d), dmin = h2f(x[b].dmin);
+        for (int r = 0; r < R; r++) {
+            const __m256i m = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i*)ys[r][b].bsums));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            acc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(ys[r][b].d * dmin), _mm256_cvtepi32_ps(m), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+// The 16 signed scales of a Q3_K block (q3_k_scales) in a vector register, without a trip
+// through memory: 16 bytes stored as 4 words and reloaded as one vector missed store
+// forwarding and cost Q3_K ~40% of its decode rate.
+static inline __m128i q3_scales_128(const uint8_t* s) {
+    uint32_t a2;
+    std::memcpy(&a2, s + 8, 4);
+    const __m128i a01 = _mm_shuffle_epi32(_mm_loadl_epi64((const __m128i*)s), _MM_SHUFFLE(1, 0, 1, 0));  // a0 a1 a0 a1
+    const __m128i lo = _mm_and_si128(_mm_srlv_epi32(a01, _mm_setr_epi32(0, 0, 4, 4)), _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)a2), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(0x03));
+    return _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi32(hi, 4)), _mm_set1_epi8(32));
+}
+
+template <int R>
+static inline void dot_q3_K_rows(int64_t n, const block_q3_K* x, const block_q8_K* const* ys, float* out) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q3_K));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(q3_scales_128(x[b].scales));
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
+        q2_q3_sums<R>(x[b].qs, x[b].hmask, sc16, ys, b, sumi);
+        const float d = h2f(x[b].d);
+        for (int r = 0; r < R; r++) {
+            // the quants went in + 4: take 4 * sum_i sc_i * bsums_i back out
+            const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i*)ys[r][b].bsums));
+            sumi[r] = _mm256_sub_epi32(sumi[r], _mm256_slli_epi32(off, 2));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+static float dot_q2_K(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_q2_K_rows<1>(n, (const block_q2_K*)w, &y, &out);
+    return out;
+}
+
+static void dot4_q2_K(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_q2_K_rows<4>(n, (const block_q2_K*)w, (const block_q8_K* const*)a, out);
+}
+
+static float dot_q3_K(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_q3_K_rows<1>(n, (const block_q3_K*)w, &y, &out);
+    return out;
+}
+
+static void dot4_q3_K(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_q3_K_rows<4>(n, (const block_q3_K*)w, (const block_q8_K* const*)a, out);
+}
+
+// ---------------------------------------------------------------- dots: IQ4_NL / IQ4_XS
+
+// 32 nibble indices -> the signed IQ4_NL values (one pshufb per 32).
+static inline __m256i iq4_lookup(__m256i idx) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kIQ4NLValues));
+    return _mm256_shuffle_epi8(v, idx);
+}
+
+// 32 signed x signed products summed as 16 int16 pair sums (|w| <= 127: no saturation).
+static inline __m256i dot_s8s8_pairs(__m256i w, __m256i a) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+}
+
+template <__m256i (*dot32)(__m256i, __m256i)>
+static float dot_iq4_nl_t(int64_t n, const void* w, const void* a) {
+    const block_iq4_nl* x = (const block_iq4_nl*)w;
+    const block_q8_32* y = (const block_q8_32*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK32; b++) {
+        prefetch_block((const uint8_t*)&x[b], 1);
+        const __m256i q = iq4_lookup(nibbles_32(x[b].qs));
+        const __m256i av = _mm256_loadu_si256((const __m256i*)y[b].qs);
+        const __m256i p = dot32(_mm256_sign_epi8(q, q), _mm256_sign_epi8(av, q));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
+    }
+    return hsum_ps(acc);
+}
+
+// IQ4_XS: 32 bytes of quants hold sub-blocks 2c (lane 0) and 2c+1 (lane 1), each as low then
+// high nibbles: two lane permutes put each sub-block's 32 values in weight order.
+static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
+    const block_iq4_xs* x = (const block_iq4_xs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq4_xs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(x[b].qs + 32 * c));
+            const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            const __m256i w0 = iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x20));
+            const __m256i w1 = iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x31));
+            const __m256i p0 = dot_s8s8_pairs(w0, _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c)));
+            const __m256i p1 = dot_s8s8_pairs(w1, _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p0, _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c))));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c + 1))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+// ---------------------------------------------------------------- dots: IQ2_XXS / IQ3_S / IQ1_S
+// Grid entries are gathered as 4 x 8 bytes (8 x 4 for IQ3_S) per 32 quants with scalar loads
+// (the index arithmetic is scalar anyway); signs become +1 / -1 bytes applied to the
+// activations, so one maddubs (unsigned grid values x signed activations) and one madd with
+// the sub-block's odd scale give 8 int32 lanes per sub-block.
+
+static float dot_iq2_xxs(int64_t n, const void* w, const void* a) {
+    const block_iq2_xxs* x = (const block_iq2_xxs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_xxs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            uint32_t aux[2];
+            std::memcpy(aux, x[b].qs + 4 * ib, 8);
+            const uint8_t* idx = (const uint8_t*)aux;
+            const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
+                                                (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
+            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[(aux[1] >> 21) & 127],
+                                                (long long)kIQSignBytes.v[(aux[1] >> 14) & 127],
+                                                (long long)kIQSignBytes.v[(aux[1] >> 7) & 127],
+                                                (long long)kIQSignBytes.v[aux[1] & 127]);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
+            const __m256i p = _mm256_maddubs_epi16(g, q8);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)(2 * (aux[1] >> 28) + 1))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return 0.125f * hsum_ps(acc);
+}
+
+// 32 bytes: 0xff where bit j of `bits` is set, else 0x01 (a sign per element).
+static inline __m256i bits_to_signs(uint32_t bits) {
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                           0x0101010101010101, 0x0000000000000000);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+    return _mm256_or_si256(v, _mm256_set1_epi8(1));
+}
+
+static float dot_iq3_s(int64_t n, const void* w, const void* a) {
+    const block_iq3_s* x = (const block_iq3_s*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq3_s));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* qs = x[b].qs + 8 * ib;
+            const int h = x[b].qh[ib];
+            int e[8];
+            for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];
+            const __m256i g = _mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]);
+            uint32_t sb;
+            std::memcpy(&sb, x[b].signs + 4 * ib, 4);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), bits_to_signs(sb));
+            const int ls = 1 + 2 * ((x[b].scales[ib / 2] >> (4 * (ib % 2))) & 0xF);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), _mm256_set1_epi16((short)ls)));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return hsum_ps(acc);
+}
+
+// IQ1_S: grid values -1 / 0 / 1 apply to the activations with one vpsignb; the +-1/8 shift
+// is the sub-block's activation sum (bsums) times its scale, as in llama.cpp.
+static float dot_iq1_s(int64_t n, const void* w, const void* a) {
+    const block_iq1_s* x = (const block_iq1_s*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_s));
+        __m256i sumi = _mm256_setzero_si256();
+        int sumi1 = 0;
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* qs = x[b].qs + 4 * ib;
+            const int h = x[b].qh[ib];
+            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[qs[3] | (((h >> 9) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[2] | (((h >> 6) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[1] | (((h >> 3) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[0] | ((h & 7) << 8)]);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), g);
+            const int ls = 2 * ((h >> 12) & 7) + 1;
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, q8), _mm256_set1_epi16((short)ls)));
+            sumi1 += ls * ((h & 0x8000) ? -1 : 1) * (y[b].bsums[2 * ib] + y[b].bsums[2 * ib + 1]);
+        }
+        const float d = h2f(x[b].d) * y[b].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_add_ps(acc, _mm256_setr_ps(d * kIQ1SDelta * (float)sumi1, 0, 0, 0, 0, 0, 0, 0));
+    }
+    return hsum_ps(acc);
+}
+
+// IQ2_XS / IQ2_S: a scale per 16 values, i.e. per 128-bit lane of the madd.
+static inline __m256i lane_scales(int s_lo, int s_hi) {
+    return _mm256_set_m128i(_mm_set1_epi16((short)(2 * s_hi + 1)), _mm_set1_epi16((short)(2 * s_lo + 1)));
+}
+
+static float dot_iq2_xs(int64_t n, const void* w, const void* a) {
+    const block_iq2_xs* x = (const block_iq2_xs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_xs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint16_t* q = x[b].qs + 4 * ib;
+            const __m256i g = _mm256_set_epi64x((long long)kIQ2XSGrid[q[3] & 511], (long long)kIQ2XSGrid[q[2] & 511],
+                                                (long long)kIQ2XSGrid[q[1] & 511], (long long)kIQ2XSGrid[q[0] & 511]);
+            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[q[3] >> 9], (long long)kIQSignBytes.v[q[2] >> 9],
+                                                (long long)kIQSignBytes.v[q[1] >> 9], (long long)kIQSignBytes.v[q[0] >> 9]);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
+            const __m256i sc = lane_scales(x[b].scales[ib] & 0xF, x[b].scales[ib] >> 4);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), sc));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return 0.125f * hsum_ps(acc);
+}
+
+static float dot_iq2_s(int64_t n, const void* w, const void* a) {
+    const block_iq2_s* x = (const block_iq2_s*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_s));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* q = x[b].qs + 4 * ib;
+            const int h = x[b].qh[ib];
+            const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[q[3] | ((h >> 6) & 3) << 8],
+                                                (long long)kIQ2SGrid[q[2] | ((h >> 4) & 3) << 8],
+                                                (long long)kIQ2SGrid[q[1] | ((h >> 2) & 3) << 8],
+                                                (long long)kIQ2SGrid[q[0] | (h & 3) << 8]);
+            uint32_t sb;
+            std::memcpy(&sb, x[b].qs + 32 + 4 * ib, 4);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), bits_to_signs(sb));
+            const __m256i sc = lane_scales(x[b].scales[ib] & 0xF, x[b].scales[ib] >> 4);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), sc));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return 0.125f * hsum_ps(acc);
+}
+
+static float dot_iq3_xxs(int64_t n, const void* w, const void* a) {
+    const block_iq3_xxs* x = (const block_iq3_xxs*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq3_xxs));
+        __m256i sumi = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* q = x[b].qs + 8 * ib;
+            uint32_t aux;
+            std::memcpy(&aux, x[b].qs + 64 + 4 * ib, 4);
+            const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
+                                                (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
+                                                (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
+            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[(aux >> 21) & 127],
+                                                (long long)kIQSignBytes.v[(aux >> 14) & 127],
+                                                (long long)kIQSignBytes.v[(aux >> 7) & 127],
+                                                (long long)kIQSignBytes.v[aux & 127]);
+            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
+            const __m256i p = _mm256_maddubs_epi16(g, q8);
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)(2 * (aux >> 28) + 1))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return 0.25f * hsum_ps(acc);
+}
+
+// IQ1_M: as IQ1_S with a scale per 16 values and a delta sign per group of 8, whose term is
+// the group's activation sum (there are no bsums per 8): a second maddubs on the activations
+// with the delta signs applied.
+static float dot_iq1_m(int64_t n, const void* w, const void* a) {
+    const block_iq1_m* x = (const block_iq1_m*)w;
+    const block_q8_K* y = (const block_q8_K*)a;
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_m));
+        uint16_t sc[4];
+        std::memcpy(sc, x[b].scales, 8);
+        __m256i sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256();
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t* qs = x[b].qs + 4 * ib;
+            const int h0 = x[b].qh[2 * ib], h1 = x[b].qh[2 * ib + 1];
+            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[qs[3] | ((h1 >> 4) & 7) << 8],
+                                                (long long)kIQ1SGrid[qs[2] | (h1 & 7) << 8],
+                                                (long long)kIQ1SGrid[qs[1] | ((h0 >> 4) & 7) << 8],
+                                                (long long)kIQ1SGrid[qs[0] | (h0 & 7) << 8]);
+            const auto dsign = [](int nib) { return (long long)((nib & 8) ? 0xffffffffffffffffull : 0x0101010101010101ull); };
+            const __m256i ds = _mm256_set_epi64x(dsign(h1 >> 4), dsign(h1), dsign(h0 >> 4), dsign(h0));
+            const __m256i q8 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib));
+            const int s = sc[ib / 2] >> (6 * (ib % 2));
+            const __m256i ls = lane_scales(s & 7, (s >> 3) & 7);
+            sumi1 = _mm256_add_epi32(sumi1, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, g)), ls));
+            sumi2 = _mm256_add_epi32(sumi2, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, ds)), ls));
+        }
+        const float d = h2f(iq1_m_d(x[b])) * y[b].d;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi1), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * kIQ1SDelta), _mm256_cvtepi32_ps(sumi2), acc);
+    }
+    return hsum_ps(acc);
+}
+
 // Fills every entry this header implements.
 static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_F16] = dequant_f16;
@@ -669,6 +1096,7 @@ static void fill_avx2_level(kernel_table* t) {
     t->dequant[GGML_Q6_K] = dequant_q6_K;
     t->quant_act[ACT_Q8_32] = quant_act_q8_32;
     t->quant_act[ACT_Q8_K] = quant_act_q8_K;
+    t->quant_act[ACT_Q8_1] = quant_act_q8_1;
     t->attn_scores = attn_scores;
     t->attn_values = attn_values;
     t->exp_sum = exp_sum;
@@ -678,6 +1106,21 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot[GGML_Q4_0] = dot_q4_0;
     t->dot[GGML_Q5_0] = dot_q5_0;
     t->dot[GGML_Q8_0] = dot_q8_0;
+    t->dot[GGML_Q4_1] = dot_q4_1_t<dot_u8s8_32>;
+    t->dot[GGML_Q5_1] = dot_q5_1_t<dot_u8s8_32>;
+    t->dot[GGML_Q2_K] = dot_q2_K;
+    t->dot[GGML_Q3_K] = dot_q3_K;
+    t->dot4[GGML_Q2_K] = dot4_q2_K;
+    t->dot[GGML_IQ4_NL] = dot_iq4_nl_t<dot_u8s8_32>;
+    t->dot[GGML_IQ4_XS] = dot_iq4_xs;
+    t->dot[GGML_IQ2_XXS] = dot_iq2_xxs;
+    t->dot[GGML_IQ3_S] = dot_iq3_s;
+    t->dot[GGML_IQ1_S] = dot_iq1_s;
+    t->dot[GGML_IQ2_XS] = dot_iq2_xs;
+    t->dot[GGML_IQ2_S] = dot_iq2_s;
+    t->dot[GGML_IQ3_XXS] = dot_iq3_xxs;
+    t->dot[GGML_IQ1_M] = dot_iq1_m;
+    t->dot4[GGML_Q3_K] = dot4_q3_K;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
     t->dot[GGML_Q6_K] = dot_q6_K;
