@@ -10,7 +10,7 @@ import pytest
 from subproc import NEUTRAL_CWD, hybrid_env
 
 from hybrid import __version__
-from hybrid.app.cli import _dry_run_argv, main, model_id
+from hybrid.app.cli import main, model_id
 
 
 
@@ -58,8 +58,11 @@ def test_unsupported_architecture(tmp_path):
 
 def test_a_model_that_does_not_fit(tiny_q4km):
     # a context of 100M tokens needs ~90 GiB of KV cache: more than any test machine has
-    r = hybrid_run(tiny_q4km, "--device", "cpu", "--ctx", "100000000", "-p", "hi")
+    r = hybrid_run(tiny_q4km, "--device", "cpu", "--ctx", "100000000", "--force-ctx", "-p", "hi")
     assert_one_line_error(r, "does not fit this machine", "--dry-run", code=3)
+    # the fix is named as the command line that applies it
+    assert re.search(r"a shorter context: \d+ tokens .*`hybrid-run \S+ --device cpu --force-ctx -p hi --ctx \d+`",
+                     r.stderr), r.stderr
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -132,22 +135,23 @@ def test_empty_prompt_from_stdin(tiny_q4km):
 # ----------------------------------------------------------------------------- dry run, demo
 
 
-def test_dry_run_argv_drops_run_only_flags():
-    assert _dry_run_argv(["m.gguf", "--dry-run", "--max-tokens", "5", "--temperature=0.2", "--no-think",
-                          "--device", "cpu", "--numa", "interleave", "--ctx", "8192", "-p", "hi",
-                          "--gpu-mem", "48GiB", "--json"]) == \
-        ["m.gguf", "--cpu-only", "--numa", "interleave", "--ctx", "8192", "--gpu-mem", "48GiB", "--json"]
-    assert _dry_run_argv(["m.gguf", "--device=cuda", "--dry-run"]) == ["m.gguf"]
-    # --demo and its optional name
-    assert _dry_run_argv(["--dry-run", "--demo", "deepseek2", "--ctx", "512"]) == ["--ctx", "512"]
-    assert _dry_run_argv(["--dry-run", "--demo", "--ctx", "512"]) == ["--ctx", "512"]
+def test_one_parser_for_the_run_and_the_dry_run(tiny_q4km, capsys):
+    # run-only flags are accepted by the dry-run (and ignored); the dry-run's own flags are
+    # refused by the run with a line that says to add --dry-run
+    assert main([str(tiny_q4km), "--dry-run", "--max-tokens", "5", "--temperature=0.2", "--no-think",
+                 "-p", "hi", "--device", "cpu", "--ctx", "512", "--prefill-chunk", "64"]) == 0
+    assert "prefill chunk 64" in capsys.readouterr().out
+    for flag in (["--ram", "64GiB"], ["--preset", "deepseek-r1-q4_k_m"], ["--json"], ["--bind-node", "0"]):
+        assert main([str(tiny_q4km), "-p", "hi", *flag]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag[0]} is a --dry-run flag" in err and len(err.strip().splitlines()) == 1
 
 
 def test_dry_run_goes_to_the_placement_cli(tiny_q4km, capsys):
     assert main([str(tiny_q4km), "--dry-run", "--device", "cpu", "--max-tokens", "5", "--ctx", "512"]) == 0
     out = capsys.readouterr().out
     assert "verdict: FITS" in out and "context 512" in out
-    assert main([str(tiny_q4km), "--dry-run", "--ctx", "100000000", "--device", "cpu"]) == 3
+    assert main([str(tiny_q4km), "--dry-run", "--ctx", "100000000", "--device", "cpu", "--force-ctx"]) == 3
 
 
 def test_demo_builds_once_and_reports_speed(tmp_path, monkeypatch, capsys):
