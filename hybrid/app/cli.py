@@ -22,13 +22,15 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EXAMPLES = """\
 examples:
-  hybrid-run DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --numa interleave   terminal chat
-  hybrid-run MODEL.gguf -p "Why is the sky blue?" --max-tokens 512      one shot, text to stdout
-  echo "Summarize: ..." | hybrid-run MODEL.gguf -p -                    prompt from stdin
-  hybrid-run MODEL.gguf --serve --port 8080                             OpenAI-compatible API
-  hybrid-run MODEL.gguf --dry-run --gpu-mem 48GiB                       will it fit, and how
-  hybrid-run --demo                                                     SmolLM2 as an MoE answers, tok/s
-  hybrid-run --demo deepseek2                                           random-weight deepseek2, tok/s
+  hybrid-run DeepSeek-R1-Q4_K_M-00001-of-00009.gguf               terminal chat
+  hybrid-run MODEL.gguf -p "Why is the sky blue?" --max-tokens 512  one shot, text to stdout
+  echo "Summarize: ..." | hybrid-run MODEL.gguf -p -                prompt from stdin
+  hybrid-run MODEL.gguf --serve --port 8080                         OpenAI-compatible API
+  hybrid-run MODEL.gguf --dry-run                                   will it fit, and how fast
+  hybrid-run --dry-run --preset deepseek-r1-q4_k_m --ram 512GiB \\
+      --numa-nodes 2 --cores 64 --gpu-mem 48GiB                     ... on a machine to buy
+  hybrid-run --demo                                                 SmolLM2 as an MoE, tok/s
+  hybrid-run --demo deepseek2                                       random-weight deepseek2
 
 chat commands: /help /reset /system TEXT /stats /set KEY VALUE /save FILE /exit;
 Ctrl-C stops a reply, Ctrl-D leaves. The server answers GET /v1/models,
@@ -58,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     from placement.cli import add_plan_args
     from placement.cli import number_arg as _number
 
+    import shutil
+
+    width = min(100, shutil.get_terminal_size((100, 24)).columns)
     p = _Parser(
-        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES, allow_abbrev=False,
+        prog=PROG, epilog=EXAMPLES, allow_abbrev=False,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=width),
+        usage="%(prog)s [MODEL.gguf] [-p TEXT | --serve | --dry-run | --demo [NAME]] [options]",
         description="Run a Mixture-of-Experts GGUF model (DeepSeek-R1/V3): the GPU holds what every\n"
                     "token touches, the routed experts run on the CPU. Without -p or --serve: an\n"
                     "interactive chat.")
