@@ -86,6 +86,9 @@ def add_plan_args(p) -> None:
     pl.add_argument("--expert-stats", metavar="FILE",
                     help="JSON of expert activation counts per layer (from --save-expert-stats): the GPU "
                          "caches the most used experts")
+    pl.add_argument("--measure", action="store_true",
+                    help="measure this machine's memory bandwidth and compute again for the estimate "
+                         "(about a second; otherwise measured once and cached per machine)")
     pl.add_argument("--cuda-context", metavar="SIZE", type=size, help="reserve for the CUDA context (default 600MiB)")
     pl.add_argument("--workspace", metavar="SIZE", type=size, help="GPU compute workspace (default: from the workload)")
     pl.add_argument("--pinned", metavar="SIZE", type=size, help="pinned host buffers (default: from the workload)")
@@ -132,6 +135,8 @@ def overrides(a) -> dict:
                if dest not in ("preset", "list_presets", "list_profiles", "json", "profile")})
     if a.force_ctx:
         ov["allow_long_context"] = True
+    if a.measure:
+        ov["measure"] = "again"
     if a.device == "cpu":
         ov["use_gpu"] = False
     if a.no_expert_cache:

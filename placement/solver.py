@@ -31,6 +31,7 @@ GPU_FORMATS = ("auto", "bf16", "quantized")
 ASSUMED_RAM_BANDWIDTH_PER_NODE = 100e9
 ASSUMED_GPU_BANDWIDTH = 900e9
 ASSUMED_PCIE_BANDWIDTH = 25e9
+CPU_CALLS_PER_LAYER = 6   # native calls of a CPU decode step per layer (q/kv/o projections, experts, shared)
 CPU_GFLOPS_PER_CORE = {"amx_int8": 400.0, "avx512_vnni": 120.0, "avx512f": 80.0, "avx2": 50.0, "": 10.0}
 
 
@@ -79,7 +80,9 @@ class Policy:
     expert_stats: object = None          # per layer activation counts, see load_expert_stats
     gpu_prefill_tokens: object = None    # None: from prefill_crossover; 0: off; N: chunks of >= N tokens
     cpu_weight_format: str = "quantized"  # non-expert weights when they live on the CPU
-    cpu_linear_min_bytes: int = 1 * MiB   # smaller CPU linears are dequantized to f32 (torch matmul)
+    # smaller CPU linears are dequantized to f32 (torch matmul); None: as hybrid.load runs it,
+    # 0 without a GPU (every quantized linear native), 1 MiB beside one
+    cpu_linear_min_bytes: object = None
     kv_cache_dtype: str = "auto"         # auto: bf16 on the GPU, f32 on the CPU (no fast bf16 math there)
     # explicit reserves
     cuda_context_bytes: int = 600 * MiB  # driver + cuBLAS handles: outside torch's allocator
@@ -380,6 +383,8 @@ def _choose(inv, hw, wl, pol) -> Plan:
 def _solve_one(inv, hw, wl, pol) -> Plan:
     m = inv.model
     notes = []
+    if pol.cpu_linear_min_bytes is None:
+        pol = replace(pol, cpu_linear_min_bytes=MiB if (pol.use_gpu and hw.gpus) else 0)
     reserves = {}
 
     gpu = hw.gpus[0] if (pol.use_gpu and hw.gpus) else None
@@ -625,6 +630,10 @@ def _cpu_gflops(hw: Hardware) -> tuple:
 
 def _cpu_flops(hw: Hardware, threads=None) -> tuple:
     """(sustained FLOP/s of the allowed cores, how it was derived)."""
+    if hw.cpu_flops:
+        n = len(hw.allowed_cpus)
+        used = min(n, threads) if threads else n
+        return hw.cpu_flops * used / n, f"{hw.cpu_flops * used / n / 1e9:.0f} GFLOP/s on {used} cpus (measured)"
     gflops_core, isa = _cpu_gflops(hw)
     cores = min(hw.allowed_cores, threads) if threads else hw.allowed_cores
     return cores * gflops_core * 1e9, f"{cores} cores x {gflops_core:.0f} GFLOP/s ({isa}, assumed sustained)"
@@ -634,7 +643,8 @@ def _ram_bandwidth(hw: Hardware, pol: Policy, numa_mode: str) -> tuple:
     """(bytes/s the expert kernels read at, node bandwidth, 'given' | 'assumed', how)."""
     n_nodes = max(1, len(hw.allowed_nodes))
     node_bw = hw.ram_bandwidth_per_node or ASSUMED_RAM_BANDWIDTH_PER_NODE
-    src = "given" if hw.ram_bandwidth_per_node else "assumed"
+    src = "measured" if hw.sources.get("ram_bandwidth") == "measured" else "given"
+    src = src if hw.ram_bandwidth_per_node else "assumed"
     if numa_mode in ("distribute", "replicate"):
         agg, how = node_bw * n_nodes, f"{n_nodes} node(s), local reads"
     elif numa_mode == "interleave":
@@ -658,18 +668,28 @@ def _hit_rates(inv: Inventory, stats, gpu_cache: dict) -> dict:
     return hit
 
 
-def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, cpu_flops: float, eff_bw: float, hit: dict) -> float:
+def _flops_of(hw: Hardware, threads=None):
+    """ggml type -> sustained FLOP/s of its native matmul on the cpus used: measured per type
+    on this machine (placement.probe), else the one figure of _cpu_flops."""
+    flops = _cpu_flops(hw, threads)[0]
+    by_type = {int(k): v * flops / hw.cpu_flops for k, v in hw.cpu_flops_by_type.items()} if hw.cpu_flops else {}
+    return lambda ggml_type: by_type.get(ggml_type, flops)
+
+
+def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, flops_of, eff_bw: float, hit: dict) -> float:
     """Seconds of CPU routed-expert work per prompt token (all MoE layers, cached experts
-    excluded): the expert FLOPs at the sustained rate, or the bytes a prefill_chunk touches
-    (nearly every expert once C*K >> E) spread over its tokens, whichever is slower."""
+    excluded): the expert FLOPs at the sustained rate of their type, or the bytes a
+    prefill_chunk touches (nearly every expert once C*K >> E) spread over its tokens,
+    whichever is slower."""
     m = inv.model
     K, E = m.n_expert_used, max(m.n_expert, 1)
     layers = inv.moe_layers()
-    ffn_flops_tok = sum(2 * K * 3 * m.n_embd * m.expert_ff * (1 - hit[l]) for l in layers)
+    compute = sum(2 * K * t.n_elements / E * (1 - hit[t.layer]) / flops_of(t.ggml_type)
+                  for t in inv.tensors if t.role == "routed_experts")
     C = max(1, wl.prefill_chunk)
     touched = 1 - (1 - K / E) ** C if E > K else 1.0
     mem_per_tok = sum(inv.expert_bytes(l) * E * touched * (1 - hit[l]) for l in layers) / C / eff_bw
-    return max(ffn_flops_tok / cpu_flops, mem_per_tok)
+    return max(compute, mem_per_tok)
 
 
 def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices) -> dict:
@@ -719,7 +739,12 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
         assumptions["sync_latency_per_moe_layer"] = f"{pol.sync_latency_s * 1e6:.0f} us"
     else:
         t_gpu = 0.0
-        t_sync = 0.0
+        # every layer's native calls (attention projections, routed and shared experts) wake
+        # the workers and wait for them: measured on this machine, unknown (0) elsewhere
+        t_sync = m.n_layer * CPU_CALLS_PER_LAYER * hw.call_latency_s
+        if hw.call_latency_s:
+            assumptions["native_calls_per_token"] = (f"{m.n_layer} layers x {CPU_CALLS_PER_LAYER} x "
+                                                     f"{hw.call_latency_s * 1e6:.0f} us (measured)")
         cpu_bytes_tok += nonexp + kv_read
     t_cpu = cpu_bytes_tok / eff_bw
     decode_t = t_gpu + t_cpu + t_sync
@@ -727,7 +752,8 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
 
     # prefill
     cpu_flops, assumptions["cpu_compute"] = _cpu_flops(hw, pol.threads)
-    t_cpu_pf = _cpu_expert_prefill_s(inv, wl, cpu_flops, eff_bw, hit)
+    flops_of = _flops_of(hw, pol.threads)
+    t_cpu_pf = _cpu_expert_prefill_s(inv, wl, flops_of, eff_bw, hit)
     nonexp_params = sum(t.n_elements for t in inv.tensors
                         if t.role not in ("routed_experts", "embedding", "mtp"))
     # attention over `pos` cached positions in every layer that runs
@@ -738,7 +764,10 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
         assumptions["gpu_compute"] = f"{pol.gpu_tflops:.0f} TFLOP/s bf16 (assumed sustained)"
         assumptions["pcie_bandwidth"] = f"{pcie / 1e9:.0f} GB/s ({'given' if hw.pcie_bandwidth else 'assumed'})"
     else:
-        t_gpu_pf = gpu_flops_tok / cpu_flops
+        # the linears at their type's rate (f32 copies: the headline figure), attention besides
+        t_gpu_pf = (sum(2 * t.n_elements / flops_of(t.ggml_type) for t in inv.tensors
+                        if t.role not in ("routed_experts", "embedding", "mtp"))
+                    + m.n_layer * m.attn_flops_per_position * pos / cpu_flops)
     prefill_t = t_cpu_pf + t_gpu_pf
     return {
         "decode_tok_s": round(1.0 / decode_t, 2) if decode_t > 0 else 0.0,
@@ -795,8 +824,7 @@ def prefill_crossover(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, n
     pcie = hw.pcie_bandwidth or ASSUMED_PCIE_BANDWIDTH
     gbw = (gpu.bandwidth if gpu is not None else 0) or ASSUMED_GPU_BANDWIDTH
     eff_bw = _ram_bandwidth(hw, pol, numa_mode)[0]
-    cpu_flops = _cpu_flops(hw, pol.threads)[0]
-    c = _cpu_expert_prefill_s(inv, wl, cpu_flops, eff_bw, hit)
+    c = _cpu_expert_prefill_s(inv, wl, _flops_of(hw, pol.threads), eff_bw, hit)
     g = len(inv.moe_layers()) * 2 * K * 3 * m.n_embd * m.expert_ff / (pol.gpu_tflops * 1e12)
     copy_s = S / pcie
     dequant_s = (S + 2 * weights) / gbw
@@ -921,13 +949,15 @@ _HW_KEYS = tuple(k for k in HW_OVERRIDES if k != "threads")
 _WL_KEYS = ("context", "batch", "prefill_chunk", "gpu_prefill_chunk", "allow_long_context")
 
 
-def build_inputs(hardware=None, profile=None, **overrides):
+def build_inputs(hardware=None, profile=None, measure=True, **overrides):
     """Split keyword overrides into (Hardware, Workload, Policy). Unknown keys are an error.
 
     Workload keys: context (or ctx), batch, prefill_chunk, gpu_prefill_chunk, allow_long_context.
     Policy keys: any Policy field (numa, gpu_weight_format or gpu_format, cpu_only, threads,
     expert_stats, ...). Hardware keys: placement.hardware.HW_OVERRIDES but threads (gpu_mem, ram,
-    numa_nodes, cores, threads_per_core, bind_node, allowed_mems, allowed_cpus, ram_bandwidth, ...). `profile` names configs/hardware/<profile>.json.
+    numa_nodes, cores, threads_per_core, bind_node, allowed_mems, allowed_cpus, ram_bandwidth, ...).
+    This machine (no hardware, no profile) comes with its measured bandwidth and compute
+    (placement.probe; measure="again" measures anew, False keeps assumed figures). `profile` names configs/hardware/<profile>.json.
     """
     from placement import hardware as hwmod
 
@@ -947,7 +977,12 @@ def build_inputs(hardware=None, profile=None, **overrides):
     if unknown:
         raise SolverError(f"unknown option(s): {', '.join(sorted(unknown))}")
     if hardware is None:
-        hardware = hwmod.from_profile(profile) if profile else hwmod.detect()
+        if profile:
+            hardware = hwmod.from_profile(profile)
+        else:
+            hardware = hwmod.detect()
+            if measure:
+                hardware = hwmod.measure(hardware, refresh=measure == "again")
     elif profile:
         raise SolverError("give either hardware= or profile=, not both")
     if hw_kw:

@@ -513,6 +513,14 @@ MUTANTS: list[Mutant] = [
            "        for name, inv2 in same_model_presets(inv):",
            ("tests/test_placement_advice.py", "-k", "smaller_quantization"),
            "issue 19: the advice names Q2_K where Q4_K_M of the same model fits"),
+    Mutant("issue19-estimate-assumed-here", "placement/solver.py",
+           "            if measure:", "            if False:",
+           ("tests/test_estimate.py", "-k", "this_machine_is_measured"),
+           "issue 19 case 4: this machine's estimates from assumed bandwidths (100 GB/s 'assumed')"),
+    Mutant("issue19-probe-not-cached", "placement/probe.py",
+           "            return json.loads(path.read_text())", "            pass",
+           ("tests/test_estimate.py", "-k", "probe_measures_once"),
+           "issue 19 case 4: every plan measures the machine again (a second each)"),
 ]
 
 
