@@ -116,7 +116,7 @@ def suggest(inv, hw, wl, pol, plan, solve) -> list:
     marked fits; one that removes some of the problems is kept as 'helps'."""
     budgets = {p.budget for p in plan.problems}
     gpu_over, host_over = "gpu0" in budgets, bool(budgets - {"gpu0"})
-    out, seen = [], set()
+    out, seen, fixed = [], set(), {}    # fixed: id(suggestion) -> the budgets it brings within
 
     def replan(changes, inv2=None):
         return solve(inv2 or inv, *apply_changes(hw, wl, pol, changes))
@@ -134,6 +134,7 @@ def suggest(inv, hw, wl, pol, plan, solve) -> list:
             out.append(Suggestion(change, " ".join(flags_for(changes)), f"{message} ({fig})" if fig else message,
                                   p.fits, changes=dict(changes), scope=scope, drop=drop,
                                   estimate={k: (p.estimate or {}).get(k) for k in ("decode_tok_s", "prefill_tok_s")}))
+            fixed[id(out[-1])] = budgets - left
         return p
 
     # --- on this machine: flags of the run ----------------------------------------------
@@ -171,9 +172,28 @@ def suggest(inv, hw, wl, pol, plan, solve) -> list:
         _offer_ram(hw, replan, offer)
     if gpu_over:
         _offer_gpu(hw, replan, offer)
+    if not any(s.fits for s in out):
+        _offer_pair(list(out), fixed, budgets, replan, offer)
     order = {"run": 0, "model": 1, "machine": 2}
     out.sort(key=lambda s: (not s.fits, order[s.scope]))
     return out
+
+
+def _offer_pair(out, fixed, budgets, replan, offer):
+    """When no change fits alone: the first two whose fixes cover every budget, re-planned
+    together, offered when that fits."""
+    for i, a in enumerate(out):
+        for b in out[i + 1:]:
+            if fixed[id(a)] | fixed[id(b)] != budgets or set(a.changes) & set(b.changes) \
+                    or "preset" in {**a.changes, **b.changes}:
+                continue
+            changes = {**a.changes, **b.changes}
+            p = replan(changes)
+            if p.fits:
+                scope = "machine" if "machine" in (a.scope, b.scope) else "run"
+                offer("pair", changes, f"both: {a.message.split(' (')[0]}; and {b.message.split(' (')[0]}",
+                      scope=scope, p=p)
+                return
 
 
 def _offer_unbind(hw, offer):

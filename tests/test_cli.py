@@ -71,6 +71,7 @@ def test_a_model_that_does_not_fit(tiny_q4km):
     (["m.gguf", "--max-tokens", "0"], "--max-tokens"),
     (["m.gguf", "--numa", "sideways"], "--numa"),
     (["m.gguf", "--bogus"], "--bogus"),
+    (["m.gguf", "--gpu-mem", "abc", "--device", "cpu"], "--gpu-mem"),
 ])
 def test_bad_flags(args, needle, capsys):
     assert main(args) == 2

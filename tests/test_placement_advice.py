@@ -196,3 +196,15 @@ def test_a_hypothetical_machine_says_which_fields_are_this_ones(capsys):
     assert any("this machine's count" in n and "--cores" in n for n in plan["notes"])
     rc, plan = dry_run(capsys, ["--preset", "deepseek-r1-q4_k_m", "--ram", "512GiB", "--cores", "64"])
     assert not any("this machine's count" in n for n in plan["notes"])
+
+
+def test_two_budgets_over_get_one_change_for_each_together(capsys):
+    """GPU and RAM both short, no change fits alone: the pair that does is offered first."""
+    argv = ["--preset", "deepseek-r1-q4_k_m", "--gpu-mem", "16GiB", "--ram", "256GiB", "--numa-nodes", "1",
+            "--cores", "32", "--gpu-format", "bf16"]
+    rc, plan = dry_run(capsys, argv)
+    assert rc == 3 and {p["budget"] for p in plan["problems"]} == {"gpu0", "cpu"}
+    first, rest = plan["suggestions"][0], plan["suggestions"][1:]
+    assert first["change"] == "pair" and first["fits"] and not any(s["fits"] for s in rest)
+    assert "--gpu-format quantized" in first["command"] and "--ram 384GiB" in first["command"]
+    assert dry_run(capsys, [w for w in shlex.split(first["command"])[1:] if w != "--dry-run"])[1]["fits"]
