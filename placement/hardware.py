@@ -53,7 +53,7 @@ class Hardware:
     ram_bandwidth_per_node: float = 0.0   # bytes/s, 0 = unknown
     pcie_bandwidth: float = 0.0           # bytes/s host<->GPU, 0 = unknown
     cpu_flops: float = 0.0                # sustained FLOP/s of the allowed cpus, 0 = unknown (measured only)
-    call_latency_s: float = 0.0           # one native call's wake-and-wait of the workers (measured only)
+    layer_overhead_s: float = 0.0         # a CPU decode step's small torch ops, per layer (measured only)
     cpu_flops_by_type: dict = field(default_factory=dict)   # "ggml type" -> FLOP/s of its matmul (measured only)
     binding: str = ""        # why allowed_* is narrower than the machine, "" when it is not
     hypothetical: bool = False
@@ -330,7 +330,7 @@ def measure(hw: Hardware, refresh: bool = False) -> Hardware:
     hw = replace(hw, sources=dict(hw.sources, ram_bandwidth="measured", cpu_flops="measured"))
     hw.ram_bandwidth_per_node = m["read_bytes_per_s"] / max(1, len(hw.allowed_nodes))
     hw.cpu_flops = m["cpu_flops"]
-    hw.call_latency_s = m.get("call_latency_s", 0.0)
+    hw.layer_overhead_s = m.get("layer_overhead_s", 0.0)
     hw.cpu_flops_by_type = dict(m.get("cpu_flops_by_type", {}))
     return hw
 
@@ -428,7 +428,7 @@ def _apply(hw: Hardware, *, gpu_mem=None, gpu_bandwidth=None, gpu_name=None, ram
         hw.allowed_mems = [nd.id for nd in hw.numa_nodes]
         hw.binding = ""
         if hw.sources.get("ram_bandwidth") == "measured":   # this machine's figures, not the new one's
-            hw.ram_bandwidth_per_node, hw.cpu_flops, hw.call_latency_s = 0.0, 0.0, 0.0
+            hw.ram_bandwidth_per_node, hw.cpu_flops, hw.layer_overhead_s = 0.0, 0.0, 0.0
             hw.cpu_flops_by_type = {}
             del hw.sources["ram_bandwidth"], hw.sources["cpu_flops"]
         if cores is None and not hw.hypothetical:

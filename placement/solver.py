@@ -31,7 +31,6 @@ GPU_FORMATS = ("auto", "bf16", "quantized")
 ASSUMED_RAM_BANDWIDTH_PER_NODE = 100e9
 ASSUMED_GPU_BANDWIDTH = 900e9
 ASSUMED_PCIE_BANDWIDTH = 25e9
-CPU_CALLS_PER_LAYER = 6   # native calls of a CPU decode step per layer (q/kv/o projections, experts, shared)
 CPU_GFLOPS_PER_CORE = {"amx_int8": 400.0, "avx512_vnni": 120.0, "avx512f": 80.0, "avx2": 50.0, "": 10.0}
 
 
@@ -739,12 +738,12 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
         assumptions["sync_latency_per_moe_layer"] = f"{pol.sync_latency_s * 1e6:.0f} us"
     else:
         t_gpu = 0.0
-        # every layer's native calls (attention projections, routed and shared experts) wake
-        # the workers and wait for them: measured on this machine, unknown (0) elsewhere
-        t_sync = m.n_layer * CPU_CALLS_PER_LAYER * hw.call_latency_s
-        if hw.call_latency_s:
-            assumptions["native_calls_per_token"] = (f"{m.n_layer} layers x {CPU_CALLS_PER_LAYER} x "
-                                                     f"{hw.call_latency_s * 1e6:.0f} us (measured)")
+        # every layer's small torch ops, beside its bytes: measured on this machine
+        # (placement.probe), unknown (0) elsewhere
+        t_sync = m.n_layer * hw.layer_overhead_s
+        if hw.layer_overhead_s:
+            assumptions["layer_overhead"] = (f"{m.n_layer} layers x {hw.layer_overhead_s * 1e6:.0f} us "
+                                             f"(torch ops, measured)")
         cpu_bytes_tok += nonexp + kv_read
     t_cpu = cpu_bytes_tok / eff_bw
     decode_t = t_gpu + t_cpu + t_sync

@@ -57,10 +57,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import shutil
+
     from placement.cli import add_plan_args
     from placement.cli import number_arg as _number
-
-    import shutil
 
     width = min(100, shutil.get_terminal_size((100, 24)).columns)
     p = _Parser(
