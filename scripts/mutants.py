@@ -521,6 +521,11 @@ MUTANTS: list[Mutant] = [
            "            return json.loads(path.read_text())", "            pass",
            ("tests/test_estimate.py", "-k", "probe_measures_once"),
            "issue 19 case 4: every plan measures the machine again (a second each)"),
+    Mutant("issue19-dry-run-plans-another-run", "placement/solver.py",
+           "        pol = replace(pol, cpu_linear_min_bytes=MiB if (pol.use_gpu and hw.gpus) else 0)",
+           "        pol = replace(pol, cpu_linear_min_bytes=MiB)",
+           ("tests/test_cli.py", "-k", "plans_what_the_dry_run"),
+           "issue 19 case 4: the dry-run's estimate (134 tok/s) is not the run header's (176)"),
 ]
 
 

@@ -304,3 +304,19 @@ def test_readme_names_only_flags_that_exist():
     assert not unknown, sorted(unknown)
     for f in ("--gpu-format", "--prefill-chunk", "--cpu-only", "--expert-stats", "--force-ctx", "--bind-node"):
         assert f in flags
+
+
+def test_the_run_plans_what_the_dry_run_shows(tiny_q4km, capsys):
+    """The run's header and the dry-run give one estimate for the same flags on this machine
+    (they said 134 and 176 tok/s for one model: the dry-run planned small linears as f32)."""
+    import json
+
+    from hybrid.app import cli
+
+    flags = [str(tiny_q4km), "--device", "cpu", "--ctx", "256"]
+    plan = cli.make_plan(str(tiny_q4km), cli.build_parser().parse_args(flags))
+    assert main(flags + ["--dry-run", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["estimate"]["decode_tok_s"] == plan.estimate["decode_tok_s"]
+    assert dry["estimate"]["prefill_tok_s"] == plan.estimate["prefill_tok_s"]
+    assert dry["devices"]["cpu"]["bytes"] == plan.devices["cpu"].bytes and dry["cpu_linear_min_bytes"] == 0
