@@ -54,9 +54,9 @@ def _checked(parse):
 def add_plan_args(p) -> None:
     """The planner's flags, grouped, on parser `p` (hybrid-run's: the run and the dry-run share it)."""
     from placement.solver import GPU_FORMATS, NUMA_MODES
-    from placement.units import parse_bandwidth, parse_size
+    from placement.units import parse_bandwidth, size_with_unit
 
-    size, bandwidth = _checked(parse_size), _checked(parse_bandwidth)
+    size, bandwidth = _checked(size_with_unit), _checked(parse_bandwidth)
     pl = p.add_argument_group("placement (the run and --dry-run alike; sizes need a unit: 48GiB, 48GB)")
     pl.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: the GPU when there is one (default)")

@@ -492,7 +492,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_cli.py", "-k", "threads_never"),
            "issue 19 case 5: --threads 4 on 2 allowed cpus (decode 660 -> 11 tok/s), no word"),
     Mutant("issue19-size-without-unit", "placement/units.py",
-           "    if not m.group(2) and float(m.group(1)) != 0:", "    if False:",
+           "    if m and not m.group(2) and float(m.group(1)) != 0:", "    if False:",
            ("tests/test_placement_advice.py", "-k", "sizes_need_a_unit"),
            "issue 19 case 6: --gpu-mem 48 means 48 bytes"),
     Mutant("issue19-ctx-beyond-trained", "placement/solver.py",

@@ -79,12 +79,12 @@ def _measure(path, ctx=512):
     return plan.estimate, best_pp, best_tg
 
 
-@pytest.mark.parametrize("model", ["demo", "tiny"])
-def test_estimate_is_near_the_measured_speed(cache, model, fixture_cache, tiny_q4km):
-    """Decode and prefill estimates of the demo model (SmolLM2 as a 4-expert MoE, 400 MB) and
-    the tiny deepseek2 against the best of several runs; the context (512) puts the estimate's
-    decode position (half the context) where the runs decode (240-272)."""
-    path = demo.smollm2_model(fixture_cache) if model == "demo" else tiny_q4km
-    est, pp, tg = _measure(str(path))
+def test_estimate_is_near_the_measured_speed(cache, fixture_cache):
+    """Decode and prefill estimates of the demo model (SmolLM2 as a 4-expert MoE, 400 MB)
+    against the best of several runs; the context (512) puts the estimate's decode position
+    (half the context) where the runs decode (240-272). (The 2 GB mid fixture is a benchmark
+    model, too slow to build in a test: bench/bench_e2e.py prints its estimate beside its
+    measurement.)"""
+    est, pp, tg = _measure(str(demo.smollm2_model(fixture_cache)))
     for what, e, m in (("decode", est["decode_tok_s"], tg), ("prefill", est["prefill_tok_s"], pp)):
-        assert m / BOUND <= e <= m * BOUND, f"{model} {what}: estimate {e:.1f} tok/s, measured {m:.1f}"
+        assert m / BOUND <= e <= m * BOUND, f"demo {what}: estimate {e:.1f} tok/s, measured {m:.1f}"
