@@ -52,6 +52,10 @@ class Ours:
         self.info = (f"native linears {st['native_linears']}, torch linears {st['torch_linears']}, "
                      f"native expert layers {st['native_experts']}, torch expert layers "
                      f"{st['torch_experts']}")
+        # the plan's estimate (this machine's measured bandwidth and compute: placement.probe),
+        # at its decode position, half the context (the bench's: prompt + decode, so a little early)
+        e = getattr(self.rt.plan, "estimate", None) or {}
+        self.estimate = (e["prefill_tok_s"], e["decode_tok_s"]) if e else None
 
     def run(self, prompt, n_decode):
         rt = self.rt
@@ -115,7 +119,8 @@ def _worker(kind, path, threads, ctx, device) -> int:
         eng = LlamaCpp(path, threads, ctx)
     out = sys.stdout
     sys.stdout = sys.stderr  # keep library chatter off the answer channel
-    out.write(json.dumps({"load_s": eng.load_s, "info": eng.info, "n_vocab": eng.n_vocab}) + "\n")
+    out.write(json.dumps({"load_s": eng.load_s, "info": eng.info, "n_vocab": eng.n_vocab,
+                          "estimate": getattr(eng, "estimate", None)}) + "\n")
     out.flush()
     for line in sys.stdin:
         req = json.loads(line)
@@ -140,6 +145,7 @@ class _Remote:
                                   stderr=subprocess.DEVNULL, text=True, env=env)
         hello = self._read()
         self.load_s, self.info, self.n_vocab = hello["load_s"], hello["info"], hello["n_vocab"]
+        self.estimate = hello.get("estimate")
 
     def _read(self):
         line = self.p.stdout.readline()
@@ -222,6 +228,12 @@ def main(argv=None) -> int:
     med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in res.items()}
     for k, (pp, tg) in med.items():
         print(f"  {k:>9}: prompt {pp:8.1f} tok/s   decode {tg:7.2f} tok/s")
+    for e in engines:
+        if e.estimate:   # the dry-run's figures for this machine, next to what was measured
+            epp, etg = e.estimate
+            pp, tg = med[e.name]
+            print(f"  {e.name:>9} plan estimate: prompt {epp:8.1f} tok/s   decode {etg:7.2f} tok/s   "
+                  f"(measured / estimate: prompt {pp / epp:.2f}x, decode {tg / etg:.2f}x)")
     if "llama.cpp" in med:
         (lpp, ltg) = med["llama.cpp"]
         for k in [k for k in med if k != "llama.cpp"]:

@@ -7,7 +7,9 @@ Pure Python (no torch at import), from the GGUF header alone or from a preset:
     print(plan.to_text()); plan.fits; plan.tensor_placement; plan.gpu_experts
 
 Modules: inventory (tensors and roles), presets (well-known files), quant_rules (llama.cpp type
-choice), hardware (detection and overrides), solver (-> Plan), plan (the Plan), cli (--dry-run).
+choice), hardware (detection and overrides), probe (this machine measured, cached), solver
+(-> Plan), advice (what would make it fit, re-planned), plan (the Plan), cli (the flags the run
+and --dry-run share, and the dry-run).
 """
 
 _EXPORTS = {

@@ -52,10 +52,17 @@ class Hardware:
     isa: list = field(default_factory=list)
     ram_bandwidth_per_node: float = 0.0   # bytes/s, 0 = unknown
     pcie_bandwidth: float = 0.0           # bytes/s host<->GPU, 0 = unknown
+    cpu_flops: float = 0.0                # sustained FLOP/s of the allowed cpus, 0 = unknown (measured only)
+    layer_overhead_s: float = 0.0         # a CPU decode step's small torch ops, per layer (measured only)
+    cpu_flops_by_type: dict = field(default_factory=dict)   # "ggml type" -> FLOP/s of its matmul (measured only)
     binding: str = ""        # why allowed_* is narrower than the machine, "" when it is not
     hypothetical: bool = False
     sources: dict = field(default_factory=dict)   # field -> detected | override | profile:NAME
     cpu_core: dict = field(default_factory=dict)  # logical cpu -> physical core (SMT siblings share one)
+    # apply_overrides: the machine before any override and the overrides in force, so that a
+    # further override is applied to the base with all of them (the order the CLI applies them)
+    base: object = field(default=None, repr=False, compare=False)
+    overrides: dict = field(default_factory=dict, repr=False, compare=False)
 
     # --- derived ------------------------------------------------------------------------
     @property
@@ -83,8 +90,9 @@ class Hardware:
         return max(1, len(self.allowed_cpus) // self.threads_per_core)
 
     def summary(self) -> dict:
-        d = asdict(self)
-        del d["cpu_core"]
+        d = asdict(replace(self, base=None))
+        for k in ("cpu_core", "base", "overrides"):
+            del d[k]
         d["allowed_cpus"] = fmt_int_list(self.allowed_cpus)
         d["allowed_mems"] = fmt_int_list(self.allowed_mems)
         for n in d["numa_nodes"]:
@@ -310,6 +318,23 @@ def detect() -> Hardware:
     )
 
 
+def measure(hw: Hardware, refresh: bool = False) -> Hardware:
+    """`hw` (this machine, detected) with its measured read bandwidth and compute
+    (placement.probe: cached per machine; `refresh` measures again); as it was when the
+    probe cannot run."""
+    from placement.probe import measured
+
+    m = measured(refresh)
+    if not m:
+        return hw
+    hw = replace(hw, sources=dict(hw.sources, ram_bandwidth="measured", cpu_flops="measured"))
+    hw.ram_bandwidth_per_node = m["read_bytes_per_s"] / max(1, len(hw.allowed_nodes))
+    hw.cpu_flops = m["cpu_flops"]
+    hw.layer_overhead_s = m.get("layer_overhead_s", 0.0)
+    hw.cpu_flops_by_type = dict(m.get("cpu_flops_by_type", {}))
+    return hw
+
+
 def read_cpu_cores(root="/sys/devices/system/cpu") -> dict:
     """logical cpu -> (package, core) from sysfs topology; {} where sysfs does not say."""
     out = {}
@@ -340,15 +365,35 @@ def _topology(ram_total: int, n_nodes: int, cores: int, threads_per_core: int) -
     return nodes
 
 
-def apply_overrides(hw: Hardware, *, gpu_mem=None, gpu_bandwidth=None, gpu_name=None, ram=None,
-                    numa_nodes=None, cores=None, threads=None, bind_node=None, allowed_mems=None,
-                    allowed_cpus=None, ram_bandwidth=None, pcie_bandwidth=None, isa=None,
-                    source="override") -> Hardware:
-    """A copy of `hw` with the given fields replaced. Sizes accept '48GiB'-style strings.
+HW_OVERRIDES = ("gpu_mem", "gpu_bandwidth", "gpu_name", "ram", "numa_nodes", "cores", "threads",
+                "threads_per_core", "bind_node", "allowed_mems", "allowed_cpus", "ram_bandwidth",
+                "pcie_bandwidth", "isa")
 
-    Changing ram, numa_nodes or cores makes a hypothetical machine: the topology is rebuilt
-    with equal nodes and the process may use all of it unless bind_node / allowed_* say otherwise.
+
+def apply_overrides(hw: Hardware, source="override", **overrides) -> Hardware:
+    """A copy of `hw` with the given fields replaced (HW_OVERRIDES; None: not given, or taken
+    back when `hw` had it). Sizes accept '48GiB'-style strings.
+
+    Changing ram, numa_nodes, cores or threads makes a hypothetical machine: the topology is
+    rebuilt with equal nodes and the process may use all of it unless bind_node / allowed_* say
+    otherwise. Overrides compose: on an overridden `hw` all of them are applied again to its
+    base, in one order, so `apply_overrides(apply_overrides(h, a), b)` is
+    `apply_overrides(h, a + b)` (a suggestion's re-plan and its command line agree).
     """
+    unknown = set(overrides) - set(HW_OVERRIDES)
+    if unknown:
+        raise HardwareError(f"unknown hardware override(s): {', '.join(sorted(unknown))}")
+    root = hw.base if hw.base is not None else hw
+    merged = {k: v for k, v in {**hw.overrides, **overrides}.items() if v is not None}
+    out = _apply(root, source=source, **merged)
+    out.base, out.overrides = root, merged
+    return out
+
+
+def _apply(hw: Hardware, *, gpu_mem=None, gpu_bandwidth=None, gpu_name=None, ram=None,
+           numa_nodes=None, cores=None, threads=None, threads_per_core=None, bind_node=None,
+           allowed_mems=None, allowed_cpus=None, ram_bandwidth=None, pcie_bandwidth=None, isa=None,
+           source="override") -> Hardware:
     hw = replace(hw, gpus=[replace(g) for g in hw.gpus], numa_nodes=[replace(n) for n in hw.numa_nodes],
                  sources=dict(hw.sources))
     if gpu_mem is not None:
@@ -365,11 +410,16 @@ def apply_overrides(hw: Hardware, *, gpu_mem=None, gpu_bandwidth=None, gpu_name=
     if hw.gpus and gpu_bandwidth is not None:
         hw.gpus[0] = replace(hw.gpus[0], bandwidth=parse_bandwidth(gpu_bandwidth))
         hw.sources["gpu_bandwidth"] = source
-    if ram is not None or numa_nodes is not None or cores is not None or threads is not None:
+    if any(v is not None for v in (ram, numa_nodes, cores, threads, threads_per_core)):
         total = parse_size(ram) if ram is not None else hw.ram_total
         n = int(numa_nodes) if numa_nodes is not None else len(hw.numa_nodes)
         c = int(cores) if cores is not None else hw.physical_cores
-        tpc = max(1, int(threads) // c) if threads is not None else hw.threads_per_core
+        if c < 1:
+            raise HardwareError(f"--cores {cores}: give at least 1")
+        tpc = (int(threads_per_core) if threads_per_core is not None
+               else max(1, int(threads) // c) if threads is not None else hw.threads_per_core)
+        if tpc < 1:
+            raise HardwareError(f"--threads-per-core {threads_per_core}: give at least 1")
         hw.numa_nodes = _topology(total, n, c, tpc)
         hw.ram_total = hw.ram_available = total
         hw.physical_cores, hw.logical_cpus = c, c * tpc
@@ -377,8 +427,15 @@ def apply_overrides(hw: Hardware, *, gpu_mem=None, gpu_bandwidth=None, gpu_name=
         hw.allowed_cpus = sorted(x for nd in hw.numa_nodes for x in nd.cpus)
         hw.allowed_mems = [nd.id for nd in hw.numa_nodes]
         hw.binding = ""
+        if hw.sources.get("ram_bandwidth") == "measured":   # this machine's figures, not the new one's
+            hw.ram_bandwidth_per_node, hw.cpu_flops, hw.layer_overhead_s = 0.0, 0.0, 0.0
+            hw.cpu_flops_by_type = {}
+            del hw.sources["ram_bandwidth"], hw.sources["cpu_flops"]
+        if cores is None and not hw.hypothetical:
+            hw.sources["cores"] = "this machine"   # said in the plan: the user may not mean it
         hw.hypothetical = True
-        for k, v in (("ram", ram), ("numa_nodes", numa_nodes), ("cores", cores), ("threads", threads)):
+        for k, v in (("ram", ram), ("numa_nodes", numa_nodes), ("cores", cores), ("threads", threads),
+                     ("threads_per_core", threads_per_core)):
             if v is not None:
                 hw.sources[k] = source
     all_cpus = sorted(x for nd in hw.numa_nodes for x in nd.cpus)

@@ -10,6 +10,7 @@ Devices: "gpu0" (first GPU), "cpu" (host RAM as a whole), "numa0".. (host RAM pe
 """
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field, fields
 
 from placement.inventory import tensor_group, tensor_role
@@ -49,10 +50,15 @@ class Problem:
 
 @dataclass
 class Suggestion:
-    change: str                # short id: gpu_format, ctx, numa, unbind, ram, cpu_only, preset, ...
-    cli: str                   # the dry-run flags that apply it
-    message: str
-    fits: bool                 # whether this change alone makes everything fit
+    change: str                # short id: gpu_format, ctx, numa, unbind, ram, gpu_mem, cpu_only, preset, ...
+    cli: str                   # the hybrid-run flags that apply it (with `drop` taken away)
+    message: str               # what to do, in words, with the re-plan's figure
+    fits: bool                 # the plan re-solved with this change alone fits
+    changes: dict = field(default_factory=dict)   # build_inputs keys -> values (None: taken back)
+    scope: str = "run"         # run: flags of this run; model: another GGUF file; machine: other hardware
+    drop: list = field(default_factory=list)      # flags of the command line this change takes away
+    estimate: dict = field(default_factory=dict)  # decode_tok_s / prefill_tok_s of the re-plan
+    command: str = ""          # the user's command line with the change applied (set by the CLI)
 
 
 @dataclass
@@ -197,65 +203,95 @@ class Plan:
                      f"~{x['cpu_expert_tok_s']:.0f} on the CPU")
         return L
 
-    def to_text(self) -> str:
+    def to_text(self, width: int = 100) -> str:
+        """The report: verdict, what to do (the suggestions, re-planned), the estimate, then the
+        details; no line longer than `width`."""
+        def put(text, indent=0, hang=2):
+            L.extend(textwrap.wrap(text, width, initial_indent=" " * indent,
+                                   subsequent_indent=" " * (indent + hang), break_on_hyphens=False) or [""])
+
         L = []
-        verdict = "FITS" if self.fits else "DOES NOT FIT"
-        L.append(f"{self.model} [{self.source}] {self.architecture} {self.quantization}".rstrip())
-        L.append(f"weights: {fmt_bytes(self.weights_bytes)} in {self.n_tensors} tensors")
+        put(f"{self.model} [{self.source}] {self.architecture} {self.quantization}: "
+            f"{fmt_bytes(self.weights_bytes)} in {self.n_tensors} tensors")
+        if self.fits:
+            L.append("verdict: FITS")
+        else:
+            L.append("verdict: DOES NOT FIT")
+            for p in self.problems:
+                put(f"- {p.message}", 2)
+        if self.suggestions:
+            L.append("")
+            L.append("what would make it fit (each re-planned with its change):" if not self.fits else "suggestions:")
+            for s in self.suggestions:
+                put(f"[{'fits' if s.fits else 'helps'}] {s.message}", 2, 7)
+                if s.command:
+                    L.extend(_command_lines(s.command, width, 9))
+                else:
+                    put(f"flags: {s.cli}", 9, 4)
+        e = self.estimate
+        if e:
+            L.append("")
+            L.append(f"estimate: decode ~{e.get('decode_tok_s', 0):.1f} tok/s, prefill ~{e.get('prefill_tok_s', 0):.0f} tok/s")
+        for n in self.notes:
+            put(f"note: {n}")
+        L += ["", "details", "-------"]
         hw = self.hardware.get("description")
         if hw:
-            L.append(f"machine: {hw}")
+            put(f"machine: {hw}")
         w = self.workload
-        L.append(f"workload: context {w.get('context')} x batch {w.get('batch')}, prefill chunk "
-                 f"{w.get('prefill_chunk')}; numa {self.numa_mode}; GPU weights {self.gpu_weight_format}")
+        put(f"workload: context {w.get('context')} x batch {w.get('batch')}, prefill chunk "
+            f"{w.get('prefill_chunk')}; numa {self.numa_mode}; GPU weights {self.gpu_weight_format}")
         L.append("")
-        L.append(f"verdict: {verdict}")
-        L.append("")
-        L.append(f"{'budget':<8} {'capacity':>12} {'planned':>12} {'free':>12}   breakdown")
+        L.append(f"{'budget':<8} {'capacity':>12} {'planned':>12} {'free':>12}")
         for name, u in self.devices.items():
-            parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(u.breakdown.items(), key=lambda kv: -kv[1]) if v)
             mark = "" if u.fits else "  <-- OVER"
             L.append(f"{name:<8} {fmt_bytes(u.capacity_bytes):>12} {fmt_bytes(u.bytes):>12} "
-                     f"{fmt_bytes(u.free_bytes):>12}   {parts}{mark}")
-            if u.note:
-                L.append(f"{'':<8} {u.note}")
+                     f"{fmt_bytes(u.free_bytes):>12}{mark}")
+            parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(u.breakdown.items(), key=lambda kv: -kv[1]) if v)
+            if parts or u.note:
+                put("; ".join(x for x in (parts, u.note) if x), 9)
         L.append("")
-        L.append(f"{'tensor group':<26} {'device':<8} {'format':<10}")
+        L.append(f"{'tensor group':<26} {'device':<8} {'format':<10}".rstrip())
         for g, (dev, fmt) in self.tensor_placement.items():
-            L.append(f"{g:<26} {dev:<8} {fmt:<10}")
+            L.append(f"{g:<26} {dev:<8} {fmt}")
         L.append("")
         kind = "K and V per KV head" if self.kv_cache_kind == "gqa" else "MLA latent"
-        L.append(f"KV cache ({kind}, {self.kv_cache_dtype}): {self.kv_cache_tokens} tokens x "
-                 f"{self.kv_bytes_per_token} B = "
-                 f"{fmt_bytes(self.kv_cache_bytes)} on {self.kv_cache_device}; room for up to "
-                 f"{self.max_context_tokens} tokens")
+        put(f"KV cache ({kind}, {self.kv_cache_dtype}): {self.kv_cache_tokens} tokens x "
+            f"{self.kv_bytes_per_token} B = {fmt_bytes(self.kv_cache_bytes)} on {self.kv_cache_device}; room for "
+            f"up to {self.max_context_tokens} tokens")
         if self.n_gpu_experts:
             per_layer = [(i, len(x)) for i, x in enumerate(self.gpu_experts) if x]
             counts = sorted({n for _, n in per_layer})
             fmt = self.tensor_placement.get("routed_experts.gpu_cache", ("gpu0", "bf16"))[1]
             size = self.devices["gpu0"].breakdown.get("routed_experts", 0) if "gpu0" in self.devices else 0
-            L.append(f"GPU expert cache: {self.n_gpu_experts} routed experts in {len(per_layer)} layers "
-                     f"({'-'.join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else counts[0]} per layer), "
-                     f"{fmt_bytes(size)} as {fmt} (dequantized at load: planned at that size, not the GGUF's)")
-            L.append("  " + " ".join(f"L{i}:{n}" for i, n in per_layer))
-        L.extend(self._gpu_prefill_text())
-        e = self.estimate
+            put(f"GPU expert cache: {self.n_gpu_experts} routed experts in {len(per_layer)} layers "
+                f"({'-'.join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else counts[0]} per layer), "
+                f"{fmt_bytes(size)} as {fmt} (dequantized at load: planned at that size, not the GGUF's)")
+            put(" ".join(f"L{i}:{n}" for i, n in per_layer), 2, 0)
+        for line in self._gpu_prefill_text():
+            put(line.strip(), 2 if line.startswith(" ") else 0)
         if e:
-            L.append(f"estimate: decode ~{e.get('decode_tok_s', 0):.1f} tok/s, prefill ~{e.get('prefill_tok_s', 0):.0f} tok/s")
+            L.append("estimate from:")
             for k, v in e.get("assumptions", {}).items():
-                L.append(f"  {k}: {v}")
-        for n in self.notes:
-            L.append(f"note: {n}")
-        if self.problems:
-            L.append("")
-            L.append("problems:")
-            for p in self.problems:
-                L.append(f"  - {p.message}")
-        if self.suggestions:
-            L.append("")
-            L.append("what would make it fit:" if not self.fits else "suggestions:")
-            for s in self.suggestions:
-                tag = "fits" if s.fits else "helps"
-                L.append(f"  - [{tag}] {s.message}" + (f"  ({s.cli})" if s.cli else ""))
+                put(f"{k}: {v}", 2)
         return "\n".join(L)
 
+
+def _command_lines(command: str, width: int, indent: int) -> list:
+    """A shell command in lines of at most `width`, continued with backslashes (copy-pastable)."""
+    import shlex
+
+    units, toks = [], [shlex.quote(t) for t in shlex.split(command)]
+    for i, tok in enumerate(toks):   # a flag stays on the line of its value
+        if units and units[-1].startswith("--") and " " not in units[-1] and not tok.startswith("-"):
+            units[-1] += " " + tok
+        else:
+            units.append(tok)
+    lines, cur = [], " " * indent + "$"
+    for tok in units:
+        if len(cur) + 1 + len(tok) > width - 2 and cur.strip() != "$":
+            lines.append(cur + " \\")
+            cur = " " * (indent + 4) + tok
+        else:
+            cur += " " + tok
+    return lines + [cur]

@@ -19,7 +19,7 @@ Shape legend: L layers, E experts, K experts per token, D hidden, H heads.
 import math
 from dataclasses import asdict, dataclass, replace
 
-from placement.hardware import Hardware
+from placement.hardware import HW_OVERRIDES, Hardware
 from placement.inventory import Inventory
 from placement.plan import DeviceUsage, Plan, Problem, Suggestion
 from placement.units import GiB, MiB, fmt_bytes, fmt_gb, fmt_int_list
@@ -50,9 +50,17 @@ class Workload:
     # gpu_prefill_chunk): sizes the GPU prefill workspace
     gpu_prefill_chunk: int = 8192
 
+    # plan a context longer than the model was trained for (--force-ctx): its positions past
+    # that are out of distribution, so only on request
+    allow_long_context: bool = False
+
     def resolved(self, model) -> "Workload":
         if self.context is None:
             return replace(self, context=min(DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT))
+        trained = model.context_length
+        if trained and int(self.context) > trained and not self.allow_long_context:
+            raise SolverError(f"--ctx {self.context}: the model was trained for {trained} tokens; use "
+                              f"--ctx {trained} or less (--force-ctx plans it anyway, with quality loss)")
         return self
 
     def validate(self):
@@ -71,7 +79,9 @@ class Policy:
     expert_stats: object = None          # per layer activation counts, see load_expert_stats
     gpu_prefill_tokens: object = None    # None: from prefill_crossover; 0: off; N: chunks of >= N tokens
     cpu_weight_format: str = "quantized"  # non-expert weights when they live on the CPU
-    cpu_linear_min_bytes: int = 1 * MiB   # smaller CPU linears are dequantized to f32 (torch matmul)
+    # smaller CPU linears are dequantized to f32 (torch matmul); None: as hybrid.load runs it,
+    # 0 without a GPU (every quantized linear native), 1 MiB beside one
+    cpu_linear_min_bytes: object = None
     kv_cache_dtype: str = "auto"         # auto: bf16 on the GPU, f32 on the CPU (no fast bf16 math there)
     # explicit reserves
     cuda_context_bytes: int = 600 * MiB  # driver + cuBLAS handles: outside torch's allocator
@@ -86,6 +96,7 @@ class Policy:
     interleave_efficiency: float = 0.75  # interleaved pages: half the reads cross the socket link
     sync_latency_s: float = 40e-6        # per MoE layer: submit, wait, hidden state both ways
     gpu_tflops: float = 100.0            # sustained bf16 TFLOP/s for the non-expert part
+    threads: object = None               # CPU workers (--threads); None: one per allowed cpu
 
     def validate(self):
         if self.numa not in NUMA_MODES + ("auto",):
@@ -199,6 +210,13 @@ def pinned_formula(inv: Inventory, wl: Workload) -> int:
 # (measured on the CPU for Q4_0..Q6_K: tests/test_gpu_path.py), budgeted at 32.
 DEQUANT_BLOCK_WEIGHTS = 1 << 22
 DEQUANT_BYTES_PER_WEIGHT = 32
+
+
+# Bytes a decode step moves per quantized GPU weight beyond its blocks: the torch-op
+# dequantization writes and reads float32 temporaries and the bf16 row block the matmul then
+# reads (no fused kernel; see DequantLinear). A budget, not a GPU measurement: it makes
+# quantized GPU weights slower per token than bf16 ones, as they are.
+DEQUANT_TRAFFIC_PER_WEIGHT = 12
 
 
 def dequant_workspace_bytes() -> int:
@@ -319,13 +337,61 @@ def _resolve_numa(pol: Policy, hw: Hardware) -> str:
 
 def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, policy: Policy = None,
           _suggest: bool = True) -> Plan:
+    """The Plan; `auto` choices resolved to the fastest estimate that fits (_choose); when it
+    does not fit, suggestions re-planned with their change applied (placement.advice)."""
     inv, hw = inventory, hardware
-    m = inv.model
-    wl = (workload or Workload()).resolved(m)
+    wl = (workload or Workload()).resolved(inv.model)
     pol = policy or Policy()
     wl.validate()
     pol.validate()
+    plan = _choose(inv, hw, wl, pol)
+    if plan.problems and _suggest:
+        from placement.advice import suggest
+
+        plan.suggestions = suggest(inv, hw, wl, pol, plan,
+                                   lambda i, h, w, p: solve(i, h, w, p, _suggest=False))
+    return plan
+
+
+def _speed(plan) -> tuple:
+    e = plan.estimate or {}
+    return e.get("decode_tok_s", 0.0), e.get("prefill_tok_s", 0.0)
+
+
+def _choose(inv, hw, wl, pol) -> Plan:
+    """`auto` GPU weight format and NUMA mode: plan every combination and keep the one whose
+    decode estimate is fastest (prefill breaks near ties) among those that fit; the plan says
+    why. When none fits, the plain rule (bf16 when it fits the GPU; interleave over several
+    nodes) gives the plan its problems and suggestions."""
+    gpu = pol.use_gpu and bool(hw.gpus)
+    fmts = ("bf16", "quantized") if (pol.gpu_weight_format == "auto" and gpu) else (pol.gpu_weight_format,)
+    several = len(hw.allowed_nodes) > 1
+    modes = ("interleave", "distribute") if (pol.numa == "auto" and several) else (pol.numa,)
+    if len(fmts) * len(modes) == 1:
+        return _solve_one(inv, hw, wl, pol)
+    tried = [(f, n, _solve_one(inv, hw, wl, replace(pol, gpu_weight_format=f, numa=n))) for f in fmts for n in modes]
+    fitting = [t for t in tried if t[2].fits]
+    if not fitting:
+        return _solve_one(inv, hw, wl, pol)
+    best_decode = max(_speed(t[2])[0] for t in fitting)
+    f, n, plan = max((t for t in fitting if _speed(t[2])[0] >= 0.98 * best_decode), key=lambda t: _speed(t[2])[1])
+
+    def label(f_, n_):
+        return ", ".join(x for x, auto in ((f"GPU weights {f_}", len(fmts) > 1), (f"numa {n_}", len(modes) > 1)) if auto)
+
+    others = "; ".join(f"{label(f_, n_)}: " + (f"~{_speed(p_)[0]:.1f}" if p_.fits else "does not fit")
+                       for f_, n_, p_ in tried if p_ is not plan)
+    plan.notes.insert(0, f"auto: {label(f, n)}: decode ~{_speed(plan)[0]:.1f} tok/s, prefill "
+                         f"~{_speed(plan)[1]:.0f} tok/s, the fastest estimate that fits ({others})")
+    plan.policy = _policy_dict(pol)
+    return plan
+
+
+def _solve_one(inv, hw, wl, pol) -> Plan:
+    m = inv.model
     notes = []
+    if pol.cpu_linear_min_bytes is None:
+        pol = replace(pol, cpu_linear_min_bytes=MiB if (pol.use_gpu and hw.gpus) else 0)
     reserves = {}
 
     gpu = hw.gpus[0] if (pol.use_gpu and hw.gpus) else None
@@ -503,6 +569,12 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     mtp = _mtp_note(inv)
     if mtp:
         notes.append(mtp)
+    if hw.sources.get("cores") == "this machine":
+        notes.append(f"{hw.physical_cores} cores: this machine's count, kept for the hypothetical one "
+                     f"(--cores N to change it)")
+    if pol.threads and pol.threads > len(hw.allowed_cpus):
+        notes.append(f"--threads {pol.threads}: this process may use {len(hw.allowed_cpus)} cpus; more "
+                     f"workers than cpus only wait for each other, the run uses {len(hw.allowed_cpus)}")
     estimate = estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices)
     plan = Plan(
         fits=not problems,
@@ -518,8 +590,6 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         workload=asdict(wl), policy=_policy_dict(pol),
         hardware=dict(hw.summary(), description=hw.describe()),
     )
-    if problems and _suggest:
-        plan.suggestions = suggest(inv, hw, wl, pol, plan)
     return plan
 
 
@@ -566,10 +636,14 @@ def _cpu_gflops(hw: Hardware) -> tuple:
     return CPU_GFLOPS_PER_CORE[""], "scalar"
 
 
-def _cpu_flops(hw: Hardware) -> tuple:
+def _cpu_flops(hw: Hardware, threads=None) -> tuple:
     """(sustained FLOP/s of the allowed cores, how it was derived)."""
+    if hw.cpu_flops:
+        n = len(hw.allowed_cpus)
+        used = min(n, threads) if threads else n
+        return hw.cpu_flops * used / n, f"{hw.cpu_flops * used / n / 1e9:.0f} GFLOP/s on {used} cpus (measured)"
     gflops_core, isa = _cpu_gflops(hw)
-    cores = hw.allowed_cores
+    cores = min(hw.allowed_cores, threads) if threads else hw.allowed_cores
     return cores * gflops_core * 1e9, f"{cores} cores x {gflops_core:.0f} GFLOP/s ({isa}, assumed sustained)"
 
 
@@ -577,7 +651,8 @@ def _ram_bandwidth(hw: Hardware, pol: Policy, numa_mode: str) -> tuple:
     """(bytes/s the expert kernels read at, node bandwidth, 'given' | 'assumed', how)."""
     n_nodes = max(1, len(hw.allowed_nodes))
     node_bw = hw.ram_bandwidth_per_node or ASSUMED_RAM_BANDWIDTH_PER_NODE
-    src = "given" if hw.ram_bandwidth_per_node else "assumed"
+    src = "measured" if hw.sources.get("ram_bandwidth") == "measured" else "given"
+    src = src if hw.ram_bandwidth_per_node else "assumed"
     if numa_mode in ("distribute", "replicate"):
         agg, how = node_bw * n_nodes, f"{n_nodes} node(s), local reads"
     elif numa_mode == "interleave":
@@ -601,18 +676,28 @@ def _hit_rates(inv: Inventory, stats, gpu_cache: dict) -> dict:
     return hit
 
 
-def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, cpu_flops: float, eff_bw: float, hit: dict) -> float:
+def _flops_of(hw: Hardware, threads=None):
+    """ggml type -> sustained FLOP/s of its native matmul on the cpus used: measured per type
+    on this machine (placement.probe), else the one figure of _cpu_flops."""
+    flops = _cpu_flops(hw, threads)[0]
+    by_type = {int(k): v * flops / hw.cpu_flops for k, v in hw.cpu_flops_by_type.items()} if hw.cpu_flops else {}
+    return lambda ggml_type: by_type.get(ggml_type, flops)
+
+
+def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, flops_of, eff_bw: float, hit: dict) -> float:
     """Seconds of CPU routed-expert work per prompt token (all MoE layers, cached experts
-    excluded): the expert FLOPs at the sustained rate, or the bytes a prefill_chunk touches
-    (nearly every expert once C*K >> E) spread over its tokens, whichever is slower."""
+    excluded): the expert FLOPs at the sustained rate of their type, or the bytes a
+    prefill_chunk touches (nearly every expert once C*K >> E) spread over its tokens,
+    whichever is slower."""
     m = inv.model
     K, E = m.n_expert_used, max(m.n_expert, 1)
     layers = inv.moe_layers()
-    ffn_flops_tok = sum(2 * K * 3 * m.n_embd * m.expert_ff * (1 - hit[l]) for l in layers)
+    compute = sum(2 * K * t.n_elements / E * (1 - hit[t.layer]) / flops_of(t.ggml_type)
+                  for t in inv.tensors if t.role == "routed_experts")
     C = max(1, wl.prefill_chunk)
     touched = 1 - (1 - K / E) ** C if E > K else 1.0
     mem_per_tok = sum(inv.expert_bytes(l) * E * touched * (1 - hit[l]) for l in layers) / C / eff_bw
-    return max(ffn_flops_tok / cpu_flops, mem_per_tok)
+    return max(compute, mem_per_tok)
 
 
 def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices) -> dict:
@@ -647,6 +732,11 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
         nonexp = sum(v for k, v in devices["cpu"].breakdown.items()
                      if k not in ("kv_cache", "workspace", "routed_experts", "embedding", "page_tables",
                                   "runtime_overhead", "host_reserve", "pinned_buffers"))
+    if gpu is not None and gpu_fmt == "quantized":
+        groups = _group_formats(True, gpu_fmt, pol.cpu_weight_format)
+        nonexp += DEQUANT_TRAFFIC_PER_WEIGHT * sum(
+            t.n_elements for t in inv.tensors if t.role not in ("routed_experts", "mtp", "embedding")
+            and groups[t.group if t.group in groups else "other"][1] == "quantized")
     pos = max(1, wl.context // 2)
     kv_read = pos * (devices.get("gpu0") or devices["cpu"]).breakdown.get("kv_cache", 0) // max(1, wl.context * wl.batch)
     if gpu is not None:
@@ -657,15 +747,21 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
         assumptions["sync_latency_per_moe_layer"] = f"{pol.sync_latency_s * 1e6:.0f} us"
     else:
         t_gpu = 0.0
-        t_sync = 0.0
+        # every layer's small torch ops, beside its bytes: measured on this machine
+        # (placement.probe), unknown (0) elsewhere
+        t_sync = m.n_layer * hw.layer_overhead_s
+        if hw.layer_overhead_s:
+            assumptions["layer_overhead"] = (f"{m.n_layer} layers x {hw.layer_overhead_s * 1e6:.0f} us "
+                                             f"(torch ops, measured)")
         cpu_bytes_tok += nonexp + kv_read
     t_cpu = cpu_bytes_tok / eff_bw
     decode_t = t_gpu + t_cpu + t_sync
     assumptions["decode_context_position"] = f"{pos} tokens (half the context)"
 
     # prefill
-    cpu_flops, assumptions["cpu_compute"] = _cpu_flops(hw)
-    t_cpu_pf = _cpu_expert_prefill_s(inv, wl, cpu_flops, eff_bw, hit)
+    cpu_flops, assumptions["cpu_compute"] = _cpu_flops(hw, pol.threads)
+    flops_of = _flops_of(hw, pol.threads)
+    t_cpu_pf = _cpu_expert_prefill_s(inv, wl, flops_of, eff_bw, hit)
     nonexp_params = sum(t.n_elements for t in inv.tensors
                         if t.role not in ("routed_experts", "embedding", "mtp"))
     # attention over `pos` cached positions in every layer that runs
@@ -676,7 +772,10 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
         assumptions["gpu_compute"] = f"{pol.gpu_tflops:.0f} TFLOP/s bf16 (assumed sustained)"
         assumptions["pcie_bandwidth"] = f"{pcie / 1e9:.0f} GB/s ({'given' if hw.pcie_bandwidth else 'assumed'})"
     else:
-        t_gpu_pf = gpu_flops_tok / cpu_flops
+        # the linears at their type's rate (f32 copies: the headline figure), attention besides
+        t_gpu_pf = (sum(2 * t.n_elements / flops_of(t.ggml_type) for t in inv.tensors
+                        if t.role not in ("routed_experts", "embedding", "mtp"))
+                    + m.n_layer * m.attn_flops_per_position * pos / cpu_flops)
     prefill_t = t_cpu_pf + t_gpu_pf
     return {
         "decode_tok_s": round(1.0 / decode_t, 2) if decode_t > 0 else 0.0,
@@ -733,8 +832,7 @@ def prefill_crossover(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, n
     pcie = hw.pcie_bandwidth or ASSUMED_PCIE_BANDWIDTH
     gbw = (gpu.bandwidth if gpu is not None else 0) or ASSUMED_GPU_BANDWIDTH
     eff_bw = _ram_bandwidth(hw, pol, numa_mode)[0]
-    cpu_flops = _cpu_flops(hw)[0]
-    c = _cpu_expert_prefill_s(inv, wl, cpu_flops, eff_bw, hit)
+    c = _cpu_expert_prefill_s(inv, wl, _flops_of(hw, pol.threads), eff_bw, hit)
     g = len(inv.moe_layers()) * 2 * K * 3 * m.n_embd * m.expert_ff / (pol.gpu_tflops * 1e12)
     copy_s = S / pcie
     dequant_s = (S + 2 * weights) / gbw
@@ -851,147 +949,23 @@ def _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, room, cache_for, stats, 
     return info, cache, {"prefill_staging": res["staging"], "prefill_workspace": res["workspace"]}, notes
 
 
-# --- suggestions ----------------------------------------------------------------------
-
-def _add_ram(hw: Hardware, extra: int) -> Hardware:
-    """The same machine with `extra` more bytes spread over the allowed nodes."""
-    allowed = {n.id for n in hw.allowed_nodes}
-    each = -(-extra // max(1, len(allowed)))
-    nodes = [replace(n, total_bytes=n.total_bytes + each, available_bytes=n.available_bytes + each)
-             if n.id in allowed else replace(n) for n in hw.numa_nodes]
-    return replace(hw, numa_nodes=nodes, ram_total=hw.ram_total + each * len(allowed),
-                   ram_available=hw.ram_available + each * len(allowed))
-
-
-def suggest(inv, hw, wl, pol, plan) -> list:
-    """Concrete changes, each checked by solving again."""
-    out = []
-    budgets = {p.budget for p in plan.problems}
-    gpu_over = "gpu0" in budgets
-    host_over = bool(budgets - {"gpu0"})
-
-    def consider(change, cli, message, hw2=hw, wl2=wl, pol2=pol):
-        p = solve(inv, hw2, wl2, pol2, _suggest=False)
-        left = {q.budget for q in p.problems}
-        if p.fits or (left < budgets):
-            out.append(Suggestion(change, cli, message, p.fits))
-        return p
-
-    if gpu_over:
-        if plan.gpu_weight_format == "bf16":
-            consider("gpu_format", "--gpu-format quantized",
-                     "keep the non-expert weights quantized on the GPU (GGUF types instead of bf16)",
-                     pol2=replace(pol, gpu_weight_format="quantized"))
-        fmts = ["quantized"] if plan.gpu_weight_format == "quantized" else [plan.gpu_weight_format, "quantized"]
-        for f in fmts:
-            pol2 = replace(pol, gpu_weight_format=f)
-            ctx = _max_fitting_context(inv, hw, wl, pol2)
-            if ctx and ctx < wl.context:
-                extra = "" if f == plan.gpu_weight_format else " with --gpu-format quantized"
-                cli = f"--ctx {ctx}" + ("" if f == plan.gpu_weight_format else " --gpu-format quantized")
-                consider("ctx", cli, f"a smaller context: {ctx} tokens{extra}", wl2=replace(wl, context=ctx), pol2=pol2)
-                break
-        if wl.batch > 1:
-            consider("batch", "--batch 1", "decode one sequence at a time", wl2=replace(wl, batch=1))
-        if wl.prefill_chunk > 128:
-            consider("prefill_chunk", "--prefill-chunk 128", "smaller prefill chunks (less workspace)",
-                     wl2=replace(wl, prefill_chunk=128))
-        consider("cpu_only", "--cpu-only", "run everything on the CPU (slow: attention on the CPU)",
-                 pol2=replace(pol, use_gpu=False))
-        over = max(p.over_bytes for p in plan.problems if p.budget == "gpu0")
-        gpu = hw.gpus[0]
-        size = -(-(gpu.total_bytes + over) // GiB) * GiB
-        from placement.hardware import apply_overrides
-        consider("gpu_mem", f"--gpu-mem {size // GiB}GiB", f"a GPU with {size // GiB} GiB",
-                 hw2=apply_overrides(hw, gpu_mem=size))
-    if host_over:
-        if plan.numa_mode == "replicate":
-            for mode in ("distribute", "interleave"):
-                consider("numa", f"--numa {mode}",
-                         f"--numa {mode}: one copy of the experts spread over the nodes instead of a copy per node",
-                         pol2=replace(pol, numa=mode))
-        if hw.binding:
-            all_nodes = [n.id for n in hw.numa_nodes]
-            all_cpus = sorted(c for n in hw.numa_nodes for c in n.cpus)
-            hw2 = replace(hw, allowed_mems=all_nodes, allowed_cpus=all_cpus, binding="")
-            mode = "interleave" if len(all_nodes) > 1 else "off"
-            consider("unbind", f"run without the numactl/cpuset binding, --numa {mode}",
-                     f"drop the binding ({hw.binding}) so that all {len(all_nodes)} NUMA nodes "
-                     f"({fmt_bytes(sum(n.total_bytes for n in hw.numa_nodes))}) may be used, with --numa {mode}",
-                     hw2=hw2, pol2=replace(pol, numa=mode if pol.numa in ("auto", "off") else pol.numa))
-        # more RAM: exactly the overflow, rounded up to whole GiB, checked
-        host_probs = [p for p in plan.problems if p.budget != "gpu0"]
-        if plan.numa_mode in ("off",) or len(hw.allowed_nodes) < 2:
-            missing = max(p.over_bytes for p in host_probs)
-        else:
-            per_node = max((p.over_bytes for p in host_probs if p.budget.startswith("numa")), default=0)
-            missing = max(per_node * len(hw.allowed_nodes),
-                          max((p.over_bytes for p in host_probs if p.budget == "cpu"), default=0))
-        missing = -(-missing // GiB) * GiB
-        for _ in range(4):
-            p = solve(inv, _add_ram(hw, missing), wl, pol, _suggest=False)
-            if not {q.budget for q in p.problems} - {"gpu0"}:
-                break
-            missing += max(GiB, missing // 16)
-        where = " on the allowed node(s)" if hw.binding else ""
-        consider("ram", f"--ram {(hw.ram_total + missing) // GiB}GiB",
-                 f"{fmt_bytes(missing)} ({fmt_gb(missing)}) more RAM{where}", hw2=_add_ram(hw, missing))
-        if inv.source.startswith("preset:"):
-            _suggest_smaller_presets(inv, hw, wl, pol, out)
-    # the ones that fit on their own first
-    out.sort(key=lambda s: not s.fits)
-    return out
-
-
-def _suggest_smaller_presets(inv, hw, wl, pol, out):
-    from placement.presets import build_preset, list_presets, preset_config
-
-    name = inv.source.split(":", 1)[1]
-    _, model, _ = preset_config(name)
-    for other in list_presets():
-        if other == name or not other.startswith(model + "-"):
-            continue
-        inv2 = build_preset(other)
-        if inv2.total_bytes >= inv.total_bytes:
-            continue
-        p = solve(inv2, hw, wl, pol, _suggest=False)
-        if p.fits:
-            out.append(Suggestion("preset", f"--preset {other}",
-                                  f"a smaller quantization: {other} ({fmt_bytes(inv2.total_bytes)}) fits", True))
-
-
-def _max_fitting_context(inv, hw, wl, pol) -> int:
-    """Largest context (multiple of 256, >= 256) whose plan has no GPU problem, else 0."""
-    def gpu_ok(ctx):
-        p = solve(inv, hw, replace(wl, context=ctx), replace(pol, expert_cache=False), _suggest=False)
-        return "gpu0" not in {q.budget for q in p.problems}
-
-    lo, hi = 0, max(1, wl.context // 256)
-    if not gpu_ok(256):
-        return 0
-    lo = 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if gpu_ok(mid * 256):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * 256
-
-
 # --- convenience ----------------------------------------------------------------------
 
-_HW_KEYS = ("gpu_mem", "gpu_bandwidth", "gpu_name", "ram", "numa_nodes", "cores", "threads", "bind_node",
-            "allowed_mems", "allowed_cpus", "ram_bandwidth", "pcie_bandwidth", "isa")
+# "threads" is the run's worker count (Policy.threads); a hypothetical machine's SMT is
+# threads_per_core
+_HW_KEYS = tuple(k for k in HW_OVERRIDES if k != "threads")
+_WL_KEYS = ("context", "batch", "prefill_chunk", "gpu_prefill_chunk", "allow_long_context")
 
 
-def build_inputs(hardware=None, profile=None, **overrides):
+def build_inputs(hardware=None, profile=None, measure=True, **overrides):
     """Split keyword overrides into (Hardware, Workload, Policy). Unknown keys are an error.
 
-    Workload keys: context (or ctx), batch, prefill_chunk, gpu_prefill_chunk. Policy keys: any Policy field
-    (numa, gpu_weight_format or gpu_format, cpu_only, expert_stats, ...). Hardware keys:
-    gpu_mem, ram, numa_nodes, cores, threads, bind_node, allowed_mems, allowed_cpus,
-    ram_bandwidth, gpu_bandwidth, pcie_bandwidth, isa. `profile` names configs/hardware/<profile>.json.
+    Workload keys: context (or ctx), batch, prefill_chunk, gpu_prefill_chunk, allow_long_context.
+    Policy keys: any Policy field (numa, gpu_weight_format or gpu_format, cpu_only, threads,
+    expert_stats, ...). Hardware keys: placement.hardware.HW_OVERRIDES but threads (gpu_mem, ram,
+    numa_nodes, cores, threads_per_core, bind_node, allowed_mems, allowed_cpus, ram_bandwidth, ...).
+    This machine (no hardware, no profile) comes with its measured bandwidth and compute
+    (placement.probe; measure="again" measures anew, False keeps assumed figures). `profile` names configs/hardware/<profile>.json.
     """
     from placement import hardware as hwmod
 
@@ -1005,18 +979,24 @@ def build_inputs(hardware=None, profile=None, **overrides):
     hw_kw = {k: ov.pop(k) for k in _HW_KEYS if k in ov and ov[k] is not None}
     for k in _HW_KEYS:
         ov.pop(k, None)
-    wl_kw = {k: ov.pop(k) for k in ("context", "batch", "prefill_chunk", "gpu_prefill_chunk") if k in ov}
+    wl_kw = {k: ov.pop(k) for k in _WL_KEYS if k in ov}
     pol_fields = set(Policy.__dataclass_fields__)
     unknown = set(ov) - pol_fields
     if unknown:
         raise SolverError(f"unknown option(s): {', '.join(sorted(unknown))}")
     if hardware is None:
-        hardware = hwmod.from_profile(profile) if profile else hwmod.detect()
+        if profile:
+            hardware = hwmod.from_profile(profile)
+        else:
+            hardware = hwmod.detect()
+            if measure:
+                hardware = hwmod.measure(hardware, refresh=measure == "again")
     elif profile:
         raise SolverError("give either hardware= or profile=, not both")
     if hw_kw:
         hardware = hwmod.apply_overrides(hardware, **hw_kw)
-    return hardware, Workload(**{k: (None if v is None else int(v)) for k, v in wl_kw.items()}), Policy(**{k: v for k, v in ov.items() if v is not None})
+    wl = Workload(**{k: (v if v is None or isinstance(v, bool) else int(v)) for k, v in wl_kw.items()})
+    return hardware, wl, Policy(**{k: v for k, v in ov.items() if v is not None})
 
 
 def plan_for_gguf(path, hardware=None, profile=None, **overrides) -> Plan:

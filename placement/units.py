@@ -22,7 +22,8 @@ class SizeError(ValueError):
 def parse_size(text) -> int:
     """'48GiB' -> bytes. A bare 'G'/'M'/'T' is binary (GiB...), 'GB' is decimal.
 
-    Numbers (int/float) pass through as bytes.
+    Numbers (int/float) pass through as bytes, and so does a bare number as text; on the
+    command line a size needs a unit (size_with_unit).
     """
     if isinstance(text, bool):
         raise SizeError(f"not a size: {text!r}")
@@ -32,6 +33,15 @@ def parse_size(text) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise SizeError(f"not a size: {text!r} (write e.g. 48GiB, 512GB, 800M)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def size_with_unit(text) -> int:
+    """parse_size for what a person types: a bare number other than 0 is refused with a hint
+    (`--gpu-mem 48` meant 48 bytes)."""
+    m = _SIZE_RE.match(str(text))
+    if m and not m.group(2) and float(m.group(1)) != 0:
+        raise SizeError(f"{text!r} has no unit: write {m.group(1)}GiB (or {m.group(1)}GB, {m.group(1)}MiB)")
+    return parse_size(text)
 
 
 def parse_bandwidth(text) -> float:

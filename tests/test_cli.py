@@ -10,7 +10,7 @@ import pytest
 from subproc import NEUTRAL_CWD, hybrid_env
 
 from hybrid import __version__
-from hybrid.app.cli import _dry_run_argv, main, model_id
+from hybrid.app.cli import main, model_id
 
 
 
@@ -58,8 +58,11 @@ def test_unsupported_architecture(tmp_path):
 
 def test_a_model_that_does_not_fit(tiny_q4km):
     # a context of 100M tokens needs ~90 GiB of KV cache: more than any test machine has
-    r = hybrid_run(tiny_q4km, "--device", "cpu", "--ctx", "100000000", "-p", "hi")
+    r = hybrid_run(tiny_q4km, "--device", "cpu", "--ctx", "100000000", "--force-ctx", "-p", "hi")
     assert_one_line_error(r, "does not fit this machine", "--dry-run", code=3)
+    # the fix is named as the command line that applies it
+    assert re.search(r"a shorter context: \d+ tokens .*`hybrid-run \S+ --device cpu --force-ctx -p hi --ctx \d+`",
+                     r.stderr), r.stderr
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -68,6 +71,7 @@ def test_a_model_that_does_not_fit(tiny_q4km):
     (["m.gguf", "--max-tokens", "0"], "--max-tokens"),
     (["m.gguf", "--numa", "sideways"], "--numa"),
     (["m.gguf", "--bogus"], "--bogus"),
+    (["m.gguf", "--gpu-mem", "abc", "--device", "cpu"], "--gpu-mem"),
 ])
 def test_bad_flags(args, needle, capsys):
     assert main(args) == 2
@@ -132,22 +136,23 @@ def test_empty_prompt_from_stdin(tiny_q4km):
 # ----------------------------------------------------------------------------- dry run, demo
 
 
-def test_dry_run_argv_drops_run_only_flags():
-    assert _dry_run_argv(["m.gguf", "--dry-run", "--max-tokens", "5", "--temperature=0.2", "--no-think",
-                          "--device", "cpu", "--numa", "interleave", "--ctx", "8192", "-p", "hi",
-                          "--gpu-mem", "48GiB", "--json"]) == \
-        ["m.gguf", "--cpu-only", "--numa", "interleave", "--ctx", "8192", "--gpu-mem", "48GiB", "--json"]
-    assert _dry_run_argv(["m.gguf", "--device=cuda", "--dry-run"]) == ["m.gguf"]
-    # --demo and its optional name
-    assert _dry_run_argv(["--dry-run", "--demo", "deepseek2", "--ctx", "512"]) == ["--ctx", "512"]
-    assert _dry_run_argv(["--dry-run", "--demo", "--ctx", "512"]) == ["--ctx", "512"]
+def test_one_parser_for_the_run_and_the_dry_run(tiny_q4km, capsys):
+    # run-only flags are accepted by the dry-run (and ignored); the dry-run's own flags are
+    # refused by the run with a line that says to add --dry-run
+    assert main([str(tiny_q4km), "--dry-run", "--max-tokens", "5", "--temperature=0.2", "--no-think",
+                 "-p", "hi", "--device", "cpu", "--ctx", "512", "--prefill-chunk", "64"]) == 0
+    assert "prefill chunk 64" in capsys.readouterr().out
+    for flag in (["--ram", "64GiB"], ["--preset", "deepseek-r1-q4_k_m"], ["--json"], ["--bind-node", "0"]):
+        assert main([str(tiny_q4km), "-p", "hi", *flag]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag[0]} is a --dry-run flag" in err and len(err.strip().splitlines()) == 1
 
 
 def test_dry_run_goes_to_the_placement_cli(tiny_q4km, capsys):
     assert main([str(tiny_q4km), "--dry-run", "--device", "cpu", "--max-tokens", "5", "--ctx", "512"]) == 0
     out = capsys.readouterr().out
     assert "verdict: FITS" in out and "context 512" in out
-    assert main([str(tiny_q4km), "--dry-run", "--ctx", "100000000", "--device", "cpu"]) == 3
+    assert main([str(tiny_q4km), "--dry-run", "--ctx", "100000000", "--device", "cpu", "--force-ctx"]) == 3
 
 
 def test_demo_builds_once_and_reports_speed(tmp_path, monkeypatch, capsys):
@@ -197,3 +202,121 @@ def test_no_hugepages_reaches_the_loader(tiny_q4km, monkeypatch):
         with pytest.raises(Stop):
             cli.load_runtime(str(tiny_q4km), a, cli.make_plan(str(tiny_q4km), a), io.StringIO())
         assert seen["hugepages"] is want
+
+
+# ----------------------------------------------------------------------------- issue 19 edges
+
+
+def test_threads_never_above_the_allowed_cpus(tiny_q4km, monkeypatch, capsys):
+    """--threads 4 on 2 allowed cpus took decode from 660 to 11 tok/s: the run takes the
+    allowed count and says so."""
+    import os
+
+    import hybrid
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(path, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(hybrid, "load", spy)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for asked, used in ((1000, 2), (4, 2), (1, 1), (None, None)):
+        flags = ["--threads", str(asked)] if asked else []
+        with pytest.raises(Stop):
+            main([str(tiny_q4km), "--device", "cpu", "--ctx", "32", "-p", "hi", *flags])
+        err = capsys.readouterr().err
+        assert seen["threads"] == used
+        assert (f"--threads {asked}: this process may use 2 cpu(s); running 2 worker(s)" in err) == (asked != used)
+
+
+def test_bad_hybrid_isa_is_one_line(tiny_q4km):
+    r = hybrid_run(tiny_q4km, "-p", "hi", env={"HYBRID_ISA": "foo"})
+    assert_one_line_error(r, "HYBRID_ISA=foo", "scalar, avx2 or avx512", code=2)
+
+
+def test_broken_pipe_is_quiet_and_keeps_the_status():
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'hybrid.app.cli', '--dry-run', "
+            "'--preset', 'deepseek-r1-q4_k_m', '--hardware', '2x256g-48g', '--numa', 'replicate'], "
+            "stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.readline(); p.stdout.close(); "
+            "err = p.stderr.read().decode(); print(p.wait()); print(err)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=hybrid_env(), cwd=NEUTRAL_CWD)
+    status, _, err = r.stdout.partition("\n")
+    assert status == "3" and "Traceback" not in err and "BrokenPipe" not in err, r.stdout
+
+
+def test_help_lists_every_flag_in_groups(capsys):
+    """--help names every option, the dry-run's too, under the group it belongs to."""
+    parser_actions = [a for a in __import__("hybrid.app.cli", fromlist=["x"]).build_parser()._actions
+                      if a.option_strings]
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for a in parser_actions:
+        assert any(s in out for s in a.option_strings), a.option_strings
+    for group in ("placement (the run and --dry-run alike", "dry-run: model and report",
+                  "dry-run: a hypothetical machine", "generation:", "runtime:"):
+        assert group in out, group
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_the_run_takes_the_placement_flags(tiny_q4km, monkeypatch):
+    """--prefill-chunk and --gpu-format reach the run (they were the dry-run's alone)."""
+    import io
+
+    import hybrid
+    from hybrid.app import cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(path, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(hybrid, "load", spy)
+    a = cli.build_parser().parse_args([str(tiny_q4km), "--cpu-only", "--ctx", "64", "--prefill-chunk", "32",
+                                       "--no-expert-cache"])
+    plan = cli.make_plan(str(tiny_q4km), a)
+    assert plan.workload["prefill_chunk"] == 32 and plan.policy["expert_cache"] is False
+    with pytest.raises(Stop):
+        cli.load_runtime(str(tiny_q4km), a, plan, io.StringIO())
+    assert seen["prefill_chunk"] == 32 and seen["device"] == "cpu"
+
+
+def test_readme_names_only_flags_that_exist():
+    """The README's section on the command line names no flag the parser lacks, and the
+    flags that used to be the dry-run's alone."""
+    import pathlib
+
+    from hybrid.app.cli import build_parser
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = text[text.index("## Using it"):text.index("## Which library does what")]
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", text))
+    unknown = flags - set(build_parser()._option_string_actions)
+    assert not unknown, sorted(unknown)
+    for f in ("--gpu-format", "--prefill-chunk", "--cpu-only", "--expert-stats", "--force-ctx", "--bind-node"):
+        assert f in flags
+
+
+def test_the_run_plans_what_the_dry_run_shows(tiny_q4km, capsys):
+    """The run's header and the dry-run give one estimate for the same flags on this machine
+    (they said 134 and 176 tok/s for one model: the dry-run planned small linears as f32)."""
+    import json
+
+    from hybrid.app import cli
+
+    flags = [str(tiny_q4km), "--device", "cpu", "--ctx", "256"]
+    plan = cli.make_plan(str(tiny_q4km), cli.build_parser().parse_args(flags))
+    assert main(flags + ["--dry-run", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["estimate"]["decode_tok_s"] == plan.estimate["decode_tok_s"]
+    assert dry["estimate"]["prefill_tok_s"] == plan.estimate["prefill_tok_s"]
+    assert dry["devices"]["cpu"]["bytes"] == plan.devices["cpu"].bytes and dry["cpu_linear_min_bytes"] == 0

@@ -62,7 +62,7 @@ def test_profile_and_overrides_on_top(capsys):
     d = json.loads(out)
     assert rc == 0 and d["gpu_weight_format"] == "quantized" and d["devices"]["gpu0"]["capacity_bytes"] == 24 * GiB
     rc, out, _ = run(capsys, R1 + ["--hardware", "2x256g-48g", "--ram", "256GiB", "--numa-nodes", "1"])
-    assert rc == 3 and "GiB missing" in out and "more RAM" in out
+    assert rc == 3 and "GiB missing" in out and "a machine with 384 GiB of RAM" in out
 
 
 def test_policy_flags(capsys):

@@ -150,10 +150,19 @@ def test_predicted_cpu_rss_growth(tiny_f32):
 
 def test_quantized_small_linears_become_f32_copies_on_cpu(tiny_q4km):
     inv = from_gguf(tiny_q4km)
-    plan = solve(inv, hardware.detect(), Workload(context=512), Policy(use_gpu=False))
+    plan = solve(inv, hardware.detect(), Workload(context=512), Policy(use_gpu=False, cpu_linear_min_bytes=1 << 20))
     cpu = plan.devices["cpu"].breakdown
     lin = [t for t in inv.tensors if t.role == "attention"]
     # the tiny model's linears are all < 1 MiB: held as f32, their file pages read once
     assert cpu["attention"] == sum(t.n_elements * 4 for t in lin)
+    # without a GPU the default is the run's (hybrid.load): every quantized linear native, in place
+    native = solve(inv, hardware.detect(), Workload(context=512), Policy(use_gpu=False))
+    assert native.cpu_linear_min_bytes == 0
+    from placement.solver import CPU_NATIVE_TYPES
+
+    # (kv_b is split and absorbed at load: f32 on the CPU whatever its size)
+    assert native.devices["cpu"].breakdown["attention"] == sum(
+        t.n_bytes if t.ggml_type in CPU_NATIVE_TYPES and t.group != "attention.kv_b" else t.n_elements * 4
+        for t in lin) < cpu["attention"]
     assert cpu["file_pages"] > 0
     assert cpu["routed_experts"] == inv.bytes_by_role()["routed_experts"]

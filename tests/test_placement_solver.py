@@ -8,7 +8,7 @@ import pytest
 from placement import hardware as hwm
 from placement.plan import Plan
 from placement.presets import build_preset
-from placement.solver import Policy, Workload, build_inputs, choose_gpu_experts, hot_expert_bytes, solve, _add_ram
+from placement.solver import Policy, Workload, build_inputs, choose_gpu_experts, hot_expert_bytes, solve
 from placement.units import GiB
 
 R1 = "deepseek-r1-q4_k_m"
@@ -90,7 +90,8 @@ def test_bound_to_one_node_names_the_binding(r1, box):
 def test_24g_gpu_fits_only_with_quantized_weights(r1, box):
     p = _plan(r1, box, gpu_mem="24GiB")
     assert p.fits and p.gpu_weight_format == "quantized"
-    assert any("fits only with quantized GPU weights" in n for n in p.notes)
+    (why,) = [n for n in p.notes if n.startswith("auto: GPU weights quantized")]
+    assert "GPU weights bf16, numa interleave: does not fit" in why
     assert p.tensor_placement["attention"] == ("gpu0", "quantized")
     assert "quantized" in p.to_text()
     forced = _plan(r1, box, gpu_mem="24GiB", gpu_weight_format="bf16")
@@ -136,12 +137,13 @@ def test_256g_ram_says_how_much_is_missing(r1, box):
     assert 100 * GiB < prob.over_bytes < 115 * GiB
     assert f"{prob.over_bytes / GiB:.2f} GiB missing" in prob.message
     (ram,) = [s for s in p.suggestions if s.change == "ram"]
-    assert ram.fits
-    # the amount is tight: what it names fits, 2 GiB less does not
-    extra = int(float(ram.message.split(" GiB")[0]) * GiB)
-    assert prob.over_bytes <= extra < prob.over_bytes + GiB
-    assert solve(r1, _add_ram(hw, extra), Workload(), Policy()).fits
-    assert not solve(r1, _add_ram(hw, extra - 2 * GiB), Workload(), Policy()).fits
+    assert ram.fits and ram.scope == "machine" and ram.cli == "--ram 384GiB"
+    # a size a server is built with, and the least RAM that fits, tight to the GiB
+    least = int(ram.message.split("at least ")[1].split(" GiB")[0])
+    assert 256 + prob.over_bytes // GiB <= least <= 256 + prob.over_bytes // GiB + 2
+    assert _plan(r1, hw, ram=f"{least}GiB").fits
+    assert not _plan(r1, hw, ram=f"{least - 1}GiB").fits
+    assert _plan(r1, hw, ram="384GiB").fits
     assert any(s.change == "preset" and "q2_k" in s.cli for s in p.suggestions)
 
 
@@ -187,12 +189,12 @@ def test_explicit_reserves_move_bytes(r1, box):
 
 
 def test_context_too_long_for_gpu_suggests_a_shorter_one(r1, box):
-    p = _plan(r1, box, context=400_000, gpu_weight_format="bf16", expert_cache=False)
+    p = _plan(r1, box, context=400_000, allow_long_context=True, gpu_weight_format="bf16", expert_cache=False)
     assert not p.fits
     (ctx,) = [s for s in p.suggestions if s.change == "ctx"]
     n = int(ctx.cli.split()[1])
     assert 32768 < n < 400_000 and n <= p.max_context_tokens + 256
-    assert _plan(r1, box, context=n, gpu_weight_format="bf16").fits
+    assert _plan(r1, box, context=n, allow_long_context=True, gpu_weight_format="bf16").fits
 
 
 def test_estimate_follows_bandwidth_and_numa(r1, box):

@@ -22,13 +22,15 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EXAMPLES = """\
 examples:
-  hybrid-run DeepSeek-R1-Q4_K_M-00001-of-00009.gguf --numa interleave   terminal chat
-  hybrid-run MODEL.gguf -p "Why is the sky blue?" --max-tokens 512      one shot, text to stdout
-  echo "Summarize: ..." | hybrid-run MODEL.gguf -p -                    prompt from stdin
-  hybrid-run MODEL.gguf --serve --port 8080                             OpenAI-compatible API
-  hybrid-run MODEL.gguf --dry-run --gpu-mem 48GiB                       will it fit, and how
-  hybrid-run --demo                                                     SmolLM2 as an MoE answers, tok/s
-  hybrid-run --demo deepseek2                                           random-weight deepseek2, tok/s
+  hybrid-run DeepSeek-R1-Q4_K_M-00001-of-00009.gguf               terminal chat
+  hybrid-run MODEL.gguf -p "Why is the sky blue?" --max-tokens 512  one shot, text to stdout
+  echo "Summarize: ..." | hybrid-run MODEL.gguf -p -                prompt from stdin
+  hybrid-run MODEL.gguf --serve --port 8080                         OpenAI-compatible API
+  hybrid-run MODEL.gguf --dry-run                                   will it fit, and how fast
+  hybrid-run --dry-run --preset deepseek-r1-q4_k_m --ram 512GiB \\
+      --numa-nodes 2 --cores 64 --gpu-mem 48GiB                     ... on a machine to buy
+  hybrid-run --demo                                                 SmolLM2 as an MoE, tok/s
+  hybrid-run --demo deepseek2                                       random-weight deepseek2
 
 chat commands: /help /reset /system TEXT /stats /set KEY VALUE /save FILE /exit;
 Ctrl-C stops a reply, Ctrl-D leaves. The server answers GET /v1/models,
@@ -48,20 +50,6 @@ class UserError(Exception):
 # Arguments
 
 
-def _number(kind, lo=None, lo_open=False, hi=None, what=""):
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if lo is not None and (v <= lo if lo_open else v < lo) or hi is not None and v > hi:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
-        return v
-
-    return parse
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, like every other hybrid-run error (argparse prints the whole usage)."""
@@ -69,10 +57,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from placement.solver import NUMA_MODES
+    import shutil
 
+    from placement.cli import add_plan_args
+    from placement.cli import number_arg as _number
+
+    width = min(100, shutil.get_terminal_size((100, 24)).columns)
     p = _Parser(
-        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        prog=PROG, epilog=EXAMPLES, allow_abbrev=False,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=width),
+        usage="%(prog)s [MODEL.gguf] [-p TEXT | --serve | --dry-run | --demo [NAME]] [options]",
         description="Run a Mixture-of-Experts GGUF model (DeepSeek-R1/V3): the GPU holds what every\n"
                     "token touches, the routed experts run on the CPU. Without -p or --serve: an\n"
                     "interactive chat.")
@@ -93,25 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "question; needs pip install '.[demo]') or deepseek2 (a small random-"
                            "weight deepseek2 Q4_K_M, built once)")
 
+    add_plan_args(p)
     rt = p.add_argument_group("runtime")
-    rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="auto: the GPU when torch sees one (default)")
-    rt.add_argument("--numa", choices=NUMA_MODES + ("auto",), default="auto",
-                    help="routed experts over NUMA nodes: interleave, distribute, replicate or off "
-                         "(default auto: interleave when several nodes are usable)")
     rt.add_argument("--no-hugepages", action="store_true",
                     help="do not ask for transparent huge pages for placed expert memory")
-    rt.add_argument("--threads", type=_number(int, 1, what="at least 1"), metavar="N",
-                    help="CPU threads (default: every CPU this process may use)")
-    rt.add_argument("--ctx", type=_number(int, 16, what="at least 16 tokens"), metavar="TOKENS",
-                    help="context length (default: min(32768, the model's))")
-    rt.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory to plan with, e.g. 40GiB")
-    rt.add_argument("--gpu-prefill-tokens", type=_number(int, 0, what=">= 0 (0 = off)"), metavar="N",
-                    help="prompt chunks of at least N tokens stream the routed experts to the GPU "
-                         "(0: off; default: the plan's threshold, when its buffers fit)")
     rt.add_argument("--save-expert-stats", metavar="FILE",
                     help="count which routed experts each layer chose and write them to FILE "
-                         "(JSON) at exit, for the next plan's --expert-stats")
+                         "(JSON) at exit, for a later run's --expert-stats FILE")
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-tokens", type=_number(int, 1, what="at least 1"), metavar="N",
@@ -135,56 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Flags of hybrid-run that the placement dry-run does not take (with how many values follow).
-_RUN_ONLY = {"-p": 1, "--prompt": 1, "--max-tokens": 1, "--temperature": 1, "--top-p": 1,
-             "--top-k": 1, "--seed": 1, "--system": 1, "--host": 1, "--port": 1,
-             "--save-expert-stats": 1,
-             "--max-queue": 1, "--parallel": 1, "--api-key": 1, "--max-body": 1,
-             "--max-tokens-cap": 1, "--no-think": 0, "--no-hugepages": 0,
-             "--serve": 0, "--raw": 0,
-             "--dry-run": 0}
-
-
-def _dry_run_argv(argv: list[str]) -> list[str]:
-    """hybrid-run's arguments as placement's dry-run takes them: run-only flags dropped,
-    --device cpu as --cpu-only; the rest (--numa, --ctx, --gpu-mem, ...) passes through."""
-    out, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        name, eq, _ = a.partition("=")
-        if name in _RUN_ONLY:
-            i += 1 + (_RUN_ONLY[name] if not eq else 0)
-            continue
-        if name == "--demo":      # and its optional NAME
-            i += 2 if not eq and i + 1 < len(argv) and argv[i + 1] in _demos() else 1
-            continue
-        if name == "--device":
-            value = argv[i + 1] if not eq and i + 1 < len(argv) else a.partition("=")[2]
-            if value == "cpu":
-                out.append("--cpu-only")
-            i += 1 if eq else 2
-            continue
-        out.append(a)
-        i += 1
-    return out
-
-
 def _demos() -> tuple:
     from hybrid.app.demo import DEMOS
 
     return DEMOS
-
-
-def _demo_name(argv: list[str]) -> str | None:
-    """The demo asked for on a command line (None: no --demo)."""
-    for i, a in enumerate(argv):
-        name, eq, value = a.partition("=")
-        if name == "--demo":
-            if eq:
-                return value
-            nxt = argv[i + 1] if i + 1 < len(argv) else ""
-            return nxt if nxt in _demos() else _demos()[0]
-    return None
 
 
 def _demo_path(name: str, log) -> str:
@@ -201,17 +137,18 @@ def _demo_path(name: str, log) -> str:
                         EXIT_FAIL) from None
 
 
-def _dry_run(argv: list[str]) -> int:
-    from placement.cli import main as dry_run_main
+def _dry_run(a, argv: list[str], parser) -> int:
+    """--dry-run: the plan of MODEL.gguf, a preset or a demo's model (built once), printed."""
+    from placement.cli import dry_run
 
-    args = _dry_run_argv(argv)
-    name = _demo_name(argv)
-    if name is not None:
+    if a.demo:
         try:
-            args = [_demo_path(name, sys.stderr)] + args
+            if a.model or a.preset:
+                raise UserError("--demo plans its own model: drop MODEL.gguf / --preset, or drop --demo")
+            a.model = _demo_path(a.demo, sys.stderr)
         except UserError as e:
             return _fail(e)
-    return dry_run_main(args)
+    return dry_run(a, argv, parser)
 
 
 # ------------------------------------------------------------------------------------------
@@ -261,9 +198,12 @@ def check_tensor_shapes(path: str, arch: str, g) -> None:
 
 
 def make_plan(path: str, a):
-    """Ask the placement solver for this machine; UserError when the model does not fit."""
+    """Ask the placement solver for this machine, with the run's placement flags (the
+    dry-run's vocabulary); UserError when the model does not fit."""
     from placement import plan_for_gguf
+    from placement.cli import overrides
 
+    log = logging.getLogger("hybrid")
     cuda = False
     if a.device != "cpu":
         import torch
@@ -272,47 +212,58 @@ def make_plan(path: str, a):
         if a.device == "cuda" and not cuda:
             raise UserError("--device cuda: torch sees no CUDA GPU (is a CUDA build of torch "
                             "installed?); use --device cpu or auto")
-    kw = {"numa": a.numa, "prefill_chunk": 512, "cpu_only": not cuda}
+    kw = dict(overrides(a))
+    kw.setdefault("prefill_chunk", 512)
     if not cuda:
-        kw["cpu_linear_min_bytes"] = 0   # as hybrid.load asks: every quantized linear native
-    if a.ctx:
-        kw["ctx"] = a.ctx
-    if a.gpu_mem:
-        if cuda:
-            kw["gpu_mem"] = a.gpu_mem
-        else:
-            logging.getLogger("hybrid").warning("--gpu-mem %s is ignored: no CUDA GPU in use", a.gpu_mem)
-    given = getattr(a, "gpu_prefill_tokens", None)
-    if given is not None:
-        # through the solver, so that the plan reserves VRAM for the staging buffers
-        if cuda:
-            kw["gpu_prefill_tokens"] = given
-        elif given:
-            logging.getLogger("hybrid").warning("--gpu-prefill-tokens %d is ignored: no CUDA GPU in use", given)
+        kw.update(use_gpu=False, cpu_linear_min_bytes=0)   # as hybrid.load asks: every quantized linear native
+        for key, flag in (("gpu_mem", "--gpu-mem"), ("gpu_prefill_tokens", "--gpu-prefill-tokens"),
+                          ("gpu_weight_format", "--gpu-format")):
+            v = kw.pop(key, None)
+            if v not in (None, 0, "auto"):
+                log.warning("%s %s is ignored: no CUDA GPU in use", flag, v)
+    given = kw.get("gpu_prefill_tokens")
     try:
         plan = plan_for_gguf(path, **kw)
     except ValueError as e:
         raise UserError(_first_line(e)) from None
     except OSError as e:
         raise UserError(f"{path}: {e.strerror or e}") from None
-    if cuda and given and plan.gpu_prefill_tokens != given:
-        logging.getLogger("hybrid").warning("--gpu-prefill-tokens %d: GPU prefill off: %s", given,
-                                            plan.gpu_prefill.get("reason", "see --dry-run"))
+    if given and plan.gpu_prefill_tokens != given:
+        log.warning("--gpu-prefill-tokens %d: GPU prefill off: %s", given,
+                    plan.gpu_prefill.get("reason", "see --dry-run"))
     if a.device == "cuda" and plan.device == "cpu":
         raise UserError(f"{path}: --device cuda, but the placement plan puts nothing on the GPU; "
                         f"see hybrid-run {path} --dry-run")
     if not plan.fits:
-        raise UserError(not_fit_message(path, plan), EXIT_NO_FIT)
+        raise UserError(not_fit_message(path, plan, getattr(a, "_argv", None)), EXIT_NO_FIT)
     return plan
 
 
-def not_fit_message(path: str, plan) -> str:
+def not_fit_message(path: str, plan, argv=None) -> str:
+    """One line: what overflows, and the first fixes as the command lines that apply them."""
+    from placement.cli import command_for
+
     problems = "; ".join(p.message for p in plan.problems) or "over budget"
-    tips = [s.message + (f" ({s.cli})" if s.cli.startswith(("--ctx", "--numa")) else "")
-            for s in plan.suggestions[:2]]
+    tips = []
+    for s in plan.suggestions[:2]:
+        how = f"`{command_for(build_parser(), argv, s)}`" if argv is not None else f"({s.cli})"
+        tips.append(f"{s.message} {how}")
     tip = f"; what would help: {'; '.join(tips)}" if tips else ""
     return (f"{path}: does not fit this machine: {problems}{tip} "
             f"(hybrid-run {path} --dry-run shows the whole plan)")
+
+
+def allowed_threads(asked, log) -> int | None:
+    """--threads, never above the cpus this process may use (taskset, cpuset, numactl -N):
+    more workers than cpus wait on each other (decode 660 -> 11 tok/s measured with 4 on 2)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    if asked and asked > n:
+        log.warning("--threads %d: this process may use %d cpu(s); running %d worker(s)", asked, n, n)
+        return n
+    return asked
 
 
 def plan_summary(plan) -> str:
@@ -416,6 +367,8 @@ def load_runtime(path: str, a, plan, out):
               hugepages=not a.no_hugepages)
     if getattr(a, "save_expert_stats", None):
         kw["record_expert_stats"] = True
+    if a.prefill_chunk:
+        kw["prefill_chunk"] = a.prefill_chunk
     if getattr(a, "gpu_prefill_tokens", None) is not None:
         # the flag went into the plan (make_plan): what it decided, with VRAM reserved for it
         kw["gpu_prefill_tokens"] = int(getattr(plan, "gpu_prefill_tokens", 0) or 0)
@@ -534,9 +487,22 @@ def _fail(e: UserError) -> int:
 
 
 def run(a) -> int:
+    from placement.cli import DRY_RUN_ONLY
+
     modes = [m for m, on in (("-p", a.prompt is not None), ("--serve", a.serve)) if on]
     if len(modes) > 1:
         raise UserError(f"choose one of {' and '.join(modes)}")
+    hypothetical = [flag for dest, flag in DRY_RUN_ONLY.items()
+                    if getattr(a, dest) is not None and getattr(a, dest) is not False]
+    if hypothetical:
+        raise UserError(f"{hypothetical[0]} is a --dry-run flag (a hypothetical machine, a preset or the "
+                        f"report); the run uses this machine: add --dry-run, or drop {hypothetical[0]}")
+    a.threads = allowed_threads(a.threads, logging.getLogger("hybrid"))
+    if os.environ.get("HYBRID_ISA"):
+        try:   # the extension checks HYBRID_ISA as it loads: its message, not a traceback
+            import hybrid._native  # noqa: F401
+        except ImportError as e:
+            raise UserError(_first_line(e)) from None
     if a.demo:
         if a.model or a.demo not in _demos() and a.demo.lower().endswith(".gguf"):
             raise UserError("--demo builds its own model: drop MODEL.gguf, or drop --demo")
@@ -598,13 +564,14 @@ def run(a) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--dry-run" in argv:
-        return _dry_run(argv)
     parser = build_parser()
     try:
         a = parser.parse_args(argv)
     except SystemExit as e:  # --help / --version (0) or a usage error (2, already printed)
         return int(e.code or 0)
+    a._argv = argv    # for suggestions, written as this command line with their change
+    if a.dry_run:
+        return _dry_run(a, argv, parser)
     handler = _log_handler()
     try:
         return run(a)

@@ -1,0 +1,139 @@
+"""This machine's memory read bandwidth, CPU compute and per-layer decode cost, measured
+(a few seconds) by the native kernels and torch in a child process, cached per machine:
+the estimates of a plan for this machine use them instead of assumed figures (a hypothetical
+machine keeps given or profile figures).
+
+The child process keeps the dry-run free of torch and of the native module. The cache is a
+JSON file per machine (CPU model, allowed cpus, RAM) in the hybrid cache directory;
+`--measure` measures again. HYBRID_PROBE=0 turns the probe off (assumed figures).
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+VERSION = 6
+BUFFER_BYTES = 256 << 20     # well beyond any L3 this runs on
+MATMUL = (4096, 1024, 64)    # K, N, tokens: a prefill-sized matmul
+Q4_K = 12
+# GGML types the native matmul runs (placement.solver.CPU_NATIVE_TYPES): (weights, bytes) a block
+BLOCKS = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+
+
+def machine_key() -> str:
+    """What the figures depend on: the CPU model, the cpus this process may use, the RAM."""
+    from placement.hardware import _read
+
+    model = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
+                  if ln.startswith("model name")), "")
+    mem = next((ln.split()[1] for ln in _read("/proc/meminfo").splitlines() if ln.startswith("MemTotal")), "")
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = list(range(os.cpu_count() or 1))
+    return hashlib.sha1(f"{VERSION}|{model}|{cpus}|{mem}".encode()).hexdigest()[:16]
+
+
+def cache_file():
+    from hybrid.app.demo import cache_dir
+
+    return cache_dir() / f"probe-{machine_key()}.json"
+
+
+def measured(refresh: bool = False) -> dict:
+    """{'read_bytes_per_s', 'cpu_flops', 'threads', ...} of this machine, from the cache or
+    measured now; {} when the probe is off or cannot run (no native module)."""
+    if os.environ.get("HYBRID_PROBE", "1") == "0":
+        return {}
+    path = cache_file()
+    if not refresh:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    try:
+        r = subprocess.run([sys.executable, "-m", "placement.probe"], capture_output=True, text=True,
+                           timeout=120)
+        figures = json.loads(r.stdout) if r.returncode == 0 else {}
+    except (OSError, subprocess.SubprocessError, ValueError):
+        figures = {}
+    if figures:
+        from hybrid.atomic import write_text
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, json.dumps(figures, indent=1))
+        except OSError:
+            pass   # a read-only cache: measured again next time
+    return figures
+
+
+def _best(fn, runs: int) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _measure() -> dict:
+    """In the child: read bandwidth over all allowed cpus (best of 5 reads of 256 MiB), each
+    native type's matmul FLOP/s at 64 tokens (best of 3), the per-layer cost of a decode step."""
+    import numpy as np
+
+    from hybrid import _native
+
+    threads = len(os.sched_getaffinity(0))
+    buf = np.ones(BUFFER_BYTES, dtype=np.uint8)        # ones: every page touched, not shared zero
+    _native.stream_read(buf, threads)
+    read_s = _best(lambda: _native.stream_read(buf, threads), 5)
+    K, N, T = MATMUL
+    x = np.random.default_rng(0).standard_normal((T, K)).astype(np.float32)
+    out = np.empty((T, N), dtype=np.float32)
+    flops = {}
+    for t, (qk, nb) in BLOCKS.items():   # each type's kernel has its own speed (Q8_0 ~half Q4_K's)
+        w = np.zeros((N, K // qk * nb), dtype=np.uint8)   # zero blocks: the speed of any values
+        _native.matmul(w, t, x, out=out, threads=threads)
+        flops[str(t)] = 2 * K * N * T / _best(lambda: _native.matmul(w, t, x, out=out, threads=threads), 3)
+    bw = BUFFER_BYTES / read_s
+    return {"version": VERSION, "read_bytes_per_s": bw, "cpu_flops": flops[str(Q4_K)],
+            "cpu_flops_by_type": flops, "layer_overhead_s": _layer_overhead(), "threads": threads,
+            "isa": _native.isa(), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# aten ops a CPU decode step runs per layer: counted with a TorchDispatchMode over decode
+# steps of the tiny deepseek2 (277 for 4 layers) and the SmolLM2 demo (1960 for 30 layers)
+TORCH_OPS_PER_LAYER = 67
+
+
+def _layer_overhead() -> float:
+    """Seconds a CPU decode step spends per layer in its small torch ops (one thread, as the
+    runtime decodes), beside reading its bytes: a decode-sized mix of ops, timed (median of
+    50 layers' worth). The native calls' own cost is in the bytes and FLOPs: during decode
+    their workers spin between calls."""
+    import torch
+
+    torch.set_num_threads(1)
+    x, w = torch.randn(1, 256), torch.randn(256, 256)
+
+    def ten_ops():    # the mix of a decode layer: norms, elementwise, small matmuls, routing, views
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        s = torch.softmax(h @ w, dim=-1)
+        torch.topk(s, 4)
+        return (h + s).view(1, 4, 64).transpose(0, 1)
+
+    per_layer = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        for _ in range(round(TORCH_OPS_PER_LAYER / 10)):
+            ten_ops()
+        per_layer.append(time.perf_counter() - t0)
+    return sorted(per_layer)[len(per_layer) // 2]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure()))
