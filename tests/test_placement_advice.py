@@ -206,5 +206,7 @@ def test_two_budgets_over_get_one_change_for_each_together(capsys):
     assert rc == 3 and {p["budget"] for p in plan["problems"]} == {"gpu0", "cpu"}
     first, rest = plan["suggestions"][0], plan["suggestions"][1:]
     assert first["change"] == "pair" and first["fits"] and not any(s["fits"] for s in rest)
-    assert "--gpu-format quantized" in first["command"] and "--ram 384GiB" in first["command"]
+    # one change for each budget (which GPU change depends on the workspace the plan counts)
+    gpu_fix = "--gpu-format quantized" in first["command"] or "--gpu-mem" in first["command"].replace("--gpu-mem 16GiB", "")
+    assert gpu_fix and "--ram 384GiB" in first["command"], first["command"]
     assert dry_run(capsys, [w for w in shlex.split(first["command"])[1:] if w != "--dry-run"])[1]["fits"]

@@ -49,7 +49,7 @@ MiB = 1 << 20
 
 def add_serve_args(p) -> None:
     """The `server (--serve)` flags of hybrid-run."""
-    from hybrid.app.cli import _number
+    from placement.cli import number_arg as _number
 
     srv = p.add_argument_group("server (--serve)")
     srv.add_argument("--host", default="127.0.0.1",

@@ -165,5 +165,5 @@ def _gqa_rows(attn, x, pos, caches, rope):
     o = []
     for i, cache in enumerate(caches):
         k_all, v_all = cache.append(attn.il, pos[i], k[i:i + 1], v[i:i + 1])
-        o.append(attn._attend(q[i:i + 1], k_all, v_all, None))            # [1, H, Dv]
+        o.append(attn._attend(q[i:i + 1], k_all, v_all))            # [1, H, Dv]
     return attn.wo(torch.cat(o).reshape(T, -1))
