@@ -55,8 +55,14 @@ def measured(refresh: bool = False) -> dict:
         except (OSError, ValueError):
             pass
     try:
-        r = subprocess.run([sys.executable, "-m", "placement.probe"], capture_output=True, text=True,
-                           timeout=120)
+        # the child imports the packages this process imported (an installed hybrid has the
+        # native module, a source tree in the cwd may not): their folder first on its path
+        import hybrid
+
+        roots = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__))) for m in (hybrid, sys.modules[__name__])]
+        code = (f"import sys; sys.path[:0] = {roots!r}; import json; from placement.probe import _measure; "
+                f"print(json.dumps(_measure()))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         figures = json.loads(r.stdout) if r.returncode == 0 else {}
     except (OSError, subprocess.SubprocessError, ValueError):
         figures = {}
