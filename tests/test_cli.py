@@ -181,22 +181,31 @@ def test_model_id_strips_extension_and_split_suffix():
     assert model_id("tiny.GGUF") == "tiny"
 
 
-def test_no_hugepages_reaches_the_loader(tiny_q4km, monkeypatch):
-    import io
+class _Stop(Exception):
+    """Raised by load_spy's hybrid.load: the test needs the arguments, not a model."""
 
+
+@pytest.fixture
+def load_spy(monkeypatch):
+    """hybrid.load replaced by a spy: (the keyword arguments it got, the exception it raises)."""
     import hybrid
-    from hybrid.app import cli
 
     seen = {}
 
-    class Stop(Exception):
-        pass
-
     def spy(path, **kw):
         seen.update(kw)
-        raise Stop
+        raise _Stop
 
     monkeypatch.setattr(hybrid, "load", spy)
+    return seen, _Stop
+
+
+def test_no_hugepages_reaches_the_loader(tiny_q4km, load_spy):
+    import io
+
+    from hybrid.app import cli
+
+    seen, Stop = load_spy
     for flags, want in (([], True), (["--no-hugepages"], False)):
         a = cli.build_parser().parse_args([str(tiny_q4km), "--device", "cpu", "--ctx", "32", *flags])
         with pytest.raises(Stop):
@@ -207,23 +216,12 @@ def test_no_hugepages_reaches_the_loader(tiny_q4km, monkeypatch):
 # ----------------------------------------------------------------------------- issue 19 edges
 
 
-def test_threads_never_above_the_allowed_cpus(tiny_q4km, monkeypatch, capsys):
+def test_threads_never_above_the_allowed_cpus(tiny_q4km, load_spy, monkeypatch, capsys):
     """--threads 4 on 2 allowed cpus took decode from 660 to 11 tok/s: the run takes the
     allowed count and says so."""
     import os
 
-    import hybrid
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def spy(path, **kw):
-        seen.update(kw)
-        raise Stop
-
-    monkeypatch.setattr(hybrid, "load", spy)
+    seen, Stop = load_spy
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     for asked, used in ((1000, 2), (4, 2), (1, 1), (None, None)):
         flags = ["--threads", str(asked)] if asked else []
@@ -264,23 +262,13 @@ def test_help_lists_every_flag_in_groups(capsys):
     assert max(len(line) for line in out.splitlines()) <= 100
 
 
-def test_the_run_takes_the_placement_flags(tiny_q4km, monkeypatch):
+def test_the_run_takes_the_placement_flags(tiny_q4km, load_spy):
     """--prefill-chunk and --gpu-format reach the run (they were the dry-run's alone)."""
     import io
 
-    import hybrid
     from hybrid.app import cli
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def spy(path, **kw):
-        seen.update(kw)
-        raise Stop
-
-    monkeypatch.setattr(hybrid, "load", spy)
+    seen, Stop = load_spy
     a = cli.build_parser().parse_args([str(tiny_q4km), "--cpu-only", "--ctx", "64", "--prefill-chunk", "32",
                                        "--no-expert-cache"])
     plan = cli.make_plan(str(tiny_q4km), a)
