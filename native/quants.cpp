@@ -80,55 +80,52 @@ static void dequant_bf16(const void* src, float* y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = bf16_to_fp32(x[i]);
 }
 
-static void dequant_q4_0(const void* src, float* y, int64_t n) {
-    const block_q4_0* x = (const block_q4_0*)src;
+// The 32 quants of a Q4_0 / Q4_1 block (qh null) or a Q5_0 / Q5_1 block, unsigned, in weight
+// order: low nibbles are elements 0..15, high nibbles 16..31; bit j of qh is element j's 5th bit.
+static inline void unpack_32(const uint8_t* qs, const uint8_t* qh, int* q) {
+    uint32_t h = 0;
+    if (qh) std::memcpy(&h, qh, 4);
+    for (int j = 0; j < 16; j++) {
+        q[j] = (qs[j] & 0xF) | (((h >> j) & 1) << 4);
+        q[j + 16] = (qs[j] >> 4) | (((h >> (j + 16)) & 1) << 4);
+    }
+}
+
+static inline int dot_32(const int* q, const int8_t* a) {
+    int s = 0;
+    for (int j = 0; j < QK32; j++) s += q[j] * a[j];
+    return s;
+}
+
+// Q4_0 / Q5_0 (B with qh): w = d * (q - offset), offset 8 or 16.
+template <class B>
+static void dequant_offset_32(const B* x, const uint8_t* (*qh)(const B&), float* y, int64_t n, int offset) {
+    int q[QK32];
     for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
         const float d = fp16_to_fp32(x[b].d);
-        for (int j = 0; j < QK32 / 2; j++) {
-            y[j] = ((x[b].qs[j] & 0xF) - 8) * d;
-            y[j + 16] = ((x[b].qs[j] >> 4) - 8) * d;
-        }
+        unpack_32(x[b].qs, qh(x[b]), q);
+        for (int j = 0; j < QK32; j++) y[j] = (q[j] - offset) * d;
     }
 }
 
-static void dequant_q5_0(const void* src, float* y, int64_t n) {
-    const block_q5_0* x = (const block_q5_0*)src;
-    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
-        const float d = fp16_to_fp32(x[b].d);
-        uint32_t qh;
-        std::memcpy(&qh, x[b].qh, 4);
-        for (int j = 0; j < QK32 / 2; j++) {
-            const int h0 = ((qh >> j) & 1) << 4;
-            const int h1 = ((qh >> (j + 16)) & 1) << 4;
-            y[j] = ((x[b].qs[j] & 0xF) + h0 - 16) * d;
-            y[j + 16] = ((x[b].qs[j] >> 4) + h1 - 16) * d;
-        }
-    }
-}
-
-static void dequant_q4_1(const void* src, float* y, int64_t n) {
-    const block_q4_1* x = (const block_q4_1*)src;
+// Q4_1 / Q5_1: w = d * q + m.
+template <class B>
+static void dequant_min_32(const B* x, const uint8_t* (*qh)(const B&), float* y, int64_t n) {
+    int q[QK32];
     for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
         const float d = fp16_to_fp32(x[b].d), m = fp16_to_fp32(x[b].m);
-        for (int j = 0; j < QK32 / 2; j++) {
-            y[j] = (x[b].qs[j] & 0xF) * d + m;
-            y[j + 16] = (x[b].qs[j] >> 4) * d + m;
-        }
+        unpack_32(x[b].qs, qh(x[b]), q);
+        for (int j = 0; j < QK32; j++) y[j] = q[j] * d + m;
     }
 }
 
-static void dequant_q5_1(const void* src, float* y, int64_t n) {
-    const block_q5_1* x = (const block_q5_1*)src;
-    for (int64_t b = 0; b < n / QK32; b++, y += QK32) {
-        const float d = fp16_to_fp32(x[b].d), m = fp16_to_fp32(x[b].m);
-        uint32_t qh;
-        std::memcpy(&qh, x[b].qh, 4);
-        for (int j = 0; j < QK32 / 2; j++) {
-            y[j] = ((x[b].qs[j] & 0xF) | (((qh >> j) & 1) << 4)) * d + m;
-            y[j + 16] = ((x[b].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) * d + m;
-        }
-    }
-}
+template <class B> static const uint8_t* no_qh(const B&) { return nullptr; }
+template <class B> static const uint8_t* qh_of(const B& x) { return x.qh; }
+
+static void dequant_q4_0(const void* s, float* y, int64_t n) { dequant_offset_32((const block_q4_0*)s, no_qh<block_q4_0>, y, n, 8); }
+static void dequant_q5_0(const void* s, float* y, int64_t n) { dequant_offset_32((const block_q5_0*)s, qh_of<block_q5_0>, y, n, 16); }
+static void dequant_q4_1(const void* s, float* y, int64_t n) { dequant_min_32((const block_q4_1*)s, no_qh<block_q4_1>, y, n); }
+static void dequant_q5_1(const void* s, float* y, int64_t n) { dequant_min_32((const block_q5_1*)s, qh_of<block_q5_1>, y, n); }
 
 // The 256 quants of a Q2_K / Q3_K block in weight order: 2-bit fields, and for Q3_K (hmask
 // set) minus 4 where the high bit is clear.
@@ -576,70 +573,43 @@ static float dot_float(int64_t n, const void* w, const void* a) {
     return (float)s;
 }
 
-static float dot_q4_0(int64_t n, const void* w, const void* a) {
-    const block_q4_0* x = (const block_q4_0*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
+// Q4_0 / Q5_0: sum d * da * (q . qa - offset * sum(qa)), the offset from the activation's sum.
+template <class B>
+static float dot_offset_32(int64_t n, const B* x, const uint8_t* (*qh)(const B&), const block_q8_32* y, int offset) {
     float s = 0.f;
+    int q[QK32];
     for (int64_t b = 0; b < n / QK32; b++) {
-        int sumi = 0;
-        for (int j = 0; j < 16; j++)
-            sumi += (x[b].qs[j] & 0xF) * y[b].qs[j] + (x[b].qs[j] >> 4) * y[b].qs[j + 16];
-        s += fp16_to_fp32(x[b].d) * y[b].d * (float)(sumi - 8 * y[b].sum);
-    }
-    return s;
-}
-
-static float dot_q5_0(int64_t n, const void* w, const void* a) {
-    const block_q5_0* x = (const block_q5_0*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
-    float s = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        uint32_t qh;
-        std::memcpy(&qh, x[b].qh, 4);
-        int sumi = 0;
-        for (int j = 0; j < 16; j++) {
-            const int q0 = (x[b].qs[j] & 0xF) | (((qh >> j) & 1) << 4);
-            const int q1 = (x[b].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-            sumi += q0 * y[b].qs[j] + q1 * y[b].qs[j + 16];
-        }
-        s += fp16_to_fp32(x[b].d) * y[b].d * (float)(sumi - 16 * y[b].sum);
+        unpack_32(x[b].qs, qh(x[b]), q);
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)(dot_32(q, y[b].qs) - offset * y[b].sum);
     }
     return s;
 }
 
 // Q4_1 / Q5_1: sum d * da * (q . qa) + m * s, the min's term from the activation's s.
+template <class B>
+static float dot_min_32(int64_t n, const B* x, const uint8_t* (*qh)(const B&), const block_q8_1* y) {
+    float s = 0.f;
+    int q[QK32];
+    for (int64_t b = 0; b < n / QK32; b++) {
+        unpack_32(x[b].qs, qh(x[b]), q);
+        s += fp16_to_fp32(x[b].d) * y[b].d * (float)dot_32(q, y[b].qs) + fp16_to_fp32(x[b].m) * y[b].s;
+    }
+    return s;
+}
+
+static float dot_q4_0(int64_t n, const void* w, const void* a) {
+    return dot_offset_32(n, (const block_q4_0*)w, no_qh<block_q4_0>, (const block_q8_32*)a, 8);
+}
+static float dot_q5_0(int64_t n, const void* w, const void* a) {
+    return dot_offset_32(n, (const block_q5_0*)w, qh_of<block_q5_0>, (const block_q8_32*)a, 16);
+}
 static float dot_q4_1(int64_t n, const void* w, const void* a) {
-    const block_q4_1* x = (const block_q4_1*)w;
-    const block_q8_1* y = (const block_q8_1*)a;
-    float s = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        int sumi = 0;
-        for (int j = 0; j < 16; j++)
-            sumi += (x[b].qs[j] & 0xF) * y[b].qs[j] + (x[b].qs[j] >> 4) * y[b].qs[j + 16];
-        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi + fp16_to_fp32(x[b].m) * y[b].s;
-    }
-    return s;
+    return dot_min_32(n, (const block_q4_1*)w, no_qh<block_q4_1>, (const block_q8_1*)a);
 }
-
 static float dot_q5_1(int64_t n, const void* w, const void* a) {
-    const block_q5_1* x = (const block_q5_1*)w;
-    const block_q8_1* y = (const block_q8_1*)a;
-    float s = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        uint32_t qh;
-        std::memcpy(&qh, x[b].qh, 4);
-        int sumi = 0;
-        for (int j = 0; j < 16; j++) {
-            const int q0 = (x[b].qs[j] & 0xF) | (((qh >> j) & 1) << 4);
-            const int q1 = (x[b].qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-            sumi += q0 * y[b].qs[j] + q1 * y[b].qs[j + 16];
-        }
-        s += fp16_to_fp32(x[b].d) * y[b].d * (float)sumi + fp16_to_fp32(x[b].m) * y[b].s;
-    }
-    return s;
+    return dot_min_32(n, (const block_q5_1*)w, qh_of<block_q5_1>, (const block_q8_1*)a);
 }
 
-// Q2_K: y.d * (d * sum_i scale_i (q . qa)_i - dmin * sum_i min_i bsums_i), as llama.cpp.
 static float dot_q2_K(int64_t n, const void* w, const void* a) {
     const block_q2_K* x = (const block_q2_K*)w;
     const block_q8_K* y = (const block_q8_K*)a;
