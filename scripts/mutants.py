@@ -556,7 +556,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_server_load.py", "-k", "sigterm"),
            "SIGTERM kills the server (status -15, no 'server stopped', the runtime never closed)"),
     # ------------------------------------------------------------------ issue 15: prefill tiles
-    Mutant("issue15-avx2-q8_0-tile-first-token-scale", "native/arch/x86/gemm_avx2.cpp",
+    Mutant("issue15-avx2-q8_0-tile-first-token-scale", "native/arch/x86/gemm_rows32.h",
            "_mm256_set1_ps(dx * ys[r][b].d), _mm256_cvtepi32_ps(p), acc[r]);",
            "_mm256_set1_ps(dx * ys[0][b].d), _mm256_cvtepi32_ps(p), acc[r]);",
            ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and Q8_0"),

@@ -7,64 +7,11 @@
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "x86_avx2_kernels.h"
 #pragma GCC diagnostic pop
+#include "gemm_rows32.h"
 
 namespace hybrid {
 namespace x86_gemm {
 using namespace x86;
-
-// ---------------------------------------------------------------- 32-blocks, R tokens at once
-// Per token the same instructions in the same order as x86::dot_q8_0 / dot_q4_0 / dot_q5_0,
-// so each result is bit-identical to the single dot; only the unpacking is shared.
-
-template <int R>
-static inline void dot_q8_0_rows(int64_t n, const block_q8_0* x, const block_q8_32* const* ys, float* out) {
-    __m256 acc[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
-        const __m256i ax = _mm256_sign_epi8(qx, qx);
-        const float dx = h2f(x[b].d);
-        for (int r = 0; r < R; r++) {
-            const __m256i qy = _mm256_loadu_si256((const __m256i*)ys[r][b].qs);
-            const __m256i p = dot_u8s8_32(ax, _mm256_sign_epi8(qy, qx));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * ys[r][b].d), _mm256_cvtepi32_ps(p), acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
-}
-
-// Q4_0 and (Q5) Q5_0: unsigned quants, the offset (8 or 16) subtracted at the end.
-template <int R, bool Q5>
-static inline void dot_q45_0_rows(int64_t n, const uint8_t* base, const block_q8_32* const* ys, float* out) {
-    const int64_t bytes = Q5 ? sizeof(block_q5_0) : sizeof(block_q4_0);
-    __m256 acc[R];
-    float offset[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        const uint8_t* blk = base + b * bytes;
-        prefetch_block(blk, 1);
-        uint16_t dh;
-        std::memcpy(&dh, blk, 2);
-        const float dx = h2f(dh);
-        __m256i q;
-        if (Q5) {
-            const block_q5_0* x = (const block_q5_0*)blk;
-            uint32_t qh;
-            std::memcpy(&qh, x->qh, 4);
-            q = _mm256_or_si256(nibbles_32(x->qs), bits_to_0x10(qh));
-        } else {
-            q = nibbles_32(((const block_q4_0*)blk)->qs);
-        }
-        for (int r = 0; r < R; r++) {
-            const float d = dx * ys[r][b].d;
-            const __m256i p = dot_u8s8_32(q, _mm256_loadu_si256((const __m256i*)ys[r][b].qs));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[r]);
-            offset[r] += d * (float)((Q5 ? 16 : 8) * ys[r][b].sum);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]) - offset[r];
-}
 
 // ---------------------------------------------------------------- Q4_K / Q5_K, N tokens at once
 // x86::dot_k4_rows takes two multiplies per 32 quants per token (maddubs, then madd by the
@@ -175,19 +122,6 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
 }
 
 // Each type's dots of one weight row with N activation rows, for tile().
-struct q8_0_kernel {
-    template <int N>
-    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-        dot_q8_0_rows<N>(n, (const block_q8_0*)w, (const block_q8_32* const*)a, out);
-    }
-};
-template <bool Q5>
-struct q45_0_kernel {
-    template <int N>
-    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-        dot_q45_0_rows<N, Q5>(n, w, (const block_q8_32* const*)a, out);
-    }
-};
 template <bool QH>
 struct k4_kernel {
     template <int N>
@@ -205,9 +139,9 @@ struct q6_K_kernel {
 static void fill(gemm_tile_fn* g) {
     // Tokens per pass, measured on Zen 2: 8 paid for the 32-blocks (Q8_0 +7%, Q5_0 +5% over
     // 4); the K-quants lost 3-10% with 8 (their per-token state no longer fits 16 registers).
-    g[GGML_Q8_0] = tile<8, q8_0_kernel>;
-    g[GGML_Q4_0] = tile<8, q45_0_kernel<false>>;
-    g[GGML_Q5_0] = tile<8, q45_0_kernel<true>>;
+    g[GGML_Q8_0] = tile<8, q8_0_kernel<dot_u8s8_32>>;
+    g[GGML_Q4_0] = tile<8, q45_0_kernel<false, dot_u8s8_32>>;
+    g[GGML_Q5_0] = tile<8, q45_0_kernel<true, dot_u8s8_32>>;
     g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
     g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
     g[GGML_Q6_K] = tile<4, q6_K_kernel>;

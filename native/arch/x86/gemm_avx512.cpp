@@ -11,6 +11,7 @@
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "x86_avx2_kernels.h"
 #pragma GCC diagnostic pop
+#include "gemm_rows32.h"
 
 namespace hybrid {
 namespace x86_gemm512 {
@@ -26,59 +27,10 @@ static inline float reduce_add(__m512 v) {
 }
 
 // ---------------------------------------------------------------- 32-blocks (avx512.cpp dot_q*_0)
-
-template <int N>
-static void rows_q8_0(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-    const block_q8_0* x = (const block_q8_0*)w;
-    const block_q8_32* const* ys = (const block_q8_32* const*)a;
-    __m256 acc[N];
-    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
-        const __m256i ax = _mm256_sign_epi8(qx, qx);
-        const float dx = h2f(x[b].d);
-        for (int r = 0; r < N; r++) {
-            const __m256i qy = _mm256_loadu_si256((const __m256i*)ys[r][b].qs);
-            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, _mm256_sign_epi8(qy, qx));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * ys[r][b].d), _mm256_cvtepi32_ps(p), acc[r]);
-        }
-    }
-    for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
-}
-
-// Q4_0 and (Q5) Q5_0: unsigned quants, the offset (8 or 16) subtracted at the end.
-template <int N, bool Q5>
-static void rows_q45_0(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-    const block_q8_32* const* ys = (const block_q8_32* const*)a;
-    const int64_t bytes = Q5 ? sizeof(block_q5_0) : sizeof(block_q4_0);
-    __m256 acc[N];
-    float offset[N];
-    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        const uint8_t* blk = w + b * bytes;
-        prefetch_block(blk, 1);
-        uint16_t dh;
-        std::memcpy(&dh, blk, 2);
-        const float dx = h2f(dh);
-        __m256i q;
-        if (Q5) {
-            const block_q5_0* x = (const block_q5_0*)blk;
-            uint32_t qh;
-            std::memcpy(&qh, x->qh, 4);
-            q = _mm256_or_si256(nibbles_32(x->qs), bits_to_0x10(qh));
-        } else {
-            q = nibbles_32(((const block_q4_0*)blk)->qs);
-        }
-        for (int r = 0; r < N; r++) {
-            const float d = dx * ys[r][b].d;
-            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, _mm256_loadu_si256((const __m256i*)ys[r][b].qs));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[r]);
-            offset[r] += d * (float)((Q5 ? 16 : 8) * ys[r][b].sum);
-        }
-    }
-    for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]) - offset[r];
-}
+// gemm_rows32.h with the VNNI product avx512.cpp's 32-block dots use
+static inline __m256i dot_vnni(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+using x86_gemm::q45_0_kernel;
+using x86_gemm::q8_0_kernel;
 
 // ---------------------------------------------------------------- K-quants (avx512.cpp dot_k4_512, dot_q6_K)
 
@@ -180,15 +132,6 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
 }
 
 // Each type's dots of one weight row with N activation rows, for tile().
-struct q8_0_kernel {
-    template <int N>
-    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) { rows_q8_0<N>(n, w, a, out); }
-};
-template <bool Q5>
-struct q45_0_kernel {
-    template <int N>
-    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) { rows_q45_0<N, Q5>(n, w, a, out); }
-};
 template <bool QH>
 struct k4_kernel {
     template <int N>
@@ -202,9 +145,9 @@ struct q6_K_kernel {
 static void fill(gemm_tile_fn* g) {
     // 8 tokens for the 32-blocks (one accumulator each), 4 for the K-quants (three registers
     // per token of the 32; not yet measured on an AVX-512 machine).
-    g[GGML_Q8_0] = tile<8, q8_0_kernel>;
-    g[GGML_Q4_0] = tile<8, q45_0_kernel<false>>;
-    g[GGML_Q5_0] = tile<8, q45_0_kernel<true>>;
+    g[GGML_Q8_0] = tile<8, q8_0_kernel<dot_vnni>>;
+    g[GGML_Q4_0] = tile<8, q45_0_kernel<false, dot_vnni>>;
+    g[GGML_Q5_0] = tile<8, q45_0_kernel<true, dot_vnni>>;
     g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
     g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
     g[GGML_Q6_K] = tile<4, q6_K_kernel>;
