@@ -18,7 +18,7 @@ from placement.units import GiB, fmt_bytes
 # build_inputs key -> hybrid-run flag. Booleans: the flag when the value differs from the
 # default (use_gpu False -> --cpu-only); sizes are written in whole GiB or MiB.
 FLAGS = {
-    "context": "--ctx", "allow_long_context": "--force-ctx", "batch": "--batch",
+    "context": "--ctx", "allow_long_context": "--force-ctx", "batch": "--parallel",
     "prefill_chunk": "--prefill-chunk", "numa": "--numa", "gpu_weight_format": "--gpu-format",
     "use_gpu": "--cpu-only", "expert_cache": "--no-expert-cache",
     "gpu_prefill_tokens": "--gpu-prefill-tokens", "expert_stats": "--expert-stats", "threads": "--threads",
@@ -138,6 +138,12 @@ def suggest(inv, hw, wl, pol, plan, solve) -> list:
         return p
 
     # --- on this machine: flags of the run ----------------------------------------------
+    if wl.batch > 1:    # fewer KV slots first: the context each request gets stays
+        from placement.solver import most_slots
+
+        n = most_slots(inv, hw, wl, pol, wl.batch - 1)
+        if n:
+            offer("batch", {"batch": n}, f"fewer KV slots: {n} (the most that fit) of {wl.context} tokens")
     ctx = max_fitting_context(inv, hw, wl, pol, solve)
     if ctx and ctx < wl.context:
         offer("ctx", {"context": ctx}, f"a shorter context: {ctx} tokens (the most that fits)")
@@ -145,8 +151,6 @@ def suggest(inv, hw, wl, pol, plan, solve) -> list:
         if plan.gpu_weight_format == "bf16":
             offer("gpu_format", {"gpu_weight_format": "quantized"},
                   "keep the non-expert weights quantized on the GPU (their GGUF types, not bf16)")
-        if wl.batch > 1:
-            offer("batch", {"batch": 1}, "decode one sequence at a time")
         if wl.prefill_chunk > 128:
             offer("prefill_chunk", {"prefill_chunk": 128}, "smaller prefill chunks (less GPU workspace)")
         offer("cpu_only", {"use_gpu": False}, "everything on the CPU (slow: attention on the CPU)")

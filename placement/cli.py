@@ -16,7 +16,7 @@ PROG = "hybrid-run --dry-run"
 # alone (the run uses this machine and MODEL.gguf). dest -> flag.
 DRY_RUN_ONLY = {
     "preset": "--preset", "list_presets": "--list-presets", "list_profiles": "--list-profiles",
-    "json": "--json", "batch": "--batch", "profile": "--hardware", "gpu_name": "--gpu-name",
+    "json": "--json", "profile": "--hardware", "gpu_name": "--gpu-name",
     "gpu_bandwidth": "--gpu-bandwidth", "ram": "--ram", "numa_nodes": "--numa-nodes", "cores": "--cores",
     "threads_per_core": "--threads-per-core", "bind_node": "--bind-node", "allowed_mems": "--allowed-mems",
     "allowed_cpus": "--allowed-cpus", "ram_bandwidth": "--ram-bandwidth", "pcie_bandwidth": "--pcie-bandwidth",
@@ -74,6 +74,10 @@ def add_plan_args(p) -> None:
                     help="CPU worker threads (default: one per cpu this process may use; never more)")
     pl.add_argument("--ctx", type=number_arg(int, 16, what="at least 16 tokens"), metavar="TOKENS",
                     help="context length (default: min(32768, the model's))")
+    pl.add_argument("--parallel", "--batch", dest="parallel", type=number_arg(int, 1, what="at least 1"),
+                    metavar="N", help="KV slots of --ctx tokens each: requests --serve decodes together, "
+                                      "accounted in the plan (default with --serve: the most that fit after "
+                                      "the weights, at most 8; otherwise 1)")
     pl.add_argument("--force-ctx", action="store_true",
                     help="allow --ctx beyond the context the model was trained for")
     pl.add_argument("--prefill-chunk", type=number_arg(int, 1, what="at least 1 token"), metavar="TOKENS",
@@ -100,8 +104,6 @@ def add_plan_args(p) -> None:
     dr.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     dr.add_argument("--list-profiles", action="store_true", help="list the hardware profiles and exit")
     dr.add_argument("--json", action="store_true", help="print the Plan as JSON")
-    dr.add_argument("--batch", type=number_arg(int, 1, what="at least 1"), metavar="N",
-                    help="sequences decoded together (default 1)")
 
     hw = p.add_argument_group("dry-run: a hypothetical machine (each flag replaces what is detected)")
     hw.add_argument("--hardware", "--profile", dest="profile", metavar="PROFILE",
@@ -130,7 +132,7 @@ def overrides(a) -> dict:
           "gpu_prefill_tokens": a.gpu_prefill_tokens, "context": a.ctx, "prefill_chunk": a.prefill_chunk,
           "threads": a.threads, "gpu_mem": a.gpu_mem, "cuda_context_bytes": a.cuda_context,
           "workspace_bytes": a.workspace, "pinned_bytes": a.pinned, "host_reserve_bytes": a.host_reserve,
-          "runtime_overhead_bytes": a.runtime_overhead}
+          "runtime_overhead_bytes": a.runtime_overhead, "batch": a.parallel}
     ov.update({dest: getattr(a, dest) for dest in DRY_RUN_ONLY
                if dest not in ("preset", "list_presets", "list_profiles", "json", "profile")})
     if a.force_ctx:
@@ -146,7 +148,10 @@ def overrides(a) -> dict:
     for k in ("cuda_context_bytes", "workspace_bytes", "pinned_bytes", "host_reserve_bytes", "runtime_overhead_bytes"):
         if ov[k] is not None:
             ov[k] = parse_size(ov[k])
-    return {k: v for k, v in ov.items() if v is not None}
+    ov = {k: v for k, v in ov.items() if v is not None}
+    if getattr(a, "serve", False) and a.parallel is None:
+        ov["batch"] = None      # a server's slots: the most that fit (placement.solver.SLOTS_MAX)
+    return ov
 
 
 # --- suggestions as command lines -------------------------------------------------------

@@ -72,7 +72,7 @@ class Plan:
     n_tensors: int
     devices: dict              # "gpu0" | "cpu" | "numaN" -> DeviceUsage
     kv_cache_bytes: int
-    kv_cache_tokens: int       # context x batch
+    kv_cache_tokens: int       # context x batch (all KV slots together)
     kv_cache_device: str
     kv_bytes_per_token: int
     kv_cache_dtype: str        # bf16 on the GPU, f32 on the CPU by default
@@ -90,6 +90,10 @@ class Plan:
     gpu_prefill_tokens: int = 0
     gpu_prefill: dict = field(default_factory=dict)
     kv_cache_kind: str = "mla"  # mla: one latent (+ rope key) per layer; gqa: K and V per KV head
+    # KV slots (sequences decoded together, one cache of kv_cache_tokens / kv_slots tokens each:
+    # the server's --parallel) and why that many
+    kv_slots: int = 1
+    kv_slots_reason: str = ""
     problems: list = field(default_factory=list)
     suggestions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -117,6 +121,15 @@ class Plan:
     def device(self) -> str:
         """torch device of the non-expert compute: 'cuda:0' when the plan uses the GPU."""
         return "cuda:0" if "gpu0" in self.devices else "cpu"
+
+    @property
+    def kv_slot_tokens(self) -> int:
+        """Tokens of one KV slot: the context of one sequence."""
+        return self.kv_cache_tokens // max(1, self.kv_slots)
+
+    @property
+    def kv_slot_bytes(self) -> int:
+        return self.kv_slot_tokens * self.kv_bytes_per_token
 
     @property
     def n_gpu_experts(self) -> int:
@@ -160,6 +173,7 @@ class Plan:
                 v = {k: list(x) for k, x in v.items()}
             d[f.name] = v
         d["n_gpu_experts"] = self.n_gpu_experts
+        d["kv_slot_tokens"], d["kv_slot_bytes"] = self.kv_slot_tokens, self.kv_slot_bytes
         return d
 
     def to_json(self, indent=2) -> str:
@@ -239,7 +253,7 @@ class Plan:
         if hw:
             put(f"machine: {hw}")
         w = self.workload
-        put(f"workload: context {w.get('context')} x batch {w.get('batch')}, prefill chunk "
+        put(f"workload: context {w.get('context')} x {w.get('batch')} KV slot(s), prefill chunk "
             f"{w.get('prefill_chunk')}; numa {self.numa_mode}; GPU weights {self.gpu_weight_format}")
         L.append("")
         L.append(f"{'budget':<8} {'capacity':>12} {'planned':>12} {'free':>12}")
@@ -256,9 +270,13 @@ class Plan:
             L.append(f"{g:<26} {dev:<8} {fmt}")
         L.append("")
         kind = "K and V per KV head" if self.kv_cache_kind == "gqa" else "MLA latent"
-        put(f"KV cache ({kind}, {self.kv_cache_dtype}): {self.kv_cache_tokens} tokens x "
-            f"{self.kv_bytes_per_token} B = {fmt_bytes(self.kv_cache_bytes)} on {self.kv_cache_device}; room for "
-            f"up to {self.max_context_tokens} tokens")
+        n = self.kv_slots
+        slots = f"{n} slot{'s' if n > 1 else ''} x {self.kv_slot_tokens} tokens" if n > 1 else f"{self.kv_cache_tokens} tokens"
+        put(f"KV cache ({kind}, {self.kv_cache_dtype}): {slots} x {self.kv_bytes_per_token} B = "
+            f"{fmt_bytes(self.kv_cache_bytes)} on {self.kv_cache_device}; room for up to "
+            f"{self.max_context_tokens} tokens{' per slot' if n > 1 else ''}")
+        put(f"KV slots (requests served together): {n}"
+            + (f": {self.kv_slots_reason}" if self.kv_slots_reason else ""))
         if self.n_gpu_experts:
             per_layer = [(i, len(x)) for i, x in enumerate(self.gpu_experts) if x]
             counts = sorted({n for _, n in per_layer})

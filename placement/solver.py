@@ -39,12 +39,18 @@ class SolverError(ValueError):
 
 
 DEFAULT_CONTEXT = 32768
+# KV slots the solver gives a server by itself (Workload.batch None): the most that fit, at most
+# this many. More slots than this only help with many cores and short replies: a user asks for
+# them with --parallel N.
+SLOTS_MAX = 8
 
 
 @dataclass
 class Workload:
     context: object = None     # tokens per sequence the KV cache must hold; None: min(32K, model's)
-    batch: int = 1             # sequences decoded together
+    # KV slots of `context` tokens each: sequences decoded together (hybrid-run --parallel);
+    # None: the most whose caches fit after the weights and reserves, 1..SLOTS_MAX
+    batch: object = 1
     prefill_chunk: int = 512   # tokens per prefill step
     # tokens per prefill step while the routed experts stream to the GPU (hybrid.load's
     # gpu_prefill_chunk): sizes the GPU prefill workspace
@@ -64,10 +70,13 @@ class Workload:
         return self
 
     def validate(self):
-        for k, flag in (("context", "--ctx"), ("batch", "--batch"), ("prefill_chunk", "--prefill-chunk"),
+        for k, flag in (("context", "--ctx"), ("batch", "--parallel"), ("prefill_chunk", "--prefill-chunk"),
                         ("gpu_prefill_chunk", "gpu_prefill_chunk")):
-            if int(getattr(self, k)) < 1:
+            if getattr(self, k) is not None and int(getattr(self, k)) < 1:
                 raise SolverError(f"{flag} must be >= 1, got {getattr(self, k)}")
+        if self.batch is not None and int(self.batch) > int(self.prefill_chunk):
+            # a decode step is one forward of a token per slot: the buffers hold a prefill chunk
+            raise SolverError(f"--parallel {self.batch}: at most --prefill-chunk ({self.prefill_chunk}) slots")
 
 
 @dataclass
@@ -344,13 +353,66 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     pol = policy or Policy()
     wl.validate()
     pol.validate()
-    plan = _choose(inv, hw, wl, pol)
+    if wl.batch is None:
+        n = most_slots(inv, hw, wl, pol, SLOTS_MAX)
+        wl = replace(wl, batch=max(1, n))
+        plan = _choose(inv, hw, wl, pol)
+        plan.kv_slots_reason = _slots_reason(plan, n)
+    else:
+        plan = _choose(inv, hw, wl, pol)
+        if wl.batch > 1 and not plan.fits:
+            _explain_slots(plan, most_slots(inv, hw, wl, pol, wl.batch - 1))
     if plan.problems and _suggest:
         from placement.advice import suggest
 
         plan.suggestions = suggest(inv, hw, wl, pol, plan,
                                    lambda i, h, w, p: solve(i, h, w, p, _suggest=False))
     return plan
+
+
+def most_slots(inv, hw, wl, pol, hi: int) -> int:
+    """The most KV slots of wl.context tokens, at most hi, whose plan fits; 0 when not even one
+    does. The hot-expert cache and the GPU prefill buffers only take what is left: slots come
+    first."""
+    def ok(n):
+        return _choose(inv, hw, replace(wl, batch=n), pol).fits
+
+    lo, top = 0, hi
+    while lo < top:
+        mid = (lo + top + 1) // 2
+        lo, top = (mid, top) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def _kv_room(plan) -> str:
+    return "gpu0" if plan.kv_cache_device == "gpu0" else "host RAM"
+
+
+def _slots_reason(plan, n: int) -> str:
+    """Why the solver chose plan.kv_slots by itself (most_slots gave n)."""
+    per = fmt_bytes(plan.kv_slot_bytes)
+    if n == 0:
+        return "the plan does not fit even with one slot"
+    if n == SLOTS_MAX:
+        return (f"the most the solver picks without --parallel; their caches ({per} each) fit "
+                f"{_kv_room(plan)} after the weights and reserves")
+    return (f"the most whose caches ({per} each) fit {_kv_room(plan)} after the weights and "
+            f"reserves; {n + 1} would not")
+
+
+def _explain_slots(plan, most: int) -> None:
+    """A plan of --parallel N slots that does not fit: the problem on the KV cache's budget
+    names the flag and the most slots that fit."""
+    key = "gpu0" if plan.kv_cache_device == "gpu0" else "cpu"
+    n, ctx = plan.kv_slots, plan.kv_slot_tokens
+    fits = (f"at most {most} fit (--parallel {most})" if most else
+            "the plan does not fit even with one")
+    why = (f"the KV caches of --parallel {n} take {fmt_bytes(plan.kv_cache_bytes)} ({n} slots x {ctx} tokens x "
+           f"{plan.kv_bytes_per_token} B); {fits}")
+    for p in plan.problems:
+        if p.budget == key:
+            p.message += f"; {why}"
+    plan.kv_slots_reason = f"--parallel {n}; {fits}"
 
 
 def _speed(plan) -> tuple:
@@ -580,7 +642,8 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
         fits=not problems,
         model=m.name, source=inv.source, architecture=m.architecture, quantization=inv.quantization,
         weights_bytes=inv.total_bytes, n_tensors=len(inv.tensors), devices=devices,
-        kv_cache_bytes=kv_bytes, kv_cache_tokens=kv_tokens, kv_cache_device=kv_device,
+        kv_cache_bytes=kv_bytes, kv_cache_tokens=kv_tokens, kv_cache_device=kv_device, kv_slots=wl.batch,
+        kv_slots_reason=f"--parallel {wl.batch}" if wl.batch > 1 else "one sequence (--serve plans more)",
         kv_bytes_per_token=kv_per_token, kv_cache_dtype=kv_dtype, kv_cache_kind=m.attention,
         cpu_linear_min_bytes=pol.cpu_linear_min_bytes,
         max_context_tokens=int(max_ctx) if gpu is not None else _host_max_ctx(devices, kv_per_token, wl),
@@ -960,7 +1023,7 @@ _WL_KEYS = ("context", "batch", "prefill_chunk", "gpu_prefill_chunk", "allow_lon
 def build_inputs(hardware=None, profile=None, measure=True, **overrides):
     """Split keyword overrides into (Hardware, Workload, Policy). Unknown keys are an error.
 
-    Workload keys: context (or ctx), batch, prefill_chunk, gpu_prefill_chunk, allow_long_context.
+    Workload keys: context (or ctx), batch (KV slots; None: the most that fit), prefill_chunk, gpu_prefill_chunk, allow_long_context.
     Policy keys: any Policy field (numa, gpu_weight_format or gpu_format, cpu_only, threads,
     expert_stats, ...). Hardware keys: placement.hardware.HW_OVERRIDES but threads (gpu_mem, ram,
     numa_nodes, cores, threads_per_core, bind_node, allowed_mems, allowed_cpus, ram_bandwidth, ...).
@@ -1036,4 +1099,4 @@ def predict_cpu_rss_growth(path_or_inventory, context: int = 4096, batch: int = 
 
 __all__ = ["Workload", "Policy", "solve", "plan_for_gguf", "plan_for_preset", "predict_cpu_rss_growth",
            "build_inputs", "choose_gpu_experts", "load_expert_stats", "prefill_crossover", "gpu_prefill_reserve",
-           "NUMA_MODES", "GPU_FORMATS", "SolverError"]
+           "NUMA_MODES", "GPU_FORMATS", "SLOTS_MAX", "SolverError", "most_slots"]

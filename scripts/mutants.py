@@ -729,6 +729,33 @@ MUTANTS: list[Mutant] = [
            "        pol = replace(pol, cpu_linear_min_bytes=MiB)",
            ("tests/test_cli.py", "-k", "plans_what_the_dry_run"),
            "issue 19 case 4: the dry-run's estimate (134 tok/s) is not the run header's (176)"),
+    # ------------------------------------------------------------------ issue 16: the Plan's KV slots
+    Mutant("issue16-slots-not-accounted", "placement/solver.py",
+           "    kv_tokens = wl.context * wl.batch\n",
+           "    kv_tokens = wl.context\n",
+           ("tests/test_serve_slots.py", "-k", "dry_run_shows"),
+           "the plan counts one KV cache whatever --parallel says: the server's other slots are "
+           "allocated outside its budget"),
+    Mutant("issue16-runtime-allocates-one-slot", "hybrid/runtime/engine.py",
+           "                            for _ in range(int(getattr(plan, \"kv_slots\", 1)))]",
+           "                            for _ in range(1)]",
+           ("tests/test_serve_slots.py", "-k", "n_caches"),
+           "the runtime allocates one cache for a plan of N slots: the server runs one request at a time"),
+    Mutant("issue16-slot-engine-allocates-its-own", "hybrid/runtime/batch.py",
+           "        self.slots = [Slot(i, c) for i, c in enumerate(rt.slot_caches[:n_slots])]",
+           "        self.slots = [Slot(i, rt.model.new_cache(self.ctx, device=device)) for i in range(n_slots)]",
+           ("tests/test_serve_slots.py", "-k", "n_caches"),
+           "the server allocates KV caches beside the plan's (twice the memory the plan counted)"),
+    Mutant("issue16-default-slots-ignore-memory", "placement/solver.py",
+           "        n = most_slots(inv, hw, wl, pol, SLOTS_MAX)",
+           "        n = SLOTS_MAX",
+           ("tests/test_serve_slots.py", "-k", "follows_the_memory"),
+           "--serve without --parallel takes 8 slots on any machine, and does not fit a smaller one"),
+    Mutant("issue16-parallel-too-large-unexplained", "placement/solver.py",
+           "            _explain_slots(plan, most_slots(inv, hw, wl, pol, wl.batch - 1))",
+           "            pass",
+           ("tests/test_serve_slots.py", "-k", "too_large"),
+           "--parallel 512 is refused as 'does not fit' without naming the flag or the most that fits"),
 ]
 
 

@@ -19,7 +19,7 @@ ARCHS = ["deepseek2", "qwen3moe"]
 @pytest.fixture(scope="module", params=ARCHS)
 def rt(request, tiny_gguf, gqa_gguf):
     path = tiny_gguf("Q4_K_M") if request.param == "deepseek2" else gqa_gguf(request.param)
-    r = hybrid.load(path, device="cpu", ctx=128)
+    r = hybrid.load(path, device="cpu", ctx=128, parallel=16)     # the most a test here uses
     yield r
     r.close()
 

@@ -175,7 +175,7 @@ def test_served_on_loopback_by_default(served):
 def tiny_rt(tiny_q4km):
     import hybrid
 
-    rt = hybrid.load(tiny_q4km, device="cpu", ctx=256)
+    rt = hybrid.load(tiny_q4km, device="cpu", ctx=256, parallel=4)    # run_app's most
     yield rt
     rt.close()
 
@@ -216,7 +216,7 @@ def run_app(tiny_rt):
         sock = bind("127.0.0.1", 0)
         eng = Gated(SlotEngine(tiny_rt, parallel), delay)
         lines = []
-        app = create_app(tiny_rt, model="tiny", options=ServeOptions(parallel=parallel, **opts),
+        app = create_app(tiny_rt, model="tiny", options=ServeOptions(**opts),
                          engine=eng, access=lines.append, system=system)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

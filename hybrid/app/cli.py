@@ -287,8 +287,9 @@ def plan_summary(plan) -> str:
         experts += f", {plan.n_gpu_experts} hot ones cached on the GPU"
     if getattr(plan, "gpu_prefill_tokens", 0):
         experts += f", streamed to the GPU for prompt chunks of {plan.gpu_prefill_tokens}+ tokens"
+    slots = f"{plan.kv_slots} slots x {plan.kv_slot_tokens}" if plan.kv_slots > 1 else str(plan.kv_cache_tokens)
     lines.append(f"placement: other weights on {', '.join(non_expert) or 'cpu'}; {experts}; "
-                 f"KV cache {plan.kv_cache_tokens} tokens ({fmt_bytes(plan.kv_cache_bytes)}, "
+                 f"KV cache {slots} tokens ({fmt_bytes(plan.kv_cache_bytes)}, "
                  f"{plan.kv_cache_dtype}) on {plan.kv_cache_device}")
     lines.append("memory: " + "; ".join(f"{name} {fmt_bytes(u.bytes)} of {fmt_bytes(u.capacity_bytes)}"
                                         for name, u in plan.devices.items()))
@@ -363,7 +364,7 @@ def load_runtime(path: str, a, plan, out):
     from hybrid.app.chat import quiet_stderr
     from hybrid.runtime.engine import Runtime
 
-    kw = dict(device=a.device, threads=a.threads, numa=a.numa, ctx=plan.kv_cache_tokens, plan=plan,
+    kw = dict(device=a.device, threads=a.threads, numa=a.numa, ctx=plan.kv_slot_tokens, plan=plan,
               hugepages=not a.no_hugepages)
     if getattr(a, "save_expert_stats", None):
         kw["record_expert_stats"] = True
@@ -497,6 +498,9 @@ def run(a) -> int:
     if hypothetical:
         raise UserError(f"{hypothetical[0]} is a --dry-run flag (a hypothetical machine, a preset or the "
                         f"report); the run uses this machine: add --dry-run, or drop {hypothetical[0]}")
+    if a.parallel is not None and not a.serve:
+        raise UserError(f"--parallel {a.parallel}: KV slots for requests served together; add --serve "
+                        f"(or --dry-run to see the plan), or drop --parallel")
     a.threads = allowed_threads(a.threads, logging.getLogger("hybrid"))
     if os.environ.get("HYBRID_ISA"):
         try:   # the extension checks HYBRID_ISA as it loads: its message, not a traceback

@@ -56,9 +56,6 @@ def add_serve_args(p) -> None:
                      help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=_number(int, 0, hi=65535, what="0..65535"), default=8080,
                      help="port (default 8080; 0 picks a free one)")
-    srv.add_argument("--parallel", type=_number(int, 1, what="at least 1"), metavar="N",
-                     help="requests decoded together, each in a KV slot of --ctx tokens "
-                          "(default: as many as a quarter of the free memory holds, at most 8)")
     srv.add_argument("--max-queue", type=_number(int, 1, what="at least 1"), default=256, metavar="N",
                      help="requests waiting for a slot before the server answers 429 (default 256)")
     srv.add_argument("--api-key", metavar="KEY",
@@ -73,34 +70,19 @@ def add_serve_args(p) -> None:
 class ServeOptions:
     """The server's limits (see add_serve_args)."""
 
-    def __init__(self, *, parallel: int | None = None, max_queue: int = 256, api_key: str | None = None,
+    def __init__(self, *, max_queue: int = 256, api_key: str | None = None,
                  max_body: int = 8 * MiB, max_tokens_cap: int | None = None, prefill_chunk: int = 256,
                  prefix_cache: bool = True, retry_after_s: int = 2, tokenizer_threads: int = 2):
-        self.parallel, self.max_queue, self.api_key = parallel, max_queue, api_key or None
+        self.max_queue, self.api_key = max_queue, api_key or None
         self.max_body, self.max_tokens_cap = int(max_body), max_tokens_cap
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
         self.retry_after_s, self.tokenizer_threads = retry_after_s, tokenizer_threads
 
     @classmethod
     def from_args(cls, a) -> "ServeOptions":
-        return cls(parallel=a.parallel, max_queue=a.max_queue,
+        return cls(max_queue=a.max_queue,
                    api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
                    max_body=int(a.max_body * MiB), max_tokens_cap=a.max_tokens_cap)
-
-
-def default_parallel(rt, most: int = 8) -> int:
-    """Slots of the runtime's context that a quarter of the free memory (the GPU's when the
-    cache lives there) holds, 1..most."""
-    per_slot = rt.cache.nbytes
-    if rt.device.type == "cuda":
-        import torch
-
-        free = torch.cuda.mem_get_info(rt.device)[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    return max(1, min(most, int(free // 4 // max(1, per_slot)) + 1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,7 +327,8 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
 
     defaults: generation values for fields a request leaves out (max_tokens, temperature,
     top_p, top_k, seed). system: a system prompt for chat requests that bring none.
-    engine: the SlotEngine to run on (default: one over `options.parallel` slots of rt).
+    engine: the SlotEngine to run on (default: one over rt's KV slots, the plan's kv_slots:
+    hybrid.load(parallel=N), hybrid-run --parallel N).
     access: callable(line) for the access log (default: this module's logger at INFO).
     """
     from fastapi import FastAPI, Request
@@ -363,7 +346,7 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
     d = {"max_tokens": 1024, "temperature": 0.6, "top_p": 1.0, "top_k": 0, "seed": None}
     d.update({k: v for k, v in (defaults or {}).items() if v is not None or k == "seed"})
     if engine is None:
-        engine = SlotEngine(rt, opt.parallel or default_parallel(rt))
+        engine = SlotEngine(rt)
     tokenizer = rt.tokenizer          # made here: the tokenizer threads share it
     chunk = min(opt.prefill_chunk, getattr(rt, "prefill_chunk", opt.prefill_chunk))
     sched = Scheduler(engine, tokenizer, max_queue=opt.max_queue, prefill_chunk=chunk,

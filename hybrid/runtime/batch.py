@@ -45,30 +45,29 @@ class Slot:
 
 
 class SlotEngine:
-    """Forwards of a loaded Runtime over `n_slots` KV slots of `ctx` tokens each.
+    """Forwards of a loaded Runtime over its KV slots (the plan's kv_slots, allocated at load;
+    hybrid.load(parallel=N), hybrid-run --parallel N), or the first n_slots of them.
 
-    Not thread-safe: one thread (the scheduler's) calls it. The runtime's own cache serves
-    as slot 0, so a server with one slot allocates nothing more."""
+    Not thread-safe: one thread (the scheduler's) calls it. Allocates nothing: the slots'
+    memory is the plan's, counted and checked at load."""
 
-
-    def __init__(self, rt, n_slots: int, ctx: int | None = None):
+    def __init__(self, rt, n_slots: int | None = None):
+        have = len(rt.slot_caches)
+        n_slots = have if n_slots is None else int(n_slots)
         if n_slots < 1:
             raise ValueError(f"--parallel {n_slots}: at least 1 slot")
+        if n_slots > have:
+            raise ValueError(f"{n_slots} slots asked for, the runtime's plan has {have} KV slot(s): "
+                             f"load with parallel={n_slots} (hybrid-run --parallel {n_slots})")
         if n_slots > rt.prefill_chunk:
             # a decode step is one call of n_slots tokens: the engine's buffers hold a chunk
             raise ValueError(f"--parallel {n_slots}: at most {rt.prefill_chunk} slots (the "
                              f"runtime's prefill chunk, which sizes the expert engine's buffers)")
         self.rt = rt
         self.model = rt.model
-        self.ctx = int(ctx or rt.ctx)
-        cache = rt.cache
-        dtype = getattr(cache, "data", None)
-        dtype = (dtype if dtype is not None else cache.k).dtype
+        self.ctx = int(rt.ctx)
         device = rt.device
-        caches = [cache] if self.ctx == cache.max_tokens else []
-        while len(caches) < n_slots:
-            caches.append(self.model.new_cache(self.ctx, dtype=dtype, device=device))
-        self.slots = [Slot(i, c) for i, c in enumerate(caches)]
+        self.slots = [Slot(i, c) for i, c in enumerate(rt.slot_caches[:n_slots])]
         # Attention of a decode step: batched (projections once over all rows, see
         # attention_rows), or per row through the call a single-sequence decode makes. On
         # the CPU per row wins: the fused native layer is one call where the batched path

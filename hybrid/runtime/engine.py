@@ -52,7 +52,7 @@ def _default_threads() -> int:
 
 
 def _solve_plan(path, device, numa, ctx, prefill_chunk, gpu_prefill_tokens=None,
-                gpu_prefill_chunk=None):
+                gpu_prefill_chunk=None, parallel=1):
     """Ask the placement solver where everything goes on this machine (a given GPU-prefill
     threshold goes to it too, so that it reserves the VRAM that needs)."""
     from placement import plan_for_gguf
@@ -62,7 +62,7 @@ def _solve_plan(path, device, numa, ctx, prefill_chunk, gpu_prefill_tokens=None,
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device='cuda' asked for, but torch sees no CUDA GPU; "
                          "use device='cpu' (or 'auto')")
-    kw = {"ctx": ctx, "numa": numa or "off", "prefill_chunk": prefill_chunk}
+    kw = {"ctx": ctx, "numa": numa or "off", "prefill_chunk": prefill_chunk, "batch": parallel}
     if device == "cpu" or not torch.cuda.is_available():
         kw["cpu_only"] = True
         # the native matmul beats an f32 copy at every size measured (2-core AVX2 box, decode
@@ -109,14 +109,17 @@ def _check_plan_budget(path, plan, gguf, model, args, kv_dtype) -> None:
             raise ValueError(f"{path}: the plan was made for a model of {n} tensors "
                              f"({fmt_bytes(plan.weights_bytes)}), this file has {have[0]} "
                              f"({fmt_bytes(have[1])}): plan again for this file (load without plan=)")
+    tokens, slots = int(plan.kv_cache_tokens), int(getattr(plan, "kv_slots", 1))
+    if slots < 1 or tokens % slots:
+        raise ValueError(f"{path}: the plan's KV cache of {tokens} tokens does not split into {slots} "
+                         f"slots of equal length: plan again (--parallel, --ctx)")
     budget = getattr(plan, "kv_cache_bytes", None)
     if budget is None:
         return
-    tokens = int(plan.kv_cache_tokens)
     per_token = model.cache_bytes_per_token(args, kv_dtype)
     if tokens * per_token > budget:
         raise ValueError(f"{path}: the KV cache for {tokens} tokens needs {fmt_bytes(tokens * per_token)} "
-                         f"({per_token} B a token over {args.n_layer} layers), the plan counted "
+                         f"({per_token} B a token over {args.n_layer} layers, {slots} slot(s)), the plan counted "
                          f"{fmt_bytes(budget)} ({plan.kv_bytes_per_token} B a token): the plan does not "
                          f"match this file's metadata; plan again for this file")
 
@@ -128,7 +131,7 @@ class Runtime:
                  prefill_chunk=512, experts="native", cpu_linears="native", progress=None,
                  numa_partitions=None, hugepages=True, copy_progress=None, gpu_paths="auto",
                  decode_graphs="auto", record_expert_stats=False, gpu_prefill_tokens=None,
-                 gpu_prefill_chunk=8192, measure_gpu_idle=False):
+                 gpu_prefill_chunk=8192, measure_gpu_idle=False, parallel=1):
         self.path = os.fspath(path)
         self.threads_given = threads is not None
         self.threads = int(threads) if threads else _default_threads()
@@ -139,6 +142,7 @@ class Runtime:
         self.gguf = GGUFFile(self.path)
         self._tokenizer = None
         self.model = self.loader = self.cache = self.decoder = None
+        self.slot_caches: list = []
         self.expert_stats = self.gpu_timer = None
         self.gpu_prefill_tokens = gpu_prefill_tokens
         self.gpu_prefill_chunk = int(gpu_prefill_chunk)
@@ -147,7 +151,7 @@ class Runtime:
                         gpu_prefill_tokens=gpu_prefill_tokens, measure_gpu_idle=measure_gpu_idle)
         try:
             self._load(device, numa, int(ctx), plan, experts, cpu_linears, progress,
-                       numa_partitions, hugepages, copy_progress, gpu_opts)
+                       numa_partitions, hugepages, copy_progress, gpu_opts, parallel)
         except BaseException:
             self.close()
             raise
@@ -166,14 +170,14 @@ class Runtime:
         return None
 
     def _load(self, device, numa, ctx, plan, experts, cpu_linears, progress, numa_partitions,
-              hugepages, copy_progress, gpu_opts):
+              hugepages, copy_progress, gpu_opts, parallel):
         arch = self.gguf.architecture
         mod = get_model_module(arch, source=self.path)
         if plan is None:
             given = gpu_opts["gpu_prefill_tokens"]
             plan = _solve_plan(self.path, device, numa, ctx, self.prefill_chunk,
                                given if isinstance(given, int) and not isinstance(given, bool) else None,
-                               self.gpu_prefill_chunk)
+                               self.gpu_prefill_chunk, parallel)
         _check_plan_fits(self.path, plan)
         self.plan = plan
         self.numa = getattr(plan, "numa_mode", None) or numa or "off"
@@ -190,7 +194,8 @@ class Runtime:
         check_tensors(mod.Model.tensor_specs(self.args), self.gguf.tensors, self.path, arch)
         kv_dtype = DTYPES[getattr(plan, "kv_cache_dtype", "f32")]
         _check_plan_budget(self.path, plan, self.gguf, mod.Model, self.args, kv_dtype)
-        self.ctx = int(plan.kv_cache_tokens)
+        # one sequence's context: a KV slot's share of the plan's cache
+        self.ctx = int(plan.kv_cache_tokens) // int(getattr(plan, "kv_slots", 1))
         t0 = time.perf_counter()
         if copy_progress is None:
             # the caller's progress callback covers loading; a bar of its own otherwise
@@ -234,8 +239,13 @@ class Runtime:
                                    rope_device=self.device, progress=progress)
         self.loader.finish()
         self.load_s = time.perf_counter() - t0
-        self.cache = self.model.new_cache(self.ctx, dtype=kv_dtype, device=self.device)
-        self.loader.record(self.loader.compute_plan_device(), "kv_cache", self.cache.nbytes)   # placed_bytes
+        # the plan's KV slots, each a cache of ctx tokens; generate() runs in the first, a
+        # server (hybrid.runtime.batch.SlotEngine) in all of them
+        self.slot_caches = [self.model.new_cache(self.ctx, dtype=kv_dtype, device=self.device)
+                            for _ in range(int(getattr(plan, "kv_slots", 1)))]
+        self.cache = self.slot_caches[0]
+        self.loader.record(self.loader.compute_plan_device(), "kv_cache",      # placed_bytes
+                           sum(c.nbytes for c in self.slot_caches))
         self._setup_decoder(gpu_opts["decode_graphs"])
 
     def _setup_decoder(self, mode):
@@ -510,6 +520,7 @@ class Runtime:
             self.loader.close()
             self.loader = None
         self.cache = None
+        self.slot_caches = []
         if self.gguf is not None:
             self.gguf.close()
             self.gguf = None
@@ -529,7 +540,9 @@ def load(path, device="auto", threads=None, numa="off", ctx=4096, **kw) -> Runti
     threads: CPU threads for torch and the native engine (default: all allowed CPUs).
     numa: off | interleave | distribute | replicate (passed to the solver; the plan's
     numa_mode decides how the routed experts are placed, see hybrid.backends.numa). ctx: tokens of
-    KV cache. Extra keywords: plan, prefill_chunk (512), experts ("native" / "torch"),
+    KV cache per sequence. parallel: KV slots of ctx tokens each, for a server's requests
+    (hybrid.runtime.batch.SlotEngine; default 1; None: the most that fit, see
+    placement.solver.most_slots); with plan= the plan's kv_slots. Extra keywords: plan, prefill_chunk (512), experts ("native" / "torch"),
     cpu_linears ("native" / "torch"), progress (callback(done_layers, n_layers) while loading),
     numa_partitions (split each node's CPUs into that many worker groups: the per-node
     placement on a one-node machine), hugepages (True), copy_progress (a bar while the
