@@ -756,6 +756,12 @@ MUTANTS: list[Mutant] = [
            "            pass",
            ("tests/test_serve_slots.py", "-k", "too_large"),
            "--parallel 512 is refused as 'does not fit' without naming the flag or the most that fits"),
+    Mutant("issue16-stop-string-start-not-held", "hybrid/runtime/scheduler.py",
+           "        safe = len(self.text) - self.hold\n",
+           "        safe = len(self.text)\n",
+           ("tests/test_engine.py", "-k", "stop_string"),
+           "the one stop-string logic (TextStream, Runtime.generate's too) emits the start of a "
+           "stop string before it knows"),
 ]
 
 

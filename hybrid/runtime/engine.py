@@ -23,6 +23,7 @@ from hybrid.models import get_model_module
 from hybrid.models.specs import check_tensors
 from hybrid.runtime.loader import DTYPES, Loader, MinimalPlan, TorchLinear
 from hybrid.runtime.sampling import Sampler, SamplingParams
+from hybrid.runtime.scheduler import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -443,10 +444,7 @@ class Runtime:
         stats.prefill_s = time.perf_counter() - t0
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         history = list(ids)
-        text = ""
-        emitted = 0
-        dec = self.tokenizer.stream_decoder()
-        hold = max((len(s) - 1 for s in stops), default=0)
+        text = TextStream(self.tokenizer.stream_decoder(), stops)
         t0 = time.perf_counter()
         stats.finish_reason = "length"
         for i in range(max_tokens):
@@ -457,29 +455,19 @@ class Runtime:
             if stop_at_eos and self.tokenizer.is_eog(tok):
                 stats.finish_reason = "stop"
                 break
-            text += dec.push(tok)
-            # text before `emitted` was searched already, up to a tail shorter than any stop
-            hit = min((p for p in (text.find(s, max(0, emitted - hold)) for s in stops) if p >= 0),
-                      default=-1)
-            if hit >= 0:
-                if hit > emitted:
-                    yield tok, text[emitted:hit]
-                emitted = hit
+            piece, stopped = text.push(tok)
+            if stopped:
+                if piece:
+                    yield tok, piece
                 stats.finish_reason = "stop"
                 break
-            # hold back a tail that could still become a stop string
-            safe = len(text) - hold
-            if safe > emitted:
-                yield tok, text[emitted:safe]
-                emitted = safe
-            else:
-                yield tok, ""
+            yield tok, piece
             if i + 1 < max_tokens:
                 logits = self._forward(torch.tensor([tok]), last_only=True)[-1]
         if stats.finish_reason == "length":
-            text += dec.flush()
-            if len(text) > emitted:
-                yield -1, text[emitted:]
+            tail = text.flush()
+            if tail:
+                yield -1, tail
         stats.decode_s = time.perf_counter() - t0
 
     def generate(self, prompt, **kw) -> Iterator[str]:

@@ -52,7 +52,8 @@ class RequestStats:
 
 class TextStream:
     """Token ids -> text pieces, ending at a stop string: the text before the first stop
-    string is emitted, a tail that could still become one is held back until it cannot."""
+    string is emitted, a tail that could still become one is held back until it cannot.
+    The one stop-string logic of a reply (the scheduler's and Runtime.generate_tokens')."""
 
     def __init__(self, decoder, stops: Sequence[str]):
         self.dec, self.stops = decoder, [s for s in stops if s]
@@ -62,6 +63,7 @@ class TextStream:
     def push(self, token: int) -> tuple[str, bool]:
         """(text to emit, whether a stop string ended the reply)."""
         self.text += self.dec.push(token)
+        # text before `emitted` was searched already, up to a tail shorter than any stop
         start = max(0, self.emitted - self.hold)
         hit = min((p for p in (self.text.find(s, start) for s in self.stops) if p >= 0), default=-1)
         if hit >= 0:
