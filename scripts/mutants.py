@@ -762,6 +762,16 @@ MUTANTS: list[Mutant] = [
            ("tests/test_engine.py", "-k", "stop_string"),
            "the one stop-string logic (TextStream, Runtime.generate's too) emits the start of a "
            "stop string before it knows"),
+    Mutant("issue16-prompts-prefilled-one-by-one", "hybrid/runtime/scheduler.py",
+           "            if budget <= 0:\n                break\n            chunk = r.ids[r.pos:r.pos + budget]",
+           "            if budget <= 0 or batch:\n                break\n            chunk = r.ids[r.pos:r.pos + budget]",
+           ("tests/test_batching.py", "-k", "solo_texts"),
+           "new requests' prompts are prefilled one forward each: the experts are read once per prompt"),
+    Mutant("issue16-prefill-many-one-slot", "hybrid/runtime/batch.py",
+           "                x = x + torch.cat([blk.attn(x[a:b], p, c, m.rope, m.attn_mode)",
+           "                x = x + torch.cat([blk.attn(x[a:b], p, segs[0][2], m.rope, m.attn_mode)",
+           ("tests/test_batching.py", "-k", "prefilled_together"),
+           "prompts prefilled together attend against the first prompt's slot"),
 ]
 
 

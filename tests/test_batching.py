@@ -56,11 +56,37 @@ def test_a_batched_decode_step_gives_every_row_its_solo_logits(rt, batched_atten
     assert not torch.equal(batched[:, 0], batched[:, 1])
 
 
+def test_prompts_prefilled_together_give_their_solo_logits(rt):
+    eng = SlotEngine(rt, 4)
+    prompts = _prompts(rt, 4, seed=3)
+
+    def run(together):
+        for s in eng.slots:
+            s.truncate(0)
+        if together:
+            first = eng.prefill_many(eng.slots, prompts).clone()
+        else:
+            first = torch.stack([eng.prefill(s, p) for s, p in zip(eng.slots, prompts)])
+        # and each slot holds its own prompt: the next step reads it
+        nxt = eng.decode(eng.slots, [int(t) for t in first.argmax(-1)]).clone()
+        return first, nxt
+
+    (solo, solo_next), (batched, batched_next) = run(False), run(True)
+    assert torch.equal(solo, batched), float((solo - batched).abs().max())
+    assert torch.equal(solo_next, batched_next)
+    assert [s.tokens[:len(p)] for s, p in zip(eng.slots, prompts)] == prompts
+
+
 def _serve(rt, prompts, n_slots, prefix_cache=True, max_tokens=12, **kw):
-    """Run requests through a Scheduler; returns (texts, requests, scheduler)."""
+    """Run requests through a Scheduler; returns (texts, requests, scheduler). The scheduler's
+    prefill forwards are counted in sched.prefill_sizes (chunks per forward)."""
     eng = SlotEngine(rt, n_slots)
+    sizes = []
+    many = eng.prefill_many
+    eng.prefill_many = lambda slots, chunks: sizes.append(len(chunks)) or many(slots, chunks)
     sched = Scheduler(eng, rt.tokenizer, prefill_chunk=kw.pop("prefill_chunk", 4),
                       prefix_cache=prefix_cache)
+    sched.prefill_sizes = sizes
     done = [threading.Event() for _ in prompts]
     texts = [""] * len(prompts)
     reqs = []
@@ -101,6 +127,7 @@ def test_sixteen_requests_served_together_return_their_solo_texts(rt):
     texts, reqs, sched, done = _serve(rt, prompts, 16, **kw)
     _run(sched, reqs, done)
     assert sched.max_batch == 16                  # they did share the steps
+    assert max(sched.prefill_sizes) > 1           # and prompts shared prefill forwards
     assert texts == alone
     assert len(set(texts)) > 1
     assert all(r.stats.completion_tokens == 24 and r.stats.finish_reason == "length" for r in reqs)

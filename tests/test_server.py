@@ -195,9 +195,9 @@ class Gated:
         if self.delay:
             time.sleep(self.delay)
 
-    def prefill(self, slot, ids):
+    def prefill_many(self, slots, chunks):
         self._hold()
-        return self.engine.prefill(slot, ids)
+        return self.engine.prefill_many(slots, chunks)
 
     def decode(self, slots, tokens):
         self._hold()

@@ -8,7 +8,8 @@ each expert's weights once for all of them. Attention runs per row, each token a
 own slot at its own position, through the same call a single-sequence decode makes, so a row's
 result does not depend on which other requests share the step.
 
-Prompts are prefilled per slot, in chunks, through the model's ordinary forward.
+Prompts are prefilled in chunks; the chunks of several new requests go through one forward
+together (prefill_many), attention again per chunk against its own slot.
 """
 
 from __future__ import annotations
@@ -81,19 +82,42 @@ class SlotEngine:
     def nbytes(self) -> int:
         return sum(s.cache.nbytes for s in self.slots)
 
-    @torch.inference_mode()
     def prefill(self, slot: Slot, ids: Sequence[int]) -> torch.Tensor:
         """Run ids after the slot's cached tokens; returns the last token's logits [B]."""
-        rt = self.rt
-        T = len(ids)
-        slot.cache.check_room(T)
+        return self.prefill_many([slot], [ids])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: Sequence[Slot], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run chunks[i] after slots[i]'s cached tokens, all in one forward: the tokens of every
+        chunk go through the per-token layers together (the expert engine reads each expert
+        once for all of them), attention runs per chunk against its own slot, through the
+        call a single-sequence prefill makes. Returns each chunk's last-token logits [n, B]."""
+        rt, m = self.rt, self.model
+        T = sum(len(c) for c in chunks)
+        if T > rt.prefill_chunk:
+            raise ValueError(f"{T} prompt tokens in one forward; the runtime's buffers hold "
+                             f"{rt.prefill_chunk} (prefill_chunk)")
+        for s, c in zip(slots, chunks):
+            s.cache.check_room(len(c))
         rt._set_threads_for(T)
-        tokens = torch.tensor(list(ids), dtype=torch.long)
-        pos0 = slot.cache.length
-        logits = self.model(tokens.to(rt.device), pos0, slot.cache, last_only=True)
-        slot.cache.advance(T)
-        slot.tokens.extend(ids)
-        return logits[-1]
+        tokens = torch.tensor([t for c in chunks for t in c], dtype=torch.long)
+        ends = torch.tensor([len(c) for c in chunks]).cumsum(0).tolist()
+        segs = list(zip([0] + ends[:-1], ends, [s.cache for s in slots]))
+        pos = [c.length for _, _, c in segs]
+        x = m.embed(tokens.to(rt.device))                                            # [T, D]
+        for blk in m.blocks:
+            if len(segs) == 1:
+                x = x + blk.attn(x, pos[0], segs[0][2], m.rope, m.attn_mode)
+            else:
+                x = x + torch.cat([blk.attn(x[a:b], p, c, m.rope, m.attn_mode)
+                                   for (a, b, c), p in zip(segs, pos)])
+            x = x + blk.ffn(blk.ffn_norm(x))
+        last = torch.tensor([b - 1 for b in ends], device=x.device)
+        logits = m.lm_head(m.norm(x.index_select(0, last)))                           # [n, B]
+        for s, c in zip(slots, chunks):
+            s.cache.advance(len(c))
+            s.tokens.extend(c)
+        return logits
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[Slot], tokens: Sequence[int]) -> torch.Tensor:

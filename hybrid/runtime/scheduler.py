@@ -4,8 +4,9 @@ One thread (the scheduler's) owns the SlotEngine. Each turn of its loop it
   1. drops requests whose client went away (their slots are free at once),
   2. moves waiting requests into free slots (preferring the idle slot that already holds
      the longest prefix of the prompt, else the least recently used one),
-  3. prefills up to one chunk of prompt tokens (the oldest new prompts first), so that a
-     long prompt delays the streams of others by one chunk per step, not by its whole length,
+  3. prefills up to one chunk of prompt tokens (the oldest new prompts first, in one forward),
+     so that a long prompt delays the streams of others by one chunk per step, not by its
+     whole length,
   4. runs one decode step over the next token of every decoding request together, and
      samples each with its own parameters (temperature, top-k, top-p, seed, stop strings,
      max tokens).
@@ -103,7 +104,7 @@ class Request:
 
 
 class Scheduler:
-    """Runs requests on a SlotEngine (or anything with its slots / prefill / decode) in a
+    """Runs requests on a SlotEngine (or anything with its slots / prefill_many / decode) in a
     thread of its own. tokenizer: stream_decoder() and is_eog(token)."""
 
     def __init__(self, engine, tokenizer, *, max_queue: int = 256, prefill_chunk: int = 256,
@@ -244,20 +245,27 @@ class Scheduler:
         # up to prefill_chunk prompt tokens a step, oldest request first: several short
         # prompts start together, a long one goes a chunk at a time between decode steps
         budget = self.prefill_chunk
+        batch, chunks = [], []
         for r in [r for r in self.active if r.next_token is None]:
             if budget <= 0:
                 break
             chunk = r.ids[r.pos:r.pos + budget]
             budget -= len(chunk)
+            batch.append(r)
+            chunks.append(chunk)
+        if batch:
+            # the chunks of every new prompt in one forward: the experts are read once for all
             t0 = time.perf_counter()
-            logits = eng.prefill(r.slot, chunk)
-            r.stats.prefill_s += time.perf_counter() - t0
-            r.pos += len(chunk)
-            self.counts["prefill_tokens"] += len(chunk)
-            if r.pos == len(r.ids):
-                r.first = time.perf_counter()
-                self._observe_ttft(r.first - r.submitted)
-                self._take(r, logits)
+            logits = eng.prefill_many([r.slot for r in batch], chunks)
+            dt = time.perf_counter() - t0
+            for i, (r, chunk) in enumerate(zip(batch, chunks)):
+                r.stats.prefill_s += dt
+                r.pos += len(chunk)
+                self.counts["prefill_tokens"] += len(chunk)
+                if r.pos == len(r.ids):
+                    r.first = time.perf_counter()
+                    self._observe_ttft(r.first - r.submitted)
+                    self._take(r, logits[i])
         decoding = [r for r in self.active if r.next_token is not None]
         if decoding:
             logits = eng.decode([r.slot for r in decoding], [r.next_token for r in decoding])
