@@ -1,7 +1,10 @@
 """The server under concurrent clients: aggregate generated tokens/s and time to first token
 (p50 / p99) at 1, 4 and 16 clients, against a real `hybrid-run MODEL --serve` process on
-loopback; then where a batched decode step's time goes (attention per row, the rest per
-batch) at T = 1, 4, 16 in this process.
+loopback, and where the time goes at the highest level: the server's engine thread by part
+(prefill and decode forwards, sampling, text; from /metrics) and the process's CPU time by
+thread (engine, expert/torch workers, the HTTP event loop, the tokenizer pool; from /proc);
+then where a batched decode step's time goes (attention per row, the rest per batch) at
+T = 1, 4, 16 in this process.
 
 The model is --model, or the fixture builder's `TinyConfig.mid()` deepseek2 (2048 dims, 8
 layers, 64 experts of 1024, ~2 GB at Q4_K_M), built on first use into --cache-dir.
@@ -83,6 +86,48 @@ def _level(url, model, clients, requests, prompts, max_tokens):
     return sum(n for _, n in res) / wall, [t for t, _ in res]
 
 
+def _scheduler_s(url) -> dict:
+    """The server's scheduler_seconds_total by part."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^hybrid_scheduler_seconds_total\{part="(\w+)"\} (\S+)$', text, re.M)}
+
+
+THREAD_GROUPS = {"hybrid-engine": "engine thread", "hybrid-tokenize": "tokenizer pool"}
+
+
+def _thread_cpu(pid) -> dict:
+    """CPU seconds (user + system) of process pid's threads, by group: the main thread runs
+    the HTTP event loop; the rest are the expert engine's and torch's workers."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue            # a thread that just ended
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick          # utime, stime
+        group = ("HTTP event loop (main)" if int(tid) == pid else
+                 THREAD_GROUPS.get(comm, "expert / torch workers"))
+        out[group] = out.get(group, 0.0) + cpu
+    return out
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
+def _add(acc: dict, d: dict) -> None:
+    for k, v in d.items():
+        acc[k] = acc.get(k, 0.0) + v
+
+
 def _pct(xs, q):
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -95,8 +140,8 @@ def _breakdown(path, threads, sizes, ctx, steps=8):
     import hybrid
     from hybrid.runtime.batch import SlotEngine
 
-    rt = hybrid.load(path, device="cpu", threads=threads, ctx=ctx)
-    eng = SlotEngine(rt, max(sizes))
+    rt = hybrid.load(path, device="cpu", threads=threads, ctx=ctx, parallel=max(sizes))
+    eng = SlotEngine(rt)
     spent = {"attention": 0.0}
     import hybrid.runtime.batch as batch
 
@@ -153,7 +198,8 @@ def main(argv=None) -> int:
         from hybrid.fixtures import TinyConfig, build
 
         path = build(TinyConfig.mid(), "Q4_K_M", a.cache_dir)
-    print(f"model: {path} ({os.path.getsize(path) / 2**30:.2f} GiB), threads {a.threads}", flush=True)
+    print(f"model: {path} ({os.path.getsize(path) / 2**30:.2f} GiB), threads {a.threads}; load "
+          f"average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus", flush=True)
     ctx = a.prompt + a.max_tokens + 16
     proc, url = _start_server(path, a.threads, max(levels), ctx)
     try:
@@ -168,9 +214,17 @@ def main(argv=None) -> int:
 
         _one(url, model, prompts(1)[0], 4)                          # warm-up
         results = {c: ([], []) for c in levels}
+        top = max(levels)
+        parts, cpu, wall = {}, {}, [0.0]        # at the top level, summed over the runs
         for r in range(a.runs):
             for c in levels:
+                if c == top:
+                    s0, c0, t0 = _scheduler_s(url), _thread_cpu(proc.pid), time.perf_counter()
                 tps, ttfts = _level(url, model, c, a.requests, prompts(c * a.requests), a.max_tokens)
+                if c == top:
+                    wall[0] += time.perf_counter() - t0
+                    _add(parts, _delta(_scheduler_s(url), s0))
+                    _add(cpu, _delta(_thread_cpu(proc.pid), c0))
                 results[c][0].append(tps)
                 results[c][1].extend(ttfts)
                 print(f"  run {r + 1} clients {c:2d}: {tps:7.2f} tok/s", flush=True)
@@ -189,6 +243,14 @@ def main(argv=None) -> int:
     gen = re.search(r"^hybrid_generated_tokens_total (\S+)$", metrics, re.M)
     if steps and gen:
         print(f"server: {gen.group(1)} tokens in {steps.group(1)} decode steps")
+    w = wall[0]
+    busy = sum(parts.values())
+    print(f"\nwhere the time goes at {top} clients ({w:.1f} s of wall time over {a.runs} run(s); "
+          f"load average now {os.getloadavg()[0]:.2f}, {os.cpu_count()} cpus):")
+    print("  engine thread, wall: " + ", ".join(f"{k} {v:.2f} s ({v / w:.0%})" for k, v in parts.items())
+          + f", waiting for work {w - busy:.2f} s ({(w - busy) / w:.0%})")
+    print(f"  server CPU by thread ({sum(cpu.values()):.2f} s in all, {sum(cpu.values()) / w:.2f} cores): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])))
 
     if not a.no_breakdown:
         print("\nwhere a decode step's time goes (this process, same threads):")

@@ -340,6 +340,7 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
     from hybrid.runtime.batch import SlotEngine
     from hybrid.runtime.sampling import SamplingParams
     from hybrid.runtime.scheduler import TTFT_BUCKETS, QueueFull, Request as EngineRequest, Scheduler
+    from hybrid.runtime.scheduler import name_os_thread
 
     opt = options or ServeOptions()
     ChatRequest, CompletionRequest, OllamaChat, OllamaGenerate = _models()
@@ -351,7 +352,8 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
     chunk = min(opt.prefill_chunk, getattr(rt, "prefill_chunk", opt.prefill_chunk))
     sched = Scheduler(engine, tokenizer, max_queue=opt.max_queue, prefill_chunk=chunk,
                       prefix_cache=opt.prefix_cache)
-    tok_pool = concurrent.futures.ThreadPoolExecutor(opt.tokenizer_threads, "hybrid-tokenize")
+    tok_pool = concurrent.futures.ThreadPoolExecutor(opt.tokenizer_threads, "hybrid-tokenize",
+                                                     initializer=name_os_thread, initargs=("hybrid-tokenize",))
     ctx = engine.ctx
     cap = min(opt.max_tokens_cap or ctx, ctx)
     created = int(time.time())
@@ -587,6 +589,10 @@ def create_app(rt, *, model: str, aliases=(), system: str | None = None, show_th
         metric("generated_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
                [("", f"{sched.tokens_per_s():.3f}")])
         metric("decode_steps_total", "counter", "Batched decode steps.", [("", sched.steps)])
+        metric("scheduler_seconds_total", "counter",
+               "Seconds of the engine thread by part: prefill and decode forwards, sampling, text "
+               "(detokenize, stop strings, hand-off to the clients).",
+               [(f'{{part="{k}"}}', f"{v:.6f}") for k, v in sched.busy_s.items()])
         cum, samples = 0, []
         for b, n in zip(list(TTFT_BUCKETS) + ["+Inf"], sched.ttft_buckets):
             cum += n

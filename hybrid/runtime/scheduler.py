@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,10 +30,23 @@ from hybrid.runtime.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QueueFull", "Request", "RequestStats", "Scheduler", "TextStream"]
+__all__ = ["QueueFull", "Request", "RequestStats", "Scheduler", "TextStream", "name_os_thread"]
 
 # time-to-first-token histogram buckets (seconds), Prometheus style (upper bounds)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` where the OS shows it (Linux: top -H, /proc/*/task/*/comm;
+    15 characters at most), so that a thread's CPU time can be told apart; best effort."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)    # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 class QueueFull(Exception):
@@ -124,6 +138,9 @@ class Scheduler:
         self.ttft_sum = 0.0
         self.steps = 0
         self.max_batch = 0
+        # seconds the scheduler thread spent per part of its work: prefill and decode
+        # forwards, sampling, text (detokenize, stop strings, handing pieces to the clients)
+        self.busy_s = dict.fromkeys(("prefill", "decode", "sample", "text"), 0.0)
         self._recent: collections.deque = collections.deque()   # (time, tokens) of recent steps
 
     @property
@@ -190,6 +207,7 @@ class Scheduler:
     # -- the scheduler thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread("hybrid-engine")
         while True:
             with self._cond:
                 self._drop_cancelled()
@@ -258,6 +276,7 @@ class Scheduler:
             t0 = time.perf_counter()
             logits = eng.prefill_many([r.slot for r in batch], chunks)
             dt = time.perf_counter() - t0
+            self.busy_s["prefill"] += dt
             for i, (r, chunk) in enumerate(zip(batch, chunks)):
                 r.stats.prefill_s += dt
                 r.pos += len(chunk)
@@ -268,7 +287,9 @@ class Scheduler:
                     self._take(r, logits[i])
         decoding = [r for r in self.active if r.next_token is not None]
         if decoding:
+            t0 = time.perf_counter()
             logits = eng.decode([r.slot for r in decoding], [r.next_token for r in decoding])
+            self.busy_s["decode"] += time.perf_counter() - t0
             self.steps += 1
             self.max_batch = max(self.max_batch, len(decoding))
             for i, r in enumerate(decoding):
@@ -276,14 +297,23 @@ class Scheduler:
 
     def _take(self, r: Request, logits: torch.Tensor) -> None:
         """Sample r's next token from its logits, emit its text, finish it or queue the token."""
+        t0 = time.perf_counter()
         tok = r.sampler(logits, r.history)
+        now = time.perf_counter()
+        self.busy_s["sample"] += now - t0
         r.history.append(tok)
         r.stats.completion_tokens += 1
         self.counts["generated_tokens"] += 1
-        now = time.perf_counter()
         self._recent.append((now, 1))
         while self._recent and self._recent[0][0] < now - 60:
             self._recent.popleft()
+        try:
+            self._text(r, tok)
+        finally:
+            self.busy_s["text"] += time.perf_counter() - now
+
+    def _text(self, r: Request, tok: int) -> None:
+        """Emit tok's text; finish r (end of text, stop string, max tokens) or queue tok."""
         if r.stop_at_eos and self.tokenizer.is_eog(tok):
             return self._finish(r, reason="stop")
         piece, stopped = r.text.push(tok)
