@@ -743,7 +743,7 @@ MUTANTS: list[Mutant] = [
            "the runtime allocates one cache for a plan of N slots: the server runs one request at a time"),
     Mutant("issue16-slot-engine-allocates-its-own", "hybrid/runtime/batch.py",
            "        self.slots = [Slot(i, c) for i, c in enumerate(rt.slot_caches[:n_slots])]",
-           "        self.slots = [Slot(i, rt.model.new_cache(self.ctx, device=device)) for i in range(n_slots)]",
+           "        self.slots = [Slot(i, rt.model.new_cache(self.ctx, device=rt.device)) for i in range(n_slots)]",
            ("tests/test_serve_slots.py", "-k", "n_caches"),
            "the server allocates KV caches beside the plan's (twice the memory the plan counted)"),
     Mutant("issue16-default-slots-ignore-memory", "placement/solver.py",

@@ -67,15 +67,15 @@ class SlotEngine:
         self.rt = rt
         self.model = rt.model
         self.ctx = int(rt.ctx)
-        device = rt.device
         self.slots = [Slot(i, c) for i, c in enumerate(rt.slot_caches[:n_slots])]
         # Attention of a decode step: batched (projections once over all rows, see
-        # attention_rows), or per row through the call a single-sequence decode makes. On
-        # the CPU per row wins: the fused native layer is one call where the batched path
-        # is ~10 torch ops a row, and a layer's weights stay in cache from row to row
-        # (TinyConfig.mid, 2 cores: equal at 16 rows, 4 ms a token faster alone;
-        # bench/bench_serve.py compares). On a GPU, per-row calls would be launch-bound.
-        self.batched_attention = device.type != "cpu"
+        # attention_rows), not per row through the call a single-sequence decode makes. On
+        # the CPU too: per row, each row's fused native layer is a job for the engine's
+        # workers, 16 rows x L layers jobs a step, and on a busy machine a worker that lost
+        # its core stalls every one of them (TinyConfig.mid, 2 shared cores, load ~4: 16
+        # requests 12-14 tok/s per row vs 28-61 batched; one request alone 20 vs 14-17 tok/s).
+        # The same path at every T keeps a request's numbers independent of its company.
+        self.batched_attention = True
         rt.reset()   # slot 0's cache no longer belongs to generate()
 
     @property
