@@ -354,10 +354,11 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     wl.validate()
     pol.validate()
     if wl.batch is None:
-        n = most_slots(inv, hw, wl, pol, SLOTS_MAX)
+        cap = min(SLOTS_MAX, wl.prefill_chunk)    # a decode step of every slot is one chunk
+        n = most_slots(inv, hw, wl, pol, cap)
         wl = replace(wl, batch=max(1, n))
         plan = _choose(inv, hw, wl, pol)
-        plan.kv_slots_reason = _slots_reason(plan, n)
+        plan.kv_slots_reason = _slots_reason(plan, n, cap)
     else:
         plan = _choose(inv, hw, wl, pol)
         if wl.batch > 1 and not plan.fits:
@@ -388,14 +389,15 @@ def _kv_room(plan) -> str:
     return "gpu0" if plan.kv_cache_device == "gpu0" else "host RAM"
 
 
-def _slots_reason(plan, n: int) -> str:
-    """Why the solver chose plan.kv_slots by itself (most_slots gave n)."""
+def _slots_reason(plan, n: int, cap: int) -> str:
+    """Why the solver chose plan.kv_slots by itself (most_slots gave n of at most cap)."""
     per = fmt_bytes(plan.kv_slot_bytes)
     if n == 0:
         return "the plan does not fit even with one slot"
-    if n == SLOTS_MAX:
-        return (f"the most the solver picks without --parallel; their caches ({per} each) fit "
-                f"{_kv_room(plan)} after the weights and reserves")
+    if n == cap:
+        return (f"the most the solver picks without --parallel ({SLOTS_MAX}, and no more than "
+                f"--prefill-chunk); their caches ({per} each) fit {_kv_room(plan)} after the "
+                f"weights and reserves")
     return (f"the most whose caches ({per} each) fit {_kv_room(plan)} after the weights and "
             f"reserves; {n + 1} would not")
 
@@ -1023,7 +1025,8 @@ _WL_KEYS = ("context", "batch", "prefill_chunk", "gpu_prefill_chunk", "allow_lon
 def build_inputs(hardware=None, profile=None, measure=True, **overrides):
     """Split keyword overrides into (Hardware, Workload, Policy). Unknown keys are an error.
 
-    Workload keys: context (or ctx), batch (KV slots; None: the most that fit), prefill_chunk, gpu_prefill_chunk, allow_long_context.
+    Workload keys: context (or ctx), batch (KV slots; None: the most that fit), prefill_chunk,
+    gpu_prefill_chunk, allow_long_context.
     Policy keys: any Policy field (numa, gpu_weight_format or gpu_format, cpu_only, threads,
     expert_stats, ...). Hardware keys: placement.hardware.HW_OVERRIDES but threads (gpu_mem, ram,
     numa_nodes, cores, threads_per_core, bind_node, allowed_mems, allowed_cpus, ram_bandwidth, ...).
