@@ -729,6 +729,16 @@ MUTANTS: list[Mutant] = [
            "        pol = replace(pol, cpu_linear_min_bytes=MiB)",
            ("tests/test_cli.py", "-k", "plans_what_the_dry_run"),
            "issue 19 case 4: the dry-run's estimate (134 tok/s) is not the run header's (176)"),
+    Mutant("issue14b-linear-type-missing", "placement/solver.py",
+           "16, 17, 22, 18, 21, 19, 29})", "16, 17, 22, 18, 21, 19})",
+           ("tests/test_native_linear_types.py", "-k", "IQ1_M and (llama or solver)"),
+           "issue 14: IQ1_M CPU linears become f32 copies (8x the file's bytes) the plan counts "
+           "or not, instead of running natively in their blocks"),
+    Mutant("issue14b-prefill-dots-one-token", "native/matmul.cpp",
+           "for (; t < t1; t++) y[t * a.y_stride + r] = dot(a.K, wr, acts + t * j.act_bytes);",
+           "for (; t < t1; t++) y[t * a.y_stride + r] = dot(a.K, wr, acts + t0 * j.act_bytes);",
+           ("tests/test_native_linear_types.py", "-k", "llama and IQ2_XXS"),
+           "issue 14: prefill (T > 1) of a type without tile kernels reads one token's activations"),
 ]
 
 
