@@ -874,36 +874,60 @@ static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc);
 }
 
-// ---------------------------------------------------------------- dots: IQ2_XXS / IQ3_S / IQ1_S
+// ---------------------------------------------------------------- dots: IQ2_XXS / IQ3_S / IQ1_S / ...
 // Grid entries are gathered as 4 x 8 bytes (8 x 4 for IQ3_S) per 32 quants with scalar loads
 // (the index arithmetic is scalar anyway); signs become +1 / -1 bytes applied to the
 // activations, so one maddubs (unsigned grid values x signed activations) and one madd with
 // the sub-block's odd scale give 8 int32 lanes per sub-block.
+//
+// Unpacking a sub-block (table lookups, sign and scale bits) costs several times its
+// products, so each kernel is written for R activation rows: dot is R = 1, dot4 (prefill,
+// several tokens per expert) unpacks once for 4 rows with each row's operations unchanged,
+// bit-identical to its dot.
 
-static float dot_iq2_xxs(int64_t n, const void* w, const void* a) {
-    const block_iq2_xxs* x = (const block_iq2_xxs*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
+// One sub-block of 32 weights made ready for the activations: the products are
+// madd(maddubs(g, sign(q8, s)), sc), summed per row.
+struct lattice_sub {
+    __m256i g, s, sc;
+};
+
+// The lattice types of this form: `unpack(block, ib)` gives sub-block ib; the float result is
+// the sum over blocks of d * d8 * (integer sum), divided by `div` (the grids' scale: 8 or 4).
+template <int R, class Block, int div, lattice_sub (*unpack)(const Block&, int)>
+static inline void lattice_rows(int64_t n, const Block* x, const block_q8_K* const* ys, float* out) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_xxs));
-        __m256i sumi = _mm256_setzero_si256();
+        prefetch_block((const uint8_t*)&x[b], sizeof(Block));
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
-            uint32_t aux[2];
-            std::memcpy(aux, x[b].qs + 4 * ib, 8);
-            const uint8_t* idx = (const uint8_t*)aux;
-            const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
-                                                (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
-            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[(aux[1] >> 21) & 127],
-                                                (long long)kIQSignBytes.v[(aux[1] >> 14) & 127],
-                                                (long long)kIQSignBytes.v[(aux[1] >> 7) & 127],
-                                                (long long)kIQSignBytes.v[aux[1] & 127]);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
-            const __m256i p = _mm256_maddubs_epi16(g, q8);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)(2 * (aux[1] >> 28) + 1))));
+            const lattice_sub u = unpack(x[b], ib);
+            for (int r = 0; r < R; r++) {
+                const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib)), u.s);
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u.g, q8), u.sc));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+        const float d = h2f(x[b].d);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ys[r][b].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
     }
-    return 0.125f * hsum_ps(acc);
+    for (int r = 0; r < R; r++) out[r] = (1.0f / div) * hsum_ps(acc[r]);
+}
+
+// 4 sign bytes (8 signs each) from 4 7-bit indices into iq_ksigns, bits 0-27 of `bits`.
+static inline __m256i ksigns_4(uint32_t bits) {
+    return _mm256_set_epi64x((long long)kIQSignBytes.v[(bits >> 21) & 127], (long long)kIQSignBytes.v[(bits >> 14) & 127],
+                             (long long)kIQSignBytes.v[(bits >> 7) & 127], (long long)kIQSignBytes.v[bits & 127]);
+}
+
+static inline lattice_sub iq2_xxs_sub(const block_iq2_xxs& x, int ib) {
+    uint32_t aux[2];
+    std::memcpy(aux, x.qs + 4 * ib, 8);
+    const uint8_t* idx = (const uint8_t*)aux;
+    const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
+                                        (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
+    return {g, ksigns_4(aux[1]), _mm256_set1_epi16((short)(2 * (aux[1] >> 28) + 1))};
 }
 
 // 32 bytes: 0xff where bit j of `bits` is set, else 0x01 (a sign per element).
@@ -916,58 +940,16 @@ static inline __m256i bits_to_signs(uint32_t bits) {
     return _mm256_or_si256(v, _mm256_set1_epi8(1));
 }
 
-static float dot_iq3_s(int64_t n, const void* w, const void* a) {
-    const block_iq3_s* x = (const block_iq3_s*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq3_s));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* qs = x[b].qs + 8 * ib;
-            const int h = x[b].qh[ib];
-            int e[8];
-            for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];
-            const __m256i g = _mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]);
-            uint32_t sb;
-            std::memcpy(&sb, x[b].signs + 4 * ib, 4);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), bits_to_signs(sb));
-            const int ls = 1 + 2 * ((x[b].scales[ib / 2] >> (4 * (ib % 2))) & 0xF);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), _mm256_set1_epi16((short)ls)));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return hsum_ps(acc);
-}
-
-// IQ1_S: grid values -1 / 0 / 1 apply to the activations with one vpsignb; the +-1/8 shift
-// is the sub-block's activation sum (bsums) times its scale, as in llama.cpp.
-static float dot_iq1_s(int64_t n, const void* w, const void* a) {
-    const block_iq1_s* x = (const block_iq1_s*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    const __m256i ones = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_s));
-        __m256i sumi = _mm256_setzero_si256();
-        int sumi1 = 0;
-        for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* qs = x[b].qs + 4 * ib;
-            const int h = x[b].qh[ib];
-            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[qs[3] | (((h >> 9) & 7) << 8)],
-                                                (long long)kIQ1SGrid[qs[2] | (((h >> 6) & 7) << 8)],
-                                                (long long)kIQ1SGrid[qs[1] | (((h >> 3) & 7) << 8)],
-                                                (long long)kIQ1SGrid[qs[0] | ((h & 7) << 8)]);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), g);
-            const int ls = 2 * ((h >> 12) & 7) + 1;
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, q8), _mm256_set1_epi16((short)ls)));
-            sumi1 += ls * ((h & 0x8000) ? -1 : 1) * (y[b].bsums[2 * ib] + y[b].bsums[2 * ib + 1]);
-        }
-        const float d = h2f(x[b].d) * y[b].d;
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        acc = _mm256_add_ps(acc, _mm256_setr_ps(d * kIQ1SDelta * (float)sumi1, 0, 0, 0, 0, 0, 0, 0));
-    }
-    return hsum_ps(acc);
+static inline lattice_sub iq3_s_sub(const block_iq3_s& x, int ib) {
+    const uint8_t* qs = x.qs + 8 * ib;
+    const int h = x.qh[ib];
+    int e[8];
+    for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];
+    uint32_t sb;
+    std::memcpy(&sb, x.signs + 4 * ib, 4);
+    const int ls = 1 + 2 * ((x.scales[ib / 2] >> (4 * (ib % 2))) & 0xF);
+    return {_mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]), bits_to_signs(sb),
+            _mm256_set1_epi16((short)ls)};
 }
 
 // IQ2_XS / IQ2_S: a scale per 16 values, i.e. per 128-bit lane of the madd.
@@ -975,93 +957,116 @@ static inline __m256i lane_scales(int s_lo, int s_hi) {
     return _mm256_set_m128i(_mm_set1_epi16((short)(2 * s_hi + 1)), _mm_set1_epi16((short)(2 * s_lo + 1)));
 }
 
-static float dot_iq2_xs(int64_t n, const void* w, const void* a) {
-    const block_iq2_xs* x = (const block_iq2_xs*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_xs));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int ib = 0; ib < 8; ib++) {
-            const uint16_t* q = x[b].qs + 4 * ib;
-            const __m256i g = _mm256_set_epi64x((long long)kIQ2XSGrid[q[3] & 511], (long long)kIQ2XSGrid[q[2] & 511],
-                                                (long long)kIQ2XSGrid[q[1] & 511], (long long)kIQ2XSGrid[q[0] & 511]);
-            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[q[3] >> 9], (long long)kIQSignBytes.v[q[2] >> 9],
-                                                (long long)kIQSignBytes.v[q[1] >> 9], (long long)kIQSignBytes.v[q[0] >> 9]);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
-            const __m256i sc = lane_scales(x[b].scales[ib] & 0xF, x[b].scales[ib] >> 4);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), sc));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return 0.125f * hsum_ps(acc);
+static inline lattice_sub iq2_xs_sub(const block_iq2_xs& x, int ib) {
+    const uint16_t* q = x.qs + 4 * ib;
+    const __m256i g = _mm256_set_epi64x((long long)kIQ2XSGrid[q[3] & 511], (long long)kIQ2XSGrid[q[2] & 511],
+                                        (long long)kIQ2XSGrid[q[1] & 511], (long long)kIQ2XSGrid[q[0] & 511]);
+    const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[q[3] >> 9], (long long)kIQSignBytes.v[q[2] >> 9],
+                                        (long long)kIQSignBytes.v[q[1] >> 9], (long long)kIQSignBytes.v[q[0] >> 9]);
+    return {g, s, lane_scales(x.scales[ib] & 0xF, x.scales[ib] >> 4)};
 }
 
-static float dot_iq2_s(int64_t n, const void* w, const void* a) {
-    const block_iq2_s* x = (const block_iq2_s*)w;
+static inline lattice_sub iq2_s_sub(const block_iq2_s& x, int ib) {
+    const uint8_t* q = x.qs + 4 * ib;
+    const int h = x.qh[ib];
+    const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[q[3] | ((h >> 6) & 3) << 8],
+                                        (long long)kIQ2SGrid[q[2] | ((h >> 4) & 3) << 8],
+                                        (long long)kIQ2SGrid[q[1] | ((h >> 2) & 3) << 8],
+                                        (long long)kIQ2SGrid[q[0] | (h & 3) << 8]);
+    uint32_t sb;
+    std::memcpy(&sb, x.qs + 32 + 4 * ib, 4);
+    return {g, bits_to_signs(sb), lane_scales(x.scales[ib] & 0xF, x.scales[ib] >> 4)};
+}
+
+static inline lattice_sub iq3_xxs_sub(const block_iq3_xxs& x, int ib) {
+    const uint8_t* q = x.qs + 8 * ib;
+    uint32_t aux;
+    std::memcpy(&aux, x.qs + 64 + 4 * ib, 4);
+    const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
+                                        (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
+                                        (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
+    return {g, ksigns_4(aux), _mm256_set1_epi16((short)(2 * (aux >> 28) + 1))};
+}
+
+// dot (one row) and dot4 (four rows) of a lattice_rows kernel.
+template <class Block, int div, lattice_sub (*unpack)(const Block&, int)>
+static float dot_lattice(int64_t n, const void* w, const void* a) {
     const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
+    float out;
+    lattice_rows<1, Block, div, unpack>(n, (const Block*)w, &y, &out);
+    return out;
+}
+
+template <class Block, int div, lattice_sub (*unpack)(const Block&, int)>
+static void dot4_lattice(int64_t n, const void* w, const void* const* a, float* out) {
+    lattice_rows<4, Block, div, unpack>(n, (const Block*)w, (const block_q8_K* const*)a, out);
+}
+
+// IQ1_S: grid values -1 / 0 / 1 apply to the activations with one vpsignb; the +-1/8 shift
+// is the sub-block's activation sum (bsums) times its scale, as in llama.cpp.
+template <int R>
+static inline void dot_iq1_s_rows(int64_t n, const block_iq1_s* x, const block_q8_K* const* ys, float* out) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_s));
-        __m256i sumi = _mm256_setzero_si256();
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_s));
+        __m256i sumi[R];
+        int sumi1[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256(), sumi1[r] = 0;
         for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* q = x[b].qs + 4 * ib;
+            const uint8_t* qs = x[b].qs + 4 * ib;
             const int h = x[b].qh[ib];
-            const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[q[3] | ((h >> 6) & 3) << 8],
-                                                (long long)kIQ2SGrid[q[2] | ((h >> 4) & 3) << 8],
-                                                (long long)kIQ2SGrid[q[1] | ((h >> 2) & 3) << 8],
-                                                (long long)kIQ2SGrid[q[0] | (h & 3) << 8]);
-            uint32_t sb;
-            std::memcpy(&sb, x[b].qs + 32 + 4 * ib, 4);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), bits_to_signs(sb));
-            const __m256i sc = lane_scales(x[b].scales[ib] & 0xF, x[b].scales[ib] >> 4);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), sc));
+            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[qs[3] | (((h >> 9) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[2] | (((h >> 6) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[1] | (((h >> 3) & 7) << 8)],
+                                                (long long)kIQ1SGrid[qs[0] | ((h & 7) << 8)]);
+            const int ls = 2 * ((h >> 12) & 7) + 1;
+            const __m256i sc = _mm256_set1_epi16((short)ls);
+            const int sls = (h & 0x8000) ? -ls : ls;
+            for (int r = 0; r < R; r++) {
+                const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib)), g);
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, q8), sc));
+                sumi1[r] += sls * (ys[r][b].bsums[2 * ib] + ys[r][b].bsums[2 * ib + 1]);
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+        const float dx = h2f(x[b].d);
+        for (int r = 0; r < R; r++) {
+            const float d = dx * ys[r][b].d;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            acc[r] = _mm256_add_ps(acc[r], _mm256_setr_ps(d * kIQ1SDelta * (float)sumi1[r], 0, 0, 0, 0, 0, 0, 0));
+        }
     }
-    return 0.125f * hsum_ps(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
 }
 
-static float dot_iq3_xxs(int64_t n, const void* w, const void* a) {
-    const block_iq3_xxs* x = (const block_iq3_xxs*)w;
+static float dot_iq1_s(int64_t n, const void* w, const void* a) {
     const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq3_xxs));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* q = x[b].qs + 8 * ib;
-            uint32_t aux;
-            std::memcpy(&aux, x[b].qs + 64 + 4 * ib, 4);
-            const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
-                                                (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
-                                                (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
-            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[(aux >> 21) & 127],
-                                                (long long)kIQSignBytes.v[(aux >> 14) & 127],
-                                                (long long)kIQSignBytes.v[(aux >> 7) & 127],
-                                                (long long)kIQSignBytes.v[aux & 127]);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
-            const __m256i p = _mm256_maddubs_epi16(g, q8);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)(2 * (aux >> 28) + 1))));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return 0.25f * hsum_ps(acc);
+    float out;
+    dot_iq1_s_rows<1>(n, (const block_iq1_s*)w, &y, &out);
+    return out;
+}
+
+static void dot4_iq1_s(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_iq1_s_rows<4>(n, (const block_iq1_s*)w, (const block_q8_K* const*)a, out);
 }
 
 // IQ1_M: as IQ1_S with a scale per 16 values and a delta sign per group of 8, whose term is
 // the group's activation sum (there are no bsums per 8): a second maddubs on the activations
 // with the delta signs applied.
-static float dot_iq1_m(int64_t n, const void* w, const void* a) {
-    const block_iq1_m* x = (const block_iq1_m*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
+template <int R>
+static inline void dot_iq1_m_rows(int64_t n, const block_iq1_m* x, const block_q8_K* const* ys, float* out) {
     const __m256i ones = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
+    // bits 3, 7, 11, 15 of qh[2i] | qh[2i + 1] << 8: the delta signs of groups 0-3
+    const __m256i dbit = _mm256_set_epi64x(0x8000, 0x800, 0x80, 0x8);
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_m));
         uint16_t sc[4];
         std::memcpy(sc, x[b].scales, 8);
-        __m256i sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256();
+        __m256i sumi1[R], sumi2[R];
+        for (int r = 0; r < R; r++) sumi1[r] = sumi2[r] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
             const uint8_t* qs = x[b].qs + 4 * ib;
             const int h0 = x[b].qh[2 * ib], h1 = x[b].qh[2 * ib + 1];
@@ -1069,19 +1074,35 @@ static float dot_iq1_m(int64_t n, const void* w, const void* a) {
                                                 (long long)kIQ1SGrid[qs[2] | (h1 & 7) << 8],
                                                 (long long)kIQ1SGrid[qs[1] | ((h0 >> 4) & 7) << 8],
                                                 (long long)kIQ1SGrid[qs[0] | (h0 & 7) << 8]);
-            const auto dsign = [](int nib) { return (long long)((nib & 8) ? 0xffffffffffffffffull : 0x0101010101010101ull); };
-            const __m256i ds = _mm256_set_epi64x(dsign(h1 >> 4), dsign(h1), dsign(h0 >> 4), dsign(h0));
-            const __m256i q8 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib));
+            const __m256i ds = _mm256_or_si256(
+                _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(h0 | h1 << 8), dbit), dbit), ones);
             const int s = sc[ib / 2] >> (6 * (ib % 2));
             const __m256i ls = lane_scales(s & 7, (s >> 3) & 7);
-            sumi1 = _mm256_add_epi32(sumi1, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, g)), ls));
-            sumi2 = _mm256_add_epi32(sumi2, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, ds)), ls));
+            for (int r = 0; r < R; r++) {
+                const __m256i q8 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib));
+                sumi1[r] = _mm256_add_epi32(sumi1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, g)), ls));
+                sumi2[r] = _mm256_add_epi32(sumi2[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, ds)), ls));
+            }
         }
-        const float d = h2f(iq1_m_d(x[b])) * y[b].d;
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi1), acc);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * kIQ1SDelta), _mm256_cvtepi32_ps(sumi2), acc);
+        const float dx = h2f(iq1_m_d(x[b]));
+        for (int r = 0; r < R; r++) {
+            const float d = dx * ys[r][b].d;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi1[r]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * kIQ1SDelta), _mm256_cvtepi32_ps(sumi2[r]), acc[r]);
+        }
     }
-    return hsum_ps(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+static float dot_iq1_m(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_iq1_m_rows<1>(n, (const block_iq1_m*)w, &y, &out);
+    return out;
+}
+
+static void dot4_iq1_m(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_iq1_m_rows<4>(n, (const block_iq1_m*)w, (const block_q8_K* const*)a, out);
 }
 
 // Fills every entry this header implements.
@@ -1113,13 +1134,20 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot4[GGML_Q2_K] = dot4_q2_K;
     t->dot[GGML_IQ4_NL] = dot_iq4_nl_t<dot_u8s8_32>;
     t->dot[GGML_IQ4_XS] = dot_iq4_xs;
-    t->dot[GGML_IQ2_XXS] = dot_iq2_xxs;
-    t->dot[GGML_IQ3_S] = dot_iq3_s;
+    t->dot[GGML_IQ2_XXS] = dot_lattice<block_iq2_xxs, 8, iq2_xxs_sub>;
+    t->dot[GGML_IQ2_XS] = dot_lattice<block_iq2_xs, 8, iq2_xs_sub>;
+    t->dot[GGML_IQ2_S] = dot_lattice<block_iq2_s, 8, iq2_s_sub>;
+    t->dot[GGML_IQ3_XXS] = dot_lattice<block_iq3_xxs, 4, iq3_xxs_sub>;
+    t->dot[GGML_IQ3_S] = dot_lattice<block_iq3_s, 1, iq3_s_sub>;
     t->dot[GGML_IQ1_S] = dot_iq1_s;
-    t->dot[GGML_IQ2_XS] = dot_iq2_xs;
-    t->dot[GGML_IQ2_S] = dot_iq2_s;
-    t->dot[GGML_IQ3_XXS] = dot_iq3_xxs;
     t->dot[GGML_IQ1_M] = dot_iq1_m;
+    t->dot4[GGML_IQ2_XXS] = dot4_lattice<block_iq2_xxs, 8, iq2_xxs_sub>;
+    t->dot4[GGML_IQ2_XS] = dot4_lattice<block_iq2_xs, 8, iq2_xs_sub>;
+    t->dot4[GGML_IQ2_S] = dot4_lattice<block_iq2_s, 8, iq2_s_sub>;
+    t->dot4[GGML_IQ3_XXS] = dot4_lattice<block_iq3_xxs, 4, iq3_xxs_sub>;
+    t->dot4[GGML_IQ3_S] = dot4_lattice<block_iq3_s, 1, iq3_s_sub>;
+    t->dot4[GGML_IQ1_S] = dot4_iq1_s;
+    t->dot4[GGML_IQ1_M] = dot4_iq1_m;
     t->dot4[GGML_Q3_K] = dot4_q3_K;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
