@@ -739,6 +739,17 @@ MUTANTS: list[Mutant] = [
            "for (; t < t1; t++) y[t * a.y_stride + r] = dot(a.K, wr, acts + t0 * j.act_bytes);",
            ("tests/test_native_linear_types.py", "-k", "llama and IQ2_XXS"),
            "issue 14: prefill (T > 1) of a type without tile kernels reads one token's activations"),
+    Mutant("issue14b-avx512-foreign-dot4", "native/arch/x86/avx512.cpp",
+           "        if (t->dot[i] != avx2_level.dot[i]) t->dot4[i] = nullptr;",
+           "        if (false) t->dot4[i] = nullptr;",
+           ("tests/test_kernels.py", "-k", "emulation"),
+           "issue 14: AVX-512 keeps AVX2 4-row dots beside its own single dots: prefill and "
+           "decode of a Q2_K / Q4_K model disagree in the last bits"),
+    Mutant("issue14b-lattice-dot4-row-mixup", "native/arch/x86/x86_avx2_kernels.h",
+           "const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib)), u.s);",
+           "const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[0][b].qs + 32 * ib)), u.s);",
+           ("tests/test_kernels.py", "-k", "batched_tokens and IQ2"),
+           "issue 14: the lattice types' 4-token dot reads the first token's activations for all four"),
 ]
 
 
