@@ -1003,7 +1003,8 @@ static void dot4_lattice(int64_t n, const void* w, const void* const* a, float* 
 }
 
 // IQ1_S: grid values -1 / 0 / 1 apply to the activations with one vpsignb; the +-1/8 shift
-// is the sub-block's activation sum (bsums) times its scale, as in llama.cpp.
+// is each sub-block's activation sum (bsums) times its signed scale, as in llama.cpp: one
+// madd over the block's 16 bsums.
 template <int R>
 static inline void dot_iq1_s_rows(int64_t n, const block_iq1_s* x, const block_q8_K* const* ys, float* out) {
     const __m256i ones = _mm256_set1_epi8(1);
@@ -1011,9 +1012,14 @@ static inline void dot_iq1_s_rows(int64_t n, const block_iq1_s* x, const block_q
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_s));
+        // qh[i]: bits 12-14 the scale s of sub-block i (2s + 1), bit 15 its delta's sign
+        const __m128i qh = _mm_loadu_si128((const __m128i*)x[b].qh);
+        const __m128i ls = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(qh, 11), _mm_set1_epi16(14)), _mm_set1_epi16(1));
+        const __m128i sls = _mm_sign_epi16(ls, _mm_or_si128(qh, _mm_set1_epi16(1)));
+        const __m256i sls2 = _mm256_set_m128i(_mm_unpackhi_epi16(sls, sls), _mm_unpacklo_epi16(sls, sls));
+        const __m256i ls2 = _mm256_broadcastsi128_si256(ls);
         __m256i sumi[R];
-        int sumi1[R];
-        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256(), sumi1[r] = 0;
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
             const uint8_t* qs = x[b].qs + 4 * ib;
             const int h = x[b].qh[ib];
@@ -1021,20 +1027,19 @@ static inline void dot_iq1_s_rows(int64_t n, const block_iq1_s* x, const block_q
                                                 (long long)kIQ1SGrid[qs[2] | (((h >> 6) & 7) << 8)],
                                                 (long long)kIQ1SGrid[qs[1] | (((h >> 3) & 7) << 8)],
                                                 (long long)kIQ1SGrid[qs[0] | ((h & 7) << 8)]);
-            const int ls = 2 * ((h >> 12) & 7) + 1;
-            const __m256i sc = _mm256_set1_epi16((short)ls);
-            const int sls = (h & 0x8000) ? -ls : ls;
+            const __m256i sc = _mm256_shuffle_epi8(ls2, _mm256_set1_epi16((short)(2 * ib | (2 * ib + 1) << 8)));
             for (int r = 0; r < R; r++) {
                 const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib)), g);
                 sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, q8), sc));
-                sumi1[r] += sls * (ys[r][b].bsums[2 * ib] + ys[r][b].bsums[2 * ib + 1]);
             }
         }
         const float dx = h2f(x[b].d);
         for (int r = 0; r < R; r++) {
+            const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)ys[r][b].bsums), sls2);
+            const int sumi1 = hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1)));
             const float d = dx * ys[r][b].d;
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            acc[r] = _mm256_add_ps(acc[r], _mm256_setr_ps(d * kIQ1SDelta * (float)sumi1[r], 0, 0, 0, 0, 0, 0, 0));
+            acc[r] = _mm256_add_ps(acc[r], _mm256_setr_ps(d * kIQ1SDelta * (float)sumi1, 0, 0, 0, 0, 0, 0, 0));
         }
     }
     for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
