@@ -891,18 +891,20 @@ struct lattice_sub {
     __m256i g, s, sc;
 };
 
-// The lattice types of this form: `unpack(block, ib)` gives sub-block ib; the float result is
-// the sum over blocks of d * d8 * (integer sum), divided by `div` (the grids' scale: 8 or 4).
-template <int R, class Block, int div, lattice_sub (*unpack)(const Block&, int)>
+// The lattice types of this form: `Unpack u(block)` reads what the block shares (scales),
+// `u(ib)` gives sub-block ib; the float result is the sum over blocks of d * d8 * (integer
+// sum), divided by `div` (the grids' scale: 8 or 4).
+template <int R, class Block, int div, class Unpack>
 static inline void lattice_rows(int64_t n, const Block* x, const block_q8_K* const* ys, float* out) {
     __m256 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(Block));
+        const Unpack unpack(x[b]);
         __m256i sumi[R];
         for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
-            const lattice_sub u = unpack(x[b], ib);
+            const lattice_sub u = unpack(ib);
             for (int r = 0; r < R; r++) {
                 const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib)), u.s);
                 sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u.g, q8), u.sc));
@@ -915,20 +917,40 @@ static inline void lattice_rows(int64_t n, const Block* x, const block_q8_K* con
     for (int r = 0; r < R; r++) out[r] = (1.0f / div) * hsum_ps(acc[r]);
 }
 
+// Sub-block scales as madd factors: `s` holds up to 16 odd scales 2s + 1 as bytes (in both
+// lanes); the result has byte `lo`'s in the 8 int16 of lane 0, byte `hi`'s in lane 1 (a scale
+// per 16 values), with one pshufb instead of two broadcasts and an insert per sub-block.
+static inline __m256i pick_scales(__m256i s, int lo, int hi) {
+    return _mm256_shuffle_epi8(s, _mm256_set_m128i(_mm_set1_epi16((short)(0x8000 | hi)), _mm_set1_epi16((short)(0x8000 | lo))));
+}
+
+// The 2 * nbytes 4-bit scales at p, low nibble first, as odd scales 2s + 1 for pick_scales.
+static inline __m256i nibble_scales(const uint8_t* p, int nbytes) {
+    uint64_t v = 0;
+    std::memcpy(&v, p, nbytes);
+    const __m128i b = _mm_cvtsi64_si128((long long)v), m = _mm_set1_epi8(0xF);
+    const __m128i s = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm256_broadcastsi128_si256(_mm_or_si128(_mm_add_epi8(s, s), _mm_set1_epi8(1)));
+}
+
 // 4 sign bytes (8 signs each) from 4 7-bit indices into iq_ksigns, bits 0-27 of `bits`.
 static inline __m256i ksigns_4(uint32_t bits) {
     return _mm256_set_epi64x((long long)kIQSignBytes.v[(bits >> 21) & 127], (long long)kIQSignBytes.v[(bits >> 14) & 127],
                              (long long)kIQSignBytes.v[(bits >> 7) & 127], (long long)kIQSignBytes.v[bits & 127]);
 }
 
-static inline lattice_sub iq2_xxs_sub(const block_iq2_xxs& x, int ib) {
-    uint32_t aux[2];
-    std::memcpy(aux, x.qs + 4 * ib, 8);
-    const uint8_t* idx = (const uint8_t*)aux;
-    const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
-                                        (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
-    return {g, ksigns_4(aux[1]), _mm256_set1_epi16((short)(2 * (aux[1] >> 28) + 1))};
-}
+struct iq2_xxs_unpack {
+    const block_iq2_xxs& x;
+    explicit iq2_xxs_unpack(const block_iq2_xxs& b) : x(b) {}
+    lattice_sub operator()(int ib) const {
+        uint32_t aux[2];
+        std::memcpy(aux, x.qs + 4 * ib, 8);
+        const uint8_t* idx = (const uint8_t*)aux;
+        const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
+                                            (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
+        return {g, ksigns_4(aux[1]), _mm256_set1_epi16((short)(2 * (aux[1] >> 28) + 1))};
+    }
+};
 
 // 32 bytes: 0xff where bit j of `bits` is set, else 0x01 (a sign per element).
 static inline __m256i bits_to_signs(uint32_t bits) {
@@ -940,66 +962,81 @@ static inline __m256i bits_to_signs(uint32_t bits) {
     return _mm256_or_si256(v, _mm256_set1_epi8(1));
 }
 
-static inline lattice_sub iq3_s_sub(const block_iq3_s& x, int ib) {
-    const uint8_t* qs = x.qs + 8 * ib;
-    const int h = x.qh[ib];
-    int e[8];
-    for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];
-    uint32_t sb;
-    std::memcpy(&sb, x.signs + 4 * ib, 4);
-    const int ls = 1 + 2 * ((x.scales[ib / 2] >> (4 * (ib % 2))) & 0xF);
-    return {_mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]), bits_to_signs(sb),
-            _mm256_set1_epi16((short)ls)};
-}
+struct iq3_s_unpack {
+    const block_iq3_s& x;
+    const __m256i sc;   // sub-block i's scale: nibble i
+    explicit iq3_s_unpack(const block_iq3_s& b) : x(b), sc(nibble_scales(b.scales, 4)) {}
+    lattice_sub operator()(int ib) const {
+        const uint8_t* qs = x.qs + 8 * ib;
+        const int h = x.qh[ib];
+        int e[8];
+        for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];
+        uint32_t sb;
+        std::memcpy(&sb, x.signs + 4 * ib, 4);
+        return {_mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]), bits_to_signs(sb),
+                pick_scales(sc, ib, ib)};
+    }
+};
 
-// IQ2_XS / IQ2_S: a scale per 16 values, i.e. per 128-bit lane of the madd.
-static inline __m256i lane_scales(int s_lo, int s_hi) {
-    return _mm256_set_m128i(_mm_set1_epi16((short)(2 * s_hi + 1)), _mm_set1_epi16((short)(2 * s_lo + 1)));
-}
+// IQ2_XS / IQ2_S: a scale per 16 values (nibbles 2i and 2i + 1 for sub-block i), i.e. per
+// 128-bit lane of the madd.
+struct iq2_xs_unpack {
+    const block_iq2_xs& x;
+    const __m256i sc;
+    explicit iq2_xs_unpack(const block_iq2_xs& b) : x(b), sc(nibble_scales(b.scales, 8)) {}
+    lattice_sub operator()(int ib) const {
+        const uint16_t* q = x.qs + 4 * ib;
+        const __m256i g = _mm256_set_epi64x((long long)kIQ2XSGrid[q[3] & 511], (long long)kIQ2XSGrid[q[2] & 511],
+                                            (long long)kIQ2XSGrid[q[1] & 511], (long long)kIQ2XSGrid[q[0] & 511]);
+        const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[q[3] >> 9], (long long)kIQSignBytes.v[q[2] >> 9],
+                                            (long long)kIQSignBytes.v[q[1] >> 9], (long long)kIQSignBytes.v[q[0] >> 9]);
+        return {g, s, pick_scales(sc, 2 * ib, 2 * ib + 1)};
+    }
+};
 
-static inline lattice_sub iq2_xs_sub(const block_iq2_xs& x, int ib) {
-    const uint16_t* q = x.qs + 4 * ib;
-    const __m256i g = _mm256_set_epi64x((long long)kIQ2XSGrid[q[3] & 511], (long long)kIQ2XSGrid[q[2] & 511],
-                                        (long long)kIQ2XSGrid[q[1] & 511], (long long)kIQ2XSGrid[q[0] & 511]);
-    const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[q[3] >> 9], (long long)kIQSignBytes.v[q[2] >> 9],
-                                        (long long)kIQSignBytes.v[q[1] >> 9], (long long)kIQSignBytes.v[q[0] >> 9]);
-    return {g, s, lane_scales(x.scales[ib] & 0xF, x.scales[ib] >> 4)};
-}
+struct iq2_s_unpack {
+    const block_iq2_s& x;
+    const __m256i sc;
+    explicit iq2_s_unpack(const block_iq2_s& b) : x(b), sc(nibble_scales(b.scales, 8)) {}
+    lattice_sub operator()(int ib) const {
+        const uint8_t* q = x.qs + 4 * ib;
+        const int h = x.qh[ib];
+        const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[q[3] | ((h >> 6) & 3) << 8],
+                                            (long long)kIQ2SGrid[q[2] | ((h >> 4) & 3) << 8],
+                                            (long long)kIQ2SGrid[q[1] | ((h >> 2) & 3) << 8],
+                                            (long long)kIQ2SGrid[q[0] | (h & 3) << 8]);
+        uint32_t sb;
+        std::memcpy(&sb, x.qs + 32 + 4 * ib, 4);
+        return {g, bits_to_signs(sb), pick_scales(sc, 2 * ib, 2 * ib + 1)};
+    }
+};
 
-static inline lattice_sub iq2_s_sub(const block_iq2_s& x, int ib) {
-    const uint8_t* q = x.qs + 4 * ib;
-    const int h = x.qh[ib];
-    const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[q[3] | ((h >> 6) & 3) << 8],
-                                        (long long)kIQ2SGrid[q[2] | ((h >> 4) & 3) << 8],
-                                        (long long)kIQ2SGrid[q[1] | ((h >> 2) & 3) << 8],
-                                        (long long)kIQ2SGrid[q[0] | (h & 3) << 8]);
-    uint32_t sb;
-    std::memcpy(&sb, x.qs + 32 + 4 * ib, 4);
-    return {g, bits_to_signs(sb), lane_scales(x.scales[ib] & 0xF, x.scales[ib] >> 4)};
-}
-
-static inline lattice_sub iq3_xxs_sub(const block_iq3_xxs& x, int ib) {
-    const uint8_t* q = x.qs + 8 * ib;
-    uint32_t aux;
-    std::memcpy(&aux, x.qs + 64 + 4 * ib, 4);
-    const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
-                                        (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
-                                        (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
-    return {g, ksigns_4(aux), _mm256_set1_epi16((short)(2 * (aux >> 28) + 1))};
-}
+struct iq3_xxs_unpack {
+    const block_iq3_xxs& x;
+    explicit iq3_xxs_unpack(const block_iq3_xxs& b) : x(b) {}
+    lattice_sub operator()(int ib) const {
+        const uint8_t* q = x.qs + 8 * ib;
+        uint32_t aux;
+        std::memcpy(&aux, x.qs + 64 + 4 * ib, 4);
+        const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
+                                            (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
+                                            (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
+        return {g, ksigns_4(aux), _mm256_set1_epi16((short)(2 * (aux >> 28) + 1))};
+    }
+};
 
 // dot (one row) and dot4 (four rows) of a lattice_rows kernel.
-template <class Block, int div, lattice_sub (*unpack)(const Block&, int)>
+template <class Block, int div, class Unpack>
 static float dot_lattice(int64_t n, const void* w, const void* a) {
     const block_q8_K* y = (const block_q8_K*)a;
     float out;
-    lattice_rows<1, Block, div, unpack>(n, (const Block*)w, &y, &out);
+    lattice_rows<1, Block, div, Unpack>(n, (const Block*)w, &y, &out);
     return out;
 }
 
-template <class Block, int div, lattice_sub (*unpack)(const Block&, int)>
+template <class Block, int div, class Unpack>
 static void dot4_lattice(int64_t n, const void* w, const void* const* a, float* out) {
-    lattice_rows<4, Block, div, unpack>(n, (const Block*)w, (const block_q8_K* const*)a, out);
+    lattice_rows<4, Block, div, Unpack>(n, (const Block*)w, (const block_q8_K* const*)a, out);
 }
 
 // IQ1_S: grid values -1 / 0 / 1 apply to the activations with one vpsignb; the +-1/8 shift
@@ -1056,6 +1093,22 @@ static void dot4_iq1_s(int64_t n, const void* w, const void* const* a, float* ou
     dot_iq1_s_rows<4>(n, (const block_iq1_s*)w, (const block_q8_K* const*)a, out);
 }
 
+// IQ1_M's 16 3-bit scales (number 4k + f at bit 3f of u16 k; 2i and 2i + 1 are sub-block
+// i's halves) as odd scales 2s + 1 for pick_scales.
+static inline __m256i iq1_m_scales(const uint8_t* p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    const __m128i b = _mm_cvtsi64_si128((long long)v);
+    // u16 k in 4 int16; times 2^(9 - 3f) then >> 9 leaves field f in bits 0-2
+    const __m128i mul = _mm_setr_epi16(1 << 9, 1 << 6, 1 << 3, 1, 1 << 9, 1 << 6, 1 << 3, 1), m7 = _mm_set1_epi16(7);
+    const __m128i w01 = _mm_shuffle_epi8(b, _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3));
+    const __m128i w23 = _mm_shuffle_epi8(b, _mm_setr_epi8(4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7));
+    const __m128i f01 = _mm_and_si128(_mm_srli_epi16(_mm_mullo_epi16(w01, mul), 9), m7);
+    const __m128i f23 = _mm_and_si128(_mm_srli_epi16(_mm_mullo_epi16(w23, mul), 9), m7);
+    const __m128i s = _mm_packus_epi16(f01, f23);
+    return _mm256_broadcastsi128_si256(_mm_or_si128(_mm_add_epi8(s, s), _mm_set1_epi8(1)));
+}
+
 // IQ1_M: as IQ1_S with a scale per 16 values and a delta sign per group of 8, whose term is
 // the group's activation sum (there are no bsums per 8): a second maddubs on the activations
 // with the delta signs applied.
@@ -1068,8 +1121,7 @@ static inline void dot_iq1_m_rows(int64_t n, const block_iq1_m* x, const block_q
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_m));
-        uint16_t sc[4];
-        std::memcpy(sc, x[b].scales, 8);
+        const __m256i sc = iq1_m_scales(x[b].scales);
         __m256i sumi1[R], sumi2[R];
         for (int r = 0; r < R; r++) sumi1[r] = sumi2[r] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
@@ -1081,8 +1133,7 @@ static inline void dot_iq1_m_rows(int64_t n, const block_iq1_m* x, const block_q
                                                 (long long)kIQ1SGrid[qs[0] | (h0 & 7) << 8]);
             const __m256i ds = _mm256_or_si256(
                 _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(h0 | h1 << 8), dbit), dbit), ones);
-            const int s = sc[ib / 2] >> (6 * (ib % 2));
-            const __m256i ls = lane_scales(s & 7, (s >> 3) & 7);
+            const __m256i ls = pick_scales(sc, 2 * ib, 2 * ib + 1);
             for (int r = 0; r < R; r++) {
                 const __m256i q8 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib));
                 sumi1[r] = _mm256_add_epi32(sumi1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, g)), ls));
@@ -1139,18 +1190,18 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot4[GGML_Q2_K] = dot4_q2_K;
     t->dot[GGML_IQ4_NL] = dot_iq4_nl_t<dot_u8s8_32>;
     t->dot[GGML_IQ4_XS] = dot_iq4_xs;
-    t->dot[GGML_IQ2_XXS] = dot_lattice<block_iq2_xxs, 8, iq2_xxs_sub>;
-    t->dot[GGML_IQ2_XS] = dot_lattice<block_iq2_xs, 8, iq2_xs_sub>;
-    t->dot[GGML_IQ2_S] = dot_lattice<block_iq2_s, 8, iq2_s_sub>;
-    t->dot[GGML_IQ3_XXS] = dot_lattice<block_iq3_xxs, 4, iq3_xxs_sub>;
-    t->dot[GGML_IQ3_S] = dot_lattice<block_iq3_s, 1, iq3_s_sub>;
+    t->dot[GGML_IQ2_XXS] = dot_lattice<block_iq2_xxs, 8, iq2_xxs_unpack>;
+    t->dot[GGML_IQ2_XS] = dot_lattice<block_iq2_xs, 8, iq2_xs_unpack>;
+    t->dot[GGML_IQ2_S] = dot_lattice<block_iq2_s, 8, iq2_s_unpack>;
+    t->dot[GGML_IQ3_XXS] = dot_lattice<block_iq3_xxs, 4, iq3_xxs_unpack>;
+    t->dot[GGML_IQ3_S] = dot_lattice<block_iq3_s, 1, iq3_s_unpack>;
     t->dot[GGML_IQ1_S] = dot_iq1_s;
     t->dot[GGML_IQ1_M] = dot_iq1_m;
-    t->dot4[GGML_IQ2_XXS] = dot4_lattice<block_iq2_xxs, 8, iq2_xxs_sub>;
-    t->dot4[GGML_IQ2_XS] = dot4_lattice<block_iq2_xs, 8, iq2_xs_sub>;
-    t->dot4[GGML_IQ2_S] = dot4_lattice<block_iq2_s, 8, iq2_s_sub>;
-    t->dot4[GGML_IQ3_XXS] = dot4_lattice<block_iq3_xxs, 4, iq3_xxs_sub>;
-    t->dot4[GGML_IQ3_S] = dot4_lattice<block_iq3_s, 1, iq3_s_sub>;
+    t->dot4[GGML_IQ2_XXS] = dot4_lattice<block_iq2_xxs, 8, iq2_xxs_unpack>;
+    t->dot4[GGML_IQ2_XS] = dot4_lattice<block_iq2_xs, 8, iq2_xs_unpack>;
+    t->dot4[GGML_IQ2_S] = dot4_lattice<block_iq2_s, 8, iq2_s_unpack>;
+    t->dot4[GGML_IQ3_XXS] = dot4_lattice<block_iq3_xxs, 4, iq3_xxs_unpack>;
+    t->dot4[GGML_IQ3_S] = dot4_lattice<block_iq3_s, 1, iq3_s_unpack>;
     t->dot4[GGML_IQ1_S] = dot4_iq1_s;
     t->dot4[GGML_IQ1_M] = dot4_iq1_m;
     t->dot4[GGML_Q3_K] = dot4_q3_K;
