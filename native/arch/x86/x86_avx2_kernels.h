@@ -965,12 +965,27 @@ static inline __m256i bits_to_signs(uint32_t bits) {
 struct iq3_s_unpack {
     const block_iq3_s& x;
     const __m256i sc;   // sub-block i's scale: nibble i
-    explicit iq3_s_unpack(const block_iq3_s& b) : x(b), sc(nibble_scales(b.scales, 4)) {}
+    alignas(32) uint16_t idx[64];   // grid index of group k: qs[k] | bit k % 8 of qh[k / 8] << 8
+    explicit iq3_s_unpack(const block_iq3_s& b) : x(b), sc(nibble_scales(b.scales, 4)) {
+        uint64_t h;
+        std::memcpy(&h, b.qh, 8);
+        const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+        for (int c = 0; c < 2; c++) {   // 32 groups: bit k of qh as 0x0100 in int16 k
+            const __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)(uint32_t)(h >> 32 * c)),
+                                                   _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                                     0x0101010101010101, 0));
+            const __m256i set = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit), _mm256_set1_epi8(1));
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(b.qs + 32 * c));
+            const __m256i lo = _mm256_unpacklo_epi8(q, set), hi = _mm256_unpackhi_epi8(q, set);
+            // unpack works per 128-bit lane: groups 0-7 | 16-23 and 8-15 | 24-31
+            _mm256_store_si256((__m256i*)(idx + 32 * c), _mm256_permute2x128_si256(lo, hi, 0x20));
+            _mm256_store_si256((__m256i*)(idx + 32 * c + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+        }
+    }
     lattice_sub operator()(int ib) const {
-        const uint8_t* qs = x.qs + 8 * ib;
-        const int h = x.qh[ib];
+        const uint16_t* i = idx + 8 * ib;
         int e[8];
-        for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];
+        for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[i[k]];
         uint32_t sb;
         std::memcpy(&sb, x.signs + 4 * ib, 4);
         return {_mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]), bits_to_signs(sb),
