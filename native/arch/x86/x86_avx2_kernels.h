@@ -1009,17 +1009,34 @@ struct iq2_xs_unpack {
     }
 };
 
+// The 32 grid indices of a block whose group j (of 8 weights) is indexed by
+// qs[j] | bits shift * (j % 4) .. of h[j / 4] << 8 (under `mask`), h the block's 8 u16
+// high-bit fields (one per sub-block): SIMD for all 32 instead of shift/and/or per index.
+static inline void group_indices(const uint8_t* qs, __m128i h, int shift, int mask, uint32_t* idx) {
+    const __m256i sh = _mm256_setr_epi32(0, shift, 2 * shift, 3 * shift, 0, shift, 2 * shift, 3 * shift);
+    for (int c = 0; c < 4; c++) {   // groups 8c .. 8c + 7: sub-blocks 2c and 2c + 1
+        const __m128i pick = _mm_setr_epi8((char)(4 * c), (char)(4 * c + 1), (char)(4 * c), (char)(4 * c + 1), (char)(4 * c),
+                                           (char)(4 * c + 1), (char)(4 * c), (char)(4 * c + 1), (char)(4 * c + 2),
+                                           (char)(4 * c + 3), (char)(4 * c + 2), (char)(4 * c + 3), (char)(4 * c + 2),
+                                           (char)(4 * c + 3), (char)(4 * c + 2), (char)(4 * c + 3));
+        const __m256i hw = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_shuffle_epi8(h, pick)), 8);
+        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(hw, sh), _mm256_set1_epi32(mask));
+        const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qs + 8 * c)));
+        _mm256_storeu_si256((__m256i*)(idx + 8 * c), _mm256_or_si256(lo, hi));
+    }
+}
+
 struct iq2_s_unpack {
     const block_iq2_s& x;
     const __m256i sc;
-    explicit iq2_s_unpack(const block_iq2_s& b) : x(b), sc(nibble_scales(b.scales, 8)) {}
+    alignas(32) uint32_t idx[32];
+    explicit iq2_s_unpack(const block_iq2_s& b) : x(b), sc(nibble_scales(b.scales, 8)) {
+        group_indices(b.qs, _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)b.qh)), 2, 0x300, idx);
+    }
     lattice_sub operator()(int ib) const {
-        const uint8_t* q = x.qs + 4 * ib;
-        const int h = x.qh[ib];
-        const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[q[3] | ((h >> 6) & 3) << 8],
-                                            (long long)kIQ2SGrid[q[2] | ((h >> 4) & 3) << 8],
-                                            (long long)kIQ2SGrid[q[1] | ((h >> 2) & 3) << 8],
-                                            (long long)kIQ2SGrid[q[0] | (h & 3) << 8]);
+        const uint32_t* i = idx + 4 * ib;
+        const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[i[3]], (long long)kIQ2SGrid[i[2]],
+                                            (long long)kIQ2SGrid[i[1]], (long long)kIQ2SGrid[i[0]]);
         uint32_t sb;
         std::memcpy(&sb, x.qs + 32 + 4 * ib, 4);
         return {g, bits_to_signs(sb), pick_scales(sc, 2 * ib, 2 * ib + 1)};
@@ -1139,13 +1156,13 @@ static inline void dot_iq1_m_rows(int64_t n, const block_iq1_m* x, const block_q
         const __m256i sc = iq1_m_scales(x[b].scales);
         __m256i sumi1[R], sumi2[R];
         for (int r = 0; r < R; r++) sumi1[r] = sumi2[r] = _mm256_setzero_si256();
+        alignas(32) uint32_t idx[32];
+        group_indices(x[b].qs, _mm_loadu_si128((const __m128i*)x[b].qh), 4, 0x700, idx);
         for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* qs = x[b].qs + 4 * ib;
             const int h0 = x[b].qh[2 * ib], h1 = x[b].qh[2 * ib + 1];
-            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[qs[3] | ((h1 >> 4) & 7) << 8],
-                                                (long long)kIQ1SGrid[qs[2] | (h1 & 7) << 8],
-                                                (long long)kIQ1SGrid[qs[1] | ((h0 >> 4) & 7) << 8],
-                                                (long long)kIQ1SGrid[qs[0] | (h0 & 7) << 8]);
+            const uint32_t* i = idx + 4 * ib;
+            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[i[3]], (long long)kIQ1SGrid[i[2]],
+                                                (long long)kIQ1SGrid[i[1]], (long long)kIQ1SGrid[i[0]]);
             const __m256i ds = _mm256_or_si256(
                 _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(h0 | h1 << 8), dbit), dbit), ones);
             const __m256i ls = pick_scales(sc, 2 * ib, 2 * ib + 1);
