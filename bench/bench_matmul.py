@@ -1,6 +1,7 @@
 """Decode-shaped (T=1) quantized matmul: effective GB/s of weight bytes vs measured read bandwidth.
 
     python bench/bench_matmul.py [--mib 512] [--threads 2] [--runs 7] [--types Q4_K,Q6_K,...]
+    python bench/bench_matmul.py --tokens 8 --types IQ2_XXS   # a prefill shape: T tokens a call
 
 Weights are random valid GGML blocks, far larger than the last-level cache, so every run
 streams them from DRAM. The read bandwidth is measured in the same process with a plain
@@ -31,14 +32,17 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--types", default="Q4_K,Q6_K,Q5_K,Q8_0,Q4_0,Q5_0,BF16")
     ap.add_argument("--isas", default=",".join(_native.available_isas()[1:]) or "scalar")
+    ap.add_argument("--tokens", type=int, default=1,
+                    help="activation rows per call (T); GB/s stays weight bytes per call, so T > 1 "
+                         "shows how far unpacking a block once for several tokens goes")
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)
     nbytes = args.mib << 20
     probe = np.ones(nbytes, np.uint8)
-    x = rng.standard_normal((1, args.k)).astype(np.float32)
+    x = rng.standard_normal((args.tokens, args.k)).astype(np.float32)
     print(f"cpu: {_native.cpu_features()}; threads {args.threads}; weights {args.mib} MiB per type; "
-          f"K={args.k}; median of {args.runs} runs")
+          f"K={args.k}; T={args.tokens}; median of {args.runs} runs")
     print(f"{'type':6} {'isa':7} {'GB/s':>7} {'read GB/s':>10} {'ratio':>6}")
     for name in args.types.split(","):
         qtype = QT[name]
@@ -47,7 +51,7 @@ def main(argv=None):
         w = random_rows(qtype, n_rows, args.k, rng)
         for isa in args.isas.split(","):
             _native.set_isa(isa)
-            out = np.empty((1, n_rows), np.float32)
+            out = np.empty((args.tokens, n_rows), np.float32)
             _native.matmul(w, int(qtype), x, out=out, threads=args.threads)  # warm up page tables
             bw, kt = [], []
             for _ in range(args.runs):
