@@ -751,6 +751,11 @@ MUTANTS: list[Mutant] = [
            "const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[0][b].qs + 32 * ib)), u.s);",
            ("tests/test_kernels.py", "-k", "batched_tokens and IQ2"),
            "issue 14: the lattice types' 4-token dot reads the first token's activations for all four"),
+    Mutant("issue14b-iq2xxs-scale-words", "native/arch/x86/x86_avx2_kernels.h",
+           "                                                           _mm256_loadu_si256((const __m256i*)(p + 32)), 0xAA),",
+           "                                                           _mm256_slli_epi64(_mm256_loadu_si256((const __m256i*)(p + 32)), 32), 0xAA),",
+           ("tests/test_quant_types.py", "-k", "grid_entry and IQ2_XXS"),
+           "issue 14: IQ2_XXS's per-block scales read the index words of sub-blocks 4-7 for their scales"),
 ]
 
 

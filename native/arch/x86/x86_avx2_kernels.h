@@ -939,16 +939,31 @@ static inline __m256i ksigns_4(uint32_t bits) {
                              (long long)kIQSignBytes.v[(bits >> 7) & 127], (long long)kIQSignBytes.v[bits & 127]);
 }
 
+// 8 odd scales 2s + 1 for pick_scales from the top nibbles (bits 28-31) of 8 LE u32 at p,
+// `stride` u32 apart (2: IQ2_XXS's second word of each sub-block; 1: IQ3_XXS).
+template <int stride>
+static inline __m256i top_nibble_scales(const uint8_t* p) {
+    __m256i w = _mm256_loadu_si256((const __m256i*)p);
+    if (stride == 2)   // the odd dwords of 64 bytes: blended as d1 e1 d3 e3 ..., then in order
+        w = _mm256_permutevar8x32_epi32(_mm256_blend_epi32(_mm256_srli_epi64(w, 32),
+                                                           _mm256_loadu_si256((const __m256i*)(p + 32)), 0xAA),
+                                        _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    const __m256i s = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(w, 28), 1), _mm256_set1_epi32(1));
+    const __m128i s16 = _mm_packus_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm256_broadcastsi128_si256(_mm_packus_epi16(s16, _mm_setzero_si128()));
+}
+
 struct iq2_xxs_unpack {
     const block_iq2_xxs& x;
-    explicit iq2_xxs_unpack(const block_iq2_xxs& b) : x(b) {}
+    const __m256i sc;
+    explicit iq2_xxs_unpack(const block_iq2_xxs& b) : x(b), sc(top_nibble_scales<2>((const uint8_t*)b.qs)) {}
     lattice_sub operator()(int ib) const {
         uint32_t aux[2];
         std::memcpy(aux, x.qs + 4 * ib, 8);
         const uint8_t* idx = (const uint8_t*)aux;
         const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
                                             (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
-        return {g, ksigns_4(aux[1]), _mm256_set1_epi16((short)(2 * (aux[1] >> 28) + 1))};
+        return {g, ksigns_4(aux[1]), pick_scales(sc, ib, ib)};
     }
 };
 
@@ -1045,7 +1060,8 @@ struct iq2_s_unpack {
 
 struct iq3_xxs_unpack {
     const block_iq3_xxs& x;
-    explicit iq3_xxs_unpack(const block_iq3_xxs& b) : x(b) {}
+    const __m256i sc;
+    explicit iq3_xxs_unpack(const block_iq3_xxs& b) : x(b), sc(top_nibble_scales<1>(b.qs + 64)) {}
     lattice_sub operator()(int ib) const {
         const uint8_t* q = x.qs + 8 * ib;
         uint32_t aux;
@@ -1053,7 +1069,7 @@ struct iq3_xxs_unpack {
         const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
                                             (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
                                             (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
-        return {g, ksigns_4(aux), _mm256_set1_epi16((short)(2 * (aux >> 28) + 1))};
+        return {g, ksigns_4(aux), pick_scales(sc, ib, ib)};
     }
 };
 
