@@ -124,8 +124,12 @@ class Policy:
 # --- sizes ----------------------------------------------------------------------------
 
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
-# GGML types the native CPU matmul takes as they are (hybrid.runtime.loader.NATIVE_LINEAR_TYPES)
-CPU_NATIVE_TYPES = frozenset({2, 6, 8, 12, 13, 14})   # Q4_0 Q5_0 Q8_0 Q4_K Q5_K Q6_K
+# GGML types the native CPU matmul takes in their blocks: the one list the runtime's loader
+# uses too (tests/test_native_linear_types.py: every quantized type hybrid._native computes)
+CPU_NATIVE_TYPES = frozenset({2, 3, 6, 7, 8,                # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+                              10, 11, 12, 13, 14,           # Q2_K Q3_K Q4_K Q5_K Q6_K
+                              20, 23,                       # IQ4_NL IQ4_XS
+                              16, 17, 22, 18, 21, 19, 29})  # IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ1_S IQ1_M
 _LINEAR_ROLES = ("attention", "dense_ffn", "shared_expert", "output", "other")
 
 

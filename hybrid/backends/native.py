@@ -17,11 +17,6 @@ from hybrid.backends import dequant
 __all__ = ["NativeFFN", "NativeGQA", "NativeHeadLinear", "NativeMLA", "NativeRMSNorm", "NativeRouter",
            "NativeWorkers", "QuantLinear", "check_native_expert_types", "native", "native_experts_cls"]
 
-# GGML types the native quantized matmul takes (float weights stay in torch)
-_NATIVE_LINEAR_TYPES = frozenset({dequant.Q4_0, dequant.Q5_0, dequant.Q8_0, dequant.Q4_K,
-                                  dequant.Q5_K, dequant.Q6_K})
-
-
 def native():
     """hybrid._native if it was built, else None."""
     try:

@@ -19,14 +19,12 @@ from hybrid.backends.native import (NativeFFN, NativeGQA, NativeHeadLinear, Nati
                                     check_native_expert_types, native, native_experts_cls)
 from hybrid.gguf_file import GGUFFile
 from hybrid.models.layers import QUERY_BLOCK
+from placement.solver import CPU_NATIVE_TYPES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "CpuStandIn", "Loader", "MinimalPlan", "TorchLinear"]
 
-# GGML types the native quantized matmul takes (float weights stay in torch)
-NATIVE_LINEAR_TYPES = frozenset({dequant.Q4_0, dequant.Q5_0, dequant.Q8_0, dequant.Q4_K,
-                                 dequant.Q5_K, dequant.Q6_K})
 
 @dataclass
 class MinimalPlan:
@@ -164,7 +162,7 @@ class Loader:
         # queries per attention step: the Plan's workspace holds one block of scores
         self.attn_query_block = int((getattr(plan, "policy", None) or {}).get("attn_query_block", QUERY_BLOCK))
         mod = native()
-        self.native_types = frozenset(mod.supported_types()) & NATIVE_LINEAR_TYPES if mod else frozenset()
+        self.native_types = frozenset(mod.supported_types()) & CPU_NATIVE_TYPES if mod else frozenset()
         if cpu_linears not in ("native", "torch", "dequant"):
             raise ValueError(f"cpu_linears={cpu_linears!r}: use 'native', 'torch' or 'dequant'")
         self.native_linears = cpu_linears == "native" and bool(self.native_types)

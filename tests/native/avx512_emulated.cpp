@@ -145,6 +145,34 @@ static void check_gemm_tiles(const kernel_table& simd, int* passed, int* failed)
     }
 }
 
+// Every 4-row dot of the table gives its single dot's bits for each of the 4 rows (prefill
+// and decode must agree), and the types whose dot is AVX-512 code have none.
+static void check_dot4(const kernel_table& simd, int* passed, int* failed) {
+    const int n = 512;
+    for (int type = 0; type < GGML_TYPE_LIMIT; type++) {
+        if (!simd.dot4[type]) continue;
+        const type_info& ti = get_type_info(type);
+        const std::vector<uint8_t> w = random_row(type, n);
+        std::vector<uint8_t> act(4 * act_row_bytes(ti.act, n));
+        const void* ptr[4];
+        std::vector<float> x(n);
+        for (int r = 0; r < 4; r++) {
+            for (auto& v : x) v = next_normalish() * (1 + r);
+            ptr[r] = act.data() + r * act_row_bytes(ti.act, n);
+            simd.quant_act[ti.act](x.data(), (void*)ptr[r], n);
+        }
+        float out[4];
+        simd.dot4[type](n, w.data(), ptr, out);
+        bool ok = true;
+        for (int r = 0; r < 4; r++) {
+            const float want = simd.dot[type](n, w.data(), ptr[r]);
+            ok = ok && std::memcmp(&want, &out[r], 4) == 0;
+        }
+        if (!ok) std::printf("FAIL %s: dot4 differs from dot\n", ti.name);
+        ok ? (*passed)++ : (*failed)++;
+    }
+}
+
 int main() {
     kernel_table ref, simd;
     fill_scalar_kernels(&ref);
@@ -192,6 +220,7 @@ int main() {
         }
     }
     check_gemm_tiles(simd, &passed, &failed);
+    check_dot4(simd, &passed, &failed);
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

@@ -299,6 +299,7 @@ static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
 bool fill_avx512_kernels(kernel_table* t) {
     t->isa = "avx512";
     x86::fill_avx2_level(t);
+    const kernel_table avx2_level = *t;
     t->dot[GGML_F32] = x86_512::dot_f32;
     t->dot[GGML_F16] = x86_512::dot_f16;
     t->dot[GGML_BF16] = x86_512::dot_bf16;
@@ -314,9 +315,10 @@ bool fill_avx512_kernels(kernel_table* t) {
     t->dot[GGML_Q3_K] = x86_512::dot_q3_K;
     t->dot[GGML_IQ4_NL] = x86::dot_iq4_nl_t<x86_512::dot_vnni_32>;
     t->dot[GGML_IQ4_XS] = x86_512::dot_iq4_xs;
-    // The 4-row dots above are AVX2 code: they would not be bit-identical to these single
-    // dots, so this path does without them.
-    std::memset(t->dot4, 0, sizeof(t->dot4));
+    // A 4-row dot is bit-identical only to the single dot of its own code: where this file
+    // replaced the AVX2 dot, the type does without (the lattice types keep theirs).
+    for (int i = 0; i < GGML_TYPE_LIMIT; i++)
+        if (t->dot[i] != avx2_level.dot[i]) t->dot4[i] = nullptr;
     return true;
 }
 

@@ -874,37 +874,98 @@ static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
     return hsum_ps(acc);
 }
 
-// ---------------------------------------------------------------- dots: IQ2_XXS / IQ3_S / IQ1_S
+// ---------------------------------------------------------------- dots: IQ2_XXS / IQ3_S / IQ1_S / ...
 // Grid entries are gathered as 4 x 8 bytes (8 x 4 for IQ3_S) per 32 quants with scalar loads
 // (the index arithmetic is scalar anyway); signs become +1 / -1 bytes applied to the
 // activations, so one maddubs (unsigned grid values x signed activations) and one madd with
 // the sub-block's odd scale give 8 int32 lanes per sub-block.
+//
+// Unpacking a sub-block (table lookups, sign and scale bits) costs several times its
+// products, so each kernel is written for R activation rows: dot is R = 1, dot4 (prefill,
+// several tokens per expert) unpacks once for 4 rows with each row's operations unchanged,
+// bit-identical to its dot.
 
-static float dot_iq2_xxs(int64_t n, const void* w, const void* a) {
-    const block_iq2_xxs* x = (const block_iq2_xxs*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
+// One sub-block of 32 weights made ready for the activations: the products are
+// madd(maddubs(g, sign(q8, s)), sc), summed per row.
+struct lattice_sub {
+    __m256i g, s, sc;
+};
+
+// The lattice types of this form: `Unpack u(block)` reads what the block shares (scales),
+// `u(ib)` gives sub-block ib; the float result is the sum over blocks of d * d8 * (integer
+// sum), divided by `div` (the grids' scale: 8 or 4).
+template <int R, class Block, int div, class Unpack>
+static inline void lattice_rows(int64_t n, const Block* x, const block_q8_K* const* ys, float* out) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_xxs));
-        __m256i sumi = _mm256_setzero_si256();
+        prefetch_block((const uint8_t*)&x[b], sizeof(Block));
+        const Unpack unpack(x[b]);
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
-            uint32_t aux[2];
-            std::memcpy(aux, x[b].qs + 4 * ib, 8);
-            const uint8_t* idx = (const uint8_t*)aux;
-            const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
-                                                (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
-            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[(aux[1] >> 21) & 127],
-                                                (long long)kIQSignBytes.v[(aux[1] >> 14) & 127],
-                                                (long long)kIQSignBytes.v[(aux[1] >> 7) & 127],
-                                                (long long)kIQSignBytes.v[aux[1] & 127]);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
-            const __m256i p = _mm256_maddubs_epi16(g, q8);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)(2 * (aux[1] >> 28) + 1))));
+            const lattice_sub u = unpack(ib);
+            for (int r = 0; r < R; r++) {
+                const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib)), u.s);
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u.g, q8), u.sc));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+        const float d = h2f(x[b].d);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ys[r][b].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
     }
-    return 0.125f * hsum_ps(acc);
+    for (int r = 0; r < R; r++) out[r] = (1.0f / div) * hsum_ps(acc[r]);
 }
+
+// Sub-block scales as madd factors: `s` holds up to 16 odd scales 2s + 1 as bytes (in both
+// lanes); the result has byte `lo`'s in the 8 int16 of lane 0, byte `hi`'s in lane 1 (a scale
+// per 16 values), with one pshufb instead of two broadcasts and an insert per sub-block.
+static inline __m256i pick_scales(__m256i s, int lo, int hi) {
+    return _mm256_shuffle_epi8(s, _mm256_set_m128i(_mm_set1_epi16((short)(0x8000 | hi)), _mm_set1_epi16((short)(0x8000 | lo))));
+}
+
+// The 2 * nbytes 4-bit scales at p, low nibble first, as odd scales 2s + 1 for pick_scales.
+static inline __m256i nibble_scales(const uint8_t* p, int nbytes) {
+    uint64_t v = 0;
+    std::memcpy(&v, p, nbytes);
+    const __m128i b = _mm_cvtsi64_si128((long long)v), m = _mm_set1_epi8(0xF);
+    const __m128i s = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm256_broadcastsi128_si256(_mm_or_si128(_mm_add_epi8(s, s), _mm_set1_epi8(1)));
+}
+
+// 4 sign bytes (8 signs each) from 4 7-bit indices into iq_ksigns, bits 0-27 of `bits`.
+static inline __m256i ksigns_4(uint32_t bits) {
+    return _mm256_set_epi64x((long long)kIQSignBytes.v[(bits >> 21) & 127], (long long)kIQSignBytes.v[(bits >> 14) & 127],
+                             (long long)kIQSignBytes.v[(bits >> 7) & 127], (long long)kIQSignBytes.v[bits & 127]);
+}
+
+// 8 odd scales 2s + 1 for pick_scales from the top nibbles (bits 28-31) of 8 LE u32 at p,
+// `stride` u32 apart (2: IQ2_XXS's second word of each sub-block; 1: IQ3_XXS).
+template <int stride>
+static inline __m256i top_nibble_scales(const uint8_t* p) {
+    __m256i w = _mm256_loadu_si256((const __m256i*)p);
+    if (stride == 2)   // the odd dwords of 64 bytes: blended as d1 e1 d3 e3 ..., then in order
+        w = _mm256_permutevar8x32_epi32(_mm256_blend_epi32(_mm256_srli_epi64(w, 32),
+                                                           _mm256_loadu_si256((const __m256i*)(p + 32)), 0xAA),
+                                        _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    const __m256i s = _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(w, 28), 1), _mm256_set1_epi32(1));
+    const __m128i s16 = _mm_packus_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm256_broadcastsi128_si256(_mm_packus_epi16(s16, _mm_setzero_si128()));
+}
+
+struct iq2_xxs_unpack {
+    const block_iq2_xxs& x;
+    const __m256i sc;
+    explicit iq2_xxs_unpack(const block_iq2_xxs& b) : x(b), sc(top_nibble_scales<2>((const uint8_t*)b.qs)) {}
+    lattice_sub operator()(int ib) const {
+        uint32_t aux[2];
+        std::memcpy(aux, x.qs + 4 * ib, 8);
+        const uint8_t* idx = (const uint8_t*)aux;
+        const __m256i g = _mm256_set_epi64x((long long)kIQ2XXSGrid[idx[3]], (long long)kIQ2XXSGrid[idx[2]],
+                                            (long long)kIQ2XXSGrid[idx[1]], (long long)kIQ2XXSGrid[idx[0]]);
+        return {g, ksigns_4(aux[1]), pick_scales(sc, ib, ib)};
+    }
+};
 
 // 32 bytes: 0xff where bit j of `bits` is set, else 0x01 (a sign per element).
 static inline __m256i bits_to_signs(uint32_t bits) {
@@ -916,41 +977,134 @@ static inline __m256i bits_to_signs(uint32_t bits) {
     return _mm256_or_si256(v, _mm256_set1_epi8(1));
 }
 
-static float dot_iq3_s(int64_t n, const void* w, const void* a) {
-    const block_iq3_s* x = (const block_iq3_s*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq3_s));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* qs = x[b].qs + 8 * ib;
-            const int h = x[b].qh[ib];
-            int e[8];
-            for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[qs[k] | (((h >> k) & 1) << 8)];
-            const __m256i g = _mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]);
-            uint32_t sb;
-            std::memcpy(&sb, x[b].signs + 4 * ib, 4);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), bits_to_signs(sb));
-            const int ls = 1 + 2 * ((x[b].scales[ib / 2] >> (4 * (ib % 2))) & 0xF);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), _mm256_set1_epi16((short)ls)));
+struct iq3_s_unpack {
+    const block_iq3_s& x;
+    const __m256i sc;   // sub-block i's scale: nibble i
+    alignas(32) uint16_t idx[64];   // grid index of group k: qs[k] | bit k % 8 of qh[k / 8] << 8
+    explicit iq3_s_unpack(const block_iq3_s& b) : x(b), sc(nibble_scales(b.scales, 4)) {
+        uint64_t h;
+        std::memcpy(&h, b.qh, 8);
+        const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+        for (int c = 0; c < 2; c++) {   // 32 groups: bit k of qh as 0x0100 in int16 k
+            const __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)(uint32_t)(h >> 32 * c)),
+                                                   _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                                     0x0101010101010101, 0));
+            const __m256i set = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit), _mm256_set1_epi8(1));
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(b.qs + 32 * c));
+            const __m256i lo = _mm256_unpacklo_epi8(q, set), hi = _mm256_unpackhi_epi8(q, set);
+            // unpack works per 128-bit lane: groups 0-7 | 16-23 and 8-15 | 24-31
+            _mm256_store_si256((__m256i*)(idx + 32 * c), _mm256_permute2x128_si256(lo, hi, 0x20));
+            _mm256_store_si256((__m256i*)(idx + 32 * c + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    return hsum_ps(acc);
+    lattice_sub operator()(int ib) const {
+        const uint16_t* i = idx + 8 * ib;
+        int e[8];
+        for (int k = 0; k < 8; k++) e[k] = (int)kIQ3SGrid[i[k]];
+        uint32_t sb;
+        std::memcpy(&sb, x.signs + 4 * ib, 4);
+        return {_mm256_setr_epi32(e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]), bits_to_signs(sb),
+                pick_scales(sc, ib, ib)};
+    }
+};
+
+// IQ2_XS / IQ2_S: a scale per 16 values (nibbles 2i and 2i + 1 for sub-block i), i.e. per
+// 128-bit lane of the madd.
+struct iq2_xs_unpack {
+    const block_iq2_xs& x;
+    const __m256i sc;
+    explicit iq2_xs_unpack(const block_iq2_xs& b) : x(b), sc(nibble_scales(b.scales, 8)) {}
+    lattice_sub operator()(int ib) const {
+        const uint16_t* q = x.qs + 4 * ib;
+        const __m256i g = _mm256_set_epi64x((long long)kIQ2XSGrid[q[3] & 511], (long long)kIQ2XSGrid[q[2] & 511],
+                                            (long long)kIQ2XSGrid[q[1] & 511], (long long)kIQ2XSGrid[q[0] & 511]);
+        const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[q[3] >> 9], (long long)kIQSignBytes.v[q[2] >> 9],
+                                            (long long)kIQSignBytes.v[q[1] >> 9], (long long)kIQSignBytes.v[q[0] >> 9]);
+        return {g, s, pick_scales(sc, 2 * ib, 2 * ib + 1)};
+    }
+};
+
+// The 32 grid indices of a block whose group j (of 8 weights) is indexed by
+// qs[j] | bits shift * (j % 4) .. of h[j / 4] << 8 (under `mask`), h the block's 8 u16
+// high-bit fields (one per sub-block): SIMD for all 32 instead of shift/and/or per index.
+static inline void group_indices(const uint8_t* qs, __m128i h, int shift, int mask, uint32_t* idx) {
+    const __m256i sh = _mm256_setr_epi32(0, shift, 2 * shift, 3 * shift, 0, shift, 2 * shift, 3 * shift);
+    for (int c = 0; c < 4; c++) {   // groups 8c .. 8c + 7: sub-blocks 2c and 2c + 1
+        const __m128i pick = _mm_setr_epi8((char)(4 * c), (char)(4 * c + 1), (char)(4 * c), (char)(4 * c + 1), (char)(4 * c),
+                                           (char)(4 * c + 1), (char)(4 * c), (char)(4 * c + 1), (char)(4 * c + 2),
+                                           (char)(4 * c + 3), (char)(4 * c + 2), (char)(4 * c + 3), (char)(4 * c + 2),
+                                           (char)(4 * c + 3), (char)(4 * c + 2), (char)(4 * c + 3));
+        const __m256i hw = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_shuffle_epi8(h, pick)), 8);
+        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(hw, sh), _mm256_set1_epi32(mask));
+        const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(qs + 8 * c)));
+        _mm256_storeu_si256((__m256i*)(idx + 8 * c), _mm256_or_si256(lo, hi));
+    }
+}
+
+struct iq2_s_unpack {
+    const block_iq2_s& x;
+    const __m256i sc;
+    alignas(32) uint32_t idx[32];
+    explicit iq2_s_unpack(const block_iq2_s& b) : x(b), sc(nibble_scales(b.scales, 8)) {
+        group_indices(b.qs, _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)b.qh)), 2, 0x300, idx);
+    }
+    lattice_sub operator()(int ib) const {
+        const uint32_t* i = idx + 4 * ib;
+        const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[i[3]], (long long)kIQ2SGrid[i[2]],
+                                            (long long)kIQ2SGrid[i[1]], (long long)kIQ2SGrid[i[0]]);
+        uint32_t sb;
+        std::memcpy(&sb, x.qs + 32 + 4 * ib, 4);
+        return {g, bits_to_signs(sb), pick_scales(sc, 2 * ib, 2 * ib + 1)};
+    }
+};
+
+struct iq3_xxs_unpack {
+    const block_iq3_xxs& x;
+    const __m256i sc;
+    explicit iq3_xxs_unpack(const block_iq3_xxs& b) : x(b), sc(top_nibble_scales<1>(b.qs + 64)) {}
+    lattice_sub operator()(int ib) const {
+        const uint8_t* q = x.qs + 8 * ib;
+        uint32_t aux;
+        std::memcpy(&aux, x.qs + 64 + 4 * ib, 4);
+        const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
+                                            (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
+                                            (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
+        return {g, ksigns_4(aux), pick_scales(sc, ib, ib)};
+    }
+};
+
+// dot (one row) and dot4 (four rows) of a lattice_rows kernel.
+template <class Block, int div, class Unpack>
+static float dot_lattice(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    lattice_rows<1, Block, div, Unpack>(n, (const Block*)w, &y, &out);
+    return out;
+}
+
+template <class Block, int div, class Unpack>
+static void dot4_lattice(int64_t n, const void* w, const void* const* a, float* out) {
+    lattice_rows<4, Block, div, Unpack>(n, (const Block*)w, (const block_q8_K* const*)a, out);
 }
 
 // IQ1_S: grid values -1 / 0 / 1 apply to the activations with one vpsignb; the +-1/8 shift
-// is the sub-block's activation sum (bsums) times its scale, as in llama.cpp.
-static float dot_iq1_s(int64_t n, const void* w, const void* a) {
-    const block_iq1_s* x = (const block_iq1_s*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
+// is each sub-block's activation sum (bsums) times its signed scale, as in llama.cpp: one
+// madd over the block's 16 bsums.
+template <int R>
+static inline void dot_iq1_s_rows(int64_t n, const block_iq1_s* x, const block_q8_K* const* ys, float* out) {
     const __m256i ones = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_s));
-        __m256i sumi = _mm256_setzero_si256();
-        int sumi1 = 0;
+        // qh[i]: bits 12-14 the scale s of sub-block i (2s + 1), bit 15 its delta's sign
+        const __m128i qh = _mm_loadu_si128((const __m128i*)x[b].qh);
+        const __m128i ls = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(qh, 11), _mm_set1_epi16(14)), _mm_set1_epi16(1));
+        const __m128i sls = _mm_sign_epi16(ls, _mm_or_si128(qh, _mm_set1_epi16(1)));
+        const __m256i sls2 = _mm256_set_m128i(_mm_unpackhi_epi16(sls, sls), _mm_unpacklo_epi16(sls, sls));
+        const __m256i ls2 = _mm256_broadcastsi128_si256(ls);
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int ib = 0; ib < 8; ib++) {
             const uint8_t* qs = x[b].qs + 4 * ib;
             const int h = x[b].qh[ib];
@@ -958,130 +1112,101 @@ static float dot_iq1_s(int64_t n, const void* w, const void* a) {
                                                 (long long)kIQ1SGrid[qs[2] | (((h >> 6) & 7) << 8)],
                                                 (long long)kIQ1SGrid[qs[1] | (((h >> 3) & 7) << 8)],
                                                 (long long)kIQ1SGrid[qs[0] | ((h & 7) << 8)]);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), g);
-            const int ls = 2 * ((h >> 12) & 7) + 1;
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, q8), _mm256_set1_epi16((short)ls)));
-            sumi1 += ls * ((h & 0x8000) ? -1 : 1) * (y[b].bsums[2 * ib] + y[b].bsums[2 * ib + 1]);
+            const __m256i sc = _mm256_shuffle_epi8(ls2, _mm256_set1_epi16((short)(2 * ib | (2 * ib + 1) << 8)));
+            for (int r = 0; r < R; r++) {
+                const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib)), g);
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, q8), sc));
+            }
         }
-        const float d = h2f(x[b].d) * y[b].d;
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        acc = _mm256_add_ps(acc, _mm256_setr_ps(d * kIQ1SDelta * (float)sumi1, 0, 0, 0, 0, 0, 0, 0));
+        const float dx = h2f(x[b].d);
+        for (int r = 0; r < R; r++) {
+            const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)ys[r][b].bsums), sls2);
+            const int sumi1 = hsum_epi32_128(_mm_add_epi32(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1)));
+            const float d = dx * ys[r][b].d;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            acc[r] = _mm256_add_ps(acc[r], _mm256_setr_ps(d * kIQ1SDelta * (float)sumi1, 0, 0, 0, 0, 0, 0, 0));
+        }
     }
-    return hsum_ps(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
 }
 
-// IQ2_XS / IQ2_S: a scale per 16 values, i.e. per 128-bit lane of the madd.
-static inline __m256i lane_scales(int s_lo, int s_hi) {
-    return _mm256_set_m128i(_mm_set1_epi16((short)(2 * s_hi + 1)), _mm_set1_epi16((short)(2 * s_lo + 1)));
-}
-
-static float dot_iq2_xs(int64_t n, const void* w, const void* a) {
-    const block_iq2_xs* x = (const block_iq2_xs*)w;
+static float dot_iq1_s(int64_t n, const void* w, const void* a) {
     const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_xs));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int ib = 0; ib < 8; ib++) {
-            const uint16_t* q = x[b].qs + 4 * ib;
-            const __m256i g = _mm256_set_epi64x((long long)kIQ2XSGrid[q[3] & 511], (long long)kIQ2XSGrid[q[2] & 511],
-                                                (long long)kIQ2XSGrid[q[1] & 511], (long long)kIQ2XSGrid[q[0] & 511]);
-            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[q[3] >> 9], (long long)kIQSignBytes.v[q[2] >> 9],
-                                                (long long)kIQSignBytes.v[q[1] >> 9], (long long)kIQSignBytes.v[q[0] >> 9]);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
-            const __m256i sc = lane_scales(x[b].scales[ib] & 0xF, x[b].scales[ib] >> 4);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), sc));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return 0.125f * hsum_ps(acc);
+    float out;
+    dot_iq1_s_rows<1>(n, (const block_iq1_s*)w, &y, &out);
+    return out;
 }
 
-static float dot_iq2_s(int64_t n, const void* w, const void* a) {
-    const block_iq2_s* x = (const block_iq2_s*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq2_s));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* q = x[b].qs + 4 * ib;
-            const int h = x[b].qh[ib];
-            const __m256i g = _mm256_set_epi64x((long long)kIQ2SGrid[q[3] | ((h >> 6) & 3) << 8],
-                                                (long long)kIQ2SGrid[q[2] | ((h >> 4) & 3) << 8],
-                                                (long long)kIQ2SGrid[q[1] | ((h >> 2) & 3) << 8],
-                                                (long long)kIQ2SGrid[q[0] | (h & 3) << 8]);
-            uint32_t sb;
-            std::memcpy(&sb, x[b].qs + 32 + 4 * ib, 4);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), bits_to_signs(sb));
-            const __m256i sc = lane_scales(x[b].scales[ib] & 0xF, x[b].scales[ib] >> 4);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_maddubs_epi16(g, q8), sc));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return 0.125f * hsum_ps(acc);
+static void dot4_iq1_s(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_iq1_s_rows<4>(n, (const block_iq1_s*)w, (const block_q8_K* const*)a, out);
 }
 
-static float dot_iq3_xxs(int64_t n, const void* w, const void* a) {
-    const block_iq3_xxs* x = (const block_iq3_xxs*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_iq3_xxs));
-        __m256i sumi = _mm256_setzero_si256();
-        for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* q = x[b].qs + 8 * ib;
-            uint32_t aux;
-            std::memcpy(&aux, x[b].qs + 64 + 4 * ib, 4);
-            const __m256i g = _mm256_setr_epi32((int)kIQ3XXSGrid[q[0]], (int)kIQ3XXSGrid[q[1]], (int)kIQ3XXSGrid[q[2]],
-                                                (int)kIQ3XXSGrid[q[3]], (int)kIQ3XXSGrid[q[4]], (int)kIQ3XXSGrid[q[5]],
-                                                (int)kIQ3XXSGrid[q[6]], (int)kIQ3XXSGrid[q[7]]);
-            const __m256i s = _mm256_set_epi64x((long long)kIQSignBytes.v[(aux >> 21) & 127],
-                                                (long long)kIQSignBytes.v[(aux >> 14) & 127],
-                                                (long long)kIQSignBytes.v[(aux >> 7) & 127],
-                                                (long long)kIQSignBytes.v[aux & 127]);
-            const __m256i q8 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib)), s);
-            const __m256i p = _mm256_maddubs_epi16(g, q8);
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_set1_epi16((short)(2 * (aux >> 28) + 1))));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return 0.25f * hsum_ps(acc);
+// IQ1_M's 16 3-bit scales (number 4k + f at bit 3f of u16 k; 2i and 2i + 1 are sub-block
+// i's halves) as odd scales 2s + 1 for pick_scales.
+static inline __m256i iq1_m_scales(const uint8_t* p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    const __m128i b = _mm_cvtsi64_si128((long long)v);
+    // u16 k in 4 int16; times 2^(9 - 3f) then >> 9 leaves field f in bits 0-2
+    const __m128i mul = _mm_setr_epi16(1 << 9, 1 << 6, 1 << 3, 1, 1 << 9, 1 << 6, 1 << 3, 1), m7 = _mm_set1_epi16(7);
+    const __m128i w01 = _mm_shuffle_epi8(b, _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3));
+    const __m128i w23 = _mm_shuffle_epi8(b, _mm_setr_epi8(4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7));
+    const __m128i f01 = _mm_and_si128(_mm_srli_epi16(_mm_mullo_epi16(w01, mul), 9), m7);
+    const __m128i f23 = _mm_and_si128(_mm_srli_epi16(_mm_mullo_epi16(w23, mul), 9), m7);
+    const __m128i s = _mm_packus_epi16(f01, f23);
+    return _mm256_broadcastsi128_si256(_mm_or_si128(_mm_add_epi8(s, s), _mm_set1_epi8(1)));
 }
 
 // IQ1_M: as IQ1_S with a scale per 16 values and a delta sign per group of 8, whose term is
 // the group's activation sum (there are no bsums per 8): a second maddubs on the activations
 // with the delta signs applied.
-static float dot_iq1_m(int64_t n, const void* w, const void* a) {
-    const block_iq1_m* x = (const block_iq1_m*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
+template <int R>
+static inline void dot_iq1_m_rows(int64_t n, const block_iq1_m* x, const block_q8_K* const* ys, float* out) {
     const __m256i ones = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
+    // bits 3, 7, 11, 15 of qh[2i] | qh[2i + 1] << 8: the delta signs of groups 0-3
+    const __m256i dbit = _mm256_set_epi64x(0x8000, 0x800, 0x80, 0x8);
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_iq1_m));
-        uint16_t sc[4];
-        std::memcpy(sc, x[b].scales, 8);
-        __m256i sumi1 = _mm256_setzero_si256(), sumi2 = _mm256_setzero_si256();
+        const __m256i sc = iq1_m_scales(x[b].scales);
+        __m256i sumi1[R], sumi2[R];
+        for (int r = 0; r < R; r++) sumi1[r] = sumi2[r] = _mm256_setzero_si256();
+        alignas(32) uint32_t idx[32];
+        group_indices(x[b].qs, _mm_loadu_si128((const __m128i*)x[b].qh), 4, 0x700, idx);
         for (int ib = 0; ib < 8; ib++) {
-            const uint8_t* qs = x[b].qs + 4 * ib;
             const int h0 = x[b].qh[2 * ib], h1 = x[b].qh[2 * ib + 1];
-            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[qs[3] | ((h1 >> 4) & 7) << 8],
-                                                (long long)kIQ1SGrid[qs[2] | (h1 & 7) << 8],
-                                                (long long)kIQ1SGrid[qs[1] | ((h0 >> 4) & 7) << 8],
-                                                (long long)kIQ1SGrid[qs[0] | (h0 & 7) << 8]);
-            const auto dsign = [](int nib) { return (long long)((nib & 8) ? 0xffffffffffffffffull : 0x0101010101010101ull); };
-            const __m256i ds = _mm256_set_epi64x(dsign(h1 >> 4), dsign(h1), dsign(h0 >> 4), dsign(h0));
-            const __m256i q8 = _mm256_loadu_si256((const __m256i*)(y[b].qs + 32 * ib));
-            const int s = sc[ib / 2] >> (6 * (ib % 2));
-            const __m256i ls = lane_scales(s & 7, (s >> 3) & 7);
-            sumi1 = _mm256_add_epi32(sumi1, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, g)), ls));
-            sumi2 = _mm256_add_epi32(sumi2, _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, ds)), ls));
+            const uint32_t* i = idx + 4 * ib;
+            const __m256i g = _mm256_set_epi64x((long long)kIQ1SGrid[i[3]], (long long)kIQ1SGrid[i[2]],
+                                                (long long)kIQ1SGrid[i[1]], (long long)kIQ1SGrid[i[0]]);
+            const __m256i ds = _mm256_or_si256(
+                _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(h0 | h1 << 8), dbit), dbit), ones);
+            const __m256i ls = pick_scales(sc, 2 * ib, 2 * ib + 1);
+            for (int r = 0; r < R; r++) {
+                const __m256i q8 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 32 * ib));
+                sumi1[r] = _mm256_add_epi32(sumi1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, g)), ls));
+                sumi2[r] = _mm256_add_epi32(sumi2[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ones, _mm256_sign_epi8(q8, ds)), ls));
+            }
         }
-        const float d = h2f(iq1_m_d(x[b])) * y[b].d;
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi1), acc);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * kIQ1SDelta), _mm256_cvtepi32_ps(sumi2), acc);
+        const float dx = h2f(iq1_m_d(x[b]));
+        for (int r = 0; r < R; r++) {
+            const float d = dx * ys[r][b].d;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi1[r]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * kIQ1SDelta), _mm256_cvtepi32_ps(sumi2[r]), acc[r]);
+        }
     }
-    return hsum_ps(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+static float dot_iq1_m(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_iq1_m_rows<1>(n, (const block_iq1_m*)w, &y, &out);
+    return out;
+}
+
+static void dot4_iq1_m(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_iq1_m_rows<4>(n, (const block_iq1_m*)w, (const block_q8_K* const*)a, out);
 }
 
 // Fills every entry this header implements.
@@ -1113,13 +1238,20 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot4[GGML_Q2_K] = dot4_q2_K;
     t->dot[GGML_IQ4_NL] = dot_iq4_nl_t<dot_u8s8_32>;
     t->dot[GGML_IQ4_XS] = dot_iq4_xs;
-    t->dot[GGML_IQ2_XXS] = dot_iq2_xxs;
-    t->dot[GGML_IQ3_S] = dot_iq3_s;
+    t->dot[GGML_IQ2_XXS] = dot_lattice<block_iq2_xxs, 8, iq2_xxs_unpack>;
+    t->dot[GGML_IQ2_XS] = dot_lattice<block_iq2_xs, 8, iq2_xs_unpack>;
+    t->dot[GGML_IQ2_S] = dot_lattice<block_iq2_s, 8, iq2_s_unpack>;
+    t->dot[GGML_IQ3_XXS] = dot_lattice<block_iq3_xxs, 4, iq3_xxs_unpack>;
+    t->dot[GGML_IQ3_S] = dot_lattice<block_iq3_s, 1, iq3_s_unpack>;
     t->dot[GGML_IQ1_S] = dot_iq1_s;
-    t->dot[GGML_IQ2_XS] = dot_iq2_xs;
-    t->dot[GGML_IQ2_S] = dot_iq2_s;
-    t->dot[GGML_IQ3_XXS] = dot_iq3_xxs;
     t->dot[GGML_IQ1_M] = dot_iq1_m;
+    t->dot4[GGML_IQ2_XXS] = dot4_lattice<block_iq2_xxs, 8, iq2_xxs_unpack>;
+    t->dot4[GGML_IQ2_XS] = dot4_lattice<block_iq2_xs, 8, iq2_xs_unpack>;
+    t->dot4[GGML_IQ2_S] = dot4_lattice<block_iq2_s, 8, iq2_s_unpack>;
+    t->dot4[GGML_IQ3_XXS] = dot4_lattice<block_iq3_xxs, 4, iq3_xxs_unpack>;
+    t->dot4[GGML_IQ3_S] = dot4_lattice<block_iq3_s, 1, iq3_s_unpack>;
+    t->dot4[GGML_IQ1_S] = dot4_iq1_s;
+    t->dot4[GGML_IQ1_M] = dot4_iq1_m;
     t->dot4[GGML_Q3_K] = dot4_q3_K;
     t->dot[GGML_Q4_K] = dot_q4_K;
     t->dot[GGML_Q5_K] = dot_q5_K;
