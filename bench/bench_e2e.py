@@ -13,6 +13,9 @@ machine).
     PYTHONPATH=. python bench/bench_e2e.py --model some.gguf --device cuda   # GPU decode
     PYTHONPATH=. python bench/bench_e2e.py --baseline-tree /tmp/old   # also an older checkout
 
+--profile prints where one hybrid prefill spends its time (cProfile, by function: routed
+experts, native linears, torch ops, the rest), to aim work at the largest part.
+
 --baseline-tree DIR runs a third worker importing hybrid from DIR (e.g. a copy of the tree at
 an older commit with the same native module), interleaved with the others: before/after
 ratios measured under the same machine conditions.
@@ -20,7 +23,9 @@ ratios measured under the same machine conditions.
 Each engine lives in its own worker process (both link an OpenMP runtime and a thread pool
 whose spinning threads would slow the other down in one process). Runs alternate between
 the two (A B A B ...) so drifting machine state hits both; medians are reported, with the
-per-run figures, as tokens/s and the ratio ours / llama.cpp.
+per-run figures, as tokens/s and the ratio ours / llama.cpp, both as the ratio of the medians
+and as the median of the per-run ratios (the steadier one on a shared machine, where other
+jobs come and go within a run).
 """
 
 from __future__ import annotations
@@ -66,8 +71,39 @@ class Ours:
         # decode_s covers n_decode forwards plus n_decode + 1 samplings
         return len(prompt) / st.prefill_s, n_decode / st.decode_s, toks
 
+    def profile(self, prompt):
+        """Seconds of one prefill by part: {part: seconds}, from cProfile's own times."""
+        import cProfile
+        import pstats
+
+        self.rt.reset()
+        prof = cProfile.Profile()
+        prof.enable()
+        list(self.rt.generate_tokens(prompt, max_tokens=1, temperature=0.0, stop_at_eos=False))
+        prof.disable()
+        parts = dict.fromkeys(_PROFILE_PARTS, 0.0)
+        for (file, _, func), (_, _, own, _, _) in pstats.Stats(prof).stats.items():
+            parts[_profile_part(file, func)] += own
+        return parts
+
     def close(self):
         self.rt.close()
+
+
+# Parts of a prefill for --profile, by the function that spends the time itself: the routed
+# experts (the native engine behind NativeExperts), the native quantized linears, torch ops
+# (attention and the linears left to torch), and everything else (Python, small native ops).
+_PROFILE_PARTS = ("routed experts", "native linears", "torch ops", "rest")
+
+
+def _profile_part(file: str, func: str) -> str:
+    if file.endswith("experts.py") and func == "_forward_arrays":
+        return "routed experts"
+    if func == "<built-in method hybrid._native.matmul>":
+        return "native linears"
+    if func.startswith("<built-in method torch.") or func.startswith("<built-in method torch._C"):
+        return "torch ops"
+    return "rest"
 
 
 class LlamaCpp:
@@ -126,6 +162,10 @@ def _worker(kind, path, threads, ctx, device) -> int:
         req = json.loads(line)
         if req.get("quit"):
             break
+        if req.get("profile"):
+            out.write(json.dumps({"profile": eng.profile(req["prompt"])}) + "\n")
+            out.flush()
+            continue
         pp, tg, toks = eng.run(req["prompt"], req["decode"])
         out.write(json.dumps({"pp": pp, "tg": tg, "tokens": toks}) + "\n")
         out.flush()
@@ -159,6 +199,11 @@ class _Remote:
         r = self._read()
         return r["pp"], r["tg"], r["tokens"]
 
+    def profile(self, prompt):
+        self.p.stdin.write(json.dumps({"prompt": prompt, "profile": True}) + "\n")
+        self.p.stdin.flush()
+        return self._read()["profile"]
+
     def close(self):
         try:
             self.p.stdin.write(json.dumps({"quit": True}) + "\n")
@@ -183,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="device for hybrid (llama.cpp stays on CPU)")
     ap.add_argument("--skip-llama", action="store_true", help="only time hybrid")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where one hybrid prefill spends its time")
     ap.add_argument("--baseline-tree", metavar="DIR",
                     help="also run hybrid imported from DIR (an older copy of the tree)")
     ap.add_argument("--worker", choices=("hybrid", "llama.cpp"), help=argparse.SUPPRESS)
@@ -213,6 +260,13 @@ def main(argv=None) -> int:
 
     for e in engines:  # warm-up: page in the weights, JIT/first-call costs
         e.run(prompt[:16], 2)
+    if a.profile:
+        for e in engines:
+            if e.name != "llama.cpp":
+                parts = e.profile(prompt)
+                total = sum(parts.values())
+                print(f"{e.name} prefill of {len(prompt)} tokens by part (cProfile, {total:.2f} s): " +
+                      ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in parts.items()), flush=True)
     res = {e.name: ([], []) for e in engines}
     tokens = {}
     for r in range(a.runs):
@@ -238,7 +292,9 @@ def main(argv=None) -> int:
         (lpp, ltg) = med["llama.cpp"]
         for k in [k for k in med if k != "llama.cpp"]:
             opp, otg = med[k]
-            print(f"  ratio {k} / llama.cpp: prompt {opp / lpp:.2f}x   decode {otg / ltg:.2f}x")
+            print(f"  ratio {k} / llama.cpp: prompt {opp / lpp:.2f}x   decode {otg / ltg:.2f}x   "
+                  f"(median of per-run ratios: prompt {_median_ratio(res[k][0], res['llama.cpp'][0]):.2f}x   "
+                  f"decode {_median_ratio(res[k][1], res['llama.cpp'][1]):.2f}x)")
             same = sum(x == y for x, y in zip(tokens[k], tokens["llama.cpp"]))
             # The mid models route less decisively than the test fixtures: near-tied expert
             # choices flip between implementations (llama.cpp with an f32 instead of its f16 KV
@@ -246,10 +302,17 @@ def main(argv=None) -> int:
             print(f"  greedy tokens identical ({k}): {same}/{len(tokens[k])}")
     if "baseline" in med:
         (bpp, btg), (opp, otg) = med["baseline"], med["hybrid"]
-        print(f"  ratio hybrid / baseline: prompt {opp / bpp:.2f}x   decode {otg / btg:.2f}x")
+        print(f"  ratio hybrid / baseline: prompt {opp / bpp:.2f}x   decode {otg / btg:.2f}x   "
+              f"(median of per-run ratios: prompt {_median_ratio(res['hybrid'][0], res['baseline'][0]):.2f}x   "
+              f"decode {_median_ratio(res['hybrid'][1], res['baseline'][1]):.2f}x)")
     for e in engines:
         e.close()
     return 0
+
+
+def _median_ratio(ours, theirs) -> float:
+    """Median over runs of ours[i] / theirs[i]: runs interleave, so each pair saw the same load."""
+    return statistics.median(a / b for a, b in zip(ours, theirs))
 
 
 if __name__ == "__main__":
