@@ -729,6 +729,15 @@ MUTANTS: list[Mutant] = [
            "        pol = replace(pol, cpu_linear_min_bytes=MiB)",
            ("tests/test_cli.py", "-k", "plans_what_the_dry_run"),
            "issue 19 case 4: the dry-run's estimate (134 tok/s) is not the run header's (176)"),
+    Mutant("issue15-reassociated-k-tile-scales", "native/arch/x86/gemm_avx2.cpp",
+           "_mm256_madd_epi16(s8, sc[h])", "_mm256_madd_epi16(s8, sc[0])",
+           ("tests/test_gemm.py", "-k", "reassociated"),
+           "issue 15: the reassociated Q4_K/Q5_K tile scales sub-blocks 4-7 by the scales of 0-3"),
+    Mutant("issue15-reassociated-k-tile-unused", "native/gemm.cpp",
+           "return !gemm_exact() && avx2_reassociated[type] ? avx2_reassociated[type] : avx2[type];",
+           "return avx2[type];",
+           ("tests/test_gemm.py", "-k", "reassociated"),
+           "issue 15: set_prefill_exact(False) changes nothing (the faster tile is never taken)"),
 ]
 
 
