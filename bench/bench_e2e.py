@@ -13,6 +13,12 @@ machine).
     PYTHONPATH=. python bench/bench_e2e.py --model some.gguf --device cuda   # GPU decode
     PYTHONPATH=. python bench/bench_e2e.py --baseline-tree /tmp/old   # also an older checkout
 
+--profile prints where one hybrid prefill spends its time (cProfile, by function: routed
+experts, native linears, torch ops, the rest), to aim work at the largest part.
+
+--reassociated also runs hybrid with _native.set_prefill_exact(False) (native/gemm.h: AVX2
+Q4_K/Q5_K prefill tiles with fewer multiplies, equal to decode within a float bound only).
+
 --baseline-tree DIR runs a third worker importing hybrid from DIR (e.g. a copy of the tree at
 an older commit with the same native module), interleaved with the others: before/after
 ratios measured under the same machine conditions.
@@ -20,7 +26,9 @@ ratios measured under the same machine conditions.
 Each engine lives in its own worker process (both link an OpenMP runtime and a thread pool
 whose spinning threads would slow the other down in one process). Runs alternate between
 the two (A B A B ...) so drifting machine state hits both; medians are reported, with the
-per-run figures, as tokens/s and the ratio ours / llama.cpp.
+per-run figures, as tokens/s and the ratio ours / llama.cpp, both as the ratio of the medians
+and as the median of the per-run ratios (the steadier one on a shared machine, where other
+jobs come and go within a run).
 """
 
 from __future__ import annotations
@@ -66,8 +74,39 @@ class Ours:
         # decode_s covers n_decode forwards plus n_decode + 1 samplings
         return len(prompt) / st.prefill_s, n_decode / st.decode_s, toks
 
+    def profile(self, prompt):
+        """Seconds of one prefill by part: {part: seconds}, from cProfile's own times."""
+        import cProfile
+        import pstats
+
+        self.rt.reset()
+        prof = cProfile.Profile()
+        prof.enable()
+        list(self.rt.generate_tokens(prompt, max_tokens=1, temperature=0.0, stop_at_eos=False))
+        prof.disable()
+        parts = dict.fromkeys(_PROFILE_PARTS, 0.0)
+        for (file, _, func), (_, _, own, _, _) in pstats.Stats(prof).stats.items():
+            parts[_profile_part(file, func)] += own
+        return parts
+
     def close(self):
         self.rt.close()
+
+
+# Parts of a prefill for --profile, by the function that spends the time itself: the routed
+# experts (the native engine behind NativeExperts), the native quantized linears, torch ops
+# (attention and the linears left to torch), and everything else (Python, small native ops).
+_PROFILE_PARTS = ("routed experts", "native linears", "torch ops", "rest")
+
+
+def _profile_part(file: str, func: str) -> str:
+    if file.endswith("experts.py") and func == "_forward_arrays":
+        return "routed experts"
+    if func == "<built-in method hybrid._native.matmul>":
+        return "native linears"
+    if func.startswith("<built-in method torch.") or func.startswith("<built-in method torch._C"):
+        return "torch ops"
+    return "rest"
 
 
 class LlamaCpp:
@@ -107,12 +146,15 @@ class LlamaCpp:
         self.llm.close()
 
 
-def _worker(kind, path, threads, ctx, device) -> int:
+def _worker(kind, path, threads, ctx, device, reassociated=False) -> int:
     """Serve runs over stdin/stdout: one JSON request per line, one JSON answer per line."""
     if kind.startswith("hybrid"):
         # hybrid before torch: it picks passive OpenMP waiting, which must precede torch's
         # OpenMP start (hybrid/__init__.py); the llama.cpp worker keeps its own defaults
         import hybrid  # noqa: F401
+        from hybrid import _native
+
+        _native.set_prefill_exact(not reassociated)
 
         eng = Ours(path, threads, ctx, device)
     else:
@@ -126,6 +168,10 @@ def _worker(kind, path, threads, ctx, device) -> int:
         req = json.loads(line)
         if req.get("quit"):
             break
+        if req.get("profile"):
+            out.write(json.dumps({"profile": eng.profile(req["prompt"])}) + "\n")
+            out.flush()
+            continue
         pp, tg, toks = eng.run(req["prompt"], req["decode"])
         out.write(json.dumps({"pp": pp, "tg": tg, "tokens": toks}) + "\n")
         out.flush()
@@ -134,10 +180,10 @@ def _worker(kind, path, threads, ctx, device) -> int:
 
 
 class _Remote:
-    def __init__(self, kind, path, threads, ctx, device, name=None, pythonpath=None):
+    def __init__(self, kind, path, threads, ctx, device, name=None, pythonpath=None, flags=()):
         self.name = name or kind
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--model", str(path),
-               "--threads", str(threads), "--ctx", str(ctx), "--device", device]
+               "--threads", str(threads), "--ctx", str(ctx), "--device", device, *flags]
         env = dict(os.environ)
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
@@ -158,6 +204,11 @@ class _Remote:
         self.p.stdin.flush()
         r = self._read()
         return r["pp"], r["tg"], r["tokens"]
+
+    def profile(self, prompt):
+        self.p.stdin.write(json.dumps({"prompt": prompt, "profile": True}) + "\n")
+        self.p.stdin.flush()
+        return self._read()["profile"]
 
     def close(self):
         try:
@@ -183,13 +234,17 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="device for hybrid (llama.cpp stays on CPU)")
     ap.add_argument("--skip-llama", action="store_true", help="only time hybrid")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where one hybrid prefill spends its time")
+    ap.add_argument("--reassociated", action="store_true",
+                    help="also run hybrid with the reassociated (not bit-exact) prefill tiles")
     ap.add_argument("--baseline-tree", metavar="DIR",
                     help="also run hybrid imported from DIR (an older copy of the tree)")
     ap.add_argument("--worker", choices=("hybrid", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--ctx", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        return _worker(a.worker, a.model, a.threads, a.ctx, a.device)
+        return _worker(a.worker, a.model, a.threads, a.ctx, a.device, a.reassociated)
 
     path = a.model
     if path is None:
@@ -202,6 +257,9 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     ctx = a.prompt + a.decode + 8
     engines = [_Remote("hybrid", path, a.threads, ctx, a.device)]
+    if a.reassociated:
+        engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, name="reassociated",
+                               flags=["--reassociated"]))
     if a.baseline_tree:
         engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, name="baseline",
                                pythonpath=os.path.abspath(a.baseline_tree)))
@@ -213,6 +271,13 @@ def main(argv=None) -> int:
 
     for e in engines:  # warm-up: page in the weights, JIT/first-call costs
         e.run(prompt[:16], 2)
+    if a.profile:
+        for e in engines:
+            if e.name != "llama.cpp":
+                parts = e.profile(prompt)
+                total = sum(parts.values())
+                print(f"{e.name} prefill of {len(prompt)} tokens by part (cProfile, {total:.2f} s): " +
+                      ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in parts.items()), flush=True)
     res = {e.name: ([], []) for e in engines}
     tokens = {}
     for r in range(a.runs):
@@ -238,7 +303,9 @@ def main(argv=None) -> int:
         (lpp, ltg) = med["llama.cpp"]
         for k in [k for k in med if k != "llama.cpp"]:
             opp, otg = med[k]
-            print(f"  ratio {k} / llama.cpp: prompt {opp / lpp:.2f}x   decode {otg / ltg:.2f}x")
+            print(f"  ratio {k} / llama.cpp: prompt {opp / lpp:.2f}x   decode {otg / ltg:.2f}x   "
+                  f"(median of per-run ratios: prompt {_median_ratio(res[k][0], res['llama.cpp'][0]):.2f}x   "
+                  f"decode {_median_ratio(res[k][1], res['llama.cpp'][1]):.2f}x)")
             same = sum(x == y for x, y in zip(tokens[k], tokens["llama.cpp"]))
             # The mid models route less decisively than the test fixtures: near-tied expert
             # choices flip between implementations (llama.cpp with an f32 instead of its f16 KV
@@ -246,10 +313,22 @@ def main(argv=None) -> int:
             print(f"  greedy tokens identical ({k}): {same}/{len(tokens[k])}")
     if "baseline" in med:
         (bpp, btg), (opp, otg) = med["baseline"], med["hybrid"]
-        print(f"  ratio hybrid / baseline: prompt {opp / bpp:.2f}x   decode {otg / btg:.2f}x")
+        print(f"  ratio hybrid / baseline: prompt {opp / bpp:.2f}x   decode {otg / btg:.2f}x   "
+              f"(median of per-run ratios: prompt {_median_ratio(res['hybrid'][0], res['baseline'][0]):.2f}x   "
+              f"decode {_median_ratio(res['hybrid'][1], res['baseline'][1]):.2f}x)")
+    if "reassociated" in med:
+        (rpp, rtg), (opp, otg) = med["reassociated"], med["hybrid"]
+        print(f"  ratio reassociated / hybrid: prompt {rpp / opp:.2f}x   decode {rtg / otg:.2f}x   "
+              f"(median of per-run ratios: prompt {_median_ratio(res['reassociated'][0], res['hybrid'][0]):.2f}x   "
+              f"decode {_median_ratio(res['reassociated'][1], res['hybrid'][1]):.2f}x)")
     for e in engines:
         e.close()
     return 0
+
+
+def _median_ratio(ours, theirs) -> float:
+    """Median over runs of ours[i] / theirs[i]: runs interleave, so each pair saw the same load."""
+    return statistics.median(a / b for a, b in zip(ours, theirs))
 
 
 if __name__ == "__main__":

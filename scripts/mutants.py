@@ -799,6 +799,15 @@ MUTANTS: list[Mutant] = [
            "                                                           _mm256_slli_epi64(_mm256_loadu_si256((const __m256i*)(p + 32)), 32), 0xAA),",
            ("tests/test_quant_types.py", "-k", "grid_entry and IQ2_XXS"),
            "issue 14: IQ2_XXS's per-block scales read the index words of sub-blocks 4-7 for their scales"),
+    Mutant("issue15-reassociated-k-tile-scales", "native/arch/x86/gemm_avx2.cpp",
+           "_mm256_madd_epi16(s8, sc[h])", "_mm256_madd_epi16(s8, sc[0])",
+           ("tests/test_gemm.py", "-k", "reassociated"),
+           "issue 15: the reassociated Q4_K/Q5_K tile scales sub-blocks 4-7 by the scales of 0-3"),
+    Mutant("issue15-reassociated-k-tile-unused", "native/gemm.cpp",
+           "return !gemm_exact() && avx2_reassociated[type] ? avx2_reassociated[type] : avx2[type];",
+           "return avx2[type];",
+           ("tests/test_gemm.py", "-k", "reassociated"),
+           "issue 15: set_prefill_exact(False) changes nothing (the faster tile is never taken)"),
 ]
 
 
