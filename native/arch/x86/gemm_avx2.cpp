@@ -22,38 +22,60 @@ using namespace x86;
 // multiplies instead of four. The int16 sums fit: |q| <= 31, |a| <= 127, 4 products < 2^15.
 alignas(32) static const uint8_t k_interleave[32] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
                                                      0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
+// One Q4_K / Q5_K block as both tiles below read it: scales and mins, d and dmin, the quants.
+template <bool QH>
+struct K4Block {
+    static constexpr int64_t stride = QH ? sizeof(block_q5_K) : sizeof(block_q4_K);
+    const uint8_t* qs;
+    __m128i sm;     // the 8 scales, then the 8 mins
+    __m256 dm;      // (d, dmin) pairs
+    __m256i hbits;  // Q5_K's fifth bits
+
+    explicit K4Block(const uint8_t* blk)
+        : qs(blk + (QH ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs))), sm(scales_mins_k4(blk + 4)) {
+        uint32_t d_dmin;
+        std::memcpy(&d_dmin, blk, 4);
+        dm = _mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin));
+        hbits = QH ? _mm256_loadu_si256((const __m256i*)(blk + offsetof(block_q5_K, qh))) : _mm256_setzero_si256();
+    }
+    // chunk c's 64 quants: sub-block 2c in lo, 2c+1 in hi
+    void unpack(int c, __m256i& lo, __m256i& hi) const {
+        const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+        lo = _mm256_and_si256(q, m4);
+        hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if (QH) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
+        }
+    }
+    // acc += d * y.d * sumi - dmin * y.d * (mins . bsums)
+    void accumulate(__m256& acc, __m256i sumi, const block_q8_K& y) const {
+        const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&y.d));
+        acc = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55), _mm256_cvtepi32_ps(k4_min_products(sm, y.bsums)), acc);
+    }
+};
+
 template <int N, bool QH>
 static void rows_k4(int64_t n, const uint8_t* w, const void* const* a, float* out) {
     const block_q8_K* const* ys = (const block_q8_K* const*)a;
-    const int64_t stride = QH ? sizeof(block_q5_K) : sizeof(block_q4_K);
-    const int qs_off = QH ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs);
-    const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
     const __m256i inter = _mm256_load_si256((const __m256i*)k_interleave);
     __m256 acc[N];
     for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t* blk = w + b * stride;
-        prefetch_block(blk, stride);
-        const __m128i sm = scales_mins_k4(blk + 4);
-        uint32_t d_dmin;
-        std::memcpy(&d_dmin, blk, 4);
-        const __m256 dm = _mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin));
-        const uint8_t* qs = blk + qs_off;
-        const __m256i hbits = QH ? _mm256_loadu_si256((const __m256i*)(blk + offsetof(block_q5_K, qh))) : _mm256_setzero_si256();
+        const uint8_t* blk = w + b * K4Block<QH>::stride;
+        prefetch_block(blk, K4Block<QH>::stride);
+        const K4Block<QH> k(blk);
         // (s_2c, s_2c+1) int16 pairs: scales as int16 in both lanes, then dword c broadcast
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(k.sm));
         const __m256i sc[4] = {_mm256_shuffle_epi32(scales, 0x00), _mm256_shuffle_epi32(scales, 0x55),
                                _mm256_shuffle_epi32(scales, 0xAA), _mm256_shuffle_epi32(scales, 0xFF)};
         __m256i sumi[N];
         for (int r = 0; r < N; r++) sumi[r] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
-            __m256i lo = _mm256_and_si256(q, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (QH) {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
-            }
+            __m256i lo, hi;
+            k.unpack(c, lo, hi);
             for (int r = 0; r < N; r++) {
                 const __m256i a0 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c));
                 const __m256i a1 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c + 32));
@@ -61,12 +83,7 @@ static void rows_k4(int64_t n, const uint8_t* w, const void* const* a, float* ou
                 sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_shuffle_epi8(h, inter), sc[c]));
             }
         }
-        for (int r = 0; r < N; r++) {
-            const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&ys[r][b].d));
-            acc[r] = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55),
-                                      _mm256_cvtepi32_ps(k4_min_products(sm, ys[r][b].bsums)), acc[r]);
-        }
+        for (int r = 0; r < N; r++) k.accumulate(acc[r], sumi[r], ys[r][b]);
     }
     for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
 }
@@ -77,42 +94,26 @@ static void rows_k4(int64_t n, const uint8_t* w, const void* const* a, float* ou
 // four-product sums of each sub-block pairwise, so one madd scales four sub-blocks (two chunks)
 // and a block takes 11. Each int32 lane then holds other products than the dot's lane, so the
 // result differs from the dot by float reassociation (gemm.h states the bound); only with
-// set_gemm_exact(false). The int16 sums fit: 8 products of |q| <= 31 and |a| <= 127 <= 31496.
+// set_prefill_exact(false). The int16 sums fit: 8 products of |q| <= 31 and |a| <= 127 <= 31496.
 template <int N, bool QH>
 static void rows_k4_sum8(int64_t n, const uint8_t* w, const void* const* a, float* out) {
     const block_q8_K* const* ys = (const block_q8_K* const*)a;
-    const int64_t stride = QH ? sizeof(block_q5_K) : sizeof(block_q4_K);
-    const int qs_off = QH ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs);
-    const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
     __m256 acc[N];
     for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t* blk = w + b * stride;
-        prefetch_block(blk, stride);
-        const __m128i sm = scales_mins_k4(blk + 4);
-        uint32_t d_dmin;
-        std::memcpy(&d_dmin, blk, 4);
-        const __m256 dm = _mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin));
-        const uint8_t* qs = blk + qs_off;
-        const __m256i hbits = QH ? _mm256_loadu_si256((const __m256i*)(blk + offsetof(block_q5_K, qh))) : _mm256_setzero_si256();
+        const uint8_t* blk = w + b * K4Block<QH>::stride;
+        prefetch_block(blk, K4Block<QH>::stride);
+        const K4Block<QH> k(blk);
         // after two hadds each 128-bit lane holds two 8-product sums of each of sub-blocks
         // 4h..4h+3 in order: scales s_4h+i as int16 pairs
-        const __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        const __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(k.sm));
         const __m256i sc[2] = {_mm256_unpacklo_epi16(s16, s16), _mm256_unpackhi_epi16(s16, s16)};
         __m256i sumi[N];
         for (int r = 0; r < N; r++) sumi[r] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             __m256i u[4];  // sub-blocks 4h .. 4h+3
-            for (int k = 0; k < 2; k++) {
-                const int c = 2 * h + k;
-                const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
-                u[2 * k] = _mm256_and_si256(q, m4);
-                u[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                if (QH) {
-                    u[2 * k] = _mm256_or_si256(u[2 * k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
-                    u[2 * k + 1] = _mm256_or_si256(u[2 * k + 1],
-                                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
-                }
+            for (int j = 0; j < 2; j++) {
+                k.unpack(2 * h + j, u[2 * j], u[2 * j + 1]);
             }
             for (int r = 0; r < N; r++) {
                 const int8_t* y = ys[r][b].qs + 128 * h;
@@ -122,12 +123,7 @@ static void rows_k4_sum8(int64_t n, const uint8_t* w, const void* const* a, floa
                 sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s8, sc[h]));
             }
         }
-        for (int r = 0; r < N; r++) {
-            const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&ys[r][b].d));
-            acc[r] = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55),
-                                      _mm256_cvtepi32_ps(k4_min_products(sm, ys[r][b].bsums)), acc[r]);
-        }
+        for (int r = 0; r < N; r++) k.accumulate(acc[r], sumi[r], ys[r][b]);
     }
     for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
 }
