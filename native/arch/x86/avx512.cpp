@@ -68,57 +68,6 @@ static float dot_bf16(int64_t n, const void* w, const void* a) {
     return s;
 }
 
-// 32-blocks: one 256-bit VNNI dot per block (u8 x s8 -> int32 in one instruction).
-static float dot_q8_0(int64_t n, const void* w, const void* a) {
-    const block_q8_0* x = (const block_q8_0*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
-        const __m256i qy = _mm256_loadu_si256((const __m256i*)y[b].qs);
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(qx, qx),
-                                              _mm256_sign_epi8(qy, qx));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
-    }
-    return hsum_ps(acc);
-}
-
-static float dot_q4_0(int64_t n, const void* w, const void* a) {
-    const block_q4_0* x = (const block_q4_0*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        const float d = h2f(x[b].d) * y[b].d;
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles_32(x[b].qs),
-                                              _mm256_loadu_si256((const __m256i*)y[b].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
-        offset += d * (float)(8 * y[b].sum);
-    }
-    return hsum_ps(acc) - offset;
-}
-
-static float dot_q5_0(int64_t n, const void* w, const void* a) {
-    const block_q5_0* x = (const block_q5_0*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        uint32_t qh;
-        std::memcpy(&qh, x[b].qh, 4);
-        const float d = h2f(x[b].d) * y[b].d;
-        const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
-                                              _mm256_loadu_si256((const __m256i*)y[b].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
-        offset += d * (float)(16 * y[b].sum);
-    }
-    return hsum_ps(acc) - offset;
-}
-
 // Word permutations: chunk c of a Q4_K block spans sub-blocks 2c (low 16 words) and 2c+1.
 alignas(64) static const int16_t k_k4_scale_idx[4][32] = {
     {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
@@ -303,17 +252,18 @@ bool fill_avx512_kernels(kernel_table* t) {
     t->dot[GGML_F32] = x86_512::dot_f32;
     t->dot[GGML_F16] = x86_512::dot_f16;
     t->dot[GGML_BF16] = x86_512::dot_bf16;
-    t->dot[GGML_Q4_0] = x86_512::dot_q4_0;
-    t->dot[GGML_Q5_0] = x86_512::dot_q5_0;
-    t->dot[GGML_Q8_0] = x86_512::dot_q8_0;
+    // 32-blocks: x86::rows32 with one 256-bit VNNI dot per block (gemm_avx512.cpp's tiles)
+    t->dot[GGML_Q4_0] = x86::dot32<x86::b32_q4_0, x86_512::dot_vnni_32>;
+    t->dot[GGML_Q5_0] = x86::dot32<x86::b32_q5_0, x86_512::dot_vnni_32>;
+    t->dot[GGML_Q8_0] = x86::dot32<x86::b32_q8_0, x86_512::dot_vnni_32>;
     t->dot[GGML_Q4_K] = x86_512::dot_q4_K;
     t->dot[GGML_Q5_K] = x86_512::dot_q5_K;
     t->dot[GGML_Q6_K] = x86_512::dot_q6_K;
-    t->dot[GGML_Q4_1] = x86::dot_q4_1_t<x86_512::dot_vnni_32>;
-    t->dot[GGML_Q5_1] = x86::dot_q5_1_t<x86_512::dot_vnni_32>;
+    t->dot[GGML_Q4_1] = x86::dot32<x86::b32_q4_1, x86_512::dot_vnni_32>;
+    t->dot[GGML_Q5_1] = x86::dot32<x86::b32_q5_1, x86_512::dot_vnni_32>;
     t->dot[GGML_Q2_K] = x86_512::dot_q2_K;
     t->dot[GGML_Q3_K] = x86_512::dot_q3_K;
-    t->dot[GGML_IQ4_NL] = x86::dot_iq4_nl_t<x86_512::dot_vnni_32>;
+    t->dot[GGML_IQ4_NL] = x86::dot32<x86::b32_iq4_nl, x86_512::dot_vnni_32>;
     t->dot[GGML_IQ4_XS] = x86_512::dot_iq4_xs;
     // A 4-row dot is bit-identical only to the single dot of its own code: where this file
     // replaced the AVX2 dot, the type does without (the lattice types keep theirs).

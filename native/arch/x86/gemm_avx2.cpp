@@ -7,7 +7,6 @@
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "x86_avx2_kernels.h"
 #pragma GCC diagnostic pop
-#include "gemm_rows32.h"
 
 namespace hybrid {
 namespace x86_gemm {
@@ -203,9 +202,12 @@ struct q6_K_kernel {
 static void fill(gemm_tile_fn* g) {
     // Tokens per pass, measured on Zen 2: 8 paid for the 32-blocks (Q8_0 +7%, Q5_0 +5% over
     // 4); the K-quants lost 3-10% with 8 (their per-token state no longer fits 16 registers).
-    g[GGML_Q8_0] = tile<8, q8_0_kernel<dot_u8s8_32>>;
-    g[GGML_Q4_0] = tile<8, q45_0_kernel<false, dot_u8s8_32>>;
-    g[GGML_Q5_0] = tile<8, q45_0_kernel<true, dot_u8s8_32>>;
+    g[GGML_Q8_0] = tile<8, rows32_kernel<b32_q8_0, dot_u8s8_32>>;
+    g[GGML_Q4_0] = tile<8, rows32_kernel<b32_q4_0, dot_u8s8_32>>;
+    g[GGML_Q5_0] = tile<8, rows32_kernel<b32_q5_0, dot_u8s8_32>>;
+    g[GGML_Q4_1] = tile<8, rows32_kernel<b32_q4_1, dot_u8s8_32>>;
+    g[GGML_Q5_1] = tile<8, rows32_kernel<b32_q5_1, dot_u8s8_32>>;
+    g[GGML_IQ4_NL] = tile<8, rows32_kernel<b32_iq4_nl, dot_u8s8_32>>;
     g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
     g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
     g[GGML_Q6_K] = tile<4, q6_K_kernel>;

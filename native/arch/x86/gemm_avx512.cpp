@@ -11,7 +11,6 @@
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "x86_avx2_kernels.h"
 #pragma GCC diagnostic pop
-#include "gemm_rows32.h"
 
 namespace hybrid {
 namespace x86_gemm512 {
@@ -26,11 +25,9 @@ static inline float reduce_add(__m512 v) {
     return hsum_ps(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
 }
 
-// ---------------------------------------------------------------- 32-blocks (avx512.cpp dot_q*_0)
-// gemm_rows32.h with the VNNI product avx512.cpp's 32-block dots use
+// ---------------------------------------------------------------- 32-blocks
+// x86::rows32 with the VNNI product avx512.cpp's 32-block dots use
 static inline __m256i dot_vnni(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
-using x86_gemm::q45_0_kernel;
-using x86_gemm::q8_0_kernel;
 
 // ---------------------------------------------------------------- K-quants (avx512.cpp dot_k4_512, dot_q6_K)
 
@@ -145,9 +142,12 @@ struct q6_K_kernel {
 static void fill(gemm_tile_fn* g) {
     // 8 tokens for the 32-blocks (one accumulator each), 4 for the K-quants (three registers
     // per token of the 32; not yet measured on an AVX-512 machine).
-    g[GGML_Q8_0] = tile<8, q8_0_kernel<dot_vnni>>;
-    g[GGML_Q4_0] = tile<8, q45_0_kernel<false, dot_vnni>>;
-    g[GGML_Q5_0] = tile<8, q45_0_kernel<true, dot_vnni>>;
+    g[GGML_Q8_0] = tile<8, rows32_kernel<b32_q8_0, dot_vnni>>;
+    g[GGML_Q4_0] = tile<8, rows32_kernel<b32_q4_0, dot_vnni>>;
+    g[GGML_Q5_0] = tile<8, rows32_kernel<b32_q5_0, dot_vnni>>;
+    g[GGML_Q4_1] = tile<8, rows32_kernel<b32_q4_1, dot_vnni>>;
+    g[GGML_Q5_1] = tile<8, rows32_kernel<b32_q5_1, dot_vnni>>;
+    g[GGML_IQ4_NL] = tile<8, rows32_kernel<b32_iq4_nl, dot_vnni>>;
     g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
     g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
     g[GGML_Q6_K] = tile<4, q6_K_kernel>;

@@ -12,6 +12,9 @@
 #include <immintrin.h>
 #endif
 
+#include <cmath>
+#include <type_traits>
+
 #include "../../quants.h"
 
 namespace hybrid {
@@ -445,95 +448,133 @@ static float dot_bf16(int64_t n, const void* w, const void* a) {
 }
 
 // ---------------------------------------------------------------- dots: 32-blocks (AVX2)
+// Q8_0, Q4_0, Q5_0, Q4_1, Q5_1 and IQ4_NL: one code for the single dot (N = 1) and the prefill
+// tiles (N tokens, the block unpacked once), per ISA through DOT, the 32 x u8 . s8 -> 8 x int32
+// product (maddubs + madd on AVX2, vpdpbusd on VNNI): per token the same operations in the
+// same order whatever N, so a tile's results are the dot's bit for bit.
+//
+// Per token and block the integer sum goes to float and is added to the accumulator scaled
+// by d * d_act (one FMA). Q4_0 / Q5_0 subtract their offset (8 or 16 times the activation's
+// sum) from the integer sum, exactly; Q4_1 / Q5_1 add m * s (the activation's scaled sum) in a
+// scalar. (Adding two blocks' scaled sums before the accumulator, to halve its FMA chain,
+// measured 10-15% slower here: these loops are bound by vector uops, not by that chain.)
+
+typedef __m256i (*dot_u8s8_fn)(__m256i u, __m256i s);
 
 // Sum of u8 x s8 products of 32 pairs, as 8 int32 lanes.
 static inline __m256i dot_u8s8_32(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-static float dot_q8_0(int64_t n, const void* w, const void* a) {
-    const block_q8_0* x = (const block_q8_0*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);  // blocks < 64 B: one line each
-        const __m256i qx = _mm256_loadu_si256((const __m256i*)x[b].qs);
-        const __m256i qy = _mm256_loadu_si256((const __m256i*)y[b].qs);
-        // signed x signed through maddubs: |x| times y with x's sign moved onto y
-        const __m256i p = dot_u8s8_32(_mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
-    }
-    return hsum_ps(acc);
+// 32 nibble indices -> the signed IQ4_NL values (one pshufb per 32).
+static inline __m256i iq4_lookup(__m256i idx) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kIQ4NLValues));
+    return _mm256_shuffle_epi8(v, idx);
 }
 
-static float dot_q4_0(int64_t n, const void* w, const void* a) {
-    const block_q4_0* x = (const block_q4_0*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        const float d = h2f(x[b].d) * y[b].d;
-        const __m256i p = dot_u8s8_32(nibbles_32(x[b].qs), _mm256_loadu_si256((const __m256i*)y[b].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
-        offset += d * (float)(8 * y[b].sum);
-    }
-    return hsum_ps(acc) - offset;
-}
-
-static float dot_q5_0(int64_t n, const void* w, const void* a) {
-    const block_q5_0* x = (const block_q5_0*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
+// The six types as the rows below read them: the activation block, the block's bytes, its
+// quants (`q`: signed for Q8_0 / IQ4_NL, else unsigned) and scale, the offset of unsigned
+// quants (Q4_0 / Q5_0) and whether it has a min (Q4_1 / Q5_1).
+struct b32_q8_0 {
+    typedef block_q8_32 act;
+    static constexpr int64_t bytes = sizeof(block_q8_0);
+    static constexpr bool is_signed = true, has_min = false;
+    static constexpr int offset = 0;
+    static inline __m256i quants(const uint8_t* b) { return _mm256_loadu_si256((const __m256i*)((const block_q8_0*)b)->qs); }
+};
+struct b32_iq4_nl {
+    typedef block_q8_32 act;
+    static constexpr int64_t bytes = sizeof(block_iq4_nl);
+    static constexpr bool is_signed = true, has_min = false;
+    static constexpr int offset = 0;
+    static inline __m256i quants(const uint8_t* b) { return iq4_lookup(nibbles_32(((const block_iq4_nl*)b)->qs)); }
+};
+template <class Block, int OFFSET, bool MIN>
+struct b32_nibbles {
+    typedef typename std::conditional<MIN, block_q8_1, block_q8_32>::type act;
+    static constexpr int64_t bytes = sizeof(Block);
+    static constexpr bool is_signed = false, has_min = MIN;
+    static constexpr int offset = OFFSET;
+    static inline __m256i quants(const uint8_t* b) { return nibbles_32(((const Block*)b)->qs); }
+};
+template <class Block, int OFFSET, bool MIN>
+struct b32_nibbles5 : b32_nibbles<Block, OFFSET, MIN> {
+    static inline __m256i quants(const uint8_t* b) {
         uint32_t qh;
-        std::memcpy(&qh, x[b].qh, 4);
-        const float d = h2f(x[b].d) * y[b].d;
-        const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
-        const __m256i p = dot_u8s8_32(q, _mm256_loadu_si256((const __m256i*)y[b].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
-        offset += d * (float)(16 * y[b].sum);
+        std::memcpy(&qh, ((const Block*)b)->qh, 4);
+        return _mm256_or_si256(nibbles_32(((const Block*)b)->qs), bits_to_0x10(qh));
     }
-    return hsum_ps(acc) - offset;
+};
+typedef b32_nibbles<block_q4_0, 8, false> b32_q4_0;
+typedef b32_nibbles5<block_q5_0, 16, false> b32_q5_0;
+typedef b32_nibbles<block_q4_1, 0, true> b32_q4_1;
+typedef b32_nibbles5<block_q5_1, 0, true> b32_q5_1;
+
+// The activation block's quant sum (Q8_32) and scaled sum (Q8_1), where its format has one.
+static inline int act_sum(const block_q8_32& y) { return y.sum; }
+static inline int act_sum(const block_q8_1&) { return 0; }
+static inline float act_s(const block_q8_1& y) { return y.s; }
+static inline float act_s(const block_q8_32&) { return 0.f; }
+
+// One unpacked block of type B: its quants as DOT's unsigned operand, what signs the
+// activations (signed types), the fp16 scale and min as floats.
+template <class B>
+struct b32_unpacked {
+    __m256i u, sign;
+    float d, m;
+    explicit b32_unpacked(const uint8_t* blk) {
+        prefetch_block(blk, 1);  // blocks < 64 B: one line each
+        const __m256i q = B::quants(blk);
+        u = B::is_signed ? _mm256_sign_epi8(q, q) : q;
+        sign = q;
+        uint16_t h;
+        std::memcpy(&h, blk, 2);
+        d = h2f(h);
+        m = 0.f;
+        if (B::has_min) std::memcpy(&h, blk + 2, 2), m = h2f(h);
+    }
+    // the block's integer dot with activation block y, offset taken out
+    template <dot_u8s8_fn DOT>
+    inline __m256i dot(const typename B::act& y) const {
+        const __m256i a = _mm256_loadu_si256((const __m256i*)y.qs);
+        __m256i p = DOT(u, B::is_signed ? _mm256_sign_epi8(a, sign) : a);
+        if (B::offset) p = _mm256_sub_epi32(p, _mm256_setr_epi32(B::offset * act_sum(y), 0, 0, 0, 0, 0, 0, 0));
+        return p;
+    }
+};
+
+// out[r] = dot of the weight row at w with activation rows a[0..N).
+template <int N, class B, dot_u8s8_fn DOT>
+static inline void rows32(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+    const typename B::act* const* ys = (const typename B::act* const*)a;
+    const int64_t nb = n / QK32;
+    __m256 acc[N];
+    float ms[N];
+    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps(), ms[r] = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const b32_unpacked<B> x(w + b * B::bytes);
+        for (int r = 0; r < N; r++) {
+            const typename B::act& y = ys[r][b];
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(x.d * y.d), _mm256_cvtepi32_ps(x.template dot<DOT>(y)), acc[r]);
+            if (B::has_min) ms[r] += x.m * act_s(y);
+        }
+    }
+    for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]) + ms[r];
 }
 
-// Q4_1 / Q5_1: d * da * (q . qa) per block in float lanes, plus m * s (the activation's
-// scaled sum) per block in a scalar. dot32 is the u8 x s8 sum of 32 pairs (maddubs here,
-// VNNI in the AVX-512 table).
-template <__m256i (*dot32)(__m256i, __m256i)>
-static float dot_q4_1_t(int64_t n, const void* w, const void* a) {
-    const block_q4_1* x = (const block_q4_1*)w;
-    const block_q8_1* y = (const block_q8_1*)a;
-    __m256 acc = _mm256_setzero_ps();
-    float summs = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        const __m256i p = dot32(nibbles_32(x[b].qs), _mm256_loadu_si256((const __m256i*)y[b].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
-        summs += h2f(x[b].m) * y[b].s;
-    }
-    return hsum_ps(acc) + summs;
+template <class B, dot_u8s8_fn DOT>
+static float dot32(int64_t n, const void* w, const void* a) {
+    float out;
+    rows32<1, B, DOT>(n, (const uint8_t*)w, &a, &out);
+    return out;
 }
 
-template <__m256i (*dot32)(__m256i, __m256i)>
-static float dot_q5_1_t(int64_t n, const void* w, const void* a) {
-    const block_q5_1* x = (const block_q5_1*)w;
-    const block_q8_1* y = (const block_q8_1*)a;
-    __m256 acc = _mm256_setzero_ps();
-    float summs = 0.f;
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        uint32_t qh;
-        std::memcpy(&qh, x[b].qh, 4);
-        const __m256i q = _mm256_or_si256(nibbles_32(x[b].qs), bits_to_0x10(qh));
-        const __m256i p = dot32(q, _mm256_loadu_si256((const __m256i*)y[b].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
-        summs += h2f(x[b].m) * y[b].s;
-    }
-    return hsum_ps(acc) + summs;
-}
+// A type's tile() kernel (gemm_tile.h).
+template <class B, dot_u8s8_fn DOT>
+struct rows32_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) { rows32<N, B, DOT>(n, w, a, out); }
+};
 
 // ---------------------------------------------------------------- dots: K-quants (AVX2)
 
@@ -823,30 +864,9 @@ static void dot4_q3_K(int64_t n, const void* w, const void* const* a, float* out
 
 // ---------------------------------------------------------------- dots: IQ4_NL / IQ4_XS
 
-// 32 nibble indices -> the signed IQ4_NL values (one pshufb per 32).
-static inline __m256i iq4_lookup(__m256i idx) {
-    const __m256i v = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kIQ4NLValues));
-    return _mm256_shuffle_epi8(v, idx);
-}
-
 // 32 signed x signed products summed as 16 int16 pair sums (|w| <= 127: no saturation).
 static inline __m256i dot_s8s8_pairs(__m256i w, __m256i a) {
     return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-}
-
-template <__m256i (*dot32)(__m256i, __m256i)>
-static float dot_iq4_nl_t(int64_t n, const void* w, const void* a) {
-    const block_iq4_nl* x = (const block_iq4_nl*)w;
-    const block_q8_32* y = (const block_q8_32*)a;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK32; b++) {
-        prefetch_block((const uint8_t*)&x[b], 1);
-        const __m256i q = iq4_lookup(nibbles_32(x[b].qs));
-        const __m256i av = _mm256_loadu_si256((const __m256i*)y[b].qs);
-        const __m256i p = dot32(_mm256_sign_epi8(q, q), _mm256_sign_epi8(av, q));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(p), acc);
-    }
-    return hsum_ps(acc);
 }
 
 // IQ4_XS: 32 bytes of quants hold sub-blocks 2c (lane 0) and 2c+1 (lane 1), each as low then
@@ -1228,15 +1248,15 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot[GGML_F32] = dot_f32;
     t->dot[GGML_F16] = dot_f16;
     t->dot[GGML_BF16] = dot_bf16;
-    t->dot[GGML_Q4_0] = dot_q4_0;
-    t->dot[GGML_Q5_0] = dot_q5_0;
-    t->dot[GGML_Q8_0] = dot_q8_0;
-    t->dot[GGML_Q4_1] = dot_q4_1_t<dot_u8s8_32>;
-    t->dot[GGML_Q5_1] = dot_q5_1_t<dot_u8s8_32>;
+    t->dot[GGML_Q4_0] = dot32<b32_q4_0, dot_u8s8_32>;
+    t->dot[GGML_Q5_0] = dot32<b32_q5_0, dot_u8s8_32>;
+    t->dot[GGML_Q8_0] = dot32<b32_q8_0, dot_u8s8_32>;
+    t->dot[GGML_Q4_1] = dot32<b32_q4_1, dot_u8s8_32>;
+    t->dot[GGML_Q5_1] = dot32<b32_q5_1, dot_u8s8_32>;
     t->dot[GGML_Q2_K] = dot_q2_K;
     t->dot[GGML_Q3_K] = dot_q3_K;
     t->dot4[GGML_Q2_K] = dot4_q2_K;
-    t->dot[GGML_IQ4_NL] = dot_iq4_nl_t<dot_u8s8_32>;
+    t->dot[GGML_IQ4_NL] = dot32<b32_iq4_nl, dot_u8s8_32>;
     t->dot[GGML_IQ4_XS] = dot_iq4_xs;
     t->dot[GGML_IQ2_XXS] = dot_lattice<block_iq2_xxs, 8, iq2_xxs_unpack>;
     t->dot[GGML_IQ2_XS] = dot_lattice<block_iq2_xs, 8, iq2_xs_unpack>;
