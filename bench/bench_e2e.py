@@ -226,6 +226,11 @@ def main(argv=None) -> int:
                     choices=("deepseek2", "qwen3moe", "qwen2moe", "llama", "glm4moe"),
                     help="architecture of the built benchmark model (without --model)")
     ap.add_argument("--quant", default="Q4_K_M")
+    ap.add_argument("--experts", metavar="TYPE",
+                    help="deepseek2 only: routed experts as random valid blocks of this low-bit type "
+                         "(IQ2_XXS, IQ1_S, ...; llama.cpp makes them only with an importance matrix), "
+                         "every other tensor at --quant")
+    ap.add_argument("--n-expert", type=int, help="routed experts per layer of the built model (mid: 64)")
     ap.add_argument("--cache-dir", default=os.environ.get("HYBRID_FIXTURE_CACHE",
                                                           str(pathlib.Path.home() / ".cache/hybrid-bench")))
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -248,11 +253,14 @@ def main(argv=None) -> int:
 
     path = a.model
     if path is None:
-        from hybrid.fixtures import GQAConfig, TinyConfig, build
+        from hybrid.fixtures import GQAConfig, TinyConfig, build, build_low_bit_experts
 
         t0 = time.perf_counter()
-        cfg = TinyConfig.mid() if a.arch == "deepseek2" else GQAConfig.mid(a.arch)
-        path = build(cfg, a.quant, a.cache_dir)
+        more = {"n_expert": a.n_expert} if a.n_expert else {}
+        cfg = TinyConfig.mid(**more) if a.arch == "deepseek2" else GQAConfig.mid(a.arch, **more)
+        if a.experts and a.arch != "deepseek2":
+            ap.error("--experts: only the deepseek2 benchmark model has low-bit expert variants")
+        path = build_low_bit_experts(cfg, a.experts, a.cache_dir, base=a.quant) if a.experts else build(cfg, a.quant, a.cache_dir)
         print(f"model: {path} ({os.path.getsize(path) / 2**30:.2f} GiB, ready in "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     ctx = a.prompt + a.decode + 8

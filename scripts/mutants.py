@@ -808,6 +808,17 @@ MUTANTS: list[Mutant] = [
            "return avx2[type];",
            ("tests/test_gemm.py", "-k", "reassociated"),
            "issue 15: set_prefill_exact(False) changes nothing (the faster tile is never taken)"),
+    # ------------------------------------------------------------------ issue 14: low-bit bench models
+    Mutant("issue14c-lowbit-experts-unscaled", "hybrid/fixtures/deepseek2.py",
+           "np.frombuffer(np.float16(rms / unit_rms).tobytes(), np.uint8)",
+           "np.frombuffer(np.float16(rms).tobytes(), np.uint8)",
+           ("tests/test_fixtures.py", "-k", "low_bit"),
+           "the random lattice experts keep d = the RMS itself: weights ~15x too large, a model nobody runs"),
+    Mutant("issue14c-lowbit-router-of-the-few", "hybrid/fixtures/deepseek2.py",
+           "kept = {name for name, ne in shapes if name in g.tensors and tuple(g.tensors[name].ne) == ne}",
+           "kept = {name for name, ne in shapes if name in g.tensors}",
+           ("tests/test_fixtures.py", "-k", "low_bit"),
+           "the few-expert build's router copied into the many-expert model"),
 ]
 
 

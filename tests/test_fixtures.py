@@ -3,6 +3,7 @@
 import jinja2.sandbox
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
 
 from hybrid.fixtures import (
     BOS,
@@ -235,3 +236,52 @@ def test_tokenizer_round_trips_ascii(tiny_q4km):
         assert llm.token_eos() == tokens_v.index(EOS)
     finally:
         llm.close()
+
+
+def test_low_bit_expert_model_is_cfg_with_random_lattice_experts(tmp_path, tiny_gguf):
+    """build_low_bit_experts (the benchmark stand-in for IQ2_XXS / IQ1_S files): the routed
+    experts are valid random blocks of the type at the float model's RMS, every other tensor is
+    the base quantization's (taken from the few-expert build), the router cfg's own float
+    weights; llama.cpp and hybrid run it and agree."""
+    import dataclasses
+
+    from gguf.quants import dequantize
+
+    import hybrid
+    from hybrid.fixtures import build_low_bit_experts
+
+    cfg = TinyConfig()
+    path = build_low_bit_experts(cfg, "IQ2_XXS", tmp_path, base="Q8_0")     # built here, not cached
+    few = build(dataclasses.replace(cfg, n_expert=8), "Q8_0", tmp_path)
+    with GGUFFile(path) as g, GGUFFile(few) as s, GGUFFile(tiny_gguf("F32")) as f:
+        assert g.metadata["deepseek2.expert_count"] == cfg.n_expert
+        assert list(g.tensors) == list(f.tensors)
+        for name, t in g.tensors.items():
+            if name.endswith("_exps.weight"):
+                assert t.ggml_type == QT.IQ2_XXS
+                got = dequantize(np.asarray(g.view(name)), QT.IQ2_XXS)
+                want = np.asarray(f.view(name)).view(np.float32)
+                assert abs(np.sqrt(np.mean(got ** 2)) / np.sqrt(np.mean(want ** 2)) - 1) < 0.1, name
+            elif "ffn_gate_inp" in name or "exp_probs_b" in name:
+                np.testing.assert_array_equal(np.asarray(g.view(name)), np.asarray(f.view(name)))
+            else:
+                assert t.ggml_type == s.tensors[name].ggml_type
+                assert np.asarray(g.view(name)).tobytes() == np.asarray(s.view(name)).tobytes(), name
+    tokens, logits = _logits(path)
+    assert np.isfinite(logits).all() and logits.std() > 1e-3
+    rt = hybrid.load(path, device="cpu", ctx=64, threads=2)
+    try:
+        ours = [t for t, _ in rt.generate_tokens(tokens, max_tokens=6, temperature=0.0, stop_at_eos=False)]
+    finally:
+        rt.close()
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(tokens)
+        theirs = []
+        for _ in range(6):
+            theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([theirs[-1]])
+    finally:
+        llm.close()
+    assert ours == theirs
