@@ -808,6 +808,11 @@ MUTANTS: list[Mutant] = [
            "return avx2[type];",
            ("tests/test_gemm.py", "-k", "reassociated"),
            "issue 15: set_prefill_exact(False) changes nothing (the faster tile is never taken)"),
+    Mutant("issue14c-iq4xs-dot4-first-row-scale", "native/arch/x86/x86_avx2_kernels.h",
+           "acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * ys[r][b].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);",
+           "acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * ys[0][b].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);",
+           ("tests/test_gemm.py", "-k", "every_other and avx2 and IQ4_XS"),
+           "IQ4_XS prefill (dot4) scales every token's sums by the first token's activation scale"),
     # ------------------------------------------------------------------ issue 14: low-bit bench models
     Mutant("issue14c-lowbit-experts-unscaled", "hybrid/fixtures/deepseek2.py",
            "np.frombuffer(np.float16(rms / unit_rms).tobytes(), np.uint8)",

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as QT
 
 from hybrid import _native
 from hybrid.backends.experts import ExpertEngine
-from quantdata import random_rows
+from quantdata import ALL_TYPES, random_rows
 from test_kernels import isa, reference_weights  # noqa: F401  (isa is a fixture)
 from test_moe import D, ExpertSet, routing
 
@@ -45,6 +45,17 @@ def test_matmul_prefill_equals_decode(isa, qtype, T):
     rng = np.random.default_rng(T)
     N = 37 if T < 2048 else 9  # 2048 tokens: fewer rows keep it fast
     rows = random_rows(qtype, N, 512, rng)
+    x = (rng.standard_normal((T, 512)) * rng.uniform(0.1, 4, (T, 1))).astype(np.float32)
+    np.testing.assert_array_equal(_native.matmul(rows, int(qtype), x), one_token_at_a_time(rows, qtype, x))
+
+
+@pytest.mark.parametrize("T", [5, 66], ids=lambda T: f"T{T}")
+@pytest.mark.parametrize("qtype", [t for t in ALL_TYPES if t not in TILE_TYPES], ids=lambda t: t.name)
+def test_every_other_type_prefills_as_it_decodes(isa, qtype, T):
+    """Types without a tile kernel prefill through their 4-row dots (dot4: Q2_K, Q3_K, IQ4_XS,
+    the lattice types) or one dot per token: bit for bit what each token gives alone."""
+    rng = np.random.default_rng(T)
+    rows = random_rows(qtype, 19, 512, rng)
     x = (rng.standard_normal((T, 512)) * rng.uniform(0.1, 4, (T, 1))).astype(np.float32)
     np.testing.assert_array_equal(_native.matmul(rows, int(qtype), x), one_token_at_a_time(rows, qtype, x))
 

@@ -862,36 +862,55 @@ static void dot4_q3_K(int64_t n, const void* w, const void* const* a, float* out
     dot_q3_K_rows<4>(n, (const block_q3_K*)w, (const block_q8_K* const*)a, out);
 }
 
-// ---------------------------------------------------------------- dots: IQ4_NL / IQ4_XS
-
-// 32 signed x signed products summed as 16 int16 pair sums (|w| <= 127: no saturation).
-static inline __m256i dot_s8s8_pairs(__m256i w, __m256i a) {
-    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-}
+// ---------------------------------------------------------------- dots: IQ4_XS (IQ4_NL: rows32)
 
 // IQ4_XS: 32 bytes of quants hold sub-blocks 2c (lane 0) and 2c+1 (lane 1), each as low then
 // high nibbles: two lane permutes put each sub-block's 32 values in weight order.
-static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
-    const block_iq4_xs* x = (const block_iq4_xs*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
+// R activation rows: dot is R = 1, dot4 (prefill) unpacks each chunk once for 4 rows, every
+// row's operations unchanged (bit-identical to its dot).
+template <int R>
+static inline void dot_iq4_xs_rows(int64_t n, const block_iq4_xs* x, const block_q8_K* const* ys, float* out) {
     const __m256i m4 = _mm256_set1_epi8(0xF);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_iq4_xs));
-        __m256i sumi = _mm256_setzero_si256();
+        __m256i sumi[R];
+        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
             const __m256i q = _mm256_loadu_si256((const __m256i*)(x[b].qs + 32 * c));
             const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
             const __m256i w0 = iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x20));
             const __m256i w1 = iq4_lookup(_mm256_permute2x128_si256(lo, hi, 0x31));
-            const __m256i p0 = dot_s8s8_pairs(w0, _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c)));
-            const __m256i p1 = dot_s8s8_pairs(w1, _mm256_loadu_si256((const __m256i*)(y[b].qs + 64 * c + 32)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p0, _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c))));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p1, _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c + 1))));
+            const __m256i aw0 = _mm256_sign_epi8(w0, w0), aw1 = _mm256_sign_epi8(w1, w1);
+            const __m256i s0 = _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c));
+            const __m256i s1 = _mm256_set1_epi16((short)iq4_xs_scale(x[b], 2 * c + 1));
+            for (int r = 0; r < R; r++) {
+                const int8_t* a = ys[r][b].qs + 64 * c;
+                // signed x signed through maddubs: |w| times a with w's sign moved onto a (|w| <= 127,
+                // int16 pair sums cannot saturate)
+                const __m256i p0 = _mm256_maddubs_epi16(aw0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)a), w0));
+                const __m256i p1 = _mm256_maddubs_epi16(aw1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)(a + 32)), w1));
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p0, s0));
+                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p1, s1));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(x[b].d) * y[b].d), _mm256_cvtepi32_ps(sumi), acc);
+        const float dx = h2f(x[b].d);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * ys[r][b].d), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
     }
-    return hsum_ps(acc);
+    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+}
+
+static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
+    const block_q8_K* y = (const block_q8_K*)a;
+    float out;
+    dot_iq4_xs_rows<1>(n, (const block_iq4_xs*)w, &y, &out);
+    return out;
+}
+
+static void dot4_iq4_xs(int64_t n, const void* w, const void* const* a, float* out) {
+    dot_iq4_xs_rows<4>(n, (const block_iq4_xs*)w, (const block_q8_K* const*)a, out);
 }
 
 // ---------------------------------------------------------------- dots: IQ2_XXS / IQ3_S / IQ1_S / ...
@@ -1258,6 +1277,7 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot4[GGML_Q2_K] = dot4_q2_K;
     t->dot[GGML_IQ4_NL] = dot32<b32_iq4_nl, dot_u8s8_32>;
     t->dot[GGML_IQ4_XS] = dot_iq4_xs;
+    t->dot4[GGML_IQ4_XS] = dot4_iq4_xs;
     t->dot[GGML_IQ2_XXS] = dot_lattice<block_iq2_xxs, 8, iq2_xxs_unpack>;
     t->dot[GGML_IQ2_XS] = dot_lattice<block_iq2_xs, 8, iq2_xs_unpack>;
     t->dot[GGML_IQ2_S] = dot_lattice<block_iq2_s, 8, iq2_s_unpack>;
