@@ -15,12 +15,12 @@ import subprocess
 import sys
 import time
 
-VERSION = 6
+from placement import ggml
+
+VERSION = 7
 BUFFER_BYTES = 256 << 20     # well beyond any L3 this runs on
-MATMUL = (4096, 1024, 64)    # K, N, tokens: a prefill-sized matmul
-Q4_K = 12
-# GGML types the native matmul runs (placement.solver.CPU_NATIVE_TYPES): (weights, bytes) a block
-BLOCKS = {2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+MATMUL = (4096, 512, 64)     # K, N, tokens: a prefill-sized matmul
+DECODE_BYTES_PER_THREAD = 1 << 20   # the one-token matmul's weights: each worker's share stays in cache
 
 
 def machine_key() -> str:
@@ -44,8 +44,9 @@ def cache_file():
 
 
 def measured(refresh: bool = False) -> dict:
-    """{'read_bytes_per_s', 'cpu_flops', 'threads', ...} of this machine, from the cache or
-    measured now; {} when the probe is off or cannot run (no native module)."""
+    """{'read_bytes_per_s', 'cpu_flops', 'cpu_flops_by_type', 'decode_bytes_per_s_by_type',
+    'threads', ...} of this machine, from the cache or measured now; {} when the probe is off
+    or cannot run (no native module)."""
     if os.environ.get("HYBRID_PROBE", "1") == "0":
         return {}
     path = cache_file()
@@ -87,28 +88,52 @@ def _best(fn, runs: int) -> float:
 
 
 def _measure() -> dict:
-    """In the child: read bandwidth over all allowed cpus (best of 5 reads of 256 MiB), each
-    native type's matmul FLOP/s at 64 tokens (best of 3), the per-layer cost of a decode step."""
+    """In the child: read bandwidth over all allowed cpus (best of 5 reads of 256 MiB); for each
+    type the native matmul runs, its FLOP/s at 64 tokens (best of 3) and the bytes/s of its
+    one-token matmul with the weights in cache (best of 20: the compute side of decode's
+    roofline); the per-layer cost of a decode step."""
     import numpy as np
 
     from hybrid import _native
+    from placement.solver import CPU_NATIVE_TYPES
 
     threads = len(os.sched_getaffinity(0))
     buf = np.ones(BUFFER_BYTES, dtype=np.uint8)        # ones: every page touched, not shared zero
     _native.stream_read(buf, threads)
     read_s = _best(lambda: _native.stream_read(buf, threads), 5)
     K, N, T = MATMUL
-    x = np.random.default_rng(0).standard_normal((T, K)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, K)).astype(np.float32)
     out = np.empty((T, N), dtype=np.float32)
-    flops = {}
-    for t, (qk, nb) in BLOCKS.items():   # each type's kernel has its own speed (Q8_0 ~half Q4_K's)
-        w = np.zeros((N, K // qk * nb), dtype=np.uint8)   # zero blocks: the speed of any values
+    flops, decode = {}, {}
+    for t in sorted(CPU_NATIVE_TYPES):   # each type's kernel has its own speed (lattice types: table lookups)
+        w = _random_blocks(t, N, K, rng)
         _native.matmul(w, t, x, out=out, threads=threads)
         flops[str(t)] = 2 * K * N * T / _best(lambda: _native.matmul(w, t, x, out=out, threads=threads), 3)
-    bw = BUFFER_BYTES / read_s
-    return {"version": VERSION, "read_bytes_per_s": bw, "cpu_flops": flops[str(Q4_K)],
-            "cpu_flops_by_type": flops, "layer_overhead_s": _layer_overhead(), "threads": threads,
-            "isa": _native.isa(), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        w1 = np.resize(w, (max(1, threads * DECODE_BYTES_PER_THREAD // w.shape[1]), w.shape[1]))
+        out1 = np.empty((1, w1.shape[0]), dtype=np.float32)
+        _native.matmul(w1, t, x[:1], out=out1, threads=threads)
+        decode[str(t)] = w1.nbytes / _best(lambda: _native.matmul(w1, t, x[:1], out=out1, threads=threads), 20)
+    return {"version": VERSION, "read_bytes_per_s": BUFFER_BYTES / read_s, "cpu_flops": flops[str(ggml.Q4_K)],
+            "cpu_flops_by_type": flops, "decode_bytes_per_s_by_type": decode,
+            "layer_overhead_s": _layer_overhead(), "threads": threads, "isa": _native.isa(),
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _random_blocks(ggml_type: int, rows: int, k: int, rng):
+    """uint8 [rows, row bytes] of random blocks (zero blocks would hit one line of a lattice
+    type's grid): random bytes, each block whose values come out non-finite (a random fp16
+    scale of inf or NaN) replaced by one that does not."""
+    import numpy as np
+
+    from hybrid import _native
+
+    t = ggml.ggml_type(ggml_type)
+    blocks = rng.integers(0, 256, (rows * k // t.block_size, t.type_size), dtype=np.uint8)
+    values = _native.dequantize(blocks, ggml_type, rows * k).reshape(len(blocks), t.block_size)
+    finite = np.isfinite(values).all(axis=1)
+    blocks[~finite] = blocks[np.argmax(finite)]
+    return blocks.reshape(rows, -1)
 
 
 # aten ops a CPU decode step runs per layer: counted with a TorchDispatchMode over decode

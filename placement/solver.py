@@ -19,6 +19,7 @@ Shape legend: L layers, E experts, K experts per token, D hidden, H heads.
 import math
 from dataclasses import asdict, dataclass, replace
 
+from placement.ggml import type_name
 from placement.hardware import HW_OVERRIDES, Hardware
 from placement.inventory import Inventory
 from placement.plan import DeviceUsage, Plan, Problem, Suggestion
@@ -158,6 +159,11 @@ def _group_formats(use_gpu: bool, gpu_fmt: str, cpu_fmt: str) -> dict:
     }
 
 
+def _native_linear(t, pol: Policy) -> bool:
+    """A CPU linear that the native matmul runs in its GGUF blocks (others: float copies)."""
+    return t.role in _LINEAR_ROLES and t.ggml_type in CPU_NATIVE_TYPES and t.n_bytes >= pol.cpu_linear_min_bytes
+
+
 def _weight_costs(inv: Inventory, groups: dict, pol: Policy) -> tuple:
     """Bytes of the non-expert weights: ({role: bytes on gpu0}, {role: bytes on the host}).
 
@@ -173,8 +179,7 @@ def _weight_costs(inv: Inventory, groups: dict, pol: Policy) -> tuple:
         if dev == "gpu0":
             gpu[t.role] = gpu.get(t.role, 0) + _fmt_bytes_of(t, fmt)
             continue
-        if (fmt == "quantized" and t.role in _LINEAR_ROLES
-                and (t.ggml_type not in CPU_NATIVE_TYPES or t.n_bytes < pol.cpu_linear_min_bytes)):
+        if fmt == "quantized" and t.role in _LINEAR_ROLES and not _native_linear(t, pol):
             fmt = "f32"
         b = _fmt_bytes_of(t, fmt)
         host[t.role] = host.get(t.role, 0) + b
@@ -745,12 +750,40 @@ def _hit_rates(inv: Inventory, stats, gpu_cache: dict) -> dict:
     return hit
 
 
+def _on_cpus_used(hw: Hardware, figures: dict, threads=None) -> dict:
+    """{ggml type: a per-type rate the probe measured on all allowed cpus, on the cpus used}."""
+    n = len(hw.allowed_cpus)
+    used = min(n, threads) if threads else n
+    return {int(k): v * used / n for k, v in figures.items()}
+
+
 def _flops_of(hw: Hardware, threads=None):
     """ggml type -> sustained FLOP/s of its native matmul on the cpus used: measured per type
     on this machine (placement.probe), else the one figure of _cpu_flops."""
     flops = _cpu_flops(hw, threads)[0]
-    by_type = {int(k): v * flops / hw.cpu_flops for k, v in hw.cpu_flops_by_type.items()} if hw.cpu_flops else {}
+    by_type = _on_cpus_used(hw, hw.cpu_flops_by_type, threads)
     return lambda ggml_type: by_type.get(ggml_type, flops)
+
+
+def _decode_rate_of(hw: Hardware, eff_bw: float, threads=None):
+    """ggml type -> bytes/s a one-token matmul of its weights in RAM runs at: the slower of
+    reading them (eff_bw) and computing them (measured per type with the weights in cache,
+    placement.probe; lattice types are compute-bound). eff_bw for a type without a figure
+    (another machine, the probe off)."""
+    compute = _on_cpus_used(hw, hw.cpu_decode_bytes_by_type, threads)
+    return lambda ggml_type: min(eff_bw, compute.get(ggml_type, eff_bw))
+
+
+def _decode_compute_note(hw: Hardware, rate_of, eff_bw: float, types) -> str:
+    """The assumption behind the per-type decode rates of `types` (those a token's CPU
+    matmuls read)."""
+    if not hw.cpu_decode_bytes_by_type:
+        return "not measured: every type at the RAM bandwidth (optimistic for compute-bound IQ types)"
+    slow = sorted((rate_of(t), t) for t in types if rate_of(t) < eff_bw)
+    if not slow:
+        return "every type's one-token matmul keeps up with the RAM bandwidth (measured)"
+    return (", ".join(f"{type_name(t)} {r / 1e9:.1f} GB/s" for r, t in slow)
+            + ": compute-bound one-token matmuls (measured); other types at the RAM bandwidth")
 
 
 def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, flops_of, eff_bw: float, hit: dict) -> float:
@@ -771,7 +804,8 @@ def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, flops_of, eff_bw: float,
 
 def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices) -> dict:
     """Decode: every token reads the non-expert weights once (GPU) and K experts per MoE layer
-    (CPU, unless cached on the GPU), plus the KV cache; one CPU<->GPU hand-off per MoE layer.
+    (CPU, unless cached on the GPU, each type at the slower of the RAM bandwidth and its
+    one-token matmul), plus the KV cache; one CPU<->GPU hand-off per MoE layer.
     Prefill: CPU expert FLOPs at the ISA's sustained rate, or the experts' bytes per chunk,
     whichever is slower, plus the GPU part (chunks short of the GPU prefill threshold; see
     prefill_crossover for the long ones)."""
@@ -823,7 +857,19 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
             assumptions["layer_overhead"] = (f"{m.n_layer} layers x {hw.layer_overhead_s * 1e6:.0f} us "
                                              f"(torch ops, measured)")
         cpu_bytes_tok += nonexp + kv_read
-    t_cpu = cpu_bytes_tok / eff_bw
+    # what a token's native CPU matmuls read, by weight type: a compute-bound type (its
+    # one-token matmul slower than the RAM bandwidth) adds the difference to the read time
+    E = max(m.n_expert, 1)
+    groups = _group_formats(False, gpu_fmt, pol.cpu_weight_format)
+    native = {}
+    for t in inv.tensors:
+        if t.role == "routed_experts":
+            native[t.ggml_type] = native.get(t.ggml_type, 0) + K * t.n_bytes / E * (1 - hit[t.layer])
+        elif gpu is None and groups.get(t.group, groups["other"])[1] == "quantized" and _native_linear(t, pol):
+            native[t.ggml_type] = native.get(t.ggml_type, 0) + t.n_bytes
+    rate_of = _decode_rate_of(hw, eff_bw, pol.threads)
+    t_cpu = cpu_bytes_tok / eff_bw + sum(b / rate_of(t) - b / eff_bw for t, b in native.items())
+    assumptions["cpu_decode_compute"] = _decode_compute_note(hw, rate_of, eff_bw, [t for t, b in native.items() if b])
     decode_t = t_gpu + t_cpu + t_sync
     assumptions["decode_context_position"] = f"{pos} tokens (half the context)"
 

@@ -824,6 +824,27 @@ MUTANTS: list[Mutant] = [
            "kept = {name for name, ne in shapes if name in g.tensors}",
            ("tests/test_fixtures.py", "-k", "low_bit"),
            "the few-expert build's router copied into the many-expert model"),
+    Mutant("issue19-probe-six-types", "placement/probe.py",
+           "    for t in sorted(CPU_NATIVE_TYPES):", "    for t in (2, 6, 8, 12, 13, 14):",
+           ("tests/test_estimate.py", "-k", "probe_measures_once"),
+           "issue 19: the probe times Q4_0..Q6_K only; an IQ model's estimate takes Q4_K's speed "
+           "(2-5x optimistic)"),
+    Mutant("issue19-decode-rate-per-type-ignored", "placement/solver.py",
+           "    return lambda ggml_type: min(eff_bw, compute.get(ggml_type, eff_bw))",
+           "    return lambda ggml_type: eff_bw",
+           ("tests/test_estimate.py", "-k", "own_speed"),
+           "issue 19: decode reads every type at the RAM bandwidth; IQ2/IQ3/IQ1 experts compute "
+           "at 0.13-0.25 of it"),
+    Mutant("issue19-cpu-linears-decode-at-bandwidth", "placement/solver.py",
+           "        elif gpu is None and groups", "        elif False and groups",
+           ("tests/test_estimate.py", "-k", "own_speed and attention"),
+           "issue 19: a CPU-only plan's native non-expert linears decode at the RAM bandwidth "
+           "whatever their type"),
+    Mutant("issue19-prefill-flops-per-type-ignored", "placement/solver.py",
+           "    return lambda ggml_type: by_type.get(ggml_type, flops)",
+           "    return lambda ggml_type: flops",
+           ("tests/test_estimate.py", "-k", "own_speed"),
+           "issue 19: prefill computes every type at Q4_K's FLOP/s"),
 ]
 
 

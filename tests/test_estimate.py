@@ -1,15 +1,21 @@
 """This machine's estimates come from a measured probe (placement.probe), cached per machine,
-and land near what the run then measures (issue 19, item 4)."""
+and land near what the run then measures (issue 19, item 4); each native type at its own
+measured speed."""
 
 import json
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 import hybrid
 from hybrid.app import demo
-from placement import plan_for_gguf, probe
+from placement import hardware as hwm, plan_for_gguf, probe
+from placement.inventory import make_tensor
+from placement.presets import build_preset
+from placement.solver import CPU_NATIVE_TYPES, build_inputs, solve
 
 # The issue asks for 30%. On the shared 2-core test machine the same run spreads 2-5x from
 # one run to the next (other test suites take the cpus), so the bound is wide; it still
@@ -30,6 +36,8 @@ def cache(tmp_path, monkeypatch):
 def test_probe_measures_once_per_machine_and_again_on_request(cache, monkeypatch):
     first = probe.measured()
     assert first["read_bytes_per_s"] > 1e8 and first["cpu_flops"] > 1e8 and first["layer_overhead_s"] > 0
+    for per_type in ("cpu_flops_by_type", "decode_bytes_per_s_by_type"):   # every type the native matmul runs
+        assert {int(t) for t in first[per_type]} == CPU_NATIVE_TYPES and min(first[per_type].values()) > 1e6
     saved = cache / f"probe-{probe.machine_key()}.json"
     assert json.loads(saved.read_text()) == first
 
@@ -88,3 +96,59 @@ def test_estimate_is_near_the_measured_speed(cache, fixture_cache):
     est, pp, tg = _measure(str(demo.smollm2_model(fixture_cache)))
     for what, e, m in (("decode", est["decode_tok_s"], tg), ("prefill", est["prefill_tok_s"], pp)):
         assert m / BOUND <= e <= m * BOUND, f"demo {what}: estimate {e:.1f} tok/s, measured {m:.1f}"
+
+
+# A machine with given probe figures (no child process): 100 GB/s of RAM, Q4_K computing faster
+# than it reads (one token: 200 GB/s; 64 tokens: 1 TFLOP/s), IQ2_XXS slower (25 GB/s, 0.25 TFLOP/s).
+BW = 100e9
+FIGURES = {QT.Q4_K: (1e12, 2 * BW), QT.IQ2_XXS: (0.25e12, BW / 4)}    # type: (FLOP/s, bytes/s at T=1)
+
+
+def _machine(figures):
+    hw = hwm.apply_overrides(hwm.detect(), ram="256GiB", numa_nodes=1, cores=8, threads=8, ram_bandwidth="100GB/s")
+    return replace(hw, cpu_flops=1e12, layer_overhead_s=0.0,
+                   cpu_flops_by_type={str(int(t)): f for t, (f, _) in figures.items()},
+                   cpu_decode_bytes_by_type={str(int(t)): r for t, (_, r) in figures.items()})
+
+
+def _estimate(inv, hw):
+    hw, wl, pol = build_inputs(hardware=hw, cpu_only=True, ram_efficiency=1.0, prefill_chunk=512)
+    return solve(inv, hw, wl, pol).estimate
+
+
+def _typed(inv, role, qtype):
+    return replace(inv, tensors=[make_tensor(t.name, qtype, t.ne, inv.model.n_layer) if t.role == role else t
+                                 for t in inv.tensors])
+
+
+@pytest.mark.parametrize("role", ["routed_experts", "attention"])
+@pytest.mark.parametrize("measured", [True, False], ids=["measured", "IQ2_XXS-not-measured"])
+def test_each_type_decodes_and_prefills_at_its_own_speed(role, measured):
+    """The same model with IQ2_XXS instead of Q4_K experts (or CPU attention linears): decode
+    reads its fewer bytes at the slower of the RAM bandwidth and its one-token matmul, prefill
+    computes at its FLOP/s. A type without figures reads at the bandwidth and computes at the
+    headline FLOP/s (Q4_K's)."""
+    figures = FIGURES if measured else {QT.Q4_K: FIGURES[QT.Q4_K]}
+    hw = _machine(figures)
+    inv = build_preset("qwen3-30b-a3b-q4_k_m")
+    m = inv.model
+    share = m.n_expert_used / m.n_expert if role == "routed_experts" else 1.0    # of a tensor a token reads
+    weights = sum(t.n_elements for t in inv.tensors if t.role == role) * share
+    (q4_flops, q4_rate), (iq2_flops, iq2_rate) = FIGURES[QT.Q4_K], figures.get(QT.IQ2_XXS, (1e12, BW))
+    q4, iq2 = (_estimate(_typed(inv, role, q), hw) for q in (QT.Q4_K, QT.IQ2_XXS))
+
+    def bytes_per_weight(q):
+        block, size = GGML_QUANT_SIZES[q]
+        return size / block
+
+    more_decode_s = weights * (bytes_per_weight(QT.IQ2_XXS) / min(BW, iq2_rate)
+                               - bytes_per_weight(QT.Q4_K) / min(BW, q4_rate))
+    assert iq2["seconds_per_token"]["cpu"] - q4["seconds_per_token"]["cpu"] == pytest.approx(more_decode_s, rel=1e-6)
+    more_prefill_s = 2 * weights * (1 / iq2_flops - 1 / q4_flops)
+    assert 1 / iq2["prefill_tok_s"] == pytest.approx(1 / q4["prefill_tok_s"] + more_prefill_s, rel=2e-3)
+    if measured:
+        assert more_decode_s > 0 and more_prefill_s > 0 and iq2["decode_tok_s"] < q4["decode_tok_s"]
+        assert "IQ2_XXS 25.0 GB/s: compute-bound" in iq2["assumptions"]["cpu_decode_compute"]
+    else:
+        assert more_decode_s < 0 and more_prefill_s == 0
+    assert "not measured" in _estimate(inv, _machine({}))["assumptions"]["cpu_decode_compute"]
