@@ -264,6 +264,14 @@ def main(argv=None) -> int:
         print(f"model: {path} ({os.path.getsize(path) / 2**30:.2f} GiB, ready in "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     ctx = a.prompt + a.decode + 8
+    # this machine as it is now, for the plan's estimate printed beside the measurement (the
+    # probe's cache may hold figures from a busier moment)
+    from placement import probe
+
+    m = probe.measured(refresh=True)
+    if m:
+        print(f"probe: read {m['read_bytes_per_s'] / 1e9:.1f} GB/s, Q4_K matmul {m['cpu_flops'] / 1e9:.0f} GFLOP/s "
+              f"at 64 tokens, {m['threads']} cpus", flush=True)
     engines = [_Remote("hybrid", path, a.threads, ctx, a.device)]
     if a.reassociated:
         engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, name="reassociated",

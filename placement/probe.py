@@ -30,11 +30,14 @@ def machine_key() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
                   if ln.startswith("model name")), "")
     mem = next((ln.split()[1] for ln in _read("/proc/meminfo").splitlines() if ln.startswith("MemTotal")), "")
+    return hashlib.sha1(f"{VERSION}|{model}|{_allowed_cpus()}|{mem}".encode()).hexdigest()[:16]
+
+
+def _allowed_cpus() -> list:
     try:
-        cpus = sorted(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:
-        cpus = list(range(os.cpu_count() or 1))
-    return hashlib.sha1(f"{VERSION}|{model}|{cpus}|{mem}".encode()).hexdigest()[:16]
+        return list(range(os.cpu_count() or 1))
 
 
 def cache_file():
@@ -50,9 +53,14 @@ def measured(refresh: bool = False) -> dict:
     if os.environ.get("HYBRID_PROBE", "1") == "0":
         return {}
     path = cache_file()
+    # figures measured on another number of cpus than this process may use (a child that ran
+    # under other bindings than its parent) are not this machine's: measured again, not cached
+    threads = len(_allowed_cpus())
     if not refresh:
         try:
-            return json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+            if cached.get("threads") == threads:
+                return cached
         except (OSError, ValueError):
             pass
     try:
@@ -67,7 +75,7 @@ def measured(refresh: bool = False) -> dict:
         figures = json.loads(r.stdout) if r.returncode == 0 else {}
     except (OSError, subprocess.SubprocessError, ValueError):
         figures = {}
-    if figures:
+    if figures.get("threads") == threads:
         from hybrid.atomic import write_text
 
         try:

@@ -3,6 +3,7 @@ and land near what the run then measures (issue 19, item 4); each native type at
 measured speed."""
 
 import json
+import os
 import subprocess
 from dataclasses import replace
 
@@ -52,6 +53,24 @@ def test_probe_measures_once_per_machine_and_again_on_request(cache, monkeypatch
     assert again["measured_at"] >= first["measured_at"] and json.loads(saved.read_text()) == again
     monkeypatch.setenv("HYBRID_PROBE", "0")
     assert probe.measured() == {}
+
+
+def test_figures_of_another_cpu_count_are_measured_again_not_kept(cache, monkeypatch):
+    """A cached file whose figures came from a child bound to other cpus than its key says
+    (seen here: a test faking two cpus under taskset -c 1 left 1-cpu figures under the 2-cpu
+    key, halving every estimate after it) is measured again; a child that again sees another
+    cpu count is not cached."""
+    n = len(os.sched_getaffinity(0))
+    saved = cache / f"probe-{probe.machine_key()}.json"
+    saved.write_text(json.dumps({"threads": n + 1, "read_bytes_per_s": 1.0, "cpu_flops": 1.0}))
+    fresh = probe.measured()
+    assert fresh["threads"] == n and fresh["read_bytes_per_s"] > 1e8
+    assert json.loads(saved.read_text()) == fresh
+    saved.unlink()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n + 1)))   # the parent's view only
+    monkeypatch.setattr(probe, "machine_key", lambda: "other")
+    assert probe.measured()["threads"] == n
+    assert not (cache / "probe-other.json").exists()
 
 
 def test_this_machine_is_measured_a_hypothetical_one_is_not(cache, tiny_q4km, capsys):
