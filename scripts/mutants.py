@@ -722,7 +722,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_estimate.py", "-k", "this_machine_is_measured"),
            "issue 19 case 4: this machine's estimates from assumed bandwidths (100 GB/s 'assumed')"),
     Mutant("issue19-probe-not-cached", "placement/probe.py",
-           "            return json.loads(path.read_text())", "            pass",
+           "                return cached\n", "                pass\n",
            ("tests/test_estimate.py", "-k", "probe_measures_once"),
            "issue 19 case 4: every plan measures the machine again (a second each)"),
     Mutant("issue19-dry-run-plans-another-run", "placement/solver.py",
