@@ -17,7 +17,7 @@ import time
 
 from placement import ggml
 
-VERSION = 7
+VERSION = 8
 BUFFER_BYTES = 256 << 20     # well beyond any L3 this runs on
 MATMUL = (4096, 512, 64)     # K, N, tokens: a prefill-sized matmul
 DECODE_BYTES_PER_THREAD = 1 << 20   # the one-token matmul's weights: each worker's share stays in cache
@@ -96,7 +96,8 @@ def _best(fn, runs: int) -> float:
 
 
 def _measure() -> dict:
-    """In the child: read bandwidth over all allowed cpus (best of 5 reads of 256 MiB); for each
+    """In the child: read bandwidth over all allowed cpus (best of 5 reads of 256 MiB) and the
+    rate a one-token Q4_K matmul streams the same bytes at (best of 3); for each
     type the native matmul runs, its FLOP/s at 64 tokens (best of 3) and the bytes/s of its
     one-token matmul with the weights in cache (best of 20: the compute side of decode's
     roofline); the per-layer cost of a decode step."""
@@ -110,6 +111,13 @@ def _measure() -> dict:
     _native.stream_read(buf, threads)
     read_s = _best(lambda: _native.stream_read(buf, threads), 5)
     K, N, T = MATMUL
+    # the same bytes read as Q4_K weights (blocks of 0x01 bytes: finite) by a one-token matmul:
+    # the share of that bandwidth the kernels reach from RAM
+    row_bytes = K // 256 * 144
+    ram_rows = buf[: BUFFER_BYTES // row_bytes * row_bytes].reshape(-1, row_bytes)
+    x_one, out_ram = np.ones((1, K), np.float32), np.empty((1, len(ram_rows)), np.float32)
+    _native.matmul(ram_rows, ggml.Q4_K, x_one, out=out_ram, threads=threads)
+    ram_matmul_s = _best(lambda: _native.matmul(ram_rows, ggml.Q4_K, x_one, out=out_ram, threads=threads), 3)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, K)).astype(np.float32)
     out = np.empty((T, N), dtype=np.float32)
@@ -122,7 +130,8 @@ def _measure() -> dict:
         out1 = np.empty((1, w1.shape[0]), dtype=np.float32)
         _native.matmul(w1, t, x[:1], out=out1, threads=threads)
         decode[str(t)] = w1.nbytes / _best(lambda: _native.matmul(w1, t, x[:1], out=out1, threads=threads), 20)
-    return {"version": VERSION, "read_bytes_per_s": BUFFER_BYTES / read_s, "cpu_flops": flops[str(ggml.Q4_K)],
+    return {"version": VERSION, "read_bytes_per_s": BUFFER_BYTES / read_s,
+            "matmul_read_bytes_per_s": ram_rows.nbytes / ram_matmul_s, "cpu_flops": flops[str(ggml.Q4_K)],
             "cpu_flops_by_type": flops, "decode_bytes_per_s_by_type": decode,
             "layer_overhead_s": _layer_overhead(), "threads": threads, "isa": _native.isa(),
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}

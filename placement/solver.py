@@ -734,7 +734,13 @@ def _ram_bandwidth(hw: Hardware, pol: Policy, numa_mode: str) -> tuple:
         how = f"{n_nodes} node(s) interleaved x {pol.interleave_efficiency if n_nodes > 1 else 1.0}"
     else:
         agg, how = node_bw, "one node's worth (pages land where first touched)"
-    return agg * pol.ram_efficiency, node_bw, src, how
+    # the share of that bandwidth a one-token matmul streaming from RAM reaches: measured on
+    # this machine (placement.probe), else the policy's figure
+    if src == "measured" and hw.ram_kernel_efficiency:
+        eff, how = hw.ram_kernel_efficiency, f"{how}, x {hw.ram_kernel_efficiency:.2f} kernel efficiency (measured)"
+    else:
+        eff, how = pol.ram_efficiency, f"{how}, x {pol.ram_efficiency} kernel efficiency"
+    return agg * eff, node_bw, src, how
 
 
 def _hit_rates(inv: Inventory, stats, gpu_cache: dict) -> dict:
@@ -823,7 +829,7 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     # RAM bandwidth the expert kernels see
     eff_bw, node_bw, src, how = _ram_bandwidth(hw, pol, numa_mode)
     assumptions["ram_bandwidth_per_node"] = f"{node_bw / 1e9:.0f} GB/s ({src})"
-    assumptions["effective_ram_bandwidth"] = f"{eff_bw / 1e9:.0f} GB/s ({how}, x {pol.ram_efficiency} kernel efficiency)"
+    assumptions["effective_ram_bandwidth"] = f"{eff_bw / 1e9:.0f} GB/s ({how})"
 
     # non-expert bytes each token reads (embedding: one row)
     nonexp = 0

@@ -821,6 +821,10 @@ MUTANTS: list[Mutant] = [
            "    if figures.get(\"threads\") == threads:", "    if figures:",
            ("tests/test_estimate.py", "-k", "another_cpu_count"),
            "a child bound to other cpus than its parent caches its figures under the parent's key"),
+    Mutant("issue19c-kernel-efficiency-assumed", "placement/solver.py",
+           '    if src == "measured" and hw.ram_kernel_efficiency:', "    if False:",
+           ("tests/test_estimate.py", "-k", "kernel_efficiency or hypothetical_one"),
+           "the measured kernel efficiency ignored: this machine's decode estimates 0.7x (62.7 tok/s measured, 42 estimated)"),
     # ------------------------------------------------------------------ issue 14: low-bit bench models
     Mutant("issue14c-lowbit-experts-unscaled", "hybrid/fixtures/deepseek2.py",
            "np.frombuffer(np.float16(rms / unit_rms).tobytes(), np.uint8)",

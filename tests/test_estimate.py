@@ -82,6 +82,7 @@ def test_this_machine_is_measured_a_hypothetical_one_is_not(cache, tiny_q4km, ca
 
     here = assumptions()
     assert "(measured)" in here["ram_bandwidth_per_node"] and "(measured)" in here["cpu_compute"]
+    assert "kernel efficiency (measured)" in here["effective_ram_bandwidth"]
     assert "layer_overhead" in here and "layer_overhead" not in assumptions("--ram", "512GiB", "--cores", "8")
     there = assumptions("--ram", "512GiB", "--cores", "64", "--numa-nodes", "2")
     assert "(assumed)" in there["ram_bandwidth_per_node"] and "assumed" in there["cpu_compute"]
@@ -171,3 +172,23 @@ def test_each_type_decodes_and_prefills_at_its_own_speed(role, measured):
     else:
         assert more_decode_s < 0 and more_prefill_s == 0
     assert "not measured" in _estimate(inv, _machine({}))["assumptions"]["cpu_decode_compute"]
+
+
+@pytest.mark.parametrize("efficiency", [0.5, 1.0, 0.0], ids=["half", "full", "not-measured"])
+def test_measured_kernel_efficiency_replaces_the_assumed_one(efficiency):
+    """On this machine the share of the read bandwidth a one-token matmul reaches from RAM is
+    measured (the probe streams its 256 MiB as Q4_K weights; here it beats the plain read, 1.0)
+    and used instead of the policy's 0.7; a machine without it keeps the 0.7."""
+    inv = build_preset("qwen3-30b-a3b-q4_k_m")
+    hw = _machine({QT.Q4_K: FIGURES[QT.Q4_K]})      # Q4_K computes faster than it reads
+    measured = replace(hw, ram_kernel_efficiency=efficiency,
+                       sources=dict(hw.sources, ram_bandwidth="measured"))
+    wl_pol = dict(cpu_only=True, ram_efficiency=0.7, prefill_chunk=512)
+    at = {}
+    for name, h in (("full", replace(measured, ram_kernel_efficiency=1.0)), ("this", measured)):
+        h, wl, pol = build_inputs(hardware=h, **wl_pol)
+        at[name] = solve(inv, h, wl, pol).estimate
+    want = efficiency or 0.7
+    assert at["full"]["seconds_per_token"]["cpu"] / at["this"]["seconds_per_token"]["cpu"] == pytest.approx(want, rel=1e-9)
+    said = at["this"]["assumptions"]["effective_ram_bandwidth"]
+    assert (f"x {efficiency:.2f} kernel efficiency (measured)" in said) if efficiency else ("x 0.7 kernel efficiency" in said)
