@@ -21,7 +21,8 @@ from quantdata import ALL_TYPES, random_rows
 from test_kernels import isa, reference_weights  # noqa: F401  (isa is a fixture)
 from test_moe import D, ExpertSet, routing
 
-TILE_TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_1, QT.Q5_1, QT.IQ4_NL, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+TILE_TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_1, QT.Q5_1, QT.IQ4_NL, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+              QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S]
 
 
 def test_tile_kernels_are_in_use(isa):

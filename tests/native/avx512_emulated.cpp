@@ -101,7 +101,8 @@ static std::vector<uint8_t> random_row(int type, int n) {
 static void check_gemm_tiles(const kernel_table& simd, int* passed, int* failed) {
     gemm_tile_fn gemm[GGML_TYPE_LIMIT] = {};
     fill_avx512_gemm(gemm);
-    const int types[] = {GGML_Q4_0, GGML_Q5_0, GGML_Q8_0, GGML_Q4_1, GGML_Q5_1, GGML_IQ4_NL, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K};
+    const int types[] = {GGML_Q4_0, GGML_Q5_0, GGML_Q8_0, GGML_Q4_1, GGML_Q5_1, GGML_IQ4_NL, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K,
+                         GGML_IQ2_XXS, GGML_IQ2_XS, GGML_IQ2_S, GGML_IQ3_XXS, GGML_IQ3_S, GGML_IQ1_S};
     const int n = 512, R = 3;
     for (int type : types) {
         const type_info& ti = get_type_info(type);

@@ -151,6 +151,13 @@ static void fill(gemm_tile_fn* g) {
     g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
     g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
     g[GGML_Q6_K] = tile<4, q6_K_kernel>;
+    // the lattice types: avx512.cpp keeps their AVX2-level dots (built with its flags, as here)
+    g[GGML_IQ2_XXS] = tile<8, lattice_kernel<block_iq2_xxs, 8, iq2_xxs_unpack>>;
+    g[GGML_IQ2_XS] = tile<8, lattice_kernel<block_iq2_xs, 8, iq2_xs_unpack>>;
+    g[GGML_IQ2_S] = tile<8, lattice_kernel<block_iq2_s, 8, iq2_s_unpack>>;
+    g[GGML_IQ3_XXS] = tile<8, lattice_kernel<block_iq3_xxs, 4, iq3_xxs_unpack>>;
+    g[GGML_IQ3_S] = tile<8, lattice_kernel<block_iq3_s, 1, iq3_s_unpack>>;
+    g[GGML_IQ1_S] = tile<8, iq1_s_kernel>;
 }
 
 }  // namespace x86_gemm512

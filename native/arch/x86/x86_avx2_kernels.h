@@ -1180,6 +1180,25 @@ static void dot4_iq1_s(int64_t n, const void* w, const void* const* a, float* ou
     dot_iq1_s_rows<4>(n, (const block_iq1_s*)w, (const block_q8_K* const*)a, out);
 }
 
+// The lattice dots (IQ2_*, IQ3_*, IQ1_S) as rows of the prefill tiles (gemm.h, gemm_tile.h;
+// both x86 tile tables): their unpacking (grid lookups, signs, scales) costs more than a
+// token's products, so 8 tokens share it instead of dot4's 4: per 256 weights and token 6-16%
+// less (cached, Zen 2). IQ1_M, IQ4_XS, Q2_K and Q3_K measured no better (or worse) with 6 or
+// 8 tokens: they keep dot4.
+template <class Block, int div, class Unpack>
+struct lattice_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        lattice_rows<N, Block, div, Unpack>(n, (const Block*)w, (const block_q8_K* const*)a, out);
+    }
+};
+struct iq1_s_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        dot_iq1_s_rows<N>(n, (const block_iq1_s*)w, (const block_q8_K* const*)a, out);
+    }
+};
+
 // IQ1_M's 16 3-bit scales (number 4k + f at bit 3f of u16 k; 2i and 2i + 1 are sub-block
 // i's halves) as odd scales 2s + 1 for pick_scales.
 static inline __m256i iq1_m_scales(const uint8_t* p) {
