@@ -84,13 +84,17 @@ def test_routed_experts_are_submitted_before_the_shared_expert(q4, monkeypatch):
 
 def test_segmented_static_decode_equals_eager(q4, cpu_ref):
     """The fixed-shape step CUDA graphs capture (positions as a tensor, the KV cache read up
-    to a bucket under a mask, cut at every MoE layer), run eagerly on the CPU."""
+    to a bucket under a mask, cut at every MoE layer), run eagerly on the CPU. Its attention is
+    torch's, the reference's the fused native call: their latent outputs differ in float
+    rounding, and the Q8 quantization of those activations before the next quantized matmul
+    can move a value at a rounding boundary by one int8 step (seen: cosine 0.99984 at one of
+    12 positions; the cache row written one position late: 0.83)."""
     with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True,
                      decode_graphs="static") as r:
         assert r.decoder is not None and r.decoder.mode == "static"
         assert r.decoder.buckets == [64]
         step = r.decode_logits(TOKENS)
-    np.testing.assert_allclose(step, cpu_ref[1], rtol=2e-5, atol=2e-5 * np.abs(cpu_ref[1]).max())
+    assert_close_everywhere(step, cpu_ref[1], 0.999)
     assert (step.argmax(-1) == cpu_ref[1].argmax(-1)).all()
 
 
