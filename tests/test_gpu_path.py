@@ -537,10 +537,10 @@ def test_forced_plans_leave_routed_experts_to_the_cpu_engine(q4, cpu_ref, hot):
         moe = list(range(r.args.n_dense_lead, r.args.n_layer))
     if hot == "none":
         assert ex.hot is None
-        np.testing.assert_allclose(step, cpu_ref[1], rtol=2e-5, atol=2e-5 * np.abs(cpu_ref[1]).max())
     else:
         assert ex.hot is not None and ex.hot.n_expert == len(range(0, E, 3)) < E
-        assert_close_everywhere(step, cpu_ref[1], 0.999)
+    # the static step's attention is torch's: as close as test_segmented_static_decode_equals_eager
+    assert_close_everywhere(step, cpu_ref[1], 0.999)
     cold = [e for e in range(E) if hot == "none" or e % 3]
     for l in moe:   # tokens went to the CPU engine's experts in every MoE layer
         assert int(counts[l][cold].sum()) > 0
