@@ -825,8 +825,8 @@ MUTANTS: list[Mutant] = [
            '    if src == "measured" and hw.ram_kernel_efficiency:', "    if False:",
            ("tests/test_estimate.py", "-k", "kernel_efficiency or hypothetical_one"),
            "the measured kernel efficiency ignored: this machine's decode estimates 0.7x (62.7 tok/s measured, 42 estimated)"),
-    Mutant("issue14c-lattice-tile-grid-scale", "native/arch/x86/gemm_avx2.cpp",
-           "tile<8, lattice_kernel<block_iq2_xs, 8, iq2_xs_unpack>>", "tile<8, lattice_kernel<block_iq2_xs, 4, iq2_xs_unpack>>",
+    Mutant("issue14c-lattice-tile-grid-scale", "native/arch/x86/gemm_tile.h",
+           "x86::lattice_kernel<block_iq2_xs, 8, x86::iq2_xs_unpack>", "x86::lattice_kernel<block_iq2_xs, 4, x86::iq2_xs_unpack>",
            ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and IQ2_XS"),
            "IQ2_XS prefill tiles divide by the IQ3 grids' scale: every prompt token's product doubled"),
     # ------------------------------------------------------------------ issue 14: low-bit bench models

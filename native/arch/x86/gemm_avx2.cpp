@@ -1,12 +1,12 @@
 // AVX2 prefill tiles (gemm.h). Compiled with -mavx2 -mfma -mf16c -mbmi2; filled only for a
 // kernel table cpuid admitted.
 #include "../../gemm.h"
-#include "gemm_tile.h"
 // the header's table filler is avx2.cpp's business, unused here
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "x86_avx2_kernels.h"
 #pragma GCC diagnostic pop
+#include "gemm_tile.h"
 
 namespace hybrid {
 namespace x86_gemm {
@@ -200,23 +200,12 @@ struct q6_K_kernel {
 };
 
 static void fill(gemm_tile_fn* g) {
-    // Tokens per pass, measured on Zen 2: 8 paid for the 32-blocks (Q8_0 +7%, Q5_0 +5% over
-    // 4); the K-quants lost 3-10% with 8 (their per-token state no longer fits 16 registers).
-    g[GGML_Q8_0] = tile<8, rows32_kernel<b32_q8_0, dot_u8s8_32>>;
-    g[GGML_Q4_0] = tile<8, rows32_kernel<b32_q4_0, dot_u8s8_32>>;
-    g[GGML_Q5_0] = tile<8, rows32_kernel<b32_q5_0, dot_u8s8_32>>;
-    g[GGML_Q4_1] = tile<8, rows32_kernel<b32_q4_1, dot_u8s8_32>>;
-    g[GGML_Q5_1] = tile<8, rows32_kernel<b32_q5_1, dot_u8s8_32>>;
-    g[GGML_IQ4_NL] = tile<8, rows32_kernel<b32_iq4_nl, dot_u8s8_32>>;
+    fill_shared<dot_u8s8_32>(g);
+    // the K-quants: 4 tokens (with 8 they lost 3-10% on Zen 2: their per-token state no longer
+    // fits 16 registers)
     g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
     g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
     g[GGML_Q6_K] = tile<4, q6_K_kernel>;
-    g[GGML_IQ2_XXS] = tile<8, lattice_kernel<block_iq2_xxs, 8, iq2_xxs_unpack>>;
-    g[GGML_IQ2_XS] = tile<8, lattice_kernel<block_iq2_xs, 8, iq2_xs_unpack>>;
-    g[GGML_IQ2_S] = tile<8, lattice_kernel<block_iq2_s, 8, iq2_s_unpack>>;
-    g[GGML_IQ3_XXS] = tile<8, lattice_kernel<block_iq3_xxs, 4, iq3_xxs_unpack>>;
-    g[GGML_IQ3_S] = tile<8, lattice_kernel<block_iq3_s, 1, iq3_s_unpack>>;
-    g[GGML_IQ1_S] = tile<8, iq1_s_kernel>;
 }
 
 static void fill_reassociated(gemm_tile_fn* g) {

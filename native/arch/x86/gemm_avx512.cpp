@@ -5,12 +5,12 @@
 // block is unpacked once per N tokens. tests/native/avx512_emulated.cpp checks the identity
 // under SIMDe on CPUs without AVX-512.
 #include "../../gemm.h"
-#include "gemm_tile.h"
 // the header's table filler is avx2.cpp's business, unused here
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "x86_avx2_kernels.h"
 #pragma GCC diagnostic pop
+#include "gemm_tile.h"
 
 namespace hybrid {
 namespace x86_gemm512 {
@@ -140,24 +140,12 @@ struct q6_K_kernel {
 };
 
 static void fill(gemm_tile_fn* g) {
-    // 8 tokens for the 32-blocks (one accumulator each), 4 for the K-quants (three registers
-    // per token of the 32; not yet measured on an AVX-512 machine).
-    g[GGML_Q8_0] = tile<8, rows32_kernel<b32_q8_0, dot_vnni>>;
-    g[GGML_Q4_0] = tile<8, rows32_kernel<b32_q4_0, dot_vnni>>;
-    g[GGML_Q5_0] = tile<8, rows32_kernel<b32_q5_0, dot_vnni>>;
-    g[GGML_Q4_1] = tile<8, rows32_kernel<b32_q4_1, dot_vnni>>;
-    g[GGML_Q5_1] = tile<8, rows32_kernel<b32_q5_1, dot_vnni>>;
-    g[GGML_IQ4_NL] = tile<8, rows32_kernel<b32_iq4_nl, dot_vnni>>;
+    x86_gemm::fill_shared<dot_vnni>(g);
+    // the K-quants: 4 tokens (three registers per token of the 32; not yet measured on an
+    // AVX-512 machine)
     g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
     g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
     g[GGML_Q6_K] = tile<4, q6_K_kernel>;
-    // the lattice types: avx512.cpp keeps their AVX2-level dots (built with its flags, as here)
-    g[GGML_IQ2_XXS] = tile<8, lattice_kernel<block_iq2_xxs, 8, iq2_xxs_unpack>>;
-    g[GGML_IQ2_XS] = tile<8, lattice_kernel<block_iq2_xs, 8, iq2_xs_unpack>>;
-    g[GGML_IQ2_S] = tile<8, lattice_kernel<block_iq2_s, 8, iq2_s_unpack>>;
-    g[GGML_IQ3_XXS] = tile<8, lattice_kernel<block_iq3_xxs, 4, iq3_xxs_unpack>>;
-    g[GGML_IQ3_S] = tile<8, lattice_kernel<block_iq3_s, 1, iq3_s_unpack>>;
-    g[GGML_IQ1_S] = tile<8, iq1_s_kernel>;
 }
 
 }  // namespace x86_gemm512
