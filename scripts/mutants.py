@@ -829,6 +829,10 @@ MUTANTS: list[Mutant] = [
            "x86::lattice_kernel<block_iq2_xs, 8, x86::iq2_xs_unpack>", "x86::lattice_kernel<block_iq2_xs, 4, x86::iq2_xs_unpack>",
            ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and IQ2_XS"),
            "IQ2_XS prefill tiles divide by the IQ3 grids' scale: every prompt token's product doubled"),
+    Mutant("chat-ctrl-c-ignored-in-background-jobs", "hybrid/app/chat.py",
+           "        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:", "        if False:",
+           ("tests/test_chat.py", "-k", "pty"),
+           "a chat started with SIGINT ignored (a CI runner's background job) cannot stop a reply: all 4000 tokens"),
     # ------------------------------------------------------------------ issue 14: low-bit bench models
     Mutant("issue14c-lowbit-experts-unscaled", "hybrid/fixtures/deepseek2.py",
            "np.frombuffer(np.float16(rms / unit_rms).tobytes(), np.uint8)",

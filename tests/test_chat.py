@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -267,9 +268,12 @@ def test_interactive_chat_in_a_pty(tiny_q4km, tmp_path):
     env = hybrid_env(PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm",
                HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
     env.pop("NO_COLOR", None)
+    # started with SIGINT ignored, as a background job of a non-interactive shell is (a CI
+    # runner, `cmd &` in a script): Ctrl-C in the terminal must still stop a reply
     child = pexpect.spawn(sys.executable, ["-m", "hybrid.app.cli", str(tiny_q4km), "--device", "cpu",
                                            "--ctx", "4096", "--max-tokens", "12", "--temperature", "0"],
-                          env=env, cwd=NEUTRAL_CWD, encoding="utf-8", timeout=120, dimensions=(50, 200))
+                          env=env, cwd=NEUTRAL_CWD, encoding="utf-8", timeout=120, dimensions=(50, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = io.StringIO()
     child.logfile_read = log
     stats = r"\[prompt (\d+) tok[^\]]*generated (\d+) tok, [\d.]+ tok/s \| first token [\d.]+ s([^\]]*)\]"

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -629,6 +630,11 @@ def make_reader(stdin=None, out=None) -> Callable[[], str | None]:
     except (AttributeError, ValueError):
         pass
     if tty:
+        # Ctrl-C stops a reply: also when this process started with SIGINT ignored (a
+        # background job of a non-interactive shell inherits that, and Python then never
+        # raises KeyboardInterrupt)
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return _prompt_toolkit_reader()
         except ImportError:
