@@ -1,9 +1,10 @@
 // AVX-512 VNNI prefill tiles (gemm.h). Compiled with avx512.cpp's flags; filled only for a
-// kernel table cpuid admitted. That file's dots have no multi-token versions (its dot4 slots
-// stay empty): here each of them is written once more for N tokens, instruction for
+// kernel table cpuid admitted. That file's K-quant dots have no multi-token versions (their
+// dot4 slots stay empty): here each is written once more for N tokens, instruction for
 // instruction per token, so every result is bit-identical to the single dot while the weight
-// block is unpacked once per N tokens. tests/native/avx512_emulated.cpp checks the identity
-// under SIMDe on CPUs without AVX-512.
+// block is unpacked once per N tokens. The 32-block and lattice types share their rows with
+// the AVX2 tiles (gemm_tile.h fill_shared, x86::rows32 with the VNNI product).
+// tests/native/avx512_emulated.cpp checks the identity under SIMDe on CPUs without AVX-512.
 #include "../../gemm.h"
 // the header's table filler is avx2.cpp's business, unused here
 #pragma GCC diagnostic push
