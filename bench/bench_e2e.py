@@ -254,12 +254,15 @@ def main(argv=None) -> int:
     path = a.model
     if path is None:
         from hybrid.fixtures import GQAConfig, TinyConfig, build, build_low_bit_experts
+        from hybrid.fixtures.deepseek2 import LATTICE_D_FIRST
 
         t0 = time.perf_counter()
         more = {"n_expert": a.n_expert} if a.n_expert else {}
         cfg = TinyConfig.mid(**more) if a.arch == "deepseek2" else GQAConfig.mid(a.arch, **more)
         if a.experts and a.arch != "deepseek2":
             ap.error("--experts: only the deepseek2 benchmark model has low-bit expert variants")
+        if a.experts and a.experts.upper() not in LATTICE_D_FIRST:
+            ap.error(f"--experts {a.experts}: random valid blocks are made for {', '.join(LATTICE_D_FIRST)}")
         path = build_low_bit_experts(cfg, a.experts, a.cache_dir, base=a.quant) if a.experts else build(cfg, a.quant, a.cache_dir)
         print(f"model: {path} ({os.path.getsize(path) / 2**30:.2f} GiB, ready in "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)

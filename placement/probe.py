@@ -106,7 +106,7 @@ def _measure() -> dict:
     from hybrid import _native
     from placement.solver import CPU_NATIVE_TYPES
 
-    threads = len(os.sched_getaffinity(0))
+    threads = len(_allowed_cpus())
     buf = np.ones(BUFFER_BYTES, dtype=np.uint8)        # ones: every page touched, not shared zero
     _native.stream_read(buf, threads)
     read_s = _best(lambda: _native.stream_read(buf, threads), 5)
