@@ -66,6 +66,10 @@ def add_plan_args(p) -> None:
     pl.add_argument("--gpu-format", choices=GPU_FORMATS, default="auto",
                     help="non-expert weights on the GPU: bf16, or quantized (their GGUF types); default auto: "
                          "the faster estimate that fits")
+    pl.add_argument("--hot-format", choices=GPU_FORMATS, default="auto",
+                    help="routed experts cached on the GPU: bf16 copies, or quantized (their GGUF blocks, "
+                         "~3x as many in the same VRAM, a fused Triton kernel); default auto: quantized "
+                         "where the experts' types have that kernel (Q8_0, Q4_K, Q5_K, Q6_K)")
     pl.add_argument("--numa", choices=NUMA_MODES + ("auto",), default="auto",
                     help="routed experts over NUMA nodes: interleave (pages round-robin), distribute (each node "
                          "a slice of every expert), replicate (a copy per node) or off; default auto: the "
@@ -128,7 +132,8 @@ def add_plan_args(p) -> None:
 
 def overrides(a) -> dict:
     """build_inputs keywords from parsed flags (those not given left out)."""
-    ov = {"numa": a.numa, "gpu_weight_format": a.gpu_format, "expert_stats": a.expert_stats,
+    ov = {"numa": a.numa, "gpu_weight_format": a.gpu_format, "hot_expert_format": a.hot_format,
+          "expert_stats": a.expert_stats,
           "gpu_prefill_tokens": a.gpu_prefill_tokens, "context": a.ctx, "prefill_chunk": a.prefill_chunk,
           "threads": a.threads, "gpu_mem": a.gpu_mem, "cuda_context_bytes": a.cuda_context,
           "workspace_bytes": a.workspace, "pinned_bytes": a.pinned, "host_reserve_bytes": a.host_reserve,

@@ -90,6 +90,8 @@ class Plan:
     gpu_prefill_tokens: int = 0
     gpu_prefill: dict = field(default_factory=dict)
     kv_cache_kind: str = "mla"  # mla: one latent (+ rope key) per layer; gqa: K and V per KV head
+    # the hot-expert cache's form: quantized (GGUF blocks, fused GPU kernel) | bf16 | none
+    hot_expert_format: str = "none"
     # KV slots (sequences decoded together, one cache of kv_cache_tokens / kv_slots tokens each:
     # the server's --parallel) and why that many
     kv_slots: int = 1
@@ -282,9 +284,11 @@ class Plan:
             counts = sorted({n for _, n in per_layer})
             fmt = self.tensor_placement.get("routed_experts.gpu_cache", ("gpu0", "bf16"))[1]
             size = self.devices["gpu0"].breakdown.get("routed_experts", 0) if "gpu0" in self.devices else 0
+            how = ("in their GGUF blocks, multiplied by a fused kernel" if fmt == "quantized" else
+                   "dequantized at load (no fused GPU kernel for their types): planned at that size")
             put(f"GPU expert cache: {self.n_gpu_experts} routed experts in {len(per_layer)} layers "
                 f"({'-'.join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else counts[0]} per layer), "
-                f"{fmt_bytes(size)} as {fmt} (dequantized at load: planned at that size, not the GGUF's)")
+                f"{fmt_bytes(size)} as {fmt} ({how})")
             put(" ".join(f"L{i}:{n}" for i, n in per_layer), 2, 0)
         for line in self._gpu_prefill_text():
             put(line.strip(), 2 if line.startswith(" ") else 0)

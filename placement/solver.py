@@ -84,6 +84,7 @@ class Workload:
 class Policy:
     numa: str = "auto"                   # off | interleave | distribute | replicate | auto
     gpu_weight_format: str = "auto"      # auto | bf16 | quantized
+    hot_expert_format: str = "auto"      # auto | bf16 | quantized (see hot_expert_format())
     use_gpu: bool = True
     expert_cache: bool = True            # spend leftover VRAM on routed experts
     expert_stats: object = None          # per layer activation counts, see load_expert_stats
@@ -113,6 +114,8 @@ class Policy:
             raise SolverError(f"--numa {self.numa}: choose one of {', '.join(NUMA_MODES + ('auto',))}")
         if self.gpu_weight_format not in GPU_FORMATS:
             raise SolverError(f"--gpu-format {self.gpu_weight_format}: choose one of {', '.join(GPU_FORMATS)}")
+        if self.hot_expert_format not in GPU_FORMATS:
+            raise SolverError(f"--hot-format {self.hot_expert_format}: choose one of {', '.join(GPU_FORMATS)}")
         if self.cpu_weight_format not in ("quantized", "f32", "bf16"):
             raise SolverError(f"cpu_weight_format {self.cpu_weight_format}: quantized | f32 | bf16")
         if self.kv_cache_dtype not in ("auto",) + tuple(DTYPE_BYTES):
@@ -244,19 +247,33 @@ def dequant_workspace_bytes() -> int:
 
 # --- hot experts -----------------------------------------------------------------------
 
-# The hot-expert cache is dequantized to bf16 when loaded (hybrid/runtime/loader.py experts(),
-# TorchExperts.from_gguf): kept in GGUF blocks it would need a fused dequantize-and-multiply
-# kernel on the GPU, which no GPU here could measure against bf16 (issue 18). So the cache is
-# planned at its bf16 size, 2 bytes a weight, ~3.3x the Q4_K_M bytes: the Plan's bytes and
-# the runtime's allocations agree (tests/test_plan_allocation.py checks it).
-HOT_EXPERT_FORMAT = "bf16"
+# The hot-expert cache is kept in its GGUF blocks when the GPU has a fused dequantize-and-
+# multiply kernel for the experts' types (hybrid.backends.qmatvec, Triton: decode reads the
+# blocks once, ~3.3x as many Q4_K_M experts fit as bf16 copies); otherwise as bf16 copies
+# (hybrid.backends.torch_experts.TorchExperts), 2 bytes a weight. Either way the Plan's bytes
+# and the runtime's allocations agree (tests/test_plan_allocation.py). Same set as
+# hybrid.backends.qmatvec.FUSED_TYPES (a test holds them equal): Q8_0, Q4_K, Q5_K, Q6_K.
+FUSED_GPU_TYPES = frozenset({8, 12, 13, 14})
 
 
-def hot_expert_bytes(inv: Inventory, layer: int) -> int:
-    """VRAM of one hot expert of `layer` (its gate, up and down) as the runtime holds it: bf16."""
+def hot_expert_format(inv: Inventory, fmt: str = "auto") -> str:
+    """The form of the hot-expert cache: `fmt` when given; auto: "quantized" when every
+    routed-expert tensor has a fused GPU kernel, "bf16" otherwise (the IQ types: unfused,
+    a quantized hot expert would be dequantized before every product)."""
+    if fmt != "auto":
+        return fmt
+    types = {t.ggml_type for t in inv.tensors if t.role == "routed_experts"}
+    return "quantized" if types and types <= FUSED_GPU_TYPES else "bf16"
+
+
+def hot_expert_bytes(inv: Inventory, layer: int, fmt: str) -> int:
+    """VRAM of one hot expert of `layer` (its gate, up and down) as the runtime holds it:
+    its file bytes ("quantized") or 2 bytes a weight ("bf16")."""
     n = max(inv.model.n_expert, 1)
+    if fmt == "quantized":
+        return inv.expert_bytes(layer)
     elems = sum(t.n_elements for t in inv.tensors if t.layer == layer and t.role == "routed_experts")
-    return elems // n * DTYPE_BYTES[HOT_EXPERT_FORMAT]
+    return elems // n * DTYPE_BYTES["bf16"]
 
 
 # --- expert statistics ----------------------------------------------------------------
@@ -294,17 +311,17 @@ def load_expert_stats(obj, inv: Inventory) -> dict:
     return out
 
 
-def choose_gpu_experts(inv: Inventory, budget: int, stats=None) -> dict:
+def choose_gpu_experts(inv: Inventory, budget: int, stats, fmt: str) -> dict:
     """{layer: [expert ids]} filling `budget` bytes.
 
     With stats: the most used experts first. Caching expert e of layer l saves K*p_l(e)*b_l
     bytes of CPU reads per token for b_l bytes of VRAM, so the ratio only depends on p_l(e).
     Without: the same count in every MoE layer (lowest ids; nothing better is known).
-    Sizes are the VRAM a hot expert takes (hot_expert_bytes: bf16).
+    Sizes are the VRAM a hot expert takes in `fmt` (hot_expert_bytes).
     """
     layers = inv.moe_layers()
     E = inv.model.n_expert
-    size = {l: hot_expert_bytes(inv, l) for l in layers}
+    size = {l: hot_expert_bytes(inv, l, fmt) for l in layers}
     chosen = {l: [] for l in layers}
     if budget <= 0 or not layers:
         return chosen
@@ -530,8 +547,15 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
             use_cache = pol.expert_cache and m.n_expert > 1
             stats = load_expert_stats(pol.expert_stats, inv) if (use_cache and pol.expert_stats is not None) else None
 
+            hot_fmt = hot_expert_format(inv, pol.hot_expert_format)
+            # quantized hot experts of chunks too long for the fused kernel are dequantized in
+            # row blocks: the workspace quantized GPU weights have, else reserved beside them
+            hot_ws = dequant_workspace_bytes() if hot_fmt == "quantized" and gpu_fmt != "quantized" else 0
+
             def cache_for(budget):
-                return choose_gpu_experts(inv, budget, stats) if use_cache else {}
+                if not use_cache or budget <= hot_ws:
+                    return {}
+                return choose_gpu_experts(inv, budget - hot_ws, stats, hot_fmt)
 
             def make_room(short):
                 """Flags that free `short` more bytes of gpu0 without touching the prefill buffers."""
@@ -549,10 +573,13 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
             notes.extend(more)
             breakdown.update(reserved)
             used += sum(reserved.values())
-            cached = sum(len(v) * hot_expert_bytes(inv, l) for l, v in gpu_cache.items())
+            cached = sum(len(v) * hot_expert_bytes(inv, l, hot_fmt) for l, v in gpu_cache.items())
             if cached:
                 breakdown["routed_experts"] = cached
                 used += cached
+                if hot_ws:
+                    breakdown["dequant_workspace"] = hot_ws
+                    used += hot_ws
         devices["gpu0"] = DeviceUsage(bytes=used, capacity_bytes=cap, breakdown=breakdown, kind="gpu",
                                       note=f"{gpu.name}")
     else:
@@ -636,7 +663,7 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
     if any(t.role == "routed_experts" for t in inv.tensors):
         placement["routed_experts"] = ("cpu", "quantized")
         if any(gpu_cache.values()):
-            placement["routed_experts.gpu_cache"] = ("gpu0", HOT_EXPERT_FORMAT)
+            placement["routed_experts.gpu_cache"] = ("gpu0", hot_expert_format(inv, pol.hot_expert_format))
     gpu_experts = [list(gpu_cache.get(l, [])) for l in range(m.n_layer)]
 
     mtp = _mtp_note(inv)
@@ -659,6 +686,7 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
         cpu_linear_min_bytes=pol.cpu_linear_min_bytes,
         max_context_tokens=int(max_ctx) if gpu is not None else _host_max_ctx(devices, kv_per_token, wl),
         gpu_weight_format=gpu_fmt, numa_mode=numa_mode, tensor_placement=placement, gpu_experts=gpu_experts,
+        hot_expert_format=hot_expert_format(inv, pol.hot_expert_format) if any(gpu_cache.values()) else "none",
         estimate=estimate, gpu_prefill_tokens=gpu_prefill["tokens"], gpu_prefill=gpu_prefill,
         problems=problems, notes=notes, reserves=reserves,
         workload=asdict(wl), policy=_policy_dict(pol),
@@ -824,7 +852,8 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     hit = _hit_rates(inv, stats, gpu_cache)
     cpu_bytes_tok = sum(K * size[l] * (1 - hit[l]) for l in layers)
     gpu_exp_bytes_tok = sum(K * size[l] * hit[l] for l in layers)    # the CPU reads they save
-    gpu_hot_read_tok = sum(K * hot_expert_bytes(inv, l) * hit[l] for l in layers)   # bf16 on the GPU
+    hot_fmt = hot_expert_format(inv, pol.hot_expert_format)
+    gpu_hot_read_tok = sum(K * hot_expert_bytes(inv, l, hot_fmt) * hit[l] for l in layers)
 
     # RAM bandwidth the expert kernels see
     eff_bw, node_bw, src, how = _ram_bandwidth(hw, pol, numa_mode)
@@ -1056,7 +1085,8 @@ def _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, room, cache_for, stats, 
                        f"({chunk} tokens)")
 
     def cached(c):
-        return sum(len(v) * hot_expert_bytes(inv, l) for l, v in c.items())
+        fmt = hot_expert_format(inv, pol.hot_expert_format)
+        return sum(len(v) * hot_expert_bytes(inv, l, fmt) for l, v in c.items())
 
     lost = cached(full_cache) - cached(cache)
     notes = []
@@ -1083,7 +1113,8 @@ def build_inputs(hardware=None, profile=None, measure=True, **overrides):
 
     Workload keys: context (or ctx), batch (KV slots; None: the most that fit), prefill_chunk,
     gpu_prefill_chunk, allow_long_context.
-    Policy keys: any Policy field (numa, gpu_weight_format or gpu_format, cpu_only, threads,
+    Policy keys: any Policy field (numa, gpu_weight_format or gpu_format, hot_expert_format or
+    hot_format, cpu_only, threads,
     expert_stats, ...). Hardware keys: placement.hardware.HW_OVERRIDES but threads (gpu_mem, ram,
     numa_nodes, cores, threads_per_core, bind_node, allowed_mems, allowed_cpus, ram_bandwidth, ...).
     This machine (no hardware, no profile) comes with its measured bandwidth and compute
@@ -1096,6 +1127,8 @@ def build_inputs(hardware=None, profile=None, measure=True, **overrides):
         ov["context"] = ov.pop("ctx")
     if "gpu_format" in ov:
         ov["gpu_weight_format"] = ov.pop("gpu_format")
+    if "hot_format" in ov:
+        ov["hot_expert_format"] = ov.pop("hot_format")
     if ov.pop("cpu_only", False):
         ov["use_gpu"] = False
     hw_kw = {k: ov.pop(k) for k in _HW_KEYS if k in ov and ov[k] is not None}

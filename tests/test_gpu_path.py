@@ -159,8 +159,8 @@ def test_expert_stats_round_trip_into_the_planner(q4, tmp_path):
     assert ExpertStats.load(path) == {l: counts[l].tolist() for l in moe}
     # the planner caches the most used experts first
     l0 = moe[0]
-    budget = hot_expert_bytes(inv, l0) * 3    # VRAM of three hot (bf16) experts
-    chosen = choose_gpu_experts(inv, budget, loaded)
+    budget = hot_expert_bytes(inv, l0, "bf16") * 3    # VRAM of three hot (bf16) experts
+    chosen = choose_gpu_experts(inv, budget, loaded, "bf16")
     picked = [(l, e) for l, v in chosen.items() for e in v]
     best = sorted(((c / sum(loaded[l]), l, e) for l in moe for e, c in enumerate(loaded[l])),
                   key=lambda x: (-x[0], x[1], x[2]))[:3]
@@ -283,9 +283,13 @@ def test_quantized_gpu_weights_plan_a_dequant_workspace():
 
     r1 = build_preset("deepseek-r1-q4_k_m")
     q = solve(r1, *build_inputs(profile="2x256g-48g", gpu_format="quantized"))
-    b = solve(r1, *build_inputs(profile="2x256g-48g", gpu_format="bf16"))
+    b = solve(r1, *build_inputs(profile="2x256g-48g", gpu_format="bf16", hot_format="bf16"))
     assert q.devices["gpu0"].breakdown["dequant_workspace"] == dequant_workspace_bytes() > 0
     assert "dequant_workspace" not in b.devices["gpu0"].breakdown
+    # quantized hot experts beside bf16 weights: the same workspace, once
+    h = solve(r1, *build_inputs(profile="2x256g-48g", gpu_format="bf16", hot_format="quantized"))
+    assert h.devices["gpu0"].breakdown["dequant_workspace"] == dequant_workspace_bytes()
+    assert q.hot_expert_format == h.hot_expert_format == "quantized"
 
 
 class _QuantPlan(MinimalPlan):

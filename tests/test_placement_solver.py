@@ -8,7 +8,8 @@ import pytest
 from placement import hardware as hwm
 from placement.plan import Plan
 from placement.presets import build_preset
-from placement.solver import Policy, Workload, build_inputs, choose_gpu_experts, hot_expert_bytes, solve
+from placement.solver import (Policy, Workload, build_inputs, choose_gpu_experts, hot_expert_bytes,
+                              hot_expert_format, solve)
 from placement.units import GiB
 
 R1 = "deepseek-r1-q4_k_m"
@@ -49,10 +50,12 @@ def test_48g_gpu_512g_two_nodes_interleave_fits(r1, box):
     assert n0.breakdown["routed_experts"] == n1.breakdown["routed_experts"]
     assert abs(n0.breakdown["routed_experts"] * 2 - cpu.breakdown["routed_experts"]) <= 2
     routed = r1.bytes_by_role()["routed_experts"]
-    # the host holds every expert the GPU does not (GGUF bytes; the GPU's copies are bf16)
+    # the host holds every expert the GPU does not (GGUF bytes; the GPU's copies too: Q4_K/Q6_K
+    # experts have the fused kernel, so they stay in their blocks there)
     gguf_cached = sum(len(p.gpu_experts[l]) * r1.expert_bytes(l) for l in r1.moe_layers())
+    assert p.hot_expert_format == "quantized"
     assert gguf_cached > 0 and gpu.breakdown["routed_experts"] == sum(
-        len(p.gpu_experts[l]) * hot_expert_bytes(r1, l) for l in r1.moe_layers())
+        len(p.gpu_experts[l]) * hot_expert_bytes(r1, l, "quantized") for l in r1.moe_layers()) == gguf_cached
     assert abs(cpu.breakdown["routed_experts"] + gguf_cached - routed) <= 256
     assert p.estimate["decode_tok_s"] > 1 and p.estimate["prefill_tok_s"] > 10
 
@@ -110,16 +113,28 @@ def test_80g_gpu_spends_leftover_on_routed_experts(r1, box):
     assert len(p.gpu_experts) == 61
     assert all(p.gpu_experts[i] == [] for i in range(3))            # dense layers
     counts = [len(p.gpu_experts[i]) for i in moe]
-    assert min(counts) >= 7 and max(counts) - min(counts) <= 1      # evenly, per layer (bf16: ~42 MiB each)
+    # evenly, per layer (in their Q4_K/Q6_K blocks: ~12.6 MiB each)
+    assert min(counts) >= 24 and max(counts) - min(counts) <= 1
     assert p.n_gpu_experts == sum(counts) > p48.n_gpu_experts
     gpu = p.devices["gpu0"]
-    # hot experts are dequantized to bf16 at load: planned at 2 bytes a weight (issue 18)
-    cached = sum(len(p.gpu_experts[l]) * hot_expert_bytes(r1, l) for l in moe)
-    assert hot_expert_bytes(r1, 3) == 3 * 7168 * 2048 * 2 > 3 * r1.expert_bytes(3)
+    # hot experts kept in their GGUF blocks (fused kernel): planned at the file's bytes, plus
+    # the row-block workspace of chunks too long for the fused kernel (issue 18)
+    cached = sum(len(p.gpu_experts[l]) * hot_expert_bytes(r1, l, "quantized") for l in moe)
+    assert hot_expert_bytes(r1, 3, "quantized") == r1.expert_bytes(3)
     assert gpu.breakdown["routed_experts"] == cached > 35 * GiB
+    assert gpu.breakdown["dequant_workspace"] > 0
     # leftover spent: less than one more expert's bytes remain free
-    assert 0 <= gpu.free_bytes < max(hot_expert_bytes(r1, l) for l in moe)
-    assert p.tensor_placement["routed_experts.gpu_cache"] == ("gpu0", "bf16")
+    assert 0 <= gpu.free_bytes < max(hot_expert_bytes(r1, l, "quantized") for l in moe)
+    assert p.tensor_placement["routed_experts.gpu_cache"] == ("gpu0", "quantized")
+    assert "as quantized (in their GGUF blocks" in " ".join(p.to_text().split())
+    # as bf16 copies (--hot-format bf16): 2 bytes a weight, ~3.3x fewer experts
+    b = _plan(r1, box, gpu_mem="80GiB", gpu_prefill_tokens=0, hot_expert_format="bf16")
+    assert hot_expert_bytes(r1, 3, "bf16") == 3 * 7168 * 2048 * 2 > 3 * r1.expert_bytes(3)
+    assert b.devices["gpu0"].breakdown["routed_experts"] == sum(
+        len(b.gpu_experts[l]) * hot_expert_bytes(r1, l, "bf16") for l in moe)
+    assert "dequant_workspace" not in b.devices["gpu0"].breakdown
+    assert b.tensor_placement["routed_experts.gpu_cache"] == ("gpu0", "bf16")
+    assert 3.0 < p.n_gpu_experts / b.n_gpu_experts < 3.6
     assert "L3:" in p.to_text() and "L60:" in p.to_text()
     assert p.estimate["expert_cache_hit_rate"] > p48.estimate["expert_cache_hit_rate"] > 0
     off = _plan(r1, box, gpu_mem="80GiB", expert_cache=False, gpu_prefill_tokens=0)
@@ -161,19 +176,33 @@ def test_expert_stats_pick_the_hot_experts(r1, box):
     assert p.estimate["expert_cache_hit_rate"] > even.estimate["expert_cache_hit_rate"]
 
 
-def test_choose_gpu_experts_even_split(r1):
-    per_round = sum(hot_expert_bytes(r1, l) for l in r1.moe_layers())
-    chosen = choose_gpu_experts(r1, 3 * per_round + hot_expert_bytes(r1, 3), None)
+@pytest.mark.parametrize("fmt", ["bf16", "quantized"])
+def test_choose_gpu_experts_even_split(r1, fmt):
+    per_round = sum(hot_expert_bytes(r1, l, fmt) for l in r1.moe_layers())
+    chosen = choose_gpu_experts(r1, 3 * per_round + hot_expert_bytes(r1, 3, fmt), None, fmt)
     assert [len(chosen[l]) for l in (3, 4, 60)] == [4, 3, 3]
     assert chosen[4] == [0, 1, 2]
-    assert choose_gpu_experts(r1, 0, None)[3] == []
+    assert choose_gpu_experts(r1, 0, None, fmt)[3] == []
+
+
+def test_hot_experts_are_quantized_only_where_the_gpu_has_a_fused_kernel(r1):
+    """auto: Q4_K/Q6_K experts (R1 Q4_K_M) in their blocks; IQ experts as bf16 copies (no
+    fused kernel: dequantized before every product); a given format is kept."""
+    iq = build_preset("deepseek-r1-ud-iq1_s")
+    assert {t.ggml_type for t in iq.tensors if t.role == "routed_experts"} - {8, 12, 13, 14}
+    assert hot_expert_format(r1) == "quantized" and hot_expert_format(iq) == "bf16"
+    assert hot_expert_format(iq, "quantized") == "quantized" and hot_expert_format(r1, "bf16") == "bf16"
+    from hybrid.backends.qmatvec import FUSED_TYPES
+    from placement.solver import FUSED_GPU_TYPES
+
+    assert FUSED_TYPES == FUSED_GPU_TYPES   # one set, two homes (the solver imports no torch)
 
 
 def test_explicit_reserves_move_bytes(r1, box):
     base = _plan(r1, box)
     more = _plan(r1, box, cuda_context_bytes=base.policy["cuda_context_bytes"] + 4 * GiB)
     lost = base.devices["gpu0"].breakdown["routed_experts"] - more.devices["gpu0"].breakdown["routed_experts"]
-    one = max(hot_expert_bytes(r1, l) for l in r1.moe_layers())    # the cache shrinks by whole experts
+    one = max(hot_expert_bytes(r1, l, "quantized") for l in r1.moe_layers())   # the cache shrinks by whole experts
     assert 4 * GiB - one <= lost <= 4 * GiB + one
     assert more.devices["gpu0"].breakdown["cuda_context"] == base.devices["gpu0"].breakdown["cuda_context"] + 4 * GiB
     res = base.reserves["workspace"]

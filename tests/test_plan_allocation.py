@@ -16,7 +16,7 @@ import torch
 import hybrid
 from hybrid.runtime.loader import CpuStandIn
 from placement.inventory import from_gguf
-from placement.solver import _fmt_bytes_of, hot_expert_bytes, plan_for_gguf
+from placement.solver import _fmt_bytes_of, dequant_workspace_bytes, hot_expert_bytes, plan_for_gguf
 
 import hybrid._native  # noqa: E402,F401
 
@@ -31,15 +31,17 @@ def q4(tiny_gguf):
     return tiny_gguf("Q4_K_M")
 
 
-def _gpu_plan(path, fmt):
-    """A plan whose gpu0 holds the weights in `fmt`, GPU prefill at 8 tokens, and room for
-    a third of the routed experts (rounded down: some hot, not all)."""
+def _gpu_plan(path, fmt, hot="bf16"):
+    """A plan whose gpu0 holds the weights in `fmt`, hot experts in `hot`, GPU prefill at 8
+    tokens, and room for a third of the routed experts (rounded down: some hot, not all)."""
     inv = from_gguf(path)
     base = plan_for_gguf(path, gpu_mem="48GiB", gpu_format=fmt, expert_cache=False, **KW)
-    per_round = sum(hot_expert_bytes(inv, l) for l in inv.moe_layers())
-    cap = base.devices["gpu0"].bytes + per_round * (inv.model.n_expert // 3) + per_round // 2
-    plan = plan_for_gguf(path, gpu_mem=str(cap), gpu_format=fmt, **KW)
+    per_round = sum(hot_expert_bytes(inv, l, hot) for l in inv.moe_layers())
+    ws = dequant_workspace_bytes() if hot == "quantized" and fmt != "quantized" else 0
+    cap = base.devices["gpu0"].bytes + ws + per_round * (inv.model.n_expert // 3) + per_round // 2
+    plan = plan_for_gguf(path, gpu_mem=str(cap), gpu_format=fmt, hot_format=hot, **KW)
     assert plan.fits and plan.gpu_weight_format == fmt and plan.gpu_prefill_tokens == 8
+    assert plan.hot_expert_format == hot
     n_hot = [len(plan.gpu_experts[l]) for l in inv.moe_layers()]
     assert all(0 < n < inv.model.n_expert for n in n_hot), n_hot
     return inv, plan
@@ -65,15 +67,16 @@ def _close(got, want, what):
     assert abs(got - want) <= 0.05 * want, f"{what}: placed {got} B, planned {want} B"
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "quantized"])
-def test_placed_bytes_match_the_plan(q4, fmt):
-    inv, plan = _gpu_plan(q4, fmt)
+@pytest.mark.parametrize("fmt, hot", [("bf16", "bf16"), ("quantized", "quantized"),
+                                      ("bf16", "quantized")])
+def test_placed_bytes_match_the_plan(q4, fmt, hot):
+    inv, plan = _gpu_plan(q4, fmt, hot)
     g = plan.devices["gpu0"].breakdown
     with hybrid.load(q4, threads=2, plan=CpuStandIn(plan), gpu_paths=True, prefill_chunk=16,
                      gpu_prefill_chunk=8, decode_graphs="static") as r:
         assert r.loader.stand_in and r.loader.offload is not None
         placed = r.loader.placed_bytes["gpu0"]
-        # the stand-in computes what the CPU path does (hot experts and prefill in bf16)
+        # the stand-in computes what the CPU path does (hot experts bf16 or blocks, prefill bf16)
         got = r.logits(TOKENS)
         assert r.loader.offload.calls > 0
     with hybrid.load(q4, device="cpu", threads=2, ctx=64) as r:
@@ -81,8 +84,13 @@ def test_placed_bytes_match_the_plan(q4, fmt):
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert cos.min() >= 0.999 and (got.argmax(-1) == ref.argmax(-1)).all()
 
-    # hot experts: bf16 copies, planned at bf16 size
+    # hot experts: bf16 copies or their GGUF blocks, planned at that size
     _close(placed.get("routed_experts", 0), g["routed_experts"], "hot experts")
+    per_expert = sum(hot_expert_bytes(inv, l, hot) * len(plan.gpu_experts[l]) for l in inv.moe_layers())
+    assert g["routed_experts"] == per_expert
+    if hot == "quantized":   # the blocks are the file's bytes
+        assert per_expert == sum(inv.expert_bytes(l) * len(plan.gpu_experts[l]) for l in inv.moe_layers())
+        assert "dequant_workspace" in g
     _close(placed.get("kv_cache", 0), g["kv_cache"], "KV cache")
     _close(placed.get("prefill_staging", 0), g["prefill_staging"], "prefill staging")
     weights = {k.split(".", 1)[1]: v for k, v in placed.items() if k.startswith("weights.")}
@@ -111,7 +119,7 @@ def test_placed_bytes_of_a_cpu_run_have_no_gpu(q4):
 def test_cuda_allocated_after_load_matches_placed_and_plan(q4, fmt):
     """On a GPU: what torch holds after loading is what the loader recorded (plus the bridge
     and small tables) and what the Plan predicts (Plan.predicted_gpu_allocated), within 5%."""
-    _, plan = _gpu_plan(q4, fmt)
+    _, plan = _gpu_plan(q4, fmt, fmt)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with hybrid.load(q4, threads=2, plan=plan, prefill_chunk=16, gpu_prefill_chunk=8) as r:

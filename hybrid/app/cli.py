@@ -217,7 +217,7 @@ def make_plan(path: str, a):
     if not cuda:
         kw.update(use_gpu=False, cpu_linear_min_bytes=0)   # as hybrid.load asks: every quantized linear native
         for key, flag in (("gpu_mem", "--gpu-mem"), ("gpu_prefill_tokens", "--gpu-prefill-tokens"),
-                          ("gpu_weight_format", "--gpu-format")):
+                          ("gpu_weight_format", "--gpu-format"), ("hot_expert_format", "--hot-format")):
             v = kw.pop(key, None)
             if v not in (None, 0, "auto"):
                 log.warning("%s %s is ignored: no CUDA GPU in use", flag, v)

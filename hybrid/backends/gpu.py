@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.backends import dequant
-from hybrid.backends.torch_experts import grouped_experts
+from hybrid.backends.torch_experts import expert_ffn, grouped_experts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DequantLinear", "Bridge", "OverlappedExperts", "GpuIdleTimer", "DecodeGraphs",
+__all__ = ["DequantLinear", "QuantExperts", "Bridge", "OverlappedExperts", "GpuIdleTimer", "DecodeGraphs",
            "PrefillOffload", "kv_buckets"]
 
 
@@ -64,15 +64,70 @@ def _is_cuda(device) -> bool:
 # placement.solver.DEQUANT_BLOCK_WEIGHTS is the same number: the Plan's dequant workspace.
 DEQUANT_BLOCK_WEIGHTS = 1 << 22
 
+# Tokens per matrix up to which a quantized matrix product runs the fused kernel
+# (hybrid.backends.qmatvec: the blocks read once, no bf16 copy): decode and small batches.
+# More tokens dequantize the matrix in row blocks and multiply them on tensor cores, the copy
+# made once for all of them.
+FUSED_MAX_TOKENS = 16
+
+_warned_no_triton: set = set()
+
+
+def fused_ok(ggml_type: int, device) -> bool:
+    """Whether products with `ggml_type` blocks on `device` run the fused kernel. A CUDA
+    device without Triton (torch's CUDA wheels bring it) is said once in the log: its
+    quantized products then dequantize first, ~12 more bytes moved per weight."""
+    from hybrid.backends import qmatvec   # imports Triton (a second) only when asked
+
+    if ggml_type not in qmatvec.FUSED_TYPES:
+        return False
+    if qmatvec.available(device):
+        return True
+    if _is_cuda(device) and "cuda" not in _warned_no_triton:
+        _warned_no_triton.add("cuda")
+        log.warning("Triton is not installed: quantized GPU weights and hot experts are "
+                    "dequantized before each product (slower decode); pip install triton")
+    return False
+
+
+def _qmatvec(*args, **kw):
+    from hybrid.backends.qmatvec import qmatvec
+
+    return qmatvec(*args, **kw)
+
+
+def _rows_per_block(rows: int, in_features: int, block_weights: int) -> int:
+    return max(1, min(rows, block_weights // max(in_features, 1)))
+
+
+def dequant_linear(blocks: torch.Tensor, ggml_type: int, in_features: int, x: torch.Tensor,
+                   dtype, rows_per_block: int, name: str = "linear") -> torch.Tensor:
+    """x @ W^T, float32 [..., N], with W the GGUF blocks `blocks` (uint8 [N, row bytes])
+    dequantized to `dtype` rows_per_block rows at a time, each block freed before the next:
+    the peak is one block's copy and its temporaries, whatever the matrix. Fixed trip count
+    (capturable)."""
+    N = blocks.shape[0]
+    xs = x.to(dtype)
+
+    def rows(r0, r1):
+        return dequant.dequantize(blocks[r0:r1], ggml_type, in_features, dtype=dtype, name=name)
+
+    if rows_per_block >= N:
+        return F.linear(xs, rows(0, N)).float()
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32, device=x.device)
+    for r0 in range(0, N, rows_per_block):
+        r1 = min(N, r0 + rows_per_block)
+        y[..., r0:r1] = F.linear(xs, rows(r0, r1))
+    return y
+
 
 class DequantLinear:
-    """y = x @ W^T with W kept on the device as its GGUF blocks (uint8) and dequantized to
-    `dtype` at every call (hybrid.backends.dequant, torch ops: any device). For plans with
-    gpu_weight_format "quantized": VRAM holds ~4.5 bits per weight instead of 16, at the
-    price of one dequantization per linear per forward (memory-bound on the GPU: it reads
-    the blocks once and writes the bf16 matrix once). Rows go through in blocks of
-    block_weights weights (DEQUANT_BLOCK_WEIGHTS), each freed before the next: the peak is
-    one block, whatever the matrix."""
+    """y = x @ W^T with W kept on the device as its GGUF blocks (uint8). For plans with
+    gpu_weight_format "quantized": VRAM holds ~4.5 bits per weight instead of 16. Up to
+    FUSED_MAX_TOKENS rows of x the fused kernel reads the blocks once (types with one, Triton
+    present); otherwise the rows are dequantized to `dtype` (hybrid.backends.dequant, torch
+    ops: any device) at every call, in blocks of block_weights weights
+    (DEQUANT_BLOCK_WEIGHTS), each freed before the next: the peak is one block."""
 
     def __init__(self, blocks: np.ndarray, ggml_type: int, in_features: int, device,
                  dtype=torch.bfloat16, name: str = "linear",
@@ -86,27 +141,117 @@ class DequantLinear:
         self.out_features = blocks.shape[0]
         self.dtype = dtype
         self.name = name
-        self.rows_per_block = max(1, min(self.out_features, block_weights // max(in_features, 1)))
-
-    def _rows(self, r0: int, r1: int) -> torch.Tensor:
-        return dequant.dequantize(self.blocks[r0:r1], self.ggml_type, self.in_features,
-                                  dtype=self.dtype, name=self.name)
+        self.rows_per_block = _rows_per_block(self.out_features, in_features, block_weights)
+        self.fused = fused_ok(ggml_type, self.blocks.device)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized matrix [out, in] (made now, whole, not kept: for tests)."""
-        return self._rows(0, self.out_features)
+        return dequant.dequantize(self.blocks, self.ggml_type, self.in_features,
+                                  dtype=self.dtype, name=self.name)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.to(self.dtype)
-        R = self.rows_per_block
-        if R >= self.out_features:
-            return F.linear(xs, self.weight).float()
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32, device=x.device)
-        for r0 in range(0, self.out_features, R):   # fixed trip count: capturable
-            r1 = min(self.out_features, r0 + R)
-            y[..., r0:r1] = F.linear(xs, self._rows(r0, r1))
-        return y
+        if self.fused and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
+            y = _qmatvec(self.blocks, self.ggml_type, self.in_features,
+                         x.reshape(-1, self.in_features))
+            return y.view(*x.shape[:-1], self.out_features)
+        return dequant_linear(self.blocks, self.ggml_type, self.in_features, x, self.dtype,
+                              self.rows_per_block, self.name)
+
+
+class QuantExperts:
+    """Hot experts kept on the device in their GGUF blocks: for Q4_K_M ~3.3x as many as
+    bf16 copies in the same VRAM (placement.solver.hot_expert_bytes plans them at their file
+    bytes when the Plan's hot_expert_format is "quantized"). The calls of TorchExperts.
+
+    Up to FUSED_MAX_TOKENS tokens (decode, the graphs' static step) with the fused kernel:
+    one launch per matrix for every (token, slot) pair, the expert ids read on the device
+    (no host sync; slots whose expert is not hot read nothing). Otherwise by expert: each
+    matrix dequantized in row blocks (DequantLinear's workspace) and multiplied for all its
+    tokens at once; the static step without the fused kernel goes slot by slot (fixed trip
+    count: the CPU stand-in's view of it, and CUDA without Triton).
+
+    Shape legend: T tokens, K slots per token, S = T*K, D model dim, F expert FFN dim,
+    E hot experts."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, types,
+                 dtype=torch.bfloat16, block_weights: int = DEQUANT_BLOCK_WEIGHTS):
+        """gate, up: uint8 [E, F, row bytes of D]; down: uint8 [E, D, row bytes of F];
+        types: their GGML types."""
+        self.gate, self.up, self.down = gate, up, down
+        self.types = tuple(int(t) for t in types)
+        self.n_expert, self.n_ff, self.d_model = gate.shape[0], gate.shape[1], down.shape[1]
+        self.dtype = dtype
+        self.rpb = (_rows_per_block(self.n_ff, self.d_model, block_weights),
+                    _rows_per_block(self.d_model, self.n_ff, block_weights))
+        self.fused = all(fused_ok(t, gate.device) for t in self.types)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the held blocks (what the Plan counts for quantized hot experts)."""
+        return sum(t.numel() for t in (self.gate, self.up, self.down))
+
+    @classmethod
+    def from_gguf(cls, gguf, layer: int, device, experts, dtype=torch.bfloat16):
+        """The blocks of one layer's routed experts `experts` (ids), copied to `device`."""
+        mats, types = [], []
+        for k in ("gate", "up", "down"):
+            name = f"blk.{layer}.ffn_{k}_exps.weight"
+            info = gguf.tensors[name]
+            if info.ggml_type not in dequant.SUPPORTED_TYPES:
+                raise dequant.DequantError(f"{name}: {dequant.type_name(info.ggml_type)} has no "
+                                           f"torch dequantization; plan hot experts as bf16")
+            v = gguf.view(name).reshape(info.shape[0], info.shape[1], -1)[list(experts)]
+            mats.append(dequant._as_tensor(v).to(device))
+            types.append(info.ggml_type)
+        return cls(*mats, types, dtype=dtype)
+
+    def _linear(self, w, t, in_features, rpb, h):
+        if self.fused and h.shape[0] <= FUSED_MAX_TOKENS:
+            return _qmatvec(w, t, in_features, h)
+        return dequant_linear(w, t, in_features, h, self.dtype, rpb)
+
+    def _ffn(self, gate, up, down, h):
+        """One expert's blocks (gate, up [F, row bytes], down [D, row bytes]) for the tokens
+        h [n, D] -> [n, D]."""
+        D, F_ = self.d_model, self.n_ff
+        g = self._linear(gate, self.types[0], D, self.rpb[0], h)                 # [n, F]
+        u = self._linear(up, self.types[1], D, self.rpb[0], h)                   # [n, F]
+        return self._linear(down, self.types[2], F_, self.rpb[1], F.silu(g) * u)
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 host_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """ids: hot slots (-1: not hot). host_ids: the same on the host (token counts without
+        a device->host sync)."""
+        if self.fused and ids.shape[0] <= FUSED_MAX_TOKENS:
+            return self.static(x, ids, weights)
+        src = ids if host_ids is None else host_ids
+        flat = src.reshape(-1).long()
+        counts = torch.bincount(flat[flat >= 0], minlength=self.n_expert).tolist()  # one sync
+        return grouped_experts(x, ids, weights, counts,
+                               lambda e, h: self._ffn(self.gate[e], self.up[e], self.down[e], h),
+                               self.dtype)
+
+    def static(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum with fixed shapes and no host sync (capturable in a CUDA graph)."""
+        T, K = ids.shape
+        D, F_ = self.d_model, self.n_ff
+        slots = ids.reshape(-1)                                                  # [S]
+        if self.fused:
+            eids = slots.to(torch.int32)
+            tok = torch.arange(T * K, device=x.device, dtype=torch.int32) // K    # [S]
+            g = _qmatvec(self.gate, self.types[0], D, x, eids, tok)              # [S, F]
+            u = _qmatvec(self.up, self.types[1], D, x, eids, tok)                # [S, F]
+            each = torch.arange(T * K, device=x.device, dtype=torch.int32)      # slot s: row s
+            o = _qmatvec(self.down, self.types[2], F_, F.silu(g) * u, eids, each)  # [S, D]
+        else:
+            o = torch.zeros(T * K, D, dtype=torch.float32, device=x.device)
+            for s in range(T * K):   # fixed trip count: S slots, not a loop over experts
+                e = slots[s:s + 1].clamp(min=0)             # [1]; not hot: weight 0 below
+                blocks = [m.index_select(0, e)[0] for m in (self.gate, self.up, self.down)]
+                o[s] = self._ffn(*blocks, x[s // K:s // K + 1])[0]
+        w = torch.where(ids >= 0, weights.float(), 0.0)                          # [T, K]
+        return (w.unsqueeze(-1) * o.view(T, K, D)).sum(1)                        # [T, D]
 
 
 # ------------------------------------------------------------------------------------------
@@ -650,13 +795,13 @@ class PrefillOffload:
         host = ids.reshape(-1).cpu()                                  # one sync per layer
         counts = torch.bincount(host[host >= 0], minlength=gi.shape[0]).tolist()
 
-        def expert(e):   # dequantized from the streamed blocks, one expert at a time
+        def ffn(e, h):   # dequantized from the streamed blocks, one expert at a time
             g = dequant.dequantize(gate[e], gi.ggml_type, D, dtype=self.dtype)       # [F, D]
             u = dequant.dequantize(up[e], ui.ggml_type, D, dtype=self.dtype)         # [F, D]
             d = dequant.dequantize(down[e], di.ggml_type, g.shape[0], dtype=self.dtype)  # [D, F]
-            return g, u, d
+            return expert_ffn(h, g, u, d)
 
-        return grouped_experts(x, ids, weights, counts, expert, self.dtype)
+        return grouped_experts(x, ids, weights, counts, ffn, self.dtype)
 
     def close(self):
         self.copier.close()

@@ -1,8 +1,8 @@
 """Routed experts computed by torch from dequantized weights.
 
 The reference for the native expert engine (same call signature as hybrid.backends.experts'
-NativeExperts), the fallback when the native module is not built, and later the home of
-"hot" experts kept on the GPU. Computes, per token t:
+NativeExperts), the fallback when the native module is not built, and the "hot" experts kept
+on the GPU as bf16 copies (hybrid.backends.gpu.QuantExperts keeps them in their GGUF blocks). Computes, per token t:
 
     y[t] = sum_k weights[t, k] * down_e( silu(gate_e x[t]) * up_e x[t] ),  e = ids[t, k]
 
@@ -18,15 +18,20 @@ import torch.nn.functional as F
 
 from hybrid.backends import dequant
 
-__all__ = ["TorchExperts"]
+__all__ = ["TorchExperts", "expert_ffn", "grouped_experts"]
+
+
+def expert_ffn(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    """down(silu(gate h) * up h) for h [n, D], gate/up [F, D], down [D, F]: [n, D]."""
+    return (F.silu(h @ gate.t()) * (h @ up.t())) @ down.t()
 
 
 def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, counts: list,
-                    expert, dtype) -> torch.Tensor:
+                    ffn, dtype) -> torch.Tensor:
     """y[t] = sum_k weights[t, k] * down_e(silu(gate_e x[t]) * up_e x[t]), e = ids[t, k] (< 0:
-    skipped), with the tokens of each expert gathered into one matmul. counts[e]: tokens routed
-    to e (a host list: the loop needs it); expert(e) -> (gate [F, D], up [F, D], down [D, F]) in
-    `dtype`, which x is cast to. Returns float32 [T, D]."""
+    skipped), with the tokens of each expert gathered into one call ffn(e, h [n, D]) -> [n, D].
+    counts[e]: tokens routed to e (a host list: the loop needs it); x is cast to `dtype`.
+    Returns float32 [T, D]."""
     T, K = ids.shape
     flat = ids.reshape(-1)                                            # [T*K]
     order = torch.argsort(torch.where(flat >= 0, flat, len(counts)), stable=True)
@@ -40,9 +45,7 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, c
         slots = order[start:start + n]
         h = xs[tok[start:start + n]]                                  # [n, D]
         start += n
-        gate, up, down = expert(e)
-        a = F.silu(h @ gate.t()) * (h @ up.t())                       # [n, F]
-        ys[slots] = (a @ down.t()).float()                            # [n, D]
+        ys[slots] = ffn(e, h).float()                                 # [n, D]
     w = torch.where(ids >= 0, weights.float(), 0.0)                   # [T, K]
     return torch.bmm(w.unsqueeze(1), ys.view(T, K, -1)).squeeze(1)    # [T, D]
 
@@ -82,7 +85,8 @@ class TorchExperts:
         flat = src.reshape(-1).long()
         counts = torch.bincount(flat[flat >= 0], minlength=self.n_expert).tolist()  # one sync
         return grouped_experts(x, ids, weights, counts,
-                               lambda e: (self.gate[e], self.up[e], self.down[e]), self.gate.dtype)
+                               lambda e, h: expert_ffn(h, self.gate[e], self.up[e], self.down[e]),
+                               self.gate.dtype)
 
     # bytes of gathered expert matrices static() holds at once (per slot: gate, up and down of
     # each token's expert); tokens go through in blocks that fit, at least one at a time

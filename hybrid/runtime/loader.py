@@ -42,6 +42,7 @@ class MinimalPlan:
     cpu_linear_min_bytes: int = 0   # every quantized CPU linear on the native matmul
     numa_mode: str = "off"
     gpu_experts: list = field(default_factory=list)
+    hot_expert_format: str = "bf16"  # gpu_experts held as bf16 copies or in their GGUF blocks
     gpu_prefill_tokens: int = 0     # chunks of at least this many tokens: experts on the GPU; 0 off
     fits: bool = True
 
@@ -459,15 +460,20 @@ class Loader:
 
         gpu = lut = None
         if hot:
-            from hybrid.backends.torch_experts import TorchExperts
-
             mask = np.zeros(E, np.uint8)
             mask[hot] = 1
             cpu.set_skip(mask)
             self.stats["gpu_hot_experts"] += len(hot)
-            # bf16 copies: the size the solver plans them at (placement.solver.hot_expert_bytes)
-            gpu = TorchExperts.from_gguf(self.g, layer, dtype=torch.bfloat16, device=self.device,
-                                         experts=hot)
+            # in the form the solver planned them in (placement.solver.hot_expert_bytes)
+            if getattr(self.plan, "hot_expert_format", "bf16") == "quantized":
+                from hybrid.backends.gpu import QuantExperts
+
+                gpu = QuantExperts.from_gguf(self.g, layer, self.device, hot)
+            else:
+                from hybrid.backends.torch_experts import TorchExperts
+
+                gpu = TorchExperts.from_gguf(self.g, layer, dtype=torch.bfloat16,
+                                             device=self.device, experts=hot)
             self.record(self._gpu_name(), "routed_experts", gpu.nbytes)
             lut = torch.full((E,), -1, dtype=torch.long)
             lut[torch.tensor(hot, dtype=torch.long)] = torch.arange(len(hot))
