@@ -235,8 +235,11 @@ DEQUANT_BYTES_PER_WEIGHT = 32
 
 # Bytes a decode step moves per quantized GPU weight beyond its blocks: the torch-op
 # dequantization writes and reads float32 temporaries and the bf16 row block the matmul then
-# reads (no fused kernel; see DequantLinear). A budget, not a GPU measurement: it makes
-# quantized GPU weights slower per token than bf16 ones, as they are.
+# reads (see DequantLinear). A budget, not a GPU measurement: it makes quantized GPU weights
+# slower per token than bf16 ones. Types with the fused kernel (FUSED_GPU_TYPES) read only
+# their blocks when Triton is there, but how close that kernel comes to the GPU's bandwidth is
+# unmeasured (scripts/gpu-check.sh's kernel/ lines measure it): until it is, auto keeps
+# preferring bf16 weights where they fit.
 DEQUANT_TRAFFIC_PER_WEIGHT = 12
 
 

@@ -14,14 +14,19 @@ at every position and the same argmax):
 
   cuda-tests        every CUDA test of tests/test_gpu_path.py, test_plan_allocation.py, test_attention_blocks.py
   decode/<model>/<hot>/<mode>   decode with the CPU engine doing the routed experts (hot
-                    "none": gpu_experts=[]) and with every third expert hot, through CUDA graphs,
-                    the static segmented step and eager decode
+                    "none": gpu_experts=[]) and with every third expert hot, as bf16 copies
+                    ("third") or in their GGUF blocks ("third-q": the fused Triton kernel),
+                    through CUDA graphs, the static segmented step and eager decode
   quantized-graphs  quantized GPU weights (DequantLinear) through CUDA graphs
   prefill-wrap      GPU prefill of a prompt of several GPU chunks (the prefetch ring wraps)
   stats             routing statistics equal under graphs and eager
   sync-after-close  torch.cuda.synchronize() after every runtime closed (a leftover error)
-  speed/<model>     decode tok/s with and without overlap / graphs / hot experts, the GPU idle
-                    fraction, torch.cuda.max_memory_allocated next to the Plan's numbers
+  speed/<model>     decode tok/s with and without overlap / graphs / hot experts (bf16 or
+                    blocks), the GPU idle fraction, torch.cuda.max_memory_allocated next to the
+                    Plan's numbers
+  kernel/...        one MoE layer's hot experts at R1's shapes (D 7168, F 2048, 8 slots, one
+                    token): ms per call as bf16 copies vs in their Q4_K/Q6_K blocks (fused), and
+                    a 7168 x 7168 Q4_K linear fused vs dequantized: which form wins, measured
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ def _compare(got, want):
 
 def _plan(path, hot, fmt="bf16", device="cuda:0"):
     """Non-expert weights on the GPU in `fmt`; hot "none": the CPU engine computes every
-    routed expert; "third": every third expert of each MoE layer hot on the GPU."""
+    routed expert; "third": every third expert of each MoE layer hot on the GPU as bf16
+    copies, "third-q" in their GGUF blocks."""
     from hybrid.gguf_file import GGUFFile
     from hybrid.runtime.loader import MinimalPlan
 
@@ -127,9 +133,10 @@ def _plan(path, hot, fmt="bf16", device="cuda:0"):
         n_layer = 1 + max(int(n.split(".")[1]) for n in g.tensors if n.startswith("blk."))
     finally:
         g.close()
-    experts = [list(range(0, E, 3)) if (hot == "third" and l in layers) else [] for l in range(n_layer)]
+    experts = [list(range(0, E, 3)) if (hot != "none" and l in layers) else [] for l in range(n_layer)]
     return MinimalPlan(device=device, gpu_weight_format=fmt, kv_cache_tokens=64,
-                       kv_cache_dtype="bf16" if device != "cpu" else "f32", gpu_experts=experts)
+                       kv_cache_dtype="bf16" if device != "cpu" else "f32", gpu_experts=experts,
+                       hot_expert_format="quantized" if hot == "third-q" else "bf16")
 
 
 def _check(s, name, got, want, **info):
@@ -151,7 +158,7 @@ def run(d: pathlib.Path) -> int:
     env = dict(os.environ, HYBRID_FIXTURE_CACHE=str(d / "fixtures"))
     if not cuda and not stand_in:
         for c in ("cuda-tests", "decode", "quantized-graphs", "prefill-wrap", "stats",
-                  "sync-after-close", "speed"):
+                  "sync-after-close", "speed", "kernel"):
             s.add(c, "skipped", why="no CUDA")
         s.write()
         return 0
@@ -161,7 +168,7 @@ def run(d: pathlib.Path) -> int:
     t0 = time.time()
     r = subprocess.run(["true"]) if stand_in else subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
                         "tests/test_gpu_path.py", "tests/test_plan_allocation.py",
-                        "tests/test_attention_blocks.py"],
+                        "tests/test_attention_blocks.py", "tests/test_qmatvec.py"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if stand_in:
         s.add("cuda-tests", "skipped", why="no CUDA (stand-in run)")
@@ -177,7 +184,7 @@ def run(d: pathlib.Path) -> int:
     kw = dict(threads=max(2, (os.cpu_count() or 4) // 2), gpu_paths=True)
     for name in MODELS:
         want = refs[name]["decode"]
-        for hot in ("none", "third"):
+        for hot in ("none", "third", "third-q"):
             plan = _plan(paths[name], hot, device=dev)
             stats = {}
             for mode in ("graphs", "static", "off"):
@@ -227,6 +234,7 @@ def run(d: pathlib.Path) -> int:
     except Exception as e:
         s.add("sync-after-close", "FAIL", error=f"{type(e).__name__}: {e}")
     _speed(s, paths["mid"], kw, dev)
+    _kernels(s, dev)
     s.write()
     return 1 if s.failed else 0
 
@@ -241,7 +249,9 @@ def _speed(s, path, kw, dev):
     cuda = dev != "cpu"
     variants = [("graphs+overlap, no hot", _plan(path, "none", device=dev), {}),
                 ("eager+overlap, no hot", _plan(path, "none", device=dev), dict(decode_graphs="off")),
-                ("graphs, every third hot", _plan(path, "third", device=dev), {})]
+                ("graphs, every third hot", _plan(path, "third", device=dev), {}),
+                ("graphs, every third hot in blocks", _plan(path, "third-q", device=dev), {}),
+                ("graphs, quantized weights", _plan(path, "none", "quantized", device=dev), {})]
     if cuda:
         variants.append(("solver plan, no cache", plan_for_gguf(path, ctx=64, expert_cache=False), {}))
     for label, plan, extra in variants:
@@ -263,6 +273,69 @@ def _speed(s, path, kw, dev):
                       plan_predicted=pred)
         except Exception as e:
             s.add(f"speed/{label}", "FAIL", error=f"{type(e).__name__}: {e}")
+
+
+def _kernels(s, dev):
+    """Hot experts as bf16 copies vs in their blocks at R1's expert shapes, and a quantized
+    linear fused vs dequantized: ms per call (CUDA events, median of 20 after warm-up)."""
+    import torch
+
+    from hybrid.backends import gpu
+    from hybrid.backends.torch_experts import TorchExperts
+
+    if dev == "cpu":
+        s.add("kernel", "skipped", why="no CUDA (stand-in run)")
+        return
+    if not gpu.fused_ok(12, dev):
+        s.add("kernel", "skipped", why="no Triton on this machine: no fused kernel to measure")
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    from quantdata import random_rows
+
+    def ms(fn, n=20):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(n):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return float(np.median(times))
+
+    try:
+        rng = np.random.default_rng(0)
+        E, F_, D, K = 8, 2048, 7168, 8
+        g = torch.from_numpy(random_rows(12, E * F_, D, rng).reshape(E, F_, -1)).to(dev)
+        u = torch.from_numpy(random_rows(12, E * F_, D, rng).reshape(E, F_, -1)).to(dev)
+        d = torch.from_numpy(random_rows(14, E * D, F_, rng).reshape(E, D, -1)).to(dev)
+        q = gpu.QuantExperts(g, u, d, (12, 12, 14))
+        from hybrid.backends import dequant
+
+        def dense(m, t):
+            return dequant.dequantize(m.reshape(-1, m.shape[-1]), t, dtype=torch.bfloat16).view(
+                E, m.shape[1], -1)
+
+        b = TorchExperts(dense(g, 12), dense(u, 12), dense(d, 14))
+        x = torch.randn(1, D, device=dev)
+        ids = torch.arange(K, device=dev).view(1, K) % E
+        w = torch.rand(1, K, device=dev)
+        tq, tb = ms(lambda: q.static(x, ids, w)), ms(lambda: b.static(x, ids, w))
+        cos = torch.nn.functional.cosine_similarity(q.static(x, ids, w), b.static(x, ids, w)).item()
+        s.add("kernel/hot-experts-r1-shape", "info", quantized_ms=round(tq, 3), bf16_ms=round(tb, 3),
+              quantized_GB_s=round(q.nbytes / tq / 1e6, 1), bf16_GB_s=round(b.nbytes / tb / 1e6, 1),
+              bytes_ratio=round(b.nbytes / q.nbytes, 2), cosine=round(cos, 5),
+              winner="quantized" if tq <= tb else "bf16")
+        lin = gpu.DequantLinear(random_rows(12, D, D, rng), 12, D, dev)
+        xl = torch.randn(1, D, device=dev)
+        tf = ms(lambda: lin(xl))
+        lin.fused = False
+        tu = ms(lambda: lin(xl))
+        s.add("kernel/q4k-linear-7168", "info", fused_ms=round(tf, 3), dequantize_then_matmul_ms=round(tu, 3))
+    except Exception as e:
+        s.add("kernel", "FAIL", error=f"{type(e).__name__}: {e}")
 
 
 def main(argv=None) -> int:

@@ -418,9 +418,9 @@ def test_gpu_check_without_cuda_skips_each_check_in_one_line(tmp_path):
     lines = (tmp_path / "summary.txt").read_text().splitlines()
     skipped = [l.split()[1] for l in lines if l.startswith("skipped")]
     assert skipped == ["cuda-tests", "decode", "quantized-graphs", "prefill-wrap", "stats",
-                       "sync-after-close", "speed"]
+                       "sync-after-close", "speed", "kernel"]
     assert all("no CUDA" in l for l in lines if l.startswith("skipped"))
-    assert lines[-1] == "0 ok, 0 FAIL, 7 skipped"
+    assert lines[-1] == "0 ok, 0 FAIL, 8 skipped"
     rows = json.loads((tmp_path / "summary.json").read_text())
     assert [r["check"] for r in rows if r["status"] == "skipped"] == skipped
 
