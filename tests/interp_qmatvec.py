@@ -37,8 +37,10 @@ def _rel(a, b) -> float:
 
 
 def test_interpreter_runs_the_kernels():
-    assert qmatvec.available("cpu") and gpu.fused_ok(dq.Q4_K, "cpu")
-    assert not gpu.fused_ok(dq.IQ2_XXS, "cpu")
+    """Each type passes the check its first use runs (gpu._check_fused)."""
+    assert qmatvec.available("cpu")
+    assert all(gpu.fused_ok(t, "cpu") for t in FUSED) and not gpu.fused_ok(dq.IQ2_XXS, "cpu")
+    assert all(gpu._fused_checked[(t, "cpu")] is True for t in FUSED)
 
 
 @pytest.mark.parametrize("t", FUSED, ids=[dq.TYPE_NAMES[t] for t in FUSED])

@@ -134,3 +134,26 @@ def test_cuda_quant_experts_static_step_captures_in_a_graph():
         torch.cuda.synchronize()
         want = TorchExperts(ref.gate.cuda(), ref.up.cuda(), ref.down.cuda())(x, ids, w)
         assert torch.allclose(y, want, rtol=1e-3, atol=1e-3 * want.abs().max().item()), e
+
+
+@pytest.mark.parametrize("broken", ["raises", "wrong"])
+def test_a_fused_kernel_failing_its_check_is_turned_off(monkeypatch, caplog, broken):
+    """A Triton that cannot compile the kernel on this GPU, or compiles it wrong: the first
+    use checks it against dequantize-then-matmul, turns it off and says why, once."""
+    def kernel(w, t, D, x, eids=None, xrows=None, out=None):
+        if broken == "raises":
+            raise RuntimeError("PassManager::run failed")
+        return torch.ones(x.shape[0] if eids is None else eids.shape[0], w.shape[-2])
+
+    monkeypatch.setattr(qmatvec, "available", lambda device: True)
+    monkeypatch.setattr(qmatvec, "qmatvec", kernel)
+    monkeypatch.setattr(gpu, "_fused_checked", {})
+    with caplog.at_level(logging.WARNING, logger="hybrid.backends.gpu"):
+        assert not gpu.fused_ok(dq.Q4_K, "cpu") and not gpu.fused_ok(dq.Q4_K, "cpu")
+    why = [r.getMessage() for r in caplog.records]
+    assert len(why) == 1 and "fused Q4_K kernel is off" in why[0]
+    assert ("PassManager" in why[0]) if broken == "raises" else ("wrong results" in why[0])
+    raw = random_rows(dq.Q4_K, 8, 256, np.random.default_rng(0))
+    lin = gpu.DequantLinear(raw, dq.Q4_K, 256, "cpu", dtype=torch.float32)
+    x = torch.randn(1, 256)
+    assert not lin.fused and torch.allclose(lin(x), x @ dq.dequantize(raw, dq.Q4_K).t(), rtol=1e-4, atol=1e-3)

@@ -71,23 +71,67 @@ DEQUANT_BLOCK_WEIGHTS = 1 << 22
 FUSED_MAX_TOKENS = 16
 
 _warned_no_triton: set = set()
+# (GGML type, device) -> True when the fused kernel passed its check there, else why not
+_fused_checked: dict = {}
+# byte offsets of the f16 scale fields in a block of each fused type
+_F16_FIELDS = {dequant.Q8_0: (0,), dequant.Q4_K: (0, 2), dequant.Q5_K: (0, 2), dequant.Q6_K: (208,)}
 
 
 def fused_ok(ggml_type: int, device) -> bool:
     """Whether products with `ggml_type` blocks on `device` run the fused kernel. A CUDA
     device without Triton (torch's CUDA wheels bring it) is said once in the log: its
-    quantized products then dequantize first, ~12 more bytes moved per weight."""
+    quantized products then dequantize first, ~12 more bytes moved per weight. The first
+    use of each type on a device checks the kernel (_check_fused): one that does not compile
+    or computes wrong there is turned off, with the reason in the log."""
     from hybrid.backends import qmatvec   # imports Triton (a second) only when asked
 
     if ggml_type not in qmatvec.FUSED_TYPES:
         return False
-    if qmatvec.available(device):
-        return True
-    if _is_cuda(device) and "cuda" not in _warned_no_triton:
-        _warned_no_triton.add("cuda")
-        log.warning("Triton is not installed: quantized GPU weights and hot experts are "
-                    "dequantized before each product (slower decode); pip install triton")
-    return False
+    if not qmatvec.available(device):
+        if _is_cuda(device) and "cuda" not in _warned_no_triton:
+            _warned_no_triton.add("cuda")
+            log.warning("Triton is not installed: quantized GPU weights and hot experts are "
+                        "dequantized before each product (slower decode); pip install triton")
+        return False
+    key = (ggml_type, str(torch.device(device)))
+    if key not in _fused_checked:
+        _fused_checked[key] = _check_fused(ggml_type, device)
+        if _fused_checked[key] is not True:
+            log.warning("the fused %s kernel is off on %s (%s): those products dequantize "
+                        "first", dequant.type_name(ggml_type), key[1], _fused_checked[key])
+    return _fused_checked[key] is True
+
+
+def _check_fused(ggml_type: int, device):
+    """The fused kernel on small random blocks (two matrices, a slot without one, the plain
+    form) against dequantize-then-matmul on the same device: True, or what went wrong."""
+    from hybrid.backends import qmatvec
+
+    blk, nb = dequant.BLOCK[ggml_type]
+    D, N = 512, 40
+    g = torch.Generator().manual_seed(ggml_type)
+    raw = torch.randint(0, 256, (2, N, D // blk, nb), dtype=torch.uint8, generator=g)
+    for off in _F16_FIELDS[ggml_type]:   # finite, moderate scales (random bytes make infs)
+        d = (torch.rand(2, N, D // blk, generator=g) * 0.01 + 0.001).half()
+        raw[..., off:off + 2] = d.view(torch.uint8).view(2, N, D // blk, 2)
+    raw = raw.view(2, N, -1).to(device)
+    x = torch.randn(3, D, generator=g).to(device)
+    eids = torch.tensor([1, -1, 0], dtype=torch.int32, device=device)
+    rows = torch.tensor([2, 0, 1], dtype=torch.int32, device=device)
+    try:
+        got = qmatvec.qmatvec(raw, ggml_type, D, x, eids, rows)                # [3, N]
+        plain = qmatvec.qmatvec(raw[0], ggml_type, D, x)                       # [3, N]
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:   # a Triton that cannot compile it here: the unfused path
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    w = [dequant.dequantize(raw[i], ggml_type, D) for i in range(2)]           # [N, D] each
+    want = torch.stack((w[1] @ x[2], torch.zeros(N, device=x.device), w[0] @ x[1]))
+    err = max(float((got - want).abs().max()), float((plain - x @ w[0].t()).abs().max()))
+    scale = float(want.abs().max())
+    if not err <= 1e-3 * scale:
+        return f"wrong results: max error {err:.3g} against {scale:.3g}"
+    return True
 
 
 def _qmatvec(*args, **kw):
