@@ -13,6 +13,17 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
 GPU_CHECK_STAND_IN="${GPU_CHECK_STAND_IN:-}"
+# the native extension, built in place when the checkout has none (a fresh clone): prepare
+# computes the CPU reference logits with it, run needs it for the CPU engine
+build_native() {
+  ls "$ROOT"/hybrid/_native*.so >/dev/null 2>&1 && return 0
+  local build="$1"
+  PB="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')"
+  cmake -S "$ROOT" -B "$build" -DCMAKE_BUILD_TYPE=Release -Dpybind11_DIR="$PB" \
+        -DPython_EXECUTABLE="$(command -v "$PY")" >/dev/null
+  cmake --build "$build" -j "$(nproc)" >/dev/null
+  cp "$build"/_native*.so "$ROOT/hybrid/"
+}
 if [ "${1:-}" = "--prepare" ]; then
   DIR="$(mkdir -p "${2:?--prepare DIR}" && cd "$2" && pwd)"
   # the Python packages the GPU machine lacks (torch and numpy come with its CUDA torch;
@@ -33,6 +44,7 @@ itself fails here loudly."""
 def __getattr__(name):
     raise ImportError(f"llama_cpp.{name}: llama-cpp-python is not on the GPU check machine")
 PYEOF
+  PYTHONPATH="$DIR/pylib" build_native "$(mktemp -d)"
   PYTHONPATH="$ROOT" "$PY" "$ROOT/scripts/gpu_check.py" prepare "$DIR"
   rm -f "$DIR"/fixtures/*-F32.gguf "$DIR"/fixtures/*-F16.gguf   # the sources of the Q4_K_M files
   rm -rf "$DIR"/pylib/bin
@@ -42,11 +54,7 @@ fi
 DIR="$(cd "${1:?usage: gpu-check.sh [--prepare] DIR}" && pwd)"
 export PYTHONPATH="$DIR/pylib:$ROOT"
 HAS_CUDA="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')"
-if [ "$HAS_CUDA$GPU_CHECK_STAND_IN" != "0" ] && ! ls "$ROOT"/hybrid/_native*.so >/dev/null 2>&1; then
-  PB="$("$PY" -c 'import pybind11; print(pybind11.get_cmake_dir())')"
-  cmake -S "$ROOT" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -Dpybind11_DIR="$PB" \
-        -DPython_EXECUTABLE="$(command -v "$PY")" >/dev/null
-  cmake --build "$DIR/build" -j "$(nproc)" >/dev/null
-  cp "$DIR"/build/_native*.so "$ROOT/hybrid/"
+if [ "$HAS_CUDA$GPU_CHECK_STAND_IN" != "0" ]; then
+  build_native "$DIR/build"
 fi
 timeout 480 "$PY" "$ROOT/scripts/gpu_check.py" run "$DIR"
