@@ -284,7 +284,8 @@ def plan_summary(plan) -> str:
         lines.append(f"machine: {hw}")
     experts = f"routed experts on {dev_of.get('routed_experts', 'cpu')} (numa {plan.numa_mode})"
     if plan.n_gpu_experts:
-        experts += f", {plan.n_gpu_experts} hot ones cached on the GPU"
+        form = "in their GGUF blocks" if getattr(plan, "hot_expert_format", "") == "quantized" else "as bf16"
+        experts += f", {plan.n_gpu_experts} hot ones cached on the GPU {form}"
     if getattr(plan, "gpu_prefill_tokens", 0):
         experts += f", streamed to the GPU for prompt chunks of {plan.gpu_prefill_tokens}+ tokens"
     slots = f"{plan.kv_slots} slots x {plan.kv_slot_tokens}" if plan.kv_slots > 1 else str(plan.kv_cache_tokens)
