@@ -3,7 +3,6 @@
 the CPU stand-in takes, and the choice between them."""
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,18 @@ from quantdata import random_rows
 TESTS = Path(__file__).parent
 
 
-def test_fused_kernels_under_the_triton_interpreter():
+def test_fused_kernels_under_the_triton_interpreter(fixture_cache):
     """tests/interp_qmatvec.py with TRITON_INTERPRET=1 (it has to be set before Triton is
     imported, so not in this process): the kernels against gguf-py, QuantExperts and
-    DequantLinear through them, a stand-in run with them on."""
+    DequantLinear through them, a stand-in run with them on. The child imports the hybrid
+    this process does (subproc.hybrid_env) and shares its fixtures."""
+    from subproc import NEUTRAL_CWD, hybrid_env
+
     pytest.importorskip("triton")   # a test dependency (pyproject [test]): present in CI
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
+    env = hybrid_env(TRITON_INTERPRET="1", HYBRID_FIXTURE_CACHE=str(fixture_cache))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
                         str(TESTS / "interp_qmatvec.py")], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=TESTS.parent)
+                       timeout=600, cwd=NEUTRAL_CWD)
     tail = (r.stdout + r.stderr)[-6000:]
     assert r.returncode == 0, tail
     assert " passed" in tail and "skipped" not in tail, tail
