@@ -96,7 +96,8 @@ def test_quant_experts_from_gguf_hold_the_file_bytes(tiny_gguf):
     assert torch.allclose(qe(x, ids, w), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available() or qmatvec.triton is None,
+                    reason="needs a CUDA GPU and Triton")
 @pytest.mark.parametrize("t", sorted(qmatvec.FUSED_TYPES))
 def test_cuda_fused_kernel_matches_dequantize_then_matmul(t):
     rng = np.random.default_rng(t)
@@ -112,7 +113,8 @@ def test_cuda_fused_kernel_matches_dequantize_then_matmul(t):
         assert torch.allclose(out[s], want, rtol=1e-4, atol=1e-4 * max(want.abs().max().item(), 1e-6))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available() or qmatvec.triton is None,
+                    reason="needs a CUDA GPU and Triton")
 def test_cuda_quant_experts_static_step_captures_in_a_graph():
     types = (dq.Q4_K, dq.Q4_K, dq.Q6_K)
     blocks, ref = _experts(types)
