@@ -24,8 +24,8 @@ void set_gemm_tiles(bool on);
 bool gemm_tiles();
 
 // Off: on AVX2, Q4_K and Q5_K prefill through tiles that sum 8 products of a sub-block in
-// int16 before scaling them (11 multiplies per 256 weights and token instead of 13; the one
-// multiplier pipe bounds these tiles on Zen 2: ~1.13x the exact tiles' rate). Their results then
+// int16 before scaling them (11 multiplies per 256 weights and token instead of 13; on Zen 2
+// no faster since the exact tiles take tokens in pairs: 0.98x in bench_moe). Their results then
 // differ from the single dot's by float reassociation only: the same integer products and
 // float factors, summed per output in other groups. Bound (tests/test_gemm.py): |tile - dot|
 // <= 2 (2 n/256 + 3) 2^-24 sum_i (|d sc_i q_i| + |dmin m_i|) |a_i|, terms in the dot's

@@ -13,85 +13,17 @@ namespace x86_gemm {
 using namespace x86;
 
 // ---------------------------------------------------------------- Q4_K / Q5_K, N tokens at once
-// x86::dot_k4_rows takes two multiplies per 32 quants per token (maddubs, then madd by the
-// sub-block scale). Here the two maddubs of a chunk (sub-blocks 2c and 2c+1, 16 int16 pair sums
-// each) are added pairwise with one hadd and interleaved so that one madd by (s_2c, s_2c+1)
-// gives each int32 lane exactly the integer the dot's two madds give it: the same lane sums,
-// so the float steps that follow are the dot's and the result is bit-identical, with three
-// multiplies instead of four. The int16 sums fit: |q| <= 31, |a| <= 127, 4 products < 2^15.
+// x86::k4_rows: the dots' own code (tokens in pairs), so the tiles equal the dots bit for bit.
+// k_interleave (Q6_K below): the two sub-blocks' pair sums of one hadd, reordered so that one
+// madd by a (scale, scale) pair gives each int32 lane the integer two madds give it.
 alignas(32) static const uint8_t k_interleave[32] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
                                                      0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
-// One Q4_K / Q5_K block as both tiles below read it: scales and mins, d and dmin, the quants.
-template <bool QH>
-struct K4Block {
-    static constexpr int64_t stride = QH ? sizeof(block_q5_K) : sizeof(block_q4_K);
-    const uint8_t* qs;
-    __m128i sm;     // the 8 scales, then the 8 mins
-    __m256 dm;      // (d, dmin) pairs
-    __m256i hbits;  // Q5_K's fifth bits
-
-    explicit K4Block(const uint8_t* blk)
-        : qs(blk + (QH ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs))), sm(scales_mins_k4(blk + 4)) {
-        uint32_t d_dmin;
-        std::memcpy(&d_dmin, blk, 4);
-        dm = _mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin));
-        hbits = QH ? _mm256_loadu_si256((const __m256i*)(blk + offsetof(block_q5_K, qh))) : _mm256_setzero_si256();
-    }
-    // chunk c's 64 quants: sub-block 2c in lo, 2c+1 in hi
-    void unpack(int c, __m256i& lo, __m256i& hi) const {
-        const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
-        lo = _mm256_and_si256(q, m4);
-        hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-        if (QH) {
-            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
-            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
-        }
-    }
-    // acc += d * y.d * sumi - dmin * y.d * (mins . bsums)
-    void accumulate(__m256& acc, __m256i sumi, const block_q8_K& y) const {
-        const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&y.d));
-        acc = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi), acc);
-        acc = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55), _mm256_cvtepi32_ps(k4_min_products(sm, y.bsums)), acc);
-    }
-};
-
-template <int N, bool QH>
-static void rows_k4(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-    const block_q8_K* const* ys = (const block_q8_K* const*)a;
-    const __m256i inter = _mm256_load_si256((const __m256i*)k_interleave);
-    __m256 acc[N];
-    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t* blk = w + b * K4Block<QH>::stride;
-        prefetch_block(blk, K4Block<QH>::stride);
-        const K4Block<QH> k(blk);
-        // (s_2c, s_2c+1) int16 pairs: scales as int16 in both lanes, then dword c broadcast
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(k.sm));
-        const __m256i sc[4] = {_mm256_shuffle_epi32(scales, 0x00), _mm256_shuffle_epi32(scales, 0x55),
-                               _mm256_shuffle_epi32(scales, 0xAA), _mm256_shuffle_epi32(scales, 0xFF)};
-        __m256i sumi[N];
-        for (int r = 0; r < N; r++) sumi[r] = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i lo, hi;
-            k.unpack(c, lo, hi);
-            for (int r = 0; r < N; r++) {
-                const __m256i a0 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c));
-                const __m256i a1 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c + 32));
-                const __m256i h = _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_maddubs_epi16(hi, a1));
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(_mm256_shuffle_epi8(h, inter), sc[c]));
-            }
-        }
-        for (int r = 0; r < N; r++) k.accumulate(acc[r], sumi[r], ys[r][b]);
-    }
-    for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
-}
 
 // ---------------------------------------------------------------- Q4_K / Q5_K, reassociated
-// rows_k4 is bound by the one AVX2 multiplier pipe of Zen 2 (13 multiplies per 256 weights
-// and token: 8 maddubs, 4 scale madds, 1 for the mins). Here a second hadd first adds the
-// four-product sums of each sub-block pairwise, so one madd scales four sub-blocks (two chunks)
-// and a block takes 11. Each int32 lane then holds other products than the dot's lane, so the
+// x86::k4_rows takes 13 vector multiplies per 256 weights and token (8 maddubs, 4 scale
+// madds for a pair of tokens each, 1 for the mins), on Zen 2's one multiplier pipe. Here a
+// hadd first adds the four-product sums of each sub-block pairwise, so one madd scales four
+// sub-blocks (two chunks) and a block takes 11. Each int32 lane then holds other products than the dot's lane, so the
 // result differs from the dot by float reassociation (gemm.h states the bound); only with
 // set_prefill_exact(false). The int16 sums fit: 8 products of |q| <= 31 and |a| <= 127 <= 31496.
 template <int N, bool QH>
@@ -182,7 +114,7 @@ template <bool QH>
 struct k4_kernel {
     template <int N>
     static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-        rows_k4<N, QH>(n, w, a, out);
+        k4_rows<N, QH>(n, w, (const block_q8_K* const*)a, out);
     }
 };
 template <bool QH>
@@ -201,10 +133,11 @@ struct q6_K_kernel {
 
 static void fill(gemm_tile_fn* g) {
     fill_shared<dot_u8s8_32>(g);
-    // the K-quants: 4 tokens (with 8 they lost 3-10% on Zen 2: their per-token state no longer
-    // fits 16 registers)
-    g[GGML_Q4_K] = tile<4, k4_kernel<false>>;
-    g[GGML_Q5_K] = tile<4, k4_kernel<true>>;
+    // Q4_K / Q5_K: 8 tokens, 4 pairs (Zen 2, ns per 256 weights and token at 8 tokens: 6.0 with
+    // 4, 5.8 with 8); Q6_K: 4 tokens (with 8 it lost 3-10%: its per-token state no longer fits
+    // 16 registers)
+    g[GGML_Q4_K] = tile<8, k4_kernel<false>>;
+    g[GGML_Q5_K] = tile<8, k4_kernel<true>>;
     g[GGML_Q6_K] = tile<4, q6_K_kernel>;
 }
 

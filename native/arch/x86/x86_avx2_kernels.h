@@ -622,79 +622,135 @@ static inline __m256i word_bcast2(__m256i v, int i) {
     return _mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i*)k_word2[i]));
 }
 
-// Q4_K and Q5_K share everything but the unpacking of quants (qh_off = 0 for Q4_K).
-// R activation rows at once: the weight block is unpacked once for all of them (prefill);
-// each row's arithmetic is the same as with R = 1, so results do not depend on grouping.
-template <int R>
-static inline void dot_k4_rows(int64_t n, const uint8_t* base, int64_t stride, int qs_off, int qh_off,
-                               const block_q8_K* const* ys, float* out) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-    __m256 acc[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t* blk = base + b * stride;
-        prefetch_block(blk, stride);
-        const __m128i sm = scales_mins_k4(blk + 4);
-        uint32_t d_dmin;  // fp16 d and dmin -> d dmin d dmin ... as floats
+// One Q4_K / Q5_K block as k4_rows (and the reassociated tile) read it: scales and mins,
+// d and dmin, the quants.
+template <bool QH>
+struct K4Block {
+    static constexpr int64_t stride = QH ? sizeof(block_q5_K) : sizeof(block_q4_K);
+    const uint8_t* qs;
+    __m128i sm;     // the 8 scales, then the 8 mins
+    __m256 dm;      // (d, dmin) pairs
+    __m256i hbits;  // Q5_K's fifth bits
+
+    explicit K4Block(const uint8_t* blk)
+        : qs(blk + (QH ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs))), sm(scales_mins_k4(blk + 4)) {
+        uint32_t d_dmin;
         std::memcpy(&d_dmin, blk, 4);
-        const __m256 dm = _mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin));
-        const uint8_t* qs = blk + qs_off;
-        const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
-        // the 8 scales as int16 in both lanes; word_bcast picks one per sub-block
-        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
-        __m256i sumi[R];
-        for (int r = 0; r < R; r++) sumi[r] = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
-            __m256i lo = _mm256_and_si256(q, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (qh_off) {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
-            }
-            const __m256i s0 = word_bcast(scales, 2 * c), s1 = word_bcast(scales, 2 * c + 1);
-            for (int r = 0; r < R; r++) {
-                const __m256i a0 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c));
-                const __m256i a1 = _mm256_loadu_si256((const __m256i*)(ys[r][b].qs + 64 * c + 32));
-                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a0), s0);
-                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a1), s1);
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
-            }
-        }
-        // one accumulator per row for quants and mins: a second one per row made the 4-row
-        // version spill (dot4 -5% through the kernel table) for +1.5% on the single dot
-        for (int r = 0; r < R; r++) {
-            const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&ys[r][b].d));  // yd*d yd*dmin ...
-            acc[r] = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-            acc[r] = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55),
-                                      _mm256_cvtepi32_ps(k4_min_products(sm, ys[r][b].bsums)), acc[r]);
+        dm = _mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin));
+        hbits = QH ? _mm256_loadu_si256((const __m256i*)(blk + offsetof(block_q5_K, qh))) : _mm256_setzero_si256();
+    }
+    // chunk c's 64 quants: sub-block 2c in lo, 2c+1 in hi
+    void unpack(int c, __m256i& lo, __m256i& hi) const {
+        const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
+        lo = _mm256_and_si256(q, m4);
+        hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if (QH) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+    // acc += d * y.d * sumi - dmin * y.d * (mins . bsums), lane by lane (the reassociated tile)
+    void accumulate(__m256& acc, __m256i sumi, const block_q8_K& y) const {
+        const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&y.d));
+        acc = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55), _mm256_cvtepi32_ps(k4_min_products(sm, y.bsums)), acc);
+    }
+};
+
+// Q4_K / Q5_K dots of one weight row with N activation rows: the single dot (N = 1), the
+// 4-row dot and the prefill tiles are this one code, so every grouping of tokens gives the
+// same bits. Per block and token the integer part is exact and complete before any float:
+// S = sum over sub-blocks of scale * (q . a), M = sum of min * bsums (|S| < 2^26). Then, in
+// one order for every N: accS += (d * y.d) * S, accM += (dmin * y.d) * M (fused), and the
+// dot is accS - accM. Tokens go in pairs: one hadd adds the two tokens' maddubs pair sums of
+// a sub-block (int16: 4 products of |q| <= 31 and |a| <= 127, < 2^15), one madd scales both,
+// one float step serves both; an odd last token goes alone. Against a float step per token
+// on each sub-block's lanes (the layout before) a tile does ~12% less work per token on Zen 2;
+// the single dot ~5% more (its per-block reduction), which decode from DRAM hides.
+template <int N, bool QH>
+static inline void k4_rows(int64_t n, const uint8_t* w, const block_q8_K* const* ys, float* out) {
+    constexpr int P = N / 2, ODD = N % 2;
+    __m128 acc[P + ODD];  // a pair: accS of both tokens, then accM; alone: accS accS accM accM
+    for (int i = 0; i < P + ODD; i++) acc[i] = _mm_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const uint8_t* blk = w + b * K4Block<QH>::stride;
+        prefetch_block(blk, K4Block<QH>::stride);
+        const K4Block<QH> k(blk);
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(k.sm));
+        __m256i sumi[P + ODD];
+        for (int i = 0; i < P + ODD; i++) sumi[i] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i lo, hi;
+            k.unpack(c, lo, hi);
+            const __m256i s0 = word_bcast(scales, 2 * c), s1 = word_bcast(scales, 2 * c + 1);
+            for (int p = 0; p < P; p++) {
+                const int8_t* y0 = ys[2 * p][b].qs + 64 * c;
+                const int8_t* y1 = ys[2 * p + 1][b].qs + 64 * c;
+                const __m256i hl = _mm256_hadd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)y0)),
+                                                     _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)y1)));
+                const __m256i hh =
+                    _mm256_hadd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(y0 + 32))),
+                                      _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(y1 + 32))));
+                sumi[p] = _mm256_add_epi32(sumi[p], _mm256_add_epi32(_mm256_madd_epi16(hl, s0), _mm256_madd_epi16(hh, s1)));
+            }
+            if (ODD) {
+                const int8_t* y = ys[N - 1][b].qs + 64 * c;
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)y)), s0);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(y + 32))), s1);
+                sumi[P] = _mm256_add_epi32(sumi[P], _mm256_add_epi32(p0, p1));
+            }
+        }
+        const __m128 dd = _mm_permute_ps(_mm256_castps256_ps128(k.dm), 0x50);  // d d dmin dmin
+        for (int p = 0; p < P; p++) {
+            const block_q8_K& y0 = ys[2 * p][b];
+            const block_q8_K& y1 = ys[2 * p + 1][b];
+            // token 2p in lanes 0, 1, 4, 5 and token 2p+1 in 2, 3, 6, 7, the mins alike
+            const __m256i mm = _mm256_hadd_epi32(k4_min_products(k.sm, y0.bsums), k4_min_products(k.sm, y1.bsums));
+            const __m256i h = _mm256_hadd_epi32(sumi[p], mm);
+            const __m128i v = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));  // S0 S1 M0 M1
+            acc[p] = _mm_fmadd_ps(_mm_mul_ps(dd, _mm_setr_ps(y0.d, y1.d, y0.d, y1.d)), _mm_cvtepi32_ps(v), acc[p]);
+        }
+        if (ODD) {
+            const block_q8_K& y = ys[N - 1][b];
+            const __m256i h = _mm256_hadd_epi32(sumi[P], k4_min_products(k.sm, y.bsums));
+            __m128i v = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));   // S S M M
+            acc[P] = _mm_fmadd_ps(_mm_mul_ps(dd, _mm_set1_ps(y.d)), _mm_cvtepi32_ps(v), acc[P]);
+        }
+    }
+    alignas(16) float a[4];
+    for (int p = 0; p < P; p++) {
+        _mm_store_ps(a, acc[p]);
+        out[2 * p] = a[0] - a[2];
+        out[2 * p + 1] = a[1] - a[3];
+    }
+    if (ODD) {
+        _mm_store_ps(a, acc[P]);
+        out[N - 1] = a[0] - a[2];
+    }
 }
 
 static float dot_q4_K(int64_t n, const void* w, const void* a) {
     const block_q8_K* y = (const block_q8_K*)a;
     float out;
-    dot_k4_rows<1>(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0, &y, &out);
+    k4_rows<1, false>(n, (const uint8_t*)w, &y, &out);
     return out;
 }
 
 static float dot_q5_K(int64_t n, const void* w, const void* a) {
     const block_q8_K* y = (const block_q8_K*)a;
     float out;
-    dot_k4_rows<1>(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs), offsetof(block_q5_K, qh), &y, &out);
+    k4_rows<1, true>(n, (const uint8_t*)w, &y, &out);
     return out;
 }
 
 static void dot4_q4_K(int64_t n, const void* w, const void* const* a, float* out) {
-    dot_k4_rows<4>(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0,
-                   (const block_q8_K* const*)a, out);
+    k4_rows<4, false>(n, (const uint8_t*)w, (const block_q8_K* const*)a, out);
 }
 
 static void dot4_q5_K(int64_t n, const void* w, const void* const* a, float* out) {
-    dot_k4_rows<4>(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs), offsetof(block_q5_K, qh),
-                   (const block_q8_K* const*)a, out);
+    k4_rows<4, true>(n, (const uint8_t*)w, (const block_q8_K* const*)a, out);
 }
 
 // 32 * scales[j] * bsums[j] over the 16 sub-blocks of a Q6_K block, as 8 int32 lanes: what
