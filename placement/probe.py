@@ -24,13 +24,31 @@ DECODE_BYTES_PER_THREAD = 1 << 20   # the one-token matmul's weights: each worke
 
 
 def machine_key() -> str:
-    """What the figures depend on: the CPU model, the cpus this process may use, the RAM."""
+    """What the figures depend on: the CPU model, the cpus this process may use, the RAM, and
+    the kernels measured (the native module's file: a rebuilt or upgraded one measures anew)."""
     from placement.hardware import _read
 
     model = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
                   if ln.startswith("model name")), "")
     mem = next((ln.split()[1] for ln in _read("/proc/meminfo").splitlines() if ln.startswith("MemTotal")), "")
-    return hashlib.sha1(f"{VERSION}|{model}|{_allowed_cpus()}|{mem}".encode()).hexdigest()[:16]
+    return hashlib.sha1(f"{VERSION}|{model}|{_allowed_cpus()}|{mem}|{_native_id()}".encode()).hexdigest()[:16]
+
+
+def _native_id() -> str:
+    """Size and modification time of the native module's file ("" when it is not built)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("hybrid._native")
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.origin:
+        return ""
+    try:
+        st = os.stat(spec.origin)
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _allowed_cpus() -> list:

@@ -73,6 +73,15 @@ def test_figures_of_another_cpu_count_are_measured_again_not_kept(cache, monkeyp
     assert not (cache / "probe-other.json").exists()
 
 
+def test_a_rebuilt_native_module_is_measured_anew(monkeypatch):
+    """The cached figures time the kernels: another build of the native module (faster
+    tiles, an upgrade) is another key, not last build's figures."""
+    key = probe.machine_key()
+    assert probe._native_id()                       # the module is built here
+    monkeypatch.setattr(probe, "_native_id", lambda: "123:456")
+    assert probe.machine_key() != key
+
+
 def test_this_machine_is_measured_a_hypothetical_one_is_not(cache, tiny_q4km, capsys):
     from hybrid.app.cli import main
 
