@@ -125,9 +125,11 @@ def _check_fused(ggml_type: int, device):
         raise
     except Exception as e:   # a Triton that cannot compile it here: the unfused path
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-    w = [dequant.dequantize(raw[i], ggml_type, D) for i in range(2)]           # [N, D] each
-    want = torch.stack((w[1] @ x[2], torch.zeros(N, device=x.device), w[0] @ x[1]))
-    err = max(float((got - want).abs().max()), float((plain - x @ w[0].t()).abs().max()))
+    # the reference in float64 (no TF32 or reduced-precision matmul can blur it)
+    w = [dequant.dequantize(raw[i], ggml_type, D).double() for i in range(2)]  # [N, D] each
+    xd = x.double()
+    want = torch.stack((w[1] @ xd[2], torch.zeros_like(w[0][:, 0]), w[0] @ xd[1]))
+    err = max(float((got.double() - want).abs().max()), float((plain.double() - xd @ w[0].t()).abs().max()))
     scale = float(want.abs().max())
     if not err <= 1e-3 * scale:
         return f"wrong results: max error {err:.3g} against {scale:.3g}"
