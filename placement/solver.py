@@ -513,6 +513,7 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
 
     # ---- GPU ---------------------------------------------------------------------------
     gpu_fmt = "none"
+    hot_fmt = hot_expert_format(inv, pol.hot_expert_format)   # the form of gpu_cache's experts
     gpu_cache = {}
     max_ctx = 0
     if gpu is not None:
@@ -550,7 +551,6 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
             use_cache = pol.expert_cache and m.n_expert > 1
             stats = load_expert_stats(pol.expert_stats, inv) if (use_cache and pol.expert_stats is not None) else None
 
-            hot_fmt = hot_expert_format(inv, pol.hot_expert_format)
             # quantized hot experts of chunks too long for the fused kernel are dequantized in
             # row blocks: the workspace quantized GPU weights have, else reserved beside them
             hot_ws = dequant_workspace_bytes() if hot_fmt == "quantized" and gpu_fmt != "quantized" else 0
@@ -666,7 +666,7 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
     if any(t.role == "routed_experts" for t in inv.tensors):
         placement["routed_experts"] = ("cpu", "quantized")
         if any(gpu_cache.values()):
-            placement["routed_experts.gpu_cache"] = ("gpu0", hot_expert_format(inv, pol.hot_expert_format))
+            placement["routed_experts.gpu_cache"] = ("gpu0", hot_fmt)
     gpu_experts = [list(gpu_cache.get(l, [])) for l in range(m.n_layer)]
 
     mtp = _mtp_note(inv)
@@ -689,7 +689,7 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
         cpu_linear_min_bytes=pol.cpu_linear_min_bytes,
         max_context_tokens=int(max_ctx) if gpu is not None else _host_max_ctx(devices, kv_per_token, wl),
         gpu_weight_format=gpu_fmt, numa_mode=numa_mode, tensor_placement=placement, gpu_experts=gpu_experts,
-        hot_expert_format=hot_expert_format(inv, pol.hot_expert_format) if any(gpu_cache.values()) else "none",
+        hot_expert_format=hot_fmt if any(gpu_cache.values()) else "none",
         estimate=estimate, gpu_prefill_tokens=gpu_prefill["tokens"], gpu_prefill=gpu_prefill,
         problems=problems, notes=notes, reserves=reserves,
         workload=asdict(wl), policy=_policy_dict(pol),

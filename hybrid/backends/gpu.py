@@ -246,7 +246,8 @@ class QuantExperts:
             info = gguf.tensors[name]
             if info.ggml_type not in dequant.SUPPORTED_TYPES:
                 raise dequant.DequantError(f"{name}: {dequant.type_name(info.ggml_type)} has no "
-                                           f"torch dequantization; plan hot experts as bf16")
+                                           f"torch dequantization, so its experts cannot be "
+                                           f"cached on the GPU; run with --no-expert-cache")
             v = gguf.view(name).reshape(info.shape[0], info.shape[1], -1)[list(experts)]
             mats.append(dequant._as_tensor(v).to(device))
             types.append(info.ggml_type)

@@ -2,7 +2,8 @@
 
 The reference for the native expert engine (same call signature as hybrid.backends.experts'
 NativeExperts), the fallback when the native module is not built, and the "hot" experts kept
-on the GPU as bf16 copies (hybrid.backends.gpu.QuantExperts keeps them in their GGUF blocks). Computes, per token t:
+on the GPU as bf16 copies (hybrid.backends.gpu.QuantExperts keeps them in their GGUF
+blocks). Computes, per token t:
 
     y[t] = sum_k weights[t, k] * down_e( silu(gate_e x[t]) * up_e x[t] ),  e = ids[t, k]
 

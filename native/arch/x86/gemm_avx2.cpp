@@ -21,10 +21,10 @@ alignas(32) static const uint8_t k_interleave[32] = {0, 1, 8, 9, 2, 3, 10, 11, 4
 
 // ---------------------------------------------------------------- Q4_K / Q5_K, reassociated
 // x86::k4_rows takes 13 vector multiplies per 256 weights and token (8 maddubs, 4 scale
-// madds for a pair of tokens each, 1 for the mins), on Zen 2's one multiplier pipe. Here a
+// madds shared by a pair of tokens, 1 for the mins), on Zen 2's one multiplier pipe. Here a
 // hadd first adds the four-product sums of each sub-block pairwise, so one madd scales four
-// sub-blocks (two chunks) and a block takes 11. Each int32 lane then holds other products than the dot's lane, so the
-// result differs from the dot by float reassociation (gemm.h states the bound); only with
+// sub-blocks (two chunks) and a block takes 11. Each int32 lane then holds other products
+// than the dot's lane, so the result differs from the dot by float reassociation (gemm.h states the bound); only with
 // set_prefill_exact(false). The int16 sums fit: 8 products of |q| <= 31 and |a| <= 127 <= 31496.
 template <int N, bool QH>
 static void rows_k4_sum8(int64_t n, const uint8_t* w, const void* const* a, float* out) {

@@ -666,8 +666,9 @@ struct K4Block {
 // dot is accS - accM. Tokens go in pairs: one hadd adds the two tokens' maddubs pair sums of
 // a sub-block (int16: 4 products of |q| <= 31 and |a| <= 127, < 2^15), one madd scales both,
 // one float step serves both; an odd last token goes alone. Against a float step per token
-// on each sub-block's lanes (the layout before) a tile does ~12% less work per token on Zen 2;
-// the single dot ~5% more (its per-block reduction), which decode from DRAM hides.
+// on each sub-block's lanes (the layout before) a tile takes ~12% less time per token on
+// Zen 2, the single dot ~5% more (its per-block reduction): from DRAM with 2 cores Q4_K
+// decode kept its speed, Q5_K lost ~4% (its decode is compute-bound there).
 template <int N, bool QH>
 static inline void k4_rows(int64_t n, const uint8_t* w, const block_q8_K* const* ys, float* out) {
     constexpr int P = N / 2, ODD = N % 2;
