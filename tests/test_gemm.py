@@ -61,6 +61,25 @@ def test_every_other_type_prefills_as_it_decodes(isa, qtype, T):
     np.testing.assert_array_equal(_native.matmul(rows, int(qtype), x), one_token_at_a_time(rows, qtype, x))
 
 
+BLOCK32_TYPES = [QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_1, QT.Q5_1, QT.IQ4_NL]
+
+
+@pytest.mark.parametrize("K", [32, 96, 288], ids=lambda K: f"K{K}")
+@pytest.mark.parametrize("qtype", BLOCK32_TYPES, ids=lambda t: t.name)
+def test_32_block_rows_of_odd_block_counts(isa, qtype, K):
+    """The 32-block rows go two blocks at a time (x86::rows32): a row of an odd number of
+    blocks ends on a lone block, in the tiles as in the single dot; and both equal the
+    float64 reference within the activations' quantization."""
+    rng = np.random.default_rng(K)
+    rows = random_rows(qtype, 13, K, rng)
+    x = rng.standard_normal((11, K)).astype(np.float32)
+    got = _native.matmul(rows, int(qtype), x)
+    np.testing.assert_array_equal(got, one_token_at_a_time(rows, qtype, x))
+    want = x.astype(np.float64) @ reference_weights(qtype, rows).T
+    scale = np.abs(x).astype(np.float64) @ np.abs(reference_weights(qtype, rows)).T
+    assert np.all(np.abs(got - want) <= 0.02 * scale + 1e-6)
+
+
 def test_matmul_prefill_writes_only_its_outputs(isa):
     """Strided output rows: the tile stores N values per token and nothing in between."""
     rng = np.random.default_rng(3)

@@ -110,12 +110,32 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
 }
 
 // Each type's dots of one weight row with N activation rows, for tile().
+// Q4_K / Q5_K: per token group, each pair's K4PairPrep for every block, in a buffer of the
+// calling thread, read by every row of the tile.
 template <bool QH>
 struct k4_kernel {
     template <int N>
-    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-        k4_rows<N, QH>(n, w, (const block_q8_K* const*)a, out);
-    }
+    struct group {
+        const block_q8_K* const* ys;
+        const K4PairPrep* prep;
+        group(int64_t n, const void* const* a) : ys((const block_q8_K* const*)a), prep(prepare(n, ys)) {}
+        void rows(int64_t n, const uint8_t* w, float* out) const { k4_rows<N, QH>(n, w, ys, out, prep); }
+
+        static const K4PairPrep* prepare(int64_t n, const block_q8_K* const* ys) {
+            constexpr int P = N / 2;
+            if (P == 0) return nullptr;
+            static thread_local std::vector<K4PairPrep> buf;
+            const int64_t nb = n / QK_K;
+            if ((int64_t)buf.size() < nb * P) buf.resize(nb * P);
+            for (int64_t b = 0; b < nb; b++)
+                for (int p = 0; p < P; p++) {
+                    const block_q8_K& y0 = ys[2 * p][b];
+                    const block_q8_K& y1 = ys[2 * p + 1][b];
+                    buf[b * P + p] = {k4_pair_bsums(y0, y1), _mm_setr_ps(y0.d, y1.d, y0.d, y1.d)};
+                }
+            return buf.data();
+        }
+    };
 };
 template <bool QH>
 struct k4_sum8_kernel {

@@ -4,19 +4,36 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace hybrid {
 namespace x86_gemm {
 
-typedef void (*rows_fn)(int64_t n, const uint8_t* w, const void* const* acts, float* out);
+// One token group of a tile: KERNEL::group<N> where the kernel prepares something per group
+// (built once, read by every row), else its rows<N> on the group's activations.
+template <class KERNEL, int N>
+struct plain_group {
+    const void* const* acts;
+    plain_group(int64_t, const void* const* a) : acts(a) {}
+    void rows(int64_t n, const uint8_t* w, float* out) const { KERNEL::template rows<N>(n, w, acts, out); }
+};
+template <class KERNEL, int N, class = void>
+struct group_of {
+    typedef plain_group<KERNEL, N> type;
+};
+template <class KERNEL, int N>
+struct group_of<KERNEL, N, std::void_t<typename KERNEL::template group<N>>> {
+    typedef typename KERNEL::template group<N> type;
+};
 
 // Tokens [t, t + N) of a tile against every row.
-template <int N, rows_fn ROWS>
+template <int N, class KERNEL>
 static inline void tile_tokens(int64_t n, const uint8_t* w, int64_t w_stride, int64_t R, const void* const* acts,
                                float* out, int64_t r_stride, int64_t t_stride) {
+    const typename group_of<KERNEL, N>::type g(n, acts);
     for (int64_t r = 0; r < R; r++) {
         float o[N];
-        ROWS(n, w + r * w_stride, acts, o);
+        g.rows(n, w + r * w_stride, o);
         for (int i = 0; i < N; i++) out[r * r_stride + i * t_stride] = o[i];
     }
 }
@@ -30,15 +47,15 @@ static void tile(int64_t n, const uint8_t* w, int64_t w_stride, int64_t R, const
                  float* out, int64_t r_stride, int64_t t_stride) {
     int64_t t = 0;
     for (; t + N8 <= T; t += N8)
-        tile_tokens<N8, KERNEL::template rows<N8>>(n, w, w_stride, R, acts + t, out + t * t_stride, r_stride, t_stride);
+        tile_tokens<N8, KERNEL>(n, w, w_stride, R, acts + t, out + t * t_stride, r_stride, t_stride);
     for (; t + 4 <= T; t += 4)
-        tile_tokens<4, KERNEL::template rows<4>>(n, w, w_stride, R, acts + t, out + t * t_stride, r_stride, t_stride);
+        tile_tokens<4, KERNEL>(n, w, w_stride, R, acts + t, out + t * t_stride, r_stride, t_stride);
     const void* const* a = acts + t;
     float* o = out + t * t_stride;
     switch (T - t) {
-        case 3: tile_tokens<3, KERNEL::template rows<3>>(n, w, w_stride, R, a, o, r_stride, t_stride); break;
-        case 2: tile_tokens<2, KERNEL::template rows<2>>(n, w, w_stride, R, a, o, r_stride, t_stride); break;
-        case 1: tile_tokens<1, KERNEL::template rows<1>>(n, w, w_stride, R, a, o, r_stride, t_stride); break;
+        case 3: tile_tokens<3, KERNEL>(n, w, w_stride, R, a, o, r_stride, t_stride); break;
+        case 2: tile_tokens<2, KERNEL>(n, w, w_stride, R, a, o, r_stride, t_stride); break;
+        case 1: tile_tokens<1, KERNEL>(n, w, w_stride, R, a, o, r_stride, t_stride); break;
         default: break;
     }
 }

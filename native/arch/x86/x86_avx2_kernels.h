@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "../../quants.h"
 
@@ -543,15 +544,42 @@ struct b32_unpacked {
     }
 };
 
-// out[r] = dot of the weight row at w with activation rows a[0..N).
-template <int N, class B, dot_u8s8_fn DOT>
-static inline void rows32(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+// Two blocks' scales (or scale products) s0, s1 as the lanes of hadd(block 0, block 1) take
+// them: (s0, s0, s1, s1) in both 128-bit lanes.
+static inline __m256 pair_lanes(float s0, float s1) {
+    const __m128 v = _mm_shuffle_ps(_mm_set_ss(s0), _mm_set_ss(s1), 0);
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(v), v, 1);
+}
+
+// out[r] = dot of the weight row at w with activation rows a[0..N). Blocks go in pairs: the
+// two blocks' int32 sums share one hadd, one conversion and one FMA by the lanes' scales
+// d_w * d_act (a lone last block: its own FMA); the float step per block had been ~35% of a
+// Q8_0 tile. PREP: `da` holds the activations' pair_lanes, [pair][token], prepared once per
+// tile token group (rows32_kernel), and one multiply makes a token's lanes; else (the single
+// dot) two scalar products make them. Every lane is the same product of the same two floats
+// either way, so the single dot and every tile give the same bits.
+template <int N, class B, dot_u8s8_fn DOT, bool PREP = false>
+static inline void rows32(int64_t n, const uint8_t* w, const void* const* a, const float* da, float* out) {
     const typename B::act* const* ys = (const typename B::act* const*)a;
     const int64_t nb = n / QK32;
     __m256 acc[N];
     float ms[N];
     for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps(), ms[r] = 0.f;
-    for (int64_t b = 0; b < nb; b++) {
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const b32_unpacked<B> x0(w + b * B::bytes), x1(w + (b + 1) * B::bytes);
+        const __m256 dw = PREP ? pair_lanes(x0.d, x1.d) : _mm256_setzero_ps();
+        for (int r = 0; r < N; r++) {
+            const typename B::act& y0 = ys[r][b];
+            const typename B::act& y1 = ys[r][b + 1];
+            const __m256i h = _mm256_hadd_epi32(x0.template dot<DOT>(y0), x1.template dot<DOT>(y1));
+            const __m256 s = PREP ? _mm256_mul_ps(dw, _mm256_loadu_ps(da + (b / 2 * N + r) * 8))
+                                  : pair_lanes(x0.d * y0.d, x1.d * y1.d);
+            acc[r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(h), acc[r]);
+            if (B::has_min) ms[r] += x0.m * act_s(y0), ms[r] += x1.m * act_s(y1);
+        }
+    }
+    if (b < nb) {
         const b32_unpacked<B> x(w + b * B::bytes);
         for (int r = 0; r < N; r++) {
             const typename B::act& y = ys[r][b];
@@ -565,15 +593,32 @@ static inline void rows32(int64_t n, const uint8_t* w, const void* const* a, flo
 template <class B, dot_u8s8_fn DOT>
 static float dot32(int64_t n, const void* w, const void* a) {
     float out;
-    rows32<1, B, DOT>(n, (const uint8_t*)w, &a, &out);
+    rows32<1, B, DOT>(n, (const uint8_t*)w, &a, nullptr, &out);
     return out;
 }
 
-// A type's tile() kernel (gemm_tile.h).
+// A type's tile() kernel (gemm_tile.h): per token group, the tokens' pair_lanes in a buffer of
+// the calling thread, read by every row of the tile.
 template <class B, dot_u8s8_fn DOT>
 struct rows32_kernel {
     template <int N>
-    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) { rows32<N, B, DOT>(n, w, a, out); }
+    struct group {
+        const void* const* acts;
+        const float* da;
+        group(int64_t n, const void* const* a) : acts(a), da(prepare(n, a)) {}
+        void rows(int64_t n, const uint8_t* w, float* out) const { rows32<N, B, DOT, true>(n, w, acts, da, out); }
+
+        static const float* prepare(int64_t n, const void* const* a) {
+            static thread_local std::vector<float> buf;
+            const typename B::act* const* ys = (const typename B::act* const*)a;
+            const int64_t pairs = n / QK32 / 2;
+            if ((int64_t)buf.size() < pairs * N * 8) buf.resize(pairs * N * 8);
+            for (int64_t j = 0; j < pairs; j++)
+                for (int r = 0; r < N; r++)
+                    _mm256_storeu_ps(buf.data() + (j * N + r) * 8, pair_lanes(ys[r][2 * j].d, ys[r][2 * j + 1].d));
+            return buf.data();
+        }
+    };
 };
 
 // ---------------------------------------------------------------- dots: K-quants (AVX2)
@@ -669,8 +714,24 @@ struct K4Block {
 // on each sub-block's lanes (the layout before) a tile takes ~12% less time per token on
 // Zen 2, the single dot ~5% more (its per-block reduction): from DRAM with 2 cores Q4_K
 // decode kept its speed, Q5_K lost ~4% (its decode is compute-bound there).
+// What a pair of tokens' float step reads per block, prepared once per tile token group
+// (k4_kernel): their sub-block sums of the activations as k4_pair_bsums lays them out, and
+// their scales (y0.d, y1.d, y0.d, y1.d).
+struct K4PairPrep {
+    __m256i bsums;
+    __m128 d;
+};
+
+// The two tokens' 32-sums of the activations per sub-block, int16 (|.| <= 32 * 127), in the
+// lanes of the pair's other sums: (t0 sub-blocks 0-3, t1 0-3 | t0 4-7, t1 4-7). One hadd of
+// the two tokens' 16-sums.
+static inline __m256i k4_pair_bsums(const block_q8_K& y0, const block_q8_K& y1) {
+    return _mm256_hadd_epi16(_mm256_loadu_si256((const __m256i*)y0.bsums), _mm256_loadu_si256((const __m256i*)y1.bsums));
+}
+
 template <int N, bool QH>
-static inline void k4_rows(int64_t n, const uint8_t* w, const block_q8_K* const* ys, float* out) {
+static inline void k4_rows(int64_t n, const uint8_t* w, const block_q8_K* const* ys, float* out,
+                           const K4PairPrep* prep = nullptr) {
     constexpr int P = N / 2, ODD = N % 2;
     __m128 acc[P + ODD];  // a pair: accS of both tokens, then accM; alone: accS accS accM accM
     for (int i = 0; i < P + ODD; i++) acc[i] = _mm_setzero_ps();
@@ -679,6 +740,10 @@ static inline void k4_rows(int64_t n, const uint8_t* w, const block_q8_K* const*
         prefetch_block(blk, K4Block<QH>::stride);
         const K4Block<QH> k(blk);
         const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(k.sm));
+        // the 8 mins as int16 (m0-3, m0-3 | m4-7, m4-7): against k4_pair_bsums one madd gives
+        // both tokens' min products in the lanes of sumi
+        const __m256i mins2 = P ? _mm256_permute4x64_epi64(_mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_unpackhi_epi64(k.sm, k.sm))), 0x50)
+                                : _mm256_setzero_si256();
         __m256i sumi[P + ODD];
         for (int i = 0; i < P + ODD; i++) sumi[i] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
@@ -706,11 +771,13 @@ static inline void k4_rows(int64_t n, const uint8_t* w, const block_q8_K* const*
         for (int p = 0; p < P; p++) {
             const block_q8_K& y0 = ys[2 * p][b];
             const block_q8_K& y1 = ys[2 * p + 1][b];
+            const K4PairPrep* pp = prep ? prep + b * P + p : nullptr;
             // token 2p in lanes 0, 1, 4, 5 and token 2p+1 in 2, 3, 6, 7, the mins alike
-            const __m256i mm = _mm256_hadd_epi32(k4_min_products(k.sm, y0.bsums), k4_min_products(k.sm, y1.bsums));
+            const __m256i mm = _mm256_madd_epi16(mins2, pp ? pp->bsums : k4_pair_bsums(y0, y1));
             const __m256i h = _mm256_hadd_epi32(sumi[p], mm);
             const __m128i v = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));  // S0 S1 M0 M1
-            acc[p] = _mm_fmadd_ps(_mm_mul_ps(dd, _mm_setr_ps(y0.d, y1.d, y0.d, y1.d)), _mm_cvtepi32_ps(v), acc[p]);
+            const __m128 dy = pp ? pp->d : _mm_setr_ps(y0.d, y1.d, y0.d, y1.d);
+            acc[p] = _mm_fmadd_ps(_mm_mul_ps(dd, dy), _mm_cvtepi32_ps(v), acc[p]);
         }
         if (ODD) {
             const block_q8_K& y = ys[N - 1][b];
