@@ -626,6 +626,11 @@ MUTANTS: list[Mutant] = [
            "_mm_unpackhi_epi64(k.sm, k.sm))), 0x50)", "_mm_unpackhi_epi64(k.sm, k.sm))), 0x44)",
            ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and Q4_K and T2"),
            "a pair's mins meet the wrong sub-blocks' activation sums (the lone token's do not)"),
+    Mutant("issue15-isa-kernels-external-linkage", "native/arch/x86/x86_avx2_kernels.h",
+           "namespace x86 {\nnamespace {\n", "namespace x86 {\ninline namespace shared {\n",
+           ("tests/test_kernels.py", "-k", "share_no_code"),
+           "the ISA files' kernel classes get external linkage again: the linker keeps one copy of "
+           "each for the AVX2 and the AVX-512 tables"),
     Mutant("issue15-avx2-q6k-scale-pairs-swapped", "native/arch/x86/gemm_avx2.cpp",
            "{HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(1, 3)",
            "{HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(1, 3)",

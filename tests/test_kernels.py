@@ -8,6 +8,8 @@ allow 3-4x that. Float weight types do not quantize activations: only summation 
 """
 
 import os
+import platform
+import re
 import subprocess
 import sys
 
@@ -262,6 +264,38 @@ def test_avx512_kernels_under_emulation(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " 0 failed" in run.stdout
+
+
+def isa_file_flags() -> dict[str, list[str]]:
+    """The ISA-specific source files and their compile options, as CMakeLists.txt sets them."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "CMakeLists.txt")).read()
+    out = {}
+    for files, opts in re.findall(r"set_source_files_properties\(([^)]*?) PROPERTIES\s+COMPILE_OPTIONS \"([^\"]*)\"\)", text):
+        for f in files.split():
+            out[os.path.join(root, f)] = opts.split(";")
+    return out
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the ISA files are x86's")
+def test_isa_files_share_no_code(tmp_path):
+    """Each ISA file keeps its code to itself. An inline function, class member or std template
+    instance with external linkage is emitted as a weak symbol by every file that uses it, and
+    the linker keeps one copy for all of them: the AVX2 kernels could then run a copy built with
+    AVX-512 flags (SIGILL on a CPU without AVX-512). Built as the module is (-O3, LTO: the
+    objects' symbol tables list every definition the link-time merge sees), each file's object
+    must hold no weak or unique global symbol."""
+    files = isa_file_flags()
+    assert len(files) == 4, files
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for src, flags in files.items():
+        obj = tmp_path / (os.path.basename(src) + ".o")
+        build = subprocess.run(["g++", "-std=c++17", "-O3", "-fno-math-errno", "-fPIC", "-fvisibility=hidden", "-flto", "-fno-fat-lto-objects", "-c", "-DHYBRID_X86=1", f"-I{root}/native", *flags,
+                                src, "-o", str(obj)], capture_output=True, text=True, timeout=300)
+        assert build.returncode == 0, build.stderr[-3000:]
+        nm = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True, check=True).stdout
+        shared = [line for line in nm.splitlines() if len(line.split()) > 2 and line.split()[1] in ("W", "V", "u")]
+        assert not shared, f"{os.path.basename(src)} emits code other files may share: " + "; ".join(shared[:5])
 
 
 def ggml_q8_K(x):

@@ -112,8 +112,8 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
 }
 
 // Each type's dots of one weight row with N activation rows, for tile().
-// Q4_K / Q5_K: per token group, each pair's K4PairPrep for every block, in a buffer of the
-// calling thread, read by every row of the tile.
+// Q4_K / Q5_K: per token group, each pair's K4PairPrep for every block, in the calling thread's
+// tile_scratch, read by every row of the tile.
 template <bool QH>
 struct k4_kernel {
     template <int N>
@@ -126,16 +126,15 @@ struct k4_kernel {
         static const K4PairPrep* prepare(int64_t n, const block_q8_K* const* ys) {
             constexpr int P = N / 2;
             if (P == 0) return nullptr;
-            static thread_local std::vector<K4PairPrep> buf;
             const int64_t nb = n / QK_K;
-            if ((int64_t)buf.size() < nb * P) buf.resize(nb * P);
+            K4PairPrep* buf = (K4PairPrep*)tile_scratch(nb * P * sizeof(K4PairPrep));
             for (int64_t b = 0; b < nb; b++)
                 for (int p = 0; p < P; p++) {
                     const block_q8_K& y0 = ys[2 * p][b];
                     const block_q8_K& y1 = ys[2 * p + 1][b];
                     buf[b * P + p] = {k4_pair_bsums(y0, y1), _mm_setr_ps(y0.d, y1.d, y0.d, y1.d)};
                 }
-            return buf.data();
+            return buf;
         }
     };
 };

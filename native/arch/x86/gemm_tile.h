@@ -8,6 +8,7 @@
 
 namespace hybrid {
 namespace x86_gemm {
+namespace {  // internal linkage, as x86_avx2_kernels.h: one copy per ISA file
 
 // One token group of a tile: KERNEL::group<N> where the kernel prepares something per group
 // (built once, read by every row), else its rows<N> on the group's activations.
@@ -80,5 +81,6 @@ static void fill_shared(gemm_tile_fn* g) {
     g[GGML_IQ1_S] = tile<8, x86::iq1_s_kernel>;
 }
 
+}  // namespace
 }  // namespace x86_gemm
 }  // namespace hybrid

@@ -1,6 +1,10 @@
 // AVX2 + FMA + F16C kernels for every block format. Included by avx2.cpp and, compiled with
 // AVX-512 flags, by avx512.cpp (which then replaces the dots with 512-bit / VNNI versions).
-// Every function is static: each including file gets its own copy built with its own flags.
+// Everything here has internal linkage (an unnamed namespace): each including file gets its
+// own copy built with its own flags. An inline function or class member with external linkage
+// would be emitted by every ISA file and merged by the linker into one copy, which the AVX2
+// table could then share with the AVX-512 file's build (SIGILL on a CPU without AVX-512); for
+// the same reason nothing here instantiates a std container.
 #pragma once
 
 #if defined(HYBRID_SIMDE_AVX512)
@@ -13,13 +17,15 @@
 #endif
 
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <type_traits>
-#include <vector>
 
 #include "../../quants.h"
 
 namespace hybrid {
 namespace x86 {
+namespace {
 
 // Hardware fp16 -> fp32 (F16C): exact, like the scalar fp16_to_fp32, but one instruction.
 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -597,8 +603,27 @@ static float dot32(int64_t n, const void* w, const void* a) {
     return out;
 }
 
-// A type's tile() kernel (gemm_tile.h): per token group, the tokens' pair_lanes in a buffer of
-// the calling thread, read by every row of the tile.
+// The calling thread's scratch for a tile's per-group preparation (rows32_kernel, the K-quant
+// tile kernels): grown as needed, 64-byte aligned, freed when the thread ends.
+struct thread_scratch {
+    void* p = nullptr;
+    size_t n = 0;
+    ~thread_scratch() { std::free(p); }
+};
+static void* tile_scratch(size_t bytes) {
+    static thread_local thread_scratch s;
+    if (s.n < bytes) {
+        const size_t n = (bytes + 4095) & ~(size_t)4095;
+        void* p = std::aligned_alloc(64, n);
+        if (!p) throw std::bad_alloc();
+        std::free(s.p);
+        s.p = p, s.n = n;
+    }
+    return s.p;
+}
+
+// A type's tile() kernel (gemm_tile.h): per token group, the tokens' pair_lanes in the calling
+// thread's tile_scratch, read by every row of the tile.
 template <class B, dot_u8s8_fn DOT>
 struct rows32_kernel {
     template <int N>
@@ -609,14 +634,13 @@ struct rows32_kernel {
         void rows(int64_t n, const uint8_t* w, float* out) const { rows32<N, B, DOT, true>(n, w, acts, da, out); }
 
         static const float* prepare(int64_t n, const void* const* a) {
-            static thread_local std::vector<float> buf;
             const typename B::act* const* ys = (const typename B::act* const*)a;
             const int64_t pairs = n / QK32 / 2;
-            if ((int64_t)buf.size() < pairs * N * 8) buf.resize(pairs * N * 8);
+            float* buf = (float*)tile_scratch(pairs * N * 8 * sizeof(float));
             for (int64_t j = 0; j < pairs; j++)
                 for (int r = 0; r < N; r++)
-                    _mm256_storeu_ps(buf.data() + (j * N + r) * 8, pair_lanes(ys[r][2 * j].d, ys[r][2 * j + 1].d));
-            return buf.data();
+                    _mm256_storeu_ps(buf + (j * N + r) * 8, pair_lanes(ys[r][2 * j].d, ys[r][2 * j + 1].d));
+            return buf;
         }
     };
 };
@@ -1453,5 +1477,6 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot4[GGML_Q6_K] = dot4_q6_K;
 }
 
+}  // namespace
 }  // namespace x86
 }  // namespace hybrid
