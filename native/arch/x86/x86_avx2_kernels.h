@@ -727,17 +727,6 @@ struct K4Block {
     }
 };
 
-// Q4_K / Q5_K dots of one weight row with N activation rows: the single dot (N = 1), the
-// 4-row dot and the prefill tiles are this one code, so every grouping of tokens gives the
-// same bits. Per block and token the integer part is exact and complete before any float:
-// S = sum over sub-blocks of scale * (q . a), M = sum of min * bsums (|S| < 2^26). Then, in
-// one order for every N: accS += (d * y.d) * S, accM += (dmin * y.d) * M (fused), and the
-// dot is accS - accM. Tokens go in pairs: one hadd adds the two tokens' maddubs pair sums of
-// a sub-block (int16: 4 products of |q| <= 31 and |a| <= 127, < 2^15), one madd scales both,
-// one float step serves both; an odd last token goes alone. Against a float step per token
-// on each sub-block's lanes (the layout before) a tile takes ~12% less time per token on
-// Zen 2, the single dot ~5% more (its per-block reduction): from DRAM with 2 cores Q4_K
-// decode kept its speed, Q5_K lost ~4% (its decode is compute-bound there).
 // What a pair of tokens' float step reads per block, prepared once per tile token group
 // (k4_kernel): their sub-block sums of the activations as k4_pair_bsums lays them out, and
 // their scales (y0.d, y1.d, y0.d, y1.d).
@@ -753,6 +742,18 @@ static inline __m256i k4_pair_bsums(const block_q8_K& y0, const block_q8_K& y1) 
     return _mm256_hadd_epi16(_mm256_loadu_si256((const __m256i*)y0.bsums), _mm256_loadu_si256((const __m256i*)y1.bsums));
 }
 
+// Q4_K / Q5_K dots of one weight row with N activation rows: the single dot (N = 1), the
+// 4-row dot and the prefill tiles are this one code, so every grouping of tokens gives the
+// same bits. Per block and token the integer part is exact and complete before any float:
+// S = sum over sub-blocks of scale * (q . a), M = sum of min * bsums (|S| < 2^26). Then, in
+// one order for every N: accS += (d * y.d) * S, accM += (dmin * y.d) * M (fused), and the
+// dot is accS - accM. Tokens go in pairs: one hadd adds the two tokens' maddubs pair sums of
+// a sub-block (int16: 4 products of |q| <= 31 and |a| <= 127, < 2^15), one madd scales both,
+// one float step serves both; an odd last token goes alone. Against a float step per token
+// on each sub-block's lanes (the layout before) a tile takes ~12% less time per token on
+// Zen 2, the single dot ~5% more (its per-block reduction): from DRAM with 2 cores Q4_K
+// decode kept its speed, Q5_K lost ~4% (its decode is compute-bound there). `prep` (the
+// tiles): each pair's K4PairPrep per block; null (the dots): the same values made here.
 template <int N, bool QH>
 static inline void k4_rows(int64_t n, const uint8_t* w, const block_q8_K* const* ys, float* out,
                            const K4PairPrep* prep = nullptr) {
