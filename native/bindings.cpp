@@ -385,6 +385,17 @@ PYBIND11_MODULE(_native, m) {
         py::arg("x"), py::arg("sub"), "(exp(x - sub), its sum) with the active ISA's kernel (attention's softmax)");
 
     m.def(
+        "silu_mul",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> g,
+           py::array_t<float, py::array::c_style | py::array::forcecast> u) {
+            if (g.size() != u.size()) bad("silu_mul: g and u differ in size");
+            py::array_t<float> out(g.size());
+            kernels().silu_mul(g.size(), g.data(), u.data(), out.mutable_data());
+            return out;
+        },
+        py::arg("g"), py::arg("u"), "silu(g) * u with the active ISA's kernel (the routed experts' gate)");
+
+    m.def(
         "moe_route",
         [](py::array_t<float, py::array::c_style> logits, py::object bias, int gating, int64_t n_group,
            int64_t n_group_used, int64_t k, bool norm, float scale,

@@ -83,6 +83,7 @@ void fill_gaps(kernel_table* t, const kernel_table& ref) {
     if (!t->attn_scores) t->attn_scores = ref.attn_scores;
     if (!t->attn_values) t->attn_values = ref.attn_values;
     if (!t->exp_sum) t->exp_sum = ref.exp_sum;
+    if (!t->silu_mul) t->silu_mul = ref.silu_mul;
 }
 
 const tables& all_tables() {

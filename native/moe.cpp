@@ -49,7 +49,6 @@ void check_matrix(const expert_matrix& m, const std::string& name, int64_t first
     if (!m.data) bad(name + ": null data");
 }
 
-inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 }  // namespace
 
 // One layer's share of a forward: its ids / weights are [T, K] at ids_ / w_ + ids_off.
@@ -180,30 +179,28 @@ void MoEEngine::run_part(moe_job& j, const moe_part& P, bool accumulate, int ith
                 hs[i - s0] = m.h_.data() + slots[i] * F;
             }
             const int64_t ns = s1 - s0;
-            // h values gather in a tile, row by row, and go to the slots' h rows at the end: the
-            // h rows are F floats apart (4 KiB for F = 1024), so storing into them row by row hit
-            // one L1 set with every slot and missed on nearly every store
-            float tile[kMaxItemRows * kSlots];
+            // gate and up values gather in tiles, row by row, silu(gate) * up goes over the whole
+            // tile in one call, and the h values go to the slots' h rows at the end: the h rows
+            // are F floats apart (4 KiB for F = 1024), so storing into them row by row hit one L1
+            // set with every slot and missed on nearly every store
+            float tile[kMaxItemRows * kSlots], up[kMaxItemRows * kSlots];
             if (gemm_gate && gemm_up && ns > 1) {  // decode (one slot) keeps the plain dots
-                float up[kMaxItemRows * kSlots];
                 gemm_gate(D, sl.gate.row(e, f0), sl.gate.row_stride, f1 - f0, ag, ns, tile, ns, 1);
                 gemm_up(D, sl.up.row(e, f0), sl.up.row_stride, f1 - f0, au, ns, up, ns, 1);
-                for (int64_t i = 0; i < (f1 - f0) * ns; i++) tile[i] = silu(tile[i]) * up[i];
             } else
             for (int64_t f = f0; f < f1; f++) {
                 const uint8_t* grow = sl.gate.row(e, f);
                 const uint8_t* urow = sl.up.row(e, f);
-                float* hf = tile + (f - f0) * ns;
+                const int64_t o = (f - f0) * ns;
                 int64_t i = 0;
                 if (dot4_gate && dot4_up)  // unpack each weight block once for 4 slots
                     for (; i + 4 <= ns; i += 4) {
-                        float g[4], u[4];
-                        dot4_gate(D, grow, ag + i, g);
-                        dot4_up(D, urow, au + i, u);
-                        for (int r = 0; r < 4; r++) hf[i + r] = silu(g[r]) * u[r];
+                        dot4_gate(D, grow, ag + i, tile + o + i);
+                        dot4_up(D, urow, au + i, up + o + i);
                     }
-                for (; i < ns; i++) hf[i] = silu(dot_gate(D, grow, ag[i])) * dot_up(D, urow, au[i]);
+                for (; i < ns; i++) tile[o + i] = dot_gate(D, grow, ag[i]), up[o + i] = dot_up(D, urow, au[i]);
             }
+            k.silu_mul((f1 - f0) * ns, tile, up, tile);
             for (int64_t i = 0; i < ns; i++)
                 for (int64_t f = f0; f < f1; f++) hs[i][f] = tile[(f - f0) * ns + i];
         }

@@ -845,6 +845,10 @@ static float exp_sum(float* x, int64_t n, float sub) {
     return sum;
 }
 
+static void silu_mul(int64_t n, const float* g, const float* u, float* out) {
+    for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 static void attn_values(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
                         float* out) {
     for (int64_t i = 0; i < nq * C; i++) out[i] = 0.f;
@@ -907,6 +911,7 @@ void fill_scalar_kernels(kernel_table* t) {
     t->attn_scores = attn_scores;
     t->attn_values = attn_values;
     t->exp_sum = exp_sum;
+    t->silu_mul = silu_mul;
 }
 
 }  // namespace hybrid

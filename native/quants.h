@@ -273,6 +273,9 @@ typedef void (*attn_scores_fn)(const float* q, int64_t nq, const float* rows, in
                                float* out);
 // x[i] = exp(x[i] - sub) for i < n; returns the sum (attention's softmax numerators).
 typedef float (*exp_sum_fn)(float* x, int64_t n, float sub);
+// out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] (the routed experts' gate); each
+// element's value is the same whatever n and its position (decode and prefill agree).
+typedef void (*silu_mul_fn)(int64_t n, const float* g, const float* u, float* out);
 typedef void (*attn_values_fn)(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
                                float* out);
 
@@ -286,6 +289,7 @@ struct kernel_table {
     attn_scores_fn attn_scores;
     attn_values_fn attn_values;
     exp_sum_fn exp_sum;
+    silu_mul_fn silu_mul;
 };
 
 // Reference (scalar) kernels: the definition every SIMD path is tested against.

@@ -631,6 +631,16 @@ MUTANTS: list[Mutant] = [
            ("tests/test_kernels.py", "-k", "share_no_code"),
            "the ISA files' kernel classes get external linkage again: the linker keeps one copy of "
            "each for the AVX2 and the AVX-512 tables"),
+    Mutant("issue15-silu-tail-by-libm", "native/arch/x86/x86_avx2_kernels.h",
+           "        for (int64_t j = i; j < n; j++) out[j] = ot[j - i];",
+           "        for (int64_t j = i; j < n; j++) out[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];",
+           ("tests/test_kernels.py", "-k", "silu and avx2"),
+           "the last n % 8 gates take libm's exp: an element's value depends on its position, so a "
+           "token's decode and prefill differ"),
+    Mutant("issue15-silu-skips-last-element", "native/moe.cpp",
+           "k.silu_mul((f1 - f0) * ns, tile, up, tile);", "k.silu_mul((f1 - f0) * ns - 1, tile, up, tile);",
+           ("tests/test_moe.py", "-k", "forward_vs_float64"),
+           "the last gate value of every work item is passed on without silu(gate) * up"),
     Mutant("issue15-avx2-q6k-scale-pairs-swapped", "native/arch/x86/gemm_avx2.cpp",
            "{HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(1, 3)",
            "{HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(2, 0), HYBRID_P(1, 3)",

@@ -380,6 +380,28 @@ static float exp_sum(float* x, int64_t n, float sub) {
     return sum;
 }
 
+// silu(g) * u, 8 at a time with exp8 (libm's expf cost ~25 cycles an element: ~5% of an expert
+// prefill at D = 2048, twice that where large negative gates took its overflow path); a tail
+// goes through the same vector code, so an element's value never depends on n or position.
+// Above 87.3 exp8(-g) is 0 and silu(g) = g; below -88.3 exp8 saturates near 2.2e38 and the
+// result is ~0, as with std::exp.
+static inline __m256 silu_mul8(__m256 g, __m256 u) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), u);
+}
+
+static void silu_mul(int64_t n, const float* g, const float* u, float* out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+    if (i < n) {
+        alignas(32) float gt[8] = {0}, ut[8] = {0}, ot[8];
+        for (int64_t j = i; j < n; j++) gt[j - i] = g[j], ut[j - i] = u[j];
+        _mm256_store_ps(ot, silu_mul8(_mm256_load_ps(gt), _mm256_load_ps(ut)));
+        for (int64_t j = i; j < n; j++) out[j] = ot[j - i];
+    }
+}
+
 // 16 columns of four queries in eight registers across all rows, then the next 16 columns:
 // each row chunk is loaded once per four queries, the sums never leave the registers.
 static void attn_values(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
@@ -1441,6 +1463,7 @@ static void fill_avx2_level(kernel_table* t) {
     t->attn_scores = attn_scores;
     t->attn_values = attn_values;
     t->exp_sum = exp_sum;
+    t->silu_mul = silu_mul;
     t->dot[GGML_F32] = dot_f32;
     t->dot[GGML_F16] = dot_f16;
     t->dot[GGML_BF16] = dot_bf16;
