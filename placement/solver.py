@@ -572,7 +572,7 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
                 return f"; {' or '.join(ways)} would make room" if ways else ""
 
             gpu_prefill, gpu_cache, reserved, more = _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, cap - used,
-                                                                       cache_for, stats, make_room)
+                                                                       cache_for, stats, make_room, hot_fmt)
             notes.extend(more)
             breakdown.update(reserved)
             used += sum(reserved.values())
@@ -678,7 +678,7 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
     if pol.threads and pol.threads > len(hw.allowed_cpus):
         notes.append(f"--threads {pol.threads}: this process may use {len(hw.allowed_cpus)} cpus; more "
                      f"workers than cpus only wait for each other, the run uses {len(hw.allowed_cpus)}")
-    estimate = estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices)
+    estimate = estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices, hot_fmt)
     plan = Plan(
         fits=not problems,
         model=m.name, source=inv.source, architecture=m.architecture, quantization=inv.quantization,
@@ -839,13 +839,13 @@ def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, flops_of, eff_bw: float,
     return max(compute, mem_per_tok)
 
 
-def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices) -> dict:
+def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices, hot_fmt) -> dict:
     """Decode: every token reads the non-expert weights once (GPU) and K experts per MoE layer
     (CPU, unless cached on the GPU, each type at the slower of the RAM bandwidth and its
     one-token matmul), plus the KV cache; one CPU<->GPU hand-off per MoE layer.
     Prefill: CPU expert FLOPs at the ISA's sustained rate, or the experts' bytes per chunk,
     whichever is slower, plus the GPU part (chunks short of the GPU prefill threshold; see
-    prefill_crossover for the long ones)."""
+    prefill_crossover for the long ones). hot_fmt: the form of gpu_cache's experts."""
     m = inv.model
     K = m.n_expert_used
     assumptions = {}
@@ -855,7 +855,6 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     hit = _hit_rates(inv, stats, gpu_cache)
     cpu_bytes_tok = sum(K * size[l] * (1 - hit[l]) for l in layers)
     gpu_exp_bytes_tok = sum(K * size[l] * hit[l] for l in layers)    # the CPU reads they save
-    hot_fmt = hot_expert_format(inv, pol.hot_expert_format)
     gpu_hot_read_tok = sum(K * hot_expert_bytes(inv, l, hot_fmt) * hit[l] for l in layers)
 
     # RAM bandwidth the expert kernels see
@@ -1039,14 +1038,14 @@ def _prefill_info(wl: Workload, reason: str) -> dict:
             "hot_cache_given_up_bytes": 0, "crossover": {}, "formula": ""}
 
 
-def _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, room, cache_for, stats, make_room) -> tuple:
+def _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, room, cache_for, stats, make_room, hot_fmt) -> tuple:
     """GPU prefill and the hot-expert cache, from the VRAM `room` the rest of the plan leaves.
 
     The staging buffers come before the hot-expert cache: a long prompt gains several times
     over on the GPU path, while the cache without statistics saves a few percent of the CPU
     reads per decoded token. When the reserve does not fit even with no cache, GPU prefill is
     off and the reason says what would make room. Returns (info, gpu_cache, gpu0 breakdown
-    entries, notes).
+    entries, notes). hot_fmt: the cache's form (hot_expert_format), for its bytes.
     """
     want = pol.gpu_prefill_tokens
     chunk = min(wl.gpu_prefill_chunk, wl.context)
@@ -1088,8 +1087,7 @@ def _plan_gpu_prefill(inv, hw, wl, pol, numa_mode, gpu, room, cache_for, stats, 
                        f"({chunk} tokens)")
 
     def cached(c):
-        fmt = hot_expert_format(inv, pol.hot_expert_format)
-        return sum(len(v) * hot_expert_bytes(inv, l, fmt) for l, v in c.items())
+        return sum(len(v) * hot_expert_bytes(inv, l, hot_fmt) for l, v in c.items())
 
     lost = cached(full_cache) - cached(cache)
     notes = []

@@ -596,7 +596,7 @@ MUTANTS: list[Mutant] = [
            "_mm256_madd_epi16(hl, s1), _mm256_madd_epi16(hh, s0)",
            ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and Q4_K and T7"),
            "a token pair's sub-blocks 2c and 2c+1 take each other's scales (the lone token's do not)"),
-    Mutant("issue15-avx2-k4-pair-one-token-scale", "native/arch/x86/gemm_avx2.cpp",
+    Mutant("issue15-avx2-k4-pair-one-token-scale", "native/arch/x86/x86_avx2_kernels.h",
            "_mm_setr_ps(y0.d, y1.d, y0.d, y1.d)", "_mm_setr_ps(y0.d, y0.d, y0.d, y0.d)",
            ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and Q4_K and T7"),
            "the second token of a pair takes the first token's activation scale"),

@@ -132,7 +132,7 @@ struct k4_kernel {
                 for (int p = 0; p < P; p++) {
                     const block_q8_K& y0 = ys[2 * p][b];
                     const block_q8_K& y1 = ys[2 * p + 1][b];
-                    buf[b * P + p] = {k4_pair_bsums(y0, y1), _mm_setr_ps(y0.d, y1.d, y0.d, y1.d)};
+                    buf[b * P + p] = {k4_pair_bsums(y0, y1), k4_pair_d(y0, y1)};
                 }
             return buf;
         }

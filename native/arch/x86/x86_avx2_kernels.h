@@ -763,6 +763,10 @@ struct K4PairPrep {
 static inline __m256i k4_pair_bsums(const block_q8_K& y0, const block_q8_K& y1) {
     return _mm256_hadd_epi16(_mm256_loadu_si256((const __m256i*)y0.bsums), _mm256_loadu_si256((const __m256i*)y1.bsums));
 }
+// The two tokens' scales in the lanes of a pair's float step (S0 S1 M0 M1).
+static inline __m128 k4_pair_d(const block_q8_K& y0, const block_q8_K& y1) {
+    return _mm_setr_ps(y0.d, y1.d, y0.d, y1.d);
+}
 
 // Q4_K / Q5_K dots of one weight row with N activation rows: the single dot (N = 1), the
 // 4-row dot and the prefill tiles are this one code, so every grouping of tokens gives the
@@ -832,7 +836,7 @@ static inline void k4_rows(int64_t n, const uint8_t* w, const block_q8_K* const*
             const __m256i mm = _mm256_madd_epi16(mins2, pp ? pp->bsums : k4_pair_bsums(y0, y1));
             const __m256i h = _mm256_hadd_epi32(sumi[p], mm);
             const __m128i v = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));  // S0 S1 M0 M1
-            const __m128 dy = pp ? pp->d : _mm_setr_ps(y0.d, y1.d, y0.d, y1.d);
+            const __m128 dy = pp ? pp->d : k4_pair_d(y0, y1);
             acc[p] = _mm_fmadd_ps(_mm_mul_ps(dd, dy), _mm_cvtepi32_ps(v), acc[p]);
         }
         if (ODD) {
