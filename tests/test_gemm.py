@@ -180,3 +180,40 @@ def test_reassociated_k_tiles_stay_within_their_bound(isa, qtype):
     diff = np.abs(fast.astype(np.float64) - exact)
     assert np.all(diff <= bound), f"worst excess {np.max(diff / bound):.2f}x the bound"
     assert np.any(fast != exact), "the reassociated tiles were not used"
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K], ids=lambda t: t.name)
+def test_k_quant_row_groups_every_tail(isa, qtype):
+    """AVX2 Q4_K / Q5_K tiles rewrite 8-row groups when a tile has 5 tokens or more (4 at a
+    time, tails of 1-3) and leave the last R % 8 rows and shorter tiles to the pair kernels:
+    every token count from 1 to 13 and row counts on and off the 8-row groups give, bit for
+    bit, what each token gives alone, and stay within the activations' quantization of the
+    float64 reference."""
+    rng = np.random.default_rng(int(qtype))
+    for R in (8, 13, 24):
+        rows = random_rows(qtype, R, 768, rng)
+        ref = reference_weights(qtype, rows)
+        for T in list(range(1, 14)) + [64]:
+            x = (rng.standard_normal((T, 768)) * rng.uniform(0.1, 4, (T, 1))).astype(np.float32)
+            got = _native.matmul(rows, int(qtype), x)
+            np.testing.assert_array_equal(got, one_token_at_a_time(rows, qtype, x), err_msg=f"R={R} T={T}")
+            want = x.astype(np.float64) @ ref.T
+            assert np.all(np.abs(got - want) <= 0.02 * (np.abs(x).astype(np.float64) @ np.abs(ref).T) + 1e-6)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K], ids=lambda t: t.name)
+def test_k_quant_tiles_at_the_int16_limits(isa, qtype):
+    """The row-group tiles add a sub-block's maddubs sums in int16 (Q4_K: 8 x 2 x 15 x 127,
+    Q5_K: 4 x 2 x 31 x 127): with every quant, scale and min at its maximum and activations at
+    +-127 the sums reach those bounds; an overflow would differ from the single dot."""
+    rng = np.random.default_rng(3)
+    rows = random_rows(qtype, 16, 512, rng)
+    block, size = {QT.Q4_K: (256, 144), QT.Q5_K: (256, 176)}[qtype]
+    blocks = rows.reshape(16, 2, size)
+    blocks[:, :, 4:] = 0xFF                      # scales, mins, fifth bits and quants all ones
+    rows = blocks.reshape(16, -1)
+    x = np.concatenate([np.full((4, 512), 3.0), np.full((4, 512), -3.0), rng.standard_normal((4, 512))]).astype(np.float32)
+    got = _native.matmul(rows, int(qtype), x)
+    np.testing.assert_array_equal(got, one_token_at_a_time(rows, qtype, x))
+    want = x.astype(np.float64) @ reference_weights(qtype, rows).T
+    assert np.allclose(got[:8], want[:8], rtol=1e-3)

@@ -626,12 +626,14 @@ static float dot32(int64_t n, const void* w, const void* a) {
 }
 
 // The calling thread's scratch for a tile's per-group preparation (rows32_kernel, the K-quant
-// tile kernels): grown as needed, 64-byte aligned, freed when the thread ends.
+// tile kernels; SLOT 0) and for weight rows a tile rewrites (SLOT 1, gemm_avx2.cpp's Q4_K
+// row groups): grown as needed, 64-byte aligned, freed when the thread ends.
 struct thread_scratch {
     void* p = nullptr;
     size_t n = 0;
     ~thread_scratch() { std::free(p); }
 };
+template <int SLOT = 0>
 static void* tile_scratch(size_t bytes) {
     static thread_local thread_scratch s;
     if (s.n < bytes) {
