@@ -217,6 +217,19 @@ def workspace_formula(inv: Inventory, wl: Workload, pol: Policy, value_bytes: in
             "formula": formula + " + logits"}
 
 
+# Each CPU worker's prefill-tile scratch (native/arch/x86): the rewritten 8-row group of a
+# Q4_K / Q5_K tile (at most 2496 B per 256 weights of a row, Q5_K) and a token group's
+# prepared activation scales (at most 4 B per weight of a row, the 32-block types).
+TILE_SCRATCH_PER_BLOCK = 2496
+TILE_SCRATCH_PER_WEIGHT = 4
+
+
+def tile_scratch_bytes(inv: Inventory, threads: int) -> int:
+    """Bound on the prefill tiles' thread-local scratch: per worker, for the longest row."""
+    k = max((t.ne[0] for t in inv.tensors if len(t.ne) >= 2), default=0)
+    return max(1, threads) * ((k + 255) // 256 * TILE_SCRATCH_PER_BLOCK + k * TILE_SCRATCH_PER_WEIGHT)
+
+
 def pinned_formula(inv: Inventory, wl: Workload) -> int:
     """Host<->GPU staging for the MoE hand-off: hidden states in and out, double-buffered, fp32,
     plus routing ids and weights."""
@@ -615,6 +628,7 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
     weights_on_host = sum(v for k, v in host.items() if k not in ("kv_cache", "workspace", "pinned_buffers",
                                                                    "file_pages"))
     host["page_tables"] = weights_on_host // 512   # 8-byte entries for 4 KiB pages
+    host["tile_scratch"] = tile_scratch_bytes(inv, pol.threads or len(hw.allowed_cpus))
     host["runtime_overhead"] = pol.runtime_overhead_bytes
     host["host_reserve"] = pol.host_reserve_bytes
     reserves["host_reserve"] = pol.host_reserve_bytes
@@ -871,7 +885,7 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     else:
         nonexp = sum(v for k, v in devices["cpu"].breakdown.items()
                      if k not in ("kv_cache", "workspace", "routed_experts", "embedding", "page_tables",
-                                  "runtime_overhead", "host_reserve", "pinned_buffers"))
+                                  "runtime_overhead", "host_reserve", "pinned_buffers", "tile_scratch"))
     if gpu is not None and gpu_fmt == "quantized":
         groups = _group_formats(True, gpu_fmt, pol.cpu_weight_format)
         nonexp += DEQUANT_TRAFFIC_PER_WEIGHT * sum(

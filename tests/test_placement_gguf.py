@@ -139,13 +139,18 @@ def test_predicted_cpu_rss_growth(tiny_f32):
 
     with GGUFFile(tiny_f32) as g:
         sizes = {n: t.n_bytes for n, t in g.tensors.items()}
+        longest_row = max(t.ne[0] for t in g.tensors.values() if len(t.ne) >= 2)
     stored = sum(sizes.values())
     copied = sum(b for n, b in sizes.items() if "_exps." not in n and n != "token_embd.weight")
     cfg = TinyConfig()
     kv = 1024 * cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope) * 4
-    assert got == stored + copied + kv + cpu["workspace"]
+    # each CPU worker's prefill-tile scratch for the longest row: a rewritten Q5_K 8-row group
+    # (2496 B per 256 weights) and prepared activation scales (4 B per weight)
+    scratch = len(os.sched_getaffinity(0)) * (-(-longest_row // 256) * 2496 + 4 * longest_row)
+    assert cpu["tile_scratch"] == scratch
+    assert got == stored + copied + kv + cpu["workspace"] + scratch
     assert 0 < cpu["workspace"] < 8 << 20
-    assert plan.predicted_cpu_rss_growth(include_workspace=False) == got - cpu["workspace"]
+    assert plan.predicted_cpu_rss_growth(include_workspace=False) == got - cpu["workspace"] - scratch
 
 
 def test_quantized_small_linears_become_f32_copies_on_cpu(tiny_q4km):
