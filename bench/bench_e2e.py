@@ -16,9 +16,6 @@ machine).
 --profile prints where one hybrid prefill spends its time (cProfile, by function: routed
 experts, native linears, torch ops, the rest), to aim work at the largest part.
 
---reassociated also runs hybrid with _native.set_prefill_exact(False) (native/gemm.h: AVX2
-Q4_K/Q5_K prefill tiles with fewer multiplies, equal to decode within a float bound only).
-
 --baseline-tree DIR runs a third worker importing hybrid from DIR (e.g. a copy of the tree at
 an older commit with the same native module), interleaved with the others: before/after
 ratios measured under the same machine conditions.
@@ -146,15 +143,12 @@ class LlamaCpp:
         self.llm.close()
 
 
-def _worker(kind, path, threads, ctx, device, reassociated=False) -> int:
+def _worker(kind, path, threads, ctx, device) -> int:
     """Serve runs over stdin/stdout: one JSON request per line, one JSON answer per line."""
     if kind.startswith("hybrid"):
         # hybrid before torch: it picks passive OpenMP waiting, which must precede torch's
         # OpenMP start (hybrid/__init__.py); the llama.cpp worker keeps its own defaults
         import hybrid  # noqa: F401
-        from hybrid import _native
-
-        _native.set_prefill_exact(not reassociated)
 
         eng = Ours(path, threads, ctx, device)
     else:
@@ -180,10 +174,10 @@ def _worker(kind, path, threads, ctx, device, reassociated=False) -> int:
 
 
 class _Remote:
-    def __init__(self, kind, path, threads, ctx, device, name=None, pythonpath=None, flags=()):
+    def __init__(self, kind, path, threads, ctx, device, name=None, pythonpath=None):
         self.name = name or kind
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--model", str(path),
-               "--threads", str(threads), "--ctx", str(ctx), "--device", device, *flags]
+               "--threads", str(threads), "--ctx", str(ctx), "--device", device]
         env = dict(os.environ)
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
@@ -241,15 +235,13 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-llama", action="store_true", help="only time hybrid")
     ap.add_argument("--profile", action="store_true",
                     help="also print where one hybrid prefill spends its time")
-    ap.add_argument("--reassociated", action="store_true",
-                    help="also run hybrid with the reassociated (not bit-exact) prefill tiles")
     ap.add_argument("--baseline-tree", metavar="DIR",
                     help="also run hybrid imported from DIR (an older copy of the tree)")
     ap.add_argument("--worker", choices=("hybrid", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--ctx", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        return _worker(a.worker, a.model, a.threads, a.ctx, a.device, a.reassociated)
+        return _worker(a.worker, a.model, a.threads, a.ctx, a.device)
 
     path = a.model
     if path is None:
@@ -276,9 +268,6 @@ def main(argv=None) -> int:
         print(f"probe: read {m['read_bytes_per_s'] / 1e9:.1f} GB/s, Q4_K matmul {m['cpu_flops'] / 1e9:.0f} GFLOP/s "
               f"at 64 tokens, {m['threads']} cpus", flush=True)
     engines = [_Remote("hybrid", path, a.threads, ctx, a.device)]
-    if a.reassociated:
-        engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, name="reassociated",
-                               flags=["--reassociated"]))
     if a.baseline_tree:
         engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, name="baseline",
                                pythonpath=os.path.abspath(a.baseline_tree)))
@@ -335,11 +324,6 @@ def main(argv=None) -> int:
         print(f"  ratio hybrid / baseline: prompt {opp / bpp:.2f}x   decode {otg / btg:.2f}x   "
               f"(median of per-run ratios: prompt {_median_ratio(res['hybrid'][0], res['baseline'][0]):.2f}x   "
               f"decode {_median_ratio(res['hybrid'][1], res['baseline'][1]):.2f}x)")
-    if "reassociated" in med:
-        (rpp, rtg), (opp, otg) = med["reassociated"], med["hybrid"]
-        print(f"  ratio reassociated / hybrid: prompt {rpp / opp:.2f}x   decode {rtg / otg:.2f}x   "
-              f"(median of per-run ratios: prompt {_median_ratio(res['reassociated'][0], res['hybrid'][0]):.2f}x   "
-              f"decode {_median_ratio(res['reassociated'][1], res['hybrid'][1]):.2f}x)")
     for e in engines:
         e.close()
     return 0

@@ -112,8 +112,7 @@ def prefill_rates(layers, T, D, E, K, rng, runs, singles=True):
     """Median tokens/s of T tokens in one call with the tile kernels, with the per-row dot loops
     (set_prefill_tiles(False)), and (singles) as T one-token calls; runs interleaved, each at
     least 256 tokens through the layers in turn (a small T alone would find its experts cached
-    and time too briefly on a shared machine). Also the median of per-run tiles / loops ratios,
-    and of per-run ratios of the reassociated tiles (set_prefill_exact(False)) to the exact ones."""
+    and time too briefly on a shared machine). Also the median of per-run tiles / loops ratios."""
     x = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))
     ids = torch.from_numpy(np.stack([rng.choice(E, K, replace=False) for _ in range(T)]))
     w = torch.from_numpy(rng.random((T, K)).astype(np.float32))
@@ -129,30 +128,24 @@ def prefill_rates(layers, T, D, E, K, rng, runs, singles=True):
         for t in range(T):
             layer(x[t:t + 1], ids[t:t + 1], w[t:t + 1])
 
-    tiles, loops, single, reassociated = [], [], [], []
+    tiles, loops, single = [], [], []
     try:
         for _ in range(runs):
             for on, out in ((True, tiles), (False, loops)):
                 _native.set_prefill_tiles(on)
                 out.append(rate(lambda layer: layer(x, ids, w)))
             _native.set_prefill_tiles(True)
-            _native.set_prefill_exact(False)
-            reassociated.append(rate(lambda layer: layer(x, ids, w)))
-            _native.set_prefill_exact(True)
             if singles:
                 single.append(rate(singles_call))
     finally:
         _native.set_prefill_tiles(True)
-        _native.set_prefill_exact(True)
     med = statistics.median
-    return (med(tiles), med(loops), med(single) if singles else None, med(a / b for a, b in zip(tiles, loops)),
-            med(a / b for a, b in zip(reassociated, tiles)))
+    return (med(tiles), med(loops), med(single) if singles else None, med(a / b for a, b in zip(tiles, loops)))
 
 
 def prefill_line(layers, T, D, E, K, rng, runs):
-    tiles, loops, single, ratio, reassociated = prefill_rates(layers, T, D, E, K, rng, runs)
+    tiles, loops, single, ratio = prefill_rates(layers, T, D, E, K, rng, runs)
     return (f"{tiles:.0f} tokens/s per layer batched (tiles) vs {single:.0f} as T=1 steps: {tiles / single:.1f}x; "
-            f"reassociated tiles {reassociated:.2f}x the exact ones; "
             f"per-row dot loops {loops:.0f}: tiles {ratio:.2f}x")
 
 

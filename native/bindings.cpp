@@ -304,10 +304,6 @@ PYBIND11_MODULE(_native, m) {
             if (gemm_tile_for(kernels(), t)) v.push_back(t);
         return v;
     }, "GGML types the active ISA prefills with tile kernels (others: per-row dot loops)");
-    m.def("set_prefill_exact", &set_gemm_exact, py::arg("on"),
-          "Prefill tiles equal to the decode dots bit for bit (default) or, off, AVX2 Q4_K/Q5_K\n"
-          "tiles with fewer multiplies that differ from them by float reassociation (native/gemm.h)");
-    m.def("prefill_exact", &gemm_exact);
     m.def("cpu_features", &cpu_features);
     m.def("allowed_cpus", &allowed_cpus);
     m.def("supported_types", [] {

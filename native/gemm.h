@@ -23,20 +23,8 @@ gemm_tile_fn gemm_tile_for(const kernel_table& k, int type);
 void set_gemm_tiles(bool on);
 bool gemm_tiles();
 
-// Off: on AVX2, Q4_K and Q5_K prefill through tiles that sum 8 products of a sub-block in
-// int16 before scaling them (11 multiplies per 256 weights and token instead of 13; on Zen 2
-// no faster since the exact tiles take tokens in pairs: 0.98x in bench_moe). Their results then
-// differ from the single dot's by float reassociation only: the same integer products and
-// float factors, summed per output in other groups. Bound (tests/test_gemm.py): |tile - dot|
-// <= 2 (2 n/256 + 3) 2^-24 sum_i (|d sc_i q_i| + |dmin m_i|) |a_i|, terms in the dot's
-// factors. On by default: prefill equals token-by-token decode bit for bit.
-void set_gemm_exact(bool on);
-bool gemm_exact();
-
 // Filled by arch/x86/gemm_*.cpp ([GGML_TYPE_LIMIT] entries); false when built without the ISA.
-// The reassociated table holds only the types that have such a tile.
 bool fill_avx2_gemm(gemm_tile_fn* t);
-bool fill_avx2_gemm_reassociated(gemm_tile_fn* t);
 bool fill_avx512_gemm(gemm_tile_fn* t);
 
 }  // namespace hybrid

@@ -6,8 +6,6 @@ Token counts straddle the tile sizes: 4- and 8-token groups with tails of 1..7, 
 64-token tiles (513 = 8 x 64 + 1), and more than one engine chunk (512 tokens). Row counts
 are not multiples of the 16-row tiles. The AVX-512 tiles are checked under emulation by
 test_kernels.py::test_avx512_kernels_under_emulation when this CPU lacks AVX-512.
-The opt-in reassociated AVX2 Q4_K/Q5_K tiles (set_prefill_exact(False)) are held to their
-stated float bound instead.
 """
 
 import numpy as np
@@ -139,47 +137,6 @@ def test_expert_prefill_equals_decode(isa, mixes, T, K, E):
         single = layer(x[t:t + 1], ids[t:t + 1], w[t:t + 1])
         assert torch.equal(batched[t], single[0]), f"token {t} of {T}, types {[q.name for q in experts.types]}"
     engine.close()
-
-
-def term_magnitudes(qtype, rows):
-    """float64 [N, K]: |d sc q| + |dmin m| per weight, the two factors the K-quant dots keep
-    apart, from gguf's dequantization of the blocks with dmin, then d, set to zero."""
-    block = SCALE_FIELDS[qtype][0]
-    parts = []
-    for off in (2, 0):  # fp16 dmin at bytes 2-3, d at 0-1: zero one, keep the other
-        r = rows.copy()
-        r.reshape(rows.shape[0], -1, block)[:, :, off:off + 2] = 0
-        parts.append(np.abs(reference_weights(qtype, r)))
-    return parts[0] + parts[1]
-
-
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K], ids=lambda t: t.name)
-def test_reassociated_k_tiles_stay_within_their_bound(isa, qtype):
-    """set_prefill_exact(False): on AVX2 the Q4_K/Q5_K tiles group the same integer products
-    otherwise, so each output differs from the dot by float reassociation at most (native/gemm.h:
-    2 (2 nb + 3) 2^-24 times the sum of the terms' magnitudes); elsewhere nothing changes."""
-    rng = np.random.default_rng(11)
-    N, K, T = 40, 2048, 37
-    rows = random_rows(qtype, N, K, rng)
-    x = (rng.standard_normal((T, K)) * rng.uniform(0.1, 4, (T, 1))).astype(np.float32)
-    exact = _native.matmul(rows, int(qtype), x)
-    _native.set_prefill_exact(False)
-    try:
-        assert not _native.prefill_exact()
-        fast = _native.matmul(rows, int(qtype), x)
-    finally:
-        _native.set_prefill_exact(True)
-    np.testing.assert_array_equal(exact, one_token_at_a_time(rows, qtype, x))
-    if isa != "avx2":
-        np.testing.assert_array_equal(fast, exact)
-        return
-    # |activation after Q8_K quantization| <= |x| + one step of its 256-block (amax / 127)
-    xb = np.abs(x.astype(np.float64)).reshape(T, K // 256, 256)
-    a = (xb + xb.max(axis=2, keepdims=True) / 127).reshape(T, K)
-    bound = 2 * (2 * K // 256 + 3) * 2.0**-24 * (a @ term_magnitudes(qtype, rows).T) * 1.01
-    diff = np.abs(fast.astype(np.float64) - exact)
-    assert np.all(diff <= bound), f"worst excess {np.max(diff / bound):.2f}x the bound"
-    assert np.any(fast != exact), "the reassociated tiles were not used"
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K], ids=lambda t: t.name)

@@ -12,54 +12,11 @@ namespace hybrid {
 namespace x86_gemm {
 using namespace x86;
 
-// ---------------------------------------------------------------- Q4_K / Q5_K, N tokens at once
-// x86::k4_rows: the dots' own code (tokens in pairs), so the tiles equal the dots bit for bit.
-// k_interleave (Q6_K below): the two sub-blocks' pair sums of one hadd, reordered so that one
-// madd by a (scale, scale) pair gives each int32 lane the integer two madds give it.
+// ---------------------------------------------------------------- Q6_K, N tokens at once
+// k_interleave: the two sub-blocks' pair sums of one hadd, reordered so that one madd by a
+// (scale, scale) pair gives each int32 lane the integer two madds give it.
 alignas(32) static const uint8_t k_interleave[32] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
                                                      0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
-
-// ---------------------------------------------------------------- Q4_K / Q5_K, reassociated
-// x86::k4_rows takes 13 vector multiplies per 256 weights and token (8 maddubs, 4 scale
-// madds shared by a pair of tokens, 1 for the mins), on Zen 2's one multiplier pipe. Here a
-// hadd first adds the four-product sums of each sub-block pairwise, so one madd scales four
-// sub-blocks (two chunks) and a block takes 11. Each int32 lane then holds other products
-// than the dot's lane, so the result differs from the dot by float reassociation (gemm.h states the bound); only with
-// set_prefill_exact(false). The int16 sums fit: 8 products of |q| <= 31 and |a| <= 127 <= 31496.
-template <int N, bool QH>
-static void rows_k4_sum8(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-    const block_q8_K* const* ys = (const block_q8_K* const*)a;
-    __m256 acc[N];
-    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t* blk = w + b * K4Block<QH>::stride;
-        prefetch_block(blk, K4Block<QH>::stride);
-        const K4Block<QH> k(blk);
-        // after two hadds each 128-bit lane holds two 8-product sums of each of sub-blocks
-        // 4h..4h+3 in order: scales s_4h+i as int16 pairs
-        const __m256i s16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(k.sm));
-        const __m256i sc[2] = {_mm256_unpacklo_epi16(s16, s16), _mm256_unpackhi_epi16(s16, s16)};
-        __m256i sumi[N];
-        for (int r = 0; r < N; r++) sumi[r] = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            __m256i u[4];  // sub-blocks 4h .. 4h+3
-            for (int j = 0; j < 2; j++) {
-                k.unpack(2 * h + j, u[2 * j], u[2 * j + 1]);
-            }
-            for (int r = 0; r < N; r++) {
-                const int8_t* y = ys[r][b].qs + 128 * h;
-                __m256i p[4];
-                for (int i = 0; i < 4; i++) p[i] = _mm256_maddubs_epi16(u[i], _mm256_loadu_si256((const __m256i*)(y + 32 * i)));
-                const __m256i s8 = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
-                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s8, sc[h]));
-            }
-        }
-        for (int r = 0; r < N; r++) k.accumulate(acc[r], sumi[r], ys[r][b]);
-    }
-    for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
-}
-
-// ---------------------------------------------------------------- Q6_K, N tokens at once
 // pshufb masks making int16 pairs (scale of quarter 2j, scale of quarter 2j+1) from 8 int16
 // scales in both lanes: low lane (4j, 4j+2), high lane (4j+1, 4j+3).
 #define HYBRID_P(a, b) 2 * (a), 2 * (a) + 1, 2 * (b), 2 * (b) + 1
@@ -298,13 +255,6 @@ struct k4_kernel {
         }
     };
 };
-template <bool QH>
-struct k4_sum8_kernel {
-    template <int N>
-    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-        rows_k4_sum8<N, QH>(n, w, a, out);
-    }
-};
 struct q6_K_kernel {
     template <int N>
     static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
@@ -351,21 +301,10 @@ static void fill(gemm_tile_fn* g) {
     g[GGML_Q6_K] = tile<8, q6_K_kernel>;
 }
 
-static void fill_reassociated(gemm_tile_fn* g) {
-    // 6 tokens: ~15% over 4 on Zen 2 (two registers per token; the weights take four)
-    g[GGML_Q4_K] = tile<6, k4_sum8_kernel<false>>;
-    g[GGML_Q5_K] = tile<6, k4_sum8_kernel<true>>;
-}
-
 }  // namespace x86_gemm
 
 bool fill_avx2_gemm(gemm_tile_fn* t) {
     x86_gemm::fill(t);
-    return true;
-}
-
-bool fill_avx2_gemm_reassociated(gemm_tile_fn* t) {
-    x86_gemm::fill_reassociated(t);
     return true;
 }
 

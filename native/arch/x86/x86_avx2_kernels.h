@@ -715,7 +715,7 @@ static inline __m256i word_bcast2(__m256i v, int i) {
     return _mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i*)k_word2[i]));
 }
 
-// One Q4_K / Q5_K block as k4_rows (and the reassociated tile) read it: scales and mins,
+// One Q4_K / Q5_K block as k4_rows reads it: scales and mins,
 // d and dmin, the quants.
 template <bool QH>
 struct K4Block {
@@ -742,12 +742,6 @@ struct K4Block {
             lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
             hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
         }
-    }
-    // acc += d * y.d * sumi - dmin * y.d * (mins . bsums), lane by lane (the reassociated tile)
-    void accumulate(__m256& acc, __m256i sumi, const block_q8_K& y) const {
-        const __m256 f = _mm256_mul_ps(dm, _mm256_broadcast_ss(&y.d));
-        acc = _mm256_fmadd_ps(_mm256_permute_ps(f, 0x00), _mm256_cvtepi32_ps(sumi), acc);
-        acc = _mm256_fnmadd_ps(_mm256_permute_ps(f, 0x55), _mm256_cvtepi32_ps(k4_min_products(sm, y.bsums)), acc);
     }
 };
 
