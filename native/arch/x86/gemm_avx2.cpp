@@ -33,8 +33,8 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
     const block_q6_K* x = (const block_q6_K*)w;
     const block_q8_K* const* ys = (const block_q8_K* const*)a;
     const __m256i inter = _mm256_load_si256((const __m256i*)k_interleave);
-    __m256 acc[N];
-    for (int r = 0; r < N; r++) acc[r] = _mm256_setzero_ps();
+    __m128 acc[N];
+    for (int r = 0; r < N; r++) acc[r] = _mm_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_q6_K));
         __m256i sumi[N];
@@ -60,12 +60,10 @@ static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* 
                 }
         }
         const float dw = h2f(x[b].d);
-        for (int r = 0; r < N; r++) {
-            sumi[r] = _mm256_sub_epi32(sumi[r], q6_offset(x[b].scales, ys[r][b].bsums));  // quants are stored +32
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-        }
+        for (int r = 0; r < N; r++)  // quants are stored +32
+            acc[r] = q6_step(acc[r], dw, ys[r][b].d, _mm256_sub_epi32(sumi[r], q6_offset(x[b].scales, ys[r][b].bsums)));
     }
-    for (int r = 0; r < N; r++) out[r] = hsum_ps(acc[r]);
+    for (int r = 0; r < N; r++) out[r] = _mm_cvtss_f32(acc[r]);
 }
 
 // ---------------------------------------------------------------- Q4_K / Q5_K, 8 rows interleaved
@@ -228,6 +226,95 @@ static void k4_x8_rows(int64_t nb, const k4_x8<QH>* x, const block_q8_K* const* 
     }
 }
 
+// ---------------------------------------------------------------- Q6_K, 8 rows interleaved
+// The same layout for Q6_K, with the quants stored as q - 32 (signed, |q - 32| <= 32): maddubs
+// of |q - 32| against the activations carrying q - 32's sign gives int16 sums of at most
+// 2 x 32 x 127, so a sub-block's 4 registers (16 quants) add up in int16 (32512) before one
+// madd by the rows' scales: 10 multiplies per 256 weights and token (rows_q6_K: 12, unsigned
+// quants allow two registers per madd). Per block, row and token the integer sum
+// S = sum_j sc_j sum_i (q_i - 32) a_i is exact and the float step is dot_q6_K_rows' own:
+// acc += (d * d_t) * S.
+struct alignas(32) q6_K_x8 {
+    int8_t q[2][4][8][32];  // half h, quarter j, group k: quants 4k..4k+3 of the quarter minus 32,
+                            // row r in bytes 4r..4r+3 (sub-block 8h + 2j + k / 4)
+    int16_t sc[16][16];     // sub-block: row r's scale in lanes 2r and 2r+1
+    float d[8];
+};
+
+static inline void q6_K_x8_pack(const uint8_t* w, int64_t stride, int64_t b, q6_K_x8& x) {
+    const block_q6_K* blk[8];
+    for (int r = 0; r < 8; r++) blk[r] = (const block_q6_K*)(w + r * stride) + b;
+    const __m256i m32 = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; h++) {
+        __m256i q[8][4];
+        for (int r = 0; r < 8; r++) q6_quarters(blk[r]->ql + 64 * h, blk[r]->qh + 32 * h, q[r]);
+        for (int j = 0; j < 4; j++) {
+            __m256i v[8], t[8];
+            for (int r = 0; r < 8; r++) v[r] = _mm256_sub_epi8(q[r][j], m32);
+            transpose_4byte_groups(v, t);
+            for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i*)x.q[h][j][k], t[k]);
+        }
+    }
+    // 8 rows x 16 int8 scales -> per sub-block the rows' scales as int16 pairs
+    __m128i a[4][2];  // rows 2p, 2p+1: byte pairs of sub-blocks 0-7, 8-15
+    for (int r = 0; r < 8; r += 2) {
+        const __m128i s0 = _mm_loadu_si128((const __m128i*)blk[r]->scales);
+        const __m128i s1 = _mm_loadu_si128((const __m128i*)blk[r + 1]->scales);
+        a[r / 2][0] = _mm_unpacklo_epi8(s0, s1);
+        a[r / 2][1] = _mm_unpackhi_epi8(s0, s1);
+    }
+    for (int h = 0; h < 2; h++) {
+        const __m128i e0 = _mm_unpacklo_epi16(a[0][h], a[1][h]), e1 = _mm_unpackhi_epi16(a[0][h], a[1][h]);  // rows 0-3
+        const __m128i e2 = _mm_unpacklo_epi16(a[2][h], a[3][h]), e3 = _mm_unpackhi_epi16(a[2][h], a[3][h]);  // rows 4-7
+        const __m128i c[4] = {_mm_unpacklo_epi32(e0, e2), _mm_unpackhi_epi32(e0, e2),   // sub-blocks 0, 1 | 2, 3
+                              _mm_unpacklo_epi32(e1, e3), _mm_unpackhi_epi32(e1, e3)};  // 4, 5 | 6, 7 (of the 8)
+        for (int i = 0; i < 8; i++) {
+            const __m128i rows = i % 2 ? _mm_unpackhi_epi8(c[i / 2], c[i / 2]) : _mm_unpacklo_epi8(c[i / 2], c[i / 2]);
+            _mm256_store_si256((__m256i*)x.sc[8 * h + i], _mm256_cvtepi8_epi16(rows));
+        }
+    }
+    alignas(16) uint16_t dh[8];
+    for (int r = 0; r < 8; r++) dh[r] = blk[r]->d;
+    _mm256_store_ps(x.d, _mm256_cvtph_ps(_mm_load_si128((const __m128i*)dh)));
+}
+
+template <int N>
+static void q6_K_x8_rows(int64_t nb, const q6_K_x8* x, const block_q8_K* const* ys, float* out, int64_t r_stride,
+                         int64_t t_stride) {
+    __m256 acc[N];
+    for (int t = 0; t < N; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, x++) {
+        __m256i s32[N];
+        for (int t = 0; t < N; t++) s32[t] = _mm256_setzero_si256();
+#pragma GCC unroll 1
+        for (int hj = 0; hj < 8; hj++) {  // quarter j = hj % 4 of half h = hj / 4
+            for (int sb = 0; sb < 2; sb++) {
+                __m256i s16[N];
+                for (int t = 0; t < N; t++) s16[t] = _mm256_setzero_si256();
+                for (int k = 4 * sb; k < 4 * sb + 4; k++) {
+                    const __m256i q = _mm256_load_si256((const __m256i*)x->q[hj / 4][hj % 4][k]);
+                    const __m256i u = _mm256_abs_epi8(q);
+                    for (int t = 0; t < N; t++) {
+                        int32_t a4;
+                        std::memcpy(&a4, ys[t][b].qs + 32 * hj + 4 * k, 4);
+                        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(u, _mm256_sign_epi8(_mm256_set1_epi32(a4), q)));
+                    }
+                }
+                const __m256i sc = _mm256_load_si256((const __m256i*)x->sc[2 * hj + sb]);
+                for (int t = 0; t < N; t++) s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(s16[t], sc));
+            }
+        }
+        const __m256 d = _mm256_load_ps(x->d);
+        for (int t = 0; t < N; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), _mm256_cvtepi32_ps(s32[t]), acc[t]);
+    }
+    for (int t = 0; t < N; t++) {
+        alignas(32) float o[8];
+        _mm256_store_ps(o, acc[t]);
+        for (int r = 0; r < 8; r++) out[t * t_stride + r * r_stride] = o[r];
+    }
+}
+
 // Each type's dots of one weight row with N activation rows, for tile().
 // Q4_K / Q5_K: per token group, each pair's K4PairPrep for every block, in the calling thread's
 // tile_scratch, read by every row of the tile.
@@ -262,43 +349,70 @@ struct q6_K_kernel {
     }
 };
 
-// Q4_K / Q5_K tiles: with kK4x8MinTokens tokens or more, each 8-row group is rewritten once
-// (k4_x8_pack: ~54 ns per 8 Q4_K blocks on Zen 2) and then multiplied by every token, 4 at a
-// time; fewer tokens, and the last R % 8 rows, go through k4_rows (the same results either
-// way). Zen 2, cached, ns per 256 weights and token, k4_rows -> here: Q4_K 4 tokens 6.1 -> 6.2,
-// 5 tokens 6.6 -> 6.1, 64 tokens 5.7 -> 4.4; Q5_K 4 tokens 7.4 -> 8.7, 5 tokens 8.5 -> 8.0,
-// 64 tokens 6.4 -> 4.8.
-constexpr int64_t kK4x8MinTokens = 5;
-template <bool QH>
-static void tile_k4(int64_t n, const uint8_t* w, int64_t w_stride, int64_t R, const void* const* acts, int64_t T,
-                    float* out, int64_t r_stride, int64_t t_stride) {
-    const int64_t R8 = T >= kK4x8MinTokens ? R / 8 * 8 : 0, nb = n / QK_K;
+// Row-group tiles (Q4_K, Q5_K, Q6_K): with G::min_tokens tokens or more, each 8-row group is
+// rewritten once (G::pack) and then multiplied by every token, 4 at a time; fewer tokens, and
+// the last R % 8 rows, go through the type's pair / 8-token kernel (G::fallback), which gives
+// the same results. The rewrite costs what the new form saves on a few tokens (Zen 2: ~54 ns
+// per 8 Q4_K blocks, ~130 per 8 Q6_K blocks, including their first read); cached, ns per 256
+// weights and token, fallback -> row groups: Q4_K 4 tokens 6.1 -> 6.2, 5 tokens 6.6 -> 6.1,
+// 64 tokens 5.7 -> 4.4; Q5_K 4 tokens 7.4 -> 8.7, 5 tokens 8.5 -> 8.0, 64 tokens 6.4 -> 4.8.
+template <class G>
+static void tile_row_groups(int64_t n, const uint8_t* w, int64_t w_stride, int64_t R, const void* const* acts,
+                            int64_t T, float* out, int64_t r_stride, int64_t t_stride) {
+    typedef typename G::packed P;
+    const int64_t R8 = T >= G::min_tokens ? R / 8 * 8 : 0, nb = n / QK_K;
     const block_q8_K* const* ys = (const block_q8_K* const*)acts;
     for (int64_t r = 0; r < R8; r += 8) {
-        k4_x8<QH>* x = (k4_x8<QH>*)tile_scratch<1>(nb * sizeof(k4_x8<QH>));
-        for (int64_t b = 0; b < nb; b++) k4_x8_pack<QH>(w + r * w_stride, w_stride, b, x[b]);
+        P* x = (P*)tile_scratch<1>(nb * sizeof(P));
+        for (int64_t b = 0; b < nb; b++) G::pack(w + r * w_stride, w_stride, b, x[b]);
         float* o = out + r * r_stride;
         int64_t t = 0;
-        for (; t + 4 <= T; t += 4) k4_x8_rows<4, QH>(nb, x, ys + t, o + t * t_stride, r_stride, t_stride);
+        for (; t + 4 <= T; t += 4) G::template rows<4>(nb, x, ys + t, o + t * t_stride, r_stride, t_stride);
         switch (T - t) {
-            case 3: k4_x8_rows<3, QH>(nb, x, ys + t, o + t * t_stride, r_stride, t_stride); break;
-            case 2: k4_x8_rows<2, QH>(nb, x, ys + t, o + t * t_stride, r_stride, t_stride); break;
-            case 1: k4_x8_rows<1, QH>(nb, x, ys + t, o + t * t_stride, r_stride, t_stride); break;
+            case 3: G::template rows<3>(nb, x, ys + t, o + t * t_stride, r_stride, t_stride); break;
+            case 2: G::template rows<2>(nb, x, ys + t, o + t * t_stride, r_stride, t_stride); break;
+            case 1: G::template rows<1>(nb, x, ys + t, o + t * t_stride, r_stride, t_stride); break;
             default: break;
         }
     }
-    if (R8 < R)
-        tile<8, k4_kernel<QH>>(n, w + R8 * w_stride, w_stride, R - R8, acts, T, out + R8 * r_stride, r_stride, t_stride);
+    if (R8 < R) G::fallback(n, w + R8 * w_stride, w_stride, R - R8, acts, T, out + R8 * r_stride, r_stride, t_stride);
 }
+template <bool QH>
+struct k4_groups {
+    typedef k4_x8<QH> packed;
+    static constexpr int64_t min_tokens = 5;
+    static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { k4_x8_pack<QH>(w, stride, b, x); }
+    template <int N>
+    static void rows(int64_t nb, const packed* x, const block_q8_K* const* ys, float* out, int64_t rs, int64_t ts) {
+        k4_x8_rows<N, QH>(nb, x, ys, out, rs, ts);
+    }
+    static void fallback(int64_t n, const uint8_t* w, int64_t ws, int64_t R, const void* const* a, int64_t T, float* out,
+                         int64_t rs, int64_t ts) {
+        tile<8, k4_kernel<QH>>(n, w, ws, R, a, T, out, rs, ts);
+    }
+};
+struct q6_K_groups {
+    typedef q6_K_x8 packed;
+    static constexpr int64_t min_tokens = 8;
+    static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { q6_K_x8_pack(w, stride, b, x); }
+    template <int N>
+    static void rows(int64_t nb, const packed* x, const block_q8_K* const* ys, float* out, int64_t rs, int64_t ts) {
+        q6_K_x8_rows<N>(nb, x, ys, out, rs, ts);
+    }
+    static void fallback(int64_t n, const uint8_t* w, int64_t ws, int64_t R, const void* const* a, int64_t T, float* out,
+                         int64_t rs, int64_t ts) {
+        tile<8, q6_K_kernel>(n, w, ws, R, a, T, out, rs, ts);
+    }
+};
 
 static void fill(gemm_tile_fn* g) {
     fill_shared<dot_u8s8_32>(g);
-    // Q4_K / Q5_K: 8-row groups rewritten per tile (tile_k4), else 8 tokens in 4 pairs (6.0 ns
-    // per 256 weights and token with 4 tokens, 5.8 with 8); Q6_K: 8 tokens, one half of a block
-    // at a time (6.7 with 4 tokens and unrolled halves, 6.4 so)
-    g[GGML_Q4_K] = tile_k4<false>;
-    g[GGML_Q5_K] = tile_k4<true>;
-    g[GGML_Q6_K] = tile<8, q6_K_kernel>;
+    // K-quants: 8-row groups rewritten per tile (tile_row_groups); their fallbacks: Q4_K / Q5_K
+    // 8 tokens in 4 pairs (6.0 ns per 256 weights and token with 4 tokens, 5.8 with 8), Q6_K 8
+    // tokens, one half of a block at a time (6.7 with 4 tokens and unrolled halves, 6.4 so)
+    g[GGML_Q4_K] = tile_row_groups<k4_groups<false>>;
+    g[GGML_Q5_K] = tile_row_groups<k4_groups<true>>;
+    g[GGML_Q6_K] = tile_row_groups<q6_K_groups>;
 }
 
 }  // namespace x86_gemm

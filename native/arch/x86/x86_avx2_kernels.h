@@ -884,10 +884,21 @@ static inline __m256i q6_offset(const int8_t* scales, const int16_t* bsums) {
     return _mm256_slli_epi32(_mm256_madd_epi16(s, _mm256_loadu_si256((const __m256i*)bsums)), 5);
 }
 
+// A Q6_K block's float step, shared by the dots and every AVX2 tile (gemm_avx2.cpp's row
+// groups hold 8 rows' S in the lanes of one register): per block the exact integer
+// S = sum_j sc_j sum_i (q_i - 32) a_i, then acc = fma(d_w * d_t, float(S), acc), in block order.
+// acc's lane 0 is the accumulator (the sum stays in vector registers).
+static inline __m128 q6_step(__m128 acc, float dw, float dt, __m256i sumi) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sumi), _mm256_extracti128_si256(sumi, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_fmadd_ss(_mm_set_ss(dw * dt), _mm_cvtepi32_ps(s), acc);
+}
+
 template <int R>
 static inline void dot_q6_K_rows(int64_t n, const block_q6_K* x, const block_q8_K* const* ys, float* out) {
-    __m256 acc[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    __m128 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         prefetch_block((const uint8_t*)&x[b], sizeof(block_q6_K));
         __m256i sumi[R];
@@ -907,12 +918,10 @@ static inline void dot_q6_K_rows(int64_t n, const block_q6_K* x, const block_q8_
             }
         }
         const float dw = h2f(x[b].d);
-        for (int r = 0; r < R; r++) {
-            sumi[r] = _mm256_sub_epi32(sumi[r], q6_offset(x[b].scales, ys[r][b].bsums));  // quants are stored +32
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ys[r][b].d * dw), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-        }
+        for (int r = 0; r < R; r++)  // quants are stored +32
+            acc[r] = q6_step(acc[r], dw, ys[r][b].d, _mm256_sub_epi32(sumi[r], q6_offset(x[b].scales, ys[r][b].bsums)));
     }
-    for (int r = 0; r < R; r++) out[r] = hsum_ps(acc[r]);
+    for (int r = 0; r < R; r++) out[r] = _mm_cvtss_f32(acc[r]);
 }
 
 static float dot_q6_K(int64_t n, const void* w, const void* a) {
