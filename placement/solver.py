@@ -218,9 +218,10 @@ def workspace_formula(inv: Inventory, wl: Workload, pol: Policy, value_bytes: in
 
 
 # Each CPU worker's prefill-tile scratch (native/arch/x86): the rewritten 8-row group of a
-# Q4_K / Q5_K tile (at most 2496 B per 256 weights of a row, Q5_K) and a token group's
-# prepared activation scales (at most 4 B per weight of a row, the 32-block types).
-TILE_SCRATCH_PER_BLOCK = 2496
+# K-quant tile (at most 2592 B per 256 weights of a row: Q6_K's q6_K_x8, whose size
+# gemm_avx2.cpp asserts) and a token group's prepared activation scales (at most 4 B per
+# weight of a row, the 32-block types).
+TILE_SCRATCH_PER_BLOCK = 2592
 TILE_SCRATCH_PER_WEIGHT = 4
 
 

@@ -241,6 +241,10 @@ struct alignas(32) q6_K_x8 {
     float d[8];
 };
 
+// placement/solver.py TILE_SCRATCH_PER_BLOCK budgets the largest 8-row block per worker
+static_assert(sizeof(q6_K_x8) == 2592 && sizeof(k4_x8<true>) <= 2592 && sizeof(k4_x8<false>) <= 2592,
+              "the Plan's tile_scratch line counts 2592 B per 256 weights of a row");
+
 static inline void q6_K_x8_pack(const uint8_t* w, int64_t stride, int64_t b, q6_K_x8& x) {
     const block_q6_K* blk[8];
     for (int r = 0; r < 8; r++) blk[r] = (const block_q6_K*)(w + r * stride) + b;
