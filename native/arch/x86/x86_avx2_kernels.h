@@ -626,7 +626,7 @@ static float dot32(int64_t n, const void* w, const void* a) {
 }
 
 // The calling thread's scratch for a tile's per-group preparation (rows32_kernel, the K-quant
-// tile kernels; SLOT 0) and for weight rows a tile rewrites (SLOT 1, gemm_avx2.cpp's Q4_K
+// tile kernels; SLOT 0) and for weight rows a tile rewrites (SLOT 1, gemm_avx2.cpp's K-quant
 // row groups): grown as needed, 64-byte aligned, freed when the thread ends.
 struct thread_scratch {
     void* p = nullptr;
