@@ -226,9 +226,10 @@ TILE_SCRATCH_PER_WEIGHT = 4
 
 
 def tile_scratch_bytes(inv: Inventory, threads: int) -> int:
-    """Bound on the prefill tiles' thread-local scratch: per worker, for the longest row."""
+    """Bound on the prefill tiles' thread-local scratch, for the longest row: per worker of the
+    expert engine and of the CPU linears' pool (native/bindings.cpp shared_pool), `threads` each."""
     k = max((t.ne[0] for t in inv.tensors if len(t.ne) >= 2), default=0)
-    return max(1, threads) * ((k + 255) // 256 * TILE_SCRATCH_PER_BLOCK + k * TILE_SCRATCH_PER_WEIGHT)
+    return 2 * max(1, threads) * ((k + 255) // 256 * TILE_SCRATCH_PER_BLOCK + k * TILE_SCRATCH_PER_WEIGHT)
 
 
 def pinned_formula(inv: Inventory, wl: Workload) -> int:

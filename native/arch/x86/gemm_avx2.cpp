@@ -108,6 +108,29 @@ static inline void transpose_4byte_groups(const __m256i v_in[8], __m256i out[8])
     }
 }
 
+// Bytes 0-7 of rows[r]: scales 0-7 of row r (unsigned, or signed with SIGNED) -> out[j]: the 8
+// rows' scale j as int16, row r in lanes 2r and 2r+1 (a madd's pair).
+template <bool SIGNED>
+static inline void scale_pairs_of_8_rows(const __m128i rows[8], int16_t (*out)[16]) {
+    __m128i a[4];
+    for (int r = 0; r < 8; r += 2) a[r / 2] = _mm_unpacklo_epi8(rows[r], rows[r + 1]);  // scale j of rows r, r+1: bytes 2j, 2j+1
+    const __m128i b0 = _mm_unpacklo_epi16(a[0], a[1]), b1 = _mm_unpackhi_epi16(a[0], a[1]);  // rows 0-3: j 0-3, 4-7
+    const __m128i b2 = _mm_unpacklo_epi16(a[2], a[3]), b3 = _mm_unpackhi_epi16(a[2], a[3]);  // rows 4-7
+    const __m128i s8[4] = {_mm_unpacklo_epi32(b0, b2), _mm_unpackhi_epi32(b0, b2),            // j 0, 1 | 2, 3
+                           _mm_unpacklo_epi32(b1, b3), _mm_unpackhi_epi32(b1, b3)};           // j 4, 5 | 6, 7
+    for (int j = 0; j < 8; j++) {
+        const __m128i dup = j % 2 ? _mm_unpackhi_epi8(s8[j / 2], s8[j / 2]) : _mm_unpacklo_epi8(s8[j / 2], s8[j / 2]);
+        _mm256_store_si256((__m256i*)out[j], SIGNED ? _mm256_cvtepi8_epi16(dup) : _mm256_cvtepu8_epi16(dup));
+    }
+}
+
+// One token's 8 row results (lanes of v) to out[r * r_stride].
+static inline void store_8_rows(__m256 v, float* out, int64_t r_stride) {
+    alignas(32) float o[8];
+    _mm256_store_ps(o, v);
+    for (int r = 0; r < 8; r++) out[r * r_stride] = o[r];
+}
+
 // Block b of rows w, w + stride, ..., w + 7 stride into x.
 template <bool QH>
 static inline void k4_x8_pack(const uint8_t* w, int64_t stride, int64_t b, k4_x8<QH>& x) {
@@ -142,19 +165,9 @@ static inline void k4_x8_pack(const uint8_t* w, int64_t stride, int64_t b, k4_x8
     }
     __m128i sm[8];  // scales 0-7 then mins 0-7 of each row, bytes
     for (int r = 0; r < 8; r++) sm[r] = scales_mins_k4(blk[r] + offsetof(block, scales));
-    __m128i a[4], m[4];
-    for (int r = 0; r < 8; r += 2) {
-        a[r / 2] = _mm_unpacklo_epi8(sm[r], sm[r + 1]);    // scale j of rows r, r+1 in bytes 2j, 2j+1
-        m[r / 2] = _mm_unpackhi_epi16(sm[r], sm[r + 1]);   // min pair i of rows r, r+1 in words 2i, 2i+1
-    }
-    const __m128i b0 = _mm_unpacklo_epi16(a[0], a[1]), b1 = _mm_unpackhi_epi16(a[0], a[1]);  // rows 0-3: j 0-3, 4-7
-    const __m128i b2 = _mm_unpacklo_epi16(a[2], a[3]), b3 = _mm_unpackhi_epi16(a[2], a[3]);  // rows 4-7
-    const __m128i s8[4] = {_mm_unpacklo_epi32(b0, b2), _mm_unpackhi_epi32(b0, b2),            // j 0, 1 | 2, 3
-                           _mm_unpacklo_epi32(b1, b3), _mm_unpackhi_epi32(b1, b3)};           // j 4, 5 | 6, 7
-    for (int j = 0; j < 8; j++) {
-        const __m128i rows = j % 2 ? _mm_unpackhi_epi8(s8[j / 2], s8[j / 2]) : _mm_unpacklo_epi8(s8[j / 2], s8[j / 2]);
-        _mm256_store_si256((__m256i*)x.sc[j], _mm256_cvtepu8_epi16(rows));
-    }
+    scale_pairs_of_8_rows<false>(sm, x.sc);
+    __m128i m[4];
+    for (int r = 0; r < 8; r += 2) m[r / 2] = _mm_unpackhi_epi16(sm[r], sm[r + 1]);  // min pair i of rows r, r+1: words 2i, 2i+1
     const __m128i g0 = _mm_unpacklo_epi32(m[0], m[1]), g1 = _mm_unpackhi_epi32(m[0], m[1]);  // rows 0-3: pairs 0, 1 | 2, 3
     const __m128i g2 = _mm_unpacklo_epi32(m[2], m[3]), g3 = _mm_unpackhi_epi32(m[2], m[3]);  // rows 4-7
     _mm256_store_si256((__m256i*)x.mn[0], _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(g0, g2)));
@@ -222,11 +235,7 @@ static void k4_x8_rows(int64_t nb, const k4_x8<QH>* x, const block_q8_K* const* 
             accM[t] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, dt), _mm256_cvtepi32_ps(mi), accM[t]);
         }
     }
-    for (int t = 0; t < N; t++) {
-        alignas(32) float o[8];
-        _mm256_store_ps(o, _mm256_sub_ps(accS[t], accM[t]));
-        for (int r = 0; r < 8; r++) out[t * t_stride + r * r_stride] = o[r];
-    }
+    for (int t = 0; t < N; t++) store_8_rows(_mm256_sub_ps(accS[t], accM[t]), out + t * t_stride, r_stride);
 }
 
 // ---------------------------------------------------------------- Q6_K, 8 rows interleaved
@@ -265,24 +274,13 @@ static inline void q6_K_x8_pack(const uint8_t* w, int64_t stride, int64_t b, q6_
             for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i*)x.q[h][j][k], t[k]);
         }
     }
-    // 8 rows x 16 int8 scales -> per sub-block the rows' scales as int16 pairs
-    __m128i a[4][2];  // rows 2p, 2p+1: byte pairs of sub-blocks 0-7, 8-15
-    for (int r = 0; r < 8; r += 2) {
-        const __m128i s0 = _mm_loadu_si128((const __m128i*)blk[r]->scales);
-        const __m128i s1 = _mm_loadu_si128((const __m128i*)blk[r + 1]->scales);
-        a[r / 2][0] = _mm_unpacklo_epi8(s0, s1);
-        a[r / 2][1] = _mm_unpackhi_epi8(s0, s1);
+    __m128i lo[8], hi[8];  // the 16 int8 scales of each row: sub-blocks 0-7, then 8-15
+    for (int r = 0; r < 8; r++) {
+        lo[r] = _mm_loadu_si128((const __m128i*)blk[r]->scales);
+        hi[r] = _mm_srli_si128(lo[r], 8);
     }
-    for (int h = 0; h < 2; h++) {
-        const __m128i e0 = _mm_unpacklo_epi16(a[0][h], a[1][h]), e1 = _mm_unpackhi_epi16(a[0][h], a[1][h]);  // rows 0-3
-        const __m128i e2 = _mm_unpacklo_epi16(a[2][h], a[3][h]), e3 = _mm_unpackhi_epi16(a[2][h], a[3][h]);  // rows 4-7
-        const __m128i c[4] = {_mm_unpacklo_epi32(e0, e2), _mm_unpackhi_epi32(e0, e2),   // sub-blocks 0, 1 | 2, 3
-                              _mm_unpacklo_epi32(e1, e3), _mm_unpackhi_epi32(e1, e3)};  // 4, 5 | 6, 7 (of the 8)
-        for (int i = 0; i < 8; i++) {
-            const __m128i rows = i % 2 ? _mm_unpackhi_epi8(c[i / 2], c[i / 2]) : _mm_unpacklo_epi8(c[i / 2], c[i / 2]);
-            _mm256_store_si256((__m256i*)x.sc[8 * h + i], _mm256_cvtepi8_epi16(rows));
-        }
-    }
+    scale_pairs_of_8_rows<true>(lo, x.sc);
+    scale_pairs_of_8_rows<true>(hi, x.sc + 8);
     alignas(16) uint16_t dh[8];
     for (int r = 0; r < 8; r++) dh[r] = blk[r]->d;
     _mm256_store_ps(x.d, _mm256_cvtph_ps(_mm_load_si128((const __m128i*)dh)));
@@ -318,11 +316,7 @@ static void q6_K_x8_rows(int64_t nb, const q6_K_x8* x, const block_q8_K* const* 
         for (int t = 0; t < N; t++)
             acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), _mm256_cvtepi32_ps(s32[t]), acc[t]);
     }
-    for (int t = 0; t < N; t++) {
-        alignas(32) float o[8];
-        _mm256_store_ps(o, acc[t]);
-        for (int r = 0; r < 8; r++) out[t * t_stride + r * r_stride] = o[r];
-    }
+    for (int t = 0; t < N; t++) store_8_rows(acc[t], out + t * t_stride, r_stride);
 }
 
 // Each type's dots of one weight row with N activation rows, for tile().
