@@ -13,6 +13,7 @@
 #include "gqa.h"
 #include "matmul.h"
 #include "membench.h"
+#include "flash.h"
 #include "mla.h"
 #include "moe.h"
 #include "numa.h"
@@ -126,6 +127,26 @@ view3d as_3d(const py::buffer& obj, const std::string& arg) {
     v.m.writable = !bi.readonly;
     if (v.batch > 1 && (v.batch_stride_bytes < 0 || v.batch_stride_bytes % bi.itemsize))
         bad(arg + ": unsupported batch stride");
+    return v;
+}
+
+// A float32 3-D view with any strides but a contiguous last dim (element strides).
+struct f32_3d {
+    float* p;
+    int64_t n[3], s[3];
+};
+
+f32_3d as_f32_3d(const py::buffer& obj, const std::string& arg, bool writable) {
+    py::buffer_info bi = obj.request();  // read-only buffers too, so that the check below names them
+    if (bi.ndim != 3 || bi.itemsize != 4 || py::format_descriptor<float>::format() != bi.format)
+        bad(arg + ": expected a 3-D float32 array");
+    if (writable && bi.readonly) bad(arg + ": must be writable");
+    f32_3d v{(float*)bi.ptr, {bi.shape[0], bi.shape[1], bi.shape[2]}, {0, 0, 0}};
+    for (int i = 0; i < 3; i++) {
+        if (bi.strides[i] % 4) bad(arg + ": unaligned stride");
+        v.s[i] = bi.strides[i] / 4;
+    }
+    if (v.n[2] > 1 && v.s[2] != 1) bad(arg + ": its last dim must be contiguous");
     return v;
 }
 
@@ -354,6 +375,61 @@ PYBIND11_MODULE(_native, m) {
         },
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("out"),
         "out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, as llama.cpp's rms_norm + mul (rows may be strided)");
+
+    m.def(
+        "flash_attention",
+        [](py::buffer q, py::buffer k, py::buffer v, py::buffer out, float scale, int64_t pos0, py::object q_rope,
+           py::object k_rope, int threads, py::object engine) {
+            flash_args a;
+            const f32_3d qv = as_f32_3d(q, "q", false), kv = as_f32_3d(k, "k", false), vv = as_f32_3d(v, "v", false),
+                         ov = as_f32_3d(out, "out", true);
+            a.T = qv.n[0], a.H = qv.n[1], a.dk[0] = qv.n[2];
+            a.Hkv = vv.n[0], a.S = vv.n[1], a.dv = vv.n[2];
+            a.pos0 = pos0;
+            a.scale = scale;
+            const std::string want_k = "[" + std::to_string(a.Hkv) + " or 1, " + std::to_string(a.S) + ", ";
+            if (kv.n[1] != a.S || (kv.n[0] != a.Hkv && kv.n[0] != 1) || kv.n[2] != a.dk[0])
+                bad("k: expected float32 " + want_k + std::to_string(a.dk[0]) + "] (kv heads, keys, q's dims)");
+            if (ov.n[0] != a.T || ov.n[1] != a.H || ov.n[2] != a.dv)
+                bad("out: expected float32 [" + std::to_string(a.T) + ", " + std::to_string(a.H) + ", " +
+                    std::to_string(a.dv) + "]");
+            if (q_rope.is_none() != k_rope.is_none()) bad("q_rope and k_rope come together");
+            a.q[0] = qv.p, a.q_t[0] = qv.s[0], a.q_h[0] = qv.s[1];
+            a.k[0] = kv.p, a.k_h[0] = kv.n[0] == 1 ? 0 : kv.s[0], a.k_s[0] = kv.s[1];
+            a.v = vv.p, a.v_h = vv.s[0], a.v_s = vv.s[1];
+            a.o = ov.p, a.o_t = ov.s[0], a.o_h = ov.s[1];
+            if (!q_rope.is_none()) {
+                const f32_3d qr = as_f32_3d(q_rope.cast<py::buffer>(), "q_rope", false),
+                             kr = as_f32_3d(k_rope.cast<py::buffer>(), "k_rope", false);
+                if (qr.n[0] != a.T || qr.n[1] != a.H)
+                    bad("q_rope: expected float32 [" + std::to_string(a.T) + ", " + std::to_string(a.H) + ", R]");
+                a.dk[1] = qr.n[2];
+                if (kr.n[1] != a.S || (kr.n[0] != a.Hkv && kr.n[0] != 1) || kr.n[2] != a.dk[1])
+                    bad("k_rope: expected float32 " + want_k + std::to_string(a.dk[1]) + "]");
+                a.q[1] = qr.p, a.q_t[1] = qr.s[0], a.q_h[1] = qr.s[1];
+                a.k[1] = kr.p, a.k_h[1] = kr.n[0] == 1 ? 0 : kr.s[0], a.k_s[1] = kr.s[1];
+            }
+            if (a.Hkv <= 0 || a.H % a.Hkv)
+                bad("q has " + std::to_string(a.H) + " heads, v " + std::to_string(a.Hkv) + ": not a multiple");
+            flash_check(a);
+            if (!engine.is_none()) {
+                MoEEngine& e = engine.cast<MoEEngine&>();
+                if (e.busy()) throw std::runtime_error("flash_attention: the expert engine is busy; wait() first");
+                py::gil_scoped_release release;
+                flash_attention(e.pool(), a);
+            } else {
+                py::gil_scoped_release release;
+                std::lock_guard<std::mutex> lock(g_pool_mutex);
+                flash_attention(shared_pool(threads), a);
+            }
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("scale"), py::arg("pos0"),
+        py::arg("q_rope") = py::none(), py::arg("k_rope") = py::none(), py::arg("threads") = 0,
+        py::arg("engine") = py::none(),
+        "Causal softmax attention of a prompt chunk (flash.h): q [T, H, Dk] at positions pos0.., k [Hkv, S, Dk]\n"
+        "(or [1, S, Dk]: one for all heads), v [Hkv, S, Dv], into out [T, H, Dv]; query head h reads kv head\n"
+        "h // (H / Hkv). Optional second key part q_rope [T, H, R] / k_rope [Hkv or 1, S, R] (MLA's rope dims).\n"
+        "Any strides with contiguous last dims (cache views need no copy). On the engine's workers when given.");
 
     m.def(
         "attention_kernels",

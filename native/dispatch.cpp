@@ -84,6 +84,7 @@ void fill_gaps(kernel_table* t, const kernel_table& ref) {
     if (!t->attn_values) t->attn_values = ref.attn_values;
     if (!t->exp_sum) t->exp_sum = ref.exp_sum;
     if (!t->silu_mul) t->silu_mul = ref.silu_mul;
+    if (!t->flash) t->flash = ref.flash;
 }
 
 const tables& all_tables() {

@@ -2,6 +2,8 @@
 // Plain loops on purpose: these define the results every SIMD path is tested against.
 #include "quants.h"
 
+#include "flash.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -857,6 +859,44 @@ static void attn_values(const float* p, int64_t nq, const float* rows, int64_t s
             for (int64_t c = 0; c < C; c++) out[i * C + c] += p[i * S + s] * rows[s * stride + c];
 }
 
+// (here, beside the reference kernel: the emulated AVX-512 test links this file alone)
+int64_t flash_scratch_floats(const flash_args& a) {
+    const int64_t R = kFlashRows, Dk = a.dk[0] + a.dk[1];
+    // SIMD: packed queries [Dk][R], a block of scores [kFlashKeys][R], the outputs [R][dv] and
+    // four per-row vectors; scalar: one row's scores [S]
+    const int64_t simd = Dk * R + kFlashKeys * R + R * a.dv + 4 * R;
+    return std::max(simd, a.S) + 16;
+}
+
+// The definition of flash.h's attention, row by row: every visible key's score, their max,
+// the exponentials and their sum, then the weighted values (double sums for the reference).
+static void flash_rows(const flash_args& a, int64_t g, int64_t r0, int64_t r1, float* scratch) {
+    const int64_t G = a.H / a.Hkv;
+    float* sc = scratch;  // [S]
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t t = r / G, h = g * G + r % G, n = std::min(a.pos0 + t + 1, a.S);
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < n; s++) {
+            double acc = 0;
+            for (int p = 0; p < 2; p++) {
+                const float* q = a.q[p] + t * a.q_t[p] + h * a.q_h[p];
+                const float* k = a.k[p] + g * a.k_h[p] + s * a.k_s[p];
+                for (int64_t d = 0; d < a.dk[p]; d++) acc += (double)q[d] * k[d];
+            }
+            sc[s] = (float)acc * a.scale;
+            mx = std::max(mx, sc[s]);
+        }
+        double sum = 0;
+        for (int64_t s = 0; s < n; s++) sum += (sc[s] = std::exp(sc[s] - mx));
+        float* o = a.o + t * a.o_t + h * a.o_h;
+        for (int64_t c = 0; c < a.dv; c++) {
+            double acc = 0;
+            for (int64_t s = 0; s < n; s++) acc += (double)sc[s] * a.v[g * a.v_h + s * a.v_s + c];
+            o[c] = (float)(acc / sum);
+        }
+    }
+}
+
 void fill_scalar_kernels(kernel_table* t) {
     std::memset(t, 0, sizeof(*t));
     t->isa = "scalar";
@@ -912,6 +952,7 @@ void fill_scalar_kernels(kernel_table* t) {
     t->attn_values = attn_values;
     t->exp_sum = exp_sum;
     t->silu_mul = silu_mul;
+    t->flash = flash_rows;
 }
 
 }  // namespace hybrid

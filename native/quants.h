@@ -278,6 +278,10 @@ typedef float (*exp_sum_fn)(float* x, int64_t n, float sub);
 typedef void (*silu_mul_fn)(int64_t n, const float* g, const float* u, float* out);
 typedef void (*attn_values_fn)(const float* p, int64_t nq, const float* rows, int64_t stride, int64_t S, int64_t C,
                                float* out);
+// One item of flash.h's causal attention: rows r0 .. r1 (at most kFlashRows) of kv head g,
+// written to their outputs; scratch holds flash_scratch_floats(a) floats, 64-byte aligned.
+struct flash_args;
+typedef void (*flash_fn)(const flash_args& a, int64_t g, int64_t r0, int64_t r1, float* scratch);
 
 // One table per ISA path; entries left null by an ISA fall back to the scalar reference.
 struct kernel_table {
@@ -290,6 +294,7 @@ struct kernel_table {
     attn_values_fn attn_values;
     exp_sum_fn exp_sum;
     silu_mul_fn silu_mul;
+    flash_fn flash;
 };
 
 // Reference (scalar) kernels: the definition every SIMD path is tested against.

@@ -185,6 +185,39 @@ def _linear_args(f):
     return (f.view, f.ggml_type)
 
 
+class NativeCausalAttention:
+    """Causal softmax attention of a long prompt chunk on the native flash kernel
+    (native/flash.h) instead of torch's per-block scaled_dot_product_attention: blocks of 48
+    query rows x 64 keys with the softmax carried online, K / V read in place (MLA's rope dims
+    as a second key part, GQA's cache rows through their strides). 2.0-2.7x torch's
+    attention on TinyConfig.mid's MLA shapes (2 threads, 512-query chunks at positions
+    0..1536, bench/bench_mla.py). CPU float32 only; `accepts` says when."""
+
+    def __init__(self, workers: NativeWorkers, threads: int = 0):
+        self.workers = workers
+        self.threads = threads
+
+    @staticmethod
+    def accepts(*tensors) -> bool:
+        return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos0: int,
+                 q_rope: torch.Tensor | None = None, k_rope: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, H, Dk] at positions pos0.., k [Hkv or 1, S, Dk], v [Hkv, S, Dv] (any strides,
+        last dims contiguous) -> [T, H, Dv]; optional second key part q_rope [T, H, R] with
+        k_rope [Hkv or 1, S, R]."""
+        def arr(t):   # a strided view as it is; only a non-contiguous last dim is copied
+            return None if t is None else (t if t.stride(-1) == 1 else t.contiguous()).numpy()
+
+        T, H, Dv = q.shape[0], q.shape[1], v.shape[2]
+        out = torch.empty(T, H, Dv)
+        w = self.workers
+        native().flash_attention(arr(q), arr(k), arr(v), out.numpy(), scale, pos0,
+                                 q_rope=arr(q_rope), k_rope=arr(k_rope),
+                                 threads=self.threads, engine=w.engine if w.hot else None)
+        return out
+
+
 class NativeMLA:
     """A layer's absorbed attention (every call the model makes in that mode: decode steps and
     short chunks) in one native call (native/mla.h) instead of ~60 small torch ops, which cost

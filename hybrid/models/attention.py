@@ -42,6 +42,9 @@ class GQAttention:
         self.k_norm = norm(w, p + "attn_k_norm.weight", args.rms_eps) if w.has(p + "attn_k_norm.weight") else None
         self.scale = 1.0 / math.sqrt(args.head_dim_k)
         self.query_block = getattr(w, "attn_query_block", QUERY_BLOCK)
+        # the loader may give a native causal attention for prompt chunks (CPU)
+        causal = getattr(w, "causal_attention", None)
+        self.causal = causal() if causal is not None else None
         # the loader may run the whole layer as one fused call (same weights, same arithmetic)
         fused = getattr(w, "fused_attention", None)
         self.fused = fused(self) if fused is not None else None
@@ -86,8 +89,11 @@ class GQAttention:
         return self.wo(self._attend(q, k_all, v_all, mask=mask).reshape(T, -1))
 
     def _attend(self, q, k_all, v_all, *, pos0=None, mask=None):
-        """Softmax attention in query blocks (layers.attend). On the CPU in float32; on CUDA in
-        the cache's 16-bit type when it has one, so the fused kernels apply."""
+        """Softmax attention: causal chunks on the loader's native causal attention where it
+        has one (CPU float32), else in query blocks (layers.attend), on the CPU in float32, on
+        CUDA in the cache's 16-bit type when it has one, so the fused kernels apply."""
+        if pos0 is not None and self.causal is not None and self.causal.accepts(q, k_all, v_all):
+            return self.causal(q, k_all.transpose(0, 1), v_all.transpose(0, 1), self.scale, pos0)
         cd = torch.float32
         if q.is_cuda and k_all.dtype in (torch.bfloat16, torch.float16):
             cd = k_all.dtype

@@ -83,6 +83,9 @@ class MLAttention:
         # same rule)
         self.decompress_min_tokens = mla_decompress_min_tokens(C, N, V)
         self.query_block = getattr(w, "attn_query_block", QUERY_BLOCK)
+        # the loader may give a native causal attention for the decompressed path's chunks
+        causal = getattr(w, "causal_attention", None)
+        self.causal = causal() if causal is not None else None
         # the loader may run the whole absorbed path as one fused call (same weights)
         fused = getattr(w, "fused_attention", None)
         self.fused = fused(self) if fused is not None else None
@@ -158,8 +161,9 @@ class MLAttention:
 
     def _decompressed(self, q_nope, q_pe, kv_all, *, pos0=None):
         """Expand the cached latents to per-head K and V (once per chunk: the Plan's workspace
-        counts the expansion), then attention in query blocks (layers.attend): float32 on the
-        CPU, the weights' 16-bit type on CUDA so the fused kernels apply."""
+        counts the expansion), then attention: the loader's native causal attention on the CPU
+        where it has one, else in query blocks (layers.attend), float32 on the CPU, the
+        weights' 16-bit type on CUDA so the fused kernels apply."""
         S = kv_all.shape[0]
         C, R, H = self.args.kv_lora_rank, self.args.qk_rope_dim, q_nope.shape[1]
         wk, wv_t = self.k_up.weight, self.v_up.weight                      # [H,N,C], [H,C,V]
@@ -167,6 +171,9 @@ class MLAttention:
         lat = kv_all[:, :C].to(wk.dtype)
         k_nope = torch.matmul(lat, wk.transpose(1, 2)).to(cd)              # [H, S, N]
         v = torch.matmul(lat, wv_t).to(cd)                                 # [H, S, V]
+        if pos0 is not None and self.causal is not None and self.causal.accepts(q_nope, q_pe, k_nope, kv_all):
+            # the rope dims as a second key part, shared by every head: no concatenated K
+            return self.causal(q_nope, k_nope, v, self.scale, pos0, q_pe, kv_all[:, C:].unsqueeze(0))
         k_pe = kv_all[:, C:].to(cd).expand(H, S, R)
         k = torch.cat((k_nope, k_pe), dim=-1)                              # [H, S, N+R]
         del k_nope

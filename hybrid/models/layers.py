@@ -40,7 +40,8 @@ class WeightLoader(Protocol):
 
     # optional, each returning a faster equivalent or None: norm(name, eps),
     # head_linear(source name, W [H, in, out]), expert_select(router spec, bias),
-    # fused_ffn(prefix, suffix), fused_attention(attention block)
+    # fused_ffn(prefix, suffix), fused_attention(attention block), causal_attention() (a
+    # callable for long prompt chunks: see the models' use)
     # optional attribute: attn_query_block (the Plan's queries per attention step)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.backends import dequant
-from hybrid.backends.native import (NativeFFN, NativeGQA, NativeHeadLinear, NativeMLA,
+from hybrid.backends.native import (NativeCausalAttention, NativeFFN, NativeGQA, NativeHeadLinear, NativeMLA,
                                     NativeRMSNorm, NativeRouter, NativeWorkers, QuantLinear,
                                     check_native_expert_types, native, native_experts_cls)
 from hybrid.gguf_file import GGUFFile
@@ -367,6 +367,13 @@ class Loader:
         if isinstance(attn, GQAttention):
             return NativeGQA.build(attn, self.workers)
         return None
+
+    def causal_attention(self):
+        """The native causal attention of long prompt chunks on the CPU, or None (the GPU, the
+        CPU standing in for it, cpu_linears other than native: the torch reference path)."""
+        if self.device.type != "cpu" or self.stand_in or not self.native_linears:
+            return None
+        return NativeCausalAttention(self.workers, self.threads)
 
     def norm(self, name, eps):
         w = self.tensor(name)
