@@ -179,15 +179,16 @@ class ModelInfo:
 
     def attn_expansion_per_position(self, tokens: int) -> int:
         """Values a chunk of `tokens` queries expands per cached position: MLA chunks long
-        enough to attend decompressed (hybrid.models.args.mla_decompress_min_tokens) hold every
-        head's K (nope + rope) and V for the whole context at once; 0 otherwise."""
+        enough to attend decompressed (hybrid.models.args.mla_decompress_min_tokens) hold one
+        group of heads' K (nope + rope) and V (mla_expand_heads of them) over the whole context
+        at once; 0 otherwise."""
         if self.attention != "mla":
             return 0
-        from hybrid.models.args import mla_decompress_min_tokens  # torch-free
+        from hybrid.models.args import mla_decompress_min_tokens, mla_expand_heads  # torch-free
 
         if tokens < mla_decompress_min_tokens(self.kv_lora_rank, self.qk_nope_dim, self.v_head_dim):
             return 0
-        return self.n_head * (self.qk_nope_dim + self.qk_rope_dim + self.v_head_dim)
+        return mla_expand_heads(self.n_head) * (self.qk_nope_dim + self.qk_rope_dim + self.v_head_dim)
 
     @property
     def attn_flops_per_position(self) -> int:

@@ -194,8 +194,8 @@ def _weight_costs(inv: Inventory, groups: dict, pol: Policy) -> tuple:
 def workspace_formula(inv: Inventory, wl: Workload, pol: Policy, value_bytes: int = 4) -> dict:
     """Compute workspace of the device that runs attention: activations of the tokens in flight
     (fp32), one block of attention scores (H x query block x context, fp32) and, for MLA chunks
-    that attend decompressed, every head's K and V over the context (`value_bytes` each: 2 where
-    the GPU expands in bf16, 4 for the CPU's fp32)."""
+    that attend decompressed, one group of heads' K and V over the context (`value_bytes` each:
+    2 where the GPU expands in bf16, 4 for the CPU's fp32)."""
     m = inv.model
     tokens = max(wl.prefill_chunk, wl.batch)
     # residual, normed input, attention out, MoE out; the widest projection pair: the dense FFN

@@ -172,7 +172,8 @@ def test_flash_rejects_bad_arguments_by_name(case, match):
 
 @pytest.fixture(scope="module")
 def mla_runtime(tiny_gguf):
-    with hybrid.load(tiny_gguf("Q8_0"), device="cpu", threads=2, ctx=256) as rt:
+    # 12 heads: a decompressed chunk expands them in groups of 2 (models.args.mla_expand_heads)
+    with hybrid.load(tiny_gguf("Q8_0", n_head=12), device="cpu", threads=2, ctx=256) as rt:
         yield rt
 
 
@@ -229,7 +230,40 @@ def test_models_hand_the_native_attention_what_their_torch_path_reads(which, met
         for a, (c, m) in zip(blocks, saved):
             a.causal = c
             a.__dict__.pop(method, None)
-    assert len(native_calls) == len(steps) == 3 * len(blocks)
+    from hybrid.models.args import mla_expand_heads
+
+    H = rt.args.n_head
+    per_step = -(-H // mla_expand_heads(H)) if which == "mla" else 1   # MLA: one call per head group
+    assert len(steps) == 3 * len(blocks) and len(native_calls) == per_step * len(steps)
     assert sorted({p for p, _, _ in steps}) == [0, 60, 120]
     worst = max(d for _, _, d in steps)
     assert worst < 1e-5, steps
+
+
+def test_decompressed_chunks_expand_one_head_group_at_a_time(mla_runtime, monkeypatch):
+    """The K / V expansion of a decompressed chunk never holds more heads than the Plan's
+    workspace counts (models.args.mla_expand_heads of them), and that workspace covers it."""
+    from hybrid.models.args import mla_expand_heads
+
+    rt = mla_runtime
+    a, H = rt.args, rt.args.n_head
+    seen = []
+    matmul = torch.matmul
+
+    def spy(x, y, *rest, **kw):
+        out = matmul(x, y, *rest, **kw)
+        if out.dim() == 3 and out.shape[0] <= H and out.shape[2] in (a.qk_nope_dim, a.v_head_dim):
+            seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    rt.model.attn_mode = "decompress"
+    try:
+        rt.logits(np.random.default_rng(8).integers(0, rt.n_vocab, 100).tolist())
+    finally:
+        rt.model.attn_mode = "auto"
+    group = mla_expand_heads(H)
+    assert 1 < group < H and seen, (group, seen)
+    assert max(s[0] for s in seen) == group
+    per_position = group * (a.qk_nope_dim + a.qk_rope_dim + a.v_head_dim) * 4
+    assert rt.plan.reserves["workspace"]["attention_expansion"] >= per_position * max(s[1] for s in seen)

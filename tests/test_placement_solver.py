@@ -208,9 +208,9 @@ def test_explicit_reserves_move_bytes(r1, box):
     res = base.reserves["workspace"]
     assert res["bytes"] == base.devices["gpu0"].breakdown["workspace"]
     assert res["attention_scores"] == 128 * 64 * 32768 * 4
-    # a 512-token chunk attends decompressed: every head's K (128 nope + 64 rope) and V (128)
-    # over the context, bf16 on the GPU
-    assert res["attention_expansion"] == 128 * (128 + 64 + 128) * 32768 * 2
+    # a 512-token chunk attends decompressed: K (128 nope + 64 rope) and V (128) over the
+    # context, bf16 on the GPU, for 16 of the 128 heads at a time
+    assert res["attention_expansion"] == 16 * (128 + 64 + 128) * 32768 * 2
     assert res["bytes"] == res["activations"] + res["attention_scores"] + res["attention_expansion"] + res["logits"]
     assert _plan(r1, box, prefill_chunk=64).reserves["workspace"]["attention_expansion"] == 0
     longer = _plan(r1, box, context=65536)

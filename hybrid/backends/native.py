@@ -202,15 +202,16 @@ class NativeCausalAttention:
         return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pos0: int,
-                 q_rope: torch.Tensor | None = None, k_rope: torch.Tensor | None = None) -> torch.Tensor:
+                 q_rope: torch.Tensor | None = None, k_rope: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """q [T, H, Dk] at positions pos0.., k [Hkv or 1, S, Dk], v [Hkv, S, Dv] (any strides,
-        last dims contiguous) -> [T, H, Dv]; optional second key part q_rope [T, H, R] with
-        k_rope [Hkv or 1, S, R]."""
+        last dims contiguous) -> [T, H, Dv] (into `out` when given, a view of any strides);
+        optional second key part q_rope [T, H, R] with k_rope [Hkv or 1, S, R]."""
         def arr(t):   # a strided view as it is; only a non-contiguous last dim is copied
             return None if t is None else (t if t.stride(-1) == 1 else t.contiguous()).numpy()
 
-        T, H, Dv = q.shape[0], q.shape[1], v.shape[2]
-        out = torch.empty(T, H, Dv)
+        if out is None:
+            out = torch.empty(q.shape[0], q.shape[1], v.shape[2])
         w = self.workers
         native().flash_attention(arr(q), arr(k), arr(v), out.numpy(), scale, pos0,
                                  q_rope=arr(q_rope), k_rope=arr(k_rope),

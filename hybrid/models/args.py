@@ -46,6 +46,19 @@ def mla_decompress_min_tokens(kv_lora_rank: int, qk_nope_dim: int, v_head_dim: i
     return max(1, (C * (N + V)) // max(1, 2 * C - N - V) + 1)
 
 
+# A decompressed MLA chunk expands K and V for this many groups of heads, one group at a time,
+# attending with each before the next: the expansion's workspace is a group's, not every
+# head's (R1 at a 32K context: 336 MB instead of 2.7 GB in bf16 on a GPU, 5.4 GB in fp32 on the
+# CPU) for the same arithmetic.
+MLA_EXPAND_STEPS = 8
+
+
+def mla_expand_heads(n_head: int) -> int:
+    """Heads whose K and V a decompressed MLA chunk holds at once (the runtime's step, the
+    solver's workspace)."""
+    return max(1, -(-n_head // MLA_EXPAND_STEPS))
+
+
 def _int(source, key, value, lo, hi, why=""):
     return check_range(source, key, value, lo, hi, why)
 

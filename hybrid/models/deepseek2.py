@@ -26,7 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from hybrid.models.args import DeepSeek2Args, mla_decompress_min_tokens
+from hybrid.models.args import DeepSeek2Args, mla_decompress_min_tokens, mla_expand_heads
 from hybrid.models.layers import (QUERY_BLOCK, HeadLinear, ModelConfigError, Rope, WeightLoader,  # noqa: F401
                                   attend, causal_mask, norm, query_blocks)
 from hybrid.models.moe import GATING_SIGMOID, GATING_SOFTMAX, MoE, Router  # noqa: F401 (re-exported)
@@ -160,26 +160,33 @@ class MLAttention:
         return o.transpose(0, 1)                                           # [T, H, V]
 
     def _decompressed(self, q_nope, q_pe, kv_all, *, pos0=None):
-        """Expand the cached latents to per-head K and V (once per chunk: the Plan's workspace
-        counts the expansion), then attention: the loader's native causal attention on the CPU
-        where it has one, else in query blocks (layers.attend), float32 on the CPU, the
-        weights' 16-bit type on CUDA so the fused kernels apply."""
-        S = kv_all.shape[0]
-        C, R, H = self.args.kv_lora_rank, self.args.qk_rope_dim, q_nope.shape[1]
+        """Expand the cached latents to per-head K and V, a group of mla_expand_heads heads at a
+        time (the Plan's workspace counts one group's expansion), and attend with each group:
+        the loader's native causal attention on the CPU where it has one (the rope keys read in
+        place, shared by every head), else in query blocks (layers.attend), float32 on the CPU,
+        the weights' 16-bit type on CUDA so the fused kernels apply."""
+        S, T = kv_all.shape[0], q_nope.shape[0]
+        C, R, H, V = self.args.kv_lora_rank, self.args.qk_rope_dim, q_nope.shape[1], self.args.v_head_dim
         wk, wv_t = self.k_up.weight, self.v_up.weight                      # [H,N,C], [H,C,V]
         cd = wk.dtype if (kv_all.is_cuda and wk.dtype in (torch.bfloat16, torch.float16)) else torch.float32
         lat = kv_all[:, :C].to(wk.dtype)
-        k_nope = torch.matmul(lat, wk.transpose(1, 2)).to(cd)              # [H, S, N]
-        v = torch.matmul(lat, wv_t).to(cd)                                 # [H, S, V]
-        if pos0 is not None and self.causal is not None and self.causal.accepts(q_nope, q_pe, k_nope, kv_all):
-            # the rope dims as a second key part, shared by every head: no concatenated K
-            return self.causal(q_nope, k_nope, v, self.scale, pos0, q_pe, kv_all[:, C:].unsqueeze(0))
-        k_pe = kv_all[:, C:].to(cd).expand(H, S, R)
-        k = torch.cat((k_nope, k_pe), dim=-1)                              # [H, S, N+R]
-        del k_nope
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1).to(cd)       # [H, T, N+R]
-        o = attend(q, k, v, self.scale, self.query_block, pos0=pos0)       # [H, T, V]
-        return o.transpose(0, 1).to(q_nope.dtype)                          # [T, H, V]
+        native = (pos0 is not None and self.causal is not None
+                  and self.causal.accepts(q_nope, q_pe, kv_all) and wk.dtype == torch.float32)
+        o = torch.empty(T, H, V, dtype=cd, device=q_nope.device)
+        step = mla_expand_heads(H)
+        for h0 in range(0, H, step):
+            h1 = min(H, h0 + step)
+            k_nope = torch.matmul(lat, wk[h0:h1].transpose(1, 2)).to(cd)     # [h, S, N]
+            v = torch.matmul(lat, wv_t[h0:h1]).to(cd)                        # [h, S, V]
+            if native:
+                self.causal(q_nope[:, h0:h1], k_nope, v, self.scale, pos0, q_pe[:, h0:h1],
+                            kv_all[:, C:].unsqueeze(0), out=o[:, h0:h1])
+                continue
+            k = torch.cat((k_nope, kv_all[:, C:].to(cd).expand(h1 - h0, S, R)), dim=-1)   # [h, S, N+R]
+            del k_nope
+            q = torch.cat((q_nope[:, h0:h1], q_pe[:, h0:h1]), dim=-1).transpose(0, 1).to(cd)
+            o[:, h0:h1] = attend(q, k, v, self.scale, self.query_block, pos0=pos0).transpose(0, 1)
+        return o.to(q_nope.dtype)                                          # [T, H, V]
 
 
 class DeepSeek2(Transformer):
