@@ -29,32 +29,24 @@ struct item {
     int64_t g, r0, r1;
 };
 
+struct free_delete {
+    void operator()(float* p) const { std::free(p); }
+};
+
 struct flash_job {
     const flash_args* a;
     const kernel_table* k;
     std::vector<item> items;
     std::atomic<size_t> next{0};
-    int64_t scratch_floats;
+    float* scratch;          // worker ith's at ith * per_worker floats
+    int64_t per_worker;
 };
 
-struct free_delete {
-    void operator()(float* p) const { std::free(p); }
-};
-
-void flash_worker(void* ctx, int, int) {
+void flash_worker(void* ctx, int ith, int) {
     flash_job& j = *(flash_job*)ctx;
-    // grown to the largest call so far, kept for the next (no allocation in steady state)
-    thread_local std::unique_ptr<float, free_delete> scratch;
-    thread_local int64_t have = 0;
-    if (have < j.scratch_floats) {
-        scratch.reset();
-        void* p = nullptr;
-        if (posix_memalign(&p, 64, (size_t)j.scratch_floats * sizeof(float))) throw std::bad_alloc();
-        scratch.reset((float*)p);
-        have = j.scratch_floats;
-    }
+    float* scratch = j.scratch + ith * j.per_worker;
     for (size_t i; (i = j.next.fetch_add(1, std::memory_order_relaxed)) < j.items.size();)
-        j.k->flash(*j.a, j.items[i].g, j.items[i].r0, j.items[i].r1, scratch.get());
+        j.k->flash(*j.a, j.items[i].g, j.items[i].r0, j.items[i].r1, scratch);
 }
 
 }  // namespace
@@ -65,7 +57,13 @@ void flash_attention(ThreadPool& pool, const flash_args& a) {
     flash_job j;
     j.a = &a;
     j.k = &kernels();
-    j.scratch_floats = flash_scratch_floats(a);
+    // every worker's scratch from the caller, where a failed allocation can throw (64-byte
+    // aligned slices of ~75 KB at R1's head shapes, plus 4 B per key for the scalar path)
+    j.per_worker = (flash_scratch_floats(a) + 15) / 16 * 16;
+    std::unique_ptr<float, free_delete> scratch(
+        (float*)std::aligned_alloc(64, (size_t)(j.per_worker * pool.size()) * sizeof(float)));
+    if (!scratch) throw std::bad_alloc();
+    j.scratch = scratch.get();
     // An item's cost grows with the keys its last row sees: the last row blocks first, so
     // that the short ones fill in at the end.
     const int64_t rows = a.T * (a.H / a.Hkv), blocks = (rows + kFlashRows - 1) / kFlashRows;
