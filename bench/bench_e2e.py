@@ -91,9 +91,10 @@ class Ours:
 
 
 # Parts of a prefill for --profile, by the function that spends the time itself: the routed
-# experts (the native engine behind NativeExperts), the native quantized linears, torch ops
-# (attention and the linears left to torch), and everything else (Python, small native ops).
-_PROFILE_PARTS = ("routed experts", "native linears", "torch ops", "rest")
+# experts (the native engine behind NativeExperts), the native quantized linears, the native
+# causal attention of prompt chunks, torch ops (MLA's K / V expansion, attention where it is
+# torch's, the linears left to torch), and everything else (Python, small native ops).
+_PROFILE_PARTS = ("routed experts", "native linears", "native attention", "torch ops", "rest")
 
 
 def _profile_part(file: str, func: str) -> str:
@@ -101,6 +102,8 @@ def _profile_part(file: str, func: str) -> str:
         return "routed experts"
     if func == "<built-in method hybrid._native.matmul>":
         return "native linears"
+    if func == "<built-in method hybrid._native.flash_attention>":
+        return "native attention"
     if func.startswith("<built-in method torch.") or func.startswith("<built-in method torch._C"):
         return "torch ops"
     return "rest"
