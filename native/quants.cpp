@@ -878,7 +878,7 @@ static void flash_rows(const flash_args& a, int64_t g, int64_t r0, int64_t r1, f
         float mx = -INFINITY;
         for (int64_t s = 0; s < n; s++) {
             double acc = 0;
-            for (int p = 0; p < 2; p++) {
+            for (int p = 0; p < 2 && a.dk[p]; p++) {
                 const float* q = a.q[p] + t * a.q_t[p] + h * a.q_h[p];
                 const float* k = a.k[p] + g * a.k_h[p] + s * a.k_s[p];
                 for (int64_t d = 0; d < a.dk[p]; d++) acc += (double)q[d] * k[d];

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.backends import dequant
-from hybrid.backends.native import (NativeCausalAttention, NativeFFN, NativeGQA, NativeHeadLinear, NativeMLA,
-                                    NativeRMSNorm, NativeRouter, NativeWorkers, QuantLinear,
+from hybrid.backends.native import (NativeCausalAttention, NativeFFN, NativeGQA, NativeHeadLinear,
+                                    NativeMLA, NativeRMSNorm, NativeRouter, NativeWorkers, QuantLinear,
                                     check_native_expert_types, native, native_experts_cls)
 from hybrid.gguf_file import GGUFFile
 from hybrid.models.layers import QUERY_BLOCK

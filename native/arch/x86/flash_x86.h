@@ -116,7 +116,7 @@ void flash_rows_simd(const flash_args& a, int64_t g, int64_t r0, int64_t r1, flo
         const int64_t r = r0 + std::min(i, n - 1), t = r / G, h = g * G + r % G;
         pos[i] = (float)(a.pos0 + t);
         float* dst = qt + i;
-        for (int p = 0; p < 2; p++) {
+        for (int p = 0; p < 2 && a.dk[p]; p++) {
             const float* q = a.q[p] + t * a.q_t[p] + h * a.q_h[p];
             for (int64_t d = 0; d < a.dk[p]; d++, dst += R) *dst = q[d] * a.scale;
         }
