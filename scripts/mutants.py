@@ -1047,7 +1047,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_flash.py", "-k", "float64 and avx2"),
            "value dims past the last whole vector miss the online softmax's rescale"),
     Mutant("issue15-flash-avx512-mask-one-key-early", "native/arch/x86/avx512.cpp",
-           "_mm512_cmp_ps_mask(pos, _mm512_set1_ps(key), _CMP_LT_OQ)", "_mm512_cmp_ps_mask(pos, _mm512_set1_ps(key), _CMP_LE_OQ)",
+           "_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ)", "_mm512_cmp_ps_mask(a, b, _CMP_LE_OQ)",
            ("tests/test_kernels.py", "-k", "emulation"),
            "the AVX-512 mask hides the key at the query's own position (checked under SIMDe)"),
     Mutant("issue15-flash-last-row-dropped", "native/flash.cpp",

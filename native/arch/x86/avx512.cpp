@@ -244,45 +244,29 @@ static float dot_iq4_xs(int64_t n, const void* w, const void* a) {
     return reduce_add(acc);
 }
 
-// exp8 on 16 lanes (same constants, same operations)
-static inline __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.3f);
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps((__mmask16)~tiny, p, _mm512_castsi512_ps(e));
-}
-
-// flash_x86.h's vector traits on 512-bit registers
+// x86_avx2_kernels.h's vec8 on 512-bit registers (flash_x86.h's kernel and exp_v take either)
 struct vec16 {
     static constexpr int W = 16;
     using T = __m512;
+    using M = __mmask16;
     static T zero() { return _mm512_setzero_ps(); }
     static T load(const float* p) { return _mm512_loadu_ps(p); }
     static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
     static T bcast(const float* p) { return _mm512_set1_ps(*p); }
     static T set1(float x) { return _mm512_set1_ps(x); }
     static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+    static T fnma(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
     static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
     static T add(T a, T b) { return _mm512_add_ps(a, b); }
     static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
     static T max(T a, T b) { return _mm512_max_ps(a, b); }
-    static T exp(T x) { return exp16(x); }
-    static T mask_before(T pos, float key, T x) {
-        return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(pos, _mm512_set1_ps(key), _CMP_LT_OQ), x,
-                                    _mm512_set1_ps(-INFINITY));
+    static T min(T a, T b) { return _mm512_min_ps(a, b); }
+    static T round(T a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static T pow2(T n) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
     }
+    static M below(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+    static T select(M m, T a, T b) { return _mm512_mask_blend_ps(m, b, a); }
 };
 
 }  // namespace x86_512

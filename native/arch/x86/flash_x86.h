@@ -1,5 +1,5 @@
-// flash.h's attention item with the queries across vector lanes, for any vector width: V is a
-// small traits struct (W lanes of float; the AVX2 one is below, the AVX-512 one in avx512.cpp).
+// flash.h's attention item with the queries across vector lanes, for any vector width: V is
+// x86_avx2_kernels.h's vec8 or avx512.cpp's vec16 (W lanes of float).
 // Included by the ISA files after x86_avx2_kernels.h; everything has internal linkage.
 //
 // Per item (one kv head, kFlashRows query rows): the queries, scaled, are packed transposed
@@ -12,7 +12,7 @@
 // - values: a tile of QR rows x CV vectors of value dims, the rows' outputs rescaled and
 //   summed over the block's keys in registers (a value vector loaded once for QR rows).
 // The outputs are divided by their sums at the end. The exp is exp8's polynomial (within 2 ulp
-// of std::exp); sums run in float in another order than the scalar reference: the results
+// of std::exp, exp_v); sums run in float in another order than the scalar reference: the results
 // agree to a few float ulp of the output's magnitude (tests/test_flash.py states the bound).
 #pragma once
 
@@ -23,26 +23,6 @@
 
 namespace hybrid {
 namespace {
-
-struct vec8 {
-    static constexpr int W = 8;
-    using T = __m256;
-    static T zero() { return _mm256_setzero_ps(); }
-    static T load(const float* p) { return _mm256_loadu_ps(p); }
-    static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-    static T bcast(const float* p) { return _mm256_broadcast_ss(p); }
-    static T set1(float x) { return _mm256_set1_ps(x); }
-    static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-    static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-    static T add(T a, T b) { return _mm256_add_ps(a, b); }
-    static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-    static T max(T a, T b) { return _mm256_max_ps(a, b); }
-    static T exp(T x) { return x86::exp8(x); }
-    // x where pos >= key, -inf where the row at pos cannot see the key
-    static T mask_before(T pos, float key, T x) {
-        return _mm256_blendv_ps(x, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(pos, _mm256_set1_ps(key), _CMP_LT_OQ));
-    }
-};
 
 // Scores of KR keys (kp[p][r]: part p of key r) with NV vectors of packed query rows (qt, row
 // stride kFlashRows), into st (row stride kFlashRows).
@@ -133,16 +113,17 @@ void flash_rows_simd(const flash_args& a, int64_t g, int64_t r0, int64_t r1, flo
         for (; j < nk; j++) flash_scores<V, 1, NV>(a, g, j0 + j, qt, st + j * R);
         for (j = std::max<int64_t>(0, first + 1 - j0); j < nk; j++)  // keys some rows cannot see
             for (int64_t v = 0; v < NVEC; v++)
-                V::store(st + j * R + v * W, V::mask_before(V::load(pos + v * W), (float)(j0 + j), V::load(st + j * R + v * W)));
+                V::store(st + j * R + v * W, V::select(V::below(V::load(pos + v * W), V::set1((float)(j0 + j))),
+                                                       V::set1(-INFINITY), V::load(st + j * R + v * W)));
         for (int64_t v = 0; v < NVEC; v++) {
             float* s = st + v * W;
             T mx = V::load(s);
             for (j = 1; j < nk; j++) mx = V::max(mx, V::load(s + j * R));
             const T mo = V::load(m + v * W), mn = V::max(mo, mx);
-            const T scale = V::exp(V::sub(mo, mn));  // 0 on the first block (mo = -inf)
+            const T scale = x86::exp_v<V>(V::sub(mo, mn));  // 0 on the first block (mo = -inf)
             T sum = V::zero();
             for (j = 0; j < nk; j++) {
-                const T e = V::exp(V::sub(V::load(s + j * R), mn));
+                const T e = x86::exp_v<V>(V::sub(V::load(s + j * R), mn));
                 V::store(s + j * R, e);
                 sum = V::add(sum, e);
             }

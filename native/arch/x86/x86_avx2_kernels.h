@@ -344,27 +344,55 @@ static void attn_scores(const float* q, int64_t nq, const float* rows, int64_t s
     }
 }
 
-// exp of 8 floats: 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-6
+// 8 floats as the width-generic code below (exp_v, flash_x86.h) sees a vector: avx512.cpp has
+// the 16-float twin (vec16) with the same members.
+struct vec8 {
+    static constexpr int W = 8;
+    using T = __m256;
+    using M = __m256;  // a lane mask
+    static T zero() { return _mm256_setzero_ps(); }
+    static T load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+    static T bcast(const float* p) { return _mm256_broadcast_ss(p); }
+    static T set1(float x) { return _mm256_set1_ps(x); }
+    static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+    static T fnma(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+    static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+    static T add(T a, T b) { return _mm256_add_ps(a, b); }
+    static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+    static T max(T a, T b) { return _mm256_max_ps(a, b); }
+    static T min(T a, T b) { return _mm256_min_ps(a, b); }
+    static T round(T a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    // 2^n for integral n in float (n + 127 into the exponent field)
+    static T pow2(T n) {
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    }
+    static M below(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }  // a < b
+    static T select(M m, T a, T b) { return _mm256_blendv_ps(b, a, m); }  // m ? a : b
+};
+
+// exp of W floats: 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-6
 // polynomial (Cephes' expf coefficients, within 2 ulp of std::exp); below -87.3 the result
 // is flushed to 0 (softmax numerators: nothing that small matters next to the max's 1).
-static inline __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f);
-    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+template <class V>
+static inline typename V::T exp_v(typename V::T x) {
+    const typename V::T lo = V::set1(-87.3f);
+    const typename V::M tiny = V::below(x, lo);
+    x = V::min(V::max(x, lo), V::set1(88.3f));
+    const typename V::T n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+    typename V::T r = V::fnma(n, V::set1(0.693359375f), x);
+    r = V::fnma(n, V::set1(-2.12194440e-4f), r);
+    typename V::T p = V::set1(1.9875691500e-4f);
+    p = V::fma(p, r, V::set1(1.3981999507e-3f));
+    p = V::fma(p, r, V::set1(8.3334519073e-3f));
+    p = V::fma(p, r, V::set1(4.1665795894e-2f));
+    p = V::fma(p, r, V::set1(1.6666665459e-1f));
+    p = V::fma(p, r, V::set1(5.0000001201e-1f));
+    p = V::fma(V::mul(p, r), r, V::add(r, V::set1(1.f)));
+    return V::select(tiny, V::zero(), V::mul(p, V::pow2(n)));
 }
+
+static inline __m256 exp8(__m256 x) { return exp_v<vec8>(x); }
 
 static float exp_sum(float* x, int64_t n, float sub) {
     const __m256 vs = _mm256_set1_ps(sub);
