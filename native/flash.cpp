@@ -13,17 +13,19 @@
 
 namespace hybrid {
 
+namespace {
+
 void flash_check(const flash_args& a) {
     auto bad = [](const std::string& m) { throw std::invalid_argument("flash_attention: " + m); };
-    if (a.H <= 0 || a.Hkv <= 0 || a.H % a.Hkv) bad("query heads must be a positive multiple of the kv heads");
+    if (a.H <= 0 || a.Hkv <= 0 || a.H % a.Hkv)
+        bad("q has " + std::to_string(a.H) + " heads, v " + std::to_string(a.Hkv) +
+            ": the query heads must be a positive multiple of the kv heads");
     if (a.T < 0 || a.pos0 < 0 || a.S < a.pos0 + a.T)
         bad("the cache holds " + std::to_string(a.S) + " keys; tokens at positions " + std::to_string(a.pos0) +
             " .. " + std::to_string(a.pos0 + a.T - 1) + " need them all");
     if (a.dk[0] <= 0 || a.dk[1] < 0 || a.dv <= 0) bad("key and value dims must be positive");
     if (!a.q[0] || !a.k[0] || !a.v || !a.o || (a.dk[1] > 0 && (!a.q[1] || !a.k[1]))) bad("missing tensor");
 }
-
-namespace {
 
 struct item {
     int64_t g, r0, r1;
@@ -58,7 +60,7 @@ void flash_attention(ThreadPool& pool, const flash_args& a) {
     j.a = &a;
     j.k = &kernels();
     // every worker's scratch from the caller, where a failed allocation can throw (64-byte
-    // aligned slices of ~75 KB at R1's head shapes, plus 4 B per key for the scalar path)
+    // aligned slices of ~75 KB at R1's head shapes, whatever the number of keys)
     j.per_worker = (flash_scratch_floats(a) + 15) / 16 * 16;
     std::unique_ptr<float, free_delete> scratch(
         (float*)std::aligned_alloc(64, (size_t)(j.per_worker * pool.size()) * sizeof(float)));

@@ -48,11 +48,9 @@ struct flash_args {
 // Floats of scratch one item needs (any ISA's kernel).
 int64_t flash_scratch_floats(const flash_args& a);
 
-// Throws std::invalid_argument naming what is inconsistent (shapes, strides, S < pos0 + T).
-void flash_check(const flash_args& a);
-
 // All items on the pool's workers (longest first, taken from a shared counter), with the
-// active kernel table. Checks `a` first (flash_check).
+// active kernel table. Throws std::invalid_argument first when `a` is inconsistent (heads,
+// dims, a cache shorter than pos0 + T), naming what.
 void flash_attention(ThreadPool& pool, const flash_args& a);
 
 }  // namespace hybrid

@@ -861,39 +861,41 @@ static void attn_values(const float* p, int64_t nq, const float* rows, int64_t s
 
 // (here, beside the reference kernel: the emulated AVX-512 test links this file alone)
 int64_t flash_scratch_floats(const flash_args& a) {
-    const int64_t R = kFlashRows, Dk = a.dk[0] + a.dk[1];
     // SIMD: packed queries [Dk][R], a block of scores [kFlashKeys][R], the outputs [R][dv] and
-    // four per-row vectors; scalar: one row's scores [S]
-    const int64_t simd = Dk * R + kFlashKeys * R + R * a.dv + 4 * R;
-    return std::max(simd, a.S) + 16;
+    // four per-row vectors; the scalar reference needs less (dv doubles)
+    const int64_t R = kFlashRows;
+    return (a.dk[0] + a.dk[1]) * R + kFlashKeys * R + R * a.dv + 4 * R + 16;
 }
 
-// The definition of flash.h's attention, row by row: every visible key's score, their max,
-// the exponentials and their sum, then the weighted values (double sums for the reference).
+// The definition of flash.h's attention, row by row: every visible key's score and their max,
+// then the exponentials, their sum and the weighted values (double sums for the reference;
+// the scores are computed twice rather than held, so the scratch does not grow with the keys).
 static void flash_rows(const flash_args& a, int64_t g, int64_t r0, int64_t r1, float* scratch) {
     const int64_t G = a.H / a.Hkv;
-    float* sc = scratch;  // [S]
+    double* acc = (double*)scratch;  // [dv]
     for (int64_t r = r0; r < r1; r++) {
         const int64_t t = r / G, h = g * G + r % G, n = std::min(a.pos0 + t + 1, a.S);
-        float mx = -INFINITY;
-        for (int64_t s = 0; s < n; s++) {
-            double acc = 0;
+        auto score = [&](int64_t s) {
+            double d = 0;
             for (int p = 0; p < 2 && a.dk[p]; p++) {
                 const float* q = a.q[p] + t * a.q_t[p] + h * a.q_h[p];
                 const float* k = a.k[p] + g * a.k_h[p] + s * a.k_s[p];
-                for (int64_t d = 0; d < a.dk[p]; d++) acc += (double)q[d] * k[d];
+                for (int64_t i = 0; i < a.dk[p]; i++) d += (double)q[i] * k[i];
             }
-            sc[s] = (float)acc * a.scale;
-            mx = std::max(mx, sc[s]);
-        }
+            return (float)d * a.scale;
+        };
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < n; s++) mx = std::max(mx, score(s));
         double sum = 0;
-        for (int64_t s = 0; s < n; s++) sum += (sc[s] = std::exp(sc[s] - mx));
-        float* o = a.o + t * a.o_t + h * a.o_h;
-        for (int64_t c = 0; c < a.dv; c++) {
-            double acc = 0;
-            for (int64_t s = 0; s < n; s++) acc += (double)sc[s] * a.v[g * a.v_h + s * a.v_s + c];
-            o[c] = (float)(acc / sum);
+        for (int64_t c = 0; c < a.dv; c++) acc[c] = 0;
+        for (int64_t s = 0; s < n; s++) {
+            const float e = std::exp(score(s) - mx);
+            sum += e;
+            const float* v = a.v + g * a.v_h + s * a.v_s;
+            for (int64_t c = 0; c < a.dv; c++) acc[c] += (double)e * v[c];
         }
+        float* o = a.o + t * a.o_t + h * a.o_h;
+        for (int64_t c = 0; c < a.dv; c++) o[c] = (float)(acc[c] / sum);
     }
 }
 

@@ -137,7 +137,7 @@ def _args(T=4, H=2, Hkv=2, Dk=8, Dv=8, S=4):
 
 @pytest.mark.parametrize("case,match", [
     ("short-cache", "cache holds 4 keys"),
-    ("heads", "not a multiple"),
+    ("heads", "3 heads, v 2: the query heads must be a positive multiple"),
     ("k-dims", "k: expected"),
     ("out-shape", "out: expected"),
     ("rope-alone", "come together"),

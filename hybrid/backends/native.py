@@ -190,9 +190,9 @@ class NativeCausalAttention:
     (native/flash.h) instead of torch's per-block scaled_dot_product_attention: blocks of 48
     query rows x 64 keys with the softmax carried online, K / V read in place (MLA's rope dims
     as a second key part, GQA's cache rows through their strides). The call alone 2.0-2.7x
-    torch's on TinyConfig.mid's MLA shapes (2 threads, 512-query chunks at positions 0..1536);
-    a whole MLA step with its K / V expansion 1.1-1.6x (bench/bench_mla.py). CPU float32
-    only; `accepts` says when."""
+    torch's on TinyConfig.mid's MLA shapes (AVX2 Zen 2, 2 threads, 512-query chunks at
+    positions 0..1536); a whole MLA step with its K / V expansion 1.1-1.6x
+    (bench/bench_mla.py). CPU float32 only; `accepts` says when."""
 
     def __init__(self, workers: NativeWorkers, threads: int = 0):
         self.workers = workers

@@ -11,8 +11,8 @@
 //   softmax with the rows in lanes: the column max, exp, the sums, each row's rescale factor;
 // - values: a tile of QR rows x CV vectors of value dims, the rows' outputs rescaled and
 //   summed over the block's keys in registers (a value vector loaded once for QR rows).
-// The outputs are divided by their sums at the end. The exp is exp8's polynomial (within 2 ulp
-// of std::exp, exp_v); sums run in float in another order than the scalar reference: the results
+// The outputs are divided by their sums at the end. The exp is exp_v's polynomial (within 2 ulp
+// of std::exp); sums run in float in another order than the scalar reference: the results
 // agree to a few float ulp of the output's magnitude (tests/test_flash.py states the bound).
 #pragma once
 
