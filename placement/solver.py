@@ -218,10 +218,10 @@ def workspace_formula(inv: Inventory, wl: Workload, pol: Policy, value_bytes: in
 
 
 # Each CPU worker's prefill-tile scratch (native/arch/x86): the rewritten 8-row group of a
-# K-quant tile (at most 2592 B per 256 weights of a row: Q6_K's q6_K_x8, whose size
-# gemm_avx2.cpp asserts) and a token group's prepared activation scales (at most 4 B per
+# K-quant tile (at most 2496 B per 256 weights of a row: Q5_K's k4_x8, the largest of the
+# three forms, whose size gemm_avx2.cpp asserts) and a token group's prepared activation scales (at most 4 B per
 # weight of a row, the 32-block types).
-TILE_SCRATCH_PER_BLOCK = 2592
+TILE_SCRATCH_PER_BLOCK = 2496
 TILE_SCRATCH_PER_WEIGHT = 4
 
 

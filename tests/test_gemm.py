@@ -160,16 +160,18 @@ def test_k_quant_row_groups_every_tail(isa, qtype):
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
 def test_k_quant_tiles_at_the_int16_limits(isa, qtype):
-    """The row-group tiles add a sub-block's maddubs sums in int16 (Q4_K: 8 x 2 x 15 x 127,
-    Q5_K: 4 x 2 x 31 x 127, Q6_K: 4 x 2 x 32 x 127): with every quant, scale and min at its
-    largest magnitude and activations at +-127 the sums reach those bounds; an overflow would
-    differ from the single dot."""
+    """The row-group tiles add maddubs sums in int16 (Q4_K: 8 x 2 x 15 x 127, Q5_K:
+    4 x 2 x 31 x 127, Q6_K: 2 x 2 x 63 x 127): with every quant, scale and min at its largest
+    magnitude and activations at +-127 the sums reach those bounds; an overflow would differ
+    from the single dot. Q6_K's rows 8-15 hold quants 0 instead (q - 32 = -32: the largest
+    offset its tile takes off)."""
     rng = np.random.default_rng(3)
     rows = random_rows(qtype, 16, 512, rng)
     size = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}[qtype]
     blocks = rows.reshape(16, 2, size)
     if qtype == QT.Q6_K:
-        blocks[:, :, :192] = 0                   # every quant 0: q - 32 = -32
+        blocks[:8, :, :192] = 0xFF               # every quant 63
+        blocks[8:, :, :192] = 0                  # every quant 0: q - 32 = -32
         blocks[:, :, 192:208] = 0x7F             # scales 127
     else:
         blocks[:, :, 4:] = 0xFF                  # scales, mins, fifth bits and quants all ones

@@ -144,10 +144,10 @@ def test_predicted_cpu_rss_growth(tiny_f32):
     copied = sum(b for n, b in sizes.items() if "_exps." not in n and n != "token_embd.weight")
     cfg = TinyConfig()
     kv = 1024 * cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope) * 4
-    # each CPU worker's prefill-tile scratch for the longest row (a rewritten Q6_K 8-row group,
-    # 2592 B per 256 weights, and prepared activation scales, 4 B per weight): the expert
+    # each CPU worker's prefill-tile scratch for the longest row (a rewritten Q5_K 8-row group,
+    # 2496 B per 256 weights, and prepared activation scales, 4 B per weight): the expert
     # engine's and the linears' pool's workers, one per allowed cpu each
-    scratch = 2 * len(os.sched_getaffinity(0)) * (-(-longest_row // 256) * 2592 + 4 * longest_row)
+    scratch = 2 * len(os.sched_getaffinity(0)) * (-(-longest_row // 256) * 2496 + 4 * longest_row)
     assert cpu["tile_scratch"] == scratch
     assert got == stored + copied + kv + cpu["workspace"] + scratch
     assert 0 < cpu["workspace"] < 8 << 20

@@ -239,23 +239,26 @@ static void k4_x8_rows(int64_t nb, const k4_x8<QH>* x, const block_q8_K* const* 
 }
 
 // ---------------------------------------------------------------- Q6_K, 8 rows interleaved
-// The same layout for Q6_K, with the quants stored as q - 32 (signed, |q - 32| <= 32): maddubs
-// of |q - 32| against the activations carrying q - 32's sign gives int16 sums of at most
-// 2 x 32 x 127, so a sub-block's 4 registers (16 quants) add up in int16 (32512) before one
-// madd by the rows' scales: 10 multiplies per 256 weights and token (rows_q6_K: 12, unsigned
-// quants allow two registers per madd). Per block, row and token the integer sum
-// S = sum_j sc_j sum_i (q_i - 32) a_i is exact and the float step is dot_q6_K_rows' own:
-// acc += (d * d_t) * S.
+// The same layout for Q6_K, the quants as stored (0..63, unsigned): maddubs against a token's
+// activations gives int16 sums of at most 2 x 63 x 127, so two registers (8 quants) add up in
+// int16 (32004) before one madd by the rows' scales, and the offset comes off once per block
+// and token, 32 x sum_j sc_j x bsum_j (one madd per sub-block pair), as the single dot's
+// q6_offset does. 13 multiplies per 256 weights and token where q - 32 (signed, 4 registers
+// per madd) took 10, but no sign per maddubs: the rows kernel went from 1.96 to 1.70 cycles
+// per 32 products on Zen 2 (1024-weight rows, 48 tokens), these loops being bound by their
+// count of vector uops rather than by the multiplier. Per block, row and token the integer sum
+// S = sum_j sc_j (sum_i q_i a_i - 32 bsum_j) = sum_j sc_j sum_i (q_i - 32) a_i is exact and the
+// float step is dot_q6_K_rows' own: acc += (d * d_t) * S.
 struct alignas(32) q6_K_x8 {
-    int8_t q[2][4][8][32];  // half h, quarter j, group k: quants 4k..4k+3 of the quarter minus 32,
-                            // row r in bytes 4r..4r+3 (sub-block 8h + 2j + k / 4)
-    int16_t sc[16][16];     // sub-block: row r's scale in lanes 2r and 2r+1
+    uint8_t q[2][4][8][32];  // half h, quarter j, group k: quants 4k..4k+3 of the quarter as
+                             // stored (0..63), row r in bytes 4r..4r+3 (sub-block 8h + 2j + k / 4)
+    int16_t scp[8][16];      // sub-block pair i: row r's scales 2i, 2i+1 in lanes 2r, 2r+1
     float d[8];
 };
 
 // placement/solver.py TILE_SCRATCH_PER_BLOCK budgets the largest 8-row block per worker
-static_assert(sizeof(q6_K_x8) == 2592 && sizeof(k4_x8<true>) <= 2592 && sizeof(k4_x8<false>) <= 2592,
-              "the Plan's tile_scratch line counts 2592 B per 256 weights of a row");
+static_assert(sizeof(k4_x8<true>) == 2496 && sizeof(k4_x8<false>) <= 2496 && sizeof(q6_K_x8) <= 2496,
+              "the Plan's tile_scratch line counts 2496 B per 256 weights of a row");
 
 static inline void q6_K_x8_pack(const uint8_t* w, int64_t stride, int64_t b, q6_K_x8& x) {
     const block_q6_K* blk[8];
@@ -263,13 +266,12 @@ static inline void q6_K_x8_pack(const uint8_t* w, int64_t stride, int64_t b, q6_
         blk[r] = (const block_q6_K*)(w + r * stride) + b;
         prefetch_block((const uint8_t*)blk[r], sizeof(block_q6_K));
     }
-    const __m256i m32 = _mm256_set1_epi8(32);
     for (int h = 0; h < 2; h++) {
         __m256i q[8][4];
         for (int r = 0; r < 8; r++) q6_quarters(blk[r]->ql + 64 * h, blk[r]->qh + 32 * h, q[r]);
         for (int j = 0; j < 4; j++) {
             __m256i v[8], t[8];
-            for (int r = 0; r < 8; r++) v[r] = _mm256_sub_epi8(q[r][j], m32);
+            for (int r = 0; r < 8; r++) v[r] = q[r][j];
             transpose_4byte_groups(v, t);
             for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i*)x.q[h][j][k], t[k]);
         }
@@ -279,16 +281,27 @@ static inline void q6_K_x8_pack(const uint8_t* w, int64_t stride, int64_t b, q6_
         lo[r] = _mm_loadu_si128((const __m128i*)blk[r]->scales);
         hi[r] = _mm_srli_si128(lo[r], 8);
     }
-    scale_pairs_of_8_rows<true>(lo, x.sc);
-    scale_pairs_of_8_rows<true>(hi, x.sc + 8);
+    alignas(32) int16_t sc[16][16];
+    scale_pairs_of_8_rows<true>(lo, sc);
+    scale_pairs_of_8_rows<true>(hi, sc + 8);
+    for (int i = 0; i < 8; i++)
+        _mm256_store_si256((__m256i*)x.scp[i], _mm256_blend_epi16(_mm256_load_si256((const __m256i*)sc[2 * i]),
+                                                                  _mm256_load_si256((const __m256i*)sc[2 * i + 1]), 0xAA));
     alignas(16) uint16_t dh[8];
     for (int r = 0; r < 8; r++) dh[r] = blk[r]->d;
     _mm256_store_ps(x.d, _mm256_cvtph_ps(_mm_load_si128((const __m128i*)dh)));
 }
 
+// pshufb masks repeating the even (0) or the odd (1) int16 of each pair
+#define HYBRID_D(o) 0 + 2 * (o), 1 + 2 * (o), 0 + 2 * (o), 1 + 2 * (o), 4 + 2 * (o), 5 + 2 * (o), 4 + 2 * (o), 5 + 2 * (o), \
+                    8 + 2 * (o), 9 + 2 * (o), 8 + 2 * (o), 9 + 2 * (o), 12 + 2 * (o), 13 + 2 * (o), 12 + 2 * (o), 13 + 2 * (o)
+alignas(32) static const uint8_t k_dup_words[2][32] = {{HYBRID_D(0), HYBRID_D(0)}, {HYBRID_D(1), HYBRID_D(1)}};
+#undef HYBRID_D
+
 template <int N>
 static void q6_K_x8_rows(int64_t nb, const q6_K_x8* x, const block_q8_K* const* ys, float* out, int64_t r_stride,
                          int64_t t_stride) {
+    constexpr int run = 2;  // groups per int16 sum: 2 x 2 x 63 x 127 = 32004
     __m256 acc[N];
     for (int t = 0; t < N; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, x++) {
@@ -296,25 +309,34 @@ static void q6_K_x8_rows(int64_t nb, const q6_K_x8* x, const block_q8_K* const* 
         for (int t = 0; t < N; t++) s32[t] = _mm256_setzero_si256();
 #pragma GCC unroll 1
         for (int hj = 0; hj < 8; hj++) {  // quarter j = hj % 4 of half h = hj / 4
-            for (int sb = 0; sb < 2; sb++) {
+            for (int k0 = 0; k0 < 8; k0 += run) {  // sub-block 2 hj + k0 / 4
                 __m256i s16[N];
                 for (int t = 0; t < N; t++) s16[t] = _mm256_setzero_si256();
-                for (int k = 4 * sb; k < 4 * sb + 4; k++) {
+                for (int k = k0; k < k0 + run; k++) {
                     const __m256i q = _mm256_load_si256((const __m256i*)x->q[hj / 4][hj % 4][k]);
-                    const __m256i u = _mm256_abs_epi8(q);
                     for (int t = 0; t < N; t++) {
                         int32_t a4;
                         std::memcpy(&a4, ys[t][b].qs + 32 * hj + 4 * k, 4);
-                        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(u, _mm256_sign_epi8(_mm256_set1_epi32(a4), q)));
+                        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(q, _mm256_set1_epi32(a4)));
                     }
                 }
-                const __m256i sc = _mm256_load_si256((const __m256i*)x->sc[2 * hj + sb]);
+                const __m256i sc = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i*)x->scp[hj]),
+                                                       _mm256_load_si256((const __m256i*)k_dup_words[k0 / 4]));
                 for (int t = 0; t < N; t++) s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(s16[t], sc));
             }
         }
         const __m256 d = _mm256_load_ps(x->d);
-        for (int t = 0; t < N; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), _mm256_cvtepi32_ps(s32[t]), acc[t]);
+        for (int t = 0; t < N; t++) {
+            const int16_t* bs = ys[t][b].bsums;
+            __m256i o = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++) {
+                int32_t pair;
+                std::memcpy(&pair, bs + 2 * i, 4);
+                o = _mm256_add_epi32(o, _mm256_madd_epi16(_mm256_load_si256((const __m256i*)x->scp[i]), _mm256_set1_epi32(pair)));
+            }
+            const __m256i s = _mm256_sub_epi32(s32[t], _mm256_slli_epi32(o, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), _mm256_cvtepi32_ps(s), acc[t]);
+        }
     }
     for (int t = 0; t < N; t++) store_8_rows(acc[t], out + t * t_stride, r_stride);
 }
