@@ -389,6 +389,10 @@ static void tile_row_groups(int64_t n, const uint8_t* w, int64_t w_stride, int64
     const int64_t R8 = T >= G::min_tokens ? R / 8 * 8 : 0, nb = n / QK_K;
     const block_q8_K* const* ys = (const block_q8_K* const*)acts;
     for (int64_t r = 0; r < R8; r += 8) {
+        // the next group's rows towards L2 while this one computes: the rewrite reads 8 rows a
+        // block at a time, 8 streams the hardware prefetchers pick up only after their misses
+        for (int64_t i = r + 8; i < std::min(R, r + 16); i++)
+            for (int64_t o = 0; o < nb * G::block_bytes; o += 64) _mm_prefetch((const char*)w + i * w_stride + o, _MM_HINT_T1);
         P* x = (P*)tile_scratch<1>(nb * sizeof(P));
         for (int64_t b = 0; b < nb; b++) G::pack(w + r * w_stride, w_stride, b, x[b]);
         float* o = out + r * r_stride;
@@ -406,6 +410,7 @@ static void tile_row_groups(int64_t n, const uint8_t* w, int64_t w_stride, int64
 template <bool QH>
 struct k4_groups {
     typedef k4_x8<QH> packed;
+    static constexpr int64_t block_bytes = QH ? sizeof(block_q5_K) : sizeof(block_q4_K);
     static constexpr int64_t min_tokens = 5;
     static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { k4_x8_pack<QH>(w, stride, b, x); }
     template <int N>
@@ -419,6 +424,7 @@ struct k4_groups {
 };
 struct q6_K_groups {
     typedef q6_K_x8 packed;
+    static constexpr int64_t block_bytes = sizeof(block_q6_K);
     static constexpr int64_t min_tokens = 8;
     static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { q6_K_x8_pack(w, stride, b, x); }
     template <int N>
