@@ -139,10 +139,10 @@ def test_expert_prefill_equals_decode(isa, mixes, T, K, E):
     engine.close()
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0], ids=lambda t: t.name)
 def test_k_quant_row_groups_every_tail(isa, qtype):
-    """AVX2 K-quant tiles rewrite 8-row groups when a tile has enough tokens (Q4_K / Q5_K 5,
-    Q6_K 8; 4 at a time, tails of 1-3) and leave the last R % 8 rows and shorter tiles to the
+    """AVX2 tiles rewrite 8-row groups when a tile has enough tokens (Q4_K / Q5_K 5, Q6_K 8,
+    Q8_0 3; 4 at a time, tails of 1-3) and leave the last R % 8 rows and shorter tiles to the
     pair / 8-token kernels: every token count from 1 to 13 and row counts on and off the 8-row
     groups give, bit for bit, what each token gives alone, and stay within the activations'
     quantization of the float64 reference."""
@@ -158,18 +158,22 @@ def test_k_quant_row_groups_every_tail(isa, qtype):
             assert np.all(np.abs(got - want) <= 0.02 * (np.abs(x).astype(np.float64) @ np.abs(ref).T) + 1e-6)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0], ids=lambda t: t.name)
 def test_k_quant_tiles_at_the_int16_limits(isa, qtype):
     """The row-group tiles add maddubs sums in int16 (Q4_K: 8 x 2 x 15 x 127, Q5_K:
     4 x 2 x 31 x 127, Q6_K: 2 x 2 x 63 x 127): with every quant, scale and min at its largest
     magnitude and activations at +-127 the sums reach those bounds; an overflow would differ
     from the single dot. Q6_K's rows 8-15 hold quants 0 instead (q - 32 = -32: the largest
-    offset its tile takes off)."""
+    offset its tile takes off). Q8_0 (one maddubs per madd: 2 x 127 x 127) with quants of
+    +-127."""
     rng = np.random.default_rng(3)
     rows = random_rows(qtype, 16, 512, rng)
-    size = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210}[qtype]
-    blocks = rows.reshape(16, 2, size)
-    if qtype == QT.Q6_K:
+    size = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210, QT.Q8_0: 34}[qtype]
+    blocks = rows.reshape(16, -1, size)
+    if qtype == QT.Q8_0:
+        blocks[:8, :, 2:] = 0x7F                 # +127
+        blocks[8:, :, 2:] = 0x81                 # -127
+    elif qtype == QT.Q6_K:
         blocks[:8, :, :192] = 0xFF               # every quant 63
         blocks[8:, :, :192] = 0                  # every quant 0: q - 32 = -32
         blocks[:, :, 192:208] = 0x7F             # scales 127

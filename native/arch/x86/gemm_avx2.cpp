@@ -341,6 +341,59 @@ static void q6_K_x8_rows(int64_t nb, const q6_K_x8* x, const block_q8_K* const* 
     for (int t = 0; t < N; t++) store_8_rows(acc[t], out + t * t_stride, r_stride);
 }
 
+// ---------------------------------------------------------------- Q8_0, 8 rows interleaved
+// A register holds 4 quants of each of 8 rows (the K-quants' layout): per token the 4
+// activations broadcast, carry each row's quant signs (sign), maddubs against the rows' |q|
+// and madd fold them to one int32 per row, and 8 registers make each row's block sum S, exact;
+// then one float step for the 8 rows, acc = fma(d * d_act, S, acc), x86::rows_q8_0's step in
+// its order, so every output equals the decode dot bit for bit. Cached, Zen 2, 2048-weight
+// rows, 48 tokens: 2.27 cycles per 32 products, the pair kernel 3.15; the rewrite ~9 ns per 8
+// blocks.
+struct alignas(32) q8_0_x8 {
+    int8_t q[8][32];  // group k: quants 4k..4k+3, row r in bytes 4r..4r+3
+    float d[8];
+};
+static_assert(8 * sizeof(q8_0_x8) <= 2496, "8 of them (256 weights of a row) within the Plan's tile_scratch line");
+
+static inline void q8_0_x8_pack(const uint8_t* w, int64_t stride, int64_t b, q8_0_x8& x) {
+    __m256i v[8], t[8];
+    alignas(16) uint16_t dh[8];
+    for (int r = 0; r < 8; r++) {
+        const block_q8_0* blk = (const block_q8_0*)(w + r * stride) + b;
+        v[r] = _mm256_loadu_si256((const __m256i*)blk->qs);
+        dh[r] = blk->d;
+    }
+    transpose_4byte_groups(v, t);
+    for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i*)x.q[k], t[k]);
+    _mm256_store_ps(x.d, _mm256_cvtph_ps(_mm_load_si128((const __m128i*)dh)));
+}
+
+template <int N>
+static void q8_0_x8_rows(int64_t nb, const q8_0_x8* x, const block_q8_32* const* ys, float* out, int64_t r_stride,
+                         int64_t t_stride) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[N];
+    for (int t = 0; t < N; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, x++) {
+        __m256i S[N];
+        for (int t = 0; t < N; t++) S[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {
+            const __m256i q = _mm256_load_si256((const __m256i*)x->q[k]);
+            const __m256i u = _mm256_abs_epi8(q);
+            for (int t = 0; t < N; t++) {
+                int32_t a4;
+                std::memcpy(&a4, ys[t][b].qs + 4 * k, 4);
+                const __m256i p = _mm256_maddubs_epi16(u, _mm256_sign_epi8(_mm256_set1_epi32(a4), q));
+                S[t] = _mm256_add_epi32(S[t], _mm256_madd_epi16(p, ones));
+            }
+        }
+        const __m256 d = _mm256_load_ps(x->d);
+        for (int t = 0; t < N; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), _mm256_cvtepi32_ps(S[t]), acc[t]);
+    }
+    for (int t = 0; t < N; t++) store_8_rows(acc[t], out + t * t_stride, r_stride);
+}
+
 // Each type's dots of one weight row with N activation rows, for tile().
 // Q4_K / Q5_K: per token group, each pair's K4PairPrep for every block, in the calling thread's
 // tile_scratch, read by every row of the tile.
@@ -368,6 +421,12 @@ struct k4_kernel {
         }
     };
 };
+struct q8_0_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        rows_q8_0<N>(n, w, a, out);
+    }
+};
 struct q6_K_kernel {
     template <int N>
     static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
@@ -386,8 +445,8 @@ template <class G>
 static void tile_row_groups(int64_t n, const uint8_t* w, int64_t w_stride, int64_t R, const void* const* acts,
                             int64_t T, float* out, int64_t r_stride, int64_t t_stride) {
     typedef typename G::packed P;
-    const int64_t R8 = T >= G::min_tokens ? R / 8 * 8 : 0, nb = n / QK_K;
-    const block_q8_K* const* ys = (const block_q8_K* const*)acts;
+    const int64_t R8 = T >= G::min_tokens ? R / 8 * 8 : 0, nb = n / G::block_elems;
+    const typename G::act* const* ys = (const typename G::act* const*)acts;
     for (int64_t r = 0; r < R8; r += 8) {
         // the next group's rows towards L2 while this one computes: the rewrite reads 8 rows a
         // block at a time, 8 streams the hardware prefetchers pick up only after their misses
@@ -410,6 +469,8 @@ static void tile_row_groups(int64_t n, const uint8_t* w, int64_t w_stride, int64
 template <bool QH>
 struct k4_groups {
     typedef k4_x8<QH> packed;
+    typedef block_q8_K act;
+    static constexpr int64_t block_elems = QK_K;
     static constexpr int64_t block_bytes = QH ? sizeof(block_q5_K) : sizeof(block_q4_K);
     static constexpr int64_t min_tokens = 5;
     static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { k4_x8_pack<QH>(w, stride, b, x); }
@@ -424,6 +485,8 @@ struct k4_groups {
 };
 struct q6_K_groups {
     typedef q6_K_x8 packed;
+    typedef block_q8_K act;
+    static constexpr int64_t block_elems = QK_K;
     static constexpr int64_t block_bytes = sizeof(block_q6_K);
     static constexpr int64_t min_tokens = 8;
     static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { q6_K_x8_pack(w, stride, b, x); }
@@ -437,6 +500,23 @@ struct q6_K_groups {
     }
 };
 
+struct q8_0_groups {
+    typedef q8_0_x8 packed;
+    typedef block_q8_32 act;
+    static constexpr int64_t block_elems = QK32;
+    static constexpr int64_t block_bytes = sizeof(block_q8_0);
+    static constexpr int64_t min_tokens = 3;
+    static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { q8_0_x8_pack(w, stride, b, x); }
+    template <int N>
+    static void rows(int64_t nb, const packed* x, const block_q8_32* const* ys, float* out, int64_t rs, int64_t ts) {
+        q8_0_x8_rows<N>(nb, x, ys, out, rs, ts);
+    }
+    static void fallback(int64_t n, const uint8_t* w, int64_t ws, int64_t R, const void* const* a, int64_t T, float* out,
+                         int64_t rs, int64_t ts) {
+        tile<8, q8_0_kernel>(n, w, ws, R, a, T, out, rs, ts);
+    }
+};
+
 static void fill(gemm_tile_fn* g) {
     fill_shared<dot_u8s8_32>(g);
     // K-quants: 8-row groups rewritten per tile (tile_row_groups); their fallbacks: Q4_K / Q5_K
@@ -445,6 +525,7 @@ static void fill(gemm_tile_fn* g) {
     g[GGML_Q4_K] = tile_row_groups<k4_groups<false>>;
     g[GGML_Q5_K] = tile_row_groups<k4_groups<true>>;
     g[GGML_Q6_K] = tile_row_groups<q6_K_groups>;
+    g[GGML_Q8_0] = tile_row_groups<q8_0_groups>;
 }
 
 }  // namespace x86_gemm

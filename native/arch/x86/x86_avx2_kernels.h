@@ -653,6 +653,51 @@ static float dot32(int64_t n, const void* w, const void* a) {
     return out;
 }
 
+// Q8_0 on AVX2: the same integer block sums, one float step per block in block order,
+// acc = fma(d * d_act, S_b, acc), in one accumulator per row and token, so that the 8-row
+// groups of gemm_avx2.cpp (rows in vector lanes) give every output bit for bit what this
+// gives: there the pair step above cost a third of the loop (Zen 2 runs these loops at the
+// rate of their vector uops, and a row per lane needs one float step per 8 rows and block).
+// Here two blocks' sums share one hadd and the reduction to two scalars; N tokens share the
+// unpacked blocks (the decode dot is N = 1, the short tiles N <= 8).
+template <int N>
+static inline void rows_q8_0(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+    typedef b32_q8_0 B;
+    const block_q8_32* const* ys = (const block_q8_32* const*)a;
+    const int64_t nb = n / QK32;
+    __m128 acc[N];
+    for (int r = 0; r < N; r++) acc[r] = _mm_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const b32_unpacked<B> x0(w + b * B::bytes), x1(w + (b + 1) * B::bytes);
+        for (int r = 0; r < N; r++) {
+            const block_q8_32& y0 = ys[r][b];
+            const block_q8_32& y1 = ys[r][b + 1];
+            const __m256i h = _mm256_hadd_epi32(x0.template dot<dot_u8s8_32>(y0), x1.template dot<dot_u8s8_32>(y1));
+            const __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            const __m128 f = _mm_cvtepi32_ps(_mm_hadd_epi32(s2, s2));  // S_b, S_b+1, S_b, S_b+1
+            acc[r] = _mm_fmadd_ss(_mm_set_ss(x0.d * y0.d), f, acc[r]);
+            acc[r] = _mm_fmadd_ss(_mm_set_ss(x1.d * y1.d), _mm_movehdup_ps(f), acc[r]);
+        }
+    }
+    if (b < nb) {
+        const b32_unpacked<B> x(w + b * B::bytes);
+        for (int r = 0; r < N; r++) {
+            const block_q8_32& y = ys[r][b];
+            const __m256i p = x.template dot<dot_u8s8_32>(y);
+            const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+            acc[r] = _mm_fmadd_ss(_mm_set_ss(x.d * y.d), _mm_set_ss((float)hsum_epi32_128(s4)), acc[r]);
+        }
+    }
+    for (int r = 0; r < N; r++) out[r] = _mm_cvtss_f32(acc[r]);
+}
+
+static float dot_q8_0(int64_t n, const void* w, const void* a) {
+    float out;
+    rows_q8_0<1>(n, (const uint8_t*)w, &a, &out);
+    return out;
+}
+
 // The calling thread's scratch for a tile's per-group preparation (rows32_kernel, the K-quant
 // tile kernels; SLOT 0) and for weight rows a tile rewrites (SLOT 1, gemm_avx2.cpp's K-quant
 // row groups): grown as needed, 64-byte aligned, freed when the thread ends.
@@ -1506,7 +1551,7 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot[GGML_BF16] = dot_bf16;
     t->dot[GGML_Q4_0] = dot32<b32_q4_0, dot_u8s8_32>;
     t->dot[GGML_Q5_0] = dot32<b32_q5_0, dot_u8s8_32>;
-    t->dot[GGML_Q8_0] = dot32<b32_q8_0, dot_u8s8_32>;
+    t->dot[GGML_Q8_0] = dot_q8_0;
     t->dot[GGML_Q4_1] = dot32<b32_q4_1, dot_u8s8_32>;
     t->dot[GGML_Q5_1] = dot32<b32_q5_1, dot_u8s8_32>;
     t->dot[GGML_Q2_K] = dot_q2_K;
