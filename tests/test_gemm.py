@@ -142,7 +142,7 @@ def test_expert_prefill_equals_decode(isa, mixes, T, K, E):
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0], ids=lambda t: t.name)
 def test_k_quant_row_groups_every_tail(isa, qtype):
     """AVX2 tiles rewrite 8-row groups when a tile has enough tokens (Q4_K / Q5_K 5, Q6_K 8,
-    Q8_0 3; 4 at a time, tails of 1-3) and leave the last R % 8 rows and shorter tiles to the
+    Q8_0 12; 4 at a time, tails of 1-3) and leave the last R % 8 rows and shorter tiles to the
     pair / 8-token kernels: every token count from 1 to 13 and row counts on and off the 8-row
     groups give, bit for bit, what each token gives alone, and stay within the activations'
     quantization of the float64 reference."""

@@ -346,9 +346,12 @@ static void q6_K_x8_rows(int64_t nb, const q6_K_x8* x, const block_q8_K* const* 
 // activations broadcast, carry each row's quant signs (sign), maddubs against the rows' |q|
 // and madd fold them to one int32 per row, and 8 registers make each row's block sum S, exact;
 // then one float step for the 8 rows, acc = fma(d * d_act, S, acc), x86::rows_q8_0's step in
-// its order, so every output equals the decode dot bit for bit. Cached, Zen 2, 2048-weight
-// rows, 48 tokens: 2.27 cycles per 32 products, the pair kernel 3.15; the rewrite ~9 ns per 8
-// blocks.
+// its order, so every output equals the decode dot bit for bit. Zen 2, 2048-weight rows in
+// cache (bench_matmul --cached --k 2048), ns per 256 weights and token, the pair kernel this
+// replaced -> now: 16 tokens 7.9 -> 7.7, 32 7.8 -> 7.1, 48 7.8 -> 6.8. The rewrite (~9 ns per
+// 8 blocks) costs more than it saves below 12 tokens, which the short tiles take
+// (x86::rows_q8_0_lanes: 2 tokens 9.8 -> 12.4, 4 8.4 -> 9.4, 8 7.9 -> 8.1: each token's block
+// sum is now reduced to one integer, where the pair kernel kept partial sums to the end).
 struct alignas(32) q8_0_x8 {
     int8_t q[8][32];  // group k: quants 4k..4k+3, row r in bytes 4r..4r+3
     float d[8];
@@ -421,11 +424,27 @@ struct k4_kernel {
         }
     };
 };
+// Q8_0's short tiles: per token group the tokens' scales in lanes, [block][8], in the calling
+// thread's tile_scratch, read by every row (one token: the decode dot's own kernel).
 struct q8_0_kernel {
     template <int N>
-    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
-        rows_q8_0<N>(n, w, a, out);
-    }
+    struct group {
+        const void* const* acts;
+        const float* da;
+        group(int64_t n, const void* const* a) : acts(a), da(N > 1 ? prepare(n, a) : nullptr) {}
+        void rows(int64_t n, const uint8_t* w, float* out) const {
+            if constexpr (N == 1) rows_q8_0<1>(n, w, acts, out);
+            else rows_q8_0_lanes<N>(n, w, acts, da, out);
+        }
+        static const float* prepare(int64_t n, const void* const* a) {
+            const block_q8_32* const* ys = (const block_q8_32* const*)a;
+            const int64_t nb = n / QK32;
+            float* buf = (float*)tile_scratch(nb * 8 * sizeof(float));
+            for (int64_t b = 0; b < nb; b++)
+                for (int t = 0; t < 8; t++) buf[b * 8 + t] = t < N ? ys[t][b].d : 0.f;
+            return buf;
+        }
+    };
 };
 struct q6_K_kernel {
     template <int N>
@@ -505,7 +524,7 @@ struct q8_0_groups {
     typedef block_q8_32 act;
     static constexpr int64_t block_elems = QK32;
     static constexpr int64_t block_bytes = sizeof(block_q8_0);
-    static constexpr int64_t min_tokens = 3;
+    static constexpr int64_t min_tokens = 12;
     static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { q8_0_x8_pack(w, stride, b, x); }
     template <int N>
     static void rows(int64_t nb, const packed* x, const block_q8_32* const* ys, float* out, int64_t rs, int64_t ts) {

@@ -692,6 +692,65 @@ static inline void rows_q8_0(int64_t n, const uint8_t* w, const void* const* a, 
     for (int r = 0; r < N; r++) out[r] = _mm_cvtss_f32(acc[r]);
 }
 
+// The integer sums of N <= 8 tokens (p[t]: 8 int32 partials each) with token t in lane t,
+// lanes N..7 zero: a tree of hadds, then the two 128-bit halves added.
+template <int N>
+static inline __m256i sums_in_lanes(const __m256i* p) {
+    const __m256i z = _mm256_setzero_si256();
+    __m256i q[4];
+    for (int i = 0; i < 4; i++)
+        q[i] = 2 * i < N ? _mm256_hadd_epi32(p[2 * i], 2 * i + 1 < N ? p[2 * i + 1] : z) : z;
+    const __m256i r0 = _mm256_hadd_epi32(q[0], q[1]), r1 = N > 4 ? _mm256_hadd_epi32(q[2], q[3]) : z;
+    return _mm256_add_epi32(_mm256_permute2x128_si256(r0, r1, 0x20), _mm256_permute2x128_si256(r0, r1, 0x31));
+}
+
+// The integer sums of N <= 4 tokens for two blocks (pa: block b, pb: block b + 1): block b's
+// in lanes 0..N-1, block b + 1's in lanes 4..4+N-1.
+template <int N>
+static inline __m256i sums_in_lanes2(const __m256i* pa, const __m256i* pb) {
+    const __m256i z = _mm256_setzero_si256();
+    const __m256i q0 = _mm256_hadd_epi32(pa[0], N > 1 ? pa[1] : z), q2 = _mm256_hadd_epi32(pb[0], N > 1 ? pb[1] : z);
+    const __m256i q1 = N > 2 ? _mm256_hadd_epi32(pa[2], N > 3 ? pa[3] : z) : z;
+    const __m256i q3 = N > 2 ? _mm256_hadd_epi32(pb[2], N > 3 ? pb[3] : z) : z;
+    const __m256i r0 = _mm256_hadd_epi32(q0, q1), r1 = _mm256_hadd_epi32(q2, q3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(r0, r1, 0x20), _mm256_permute2x128_si256(r0, r1, 0x31));
+}
+
+// rows_q8_0 for 2..8 tokens with the tokens in vector lanes: per block each token's integer
+// sum (the same sign / maddubs / madd), the N sums into lanes, and one float step for all,
+// the step rows_q8_0 takes per token (acc = fma(d * d_act, S_b, acc), block after block), so
+// the results are its bits. `da` holds the tokens' scales, [block][8 lanes], prepared once
+// per token group (q8_0_lanes_kernel). 2 tokens: ~2x faster than two rows_q8_0 sums.
+template <int N>
+static inline void rows_q8_0_lanes(int64_t n, const uint8_t* w, const void* const* a, const float* da, float* out) {
+    typedef b32_q8_0 B;
+    const block_q8_32* const* ys = (const block_q8_32* const*)a;
+    const int64_t nb = n / QK32;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t b = 0;
+    if constexpr (N <= 4)  // two blocks a reduction: block b in the low half, b + 1 in the high
+        for (; b + 2 <= nb; b += 2) {
+            const b32_unpacked<B> x0(w + b * B::bytes), x1(w + (b + 1) * B::bytes);
+            __m256i pa[N], pb[N];
+            for (int t = 0; t < N; t++) pa[t] = x0.template dot<dot_u8s8_32>(ys[t][b]), pb[t] = x1.template dot<dot_u8s8_32>(ys[t][b + 1]);
+            const __m256 f = _mm256_cvtepi32_ps(sums_in_lanes2<N>(pa, pb));
+            const __m256 sc = _mm256_mul_ps(_mm256_setr_m128(_mm_set1_ps(x0.d), _mm_set1_ps(x1.d)),
+                                            _mm256_setr_m128(_mm_load_ps(da + b * 8), _mm_load_ps(da + b * 8 + 8)));
+            acc = _mm256_fmadd_ps(sc, f, acc);  // lanes 0..3: block b
+            acc = _mm256_fmadd_ps(_mm256_permute2f128_ps(sc, sc, 0x11), _mm256_permute2f128_ps(f, f, 0x11), acc);
+        }
+    for (; b < nb; b++) {
+        const b32_unpacked<B> x(w + b * B::bytes);
+        __m256i p[N];
+        for (int t = 0; t < N; t++) p[t] = x.template dot<dot_u8s8_32>(ys[t][b]);
+        const __m256 f = _mm256_cvtepi32_ps(sums_in_lanes<N>(p));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(x.d), _mm256_load_ps(da + b * 8)), f, acc);
+    }
+    alignas(32) float o[8];
+    _mm256_store_ps(o, acc);
+    for (int t = 0; t < N; t++) out[t] = o[t];
+}
+
 static float dot_q8_0(int64_t n, const void* w, const void* a) {
     float out;
     rows_q8_0<1>(n, (const uint8_t*)w, &a, &out);
