@@ -424,6 +424,8 @@ struct k4_kernel {
         }
     };
 };
+namespace {  // internal linkage: no member may be shared with another ISA's object file
+
 // Q8_0's short tiles: per token group the tokens' scales in lanes, [block][8], in the calling
 // thread's tile_scratch, read by every row (one token: the decode dot's own kernel).
 struct q8_0_kernel {
@@ -535,6 +537,8 @@ struct q8_0_groups {
         tile<8, q8_0_kernel>(n, w, ws, R, a, T, out, rs, ts);
     }
 };
+
+}  // namespace
 
 static void fill(gemm_tile_fn* g) {
     fill_shared<dot_u8s8_32>(g);
