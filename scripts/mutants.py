@@ -656,7 +656,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_gemm.py", "-k", "row_groups and avx2"),
            "sub-blocks 2 and 3's mins meet the activation sums of sub-blocks 0 and 1 in the row-group tiles"),
     Mutant("issue15-k4x8-leftover-rows-dropped", "native/arch/x86/gemm_avx2.cpp",
-           "    if (R8 < R) G::fallback(", "    if (false) G::fallback(",
+           "    if (R8 < R)\n        tile<8, typename G::fallback>(", "    if (false)\n        tile<8, typename G::fallback>(",
            ("tests/test_gemm.py", "-k", "row_groups and avx2"),
            "the last R % 8 rows of a row-group tile (Q4_K / Q5_K / Q6_K) are never computed"),
     Mutant("issue15-q8x8-last-group-dropped", "native/arch/x86/gemm_avx2.cpp",

@@ -485,7 +485,9 @@ static void tile_row_groups(int64_t n, const uint8_t* w, int64_t w_stride, int64
             default: break;
         }
     }
-    if (R8 < R) G::fallback(n, w + R8 * w_stride, w_stride, R - R8, acts, T, out + R8 * r_stride, r_stride, t_stride);
+    if (R8 < R)
+        tile<8, typename G::fallback>(n, w + R8 * w_stride, w_stride, R - R8, acts, T, out + R8 * r_stride, r_stride,
+                                      t_stride);
 }
 template <bool QH>
 struct k4_groups {
@@ -499,10 +501,7 @@ struct k4_groups {
     static void rows(int64_t nb, const packed* x, const block_q8_K* const* ys, float* out, int64_t rs, int64_t ts) {
         k4_x8_rows<N, QH>(nb, x, ys, out, rs, ts);
     }
-    static void fallback(int64_t n, const uint8_t* w, int64_t ws, int64_t R, const void* const* a, int64_t T, float* out,
-                         int64_t rs, int64_t ts) {
-        tile<8, k4_kernel<QH>>(n, w, ws, R, a, T, out, rs, ts);
-    }
+    typedef k4_kernel<QH> fallback;  // short tiles and the last R % 8 rows, 8 tokens at a time
 };
 struct q6_K_groups {
     typedef q6_K_x8 packed;
@@ -515,10 +514,7 @@ struct q6_K_groups {
     static void rows(int64_t nb, const packed* x, const block_q8_K* const* ys, float* out, int64_t rs, int64_t ts) {
         q6_K_x8_rows<N>(nb, x, ys, out, rs, ts);
     }
-    static void fallback(int64_t n, const uint8_t* w, int64_t ws, int64_t R, const void* const* a, int64_t T, float* out,
-                         int64_t rs, int64_t ts) {
-        tile<8, q6_K_kernel>(n, w, ws, R, a, T, out, rs, ts);
-    }
+    typedef q6_K_kernel fallback;  // short tiles and the last R % 8 rows, 8 tokens at a time
 };
 
 struct q8_0_groups {
@@ -532,10 +528,7 @@ struct q8_0_groups {
     static void rows(int64_t nb, const packed* x, const block_q8_32* const* ys, float* out, int64_t rs, int64_t ts) {
         q8_0_x8_rows<N>(nb, x, ys, out, rs, ts);
     }
-    static void fallback(int64_t n, const uint8_t* w, int64_t ws, int64_t R, const void* const* a, int64_t T, float* out,
-                         int64_t rs, int64_t ts) {
-        tile<8, q8_0_kernel>(n, w, ws, R, a, T, out, rs, ts);
-    }
+    typedef q8_0_kernel fallback;  // short tiles and the last R % 8 rows, 8 tokens at a time
 };
 
 }  // namespace
