@@ -332,7 +332,8 @@ static void q6_K_x8_rows(int64_t nb, const q6_K_x8* x, const block_q8_K* const* 
             for (int i = 0; i < 8; i++) {
                 int32_t pair;
                 std::memcpy(&pair, bs + 2 * i, 4);
-                o = _mm256_add_epi32(o, _mm256_madd_epi16(_mm256_load_si256((const __m256i*)x->scp[i]), _mm256_set1_epi32(pair)));
+                const __m256i sp = _mm256_load_si256((const __m256i*)x->scp[i]);
+                o = _mm256_add_epi32(o, _mm256_madd_epi16(sp, _mm256_set1_epi32(pair)));
             }
             const __m256i s = _mm256_sub_epi32(s32[t], _mm256_slli_epi32(o, 5));
             acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), _mm256_cvtepi32_ps(s), acc[t]);
@@ -472,7 +473,8 @@ static void tile_row_groups(int64_t n, const uint8_t* w, int64_t w_stride, int64
         // the next group's rows towards L2 while this one computes: the rewrite reads 8 rows a
         // block at a time, 8 streams the hardware prefetchers pick up only after their misses
         for (int64_t i = r + 8; i < std::min(R, r + 16); i++)
-            for (int64_t o = 0; o < nb * G::block_bytes; o += 64) _mm_prefetch((const char*)w + i * w_stride + o, _MM_HINT_T1);
+            for (int64_t o = 0; o < nb * G::block_bytes; o += 64)
+                _mm_prefetch((const char*)w + i * w_stride + o, _MM_HINT_T1);
         P* x = (P*)tile_scratch<1>(nb * sizeof(P));
         for (int64_t b = 0; b < nb; b++) G::pack(w + r * w_stride, w_stride, b, x[b]);
         float* o = out + r * r_stride;
