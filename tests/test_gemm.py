@@ -141,13 +141,14 @@ def test_expert_prefill_equals_decode(isa, mixes, T, K, E):
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0], ids=lambda t: t.name)
 def test_k_quant_row_groups_every_tail(isa, qtype):
-    """AVX2 tiles rewrite 8-row groups when a tile has enough tokens (Q4_K / Q5_K 5, Q6_K 8,
-    Q8_0 12; 4 at a time, tails of 1-3) and leave the last R % 8 rows and shorter tiles to the
-    pair / 8-token kernels: every token count from 1 to 13 and row counts on and off the 8-row
-    groups give, bit for bit, what each token gives alone, and stay within the activations'
+    """Tiles rewrite row groups when a tile has enough tokens (AVX2: 8 rows, Q4_K / Q5_K from 5
+    tokens, Q6_K 8, Q8_0 12; AVX-512: 16 rows, K-quants from 3, Q8_0 2; 4 tokens at a time,
+    tails of 1-3) and leave the last rows and shorter tiles to the per-row kernels: every token
+    count from 1 to 13 and row counts on and off the groups (37: two 16-row groups and 5 rows)
+    give, bit for bit, what each token gives alone, and stay within the activations'
     quantization of the float64 reference."""
     rng = np.random.default_rng(int(qtype))
-    for R in (8, 13, 24):
+    for R in (8, 13, 24, 37):
         rows = random_rows(qtype, R, 768, rng)
         ref = reference_weights(qtype, rows)
         for T in list(range(1, 14)) + [64]:
@@ -160,12 +161,13 @@ def test_k_quant_row_groups_every_tail(isa, qtype):
 
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0], ids=lambda t: t.name)
 def test_k_quant_tiles_at_the_int16_limits(isa, qtype):
-    """The row-group tiles add maddubs sums in int16 (Q4_K: 8 x 2 x 15 x 127, Q5_K:
+    """The AVX2 row-group tiles add maddubs sums in int16 (Q4_K: 8 x 2 x 15 x 127, Q5_K:
     4 x 2 x 31 x 127, Q6_K: 2 x 2 x 63 x 127): with every quant, scale and min at its largest
     magnitude and activations at +-127 the sums reach those bounds; an overflow would differ
     from the single dot. Q6_K's rows 8-15 hold quants 0 instead (q - 32 = -32: the largest
     offset its tile takes off). Q8_0 (one maddubs per madd: 2 x 127 x 127) with quants of
-    +-127."""
+    +-127. The same 16 rows are one AVX-512 group (int32 sums, scaled by vpmulld: the largest
+    products it forms)."""
     rng = np.random.default_rng(3)
     rows = random_rows(qtype, 16, 512, rng)
     size = {QT.Q4_K: 144, QT.Q5_K: 176, QT.Q6_K: 210, QT.Q8_0: 34}[qtype]

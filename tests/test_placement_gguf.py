@@ -144,10 +144,12 @@ def test_predicted_cpu_rss_growth(tiny_f32):
     copied = sum(b for n, b in sizes.items() if "_exps." not in n and n != "token_embd.weight")
     cfg = TinyConfig()
     kv = 1024 * cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope) * 4
-    # each CPU worker's prefill-tile scratch for the longest row (a rewritten Q5_K 8-row group,
-    # 2496 B per 256 weights, and prepared activation scales, 4 B per weight): the expert
+    # each CPU worker's prefill-tile scratch for the longest row (a rewritten Q5_K 16-row group
+    # of the AVX-512 tiles per 256 weights: per row a byte per quant, 8 scale and 4 min pairs of
+    # int16, d and dmin as floats; and prepared activation scales, 4 B per weight): the expert
     # engine's and the linears' pool's workers, one per allowed cpu each
-    scratch = 2 * len(os.sched_getaffinity(0)) * (-(-longest_row // 256) * 2496 + 4 * longest_row)
+    group_block = 16 * (256 + 8 * 2 * 2 + 4 * 2 * 2 + 2 * 4)
+    scratch = 2 * len(os.sched_getaffinity(0)) * (-(-longest_row // 256) * group_block + 4 * longest_row)
     assert cpu["tile_scratch"] == scratch
     assert got == stored + copied + kv + cpu["workspace"] + scratch
     assert 0 < cpu["workspace"] < 8 << 20

@@ -38,7 +38,14 @@ static inline __m512i shim_cvtps_epi32(__m512 v) {  // round to nearest even, as
     for (int i = 0; i < 16; i++) r[i] = (int32_t)std::nearbyint(f[i]);
     return _mm512_loadu_si512(r);
 }
+static inline __m512i shim_srai_epi32(__m512i v, unsigned int k) {  // arithmetic shift (k <= 31 here)
+    int32_t a[16];
+    _mm512_storeu_si512(a, v);
+    for (int i = 0; i < 16; i++) a[i] >>= k;
+    return _mm512_loadu_si512(a);
+}
 #define _mm512_cvtph_ps shim_cvtph_ps
+#define _mm512_srai_epi32 shim_srai_epi32
 #define _mm512_cvtps_epi32 shim_cvtps_epi32
 #define _mm512_cvtepu16_epi32 shim_cvtepu16_epi32
 #define _mm512_cvtepi32_ps shim_cvtepi32_ps
@@ -105,13 +112,14 @@ static std::vector<uint8_t> random_row(int type, int n) {
 }
 
 // The prefill tiles (gemm_avx512.cpp) against the AVX-512 single dot, bit for bit: token
-// counts around the 4- and 8-token groups (tails of 1..7), several rows, a strided output.
+// counts around the 4- and 8-token groups (tails of 1..7), 35 rows (two 16-row groups and 3
+// rows for the per-row kernel), a strided output.
 static void check_gemm_tiles(const kernel_table& simd, int* passed, int* failed) {
     gemm_tile_fn gemm[GGML_TYPE_LIMIT] = {};
     fill_avx512_gemm(gemm);
     const int types[] = {GGML_Q4_0, GGML_Q5_0, GGML_Q8_0, GGML_Q4_1, GGML_Q5_1, GGML_IQ4_NL, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K,
                          GGML_IQ2_XXS, GGML_IQ2_XS, GGML_IQ2_S, GGML_IQ3_XXS, GGML_IQ3_S, GGML_IQ1_S};
-    const int n = 512, R = 3;
+    const int n = 512, R = 35;
     for (int type : types) {
         const type_info& ti = get_type_info(type);
         const int64_t rb = row_bytes(type, n), ab = act_row_bytes(ti.act, n);

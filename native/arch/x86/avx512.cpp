@@ -1,7 +1,12 @@
 // AVX-512 (F/BW/VL/DQ + VNNI) kernel table. Compiled with those flags; used only after cpuid
 // confirms all of them. Dequantize and activation quantization are the AVX2-level code of
 // x86_avx2_kernels.h rebuilt with these flags (they are load/store bound, wider vectors do not
-// help); the dots, where the time goes, use 512-bit registers and VNNI dot instructions.
+// help); most dots use 512-bit registers and VNNI dot instructions. Q4_K, Q5_K, Q6_K and Q8_0
+// keep the AVX2-level dots (Q8_0 with the VNNI product): one FMA per block of its exact integer
+// sum, the float step gemm_avx512.cpp's 16-row prefill groups take for 16 rows in one register,
+// so that prefill equals decode bit for bit. At decode these read DRAM at the machine's
+// bandwidth either way (bench_matmul, Zen 4, 2 threads: 0.98-1.01 of the read bandwidth for the
+// four types, the 512-bit dots they replaced 0.94-1.03).
 #include "x86_avx2_kernels.h"
 #include "flash_x86.h"
 
@@ -69,94 +74,11 @@ static float dot_bf16(int64_t n, const void* w, const void* a) {
     return s;
 }
 
-// Word permutations: chunk c of a Q4_K block spans sub-blocks 2c (low 16 words) and 2c+1.
-alignas(64) static const int16_t k_k4_scale_idx[4][32] = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
-    {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
-    {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7},
-};
-
-// Q4_K / Q5_K: 64 quants (two sub-blocks) per 512-bit register; maddubs gives int16 pair
-// sums, vpdpwssd multiplies them by the sub-block scale and accumulates in int32.
-static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, int qs_off,
-                               int qh_off, const block_q8_K* y) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-    __m512 acc = _mm512_setzero_ps();
-    __m256 acc_m = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t* blk = base + b * stride;
-        prefetch_block(blk, stride);
-        uint16_t dh, mh;
-        std::memcpy(&dh, blk, 2);
-        std::memcpy(&mh, blk + 2, 2);
-        const __m128i sm = scales_mins_k4(blk + 4);
-        acc_m = _mm256_fmadd_ps(_mm256_set1_ps(y[b].d * h2f(mh)), _mm256_cvtepi32_ps(k4_min_products(sm, y[b].bsums)), acc_m);
-        const uint8_t* qs = blk + qs_off;
-        const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
-        const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-        __m512i sumi = _mm512_setzero_si512();
-        for (int c = 0; c < 4; c++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
-            __m256i lo = _mm256_and_si256(q, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (qh_off) {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
-            }
-            const __m512i av = _mm512_loadu_si512((const void*)(y[b].qs + 64 * c));
-            const __m512i s = _mm512_permutexvar_epi16(_mm512_load_si512((const void*)k_k4_scale_idx[c]), scales);
-            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(lo, hi), av), s);
-        }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * h2f(dh)), _mm512_cvtepi32_ps(sumi), acc);
-    }
-    return reduce_add(acc) - hsum_ps(acc_m);
-}
-
-static float dot_q4_K(int64_t n, const void* w, const void* a) {
-    return dot_k4_512(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0,
-                      (const block_q8_K*)a);
-}
-
-static float dot_q5_K(int64_t n, const void* w, const void* a) {
-    return dot_k4_512(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs),
-                      offsetof(block_q5_K, qh), (const block_q8_K*)a);
-}
-
 // Word permutations spreading 4 int16 scales over 4 x 8 lanes (sub-blocks of 16 quants).
 alignas(64) static const int16_t k_q6_scale_idx[2][32] = {
     {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
     {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
 };
-
-static float dot_q6_K(int64_t n, const void* w, const void* a) {
-    const block_q6_K* x = (const block_q6_K*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    const __m512i idx0 = _mm512_load_si512((const void*)k_q6_scale_idx[0]);
-    const __m512i idx1 = _mm512_load_si512((const void*)k_q6_scale_idx[1]);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_q6_K));
-        __m512i sumi = _mm512_setzero_si512();
-        for (int half = 0; half < 2; half++) {
-            __m256i q[4];
-            q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
-            const __m128i sc16 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(x[b].scales + 8 * half)));
-            const __m512i sc = _mm512_castsi128_si512(sc16);
-            const int8_t* ay = y[b].qs + 128 * half;
-            const __m512i a01 = _mm512_loadu_si512((const void*)ay);
-            const __m512i a23 = _mm512_loadu_si512((const void*)(ay + 64));
-            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[0], q[1]), a01),
-                                       _mm512_permutexvar_epi16(idx0, sc));
-            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[2], q[3]), a23),
-                                       _mm512_permutexvar_epi16(idx1, sc));
-        }
-        // quants are stored +32: subtract 32 * sc[j] * bsums[j] (8 lanes) from the low half
-        sumi = _mm512_sub_epi32(sumi, _mm512_inserti64x4(_mm512_setzero_si512(), q6_offset(x[b].scales, y[b].bsums), 0));
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(y[b].d * h2f(x[b].d)), _mm512_cvtepi32_ps(sumi), acc);
-    }
-    return reduce_add(acc);
-}
 
 // Q4_1 / Q5_1: the AVX2 code with one VNNI instruction for the 32 u8 x s8 products.
 static inline __m256i dot_vnni_32(__m256i u, __m256i s) {
@@ -281,10 +203,9 @@ bool fill_avx512_kernels(kernel_table* t) {
     // 32-blocks: x86::rows32 with one 256-bit VNNI dot per block (gemm_avx512.cpp's tiles)
     t->dot[GGML_Q4_0] = x86::dot32<x86::b32_q4_0, x86_512::dot_vnni_32>;
     t->dot[GGML_Q5_0] = x86::dot32<x86::b32_q5_0, x86_512::dot_vnni_32>;
-    t->dot[GGML_Q8_0] = x86::dot32<x86::b32_q8_0, x86_512::dot_vnni_32>;
-    t->dot[GGML_Q4_K] = x86_512::dot_q4_K;
-    t->dot[GGML_Q5_K] = x86_512::dot_q5_K;
-    t->dot[GGML_Q6_K] = x86_512::dot_q6_K;
+    // Q4_K / Q5_K / Q6_K: fill_avx2_level's dots (see the top of this file); Q8_0 the same
+    // code with the VNNI product
+    t->dot[GGML_Q8_0] = x86::dot_q8_0<x86_512::dot_vnni_32>;
     t->dot[GGML_Q4_1] = x86::dot32<x86::b32_q4_1, x86_512::dot_vnni_32>;
     t->dot[GGML_Q5_1] = x86::dot32<x86::b32_q5_1, x86_512::dot_vnni_32>;
     t->dot[GGML_Q2_K] = x86_512::dot_q2_K;

@@ -653,43 +653,37 @@ static float dot32(int64_t n, const void* w, const void* a) {
     return out;
 }
 
-// Q8_0 on AVX2: the same integer block sums, one float step per block in block order,
-// acc = fma(d * d_act, S_b, acc), in one accumulator per row and token, so that the 8-row
-// groups of gemm_avx2.cpp (rows in vector lanes) give every output bit for bit what this
-// gives: there the pair step above cost a third of the loop (Zen 2 runs these loops at the
-// rate of their vector uops, and a row per lane needs one float step per 8 rows and block).
-// Here two blocks' sums share one hadd and the reduction to two scalars. Used for one token
-// (the decode dot, one-token tiles); more tokens take rows_q8_0_lanes.
-template <int N>
-static inline void rows_q8_0(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+// Q8_0 (AVX2, and AVX-512 with DOT the VNNI product): the same integer block sums, one float
+// step per block in block order, acc = fma(d * d_act, S_b, acc), one accumulator per row and
+// token, so that the row groups of gemm_avx2.cpp / gemm_avx512.cpp (rows in vector lanes) give
+// every output bit for bit what this gives:
+// there the pair step of rows32 cost a third of the loop (Zen 2 runs these loops at the rate
+// of their vector uops, and a row per lane needs one float step per 8 rows and block). The
+// decode dot (one token); more tokens take rows_q8_0_lanes. Two blocks' sums share one hadd
+// and the reduction to two scalars.
+template <dot_u8s8_fn DOT>
+static float dot_q8_0(int64_t n, const void* wv, const void* a) {
     typedef b32_q8_0 B;
-    const block_q8_32* const* ys = (const block_q8_32* const*)a;
+    const uint8_t* w = (const uint8_t*)wv;
+    const block_q8_32* y = (const block_q8_32*)a;
     const int64_t nb = n / QK32;
-    __m128 acc[N];
-    for (int r = 0; r < N; r++) acc[r] = _mm_setzero_ps();
+    __m128 acc = _mm_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
         const b32_unpacked<B> x0(w + b * B::bytes), x1(w + (b + 1) * B::bytes);
-        for (int r = 0; r < N; r++) {
-            const block_q8_32& y0 = ys[r][b];
-            const block_q8_32& y1 = ys[r][b + 1];
-            const __m256i h = _mm256_hadd_epi32(x0.template dot<dot_u8s8_32>(y0), x1.template dot<dot_u8s8_32>(y1));
-            const __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-            const __m128 f = _mm_cvtepi32_ps(_mm_hadd_epi32(s2, s2));  // S_b, S_b+1, S_b, S_b+1
-            acc[r] = _mm_fmadd_ss(_mm_set_ss(x0.d * y0.d), f, acc[r]);
-            acc[r] = _mm_fmadd_ss(_mm_set_ss(x1.d * y1.d), _mm_movehdup_ps(f), acc[r]);
-        }
+        const __m256i h = _mm256_hadd_epi32(x0.template dot<DOT>(y[b]), x1.template dot<DOT>(y[b + 1]));
+        const __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        const __m128 f = _mm_cvtepi32_ps(_mm_hadd_epi32(s2, s2));  // S_b, S_b+1, S_b, S_b+1
+        acc = _mm_fmadd_ss(_mm_set_ss(x0.d * y[b].d), f, acc);
+        acc = _mm_fmadd_ss(_mm_set_ss(x1.d * y[b + 1].d), _mm_movehdup_ps(f), acc);
     }
     if (b < nb) {
         const b32_unpacked<B> x(w + b * B::bytes);
-        for (int r = 0; r < N; r++) {
-            const block_q8_32& y = ys[r][b];
-            const __m256i p = x.template dot<dot_u8s8_32>(y);
-            const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-            acc[r] = _mm_fmadd_ss(_mm_set_ss(x.d * y.d), _mm_set_ss((float)hsum_epi32_128(s4)), acc[r]);
-        }
+        const __m256i p = x.template dot<DOT>(y[b]);
+        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        acc = _mm_fmadd_ss(_mm_set_ss(x.d * y[b].d), _mm_set_ss((float)hsum_epi32_128(s4)), acc);
     }
-    for (int r = 0; r < N; r++) out[r] = _mm_cvtss_f32(acc[r]);
+    return _mm_cvtss_f32(acc);
 }
 
 // The integer sums of N <= 8 tokens (p[t]: 8 int32 partials each) with token t in lane t,
@@ -716,13 +710,13 @@ static inline __m256i sums_in_lanes2(const __m256i* pa, const __m256i* pb) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(r0, r1, 0x20), _mm256_permute2x128_si256(r0, r1, 0x31));
 }
 
-// rows_q8_0 for 2..8 tokens with the tokens in vector lanes: per block each token's integer
+// dot_q8_0 for 2..8 tokens with the tokens in vector lanes: per block each token's integer
 // sum (the same sign / maddubs / madd), the N sums into lanes, and one float step for all,
-// the step rows_q8_0 takes per token (acc = fma(d * d_act, S_b, acc), block after block), so
+// the step dot_q8_0 takes per token (acc = fma(d * d_act, S_b, acc), block after block), so
 // the results are its bits. `da` holds the tokens' scales, [block][8 lanes], prepared once
-// per token group (gemm_avx2.cpp q8_0_kernel). Cached 2048-weight rows, ns per 256 weights
-// and token: 2 tokens 12.4, 8 tokens 8.1, where rows_q8_0 per token took 14.4 and 13.2.
-template <int N>
+// per token group (q8_0_kernel). Cached 2048-weight rows, ns per 256 weights
+// and token: 2 tokens 12.4, 8 tokens 8.1, where dot_q8_0 per token took 14.4 and 13.2.
+template <int N, dot_u8s8_fn DOT>
 static inline void rows_q8_0_lanes(int64_t n, const uint8_t* w, const void* const* a, const float* da, float* out) {
     typedef b32_q8_0 B;
     const block_q8_32* const* ys = (const block_q8_32* const*)a;
@@ -734,8 +728,8 @@ static inline void rows_q8_0_lanes(int64_t n, const uint8_t* w, const void* cons
             const b32_unpacked<B> x0(w + b * B::bytes), x1(w + (b + 1) * B::bytes);
             __m256i pa[N], pb[N];
             for (int t = 0; t < N; t++) {
-                pa[t] = x0.template dot<dot_u8s8_32>(ys[t][b]);
-                pb[t] = x1.template dot<dot_u8s8_32>(ys[t][b + 1]);
+                pa[t] = x0.template dot<DOT>(ys[t][b]);
+                pb[t] = x1.template dot<DOT>(ys[t][b + 1]);
             }
             const __m256 f = _mm256_cvtepi32_ps(sums_in_lanes2<N>(pa, pb));
             const __m256 sc = _mm256_mul_ps(_mm256_setr_m128(_mm_set1_ps(x0.d), _mm_set1_ps(x1.d)),
@@ -746,7 +740,7 @@ static inline void rows_q8_0_lanes(int64_t n, const uint8_t* w, const void* cons
     for (; b < nb; b++) {
         const b32_unpacked<B> x(w + b * B::bytes);
         __m256i p[N];
-        for (int t = 0; t < N; t++) p[t] = x.template dot<dot_u8s8_32>(ys[t][b]);
+        for (int t = 0; t < N; t++) p[t] = x.template dot<DOT>(ys[t][b]);
         const __m256 f = _mm256_cvtepi32_ps(sums_in_lanes<N>(p));
         acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(x.d), _mm256_load_ps(da + b * 8)), f, acc);
     }
@@ -755,15 +749,9 @@ static inline void rows_q8_0_lanes(int64_t n, const uint8_t* w, const void* cons
     for (int t = 0; t < N; t++) out[t] = o[t];
 }
 
-static float dot_q8_0(int64_t n, const void* w, const void* a) {
-    float out;
-    rows_q8_0<1>(n, (const uint8_t*)w, &a, &out);
-    return out;
-}
-
 // The calling thread's scratch for a tile's per-group preparation (rows32_kernel, the K-quant
-// tile kernels; SLOT 0) and for weight rows a tile rewrites (SLOT 1, gemm_avx2.cpp's K-quant
-// row groups): grown as needed, 64-byte aligned, freed when the thread ends.
+// tile kernels; SLOT 0) and for weight rows a tile rewrites (SLOT 1, gemm_rowgroups.h's row
+// groups): grown as needed, 64-byte aligned, freed when the thread ends.
 struct thread_scratch {
     void* p = nullptr;
     size_t n = 0;
@@ -800,6 +788,31 @@ struct rows32_kernel {
             for (int64_t j = 0; j < pairs; j++)
                 for (int r = 0; r < N; r++)
                     _mm256_storeu_ps(buf + (j * N + r) * 8, pair_lanes(ys[r][2 * j].d, ys[r][2 * j + 1].d));
+            return buf;
+        }
+    };
+};
+
+// Q8_0's tile() kernel for short tiles (gemm_rowgroups.h's row groups fall back to it): per token
+// group the tokens' scales in lanes, [block][8], in the calling thread's tile_scratch, read by
+// every row (one token: the decode dot's own kernel).
+template <dot_u8s8_fn DOT>
+struct q8_0_kernel {
+    template <int N>
+    struct group {
+        const void* const* acts;
+        const float* da;
+        group(int64_t n, const void* const* a) : acts(a), da(N > 1 ? prepare(n, a) : nullptr) {}
+        void rows(int64_t n, const uint8_t* w, float* out) const {
+            if constexpr (N == 1) out[0] = dot_q8_0<DOT>(n, w, acts[0]);
+            else rows_q8_0_lanes<N, DOT>(n, w, acts, da, out);
+        }
+        static const float* prepare(int64_t n, const void* const* a) {
+            const block_q8_32* const* ys = (const block_q8_32* const*)a;
+            const int64_t nb = n / QK32;
+            float* buf = (float*)tile_scratch(nb * 8 * sizeof(float));
+            for (int64_t b = 0; b < nb; b++)
+                for (int t = 0; t < 8; t++) buf[b * 8 + t] = t < N ? ys[t][b].d : 0.f;
             return buf;
         }
     };
@@ -1013,6 +1026,34 @@ static void dot4_q5_K(int64_t n, const void* w, const void* const* a, float* out
     k4_rows<4, true>(n, (const uint8_t*)w, (const block_q8_K* const*)a, out);
 }
 
+// Q4_K / Q5_K's tile() kernel (gemm_tile.h; the row groups' fallback): per token group, each
+// pair's K4PairPrep for every block, in the calling thread's tile_scratch, read by every row of
+// the tile.
+template <bool QH>
+struct k4_kernel {
+    template <int N>
+    struct group {
+        const block_q8_K* const* ys;
+        const K4PairPrep* prep;
+        group(int64_t n, const void* const* a) : ys((const block_q8_K* const*)a), prep(prepare(n, ys)) {}
+        void rows(int64_t n, const uint8_t* w, float* out) const { k4_rows<N, QH>(n, w, ys, out, prep); }
+
+        static const K4PairPrep* prepare(int64_t n, const block_q8_K* const* ys) {
+            constexpr int P = N / 2;
+            if (P == 0) return nullptr;
+            const int64_t nb = n / QK_K;
+            K4PairPrep* buf = (K4PairPrep*)tile_scratch(nb * P * sizeof(K4PairPrep));
+            for (int64_t b = 0; b < nb; b++)
+                for (int p = 0; p < P; p++) {
+                    const block_q8_K& y0 = ys[2 * p][b];
+                    const block_q8_K& y1 = ys[2 * p + 1][b];
+                    buf[b * P + p] = {k4_pair_bsums(y0, y1), k4_pair_d(y0, y1)};
+                }
+            return buf;
+        }
+    };
+};
+
 // 32 * scales[j] * bsums[j] over the 16 sub-blocks of a Q6_K block, as 8 int32 lanes: what
 // the +32 offset of the stored quants adds to the dot.
 static inline __m256i q6_offset(const int8_t* scales, const int16_t* bsums) {
@@ -1020,8 +1061,9 @@ static inline __m256i q6_offset(const int8_t* scales, const int16_t* bsums) {
     return _mm256_slli_epi32(_mm256_madd_epi16(s, _mm256_loadu_si256((const __m256i*)bsums)), 5);
 }
 
-// A Q6_K block's float step, shared by the dots and every AVX2 tile (gemm_avx2.cpp's row
-// groups hold 8 rows' S in the lanes of one register): per block the exact integer
+// A Q6_K block's float step, shared by the dots and every x86 tile (the row groups of
+// gemm_avx2.cpp / gemm_avx512.cpp hold 8 / 16 rows' S in the lanes of one register): per block
+// the exact integer
 // S = sum_j sc_j sum_i (q_i - 32) a_i, then acc = fma(d_w * d_t, float(S), acc), in block order.
 // acc's lane 0 is the accumulator (the sum stays in vector registers).
 static inline __m128 q6_step(__m128 acc, float dw, float dt, __m256i sumi) {
@@ -1070,6 +1112,69 @@ static float dot_q6_K(int64_t n, const void* w, const void* a) {
 static void dot4_q6_K(int64_t n, const void* w, const void* const* a, float* out) {
     dot_q6_K_rows<4>(n, (const block_q6_K*)w, (const block_q8_K* const*)a, out);
 }
+
+// Q6_K for N tokens at once (the x86 tile tables' short tiles and leftover rows: gemm_rowgroups.h's
+// row groups fall back to it).
+// k_interleave: the two sub-blocks' pair sums of one hadd, reordered so that one madd by a
+// (scale, scale) pair gives each int32 lane the integer two madds give it.
+alignas(32) static const uint8_t k_interleave[32] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                                     0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
+// pshufb masks making int16 pairs (scale of quarter 2j, scale of quarter 2j+1) from 8 int16
+// scales in both lanes: low lane (4j, 4j+2), high lane (4j+1, 4j+3).
+#define HYBRID_P(a, b) 2 * (a), 2 * (a) + 1, 2 * (b), 2 * (b) + 1
+alignas(32) static const uint8_t k_q6_pairs[2][32] = {
+    {HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(0, 2), HYBRID_P(1, 3), HYBRID_P(1, 3), HYBRID_P(1, 3), HYBRID_P(1, 3)},
+    {HYBRID_P(4, 6), HYBRID_P(4, 6), HYBRID_P(4, 6), HYBRID_P(4, 6), HYBRID_P(5, 7), HYBRID_P(5, 7), HYBRID_P(5, 7), HYBRID_P(5, 7)},
+};
+#undef HYBRID_P
+// The same trick on x86::dot_q6_K_rows: quarters i and i+1 of a half (4 sub-blocks of 16,
+// one per 128-bit lane each) share one hadd, interleave and madd by their scale pairs. The
+// int16 sums fit: |q| <= 63, |a| <= 127 (Q8_K never holds -128), 4 products <= 32004.
+template <int N>
+static void rows_q6_K(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+    const block_q6_K* x = (const block_q6_K*)w;
+    const block_q8_K* const* ys = (const block_q8_K* const*)a;
+    const __m256i inter = _mm256_load_si256((const __m256i*)k_interleave);
+    __m128 acc[N];
+    for (int r = 0; r < N; r++) acc[r] = _mm_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        prefetch_block((const uint8_t*)&x[b], sizeof(block_q6_K));
+        __m256i sumi[N];
+        for (int r = 0; r < N; r++) sumi[r] = _mm256_setzero_si256();
+        // one half at a time in registers (unrolled, both halves' quants were spilled)
+#pragma GCC unroll 1
+        for (int half = 0; half < 2; half++) {
+            __m256i q[4];
+            q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
+            // quarter i holds sub-blocks 2i (low lane) and 2i+1 (high lane) of this half, so
+            // quarters 2j and 2j+1 pair scales (sc[4j], sc[4j+2]) low and (sc[4j+1], sc[4j+3]) high
+            const __m128i s16 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(x[b].scales + 8 * half)));
+            const __m256i s2 = _mm256_broadcastsi128_si256(s16);
+            const __m256i sp[2] = {_mm256_shuffle_epi8(s2, _mm256_load_si256((const __m256i*)k_q6_pairs[0])),
+                                   _mm256_shuffle_epi8(s2, _mm256_load_si256((const __m256i*)k_q6_pairs[1]))};
+            for (int j = 0; j < 2; j++)
+                for (int r = 0; r < N; r++) {
+                    const int8_t* ay = ys[r][b].qs + 128 * half + 64 * j;
+                    const __m256i p0 = _mm256_maddubs_epi16(q[2 * j], _mm256_loadu_si256((const __m256i*)ay));
+                    const __m256i p1 = _mm256_maddubs_epi16(q[2 * j + 1], _mm256_loadu_si256((const __m256i*)(ay + 32)));
+                    const __m256i h = _mm256_shuffle_epi8(_mm256_hadd_epi16(p0, p1), inter);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(h, sp[j]));
+                }
+        }
+        const float dw = h2f(x[b].d);
+        for (int r = 0; r < N; r++)  // quants are stored +32
+            acc[r] = q6_step(acc[r], dw, ys[r][b].d, _mm256_sub_epi32(sumi[r], q6_offset(x[b].scales, ys[r][b].bsums)));
+    }
+    for (int r = 0; r < N; r++) out[r] = _mm_cvtss_f32(acc[r]);
+}
+
+// Q6_K's tile() kernel (gemm_tile.h).
+struct q6_K_kernel {
+    template <int N>
+    static void rows(int64_t n, const uint8_t* w, const void* const* a, float* out) {
+        rows_q6_K<N>(n, w, a, out);
+    }
+};
 
 // The four quarters (32 quants each) of 128-half h of a Q2_K / Q3_K block as unsigned bytes:
 // the 2-bit fields (qs: the half's 32 bytes), and for Q3_K (hmask set) + 4 where the high
@@ -1614,7 +1719,7 @@ static void fill_avx2_level(kernel_table* t) {
     t->dot[GGML_BF16] = dot_bf16;
     t->dot[GGML_Q4_0] = dot32<b32_q4_0, dot_u8s8_32>;
     t->dot[GGML_Q5_0] = dot32<b32_q5_0, dot_u8s8_32>;
-    t->dot[GGML_Q8_0] = dot_q8_0;
+    t->dot[GGML_Q8_0] = dot_q8_0<dot_u8s8_32>;
     t->dot[GGML_Q4_1] = dot32<b32_q4_1, dot_u8s8_32>;
     t->dot[GGML_Q5_1] = dot32<b32_q5_1, dot_u8s8_32>;
     t->dot[GGML_Q2_K] = dot_q2_K;
