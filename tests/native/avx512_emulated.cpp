@@ -190,6 +190,33 @@ static void check_dot4(const kernel_table& simd, int* passed, int* failed) {
     }
 }
 
+// Q4_K, Q5_K, Q6_K and Q8_0 take the AVX2 dots' float step (one FMA per block of the exact
+// integer sum) in both tables, which the row-group tiles of either ISA reproduce: the AVX-512
+// dot gives the AVX2 dot's bits, row after row.
+static void check_same_bits_as_avx2(const kernel_table& simd, int* passed, int* failed) {
+    kernel_table avx2;
+    std::memset(&avx2, 0, sizeof(avx2));
+    x86::fill_avx2_level(&avx2);
+    const int n = 1024;
+    for (int type : {GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_Q8_0}) {
+        const type_info& ti = get_type_info(type);
+        bool ok = avx2.dot[type] != simd.dot[type];  // the AVX-512 code, not the same function
+        for (int trial = 0; trial < 20 && ok; trial++) {
+            const std::vector<uint8_t> w = random_row(type, n);
+            std::vector<float> x(n);
+            for (auto& v : x) v = next_normalish() * (1 + trial % 4);
+            std::vector<uint8_t> act(act_row_bytes(ti.act, n));
+            simd.quant_act[ti.act](x.data(), act.data(), n);
+            const float a = avx2.dot[type](n, w.data(), act.data()), b = simd.dot[type](n, w.data(), act.data());
+            if (std::memcmp(&a, &b, 4) != 0) {
+                std::printf("FAIL %s trial %d: AVX-512 dot %.9g, AVX2 dot %.9g\n", ti.name, trial, b, a);
+                ok = false;
+            }
+        }
+        ok ? (*passed)++ : (*failed)++;
+    }
+}
+
 // flash.h's attention item by item: the AVX-512 kernel (16 lanes, its own tile shapes)
 // against the scalar reference, over shapes with row, key and value-dim tails, G > 1 and a
 // second key part shared by every head. Bound: 4e-6 x max|v| (tests/test_flash.py's).
@@ -288,6 +315,7 @@ int main() {
     }
     check_gemm_tiles(simd, &passed, &failed);
     check_dot4(simd, &passed, &failed);
+    check_same_bits_as_avx2(simd, &passed, &failed);
     check_flash(ref, simd, &passed, &failed);
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
