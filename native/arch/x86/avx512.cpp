@@ -1,10 +1,13 @@
 // AVX-512 (F/BW/VL/DQ + VNNI) kernel table. Compiled with those flags; used only after cpuid
 // confirms all of them. Dequantize and activation quantization are the AVX2-level code of
 // x86_avx2_kernels.h rebuilt with these flags (they are load/store bound, wider vectors do not
-// help); the dots use 512-bit registers and VNNI dot instructions. Q4_K, Q5_K, Q6_K and Q8_0
-// take the AVX2 dots' float step, one FMA per block of the exact integer sum (Q8_0: the AVX2
-// code with the VNNI product), which gemm_avx512.cpp's 16-row prefill groups take for 16 rows
-// in one register: prefill equals decode bit for bit, and the AVX2 table's results too.
+// help); most dots use 512-bit registers and VNNI dot instructions. Q4_K, Q5_K, Q6_K and Q8_0
+// keep the AVX2 dots (Q8_0 with the VNNI product): one FMA per block of its exact integer sum,
+// the float step gemm_avx512.cpp's 16-row prefill groups take for 16 rows in one register, so
+// prefill equals decode bit for bit, and the AVX2 table's results too. Cached, one thread, Zen
+// 4, ns per 256 weights: Q4_K 7.4 as the 512-bit dot it replaced, Q6_K 8.2 (7.8), Q8_0 8.3
+// (8.2); 512-bit versions with this float step took 8.3 and 9.3 for Q4_K and Q6_K (the per-block
+// reduction of 16 lanes). At decode all of them stream DRAM at the read bandwidth.
 #include "x86_avx2_kernels.h"
 #include "flash_x86.h"
 
@@ -77,99 +80,6 @@ alignas(64) static const int16_t k_q6_scale_idx[2][32] = {
     {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
     {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
 };
-
-// Word permutations: chunk c of a Q4_K block spans sub-blocks 2c (low 16 words) and 2c+1.
-alignas(64) static const int16_t k_k4_scale_idx[4][32] = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
-    {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
-    {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7},
-};
-
-// Q4_K / Q5_K: 64 quants (two sub-blocks) per 512-bit register; maddubs gives int16 pair
-// sums, vpdpwssd multiplies them by the sub-block scale and accumulates in int32. Per block
-// the exact S and M (as x86::k4_rows makes them), then k4_rows' float step in its lanes
-// (accS += (d * d_t) * S, accM += (dmin * d_t) * M, out = accS - accM): the same bits as
-// the AVX2 dot and the 16-row prefill groups. From DRAM (bench_matmul T=1, Zen 4, 2 threads)
-// the AVX2 code streamed ~7% slower than this.
-static inline float dot_k4_512(int64_t n, const uint8_t* base, int64_t stride, int qs_off,
-                               int qh_off, const block_q8_K* y) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-    __m128 acc = _mm_setzero_ps();  // accS accS accM accM
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t* blk = base + b * stride;
-        prefetch_block(blk, stride);
-        uint32_t d_dmin;
-        std::memcpy(&d_dmin, blk, 4);
-        const __m128i sm = scales_mins_k4(blk + 4);
-        const uint8_t* qs = blk + qs_off;
-        const __m256i hbits = qh_off ? _mm256_loadu_si256((const __m256i*)(blk + qh_off)) : _mm256_setzero_si256();
-        const __m512i scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-        __m512i sumi = _mm512_setzero_si512();
-        for (int c = 0; c < 4; c++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * c));
-            __m256i lo = _mm256_and_si256(q, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (qh_off) {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * c + 1), one), 4));
-            }
-            const __m512i av = _mm512_loadu_si512((const void*)(y[b].qs + 64 * c));
-            const __m512i s = _mm512_permutexvar_epi16(_mm512_load_si512((const void*)k_k4_scale_idx[c]), scales);
-            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(lo, hi), av), s);
-        }
-        const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(sumi), _mm512_extracti64x4_epi64(sumi, 1));
-        const __m256i h = _mm256_hadd_epi32(s8, k4_min_products(sm, y[b].bsums));
-        __m128i v = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));  // S S M M
-        const __m128 dd = _mm_permute_ps(_mm256_castps256_ps128(_mm256_cvtph_ps(_mm_set1_epi32((int)d_dmin))), 0x50);
-        acc = _mm_fmadd_ps(_mm_mul_ps(dd, _mm_set1_ps(y[b].d)), _mm_cvtepi32_ps(v), acc);
-    }
-    alignas(16) float a[4];
-    _mm_store_ps(a, acc);
-    return a[0] - a[2];
-}
-
-static float dot_q4_K(int64_t n, const void* w, const void* a) {
-    return dot_k4_512(n, (const uint8_t*)w, sizeof(block_q4_K), offsetof(block_q4_K, qs), 0,
-                      (const block_q8_K*)a);
-}
-
-static float dot_q5_K(int64_t n, const void* w, const void* a) {
-    return dot_k4_512(n, (const uint8_t*)w, sizeof(block_q5_K), offsetof(block_q5_K, qs),
-                      offsetof(block_q5_K, qh), (const block_q8_K*)a);
-}
-
-// Q6_K: per half two registers of 64 quants, maddubs then vpdpwssd by the sub-block scales;
-// per block the exact S (the +32 offset off), then x86::q6_step (acc += (d * d_t) * S), the
-// AVX2 dot's and the prefill groups' step.
-static float dot_q6_K(int64_t n, const void* w, const void* a) {
-    const block_q6_K* x = (const block_q6_K*)w;
-    const block_q8_K* y = (const block_q8_K*)a;
-    const __m512i idx0 = _mm512_load_si512((const void*)k_q6_scale_idx[0]);
-    const __m512i idx1 = _mm512_load_si512((const void*)k_q6_scale_idx[1]);
-    __m128 acc = _mm_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        prefetch_block((const uint8_t*)&x[b], sizeof(block_q6_K));
-        __m512i sumi = _mm512_setzero_si512();
-        for (int half = 0; half < 2; half++) {
-            __m256i q[4];
-            q6_quarters(x[b].ql + 64 * half, x[b].qh + 32 * half, q);
-            const __m128i sc16 = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(x[b].scales + 8 * half)));
-            const __m512i sc = _mm512_castsi128_si512(sc16);
-            const int8_t* ay = y[b].qs + 128 * half;
-            const __m512i a01 = _mm512_loadu_si512((const void*)ay);
-            const __m512i a23 = _mm512_loadu_si512((const void*)(ay + 64));
-            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[0], q[1]), a01),
-                                       _mm512_permutexvar_epi16(idx0, sc));
-            sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(join256(q[2], q[3]), a23),
-                                       _mm512_permutexvar_epi16(idx1, sc));
-        }
-        const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(sumi), _mm512_extracti64x4_epi64(sumi, 1));
-        acc = q6_step(acc, h2f(x[b].d), y[b].d, _mm256_sub_epi32(s8, q6_offset(x[b].scales, y[b].bsums)));
-    }
-    return _mm_cvtss_f32(acc);
-}
 
 // Q4_1 / Q5_1: the AVX2 code with one VNNI instruction for the 32 u8 x s8 products.
 static inline __m256i dot_vnni_32(__m256i u, __m256i s) {
@@ -294,11 +204,9 @@ bool fill_avx512_kernels(kernel_table* t) {
     // 32-blocks: x86::rows32 with one 256-bit VNNI dot per block (gemm_avx512.cpp's tiles)
     t->dot[GGML_Q4_0] = x86::dot32<x86::b32_q4_0, x86_512::dot_vnni_32>;
     t->dot[GGML_Q5_0] = x86::dot32<x86::b32_q5_0, x86_512::dot_vnni_32>;
-    // Q8_0: the AVX2 code with the VNNI product (its float step: see the top of this file)
+    // Q4_K / Q5_K / Q6_K: fill_avx2_level's dots; Q8_0 the same code with the VNNI product
+    // (see the top of this file)
     t->dot[GGML_Q8_0] = x86::dot_q8_0<x86_512::dot_vnni_32>;
-    t->dot[GGML_Q4_K] = x86_512::dot_q4_K;
-    t->dot[GGML_Q5_K] = x86_512::dot_q5_K;
-    t->dot[GGML_Q6_K] = x86_512::dot_q6_K;
     t->dot[GGML_Q4_1] = x86::dot32<x86::b32_q4_1, x86_512::dot_vnni_32>;
     t->dot[GGML_Q5_1] = x86::dot32<x86::b32_q5_1, x86_512::dot_vnni_32>;
     t->dot[GGML_Q2_K] = x86_512::dot_q2_K;

@@ -157,8 +157,9 @@ static void q6_K_x8_rows(int64_t nb, const q6_K_x8* x, const block_q8_K* const* 
 // A register holds 4 quants of each of 8 rows (the K-quants' layout): per token the 4
 // activations broadcast, carry each row's quant signs (sign), maddubs against the rows' |q|
 // and madd fold them to one int32 per row, and 8 registers make each row's block sum S, exact;
-// then one float step for the 8 rows, acc = fma(d * d_act, S, acc), x86::dot_q8_0's step in
-// its order, so every output equals the decode dot bit for bit. Zen 2, 2048-weight rows in
+// then one float step for the 8 rows, acc = fma(d * d_act, S, acc), x86::dot_q8_0's steps in
+// its order (four chains of blocks), so every output equals the decode dot bit
+// for bit. Zen 2, 2048-weight rows in
 // cache (bench_matmul --cached --k 2048), ns per 256 weights and token, the pair kernel this
 // replaced -> now: 16 tokens 7.9 -> 7.7, 32 7.8 -> 7.1, 48 7.8 -> 6.8. The rewrite (~9 ns per
 // 8 blocks) costs more than it saves below 12 tokens, which the short tiles take
@@ -170,13 +171,14 @@ template <int N>
 static void q8_0_x8_rows(int64_t nb, const q8_0_x8* x, const block_q8_32* const* ys, float* out, int64_t r_stride,
                          int64_t t_stride) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[N];
-    for (int t = 0; t < N; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++, x++) {
+    __m256 acc[4][N];  // the four chains of blocks (x86::dot_q8_0)
+    for (int c = 0; c < 4; c++)
+        for (int t = 0; t < N; t++) acc[c][t] = _mm256_setzero_ps();
+    auto block = [&](int64_t b, __m256* a) {
         __m256i S[N];
         for (int t = 0; t < N; t++) S[t] = _mm256_setzero_si256();
         for (int k = 0; k < 8; k++) {
-            const __m256i q = _mm256_load_si256((const __m256i*)x->q[k]);
+            const __m256i q = _mm256_load_si256((const __m256i*)x[b].q[k]);
             const __m256i u = _mm256_abs_epi8(q);
             for (int t = 0; t < N; t++) {
                 int32_t a4;
@@ -185,11 +187,13 @@ static void q8_0_x8_rows(int64_t nb, const q8_0_x8* x, const block_q8_32* const*
                 S[t] = _mm256_add_epi32(S[t], _mm256_madd_epi16(p, ones));
             }
         }
-        const __m256 d = _mm256_load_ps(x->d);
+        const __m256 d = _mm256_load_ps(x[b].d);
         for (int t = 0; t < N; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), _mm256_cvtepi32_ps(S[t]), acc[t]);
-    }
-    for (int t = 0; t < N; t++) store_8_rows(acc[t], out + t * t_stride, r_stride);
+            a[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(ys[t][b].d)), _mm256_cvtepi32_ps(S[t]), a[t]);
+    };
+    for (int64_t b = 0; b < nb; b++) block(b, acc[b % 4]);
+    for (int t = 0; t < N; t++)
+        store_8_rows(_mm256_add_ps(_mm256_add_ps(acc[0][t], acc[1][t]), _mm256_add_ps(acc[2][t], acc[3][t])), out + t * t_stride, r_stride);
 }
 
 // The groups, for gemm_rowgroups.h's tile_row_groups. min_tokens: the rewrite costs about what

@@ -133,27 +133,30 @@ static void q6_K_x16_rows(int64_t nb, const q6_K_x16* x, const block_q8_K* const
 
 // ---------------------------------------------------------------- Q8_0
 // The quants + 128 (unsigned, vpdpbusd's first operand): per block and token 8 vpdpbusd give
-// sum (q + 128) a, and 128 x the activation block's sum comes off (exact), then dot_q8_0's step:
-// acc += (d * d_t) * S.
+// sum (q + 128) a, and 128 x the activation block's sum comes off (exact), then dot_q8_0's steps:
+// acc += (d * d_t) * S in four chains of blocks, out = (c0 + c1) + (c2 + c3).
 typedef q8_0_group<16, true> q8_0_x16;
 
 template <int N>
 static void q8_0_x16_rows(int64_t nb, const q8_0_x16* x, const block_q8_32* const* ys, float* out, int64_t r_stride,
                           int64_t t_stride) {
-    __m512 acc[N];
-    for (int t = 0; t < N; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++, x++) {
+    __m512 acc[4][N];  // the four chains of blocks (x86::dot_q8_0)
+    for (int c = 0; c < 4; c++)
+        for (int t = 0; t < N; t++) acc[c][t] = _mm512_setzero_ps();
+    auto block = [&](int64_t b, __m512* a) {
         __m512i s[N];
         for (int t = 0; t < N; t++) s[t] = _mm512_set1_epi32(-128 * ys[t][b].sum);
         for (int k = 0; k < 8; k++) {
-            const __m512i u = _mm512_load_si512((const void*)x->q[k]);
+            const __m512i u = _mm512_load_si512((const void*)x[b].q[k]);
             for (int t = 0; t < N; t++) s[t] = _mm512_dpbusd_epi32(s[t], u, bcast4(ys[t][b].qs + 4 * k));
         }
-        const __m512 d = _mm512_load_ps(x->d);
+        const __m512 d = _mm512_load_ps(x[b].d);
         for (int t = 0; t < N; t++)
-            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(ys[t][b].d)), _mm512_cvtepi32_ps(s[t]), acc[t]);
-    }
-    for (int t = 0; t < N; t++) store_16_rows(acc[t], out + t * t_stride, r_stride);
+            a[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(ys[t][b].d)), _mm512_cvtepi32_ps(s[t]), a[t]);
+    };
+    for (int64_t b = 0; b < nb; b++) block(b, acc[b % 4]);
+    for (int t = 0; t < N; t++)
+        store_16_rows(_mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]), _mm512_add_ps(acc[2][t], acc[3][t])), out + t * t_stride, r_stride);
 }
 
 // ---------------------------------------------------------------- the groups (gemm_rowgroups.h)

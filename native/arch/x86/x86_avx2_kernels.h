@@ -654,13 +654,15 @@ static float dot32(int64_t n, const void* w, const void* a) {
 }
 
 // Q8_0 (AVX2, and AVX-512 with DOT the VNNI product): the same integer block sums, one float
-// step per block in block order, acc = fma(d * d_act, S_b, acc), one accumulator per row and
-// token, so that the row groups of gemm_avx2.cpp / gemm_avx512.cpp (rows in vector lanes) give
-// every output bit for bit what this gives:
-// there the pair step of rows32 cost a third of the loop (Zen 2 runs these loops at the rate
-// of their vector uops, and a row per lane needs one float step per 8 rows and block). The
-// decode dot (one token); more tokens take rows_q8_0_lanes. Two blocks' sums share one hadd
-// and the reduction to two scalars.
+// step per block, acc = fma(d * d_act, S_b, acc), in four chains per row and token (chain c:
+// the blocks b with b % 4 == c, in block order), out = (c0 + c1) + (c2 + c3); so that the row
+// groups of gemm_avx2.cpp / gemm_avx512.cpp (rows in vector lanes) give every output bit for
+// bit what this gives: there the pair step of rows32 cost a third of the loop (Zen 2 runs these
+// loops at the rate of their vector uops, and a row per lane needs one float step per 8 rows
+// and block). Here four blocks' sums share one reduction (three hadds) and one FMA (lane c:
+// chain c); with one chain and a reduction per two blocks the decode dot took 14.8 ns per 256
+// cached weights on Zen 4, the lane-partial pair step before 10.5. A missing block of the last
+// group adds 0 x 0 to its lane: a chain starts at +0 and never holds -0, so that is exact.
 template <dot_u8s8_fn DOT>
 static float dot_q8_0(int64_t n, const void* wv, const void* a) {
     typedef b32_q8_0 B;
@@ -668,22 +670,25 @@ static float dot_q8_0(int64_t n, const void* wv, const void* a) {
     const block_q8_32* y = (const block_q8_32*)a;
     const int64_t nb = n / QK32;
     __m128 acc = _mm_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const b32_unpacked<B> x0(w + b * B::bytes), x1(w + (b + 1) * B::bytes);
-        const __m256i h = _mm256_hadd_epi32(x0.template dot<DOT>(y[b]), x1.template dot<DOT>(y[b + 1]));
-        const __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        const __m128 f = _mm_cvtepi32_ps(_mm_hadd_epi32(s2, s2));  // S_b, S_b+1, S_b, S_b+1
-        acc = _mm_fmadd_ss(_mm_set_ss(x0.d * y[b].d), f, acc);
-        acc = _mm_fmadd_ss(_mm_set_ss(x1.d * y[b + 1].d), _mm_movehdup_ps(f), acc);
+    for (int64_t b = 0; b < nb; b += 4) {
+        __m256i p[4];
+        float sc[4];
+        for (int c = 0; c < 4; c++) {
+            if (b + c < nb) {
+                const b32_unpacked<B> x(w + (b + c) * B::bytes);
+                p[c] = x.template dot<DOT>(y[b + c]);
+                sc[c] = x.d * y[b + c].d;
+            } else {
+                p[c] = _mm256_setzero_si256();
+                sc[c] = 0.f;
+            }
+        }
+        const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));  // S_b .. S_b+3
+        acc = _mm_fmadd_ps(_mm_setr_ps(sc[0], sc[1], sc[2], sc[3]), _mm_cvtepi32_ps(s4), acc);
     }
-    if (b < nb) {
-        const b32_unpacked<B> x(w + b * B::bytes);
-        const __m256i p = x.template dot<DOT>(y[b]);
-        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-        acc = _mm_fmadd_ss(_mm_set_ss(x.d * y[b].d), _mm_set_ss((float)hsum_epi32_128(s4)), acc);
-    }
-    return _mm_cvtss_f32(acc);
+    const __m128 c01 = _mm_add_ps(acc, _mm_movehdup_ps(acc));  // lane 0: c0 + c1, lane 2: c2 + c3
+    return _mm_cvtss_f32(_mm_add_ss(c01, _mm_movehl_ps(c01, c01)));
 }
 
 // The integer sums of N <= 8 tokens (p[t]: 8 int32 partials each) with token t in lane t,
@@ -712,41 +717,48 @@ static inline __m256i sums_in_lanes2(const __m256i* pa, const __m256i* pb) {
 
 // dot_q8_0 for 2..8 tokens with the tokens in vector lanes: per block each token's integer
 // sum (the same sign / maddubs / madd), the N sums into lanes, and one float step for all,
-// the step dot_q8_0 takes per token (acc = fma(d * d_act, S_b, acc), block after block), so
-// the results are its bits. `da` holds the tokens' scales, [block][8 lanes], prepared once
-// per token group (q8_0_kernel). Cached 2048-weight rows, ns per 256 weights
-// and token: 2 tokens 12.4, 8 tokens 8.1, where dot_q8_0 per token took 14.4 and 13.2.
+// the steps dot_q8_0 takes per token (its four chains of blocks, out = (c0 + c1) + (c2 + c3)),
+// so the results are its bits. `da` holds the tokens' scales, [block][8 lanes] (lanes N..7
+// zero), prepared once per token group (q8_0_kernel).
 template <int N, dot_u8s8_fn DOT>
 static inline void rows_q8_0_lanes(int64_t n, const uint8_t* w, const void* const* a, const float* da, float* out) {
     typedef b32_q8_0 B;
     const block_q8_32* const* ys = (const block_q8_32* const*)a;
     const int64_t nb = n / QK32;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t b = 0;
-    if constexpr (N <= 4)  // two blocks a reduction: block b in the low half, b + 1 in the high
-        for (; b + 2 <= nb; b += 2) {
-            const b32_unpacked<B> x0(w + b * B::bytes), x1(w + (b + 1) * B::bytes);
+    alignas(32) float o[4][8];
+    if constexpr (N <= 4) {
+        // block b in lanes 0..3 and b + 1 in 4..7 of one register: acc[0] holds chains 0 and 1,
+        // acc[1] chains 2 and 3; a missing b + 1 adds 0 x 0 to its lanes
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = 0; b < nb; b += 2) {
+            const bool two = b + 1 < nb;
+            const b32_unpacked<B> x0(w + b * B::bytes), x1(w + (two ? b + 1 : b) * B::bytes);
             __m256i pa[N], pb[N];
             for (int t = 0; t < N; t++) {
                 pa[t] = x0.template dot<DOT>(ys[t][b]);
-                pb[t] = x1.template dot<DOT>(ys[t][b + 1]);
+                pb[t] = two ? x1.template dot<DOT>(ys[t][b + 1]) : _mm256_setzero_si256();
             }
             const __m256 f = _mm256_cvtepi32_ps(sums_in_lanes2<N>(pa, pb));
-            const __m256 sc = _mm256_mul_ps(_mm256_setr_m128(_mm_set1_ps(x0.d), _mm_set1_ps(x1.d)),
-                                            _mm256_setr_m128(_mm_load_ps(da + b * 8), _mm_load_ps(da + b * 8 + 8)));
-            acc = _mm256_fmadd_ps(sc, f, acc);  // lanes 0..3: block b
-            acc = _mm256_fmadd_ps(_mm256_permute2f128_ps(sc, sc, 0x11), _mm256_permute2f128_ps(f, f, 0x11), acc);
+            const __m256 sc = _mm256_mul_ps(_mm256_setr_m128(_mm_set1_ps(x0.d), _mm_set1_ps(two ? x1.d : 0.f)),
+                                            _mm256_setr_m128(_mm_load_ps(da + b * 8),
+                                                             two ? _mm_load_ps(da + b * 8 + 8) : _mm_setzero_ps()));
+            acc[(b / 2) % 2] = _mm256_fmadd_ps(sc, f, acc[(b / 2) % 2]);
         }
-    for (; b < nb; b++) {
-        const b32_unpacked<B> x(w + b * B::bytes);
-        __m256i p[N];
-        for (int t = 0; t < N; t++) p[t] = x.template dot<DOT>(ys[t][b]);
-        const __m256 f = _mm256_cvtepi32_ps(sums_in_lanes<N>(p));
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(x.d), _mm256_load_ps(da + b * 8)), f, acc);
+        _mm256_store_ps(o[0], acc[0]);
+        _mm256_store_ps(o[1], acc[1]);
+        for (int t = 0; t < N; t++) out[t] = (o[0][t] + o[0][4 + t]) + (o[1][t] + o[1][4 + t]);
+    } else {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = 0; b < nb; b++) {
+            const b32_unpacked<B> x(w + b * B::bytes);
+            __m256i p[N];
+            for (int t = 0; t < N; t++) p[t] = x.template dot<DOT>(ys[t][b]);
+            acc[b % 4] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(x.d), _mm256_load_ps(da + b * 8)),
+                                         _mm256_cvtepi32_ps(sums_in_lanes<N>(p)), acc[b % 4]);
+        }
+        for (int c = 0; c < 4; c++) _mm256_store_ps(o[c], acc[c]);
+        for (int t = 0; t < N; t++) out[t] = (o[0][t] + o[1][t]) + (o[2][t] + o[3][t]);
     }
-    alignas(32) float o[8];
-    _mm256_store_ps(o, acc);
-    for (int t = 0; t < N; t++) out[t] = o[t];
 }
 
 // The calling thread's scratch for a tile's per-group preparation (rows32_kernel, the K-quant
