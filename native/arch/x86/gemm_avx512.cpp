@@ -31,7 +31,8 @@ static inline void store_16_rows(__m512 v, float* out, int64_t r_stride) {
     for (int r = 0; r < 16; r++) out[r * r_stride] = o[r];
 }
 
-// Token t's 4 activations at p, in every lane (vpdpbusd's broadcast memory operand).
+// Token t's 4 activations at p, in every lane (a broadcast load: GCC 12 does not fold it into
+// vpdpbusd's {1to16} memory operand).
 static inline __m512i bcast4(const int8_t* p) {
     int32_t a4;
     std::memcpy(&a4, p, 4);
@@ -41,8 +42,8 @@ static inline __m512i bcast4(const int8_t* p) {
 namespace {  // internal linkage: no member may be shared with another ISA's object file
 
 // ---------------------------------------------------------------- Q4_K / Q5_K
-// A byte per quant (Q4_K too: a nibble split per register and token group cost more than the
-// bytes it saves). Per sub-block j and token: 8 vpdpbusd give each row's s_j = q . a (int32,
+// A byte per quant (Q4_K too: splitting its nibbles here would cost 2 ops per register and
+// token group, half a vpdpbusd per token at 4 tokens; not measured). Per sub-block j and token: 8 vpdpbusd give each row's s_j = q . a (int32,
 // |s_j| <= 32 x 31 x 127), one vpmulld by the rows' scales adds sc_j s_j to S; the mins: M =
 // sum_i (m_2i, m_2i+1) . (bsum_2i, bsum_2i+1), 4 vpdpwssd. Then k4_rows' float step:
 // accS += (d * d_t) * S, accM += (dmin * d_t) * M, out = accS - accM.
