@@ -556,11 +556,12 @@ MUTANTS: list[Mutant] = [
            ("tests/test_server_load.py", "-k", "sigterm"),
            "SIGTERM kills the server (status -15, no 'server stopped', the runtime never closed)"),
     # ------------------------------------------------------------------ issue 15: prefill tiles
-    Mutant("issue15-avx2-q8_0-tile-first-token-scale", "native/arch/x86/x86_avx2_kernels.h",
+    Mutant("issue15-avx2-rows32-tile-first-token-scale", "native/arch/x86/x86_avx2_kernels.h",
            "            const typename B::act& y0 = ys[r][b];",
            "            const typename B::act& y0 = ys[0][b];",
-           ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and Q8_0"),
-           "every token of an 8-token group computed with the first token's activations"),
+           ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and Q4_0"),
+           "every token of an 8-token group of a 32-block type (Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL; Q8_0 "
+           "has its row groups) computed with the first token's activations"),
     Mutant("issue15-tile-tail-token-dropped", "native/arch/x86/gemm_tile.h",
            "        case 1: tile_tokens<1, KERNEL>(n, w, w_stride, R, a, o, r_stride, t_stride); break;",
            "        case 1: break;",
@@ -665,8 +666,9 @@ MUTANTS: list[Mutant] = [
            "the lone token's S and M keep half their lanes (each half counted twice)"),
     Mutant("issue15-rows32-pair-lanes-swapped", "native/arch/x86/x86_avx2_kernels.h",
            "_mm_shuffle_ps(_mm_set_ss(s0), _mm_set_ss(s1), 0)", "_mm_shuffle_ps(_mm_set_ss(s1), _mm_set_ss(s0), 0)",
-           ("tests/test_gemm.py", "-k", "odd_block_counts and avx2 and Q8_0"),
-           "the two blocks of a pair take each other's scales, in the dot and the tiles alike"),
+           ("tests/test_gemm.py", "-k", "odd_block_counts and avx2 and Q4_0"),
+           "the two blocks of a pair of a 32-block type (Q8_0 has its own dot since its row groups) "
+           "take each other's scales, in the dot and the tiles alike"),
     Mutant("issue15-rows32-prepared-scales-of-first-token", "native/arch/x86/x86_avx2_kernels.h",
            "_mm256_loadu_ps(da + (b / 2 * N + r) * 8)", "_mm256_loadu_ps(da + (b / 2 * N) * 8)",
            ("tests/test_gemm.py", "-k", "matmul_prefill_equals_decode and avx2 and IQ4_NL and T7"),
