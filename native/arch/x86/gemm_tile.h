@@ -61,13 +61,13 @@ static void tile(int64_t n, const uint8_t* w, int64_t w_stride, int64_t R, const
     }
 }
 
-// The entries both x86 tile tables fill alike: the six 32-block types with the ISA's u8 x s8
-// product DOT (x86::rows32; 8 tokens measured best on Zen 2: Q8_0 +7%, Q5_0 +5% over 4; both
-// tables then replace Q8_0 by their row groups, gemm_rowgroups.h), and the lattice types, whose
-// dots both kernel tables take from x86_avx2_kernels.h (included before this header).
+// The entries both x86 tile tables fill alike: the five 32-block types other than Q8_0 with the
+// ISA's u8 x s8 product DOT (x86::rows32; 8 tokens measured best on Zen 2: Q5_0 +5% over 4, as
+// Q8_0 +7% was when it used these rows; Q8_0 now has each table's row groups,
+// gemm_rowgroups.h), and the lattice types, whose dots both kernel tables take from
+// x86_avx2_kernels.h (included before this header).
 template <x86::dot_u8s8_fn DOT>
 static void fill_shared(gemm_tile_fn* g) {
-    g[GGML_Q8_0] = tile<8, x86::rows32_kernel<x86::b32_q8_0, DOT>>;
     g[GGML_Q4_0] = tile<8, x86::rows32_kernel<x86::b32_q4_0, DOT>>;
     g[GGML_Q5_0] = tile<8, x86::rows32_kernel<x86::b32_q5_0, DOT>>;
     g[GGML_Q4_1] = tile<8, x86::rows32_kernel<x86::b32_q4_1, DOT>>;
