@@ -17,9 +17,14 @@ import time
 
 from placement import ggml
 
-VERSION = 8
+VERSION = 9
 BUFFER_BYTES = 256 << 20     # well beyond any L3 this runs on
 MATMUL = (4096, 512, 64)     # K, N, tokens: a prefill-sized matmul
+# The expert engine's prefill, Q4_K: d_model, rows per expert, experts (108 MB: from RAM, as a
+# model's), experts per token; timed at these tokens per expert on average (R1 at a 512-token
+# chunk: 16, Qwen3-30B-A3B: 32, the mid bench model: 48)
+MOE = (2048, 512, 64, 8)
+MOE_TOKENS_PER_EXPERT = (4, 16, 64)
 DECODE_BYTES_PER_THREAD = 1 << 20   # the one-token matmul's weights: each worker's share stays in cache
 
 
@@ -118,7 +123,8 @@ def _measure() -> dict:
     rate a one-token Q4_K matmul streams the same bytes at (best of 3); for each
     type the native matmul runs, its FLOP/s at 64 tokens (best of 3) and the bytes/s of its
     one-token matmul with the weights in cache (best of 20: the compute side of decode's
-    roofline); the per-layer cost of a decode step."""
+    roofline); the per-layer cost of a decode step; the expert engine's prefill FLOP/s at a few
+    tokens per expert."""
     import numpy as np
 
     from hybrid import _native
@@ -151,8 +157,42 @@ def _measure() -> dict:
     return {"version": VERSION, "read_bytes_per_s": BUFFER_BYTES / read_s,
             "matmul_read_bytes_per_s": ram_rows.nbytes / ram_matmul_s, "cpu_flops": flops[str(ggml.Q4_K)],
             "cpu_flops_by_type": flops, "decode_bytes_per_s_by_type": decode,
+            "moe_prefill_flops": _moe_prefill_flops(threads, rng),
             "layer_overhead_s": _layer_overhead(), "threads": threads, "isa": _native.isa(),
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _moe_prefill_flops(threads: int, rng) -> dict:
+    """{tokens per expert: FLOP/s} of the expert engine's prefill of one layer of Q4_K experts
+    (MOE) at each of MOE_TOKENS_PER_EXPERT on average (best of 3 calls). Beside the multiplies
+    of a matmul, a prefill groups the tokens by expert, quantizes their activations, rewrites
+    every expert's row groups for its few tokens, runs the tiles' tails and weighs the outputs
+    back: the 64-token matmul's rate the Plan's estimate took for it had overshot the measured
+    prefill by 1.3-1.5x on Zen 4."""
+    import numpy as np
+    import torch
+
+    from hybrid.backends.experts import ExpertEngine
+
+    D, F, E, K = MOE
+    one = [_random_blocks(ggml.Q4_K, F, D, rng), _random_blocks(ggml.Q4_K, D, F, rng)]
+    gate, up, down = (np.tile(b, (E, 1)) for b in (one[0], one[0], one[1]))   # E experts' rows, each its own copy
+    engine = ExpertEngine(D, max_tokens=max(MOE_TOKENS_PER_EXPERT) * E // K, max_k=K, threads=threads)
+    try:
+        layer = engine.add_layer(E, gate, ggml.Q4_K, up, ggml.Q4_K, down, ggml.Q4_K)
+        out = {}
+        for n in MOE_TOKENS_PER_EXPERT:
+            T = n * E // K
+            # K distinct experts per token at random, as a router's: some experts get fewer
+            # tokens than n, some more (the tiles' tails)
+            ids = torch.from_numpy(np.argsort(rng.random((T, E)), axis=1)[:, :K].copy())
+            x = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))
+            w = torch.full((T, K), 1.0 / K)
+            layer(x, ids, w)
+            out[str(n)] = 2 * 3 * D * F * K * T / _best(lambda: layer(x, ids, w), 3)
+        return out
+    finally:
+        engine.close()
 
 
 def _random_blocks(ggml_type: int, rows: int, k: int, rng):

@@ -19,7 +19,7 @@ Shape legend: L layers, E experts, K experts per token, D hidden, H heads.
 import math
 from dataclasses import asdict, dataclass, replace
 
-from placement.ggml import type_name
+from placement.ggml import Q4_K, type_name
 from placement.hardware import HW_OVERRIDES, Hardware
 from placement.inventory import Inventory
 from placement.plan import DeviceUsage, Plan, Problem, Suggestion
@@ -819,6 +819,22 @@ def _flops_of(hw: Hardware, threads=None):
     return lambda ggml_type: by_type.get(ggml_type, flops)
 
 
+def _expert_flops_of(hw: Hardware, flops_of, tokens_per_expert: float, threads=None):
+    """ggml type -> FLOP/s of the expert engine's prefill with this many tokens per expert: the
+    engine's rate measured with Q4_K experts (placement.probe) at the nearest token counts,
+    interpolated in log(tokens), for another type times its matmul's speed against Q4_K's;
+    flops_of (the 64-token matmul) where the engine was not measured."""
+    measured = sorted((float(k), v) for k, v in hw.moe_prefill_flops.items())
+    if not measured:
+        return flops_of
+    n = min(max(tokens_per_expert, measured[0][0]), measured[-1][0])
+    hi = next(i for i, (k, _) in enumerate(measured) if k >= n)
+    (n0, f0), (n1, f1) = measured[max(0, hi - 1)], measured[hi]
+    q4_engine = f1 if n1 == n0 else f0 + (f1 - f0) * math.log(n / n0) / math.log(n1 / n0)
+    q4_engine *= (min(len(hw.allowed_cpus), threads) if threads else len(hw.allowed_cpus)) / len(hw.allowed_cpus)
+    return lambda ggml_type: q4_engine * flops_of(ggml_type) / flops_of(Q4_K)
+
+
 def _decode_rate_of(hw: Hardware, eff_bw: float, threads=None):
     """ggml type -> bytes/s a one-token matmul of its weights in RAM runs at: the slower of
     reading them (eff_bw) and computing them (measured per type with the weights in cache,
@@ -840,17 +856,19 @@ def _decode_compute_note(hw: Hardware, rate_of, eff_bw: float, types) -> str:
             + ": compute-bound one-token matmuls (measured); other types at the RAM bandwidth")
 
 
-def _cpu_expert_prefill_s(inv: Inventory, wl: Workload, flops_of, eff_bw: float, hit: dict) -> float:
+def _cpu_expert_prefill_s(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, eff_bw: float,
+                          hit: dict) -> float:
     """Seconds of CPU routed-expert work per prompt token (all MoE layers, cached experts
-    excluded): the expert FLOPs at the sustained rate of their type, or the bytes a
-    prefill_chunk touches (nearly every expert once C*K >> E) spread over its tokens,
-    whichever is slower."""
+    excluded): the expert FLOPs at the engine's prefill rate for their type with a
+    prefill_chunk's tokens per expert (C * K / E), or the bytes a prefill_chunk touches (nearly
+    every expert once C*K >> E) spread over its tokens, whichever is slower."""
     m = inv.model
     K, E = m.n_expert_used, max(m.n_expert, 1)
+    C = max(1, wl.prefill_chunk)
     layers = inv.moe_layers()
+    flops_of = _expert_flops_of(hw, _flops_of(hw, pol.threads), C * K / E, pol.threads)
     compute = sum(2 * K * t.n_elements / E * (1 - hit[t.layer]) / flops_of(t.ggml_type)
                   for t in inv.tensors if t.role == "routed_experts")
-    C = max(1, wl.prefill_chunk)
     touched = 1 - (1 - K / E) ** C if E > K else 1.0
     mem_per_tok = sum(inv.expert_bytes(l) * E * touched * (1 - hit[l]) for l in layers) / C / eff_bw
     return max(compute, mem_per_tok)
@@ -930,7 +948,11 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     # prefill
     cpu_flops, assumptions["cpu_compute"] = _cpu_flops(hw, pol.threads)
     flops_of = _flops_of(hw, pol.threads)
-    t_cpu_pf = _cpu_expert_prefill_s(inv, wl, flops_of, eff_bw, hit)
+    t_cpu_pf = _cpu_expert_prefill_s(inv, hw, wl, pol, eff_bw, hit)
+    if hw.moe_prefill_flops:
+        assumptions["cpu_expert_prefill"] = (
+            f"the expert engine at {wl.prefill_chunk * K / max(m.n_expert, 1):.0f} tokens per expert "
+            f"(a {wl.prefill_chunk}-token chunk; measured with Q4_K experts, other types at their matmul's ratio)")
     nonexp_params = sum(t.n_elements for t in inv.tensors
                         if t.role not in ("routed_experts", "embedding", "mtp"))
     # attention over `pos` cached positions in every layer that runs
@@ -980,8 +1002,8 @@ def prefill_crossover(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, n
     S: routed-expert bytes (GGUF blocks, what crosses PCIe); S_deq: those bytes read plus 2
     bytes per weight written, every expert dequantized to bf16 once per chunk; g: expert FLOPs
     per token at gpu_tflops. CPU path: t_cpu(T) = T * c, with c the CPU prefill cost per token
-    of the estimate (estimate_speed): the slower of the expert FLOPs at cores x GFLOP/s of the
-    ISA and the expert bytes a prefill_chunk touches over the effective RAM bandwidth, for the
+    of the estimate (estimate_speed): the slower of the expert FLOPs at the CPU's prefill rate
+    (the expert engine's as measured here, else cores x GFLOP/s of the ISA) and the expert bytes a prefill_chunk touches over the effective RAM bandwidth, for the
     experts not cached on the GPU. The non-expert part is the same on both paths.
     The GPU path wins from T* = max(S / (B_pcie * c), (S_deq / B_gpu) / (c - g)); never if g >= c.
 
@@ -1001,7 +1023,7 @@ def prefill_crossover(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, n
     pcie = hw.pcie_bandwidth or ASSUMED_PCIE_BANDWIDTH
     gbw = (gpu.bandwidth if gpu is not None else 0) or ASSUMED_GPU_BANDWIDTH
     eff_bw = _ram_bandwidth(hw, pol, numa_mode)[0]
-    c = _cpu_expert_prefill_s(inv, wl, _flops_of(hw, pol.threads), eff_bw, hit)
+    c = _cpu_expert_prefill_s(inv, hw, wl, pol, eff_bw, hit)
     g = len(inv.moe_layers()) * 2 * K * 3 * m.n_embd * m.expert_ff / (pol.gpu_tflops * 1e12)
     copy_s = S / pcie
     dequant_s = (S + 2 * weights) / gbw

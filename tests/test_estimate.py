@@ -39,6 +39,9 @@ def test_probe_measures_once_per_machine_and_again_on_request(cache, monkeypatch
     assert first["read_bytes_per_s"] > 1e8 and first["cpu_flops"] > 1e8 and first["layer_overhead_s"] > 0
     for per_type in ("cpu_flops_by_type", "decode_bytes_per_s_by_type"):   # every type the native matmul runs
         assert {int(t) for t in first[per_type]} == CPU_NATIVE_TYPES and min(first[per_type].values()) > 1e6
+    engine = first["moe_prefill_flops"]   # the expert engine's prefill at a few tokens per expert
+    assert [int(n) for n in engine] == list(probe.MOE_TOKENS_PER_EXPERT) and min(engine.values()) > 1e8
+    assert engine["64"] > engine["4"]     # the rewrite of each expert's rows, over more tokens
     saved = cache / f"probe-{probe.machine_key()}.json"
     assert json.loads(saved.read_text()) == first
 
@@ -93,6 +96,8 @@ def test_this_machine_is_measured_a_hypothetical_one_is_not(cache, tiny_q4km, ca
     assert "(measured)" in here["ram_bandwidth_per_node"] and "(measured)" in here["cpu_compute"]
     assert "kernel efficiency (measured)" in here["effective_ram_bandwidth"]
     assert "layer_overhead" in here and "layer_overhead" not in assumptions("--ram", "512GiB", "--cores", "8")
+    assert "tokens per expert" in here["cpu_expert_prefill"]
+    assert "cpu_expert_prefill" not in assumptions("--ram", "512GiB", "--cores", "8")
     there = assumptions("--ram", "512GiB", "--cores", "64", "--numa-nodes", "2")
     assert "(assumed)" in there["ram_bandwidth_per_node"] and "assumed" in there["cpu_compute"]
     assert "(given)" in assumptions("--ram-bandwidth", "50GB/s")["ram_bandwidth_per_node"]
@@ -201,3 +206,48 @@ def test_measured_kernel_efficiency_replaces_the_assumed_one(efficiency):
     assert at["full"]["seconds_per_token"]["cpu"] / at["this"]["seconds_per_token"]["cpu"] == pytest.approx(want, rel=1e-9)
     said = at["this"]["assumptions"]["effective_ram_bandwidth"]
     assert (f"x {efficiency:.2f} kernel efficiency (measured)" in said) if efficiency else ("x 0.7 kernel efficiency" in said)
+
+
+def _prefill_s(inv, hw, chunk=512):
+    hw, wl, pol = build_inputs(hardware=hw, cpu_only=True, ram_efficiency=1.0, prefill_chunk=chunk)
+    est = solve(inv, hw, wl, pol).estimate
+    return 1 / est["prefill_tok_s"], est["assumptions"]
+
+
+def test_expert_prefill_runs_at_the_engines_measured_rate_for_its_tokens_per_expert():
+    """Where the probe timed the expert engine's prefill (Q4_K experts, a few token counts per
+    expert), the routed experts' prefill FLOPs run at that rate for the chunk's tokens per
+    expert (C * K / E: 32 for Qwen3-30B-A3B at 512), interpolated in log(tokens) and clamped to
+    the measured counts, instead of the 64-token matmul's. Prefill time is c / rate + the rest:
+    c and the rest from two constant rates, then checked at the others (to 3e-3: the estimate
+    rounds tok/s to 0.1)."""
+    inv = build_preset("qwen3-30b-a3b-q4_k_m")
+    m = inv.model
+    assert 512 * m.n_expert_used // m.n_expert == 32
+    hw = _machine({QT.Q4_K: FIGURES[QT.Q4_K]})
+    q4 = FIGURES[QT.Q4_K][0]
+
+    def at(rates, chunk=512):
+        return _prefill_s(inv, replace(hw, moe_prefill_flops={str(n): f for n, f in rates.items()}), chunk)
+
+    plain, said = _prefill_s(inv, hw)
+    assert "cpu_expert_prefill" not in said
+    same, said = at({4: q4, 64: q4})           # the engine as fast as the matmul: nothing moves
+    assert same == plain
+    assert "32 tokens per expert (a 512-token chunk" in said["cpu_expert_prefill"]
+    half = at({4: q4 / 2, 64: q4 / 2})[0]
+    c = (half - plain) * q4 / 2 * 2            # t = c / rate + rest: c = (t(q/2) - t(q)) * q
+    rest = plain - c / q4
+    assert c > 0.5 * plain                     # experts are most of this prefill
+    assert at({4: q4 / 4, 64: q4 / 4})[0] == pytest.approx(c / (q4 / 4) + rest, rel=3e-3)
+    lo, hi = 0.25 * q4, 0.75 * q4              # 32 tokens: halfway from 16 to 64 in log(tokens)
+    assert at({16: lo, 64: hi, 4: q4 / 100})[0] == pytest.approx(c / (lo / 2 + hi / 2) + rest, rel=3e-3)
+    # 8 tokens per expert at a 128-token chunk: below the measured counts, the lowest one's rate
+    plain128 = _prefill_s(inv, hw, 128)[0]
+    assert at({16: lo, 64: hi}, 128)[0] == pytest.approx(plain128 + c / lo - c / q4, rel=3e-3)
+    # another expert type: the engine's rate times its matmul's speed against Q4_K's
+    iq2 = _typed(inv, "routed_experts", QT.IQ2_XXS)
+    hw2 = _machine(FIGURES)
+    slow = replace(hw2, moe_prefill_flops={"4": q4 / 2, "64": q4 / 2})
+    assert (_prefill_s(iq2, slow)[0] - _prefill_s(iq2, hw2)[0]
+            == pytest.approx(c * FIGURES[QT.Q4_K][0] / FIGURES[QT.IQ2_XXS][0] / q4, rel=3e-3))
