@@ -831,7 +831,8 @@ def _expert_flops_of(hw: Hardware, flops_of, tokens_per_expert: float, threads=N
     hi = next(i for i, (k, _) in enumerate(measured) if k >= n)
     (n0, f0), (n1, f1) = measured[max(0, hi - 1)], measured[hi]
     q4_engine = f1 if n1 == n0 else f0 + (f1 - f0) * math.log(n / n0) / math.log(n1 / n0)
-    q4_engine *= (min(len(hw.allowed_cpus), threads) if threads else len(hw.allowed_cpus)) / len(hw.allowed_cpus)
+    n_cpus = len(hw.allowed_cpus)   # measured on all of them
+    q4_engine *= (min(n_cpus, threads) if threads else n_cpus) / n_cpus
     return lambda ggml_type: q4_engine * flops_of(ggml_type) / flops_of(Q4_K)
 
 
@@ -1003,8 +1004,9 @@ def prefill_crossover(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, n
     bytes per weight written, every expert dequantized to bf16 once per chunk; g: expert FLOPs
     per token at gpu_tflops. CPU path: t_cpu(T) = T * c, with c the CPU prefill cost per token
     of the estimate (estimate_speed): the slower of the expert FLOPs at the CPU's prefill rate
-    (the expert engine's as measured here, else cores x GFLOP/s of the ISA) and the expert bytes a prefill_chunk touches over the effective RAM bandwidth, for the
-    experts not cached on the GPU. The non-expert part is the same on both paths.
+    (the expert engine's as measured here, else cores x GFLOP/s of the ISA) and the expert bytes
+    a prefill_chunk touches over the effective RAM bandwidth, for the experts not cached on the
+    GPU. The non-expert part is the same on both paths.
     The GPU path wins from T* = max(S / (B_pcie * c), (S_deq / B_gpu) / (c - g)); never if g >= c.
 
     DeepSeek-R1 Q4_K_M: S = 394.0 GB over 58 MoE layers, 653.9e9 expert weights (S_deq =

@@ -251,3 +251,15 @@ def test_expert_prefill_runs_at_the_engines_measured_rate_for_its_tokens_per_exp
     slow = replace(hw2, moe_prefill_flops={"4": q4 / 2, "64": q4 / 2})
     assert (_prefill_s(iq2, slow)[0] - _prefill_s(iq2, hw2)[0]
             == pytest.approx(c * FIGURES[QT.Q4_K][0] / FIGURES[QT.IQ2_XXS][0] / q4, rel=3e-3))
+
+
+def test_engine_rate_is_for_the_cpus_used():
+    """The probe times the engine on every allowed cpu; a plan for fewer threads (--threads)
+    gets that share of it, as the per-type matmul figures do."""
+    from placement.solver import _expert_flops_of
+
+    hw = replace(_machine({QT.Q4_K: FIGURES[QT.Q4_K]}), moe_prefill_flops={"4": 4e11, "64": 4e11})
+    n = len(hw.allowed_cpus)
+    assert n == 8
+    for threads, share in ((None, 1.0), (8, 1.0), (4, 0.5), (2, 0.25)):
+        assert _expert_flops_of(hw, lambda t: 1e12, 16, threads)(int(QT.Q4_K)) == pytest.approx(4e11 * share)
