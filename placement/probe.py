@@ -157,9 +157,19 @@ def _measure() -> dict:
     return {"version": VERSION, "read_bytes_per_s": BUFFER_BYTES / read_s,
             "matmul_read_bytes_per_s": ram_rows.nbytes / ram_matmul_s, "cpu_flops": flops[str(ggml.Q4_K)],
             "cpu_flops_by_type": flops, "decode_bytes_per_s_by_type": decode,
-            "moe_prefill_flops": _moe_prefill_flops(threads, rng),
+            "moe_prefill_flops": _moe_prefill_flops_or_none(threads, rng),
             "layer_overhead_s": _layer_overhead(), "threads": threads, "isa": _native.isa(),
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _moe_prefill_flops_or_none(threads: int, rng) -> dict:
+    """_moe_prefill_flops, or {} when the engine cannot run here (the estimate then prices
+    expert prefill at the matmul's rate, as before): the other figures stand either way."""
+    try:
+        return _moe_prefill_flops(threads, rng)
+    except (RuntimeError, ValueError, OSError, MemoryError) as e:
+        print(f"probe: the expert engine's prefill was not timed ({e})", file=sys.stderr)
+        return {}
 
 
 def _moe_prefill_flops(threads: int, rng) -> dict:

@@ -263,3 +263,15 @@ def test_engine_rate_is_for_the_cpus_used():
     assert n == 8
     for threads, share in ((None, 1.0), (8, 1.0), (4, 0.5), (2, 0.25)):
         assert _expert_flops_of(hw, lambda t: 1e12, 16, threads)(int(QT.Q4_K)) == pytest.approx(4e11 * share)
+
+
+def test_an_engine_that_cannot_run_leaves_the_other_figures(monkeypatch):
+    """The engine's prefill timing failing (say, no memory for its 108 MB layer) costs only its
+    own figure: the probe's others stand, and the estimate prices expert prefill at the
+    matmul's rate."""
+    def no_engine(threads, rng):
+        raise MemoryError("108 MB")
+
+    monkeypatch.setattr(probe, "_moe_prefill_flops", no_engine)
+    figures = probe._measure()
+    assert figures["moe_prefill_flops"] == {} and figures["cpu_flops"] > 1e8 and figures["read_bytes_per_s"] > 1e8
