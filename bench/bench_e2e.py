@@ -268,8 +268,10 @@ def main(argv=None) -> int:
 
     m = probe.measured(refresh=True)
     if m:
+        engine = ", ".join(f"{f / 1e9:.0f} at {n}" for n, f in m.get("moe_prefill_flops", {}).items())
         print(f"probe: read {m['read_bytes_per_s'] / 1e9:.1f} GB/s, Q4_K matmul {m['cpu_flops'] / 1e9:.0f} GFLOP/s "
-              f"at 64 tokens, {m['threads']} cpus", flush=True)
+              f"at 64 tokens, expert engine prefill (GFLOP/s at tokens per expert) {engine or 'not timed'}, "
+              f"{m['threads']} cpus", flush=True)
     engines = [_Remote("hybrid", path, a.threads, ctx, a.device)]
     if a.baseline_tree:
         engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, name="baseline",
