@@ -805,7 +805,8 @@ def _hit_rates(inv: Inventory, stats, gpu_cache: dict) -> dict:
 
 
 def _on_cpus_used(hw: Hardware, figures: dict, threads=None) -> dict:
-    """{ggml type: a per-type rate the probe measured on all allowed cpus, on the cpus used}."""
+    """{key (a ggml type, tokens per expert): a rate the probe measured on all allowed cpus, on
+    the cpus used}."""
     n = len(hw.allowed_cpus)
     used = min(n, threads) if threads else n
     return {int(k): v * used / n for k, v in figures.items()}
@@ -824,15 +825,13 @@ def _expert_flops_of(hw: Hardware, flops_of, tokens_per_expert: float, threads=N
     engine's rate measured with Q4_K experts (placement.probe) at the nearest token counts,
     interpolated in log(tokens), for another type times its matmul's speed against Q4_K's;
     flops_of (the 64-token matmul) where the engine was not measured."""
-    measured = sorted((float(k), v) for k, v in hw.moe_prefill_flops.items())
+    measured = sorted(_on_cpus_used(hw, hw.moe_prefill_flops, threads).items())
     if not measured:
         return flops_of
     n = min(max(tokens_per_expert, measured[0][0]), measured[-1][0])
     hi = next(i for i, (k, _) in enumerate(measured) if k >= n)
     (n0, f0), (n1, f1) = measured[max(0, hi - 1)], measured[hi]
     q4_engine = f1 if n1 == n0 else f0 + (f1 - f0) * math.log(n / n0) / math.log(n1 / n0)
-    n_cpus = len(hw.allowed_cpus)   # measured on all of them
-    q4_engine *= (min(n_cpus, threads) if threads else n_cpus) / n_cpus
     return lambda ggml_type: q4_engine * flops_of(ggml_type) / flops_of(Q4_K)
 
 

@@ -236,7 +236,7 @@ def test_expert_prefill_runs_at_the_engines_measured_rate_for_its_tokens_per_exp
     assert same == plain
     assert "32 tokens per expert (a 512-token chunk" in said["cpu_expert_prefill"]
     half = at({4: q4 / 2, 64: q4 / 2})[0]
-    c = (half - plain) * q4 / 2 * 2            # t = c / rate + rest: c = (t(q/2) - t(q)) * q
+    c = (half - plain) * q4                    # t = c / rate + rest: c = (t(q/2) - t(q)) * q
     rest = plain - c / q4
     assert c > 0.5 * plain                     # experts are most of this prefill
     assert at({4: q4 / 4, 64: q4 / 4})[0] == pytest.approx(c / (q4 / 4) + rest, rel=3e-3)
