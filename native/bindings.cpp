@@ -597,12 +597,16 @@ PYBIND11_MODULE(_native, m) {
             py::arg("layer"), py::arg("x").noconvert(), py::arg("ids").noconvert(), py::arg("weights").noconvert(),
             py::arg("out").noconvert(), py::arg("shared_layer") = -1,
             "forward of float32 x [T, D], int64 ids / float32 weights [T, K] into out [T, D], staging included")
+        .def_property_readonly_static("token_chunk", [](py::object) { return MoEEngine::kTokenChunk; },
+                                      "tokens per chunk of a call (the scratch is sized for this many at most)")
         .def_property_readonly("busy", &MoEEngine::busy)
         .def_property_readonly("n_layers", &MoEEngine::n_layers)
         .def_property_readonly("max_tokens", &MoEEngine::max_tokens)
         .def_property_readonly("max_k", &MoEEngine::max_k)
         .def_property_readonly("d_model", &MoEEngine::d_model)
         .def_property_readonly("partition_threads", &MoEEngine::partition_threads)
+        .def_property_readonly("buffer_bytes", &MoEEngine::buffer_bytes,
+                               "bytes of the engine's I/O buffers and chunk scratch (sized by the first forward)")
         .def("layer_info",
              [](MoEEngine& e, int i) {
                  if (i < 0 || i >= e.n_layers()) bad("layer " + std::to_string(i) + " does not exist");

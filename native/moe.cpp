@@ -346,12 +346,13 @@ void MoEEngine::set_skip(int layer, const uint8_t* skip, int64_t E) {
 
 void MoEEngine::ensure_scratch() {
     const int64_t chunk = std::min(max_tokens_, kTokenChunk);
-    int64_t xg = 0, xu = 0, hq = 0, E = 0;
+    int64_t xg = 0, xu = 0, h = 0, hq = 0, E = 0;
     for (auto& L : layers_) {
+        const int64_t slots = std::min(max_k_, L->E);  // per token: a one-expert layer has 1
         xg = std::max(xg, act_row_bytes(get_type_info(L->gate_type()).act, L->D));
         xu = std::max(xu, act_row_bytes(get_type_info(L->up_type()).act, L->D));
-        hq = std::max(hq, act_row_bytes(get_type_info(L->down_type()).act, L->F));
-        max_f_ = std::max(max_f_, L->F);
+        h = std::max(h, slots * L->F);
+        hq = std::max(hq, slots * act_row_bytes(get_type_info(L->down_type()).act, L->F));
         E = std::max(E, L->E);
     }
     auto grow = [](auto& v, int64_t n) {
@@ -359,13 +360,20 @@ void MoEEngine::ensure_scratch() {
     };
     grow(xq_gate_, chunk * xg);
     grow(xq_up_, chunk * xu);
-    grow(h_, chunk * max_k_ * max_f_);
-    grow(hq_, chunk * max_k_ * hq);
+    grow(h_, chunk * h);
+    grow(hq_, chunk * hq);
     grow(slot_list_, chunk * max_k_);
     grow(expert_begin_, E + 1);
     grow(cursor_, E);
     active_.reserve(E);
     slot_chunk_begin_.reserve(E + 1);
+}
+
+int64_t MoEEngine::buffer_bytes() const {
+    auto bytes = [](const auto& v) { return (int64_t)(v.capacity() * sizeof(v[0])); };
+    return bytes(x_) + bytes(y_) + bytes(w_) + bytes(ids_) + bytes(xq_gate_) + bytes(xq_up_) + bytes(h_) +
+           bytes(hq_) + bytes(slot_list_) + bytes(expert_begin_) + bytes(cursor_) + bytes(active_) +
+           bytes(slot_chunk_begin_);
 }
 
 bool MoEEngine::prepare(int layer, int64_t T, int64_t K, int shared_layer) {
@@ -376,6 +384,7 @@ bool MoEEngine::prepare(int layer, int64_t T, int64_t K, int shared_layer) {
     if (T < 0 || T > max_tokens_) bad("T=" + std::to_string(T) + " exceeds max_tokens " + std::to_string(max_tokens_));
     if (K < 1 || K > max_k_) bad("K=" + std::to_string(K) + " is outside 1.." + std::to_string(max_k_));
     const moe_layer& L = *layers_[layer];
+    if (K > L.E) bad("ids: " + std::to_string(K) + " experts per token, but the layer has " + std::to_string(L.E));
     for (int64_t i = 0; i < T * K; i++)
         if (ids_[i] >= L.E) bad("ids: expert id " + std::to_string(ids_[i]) + " >= E=" + std::to_string(L.E));
     ensure_scratch();

@@ -77,3 +77,15 @@ def tensor_nbytes(ggml_type_id, ne) -> int:
     if int(ne[0]) % t.block_size:
         raise ValueError(f"row length {ne[0]} is not a multiple of the {t.name} block ({t.block_size})")
     return n_elements(ne) // t.block_size * t.type_size
+
+
+# The activation row a CPU dot with weights of a type consumes (native/quants.cpp act_row_bytes):
+# float32 for the float types, 40 B per 32 values for the 32-blocks (a float scale, a float sum
+# or offset term, the quants: hybrid's q8_32 and its q8_1), and q8_K's 292 B per 256 for the
+# 256-blocks (a float scale, the quants, 16 int16 sums).
+def act_row_bytes(ggml_type_id, n: int) -> int:
+    """Bytes of the quantized activation row of n values a dot with this weight type reads."""
+    t = ggml_type(ggml_type_id)
+    if not t.quantized:
+        return 4 * n
+    return n // 32 * 40 if t.block_size == 32 else n // 256 * 292

@@ -146,7 +146,7 @@ class Plan:
             return 0
         skip = {"host_reserve", "runtime_overhead", "page_tables"}
         if not include_workspace:
-            skip.update(("workspace", "tile_scratch"))
+            skip.update(("workspace", "tile_scratch", "expert_scratch"))
         return sum(v for k, v in cpu.breakdown.items() if k not in skip)
 
     def predicted_gpu_allocated(self) -> int:

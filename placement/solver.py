@@ -17,9 +17,10 @@ Shape legend: L layers, E experts, K experts per token, D hidden, H heads.
 """
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 
-from placement.ggml import Q4_K, type_name
+from placement.ggml import Q4_K, act_row_bytes, type_name
 from placement.hardware import HW_OVERRIDES, Hardware
 from placement.inventory import Inventory
 from placement.plan import DeviceUsage, Plan, Problem, Suggestion
@@ -231,6 +232,64 @@ def tile_scratch_bytes(inv: Inventory, threads: int) -> int:
     expert engine and of the CPU linears' pool (native/bindings.cpp shared_pool), `threads` each."""
     k = max((t.ne[0] for t in inv.tensors if len(t.ne) >= 2), default=0)
     return 2 * max(1, threads) * ((k + 255) // 256 * TILE_SCRATCH_PER_BLOCK + k * TILE_SCRATCH_PER_WEIGHT)
+
+
+# an FFN matrix: its kind, then _exps (routed), _shexp (shared) or nothing (dense), or .N (an
+# early Mixtral file's tensor per expert)
+_FFN_MATRIX = re.compile(r"\.ffn_(gate|up|down)(?:_exps|_shexp)?(?:\.\d+)?\.weight$")
+
+
+def _engine_layers(inv: Inventory, cpu_ffns: bool) -> list:
+    """(E, D, F, gate, up, down types) of each layer the native expert engine holds: the routed
+    experts, and with cpu_ffns (a CPU-only plan with quantized CPU weights) the dense FFNs and
+    shared experts the native linears take, as one-expert layers (hybrid.runtime.loader
+    fused_ffn)."""
+    layers = {}
+    for t in inv.tensors:
+        match = _FFN_MATRIX.search(t.name)
+        if t.layer is None or match is None or len(t.ne) < 2:
+            continue
+        if t.role == "routed_experts":
+            key = (t.layer, "routed")
+        elif cpu_ffns and t.role in ("dense_ffn", "shared_expert") and t.ggml_type in CPU_NATIVE_TYPES:
+            key = (t.layer, t.role)
+        else:
+            continue
+        kind = match.group(1)
+        g = layers.setdefault(key, {"E": 0})
+        # a 3-D tensor holds E experts; 2-D ones are one expert each (count the gates)
+        g["E"] = int(t.ne[2]) if len(t.ne) > 2 else g["E"] + (kind == "gate")
+        g[kind] = (t.ggml_type, int(t.ne[0]), int(t.ne[1]))
+    return [(g["E"], g["gate"][1], g["gate"][2], g["gate"][0], g["up"][0], g["down"][0])
+            for g in layers.values() if all(k in g for k in ("gate", "up", "down"))]
+
+
+def expert_engine_bytes(inv: Inventory, wl: Workload, cpu_ffns: bool) -> tuple:
+    """(io, scratch): the native expert engine's own buffers (native/moe.cpp
+    MoEEngine::buffer_bytes is their sum). io, allocated at load: x and y [tokens, D] fp32, ids
+    and weights [tokens, K + 1]. scratch, at the first forward, for a chunk of at most
+    ENGINE_TOKEN_CHUNK tokens: their quantized activations for gate and up, h rows (fp32) and
+    quantized h rows for down (min(K, E) slots a token), the slot lists, and the per-expert
+    counts. tokens: the prefill chunk (the engine's max_tokens)."""
+    layers = _engine_layers(inv, cpu_ffns)
+    if not layers:
+        return 0, 0
+    m = inv.model
+    K = max(1, m.n_expert_used)
+    tokens = max(wl.prefill_chunk, wl.batch)
+    chunk = min(tokens, ENGINE_TOKEN_CHUNK)
+    io = 2 * tokens * m.n_embd * 4 + 2 * tokens * (K + 1) * 4
+    xg = max(act_row_bytes(tg, d) for _, d, _, tg, _, _ in layers)
+    xu = max(act_row_bytes(tu, d) for _, d, _, _, tu, _ in layers)
+    h = max(min(K, e) * f for e, _, f, *_ in layers)
+    hq = max(min(K, e) * act_row_bytes(td, f) for e, _, f, _, _, td in layers)
+    E = max(e for e, *_ in layers)
+    scratch = chunk * (xg + xu + 4 * h + hq + 4 * K) + 4 * (E + 1) + 4 * E + 4 * E + 8 * (E + 1)
+    return io, scratch
+
+
+# native/moe.h MoEEngine::kTokenChunk
+ENGINE_TOKEN_CHUNK = 2048
 
 
 def pinned_formula(inv: Inventory, wl: Workload) -> int:
@@ -632,6 +691,8 @@ def _solve_one(inv, hw, wl, pol) -> Plan:
                                                                    "file_pages"))
     host["page_tables"] = weights_on_host // 512   # 8-byte entries for 4 KiB pages
     host["tile_scratch"] = tile_scratch_bytes(inv, pol.threads or len(hw.allowed_cpus))
+    host["expert_io"], host["expert_scratch"] = expert_engine_bytes(
+        inv, wl, cpu_ffns=gpu is None and pol.cpu_weight_format == "quantized")
     host["runtime_overhead"] = pol.runtime_overhead_bytes
     host["host_reserve"] = pol.host_reserve_bytes
     reserves["host_reserve"] = pol.host_reserve_bytes
@@ -906,7 +967,8 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     else:
         nonexp = sum(v for k, v in devices["cpu"].breakdown.items()
                      if k not in ("kv_cache", "workspace", "routed_experts", "embedding", "page_tables",
-                                  "runtime_overhead", "host_reserve", "pinned_buffers", "tile_scratch"))
+                                  "runtime_overhead", "host_reserve", "pinned_buffers", "tile_scratch",
+                                  "expert_io", "expert_scratch"))
     if gpu is not None and gpu_fmt == "quantized":
         groups = _group_formats(True, gpu_fmt, pol.cpu_weight_format)
         nonexp += DEQUANT_TRAFFIC_PER_WEIGHT * sum(

@@ -13,6 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from hybrid import _native
 from hybrid.backends.experts import ExpertEngine
 from quantdata import random_rows
 from test_kernels import isa, reference_weights  # noqa: F401  (isa is a fixture)
@@ -188,8 +189,13 @@ def test_bad_input_raises_value_error_naming_the_argument(expert_sets):
             continue
         with pytest.raises(ValueError, match=rf"^{name}\b"):
             layer(*args)
+    # more experts per token than a layer has (a one-expert layer: its slot scratch is 1 a token)
+    one = engine.add_layer(1, experts.gate[:F], QT.Q4_K, experts.up[:F], QT.Q4_K, experts.down[:D], QT.Q6_K)
+    with pytest.raises(ValueError, match=r"^ids: 2 experts per token, but the layer has 1"):
+        one(x, ids, w)
     # the engine still works after every refusal
     assert layer(x, ids, w).shape == (3, D)
+    assert one(x, ids[:, :1].contiguous(), w[:, :1].contiguous()).shape == (3, D)
     with pytest.raises(ValueError, match="gate"):
         engine.add_layer(8, experts.gate[:-1], QT.Q4_K, experts.up, QT.Q4_K, experts.down, QT.Q6_K)
     with pytest.raises(ValueError, match="down"):
@@ -228,7 +234,7 @@ def test_always_on_expert_in_the_same_call(expert_sets):
     routed = expert_sets[(64, 0)]
     one = ExpertSet(1, TYPE_MIXES[1], seed=99)
     rng = np.random.default_rng(7)
-    T = 600  # > kTokenChunk (512): two chunks per part
+    T = _native.MoEEngine.token_chunk + 88  # two chunks per part
     x = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))
     ids, w = (torch.from_numpy(a) for a in routing(T, 6, 64, rng))
     engine = ExpertEngine(D, max_tokens=T, max_k=8, threads=2)
@@ -247,3 +253,26 @@ def test_always_on_expert_in_the_same_call(expert_sets):
             with pytest.raises(ValueError, match="shared layer"):
                 engine.forward(r.layer, x[:2], ids[:2], w[:2], shared_layer=bad)
     assert not r.absorb_shared(object())   # not a one-expert layer of this engine
+
+
+def test_buffer_bytes_size_each_layers_slots(expert_sets):
+    """MoEEngine.buffer_bytes (its vectors' capacities): the I/O buffers for max_tokens, and at
+    the first forward a chunk's scratch whose h rows hold min(K, E) slots a token of each layer:
+    here a one-expert layer 2048 wide (a dense FFN's shape) outgrows the routed layer's 4 slots
+    of 256, and a K-slot sizing of it would take 4x its rows."""
+    T, K, E, FW = 40, 4, 8, 2048
+    engine = ExpertEngine(D, max_tokens=T, max_k=K, threads=2)
+    routed = expert_sets[(E, 0)].add_to(engine)
+    rng = np.random.default_rng(3)
+    wide = engine.add_layer(1, random_rows(QT.Q4_K, FW, D, rng), QT.Q4_K, random_rows(QT.Q4_K, FW, D, rng), QT.Q4_K,
+                            random_rows(QT.Q6_K, D, FW, rng), QT.Q6_K)
+    io = 2 * T * D * 4 + 2 * T * (K + 1) * 4
+    assert engine._eng.buffer_bytes == io
+    x = torch.randn(T, D)
+    ids, w = (torch.from_numpy(a) for a in routing(T, K, E, rng))
+    routed(x, ids, w)
+    wide(x, torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1))
+    q8k = lambda n: n // 256 * 292   # noqa: E731  the activation row of a K-quant dot
+    scratch = T * (2 * q8k(D) + 4 * max(K * F, FW) + max(K * q8k(F), q8k(FW)) + 4 * K)
+    counts = 4 * (E + 1) + 4 * E + 4 * E + 8 * (E + 1)   # per expert: begin, cursor, active, chunk begins
+    assert engine._eng.buffer_bytes == io + scratch + counts

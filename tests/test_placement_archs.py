@@ -421,3 +421,25 @@ def test_glm46_header_equals_preset(tmp_path):
     assert [(t.name, t.role, t.ggml_type, t.n_bytes) for t in inv.tensors] == \
         [(t.name, t.role, t.ggml_type, t.n_bytes) for t in preset.tensors]
     assert inv.quantization == "Q4_K_M" and inv.bytes_by_role()["mtp"] == preset.bytes_by_role()["mtp"]
+
+
+@pytest.mark.parametrize("chunk", [512, 4096])
+def test_r1_cpu_plan_counts_the_expert_engines_buffers(chunk):
+    """DeepSeek-R1 on a CPU-only plan: the expert engine holds the three dense FFNs (18432 wide)
+    and the shared experts as one-expert layers beside the routed ones, so a token's h rows are
+    the dense FFN's 18432 (one slot), wider than 8 routed slots of 2048; the chunk's scratch
+    stops at the engine's 2048-token chunk while x and y hold every token of a prefill chunk.
+    With a GPU the engine has the routed experts alone."""
+    inv = build_preset("deepseek-r1-q4_k_m")
+    hw = hardware.from_profile("2x256g-48g")
+    D, F, FD, E, K = 7168, 2048, 18432, 256, 8
+    q8k = lambda n: n // 256 * 292   # noqa: E731  K-quant activation rows
+    io = 2 * chunk * D * 4 + 2 * chunk * (K + 1) * 4
+    counts = 4 * (E + 1) + 8 * E + 8 * (E + 1)
+    c = min(chunk, 2048)
+    cpu = solve(inv, hw, Workload(context=8192, prefill_chunk=chunk), Policy(use_gpu=False), _suggest=False)
+    b = cpu.devices["cpu"].breakdown
+    assert (b["expert_io"], b["expert_scratch"]) == (io, c * (2 * q8k(D) + 4 * FD + q8k(FD) + 4 * K) + counts)
+    gpu = solve(inv, hw, Workload(context=8192, prefill_chunk=chunk), Policy(), _suggest=False)
+    b = gpu.devices["cpu"].breakdown
+    assert (b["expert_io"], b["expert_scratch"]) == (io, c * (2 * q8k(D) + 4 * K * F + K * q8k(F) + 4 * K) + counts)

@@ -151,9 +151,17 @@ def test_predicted_cpu_rss_growth(tiny_f32):
     group_block = 16 * (256 + 8 * 2 * 2 + 4 * 2 * 2 + 2 * 4)
     scratch = 2 * len(os.sched_getaffinity(0)) * (-(-longest_row // 256) * group_block + 4 * longest_row)
     assert cpu["tile_scratch"] == scratch
-    assert got == stored + copied + kv + cpu["workspace"] + scratch
+    # the expert engine's buffers: x and y (64 tokens x D fp32), ids and weights (K + 1 a token);
+    # at the first forward a chunk's scratch: the F32 experts' activation rows in fp32 for gate
+    # and up, K h rows a token and their fp32 copies for down, the slot lists, per-expert counts
+    # (the dense FFN and the shared expert are F32: torch linears, not engine layers)
+    D, F, E, K = cfg.n_embd, cfg.expert_ffn, cfg.n_expert, cfg.n_expert_used
+    io = 2 * 64 * D * 4 + 2 * 64 * (K + 1) * 4
+    engine = 64 * (4 * D + 4 * D + 4 * K * F + 4 * K * F + 4 * K) + 4 * (E + 1) + 8 * E + 8 * (E + 1)
+    assert (cpu["expert_io"], cpu["expert_scratch"]) == (io, engine)
+    assert got == stored + copied + kv + cpu["workspace"] + scratch + io + engine
     assert 0 < cpu["workspace"] < 8 << 20
-    assert plan.predicted_cpu_rss_growth(include_workspace=False) == got - cpu["workspace"] - scratch
+    assert plan.predicted_cpu_rss_growth(include_workspace=False) == got - cpu["workspace"] - scratch - engine
 
 
 def test_quantized_small_linears_become_f32_copies_on_cpu(tiny_q4km):
@@ -174,3 +182,18 @@ def test_quantized_small_linears_become_f32_copies_on_cpu(tiny_q4km):
         for t in lin) < cpu["attention"]
     assert cpu["file_pages"] > 0
     assert cpu["routed_experts"] == inv.bytes_by_role()["routed_experts"]
+
+
+def test_act_row_bytes_are_the_native_activation_rows():
+    """The Plan's size of the activation row a CPU dot reads, for every type the native code
+    computes, is the length of the row hybrid._native quantizes (its own act_row_bytes)."""
+    import numpy as np
+
+    from hybrid import _native
+    from placement.ggml import act_row_bytes
+
+    x = np.linspace(-1, 1, 2048, dtype=np.float32)
+    types = _native.supported_types()
+    assert {8, 3, 12, 0} <= set(types)   # q8_32, q8_1, q8_K and float rows among them
+    for t in types:
+        assert act_row_bytes(t, x.size) == _native.quantize_activations(x, t).size, t
