@@ -18,7 +18,9 @@ experts, native linears, torch ops, the rest), to aim work at the largest part.
 
 --baseline-tree DIR runs a third worker importing hybrid from DIR (e.g. a copy of the tree at
 an older commit with the same native module), interleaved with the others: before/after
-ratios measured under the same machine conditions.
+ratios measured under the same machine conditions. --baseline-chunk N instead runs this tree
+with a prefill chunk of N tokens as the baseline (--prefill-chunk, default 512, is hybrid's
+prefill chunk and llama.cpp's n_batch / n_ubatch).
 
 Each engine lives in its own worker process (both link an OpenMP runtime and a thread pool
 whose spinning threads would slow the other down in one process). Runs alternate between
@@ -46,11 +48,11 @@ from benchlib import prompt_ids
 class Ours:
     name = "hybrid"
 
-    def __init__(self, path, threads, ctx, device):
+    def __init__(self, path, threads, ctx, device, chunk):
         import hybrid
 
         t0 = time.perf_counter()
-        self.rt = hybrid.load(path, device=device, threads=threads, ctx=ctx)
+        self.rt = hybrid.load(path, device=device, threads=threads, ctx=ctx, prefill_chunk=chunk)
         self.load_s = time.perf_counter() - t0
         self.n_vocab = self.rt.n_vocab
         st = self.rt.loader.stats
@@ -112,11 +114,11 @@ def _profile_part(file: str, func: str) -> str:
 class LlamaCpp:
     name = "llama.cpp"
 
-    def __init__(self, path, threads, ctx):
+    def __init__(self, path, threads, ctx, chunk):
         import llama_cpp
 
         t0 = time.perf_counter()
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=512, n_ubatch=512,
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=chunk, n_ubatch=chunk,
                                    n_threads=threads, n_threads_batch=threads, n_gpu_layers=0,
                                    logits_all=False, verbose=False)
         self.load_s = time.perf_counter() - t0
@@ -146,16 +148,16 @@ class LlamaCpp:
         self.llm.close()
 
 
-def _worker(kind, path, threads, ctx, device) -> int:
+def _worker(kind, path, threads, ctx, device, chunk) -> int:
     """Serve runs over stdin/stdout: one JSON request per line, one JSON answer per line."""
     if kind.startswith("hybrid"):
         # hybrid before torch: it picks passive OpenMP waiting, which must precede torch's
         # OpenMP start (hybrid/__init__.py); the llama.cpp worker keeps its own defaults
         import hybrid  # noqa: F401
 
-        eng = Ours(path, threads, ctx, device)
+        eng = Ours(path, threads, ctx, device, chunk)
     else:
-        eng = LlamaCpp(path, threads, ctx)
+        eng = LlamaCpp(path, threads, ctx, chunk)
     out = sys.stdout
     sys.stdout = sys.stderr  # keep library chatter off the answer channel
     out.write(json.dumps({"load_s": eng.load_s, "info": eng.info, "n_vocab": eng.n_vocab,
@@ -177,10 +179,10 @@ def _worker(kind, path, threads, ctx, device) -> int:
 
 
 class _Remote:
-    def __init__(self, kind, path, threads, ctx, device, name=None, pythonpath=None):
+    def __init__(self, kind, path, threads, ctx, device, chunk, name=None, pythonpath=None):
         self.name = name or kind
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--model", str(path),
-               "--threads", str(threads), "--ctx", str(ctx), "--device", device]
+               "--threads", str(threads), "--ctx", str(ctx), "--device", device, "--prefill-chunk", str(chunk)]
         env = dict(os.environ)
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
@@ -240,11 +242,15 @@ def main(argv=None) -> int:
                     help="also print where one hybrid prefill spends its time")
     ap.add_argument("--baseline-tree", metavar="DIR",
                     help="also run hybrid imported from DIR (an older copy of the tree)")
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="prompt tokens per forward: hybrid's prefill chunk, llama.cpp's n_batch and n_ubatch")
+    ap.add_argument("--baseline-chunk", type=int, metavar="N",
+                    help="the baseline: this tree with a prefill chunk of N (instead of --baseline-tree)")
     ap.add_argument("--worker", choices=("hybrid", "llama.cpp"), help=argparse.SUPPRESS)
     ap.add_argument("--ctx", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        return _worker(a.worker, a.model, a.threads, a.ctx, a.device)
+        return _worker(a.worker, a.model, a.threads, a.ctx, a.device, a.prefill_chunk)
 
     path = a.model
     if path is None:
@@ -272,12 +278,14 @@ def main(argv=None) -> int:
         print(f"probe: read {m['read_bytes_per_s'] / 1e9:.1f} GB/s, Q4_K matmul {m['cpu_flops'] / 1e9:.0f} GFLOP/s "
               f"at 64 tokens, expert engine prefill (GFLOP/s at tokens per expert) {engine or 'not timed'}, "
               f"{m['threads']} cpus", flush=True)
-    engines = [_Remote("hybrid", path, a.threads, ctx, a.device)]
-    if a.baseline_tree:
-        engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, name="baseline",
-                               pythonpath=os.path.abspath(a.baseline_tree)))
+    engines = [_Remote("hybrid", path, a.threads, ctx, a.device, a.prefill_chunk)]
+    if a.baseline_tree and a.baseline_chunk:
+        ap.error("--baseline-tree or --baseline-chunk, not both")
+    if a.baseline_tree or a.baseline_chunk:
+        engines.append(_Remote("hybrid", path, a.threads, ctx, a.device, a.baseline_chunk or a.prefill_chunk,
+                               name="baseline", pythonpath=a.baseline_tree and os.path.abspath(a.baseline_tree)))
     if not a.skip_llama:
-        engines.append(_Remote("llama.cpp", path, a.threads, ctx, "cpu"))
+        engines.append(_Remote("llama.cpp", path, a.threads, ctx, "cpu", a.prefill_chunk))
     for e in engines:
         print(f"{e.name}: loaded in {e.load_s:.1f} s; {e.info}", flush=True)
     prompt = prompt_ids(engines[0].n_vocab, a.prompt)
@@ -301,7 +309,8 @@ def main(argv=None) -> int:
             tokens[e.name] = toks
             print(f"run {r + 1} {e.name:>9}: prompt {pp:8.1f} tok/s  decode {tg:7.2f} tok/s", flush=True)
 
-    print(f"\nthreads {a.threads}, prompt {a.prompt} tokens, decode {a.decode} tokens, "
+    print(f"\nthreads {a.threads}, prompt {a.prompt} tokens in chunks of {a.prefill_chunk}"
+          f"{f' (baseline {a.baseline_chunk})' if a.baseline_chunk else ''}, decode {a.decode} tokens, "
           f"median of {a.runs} runs (device {a.device} for hybrid, CPU for llama.cpp)")
     med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in res.items()}
     for k, (pp, tg) in med.items():
