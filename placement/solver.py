@@ -270,14 +270,13 @@ def expert_engine_bytes(inv: Inventory, wl: Workload, cpu_ffns: bool) -> tuple:
     and weights [tokens, K + 1]. scratch, at the first forward, for a chunk of at most
     ENGINE_TOKEN_CHUNK tokens: their quantized activations for gate and up, h rows (fp32) and
     quantized h rows for down (min(K, E) slots a token), the slot lists, and the per-expert
-    counts. tokens: the prefill chunk (the engine's max_tokens)."""
+    counts. tokens: the prefill chunk (the engine's max_tokens; --parallel is at most that)."""
     layers = _engine_layers(inv, cpu_ffns)
     if not layers:
         return 0, 0
     m = inv.model
     K = max(1, m.n_expert_used)
-    tokens = max(wl.prefill_chunk, wl.batch)
-    chunk = min(tokens, ENGINE_TOKEN_CHUNK)
+    tokens, chunk = wl.prefill_chunk, _engine_chunk(wl)
     io = 2 * tokens * m.n_embd * 4 + 2 * tokens * (K + 1) * 4
     xg = max(act_row_bytes(tg, d) for _, d, _, tg, _, _ in layers)
     xu = max(act_row_bytes(tu, d) for _, d, _, _, tu, _ in layers)
@@ -290,6 +289,12 @@ def expert_engine_bytes(inv: Inventory, wl: Workload, cpu_ffns: bool) -> tuple:
 
 # native/moe.h MoEEngine::kTokenChunk
 ENGINE_TOKEN_CHUNK = 2048
+
+
+def _engine_chunk(wl: Workload) -> int:
+    """Tokens the expert engine takes at once: the prefill chunk, split into chunks of at most
+    ENGINE_TOKEN_CHUNK."""
+    return min(max(1, wl.prefill_chunk), ENGINE_TOKEN_CHUNK)
 
 
 def pinned_formula(inv: Inventory, wl: Workload) -> int:
@@ -920,12 +925,13 @@ def _decode_compute_note(hw: Hardware, rate_of, eff_bw: float, types) -> str:
 def _cpu_expert_prefill_s(inv: Inventory, hw: Hardware, wl: Workload, pol: Policy, eff_bw: float,
                           hit: dict) -> float:
     """Seconds of CPU routed-expert work per prompt token (all MoE layers, cached experts
-    excluded): the expert FLOPs at the engine's prefill rate for their type with a
-    prefill_chunk's tokens per expert (C * K / E), or the bytes a prefill_chunk touches (nearly
-    every expert once C*K >> E) spread over its tokens, whichever is slower."""
+    excluded): the expert FLOPs at the engine's prefill rate for their type with an engine
+    chunk's tokens per expert (C * K / E), or the bytes a chunk touches (nearly every expert once
+    C*K >> E) spread over its tokens, whichever is slower. C: the prefill chunk, at most the
+    engine's own chunk (ENGINE_TOKEN_CHUNK), which a longer one is split into."""
     m = inv.model
     K, E = m.n_expert_used, max(m.n_expert, 1)
-    C = max(1, wl.prefill_chunk)
+    C = _engine_chunk(wl)
     layers = inv.moe_layers()
     flops_of = _expert_flops_of(hw, _flops_of(hw, pol.threads), C * K / E, pol.threads)
     compute = sum(2 * K * t.n_elements / E * (1 - hit[t.layer]) / flops_of(t.ggml_type)
@@ -939,8 +945,8 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     """Decode: every token reads the non-expert weights once (GPU) and K experts per MoE layer
     (CPU, unless cached on the GPU, each type at the slower of the RAM bandwidth and its
     one-token matmul), plus the KV cache; one CPU<->GPU hand-off per MoE layer.
-    Prefill: CPU expert FLOPs at the ISA's sustained rate, or the experts' bytes per chunk,
-    whichever is slower, plus the GPU part (chunks short of the GPU prefill threshold; see
+    Prefill: CPU expert FLOPs at the expert engine's measured prefill rate (else the ISA's
+    sustained rate), or the experts' bytes per engine chunk, whichever is slower, plus the GPU part (chunks short of the GPU prefill threshold; see
     prefill_crossover for the long ones). hot_fmt: the form of gpu_cache's experts."""
     m = inv.model
     K = m.n_expert_used
@@ -1012,9 +1018,10 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     flops_of = _flops_of(hw, pol.threads)
     t_cpu_pf = _cpu_expert_prefill_s(inv, hw, wl, pol, eff_bw, hit)
     if hw.moe_prefill_flops:
+        chunk = _engine_chunk(wl)
         assumptions["cpu_expert_prefill"] = (
-            f"the expert engine at {wl.prefill_chunk * K / max(m.n_expert, 1):.0f} tokens per expert "
-            f"(a {wl.prefill_chunk}-token chunk; measured with Q4_K experts, other types at their matmul's ratio)")
+            f"the expert engine at {chunk * K / max(m.n_expert, 1):.0f} tokens per expert "
+            f"(a {chunk}-token chunk; measured with Q4_K experts, other types at their matmul's ratio)")
     nonexp_params = sum(t.n_elements for t in inv.tensors
                         if t.role not in ("routed_experts", "embedding", "mtp"))
     # attention over `pos` cached positions in every layer that runs

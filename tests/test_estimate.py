@@ -245,6 +245,12 @@ def test_expert_prefill_runs_at_the_engines_measured_rate_for_its_tokens_per_exp
     # 8 tokens per expert at a 128-token chunk: below the measured counts, the lowest one's rate
     plain128 = _prefill_s(inv, hw, 128)[0]
     assert at({16: lo, 64: hi}, 128)[0] == pytest.approx(plain128 + c / lo - c / q4, rel=3e-3)
+    # a 4096-token prefill chunk reaches the engine as 2048-token chunks: 128 tokens per expert,
+    # not 256 (rates measured up to 512 so that no clamp hides the difference)
+    wide = {4: lo, 512: hi}
+    extra = {n: at(wide, n)[0] - at({4: q4, 512: q4}, n)[0] for n in (2048, 4096)}
+    assert extra[4096] == pytest.approx(extra[2048], rel=3e-3) and extra[2048] > 0.1 * plain
+    assert "128 tokens per expert (a 2048-token chunk" in at(wide, 4096)[1]["cpu_expert_prefill"]
     # another expert type: the engine's rate times its matmul's speed against Q4_K's
     iq2 = _typed(inv, "routed_experts", QT.IQ2_XXS)
     hw2 = _machine(FIGURES)
