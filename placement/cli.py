@@ -85,7 +85,8 @@ def add_plan_args(p) -> None:
     pl.add_argument("--force-ctx", action="store_true",
                     help="allow --ctx beyond the context the model was trained for")
     pl.add_argument("--prefill-chunk", type=number_arg(int, 1, what="at least 1 token"), metavar="TOKENS",
-                    help="prompt tokens per prefill step (default 512)")
+                    help="prompt tokens per prefill step (default: 2048 for a CPU-only plan where "
+                         "its buffers fit, else 512)")
     pl.add_argument("--gpu-prefill-tokens", type=number_arg(int, 0, what=">= 0 (0 = off)"), metavar="N",
                     help="prompt chunks of at least N tokens stream the routed experts to the GPU (0: off; "
                          "default: the crossover of PCIe streaming and CPU expert speed, when its buffers fit)")

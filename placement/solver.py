@@ -46,6 +46,15 @@ DEFAULT_CONTEXT = 32768
 # them with --parallel N.
 SLOTS_MAX = 8
 
+# The prefill chunk when none is given: PREFILL_CHUNK, which sizes a GPU plan's attention
+# workspace (its long prompts stream the routed experts to the GPU in gpu_prefill_chunk chunks);
+# a CPU-only plan takes up to CPU_PREFILL_CHUNK (the expert engine's own chunk, native/moe.h
+# kTokenChunk) where its buffers fit: each expert's rows are rewritten once for 4x the tokens
+# (Zen 4, 2 threads, 2048-token prompt of the mid bench model: prompt 1.09x; the engine alone at
+# DeepSeek's 256 experts top-8: 1.17x AVX-512, 1.11x AVX2).
+PREFILL_CHUNK = 512
+CPU_PREFILL_CHUNK = 2048
+
 
 @dataclass
 class Workload:
@@ -53,7 +62,9 @@ class Workload:
     # KV slots of `context` tokens each: sequences decoded together (hybrid-run --parallel);
     # None: the most whose caches fit after the weights and reserves, 1..SLOTS_MAX
     batch: object = 1
-    prefill_chunk: int = 512   # tokens per prefill step
+    # tokens per prefill step (--prefill-chunk); None: the solver's choice (solve: CPU-only plans
+    # take up to CPU_PREFILL_CHUNK where it fits, others PREFILL_CHUNK)
+    prefill_chunk: object = None
     # tokens per prefill step while the routed experts stream to the GPU (hybrid.load's
     # gpu_prefill_chunk): sizes the GPU prefill workspace
     gpu_prefill_chunk: int = 8192
@@ -63,13 +74,18 @@ class Workload:
     allow_long_context: bool = False
 
     def resolved(self, model) -> "Workload":
-        if self.context is None:
-            return replace(self, context=min(DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT))
+        """The defaults that follow from the model filled in: the context, and where no prefill
+        chunk is given PREFILL_CHUNK, or --parallel's slots where more (a decode step of every
+        slot is one chunk; solve may then plan a longer one)."""
+        wl = self if self.prefill_chunk is not None else replace(
+            self, prefill_chunk=max(PREFILL_CHUNK, int(self.batch or 1)))
+        if wl.context is None:
+            return replace(wl, context=min(DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT))
         trained = model.context_length
-        if trained and int(self.context) > trained and not self.allow_long_context:
-            raise SolverError(f"--ctx {self.context}: the model was trained for {trained} tokens; use "
+        if trained and int(wl.context) > trained and not wl.allow_long_context:
+            raise SolverError(f"--ctx {wl.context}: the model was trained for {trained} tokens; use "
                               f"--ctx {trained} or less (--force-ctx plans it anyway, with quality loss)")
-        return self
+        return wl
 
     def validate(self):
         for k, flag in (("context", "--ctx"), ("batch", "--parallel"), ("prefill_chunk", "--prefill-chunk"),
@@ -458,6 +474,7 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
     """The Plan; `auto` choices resolved to the fastest estimate that fits (_choose); when it
     does not fit, suggestions re-planned with their change applied (placement.advice)."""
     inv, hw = inventory, hardware
+    auto_chunk = workload is None or workload.prefill_chunk is None
     wl = (workload or Workload()).resolved(inv.model)
     pol = policy or Policy()
     wl.validate()
@@ -472,11 +489,35 @@ def solve(inventory: Inventory, hardware: Hardware, workload: Workload = None, p
         plan = _choose(inv, hw, wl, pol)
         if wl.batch > 1 and not plan.fits:
             _explain_slots(plan, most_slots(inv, hw, wl, pol, wl.batch - 1))
+    if auto_chunk:
+        plan = _auto_prefill_chunk(inv, hw, wl, pol, plan)
     if plan.problems and _suggest:
         from placement.advice import suggest
 
         plan.suggestions = suggest(inv, hw, wl, pol, plan,
                                    lambda i, h, w, p: solve(i, h, w, p, _suggest=False))
+    return plan
+
+
+def _auto_prefill_chunk(inv, hw, wl, pol, plan) -> Plan:
+    """No --prefill-chunk: a CPU-only plan that fits is planned again with a chunk of
+    CPU_PREFILL_CHUNK tokens (no more than the context, no less than PREFILL_CHUNK) and keeps it
+    where that fits too; the KV slots were chosen first (wl.batch), so a longer chunk never
+    costs a slot. The plan says which chunk and why."""
+    chunk = max(wl.prefill_chunk, min(CPU_PREFILL_CHUNK, wl.context))
+    if not plan.fits or plan.device != "cpu" or chunk <= wl.prefill_chunk:
+        return plan
+    longer = _choose(inv, hw, replace(wl, prefill_chunk=chunk), pol)
+    if longer.fits:
+        longer.kv_slots_reason = plan.kv_slots_reason
+        longer.notes.append(f"prefill chunk {chunk} (CPU-only, no --prefill-chunk): the expert engine multiplies "
+                            f"each expert's rows by {chunk // wl.prefill_chunk}x the tokens of a {wl.prefill_chunk}-"
+                            f"token chunk; its buffers and the activations are counted above")
+        return longer
+    cpu, short = longer.devices["cpu"], plan.devices["cpu"]
+    plan.notes.append(f"prefill chunk {wl.prefill_chunk} (no --prefill-chunk): {chunk} would need "
+                      f"{fmt_bytes(cpu.bytes - short.bytes)} more host RAM, {fmt_bytes(cpu.bytes - cpu.capacity_bytes)} "
+                      f"more than this process may use")
     return plan
 
 

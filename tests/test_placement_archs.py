@@ -443,3 +443,47 @@ def test_r1_cpu_plan_counts_the_expert_engines_buffers(chunk):
     gpu = solve(inv, hw, Workload(context=8192, prefill_chunk=chunk), Policy(), _suggest=False)
     b = gpu.devices["cpu"].breakdown
     assert (b["expert_io"], b["expert_scratch"]) == (io, c * (2 * q8k(D) + 4 * K * F + K * q8k(F) + 4 * K) + counts)
+
+
+def _cpu_plan(inv, ram, **wl):
+    hw = hardware.apply_overrides(hardware.from_profile("2x256g-48g"), ram=ram, numa_nodes=1)
+    return solve(inv, hw, Workload(**wl), Policy(use_gpu=False), _suggest=False)
+
+
+def test_cpu_only_plans_take_a_long_prefill_chunk_where_it_fits():
+    """No --prefill-chunk: a CPU-only plan takes the engine's 2048-token chunk where its buffers
+    fit (counted: the plan equals the one given 2048), keeps 512 where only that fits and says
+    why, never trades a KV slot for it, stops at the context, and a plan with a GPU keeps 512
+    (the GPU's attention workspace); a given chunk is the plan's."""
+    inv = build_preset("deepseek-r1-q4_k_m")
+    used = lambda p: p.devices["cpu"].bytes   # noqa: E731
+    short, long_ = (_cpu_plan(inv, 512 * GiB, context=8192, prefill_chunk=c) for c in (512, 2048))
+    auto = _cpu_plan(inv, 512 * GiB, context=8192)
+    assert auto.fits and auto.workload["prefill_chunk"] == 2048
+    assert used(auto) == used(long_) > used(short)
+    assert any(n.startswith("prefill chunk 2048 (CPU-only") for n in auto.notes)
+    # room for 512 but not for 2048
+    tight = _cpu_plan(inv, (used(short) + used(long_)) // 2, context=8192)
+    assert tight.fits and tight.workload["prefill_chunk"] == 512 and used(tight) == used(short)
+    assert any(n.startswith("prefill chunk 512 (no --prefill-chunk): 2048 would need") for n in tight.notes)
+    # KV slots first: 3 slots fit with 512, only 2 with 2048
+    three = _cpu_plan(inv, 512 * GiB, context=8192, batch=3, prefill_chunk=512)
+    slots = _cpu_plan(inv, used(three) + (used(long_) - used(short)) // 2, context=8192, batch=None)
+    assert (slots.kv_slots, slots.workload["prefill_chunk"]) == (3, 512)
+    # no longer than the context; a given chunk stays; with a GPU 512
+    assert _cpu_plan(inv, 512 * GiB, context=1000).workload["prefill_chunk"] == 1000
+    assert _cpu_plan(inv, 512 * GiB, context=8192, prefill_chunk=64).workload["prefill_chunk"] == 64
+    gpu = solve(inv, hardware.from_profile("2x256g-48g"), Workload(context=8192), Policy(), _suggest=False)
+    assert gpu.device != "cpu" and gpu.workload["prefill_chunk"] == 512
+
+
+def test_parallel_beyond_the_default_chunk_plans_a_chunk_for_its_slots():
+    """--parallel 600 without --prefill-chunk: the chunk holds a decode step of every slot (600),
+    where a given chunk of 512 refuses it by name."""
+    inv = build_preset("qwen3-30b-a3b-q4_k_m")
+    plan = _cpu_plan(inv, 2048 * GiB, context=1024, batch=600)
+    assert plan.fits and plan.kv_slots == 600 and plan.workload["prefill_chunk"] == 1024
+    gpu = solve(inv, hardware.from_profile("2x256g-80g"), Workload(context=256, batch=600), Policy(), _suggest=False)
+    assert gpu.workload["prefill_chunk"] == 600
+    with pytest.raises(ValueError, match=r"--parallel 600: at most --prefill-chunk \(512\)"):
+        _cpu_plan(inv, 2048 * GiB, context=1024, batch=600, prefill_chunk=512)

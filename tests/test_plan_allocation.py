@@ -16,7 +16,7 @@ import torch
 import hybrid
 from hybrid.runtime.loader import CpuStandIn
 from placement.inventory import from_gguf
-from placement.solver import (ENGINE_TOKEN_CHUNK, _fmt_bytes_of, dequant_workspace_bytes, hot_expert_bytes,
+from placement.solver import (CPU_PREFILL_CHUNK, ENGINE_TOKEN_CHUNK, _fmt_bytes_of, dequant_workspace_bytes, hot_expert_bytes,
                               plan_for_gguf)
 
 import hybrid._native  # noqa: E402,F401
@@ -131,16 +131,20 @@ def test_cuda_allocated_after_load_matches_placed_and_plan(q4, fmt):
     _close(held, plan.predicted_gpu_allocated(), "allocated vs the Plan")
 
 
-@pytest.mark.parametrize("where", ["cpu", "cpu, a prefill chunk over the engine's", "stand-in"])
+@pytest.mark.parametrize("where", ["cpu", "cpu, a prefill chunk over the engine's", "cpu, the plan's chunk",
+                                   "stand-in"])
 def test_expert_engine_buffers_are_the_plans(q4, where):
     """The expert engine's own buffers (I/O and a chunk's scratch: MoEEngine.buffer_bytes, read
     from its vectors) are the Plan's expert_io + expert_scratch, to the byte: on the CPU the
     FFNs the native linears take are one-expert layers of the engine, with a GPU the routed
     experts are alone; a prefill chunk longer than the engine's token chunk has I/O buffers for
-    all its tokens, scratch for a chunk. (Where a one-expert layer is the widest: test_moe's
-    buffer_bytes test and test_placement_archs' R1 plan.)"""
+    all its tokens, scratch for a chunk; with no chunk given, the runtime takes the one the
+    solver chose and counted (CPU-only: CPU_PREFILL_CHUNK). (Where a one-expert layer is the
+    widest: test_moe's buffer_bytes test and test_placement_archs' R1 plan.)"""
     assert ENGINE_TOKEN_CHUNK == hybrid._native.MoEEngine.token_chunk
-    if where.startswith("cpu"):
+    if where == "cpu, the plan's chunk":
+        kw = dict(device="cpu", threads=2, ctx=4096)
+    elif where.startswith("cpu"):
         chunk = 16 if where == "cpu" else ENGINE_TOKEN_CHUNK + 88
         kw = dict(device="cpu", threads=2, ctx=64, prefill_chunk=chunk)
     else:
@@ -153,3 +157,5 @@ def test_expert_engine_buffers_are_the_plans(q4, where):
         got, host = eng.buffer_bytes, r.plan.devices["cpu"].breakdown
     assert (ffn_layers > 0) == where.startswith("cpu")
     assert got == host["expert_io"] + host["expert_scratch"] > 0
+    if where == "cpu, the plan's chunk":
+        assert r.prefill_chunk == r.plan.workload["prefill_chunk"] == CPU_PREFILL_CHUNK

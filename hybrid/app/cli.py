@@ -212,8 +212,7 @@ def make_plan(path: str, a):
         if a.device == "cuda" and not cuda:
             raise UserError("--device cuda: torch sees no CUDA GPU (is a CUDA build of torch "
                             "installed?); use --device cpu or auto")
-    kw = dict(overrides(a))
-    kw.setdefault("prefill_chunk", 512)
+    kw = dict(overrides(a))   # no --prefill-chunk: the solver's choice (2048 CPU-only where it fits)
     if not cuda:
         kw.update(use_gpu=False, cpu_linear_min_bytes=0)   # as hybrid.load asks: every quantized linear native
         for key, flag in (("gpu_mem", "--gpu-mem"), ("gpu_prefill_tokens", "--gpu-prefill-tokens"),

@@ -24,6 +24,7 @@ from hybrid.models.specs import check_tensors
 from hybrid.runtime.loader import DTYPES, Loader, MinimalPlan, TorchLinear
 from hybrid.runtime.sampling import Sampler, SamplingParams
 from hybrid.runtime.scheduler import TextStream
+from placement.solver import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class Runtime:
     """A loaded model. Not thread-safe: one sequence at a time."""
 
     def __init__(self, path, *, device="auto", threads=None, numa="off", ctx=4096, plan=None,
-                 prefill_chunk=512, experts="native", cpu_linears="native", progress=None,
+                 prefill_chunk=None, experts="native", cpu_linears="native", progress=None,
                  numa_partitions=None, hugepages=True, copy_progress=None, gpu_paths="auto",
                  decode_graphs="auto", record_expert_stats=False, gpu_prefill_tokens=None,
                  gpu_prefill_chunk=8192, measure_gpu_idle=False, parallel=1):
@@ -139,7 +140,8 @@ class Runtime:
         torch.set_num_threads(self.threads)
         self._torch_threads = self.threads
         self._default_spin_us = None
-        self.prefill_chunk = int(prefill_chunk)
+        # None: the plan's (the solver's choice, whose buffers it counted)
+        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.gguf = GGUFFile(self.path)
         self._tokenizer = None
         self.model = self.loader = self.cache = self.decoder = None
@@ -181,6 +183,9 @@ class Runtime:
                                self.gpu_prefill_chunk, parallel)
         _check_plan_fits(self.path, plan)
         self.plan = plan
+        if self.prefill_chunk is None:
+            planned = (getattr(plan, "workload", None) or {}).get("prefill_chunk")
+            self.prefill_chunk = int(planned or PREFILL_CHUNK)
         self.numa = getattr(plan, "numa_mode", None) or numa or "off"
         from hybrid.backends.numa import MODES
 
@@ -530,7 +535,9 @@ def load(path, device="auto", threads=None, numa="off", ctx=4096, **kw) -> Runti
     numa_mode decides how the routed experts are placed, see hybrid.backends.numa). ctx: tokens of
     KV cache per sequence. parallel: KV slots of ctx tokens each, for a server's requests
     (hybrid.runtime.batch.SlotEngine; default 1; None: the most that fit, see
-    placement.solver.most_slots); with plan= the plan's kv_slots. Extra keywords: plan, prefill_chunk (512), experts ("native" / "torch"),
+    placement.solver.most_slots); with plan= the plan's kv_slots. Extra keywords: plan,
+    prefill_chunk (prompt tokens per forward; None: the plan's, which the solver picks when
+    planning here: 2048 for a CPU-only plan where that fits, else 512), experts ("native" / "torch"),
     cpu_linears ("native" / "torch"), progress (callback(done_layers, n_layers) while loading),
     numa_partitions (split each node's CPUs into that many worker groups: the per-node
     placement on a one-node machine), hugepages (True), copy_progress (a bar while the
