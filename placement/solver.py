@@ -235,10 +235,10 @@ def workspace_formula(inv: Inventory, wl: Workload, pol: Policy, value_bytes: in
 
 
 # Each CPU worker's prefill-tile scratch (native/arch/x86): the rewritten row group of a
-# Q4_K / Q5_K / Q6_K / Q8_0 tile (at most 4992 B per 256 weights of a row: Q5_K's 16-row group
-# on AVX-512, the largest of the forms, whose size gemm_rowgroups.h asserts; AVX2's 8-row
-# groups take half) and a token group's prepared activation scales (at most 4 B per weight of
-# a row, the 32-block types).
+# Q4_K / Q5_K / Q6_K / Q8_0 tile (at most 4992 B per 256 weights of a row: Q4_K's and Q5_K's
+# 16-row groups, a byte per quant, the largest of the forms, whose size gemm_rowgroups.h
+# asserts) and a token group's prepared activation scales (at most 4 B per weight of a row,
+# the 32-block types).
 TILE_SCRATCH_PER_BLOCK = 4992
 TILE_SCRATCH_PER_WEIGHT = 4
 

@@ -47,9 +47,6 @@ namespace {  // internal linkage: no member may be shared with another ISA's obj
 // |s_j| <= 32 x 31 x 127), one vpmulld by the rows' scales adds sc_j s_j to S; the mins: M =
 // sum_i (m_2i, m_2i+1) . (bsum_2i, bsum_2i+1), 4 vpdpwssd. Then k4_rows' float step:
 // accS += (d * d_t) * S, accM += (dmin * d_t) * M, out = accS - accM.
-template <bool QH>
-using k4_x16 = k4_group<QH, 16, true>;
-
 template <int N, bool QH>
 static void k4_x16_rows(int64_t nb, const k4_x16<QH>* x, const block_q8_K* const* ys, float* out, int64_t r_stride,
                         int64_t t_stride) {
@@ -92,8 +89,6 @@ static void k4_x16_rows(int64_t nb, const k4_x16<QH>* x, const block_q8_K* const
 // The quants as stored (0..63). Per sub-block of 16 and token: 4 vpdpbusd, one vpmulld by the
 // rows' scales (int16 pairs of the layout, sign-extended per quarter); per block and token the
 // offset 32 sum_j sc_j bsum_j (8 vpdpwssd) off S, then dot_q6_K_rows' step: acc += (d * d_t) * S.
-typedef q6_K_group<16> q6_K_x16;
-
 template <int N>
 static void q6_K_x16_rows(int64_t nb, const q6_K_x16* x, const block_q8_K* const* ys, float* out, int64_t r_stride,
                           int64_t t_stride) {

@@ -1,10 +1,11 @@
-// Row groups: a prefill tile rewrites the blocks of 8 (AVX2) or 16 (AVX-512) weight rows so that
-// one vector register holds 4 quants of each of the rows, then multiplies the group by every
-// token of the tile (a token's 4 activations broadcast). The layouts and their rewrite, and the
-// tile loop over groups, shared by gemm_avx2.cpp and gemm_avx512.cpp (each includes this after
-// x86_avx2_kernels.h and gemm_tile.h, with its own ISA flags: everything is static). The rewrite
-// is AVX2 code for 8 rows at a time; a 16-row group is two of them side by side: in every
-// 64-byte line rows 0-7 fill the first 32 bytes and rows 8-15 the second.
+// Row groups: a prefill tile rewrites the blocks of 16 weight rows (8 for AVX2's Q8_0) so that
+// one 32-byte half of a 64-byte line holds 4 quants of each of 8 rows, then multiplies the
+// group by every token of the tile (a token's 4 activations broadcast). The layouts and their
+// rewrite, and the tile loop over groups, shared by gemm_avx2.cpp and gemm_avx512.cpp (each
+// includes this after x86_avx2_kernels.h and gemm_tile.h, with its own ISA flags: everything is
+// static). The rewrite is AVX2 code for 8 rows at a time; a 16-row group is two of them side by
+// side: in every 64-byte line rows 0-7 fill the first 32 bytes and rows 8-15 the second. The
+// AVX-512 kernels read a line as one register, the AVX2 ones as two.
 #pragma once
 
 #include <algorithm>
@@ -59,22 +60,24 @@ static inline void store_8_scales(const uint16_t* dh, float* out) {
 }
 
 // ---------------------------------------------------------------- Q4_K / Q5_K
-// One block of ROWS rows. Chunk c, group k: quants 4k..4k+3 of sub-blocks 2c and 2c+1, row r
-// in bytes 4r..4r+3 of each ROWS * 4. SPLIT (Q5_K always): a byte per quant, sub-block 2c's
-// ROWS * 4 bytes then 2c+1's (Q5_K with its fifth bit); else (Q4_K on AVX2) the nibbles as
-// stored, 2c low and 2c+1 high.
-template <bool QH, int ROWS, bool SPLIT>
+// One block of ROWS rows, a byte per quant (Q5_K with its fifth bit). Chunk c, group k: quants
+// 4k..4k+3 of sub-block 2c (ROWS * 4 bytes, row r in bytes 4r..4r+3), then those of sub-block
+// 2c+1.
+template <bool QH, int ROWS>
 struct alignas(ROWS * 4) k4_group {
-    static_assert(SPLIT || !QH, "Q5_K's fifth bit needs a byte per quant");
-    uint8_t qs[4][8][(SPLIT ? 2 : 1) * ROWS * 4];
+    uint8_t qs[4][8][2 * ROWS * 4];
     int16_t sc[8][2 * ROWS];  // sub-block j: row r's scale in lanes 2r and 2r+1
     int16_t mn[4][2 * ROWS];  // sub-block pair i: row r's mins m_2i, m_2i+1 in lanes 2r, 2r+1
     float d[ROWS], dmin[ROWS];
 };
 
+// the K-quant tiles' groups (both ISAs)
+template <bool QH>
+using k4_x16 = k4_group<QH, 16>;
+
 // Block b of the ROWS rows w, w + stride, ... into x.
-template <bool QH, int ROWS, bool SPLIT>
-static inline void k4_pack(const uint8_t* w, int64_t stride, int64_t b, k4_group<QH, ROWS, SPLIT>& x) {
+template <bool QH, int ROWS>
+static inline void k4_pack(const uint8_t* w, int64_t stride, int64_t b, k4_group<QH, ROWS>& x) {
     typedef typename std::conditional<QH, block_q5_K, block_q4_K>::type block;
     const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
     for (int h8 = 0; h8 < ROWS / 8; h8++) {  // rows 8 h8 .. 8 h8 + 7: bytes 32 h8.. of each line
@@ -94,17 +97,13 @@ static inline void k4_pack(const uint8_t* w, int64_t stride, int64_t b, k4_group
             transpose_4byte_groups(v, q);
             for (int k = 0; k < 8; k++) {
                 uint8_t* dst = x.qs[c][k] + 32 * h8;
-                if (SPLIT) {
-                    __m256i lo = _mm256_and_si256(q[k], m4), hi = _mm256_and_si256(_mm256_srli_epi16(q[k], 4), m4);
-                    if (QH) {  // the fifth bits: bit 2c (sub-block 2c) and 2c+1 of the quant's qh byte
-                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb[k], 2 * c), one), 4));
-                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb[k], 2 * c + 1), one), 4));
-                    }
-                    _mm256_store_si256((__m256i*)dst, lo);
-                    _mm256_store_si256((__m256i*)(dst + ROWS * 4), hi);
-                } else {
-                    _mm256_store_si256((__m256i*)dst, q[k]);
+                __m256i lo = _mm256_and_si256(q[k], m4), hi = _mm256_and_si256(_mm256_srli_epi16(q[k], 4), m4);
+                if (QH) {  // the fifth bits: bit 2c (sub-block 2c) and 2c+1 of the quant's qh byte
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb[k], 2 * c), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb[k], 2 * c + 1), one), 4));
                 }
+                _mm256_store_si256((__m256i*)dst, lo);
+                _mm256_store_si256((__m256i*)(dst + ROWS * 4), hi);
             }
         }
         __m128i sm[8];  // scales 0-7 then mins 0-7 of each row, bytes
@@ -137,6 +136,8 @@ struct alignas(ROWS * 4) q6_K_group {
     int16_t scp[8][2 * ROWS];      // sub-block pair i: row r's scales 2i, 2i+1 in lanes 2r, 2r+1
     float d[ROWS];
 };
+
+typedef q6_K_group<16> q6_K_x16;
 
 template <int ROWS>
 static inline void q6_K_pack(const uint8_t* w, int64_t stride, int64_t b, q6_K_group<ROWS>& x) {
@@ -202,7 +203,7 @@ static inline void q8_0_pack(const uint8_t* w, int64_t stride, int64_t b, q8_0_g
 
 // placement/solver.py TILE_SCRATCH_PER_BLOCK budgets the largest group block per worker, per
 // 256 weights of a row
-static_assert(sizeof(k4_group<true, 16, true>) == 4992 && sizeof(q6_K_group<16>) <= 4992 &&
+static_assert(sizeof(k4_group<true, 16>) == 4992 && sizeof(q6_K_group<16>) <= 4992 &&
                   8 * sizeof(q8_0_group<16, true>) <= 4992,
               "the Plan's tile_scratch line counts 4992 B per 256 weights of a row");
 
