@@ -56,9 +56,9 @@ class Ours:
         self.load_s = time.perf_counter() - t0
         self.n_vocab = self.rt.n_vocab
         st = self.rt.loader.stats
-        self.info = (f"native linears {st['native_linears']}, torch linears {st['torch_linears']}, "
-                     f"native expert layers {st['native_experts']}, torch expert layers "
-                     f"{st['torch_experts']}")
+        self.info = (f"kernels {hybrid._native.isa()}; native linears {st['native_linears']}, torch linears "
+                     f"{st['torch_linears']}, native expert layers {st['native_experts']}, torch expert "
+                     f"layers {st['torch_experts']}")
         # the plan's estimate (this machine's measured bandwidth and compute: placement.probe),
         # at its decode position, half the context (the bench's: prompt + decode, so a little early)
         e = getattr(self.rt.plan, "estimate", None) or {}
@@ -124,7 +124,11 @@ class LlamaCpp:
         self.load_s = time.perf_counter() - t0
         self.n_vocab = self.llm.n_vocab()
         self._logits_ith = llama_cpp.llama_get_logits_ith
-        self.info = f"llama-cpp-python {llama_cpp.__version__}"
+        # the ISA its build uses (llama.cpp picks it at build time: an AVX2-only build on an AVX-512
+        # machine compares like for like with HYBRID_ISA=avx2)
+        isa = [f.split(" = ")[0] for f in llama_cpp.llama_print_system_info().decode().split(" | ")
+               if f.strip().endswith("= 1") and f.strip().startswith(("AVX", "CPU : AVX"))]
+        self.info = f"llama-cpp-python {llama_cpp.__version__}, {' '.join(isa).replace('CPU : ', '')}"
 
     def run(self, prompt, n_decode):
         llm = self.llm
