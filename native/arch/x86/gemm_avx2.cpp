@@ -35,6 +35,21 @@ static inline void store_8_rows(__m256 v, float* out, int64_t r_stride) {
 // 1.02-1.14x, median 1.04 (the rewrite of 16 rows a byte per quant costs twice the 8 rows of
 // nibbles: 4.2% of the time, was 2.3%).
 //
+// One 64-byte line of a 16-row group (4 unsigned quants of rows 0-7, then of rows 8-15) times
+// each token's 4 activations at a[t] + i: its maddubs added into s16[half][token].
+template <int N>
+static inline __attribute__((always_inline)) void line_times_tokens(const uint8_t* line, const int8_t* const* a, int i,
+                                                                    __m256i (&s16)[2][N]) {
+    const __m256i u0 = _mm256_load_si256((const __m256i*)line), u1 = _mm256_load_si256((const __m256i*)(line + 32));
+    for (int t = 0; t < N; t++) {
+        int32_t a4;
+        std::memcpy(&a4, a[t] + i, 4);
+        const __m256i v = _mm256_set1_epi32(a4);
+        s16[0][t] = _mm256_add_epi16(s16[0][t], _mm256_maddubs_epi16(u0, v));
+        s16[1][t] = _mm256_add_epi16(s16[1][t], _mm256_maddubs_epi16(u1, v));
+    }
+}
+
 // Q4_K / Q5_K: a byte per quant (Q5_K with its fifth bit); maddubs against a token's 4
 // activations broadcast leaves each row's sums in its own two int16 lanes, which add up in
 // int16 over a sub-block (Q4_K: 8 registers, 8 x 2 x 15 x 127 = 30480; Q5_K: 4, 4 x 2 x 31 x
@@ -65,18 +80,7 @@ static void k4_x16_rows(int64_t nb, const k4_x16<QH>* x, const block_q8_K* const
                     for (int t = 0; t < N; t++) s16[g][t] = _mm256_setzero_si256();
                 // unrolled 4: GCC fully unrolled reassociates the int16 sums into a tree and spills
 #pragma GCC unroll 4
-                for (int k = k0; k < k0 + run; k++) {
-                    const uint8_t* qk = q + k * sizeof(x->qs[0][0]);
-                    const __m256i u0 = _mm256_load_si256((const __m256i*)qk);
-                    const __m256i u1 = _mm256_load_si256((const __m256i*)(qk + 32));
-                    for (int t = 0; t < N; t++) {
-                        int32_t a4;
-                        std::memcpy(&a4, a[t] + 4 * k, 4);
-                        const __m256i v = _mm256_set1_epi32(a4);
-                        s16[0][t] = _mm256_add_epi16(s16[0][t], _mm256_maddubs_epi16(u0, v));
-                        s16[1][t] = _mm256_add_epi16(s16[1][t], _mm256_maddubs_epi16(u1, v));
-                    }
-                }
+                for (int k = k0; k < k0 + run; k++) line_times_tokens<N>(q + k * sizeof(x->qs[0][0]), a, 4 * k, s16);
                 for (int g = 0; g < 2; g++) {
                     const __m256i sc = _mm256_load_si256((const __m256i*)(x->sc[j] + 16 * g));
                     for (int t = 0; t < N; t++) s32[g][t] = _mm256_add_epi32(s32[g][t], _mm256_madd_epi16(s16[g][t], sc));
@@ -141,18 +145,7 @@ static void q6_K_x16_rows(int64_t nb, const q6_K_x16* x, const block_q8_K* const
                 __m256i s16[2][N];
                 for (int g = 0; g < 2; g++)
                     for (int t = 0; t < N; t++) s16[g][t] = _mm256_setzero_si256();
-                for (int k = k0; k < k0 + run; k++) {
-                    const uint8_t* qk = x->q[hj / 4][hj % 4][k];
-                    const __m256i u0 = _mm256_load_si256((const __m256i*)qk);
-                    const __m256i u1 = _mm256_load_si256((const __m256i*)(qk + 32));
-                    for (int t = 0; t < N; t++) {
-                        int32_t a4;
-                        std::memcpy(&a4, a[t] + 4 * k, 4);
-                        const __m256i v = _mm256_set1_epi32(a4);
-                        s16[0][t] = _mm256_add_epi16(s16[0][t], _mm256_maddubs_epi16(u0, v));
-                        s16[1][t] = _mm256_add_epi16(s16[1][t], _mm256_maddubs_epi16(u1, v));
-                    }
-                }
+                for (int k = k0; k < k0 + run; k++) line_times_tokens<N>(x->q[hj / 4][hj % 4][k], a, 4 * k, s16);
                 const __m256i dup = _mm256_load_si256((const __m256i*)k_dup_words[k0 / 4]);
                 for (int g = 0; g < 2; g++) {
                     const __m256i sc = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i*)(x->scp[hj] + 16 * g)), dup);
