@@ -26,14 +26,14 @@ static inline void store_8_rows(__m256 v, float* out, int64_t r_stride) {
 // the loop spends 2 loads, 3 broadcasts and 6 adds, where the 8-row groups of 4 tokens before
 // (Q4_K with its nibbles as stored) spent per 4 maddubs an and (and a shift every other
 // sub-block), 4 broadcasts and 4 adds; a broadcast from memory takes a vector pipe on AMD's
-// cores (Zen 4: broadcast + maddubs + add 0.75 cycles, broadcast + xor 0.5). 4 tokens of 16
-// rows need more registers than AVX2 has (2.57 ns below: spills); 16 rows of nibbles with 3
-// tokens gained nothing (2.28). The kernels alone, Zen 4 (AVX2 code), 2048-weight rows and 48
-// tokens in cache, best of 6 runs, ns per 256 weights and token, 8 rows x 4 tokens -> 16 x 2
-// -> 16 x 3: Q4_K 2.27 -> 2.09 -> 1.94, Q6_K 2.52 -> 2.31 -> 2.20. The expert engine (64
-// experts of 2048 x 1024 Q4_K/Q4_K/Q6_K, top-6, T = 512, 2 threads, alternating processes):
-// 1.02-1.14x, median 1.04 (the rewrite of 16 rows a byte per quant costs twice the 8 rows of
-// nibbles: 4.2% of the time, was 2.3%).
+// cores (Zen 4: broadcast + maddubs + add 0.75 cycles, broadcast + xor 0.5). The kernels
+// alone, Zen 4 (AVX2 code), 2048-weight rows and 48 tokens in cache, best of 6 runs, ns per
+// 256 weights and token, 8 rows x 4 tokens -> 16 x 2 -> 16 x 3: Q4_K 2.27 -> 2.09 -> 1.94,
+// Q6_K 2.52 -> 2.31 -> 2.20; 16 x 4 spills (Q4_K 2.57), 16 rows of nibbles x 3 gained
+// nothing (2.28 vs 2.32 in that run). The expert engine (bench_moe.py --prefill 512: 64
+// experts of 2048 x 1024 Q4_K/Q4_K/Q6_K, top-6, 2 threads, six pairs of alternating
+// processes): 1.06-1.28x tokens/s, though the rewrite of 16 rows a byte per quant costs twice
+// the 8 rows of nibbles (4.2% of the time, was 2.3%).
 //
 // One 64-byte line of a 16-row group (4 unsigned quants of rows 0-7, then of rows 8-15) times
 // each token's 4 activations at a[t] + i: its maddubs added into s16[half][token].
