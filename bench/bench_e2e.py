@@ -126,9 +126,9 @@ class LlamaCpp:
         self._logits_ith = llama_cpp.llama_get_logits_ith
         # the ISA its build uses (llama.cpp picks it at build time: an AVX2-only build on an AVX-512
         # machine compares like for like with HYBRID_ISA=avx2)
-        isa = [f.split(" = ")[0] for f in llama_cpp.llama_print_system_info().decode().split(" | ")
-               if f.strip().endswith("= 1") and f.strip().startswith(("AVX", "CPU : AVX"))]
-        self.info = f"llama-cpp-python {llama_cpp.__version__}, {' '.join(isa).replace('CPU : ', '')}"
+        flags = llama_cpp.llama_print_system_info().decode().replace("CPU : ", "").split(" | ")
+        isa = [f.split(" = ")[0] for f in flags if f.startswith("AVX") and f.strip().endswith("= 1")]
+        self.info = f"llama-cpp-python {llama_cpp.__version__}, {' '.join(isa)}"
 
     def run(self, prompt, n_decode):
         llm = self.llm

@@ -149,6 +149,13 @@ class Plan:
             skip.update(("workspace", "tile_scratch", "expert_scratch"))
         return sum(v for k, v in cpu.breakdown.items() if k not in skip)
 
+    def predicted_cpu_rss_after_forward(self) -> int:
+        """Host bytes still resident once a forward has returned: the load's lines and the
+        scratch the first forward keeps (tile_scratch, expert_scratch), not the workspace, whose
+        activations are freed when the forward returns."""
+        cpu = self.devices.get("cpu")
+        return self.predicted_cpu_rss_growth() - (cpu.breakdown.get("workspace", 0) if cpu else 0)
+
     def predicted_gpu_allocated(self) -> int:
         """What torch.cuda.memory_allocated() should reach after loading (no CUDA context, no
         allocator slack, no workspaces: those are not live tensors between steps; the GPU

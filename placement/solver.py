@@ -510,14 +510,13 @@ def _auto_prefill_chunk(inv, hw, wl, pol, plan) -> Plan:
     longer = _choose(inv, hw, replace(wl, prefill_chunk=chunk), pol)
     if longer.fits:
         longer.kv_slots_reason = plan.kv_slots_reason
-        longer.notes.append(f"prefill chunk {chunk} (CPU-only, no --prefill-chunk): the expert engine multiplies "
-                            f"each expert's rows by {chunk // wl.prefill_chunk}x the tokens of a {wl.prefill_chunk}-"
-                            f"token chunk; its buffers and the activations are counted above")
+        longer.notes.append(f"prefill chunk {chunk} (CPU-only, no --prefill-chunk): the expert engine takes up to "
+                            f"{chunk} tokens a call instead of {wl.prefill_chunk}, so each expert's rows are "
+                            f"rewritten for more tokens at once; its buffers and the activations are counted above")
         return longer
-    cpu, short = longer.devices["cpu"], plan.devices["cpu"]
-    plan.notes.append(f"prefill chunk {wl.prefill_chunk} (no --prefill-chunk): {chunk} would need "
-                      f"{fmt_bytes(cpu.bytes - short.bytes)} more host RAM, {fmt_bytes(cpu.bytes - cpu.capacity_bytes)} "
-                      f"more than this process may use")
+    more = longer.devices["cpu"].bytes - plan.devices["cpu"].bytes
+    plan.notes.append(f"prefill chunk {wl.prefill_chunk} (no --prefill-chunk): {chunk} would need {fmt_bytes(more)} "
+                      f"more host RAM, which {', '.join(p.budget for p in longer.problems)} has no room for")
     return plan
 
 

@@ -18,6 +18,7 @@ from placement.inventory import ModelInfo, from_gguf, tensor_role
 from placement.presets import (build_preset, glm4moe_tensors, llama_tensors, preset_config, preset_reference,
                                qwen2moe_tensors, qwen3moe_tensors)
 from placement.solver import Policy, Workload, solve
+from placement.units import fmt_bytes
 
 GiB = 1 << 30
 NEW_PRESETS = ["qwen3-30b-a3b-q4_k_m", "qwen3-235b-a22b-q4_k_m", "qwen3-coder-480b-a35b-q4_k_m",
@@ -465,7 +466,8 @@ def test_cpu_only_plans_take_a_long_prefill_chunk_where_it_fits():
     # room for 512 but not for 2048
     tight = _cpu_plan(inv, (used(short) + used(long_)) // 2, context=8192)
     assert tight.fits and tight.workload["prefill_chunk"] == 512 and used(tight) == used(short)
-    assert any(n.startswith("prefill chunk 512 (no --prefill-chunk): 2048 would need") for n in tight.notes)
+    assert (f"prefill chunk 512 (no --prefill-chunk): 2048 would need {fmt_bytes(used(long_) - used(short))} more "
+            f"host RAM, which cpu has no room for") in tight.notes
     # KV slots first: 3 slots fit with 512, only 2 with 2048
     three = _cpu_plan(inv, 512 * GiB, context=8192, batch=3, prefill_chunk=512)
     slots = _cpu_plan(inv, used(three) + (used(long_) - used(short)) // 2, context=8192, batch=None)

@@ -30,13 +30,9 @@ ctypes.CDLL("libc.so.6").malloc_trim(0)
 proc = psutil.Process()
 before = proc.memory_info().rss
 with hybrid.load(sys.argv[1], device="cpu", threads=2, ctx=1024) as rt:
-    # what stays resident after a forward: the load's lines and the scratch the first forward
-    # keeps (the tiles', the expert engine's), not the workspace: the forward's activations,
-    # freed when it returns (and trimmed below), sized for a whole prefill chunk (here the
-    # plan's 1024 tokens) where this prompt has 256
-    lines = rt.plan.devices["cpu"].breakdown
-    predicted = (rt.plan.predicted_cpu_rss_growth(include_workspace=False)
-                 + lines["tile_scratch"] + lines["expert_scratch"])
+    # measured after the forward has returned (and trimmed below): its activations, the
+    # workspace sized for a whole prefill chunk (here the plan's 1024 tokens), are gone
+    predicted = rt.plan.predicted_cpu_rss_after_forward()
     experts = rt.plan.devices["cpu"].breakdown["routed_experts"]
     # a prompt long enough that every expert of every layer is used at least once, so all
     # mapped expert pages are resident, as in a long-running session
