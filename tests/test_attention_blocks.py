@@ -51,6 +51,26 @@ def test_attend_equals_a_float64_softmax(T, pos0, block):
     np.testing.assert_allclose(got.numpy(), _reference(q, k, v, 0.25).numpy(), rtol=0, atol=2e-6)
 
 
+def test_attend_takes_the_fused_kernels_output_layout(monkeypatch):
+    """CUDA's flash / memory-efficient kernels return [1, H, n, D] over [1, n, H, D] memory
+    (a transposed view): grouped query heads must still land on their own rows. Its first GPU
+    run raised here ("view size is not compatible") for every GQA prefill block."""
+    real = F.scaled_dot_product_attention
+
+    def fused_layout(*a, **kw):
+        o = real(*a, **kw)
+        return o.transpose(1, 2).contiguous().transpose(1, 2)   # same values, the kernels' strides
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", fused_layout)
+    g = torch.Generator().manual_seed(5)
+    Hq, Hkv, T, Dk, Dv = 8, 2, 20, 16, 12
+    q = torch.randn(Hq, T, Dk, generator=g)
+    k, v = torch.randn(Hkv, T, Dk, generator=g), torch.randn(Hkv, T, Dv, generator=g)
+    for block in (1, 8, 64):
+        got = attend(q, k, v, 0.25, block, pos0=0)
+        np.testing.assert_allclose(got.numpy(), _reference(q, k, v, 0.25, pos0=0).numpy(), rtol=0, atol=2e-6)
+
+
 class _Spy:
     """Wraps a function; keeps the shapes of its tensor arguments."""
 

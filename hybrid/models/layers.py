@@ -196,5 +196,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bloc
         if m is not None and G > 1:
             m = m.repeat(G, 1)                         # rows g * n + t: query t of head group g
         ob = F.scaled_dot_product_attention(qb, kb.unsqueeze(0), vb.unsqueeze(0), attn_mask=m, scale=scale)
-        out[:, t0:t1] = ob.view(Hq, n, Dv)
+        # row g * n + t of K/V head h is query head h * G + g: split both sides, no copy (the
+        # fused CUDA kernels return ob over [1, n', H, D] memory, which no [Hq, n, Dv] view fits)
+        out[:, t0:t1].view(Hkv, G, n, Dv).copy_(ob[0].view(Hkv, G, n, Dv))
     return out
