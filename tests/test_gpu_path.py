@@ -611,6 +611,9 @@ def test_cuda_failed_capture_restores_the_stream_and_decodes_eagerly(q4, monkeyp
         assert dec.failed is not None and dec.mode == "static" and not dec.graphs
         assert torch.cuda.current_stream() == caller
     torch.cuda.synchronize()   # no CUDA error left behind
+    # nor the device's RNG left in capture mode: the process's next random op on the GPU
+    # (anyone's sampling, a test's torch.randn) would raise
+    torch.multinomial(torch.rand(8, device="cuda"), 2)
     assert_close_everywhere(got, ref, 0.9999)
 
 

@@ -587,6 +587,13 @@ class DecodeGraphs:
         # raising before it restores the stream) and a partial graph holding the pool: both
         # are undone in finally, so the eager fallback runs on the caller's stream
         caller = torch.cuda.current_stream(self.device)
+        # a capture that fails leaves the device's default RNG in capture mode (torch ends
+        # the capture before it releases the generator, and the end raises): every later
+        # random op on the device would raise "Offset increment outside graph capture". A
+        # clone taken now (not capturing) replaces its state if the capture fails.
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        rng = torch.cuda.default_generators[index]
+        rng_before = rng.clone_state()
         partial: list = []
         try:
             out = self._capture_segments(S, partial)
@@ -596,6 +603,7 @@ class DecodeGraphs:
                     g.reset()
                 except Exception:   # the graph whose capture failed may refuse
                     pass
+            rng.graphsafe_set_state(rng_before)
             raise
         finally:
             if torch.cuda.current_stream(self.device) != caller:
