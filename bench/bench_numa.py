@@ -36,7 +36,7 @@ def main(argv=None):
 
     from placement.hardware import detect
 
-    hw = detect()
+    hw = detect(gpus=False)
     one_node = len(hw.allowed_nodes) <= 1
     print(f"NUMA: {len(hw.numa_nodes)} node(s), allowed {hw.allowed_mems}; cpus {hw.allowed_cpus}; "
           f"isa {_native.isa()}; threads {args.threads}")

@@ -151,20 +151,33 @@ def parse_cpuinfo_isa(text: str) -> list:
     return []
 
 
-def parse_nvidia_smi(text: str) -> list:
-    """`nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,nounits`."""
-    gpus = []
+def parse_nvidia_smi(text: str, visible: str | None = None) -> list:
+    """`nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.free --format=csv,noheader,nounits`
+    (or without the uuid column), as the GPUs CUDA shows this process: `visible` is
+    CUDA_VISIBLE_DEVICES (None: all), which nvidia-smi ignores and torch does not."""
+    found = []   # (uuid, GPU)
     for line in text.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
+        uuid = parts.pop(1) if len(parts) >= 5 else ""
         if len(parts) < 4:
             continue
         try:
             idx, name, total, free = int(parts[0]), parts[1], int(float(parts[2])), int(float(parts[3]))
         except ValueError:
             continue
-        gpus.append(GPU(index=idx, name=name, total_bytes=total << 20, free_bytes=free << 20,
-                        bandwidth=gpu_bandwidth_for(name)))
-    return gpus
+        found.append((uuid, GPU(index=idx, name=name, total_bytes=total << 20, free_bytes=free << 20,
+                                bandwidth=gpu_bandwidth_for(name))))
+    if visible is None:
+        return [g for _, g in found]
+    shown = []
+    for entry in visible.split(","):
+        entry = entry.strip()
+        hit = [g for u, g in found
+               if (entry.isdigit() and g.index == int(entry)) or (entry and u and u.startswith(entry))]
+        if len(hit) != 1:   # CUDA stops at the first entry it cannot resolve
+            break
+        shown.append(hit[0])
+    return [replace(g, index=i) for i, g in enumerate(shown)]   # torch's cuda:i
 
 
 # HBM/GDDR bandwidth of common cards (vendor figures), for estimates when not measured
@@ -248,16 +261,19 @@ def detect_membind():
 
 
 def detect_gpus() -> list:
-    """GPUs with total/free memory: torch.cuda if torch is already loaded, else nvidia-smi,
-    else torch.cuda only when a GPU driver is visible (importing torch costs seconds)."""
+    """GPUs with total/free memory: from torch.cuda once this process uses CUDA, else from
+    nvidia-smi (asking torch would start a CUDA context on every GPU: hundreds of MB of each,
+    for a dry-run or a CPU-only run), else torch.cuda when a GPU driver is visible (importing
+    torch costs seconds)."""
     torch = sys.modules.get("torch")
-    if torch is None and shutil.which("nvidia-smi"):
+    in_use = torch is not None and torch.cuda.is_initialized()
+    if not in_use and shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=10)
+                ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total,memory.free",
+                 "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
             if out.returncode == 0:
-                return parse_nvidia_smi(out.stdout)
+                return parse_nvidia_smi(out.stdout, os.environ.get("CUDA_VISIBLE_DEVICES"))
         except (OSError, subprocess.SubprocessError):
             pass
     if torch is None and (os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd")):
@@ -294,8 +310,9 @@ def describe_binding(allowed_cpus, allowed_mems, all_cpus, all_nodes, membind=No
     return "this process " + " and ".join(parts) if parts else ""
 
 
-def detect() -> Hardware:
-    """The machine this process runs on, as far as it may use it."""
+def detect(gpus: bool = True) -> Hardware:
+    """The machine this process runs on, as far as it may use it (`gpus` False: none looked
+    for, for a run told to stay on the CPU)."""
     import psutil
 
     vm = psutil.virtual_memory()
@@ -314,7 +331,7 @@ def detect() -> Hardware:
         mems = sorted(set(mems) & set(membind)) or membind
     mems = [m for m in mems if m in {n.id for n in nodes}] or [n.id for n in nodes]
     return Hardware(
-        gpus=detect_gpus(),
+        gpus=detect_gpus() if gpus else [],
         ram_total=int(vm.total), ram_available=int(vm.available),
         numa_nodes=nodes, allowed_cpus=cpus, allowed_mems=mems,
         physical_cores=int(physical), logical_cpus=int(logical),

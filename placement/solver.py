@@ -1258,7 +1258,7 @@ _HW_KEYS = tuple(k for k in HW_OVERRIDES if k != "threads")
 _WL_KEYS = ("context", "batch", "prefill_chunk", "gpu_prefill_chunk", "allow_long_context")
 
 
-def build_inputs(hardware=None, profile=None, measure=True, **overrides):
+def build_inputs(hardware=None, profile=None, measure=True, gpus=True, **overrides):
     """Split keyword overrides into (Hardware, Workload, Policy). Unknown keys are an error.
 
     Workload keys: context (or ctx), batch (KV slots; None: the most that fit), prefill_chunk,
@@ -1268,7 +1268,9 @@ def build_inputs(hardware=None, profile=None, measure=True, **overrides):
     expert_stats, ...). Hardware keys: placement.hardware.HW_OVERRIDES but threads (gpu_mem, ram,
     numa_nodes, cores, threads_per_core, bind_node, allowed_mems, allowed_cpus, ram_bandwidth, ...).
     This machine (no hardware, no profile) comes with its measured bandwidth and compute
-    (placement.probe; measure="again" measures anew, False keeps assumed figures). `profile` names configs/hardware/<profile>.json.
+    (placement.probe; measure="again" measures anew, False keeps assumed figures); gpus=False
+    looks for no GPU (a run told to stay on the CPU starts no CUDA context, nor nvidia-smi).
+    `profile` names configs/hardware/<profile>.json.
     """
     from placement import hardware as hwmod
 
@@ -1293,7 +1295,7 @@ def build_inputs(hardware=None, profile=None, measure=True, **overrides):
         if profile:
             hardware = hwmod.from_profile(profile)
         else:
-            hardware = hwmod.detect()
+            hardware = hwmod.detect(gpus=gpus)
             if measure:
                 hardware = hwmod.measure(hardware, refresh=measure == "again")
     elif profile:
@@ -1336,7 +1338,7 @@ def predict_cpu_rss_growth(path_or_inventory, context: int = 4096, batch: int = 
     inv = path_or_inventory if isinstance(path_or_inventory, Inventory) else from_gguf(path_or_inventory)
     wl = Workload(context=context, batch=batch, prefill_chunk=prefill_chunk)
     pol = Policy(use_gpu=False, **policy)
-    return solve(inv, detect(), wl, pol, _suggest=False).predicted_cpu_rss_growth()
+    return solve(inv, detect(gpus=False), wl, pol, _suggest=False).predicted_cpu_rss_growth()
 
 
 __all__ = ["Workload", "Policy", "solve", "plan_for_gguf", "plan_for_preset", "predict_cpu_rss_growth",

@@ -439,6 +439,7 @@ def test_a_cpu_run_registers_no_host_memory_with_cuda(q4, monkeypatch):
             return lambda *a: calls.append(name) or 0
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)   # a GPU machine, as placement sees it
     monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
     with hybrid.load(q4, device="cpu", threads=2, ctx=64, gpu_paths=True, decode_graphs="off") as r:
         r.logits(TOKENS[:3])

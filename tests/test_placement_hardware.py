@@ -95,6 +95,53 @@ def test_parse_cpuinfo_and_nvidia_smi():
     assert gpus[0].bandwidth == 3.35e12 and gpus[1].bandwidth == 320e9
 
 
+SMI = ("0, GPU-aaaa1111-0000, NVIDIA H100 80GB HBM3, 81559, 80000\n"
+       "1, GPU-bbbb2222-0000, Tesla T4, 15360, 15000\n")
+
+
+@pytest.mark.parametrize("visible, want", [
+    (None, ["NVIDIA H100 80GB HBM3", "Tesla T4"]),
+    ("1", ["Tesla T4"]),                      # torch's cuda:0 is the T4
+    ("1,0", ["Tesla T4", "NVIDIA H100 80GB HBM3"]),
+    ("GPU-bbbb", ["Tesla T4"]),               # a UUID prefix, as CUDA takes it
+    ("0,7,1", ["NVIDIA H100 80GB HBM3"]),     # CUDA stops at the first entry it cannot resolve
+    ("", []),
+    ("-1", []),
+])
+def test_nvidia_smi_gpus_are_the_ones_cuda_visible_devices_shows(visible, want):
+    gpus = hwm.parse_nvidia_smi(SMI, visible)
+    assert [g.name for g in gpus] == want
+    assert [g.index for g in gpus] == list(range(len(want)))   # cuda:i, not nvidia-smi's index
+
+
+def test_gpus_are_read_without_a_cuda_context_until_the_process_uses_cuda(monkeypatch):
+    """nvidia-smi while CUDA is unused here (torch.cuda.mem_get_info would start a context on
+    every GPU, hundreds of MB each, for a dry-run); torch once CUDA is in use."""
+    import subprocess
+
+    import torch
+
+    class Done:
+        returncode, stdout = 0, SMI
+
+    ran = []
+    monkeypatch.setattr(hwm.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(hwm.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or Done())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (100 * GiB, 141 * GiB))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    gpus = hwm.detect_gpus()
+    assert [g.name for g in gpus] == ["Tesla T4"] and gpus[0].free_bytes == 15000 << 20 and len(ran) == 1
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    gpus = hwm.detect_gpus()
+    assert [(g.name, g.free_bytes) for g in gpus] == [("NVIDIA H200", 100 * GiB)] and len(ran) == 1
+    monkeypatch.setattr(subprocess, "run", None)   # nothing looked for at all
+    assert hwm.detect(gpus=False).gpus == [] and len(ran) == 1
+
+
 def test_detect_this_machine():
     hw = hwm.detect()
     assert hw.ram_total > 0 and 0 < hw.ram_available <= hw.ram_total

@@ -51,7 +51,7 @@ def node_groups(mode: str, *, threads: int | None = None, logical_partitions: in
     if hardware is None:
         from placement.hardware import detect
 
-        hardware = detect()
+        hardware = detect(gpus=False)   # the NUMA layout alone
     allowed_cpus = set(_native.allowed_cpus())
     nodes = [n for n in hardware.allowed_nodes if allowed_cpus & set(n.cpus)] or hardware.allowed_nodes
     groups = []
@@ -114,7 +114,7 @@ class PlacedExperts:
         elif self.mode == "interleave":
             from placement.hardware import detect
 
-            policy, target = _native.MemPolicy.interleave, detect().allowed_mems
+            policy, target = _native.MemPolicy.interleave, detect(gpus=False).allowed_mems
         else:
             policy, target = _native.MemPolicy.none, nodes
         buf = _native.NumaBuffer(nbytes, policy, target, self.hugepages)

@@ -65,6 +65,8 @@ def _solve_plan(path, device, numa, ctx, prefill_chunk, gpu_prefill_tokens=None,
         raise ValueError("device='cuda' asked for, but torch sees no CUDA GPU; "
                          "use device='cpu' (or 'auto')")
     kw = {"ctx": ctx, "numa": numa or "off", "prefill_chunk": prefill_chunk, "batch": parallel}
+    if device == "cpu":
+        kw["gpus"] = False   # told to stay on the CPU: no CUDA context, not even to look
     if device == "cpu" or not torch.cuda.is_available():
         kw["cpu_only"] = True
         # the native matmul beats an f32 copy at every size measured (2-core AVX2 box, decode
