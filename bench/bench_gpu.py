@@ -38,8 +38,9 @@ import hybrid  # noqa: F401  (before torch: passive OpenMP waiting, see hybrid/_
 
 def _decode_tok_s(rt, prompt, n):
     rt.reset()
+    # token ids in and out (no tokenizer: the GPU machine has no llama-cpp-python)
     toks = [t for t, _ in rt.generate_tokens(prompt, max_tokens=n + 1, temperature=0.0,
-                                             stop_at_eos=False) if t >= 0]
+                                             stop_at_eos=False, detokenize=False) if t >= 0]
     st = rt.last_stats
     return n / st.decode_s, len(prompt) / st.prefill_s, toks
 

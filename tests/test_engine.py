@@ -189,6 +189,21 @@ def test_generate_chat_streams_text(tiny_q8):
         assert again == text  # same seed, same text (prefix reused from the cache)
 
 
+def test_token_ids_without_detokenizing_need_no_tokenizer(tiny_q8, monkeypatch):
+    """detokenize=False: the same tokens, empty pieces, and no tokenizer asked for (bench_gpu
+    on a GPU machine without llama-cpp-python); stop strings need the text."""
+    with hybrid.load(tiny_q8, device="cpu", threads=2, ctx=128) as r:
+        prompt = [5, 17, 99, 3]
+        want = [t for t, _ in r.generate_tokens(prompt, max_tokens=8, temperature=0.0, stop_at_eos=False)
+                if t >= 0]
+        monkeypatch.setattr(type(r), "tokenizer", property(lambda self: pytest.fail("tokenizer asked for")))
+        got = list(r.generate_tokens(prompt, max_tokens=8, temperature=0.0, stop_at_eos=False,
+                                     detokenize=False))
+        assert [t for t, _ in got] == want and all(p == "" for _, p in got) and len(want) == 8
+        with pytest.raises(ValueError, match="stop strings"):
+            next(r.generate_tokens(prompt, stop=["x"], detokenize=False))
+
+
 # ----------------------------------------------------------------------------- native pieces
 
 

@@ -422,9 +422,13 @@ class Runtime:
                         top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                         seed: int | None = None, stop: Sequence[str] | str | None = None,
                         add_bos: bool | None = None, stop_at_eos: bool = True,
-                        chat_template: str | None = None,
+                        chat_template: str | None = None, detokenize: bool = True,
                         **template_kw) -> Iterator[tuple[int, str]]:
-        """Yield (token id, text piece) per generated token; see generate()."""
+        """Yield (token id, text piece) per generated token; see generate(). detokenize=False
+        yields empty pieces and, for token-id prompts without stop strings or stop_at_eos,
+        needs no tokenizer (benchmarks on a machine without llama-cpp-python)."""
+        if stop and not detokenize:
+            raise ValueError("stop strings are matched in the text: they need detokenize=True")
         sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=seed))
         ids = self._prompt_ids(prompt, add_bos, chat_template, **template_kw)
@@ -451,7 +455,7 @@ class Runtime:
         stats.prefill_s = time.perf_counter() - t0
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         history = list(ids)
-        text = TextStream(self.tokenizer.stream_decoder(), stops)
+        text = TextStream(self.tokenizer.stream_decoder(), stops) if detokenize else None
         t0 = time.perf_counter()
         stats.finish_reason = "length"
         for i in range(max_tokens):
@@ -462,7 +466,7 @@ class Runtime:
             if stop_at_eos and self.tokenizer.is_eog(tok):
                 stats.finish_reason = "stop"
                 break
-            piece, stopped = text.push(tok)
+            piece, stopped = text.push(tok) if text is not None else ("", False)
             if stopped:
                 if piece:
                     yield tok, piece
@@ -471,7 +475,7 @@ class Runtime:
             yield tok, piece
             if i + 1 < max_tokens:
                 logits = self._forward(torch.tensor([tok]), last_only=True)[-1]
-        if stats.finish_reason == "length":
+        if stats.finish_reason == "length" and text is not None:
             tail = text.flush()
             if tail:
                 yield -1, tail
