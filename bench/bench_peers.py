@@ -52,6 +52,7 @@ from quantdata import random_rows  # noqa: E402
 
 from hybrid import _native  # noqa: E402
 from hybrid.backends.experts import ExpertEngine  # noqa: E402
+from hybrid.runtime.engine import Runtime  # noqa: E402
 
 # GGML type ids of the activations kt-kernel can take in and give back (hidden_type).
 _KT_HIDDEN = {"fp32": (0, torch.float32), "bf16": (30, torch.bfloat16)}
@@ -341,9 +342,18 @@ def main(argv=None):
         x, ids, w = routed_inputs(rng, args.steps, D, E, K)
         return x.to(act_dtype)[:, None], ids[:, None], w[:, None]  # [steps, 1, *]
 
+    prefill_spin_us = ours._eng.spin_us
+
     def decode_ours():
+        # the runtime's decode setting (Runtime.decode_spin_us): its workers spin through the
+        # gaps between a step's jobs (kt's spin 50 ms). With the prefill default they sleep
+        # and a 16-core Xeon paid 1.45 ms a layer-token in futex wake-ups (0.38 spinning).
         xs, ids, w = decode_inputs()
-        dt = timed(lambda: [layers[s % len(layers)](xs[s], ids[s], w[s]) for s in range(args.steps)])
+        ours._eng.spin_us = Runtime.decode_spin_us
+        try:
+            dt = timed(lambda: [layers[s % len(layers)](xs[s], ids[s], w[s]) for s in range(args.steps)])
+        finally:
+            ours._eng.spin_us = prefill_spin_us
         return args.steps * K * per_expert / dt
 
     def decode_kt(kt, direct):
