@@ -3,16 +3,19 @@
     python scripts/gpu_check.py prepare DIR   # here: fixtures and CPU reference logits into DIR
     python scripts/gpu_check.py run DIR       # the GPU machine: checks, DIR/summary.{json,txt}
 
-prepare builds two fixtures (the tests' tiny deepseek2 model and a mid-size one, Q4_K_M) into
-DIR/fixtures (the tests' HYBRID_FIXTURE_CACHE there) and saves the CPU path's logits for them
-(DIR/ref/<name>.npz: `decode` [T, B] token by token, `prompt` [P, B] of a long prompt), so
-the GPU machine needs neither llama-cpp-python nor a CPU reference run.
+prepare builds three fixtures (the tests' tiny deepseek2 model, a mid-size one and a tiny
+qwen3moe, Q4_K_M) into DIR/fixtures (the tests' HYBRID_FIXTURE_CACHE there) and saves the CPU
+path's logits for them (DIR/ref/<name>.npz: `decode` [T, B] token by token, `prompt` [P, B] of
+a long prompt), so the GPU machine needs neither llama-cpp-python nor a CPU reference run.
 
 run writes one line per check into the summary; a check that needs CUDA on a machine without
 it says "skipped: no CUDA" on its line. Checks (each against the CPU reference: cosine >= 0.999
 at every position and the same argmax):
 
-  cuda-tests        every CUDA test of tests/test_gpu_path.py, test_plan_allocation.py, test_attention_blocks.py
+  cuda-tests        every CUDA test of tests/test_gpu_path.py, test_plan_allocation.py,
+                    test_attention_blocks.py, test_qmatvec.py, test_dequant.py
+  prompt/<model>    a 40-token prompt's logits at every position, in one GPU chunk (the
+                    attention's query blocks on the fused kernels; grouped heads for qwen3moe)
   decode/<model>/<hot>/<mode>   decode with the CPU engine doing the routed experts (hot
                     "none": gpu_experts=[]) and with every third expert hot, as bf16 copies
                     ("third") or in their GGUF blocks ("third-q": the fused Triton kernel),
@@ -49,14 +52,17 @@ MODELS = {
     "tiny": {},      # the tests' TinyConfig(): 3 layers, 16 experts of 256
     "mid": dict(n_embd=512, n_layer=6, ffn=1024, n_expert=16, n_expert_used=4, expert_ffn=256,
                 n_head=8),
+    "qwen3moe": dict(arch="qwen3moe"),   # GQA attention (grouped query heads), not MLA
 }
 BOUND = 0.999
 
 
 def _cfg(name):
-    from hybrid.fixtures import TinyConfig
+    from hybrid.fixtures import GQAConfig, TinyConfig
 
-    return TinyConfig(**MODELS[name])
+    kw = dict(MODELS[name])
+    arch = kw.pop("arch", None)
+    return GQAConfig.of(arch, **kw) if arch else TinyConfig(**kw)
 
 
 def _prompt(n_vocab, n):
@@ -157,7 +163,7 @@ def run(d: pathlib.Path) -> int:
           gpu=torch.cuda.get_device_name(0) if cuda else "none")
     env = dict(os.environ, HYBRID_FIXTURE_CACHE=str(d / "fixtures"))
     if not cuda and not stand_in:
-        for c in ("cuda-tests", "decode", "quantized-graphs", "prefill-wrap", "stats",
+        for c in ("cuda-tests", "decode", "prompt", "quantized-graphs", "prefill-wrap", "stats",
                   "sync-after-close", "speed", "kernel"):
             s.add(c, "skipped", why="no CUDA")
         s.write()
@@ -168,7 +174,8 @@ def run(d: pathlib.Path) -> int:
     t0 = time.time()
     r = subprocess.run(["true"]) if stand_in else subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
                         "tests/test_gpu_path.py", "tests/test_plan_allocation.py",
-                        "tests/test_attention_blocks.py", "tests/test_qmatvec.py"],
+                        "tests/test_attention_blocks.py", "tests/test_qmatvec.py",
+                        "tests/test_dequant.py"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if stand_in:
         s.add("cuda-tests", "skipped", why="no CUDA (stand-in run)")
@@ -202,6 +209,12 @@ def run(d: pathlib.Path) -> int:
             if len(stats) == 3:
                 eq = all(torch.equal(stats["graphs"], stats[m]) for m in ("static", "off"))
                 s.add(f"stats/{name}/{hot}", "ok" if eq else "FAIL", equal=eq)
+        try:
+            with hybrid.load(paths[name], plan=_plan(paths[name], "none", device=dev), **kw) as rt:
+                got = rt.logits(_prompt(rt.n_vocab, PROMPT))
+            _check(s, f"prompt/{name}", got, refs[name]["prompt"])
+        except Exception as e:
+            s.add(f"prompt/{name}", "FAIL", error=f"{type(e).__name__}: {e}")
     name = "mid"
     try:
         with hybrid.load(paths[name], plan=_plan(paths[name], "third", "quantized", device=dev),
