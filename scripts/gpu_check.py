@@ -18,7 +18,8 @@ at every position and the same argmax):
                     attention's query blocks on the fused kernels; grouped heads for qwen3moe)
   decode/<model>/<hot>/<mode>   decode with the CPU engine doing the routed experts (hot
                     "none": gpu_experts=[]) and with every third expert hot, as bf16 copies
-                    ("third") or in their GGUF blocks ("third-q": the fused Triton kernel),
+                    ("third") or in their GGUF blocks ("third-q": the fused Triton kernel), and
+                    every expert hot in its blocks ("all-q": no CPU hand-off, one graph),
                     through CUDA graphs, the static segmented step and eager decode
   quantized-graphs  quantized GPU weights (DequantLinear) through CUDA graphs
   prefill-wrap      GPU prefill of a prompt of several GPU chunks (the prefetch ring wraps)
@@ -128,7 +129,8 @@ def _compare(got, want):
 def _plan(path, hot, fmt="bf16", device="cuda:0"):
     """Non-expert weights on the GPU in `fmt`; hot "none": the CPU engine computes every
     routed expert; "third": every third expert of each MoE layer hot on the GPU as bf16
-    copies, "third-q" in their GGUF blocks."""
+    copies, "third-q" in their GGUF blocks; "all-q": every expert in its blocks (no layer goes
+    to the CPU: a decode step is one graph)."""
     from hybrid.gguf_file import GGUFFile
     from hybrid.runtime.loader import MinimalPlan
 
@@ -139,10 +141,11 @@ def _plan(path, hot, fmt="bf16", device="cuda:0"):
         n_layer = 1 + max(int(n.split(".")[1]) for n in g.tensors if n.startswith("blk."))
     finally:
         g.close()
-    experts = [list(range(0, E, 3)) if (hot != "none" and l in layers) else [] for l in range(n_layer)]
+    step = 1 if hot == "all-q" else 3
+    experts = [list(range(0, E, step)) if (hot != "none" and l in layers) else [] for l in range(n_layer)]
     return MinimalPlan(device=device, gpu_weight_format=fmt, kv_cache_tokens=64,
                        kv_cache_dtype="bf16" if device != "cpu" else "f32", gpu_experts=experts,
-                       hot_expert_format="quantized" if hot == "third-q" else "bf16")
+                       hot_expert_format="quantized" if hot.endswith("-q") else "bf16")
 
 
 def _check(s, name, got, want, **info):
@@ -191,7 +194,7 @@ def run(d: pathlib.Path) -> int:
     kw = dict(threads=max(2, (os.cpu_count() or 4) // 2), gpu_paths=True)
     for name in MODELS:
         want = refs[name]["decode"]
-        for hot in ("none", "third", "third-q"):
+        for hot in ("none", "third", "third-q", "all-q"):
             plan = _plan(paths[name], hot, device=dev)
             stats = {}
             for mode in ("graphs", "static", "off"):
@@ -201,7 +204,8 @@ def run(d: pathlib.Path) -> int:
                         got = rt.decode_logits(TOKENS)
                         info = {}
                         if rt.decoder is not None:
-                            info = dict(replays=rt.decoder.replays, failed=rt.decoder.failed)
+                            info = dict(replays=rt.decoder.replays, failed=rt.decoder.failed,
+                                        segments=[len(g[0]) for g in rt.decoder.graphs.values()])
                         stats[mode] = rt.expert_stats.counts.clone()
                     _check(s, f"decode/{name}/{hot}/{mode}", got, want, **info)
                 except Exception as e:   # one failing variant must not hide the others
@@ -264,6 +268,7 @@ def _speed(s, path, kw, dev):
                 ("eager+overlap, no hot", _plan(path, "none", device=dev), dict(decode_graphs="off")),
                 ("graphs, every third hot", _plan(path, "third", device=dev), {}),
                 ("graphs, every third hot in blocks", _plan(path, "third-q", device=dev), {}),
+                ("graphs, every expert hot in blocks", _plan(path, "all-q", device=dev), {}),
                 ("graphs, quantized weights", _plan(path, "none", "quantized", device=dev), {})]
     if cuda:
         variants.append(("solver plan, no cache", plan_for_gguf(path, ctx=64, expert_cache=False), {}))

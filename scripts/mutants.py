@@ -1301,6 +1301,12 @@ MUTANTS: list[Mutant] = [
            'in_use = torch is not None',
            ("tests/test_placement_hardware.py", "-k", "without_a_cuda_context"),
            "a dry-run with torch imported started a CUDA context on every GPU"),
+    Mutant("gpu-all-hot-layer-still-hands-off", "hybrid/backends/gpu.py",
+           "self.all_hot = lut is not None and bool((self.lut_host >= 0).all())",
+           "self.all_hot = False",
+           (T_GPU, "-k", "every_expert_hot"),
+           "a layer with every expert on the GPU still went through the CPU engine and a host "
+           "wait per step (under graphs: a segment per layer)"),
     Mutant("generate-ids-still-detokenizes", "hybrid/runtime/engine.py",
            "text = TextStream(self.tokenizer.stream_decoder(), stops) if detokenize else None",
            "text = TextStream(self.tokenizer.stream_decoder(), stops)",

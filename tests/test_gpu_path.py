@@ -518,13 +518,40 @@ def test_static_hot_experts_bound_their_gathered_copies():
 
 def _forced_plan(q4, device, hot):
     """Non-expert weights on `device`; hot "none": every routed expert on the CPU engine;
-    "third": every third expert of each MoE layer hot on the device, the rest on the CPU."""
+    "third": every third expert of each MoE layer hot on the device, the rest on the CPU;
+    "all-but-first": every expert of each MoE layer but the first hot (those layers never go
+    to the CPU), the first layer's on the CPU."""
     with hybrid.load(q4, device="cpu", threads=2, ctx=64) as r:
         moe = list(range(r.args.n_dense_lead, r.args.n_layer))
         E = r.args.n_expert
-    experts = [list(range(0, E, 3)) if (hot == "third" and l in moe) else [] for l in range(max(moe) + 1)]
+
+    def hot_of(l):
+        if l not in moe or hot == "none" or (hot == "all-but-first" and l == moe[0]):
+            return []
+        return list(range(E)) if hot == "all-but-first" else list(range(0, E, 3))
+
+    experts = [hot_of(l) for l in range(max(moe) + 1)]
     dt = "bf16" if device.startswith("cuda") else "f32"
     return MinimalPlan(device=device, kv_cache_tokens=64, kv_cache_dtype=dt, gpu_experts=experts)
+
+
+def test_layers_with_every_expert_hot_never_go_to_the_cpu(q4, cpu_ref, monkeypatch):
+    """A MoE layer whose experts are all on the device computes them there alone: no hand-off
+    to the CPU engine, no host wait (under graphs it stays inside one segment); the other
+    layer still goes to the engine; decode equals the CPU path's."""
+    plan = _forced_plan(q4, "cpu", "all-but-first")
+    with hybrid.load(q4, threads=2, plan=plan, gpu_paths=True, decode_graphs="static") as r:
+        moe = list(range(r.args.n_dense_lead, r.args.n_layer))
+        exs = {l: r.model.blocks[l].ffn.experts for l in moe}
+        handed = []
+        for l, ex in exs.items():
+            monkeypatch.setattr(ex.cpu, "submit", lambda *a, _l=l, _f=ex.cpu.submit: handed.append(_l) or _f(*a))
+        step = r.decode_logits(TOKENS)
+        prompt = r.logits(TOKENS)
+    assert [ex.all_hot for ex in exs.values()] == [False] + [True] * (len(moe) - 1)
+    assert set(handed) == {moe[0]}
+    assert_close_everywhere(step, cpu_ref[1], 0.999)
+    assert_close_everywhere(prompt, cpu_ref[0], 0.999)
 
 
 @pytest.mark.parametrize("hot", ["none", "third"])
@@ -552,7 +579,7 @@ def test_forced_plans_leave_routed_experts_to_the_cpu_engine(q4, cpu_ref, hot):
 
 
 @cuda
-@pytest.mark.parametrize("hot", ["none", "third"])
+@pytest.mark.parametrize("hot", ["none", "third", "all-but-first"])
 def test_cuda_graph_decode_equals_eager(q4, hot):
     plan = _forced_plan(q4, "cuda:0", hot)
     with hybrid.load(q4, threads=2, plan=plan, decode_graphs="off") as r:

@@ -13,7 +13,8 @@ One MoE layer with activations on the GPU (OverlappedExperts):
 
 Decode in CUDA graphs (DecodeGraphs): the CPU expert call cannot sit inside a graph (a host
 function node would block the GPU while the CPU works and could not release the GIL-free
-engine's buffers in order), so a decode step is cut at every MoE layer into segments:
+engine's buffers in order), so a decode step is cut at every MoE layer with CPU experts into
+segments (a layer whose experts are all hot stays inside its segment):
 
     segment 0:  attention(0..) ... router(m0), D2H(h, ids, w) -> event(m0), shared(m0)
     segment i:  H2D(y of m_{i-1}), combine, attention, ..., router(m_i), D2H -> event(m_i), shared(m_i)
@@ -421,7 +422,9 @@ class OverlappedExperts:
     The CPU engine computes the experts it does not skip; `hot` (TorchExperts on the device
     for the Plan's gpu_experts, with `lut` global id -> hot slot) computes the rest while the
     CPU works; `offload` (PrefillOffload) takes long chunks to the device entirely. The
-    model calls submit(), runs the shared expert, then wait() (overlap_shared)."""
+    model calls submit(), runs the shared expert, then wait() (overlap_shared). A layer whose
+    experts are all hot (`all_hot`) never goes to the CPU: no hand-off, no host wait, and
+    DecodeGraphs keeps it inside one captured segment."""
 
     overlap_shared = True
 
@@ -430,6 +433,7 @@ class OverlappedExperts:
         self.cpu, self.bridge, self.layer = cpu, bridge, layer
         self.hot, self.lut = hot, lut
         self.lut_host = lut.cpu() if lut is not None else None
+        self.all_hot = lut is not None and bool((self.lut_host >= 0).all())
         self.stats, self.offload, self.timer = stats, offload, timer
         self._pending = None
 
@@ -444,6 +448,9 @@ class OverlappedExperts:
         T = x.shape[0]
         if self.stats is not None:
             self.stats.record(self.layer, ids)
+        if self.all_hot:
+            self._pending = ("done", self.hot(x, self.local_ids(ids), weights))
+            return
         if self.offload is not None and self.offload.wants(T):
             self._pending = ("done", self.offload(self.layer, x, ids, weights))
             return
@@ -631,22 +638,27 @@ class DecodeGraphs:
                 try:
                     msg = gen.send(reply) if started else next(gen)
                     started = True
-                    while msg[0] == "submit":
-                        _, layer, h, ids, w = msg
-                        ex = self.experts[layer]
-                        xs, ih, wh = br.host_views(T, ids.shape[1])
-                        xs.copy_(h, non_blocking=True)
-                        ih.copy_(ids, non_blocking=True)
-                        wh.copy_(w, non_blocking=True)
-                        self.events[layer].record()
-                        if self.stats is not None:
-                            self.stats.record(layer, ids)
-                        gpu_part = None
-                        if ex.hot is not None:
-                            gpu_part = ex.hot.static(h, ex.local_ids(ids), w)
-                        keep.append((h, ids, w, gpu_part))
-                        msg = gen.send(None)
-                    # msg is ("wait", layer): the segment ends here
+                    while True:
+                        if msg[0] == "submit":
+                            _, layer, h, ids, w = msg
+                            ex = self.experts[layer]
+                            if not ex.all_hot:   # to the CPU engine's staging first
+                                xs, ih, wh = br.host_views(T, ids.shape[1])
+                                xs.copy_(h, non_blocking=True)
+                                ih.copy_(ids, non_blocking=True)
+                                wh.copy_(w, non_blocking=True)
+                                self.events[layer].record()
+                            if self.stats is not None:
+                                self.stats.record(layer, ids)
+                            gpu_part = None
+                            if ex.hot is not None:
+                                gpu_part = ex.hot.static(h, ex.local_ids(ids), w)
+                            keep.append((h, ids, w, gpu_part))
+                            msg = gen.send(None)
+                        elif self.experts[msg[1]].all_hot:   # nothing on the CPU: go on
+                            msg = gen.send(gpu_part)
+                        else:   # ("wait", layer) of a layer with CPU experts: the segment ends
+                            break
                 except StopIteration as stop:
                     logits = stop.value
                     layer = None
