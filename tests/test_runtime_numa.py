@@ -37,9 +37,39 @@ def test_every_mode_gives_the_logits_of_off(q4, off_logits, mode, parts):
         expert_bytes = sum(t.n_bytes for n, t in r.gguf.tensors.items() if n.endswith("_exps.weight"))
         copies = parts if mode == "replicate" else 1
         assert placed.placed_bytes >= copies * expert_bytes
+        assert placed.copied_bytes == copies * expert_bytes
         full, step = r.logits(TOKENS), r.decode_logits(TOKENS[:4])
     np.testing.assert_array_equal(full, off_logits[0])
     np.testing.assert_array_equal(step, off_logits[1])
+
+
+@pytest.mark.parametrize("mode,parts", [("interleave", None), ("distribute", 2), ("replicate", 2)])
+def test_hot_experts_are_not_copied_to_the_host(q4, off_logits, mode, parts):
+    """The Plan counts no host bytes for experts hot on the GPU, so the copying modes leave
+    them out (their part of the buffer is never written: no memory); layers whose experts are
+    all hot copy nothing. The GPU path with the CPU as the device gives the CPU path's logits."""
+    from hybrid.runtime.loader import MinimalPlan
+
+    with hybrid.load(q4, device="cpu", threads=2, ctx=32) as r:
+        moe = list(range(r.args.n_dense_lead, r.args.n_layer))
+        E = r.args.n_expert
+    hot = [[] if l not in moe else list(range(E)) if l == moe[-1] else list(range(0, E, 3))
+           for l in range(moe[-1] + 1)]
+    plan = MinimalPlan(device="cpu", kv_cache_tokens=32, numa_mode=mode, gpu_experts=hot)
+    with hybrid.load(q4, threads=2, plan=plan, gpu_paths=True, decode_graphs="static",
+                     numa_partitions=parts, copy_progress=False) as r:
+        placed = r.loader._placed
+        copies = parts if mode == "replicate" else 1
+        cold = 0
+        for l in moe:
+            per_expert = sum(r.gguf.tensors[f"blk.{l}.ffn_{k}_exps.weight"].n_bytes
+                             for k in ("gate", "up", "down")) // E
+            cold += (E - len(hot[l])) * per_expert
+        assert placed.copied_bytes == copies * cold
+        full, step = r.logits(TOKENS), r.decode_logits(TOKENS[:4])
+    for got, want in ((full, off_logits[0]), (step, off_logits[1])):   # hot experts: torch's rounding
+        cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        assert cos.min() >= 0.999 and (got.argmax(-1) == want.argmax(-1)).all(), cos.min()
 
 
 def _replicate_plan(path):

@@ -101,6 +101,7 @@ class PlacedExperts:
         self.hugepages = hugepages
         self.progress = progress
         self.buffers: list = []            # NumaBuffer objects (keep them alive)
+        self.copied_bytes = 0              # queued for load(): what becomes resident
         self.warnings: list[str] = []
         self.engine = ExpertEngine(d_model, max_tokens=max_tokens, max_k=max_k,
                                    partitions=[g.cpus for g in groups])
@@ -131,45 +132,64 @@ class PlacedExperts:
             self.warnings.append(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _copy(self, info, rows: tuple[int, int] | None, n_experts: int, node: int | None) -> np.ndarray:
-        """Queue a copy of rows [r0, r1) of every expert of a tensor (all rows when None)."""
+    def _copy(self, info, rows: tuple[int, int] | None, n_experts: int, node: int | None,
+              skip=frozenset()) -> np.ndarray:
+        """Queue a copy of rows [r0, r1) of every expert of a tensor (all rows when None) but
+        the experts in `skip` (hot on the GPU: the CPU engine never reads them, and their
+        part of the buffer, never written, takes no memory)."""
         per_expert = info.n_bytes // n_experts
         row = info.row_bytes
         r0, r1 = rows if rows is not None else (0, per_expert // row)
         nbytes = n_experts * (r1 - r0) * row
         dst = self._alloc(max(nbytes, 1), node)
-        if rows is None:
+        if rows is None and not skip:
             self._copies.append((info.path, info.offset, nbytes, memoryview(dst)[:nbytes]))
+            self.copied_bytes += nbytes
         else:
             span = (r1 - r0) * row
             for e in range(n_experts):
+                if e in skip:
+                    continue
                 self._copies.append((info.path, info.offset + e * per_expert + r0 * row, span,
                                      memoryview(dst)[e * span:(e + 1) * span]))
+                self.copied_bytes += span
         return dst[:nbytes]
 
     # -- layers -------------------------------------------------------------------------
-    def add_layer(self, layer: int) -> NativeExperts:
+    def add_layer(self, layer: int, skip=()) -> NativeExperts:
+        """The layer's experts for the engine; `skip`: expert ids hot on the GPU, which the
+        copying modes leave out (the Plan counts no host bytes for them) and the engine is
+        told to skip."""
         names = [f"blk.{layer}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
         gate, up, down = (self.gguf.tensors[n] for n in names)
         E, F, D = gate.shape[0], gate.shape[1], gate.shape[2]
         types = [int(t.ggml_type) for t in (gate, up, down)]
+        skip = frozenset(int(e) for e in skip)
+        layer_experts = self._add(layer, names, gate, up, down, E, F, D, types, skip)
+        if skip:
+            mask = np.zeros(E, np.uint8)
+            mask[sorted(skip)] = 1
+            layer_experts.set_skip(mask)
+        return layer_experts
+
+    def _add(self, layer, names, gate, up, down, E, F, D, types, skip) -> NativeExperts:
         if self.mode == "off":
             views = [self.gguf.view(n) for n in names]
             return self.engine.add_layer(E, views[0], types[0], views[1], types[1], views[2], types[2])
         if self.mode == "interleave":
-            g, u, d = (self._copy(t, None, E, None) for t in (gate, up, down))
+            g, u, d = (self._copy(t, None, E, None, skip) for t in (gate, up, down))
             return self.engine.add_layer(E, g, types[0], u, types[1], d, types[2])
         shares = [len(gr.cpus) for gr in self.groups]
         slices = []
         for gr, (f0, f1), (d0, d1) in zip(self.groups, split_rows(F, shares), split_rows(D, shares)):
             node = gr.node if gr.node >= 0 else None
             if self.mode == "distribute":
-                g = self._copy(gate, (f0, f1), E, node)
-                u = self._copy(up, (f0, f1), E, node)
-                d = self._copy(down, (d0, d1), E, node)
+                g = self._copy(gate, (f0, f1), E, node, skip)
+                u = self._copy(up, (f0, f1), E, node, skip)
+                d = self._copy(down, (d0, d1), E, node, skip)
                 slices.append((g, types[0], u, types[1], d, types[2], f0, f1, d0, d1, f0, d0))
             else:  # replicate
-                g, u, d = (self._copy(t, None, E, node) for t in (gate, up, down))
+                g, u, d = (self._copy(t, None, E, node, skip) for t in (gate, up, down))
                 slices.append((g, types[0], u, types[1], d, types[2], f0, f1, d0, d1, 0, 0))
         return self.engine.add_layer_slices(E, F, slices)
 

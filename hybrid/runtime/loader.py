@@ -460,16 +460,13 @@ class Loader:
                 self._record_tensor(name, self.compute_plan_device(), f"weights.{_FMT_OF[dt]}", w)
             return ex if self.expert_stats is None else _Recording(ex, self.expert_stats, layer)
         self.stats["native_experts"] += 1
-        cpu = self._placed_experts(D, K).add_layer(layer)
+        cpu = self._placed_experts(D, K).add_layer(layer, skip=hot)   # hot: never on the CPU
         if not self.gpu_paths:
             return cpu if self.expert_stats is None else _Recording(cpu, self.expert_stats, layer)
         from hybrid.backends.gpu import OverlappedExperts
 
         gpu = lut = None
         if hot:
-            mask = np.zeros(E, np.uint8)
-            mask[hot] = 1
-            cpu.set_skip(mask)
             self.stats["gpu_hot_experts"] += len(hot)
             # in the form the solver planned them in (placement.solver.hot_expert_bytes)
             if getattr(self.plan, "hot_expert_format", "bf16") == "quantized":
