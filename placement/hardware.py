@@ -267,7 +267,8 @@ def detect_gpus() -> list:
     torch costs seconds)."""
     torch = sys.modules.get("torch")
     in_use = torch is not None and torch.cuda.is_initialized()
-    if not in_use and shutil.which("nvidia-smi"):
+    mig = "MIG-" in os.environ.get("CUDA_VISIBLE_DEVICES", "")   # instances nvidia-smi's list lacks
+    if not in_use and not mig and shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total,memory.free",

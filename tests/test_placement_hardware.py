@@ -138,6 +138,10 @@ def test_gpus_are_read_without_a_cuda_context_until_the_process_uses_cuda(monkey
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     gpus = hwm.detect_gpus()
     assert [(g.name, g.free_bytes) for g in gpus] == [("NVIDIA H200", 100 * GiB)] and len(ran) == 1
+    # a MIG instance is not among nvidia-smi's GPUs: torch it is, even before CUDA is used
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-5c1ab2cd-0000")
+    assert [g.name for g in hwm.detect_gpus()] == ["NVIDIA H200"] and len(ran) == 1
     monkeypatch.setattr(subprocess, "run", None)   # nothing looked for at all
     assert hwm.detect(gpus=False).gpus == [] and len(ran) == 1
 

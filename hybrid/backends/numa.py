@@ -165,33 +165,31 @@ class PlacedExperts:
         E, F, D = gate.shape[0], gate.shape[1], gate.shape[2]
         types = [int(t.ggml_type) for t in (gate, up, down)]
         skip = frozenset(int(e) for e in skip)
-        layer_experts = self._add(layer, names, gate, up, down, E, F, D, types, skip)
+        if self.mode == "off":
+            views = [self.gguf.view(n) for n in names]
+            experts = self.engine.add_layer(E, views[0], types[0], views[1], types[1], views[2], types[2])
+        elif self.mode == "interleave":
+            g, u, d = (self._copy(t, None, E, None, skip) for t in (gate, up, down))
+            experts = self.engine.add_layer(E, g, types[0], u, types[1], d, types[2])
+        else:
+            shares = [len(gr.cpus) for gr in self.groups]
+            slices = []
+            for gr, (f0, f1), (d0, d1) in zip(self.groups, split_rows(F, shares), split_rows(D, shares)):
+                node = gr.node if gr.node >= 0 else None
+                if self.mode == "distribute":
+                    g = self._copy(gate, (f0, f1), E, node, skip)
+                    u = self._copy(up, (f0, f1), E, node, skip)
+                    d = self._copy(down, (d0, d1), E, node, skip)
+                    slices.append((g, types[0], u, types[1], d, types[2], f0, f1, d0, d1, f0, d0))
+                else:  # replicate
+                    g, u, d = (self._copy(t, None, E, node, skip) for t in (gate, up, down))
+                    slices.append((g, types[0], u, types[1], d, types[2], f0, f1, d0, d1, 0, 0))
+            experts = self.engine.add_layer_slices(E, F, slices)
         if skip:
             mask = np.zeros(E, np.uint8)
             mask[sorted(skip)] = 1
-            layer_experts.set_skip(mask)
-        return layer_experts
-
-    def _add(self, layer, names, gate, up, down, E, F, D, types, skip) -> NativeExperts:
-        if self.mode == "off":
-            views = [self.gguf.view(n) for n in names]
-            return self.engine.add_layer(E, views[0], types[0], views[1], types[1], views[2], types[2])
-        if self.mode == "interleave":
-            g, u, d = (self._copy(t, None, E, None, skip) for t in (gate, up, down))
-            return self.engine.add_layer(E, g, types[0], u, types[1], d, types[2])
-        shares = [len(gr.cpus) for gr in self.groups]
-        slices = []
-        for gr, (f0, f1), (d0, d1) in zip(self.groups, split_rows(F, shares), split_rows(D, shares)):
-            node = gr.node if gr.node >= 0 else None
-            if self.mode == "distribute":
-                g = self._copy(gate, (f0, f1), E, node, skip)
-                u = self._copy(up, (f0, f1), E, node, skip)
-                d = self._copy(down, (d0, d1), E, node, skip)
-                slices.append((g, types[0], u, types[1], d, types[2], f0, f1, d0, d1, f0, d0))
-            else:  # replicate
-                g, u, d = (self._copy(t, None, E, node, skip) for t in (gate, up, down))
-                slices.append((g, types[0], u, types[1], d, types[2], f0, f1, d0, d1, 0, 0))
-        return self.engine.add_layer_slices(E, F, slices)
+            experts.set_skip(mask)
+        return experts
 
     @property
     def placed_bytes(self) -> int:
