@@ -212,8 +212,8 @@ MUTANTS: list[Mutant] = [
            "issue 20 case 6: routing statistics miss expert 0 (the CLI test checked 'not empty')"),
     # ------------------------------------------------------------------ memory / placement
     Mutant("hidden-copy-of-expert-bytes", "hybrid/runtime/loader.py",
-           "        cpu = self._placed_experts(D, K).add_layer(layer)\n",
-           "        cpu = self._placed_experts(D, K).add_layer(layer)\n"
+           "        cpu = self._placed_experts(D, K).add_layer(layer, skip=hot)   # hot: never on the CPU\n",
+           "        cpu = self._placed_experts(D, K).add_layer(layer, skip=hot)\n"
            "        _n = sum(self.g.view(n).size for n in names) // 10\n"
            "        self.__dict__.setdefault('_hidden', []).append(self.g.view(names[2]).reshape(-1)[:_n].copy())\n",
            ("tests/test_runtime_memory.py",),
