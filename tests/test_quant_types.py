@@ -229,11 +229,11 @@ def lattice_model(blocks_decide, fixture_cache):
     from gguf.quants import dequantize
 
     from hybrid.gguf_file import GGUFFile
-    from quantdata import random_rows
+    from quantdata import random_rows, scale_blocks
 
     def make(qtype):
         src, _ = blocks_decide("Q8_0")
-        dst = fixture_cache / f"{src.stem}-experts-{qtype.name}.gguf"
+        dst = fixture_cache / f"{src.stem}-experts2-{qtype.name}.gguf"   # 2: IQ1_M scaled in its nibbles
         if dst.exists():
             return dst
         new = {}
@@ -244,9 +244,7 @@ def lattice_model(blocks_decide, fixture_cache):
                 rms = float(np.sqrt(np.mean(dequantize(np.asarray(g.view(name)), QT(t.ggml_type)) ** 2)))
                 rows = random_rows(qtype, int(np.prod(t.ne[1:])), t.ne[0], np.random.default_rng(i))
                 blocks = rows.reshape(-1, GGML_QUANT_SIZES[qtype][1])
-                scale = rms / float(np.sqrt(np.mean(dequantize(rows, qtype) ** 2)))
-                d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32) * scale
-                blocks[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+                scale_blocks(blocks, qtype, rms / float(np.sqrt(np.mean(dequantize(rows, qtype) ** 2))))
                 new[name] = (qtype, rows)
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         replace_tensors(src, tmp, new)
