@@ -238,9 +238,13 @@ def test_bad_hybrid_isa_is_one_line(tiny_q4km):
 
 
 def test_broken_pipe_is_quiet_and_keeps_the_status():
-    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'hybrid.app.cli', '--dry-run', "
-            "'--preset', 'deepseek-r1-q4_k_m', '--hardware', '2x256g-48g', '--numa', 'replicate'], "
-            "stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.readline(); p.stdout.close(); "
+    # the pipe shrunk to one page: the report (~5.5 KB) cannot go out in one write, so the
+    # reader is gone while the writer still writes (with the default 64 KB pipe the whole
+    # report fitted before the reader closed, and a missing handler went unseen)
+    code = ("import fcntl, os, subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'hybrid.app.cli', "
+            "'--dry-run', '--preset', 'deepseek-r1-q4_k_m', '--hardware', '2x256g-48g', '--numa', 'replicate'], "
+            "stdout=subprocess.PIPE, stderr=subprocess.PIPE); fcntl.fcntl(p.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096); "
+            "os.read(p.stdout.fileno(), 100); p.stdout.close(); "
             "err = p.stderr.read().decode(); print(p.wait()); print(err)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=hybrid_env(), cwd=NEUTRAL_CWD)
