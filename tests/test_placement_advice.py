@@ -50,9 +50,15 @@ def parses(argv) -> bool:
     return True
 
 
+# both budgets over: each single change only helps (the random sample of 36 draws none such,
+# so a 'helps' marked fits went unseen: issue19-fits-without-replan survived)
+BOTH_OVER = [["--preset", "deepseek-r1-q4_k_m", "--gpu-mem", "4GiB", "--ram", "128GiB", "--numa-nodes", "1",
+              "--cores", "16"]]
+
+
 def test_every_fitting_suggestion_fits_when_its_command_runs(capsys):
     checked = fitting = 0
-    for argv in machines(36):
+    for argv in list(machines(36)) + BOTH_OVER:
         rc, plan = dry_run(capsys, argv)
         assert (rc == 0) == plan["fits"]
         for s in plan["suggestions"]:
@@ -69,7 +75,7 @@ def test_every_fitting_suggestion_fits_when_its_command_runs(capsys):
             else:   # 'helps': fewer budgets over
                 assert {p["budget"] for p in again["problems"]} < {p["budget"] for p in plan["problems"]}
             checked += 1
-    assert checked >= 30 and fitting >= 20     # the sample exercises the advice
+    assert checked >= 30 and fitting >= 20 and checked - fitting >= 2   # the sample exercises the advice
 
 
 def test_ram_advice_with_a_binding_is_the_ram_that_fits(capsys):
