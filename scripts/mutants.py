@@ -12,7 +12,7 @@ the suite). Mutants of native/ or CMakeLists.txt rebuild the extension in their 
     python scripts/mutants.py rope-sign-flip 'router-*'    # some, by name or glob
     python scripts/mutants.py --baseline       # the same tests on the unmutated copy: must pass
 
-Not part of the README's test command (~10 minutes for the list, ~40 s per native mutant). Fixtures come from
+Not part of the README's test command (~40 minutes for the list on 2 cores, ~40 s per native mutant). Fixtures come from
 HYBRID_FIXTURE_CACHE (default /tmp/fixture-cache), shared with the dev test command, so they
 are built once.
 
