@@ -59,18 +59,18 @@ def random_rows(qtype, n, k, rng):
 
 
 def scale_blocks(blocks, qtype, factor):
-    """Multiply each block's fp16 scale d (the first of _FP16_FIELDS; IQ1_M's nibbles) by
-    `factor`, in place: blocks uint8 [nb, block bytes]."""
+    """Multiply the weights of GGML blocks (uint8 [nb, block bytes], in place) by `factor`:
+    every weight is linear in its block's fp16 scales (IQ1_M's d sits in the top nibbles of
+    its 4 u16 scales)."""
     qtype = QT(qtype)
     if qtype == QT.IQ1_M:
         sc = blocks[:, 48:56].copy().view(np.uint16)                  # [nb, 4]
         dh = ((sc >> np.uint16(12)) << (4 * np.arange(4, dtype=np.uint16))).sum(-1, dtype=np.uint16)
-        d = dh.view(np.float16).astype(np.float32) * factor
-        _set_iq1_m_d(blocks, d.astype(np.float16))
+        _set_iq1_m_d(blocks, (dh.view(np.float16).astype(np.float32) * factor).astype(np.float16))
         return
-    off = _FP16_FIELDS[qtype][0]
-    d = blocks[:, off:off + 2].copy().view(np.float16).astype(np.float32) * factor
-    blocks[:, off:off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    for off in _FP16_FIELDS[qtype]:
+        d = blocks[:, off:off + 2].copy().view(np.float16).astype(np.float32) * factor
+        blocks[:, off:off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def _set_iq1_m_d(raw, d):

@@ -54,7 +54,7 @@ def linear_model(blocks_decide, fixture_cache):
     from gguf.quants import dequantize, quantize
 
     from hybrid.gguf_file import GGUFFile
-    from quantdata import random_rows
+    from quantdata import random_rows, scale_blocks
     from test_quant_types import replace_tensors
 
     def make(qtype):
@@ -74,7 +74,8 @@ def linear_model(blocks_decide, fixture_cache):
                     continue
                 rms = float(np.sqrt(np.mean(dequantize(np.asarray(g.view(name)), QT(t.ggml_type)) ** 2)))
                 rows = random_rows(qtype, int(np.prod(t.ne[1:])), t.ne[0], np.random.default_rng(i))
-                _scale_blocks(rows, qtype, rms / float(np.sqrt(np.mean(dequantize(rows, qtype) ** 2))))
+                factor = rms / float(np.sqrt(np.mean(dequantize(rows, qtype) ** 2)))
+                scale_blocks(rows.reshape(-1, GGML_QUANT_SIZES[qtype][1]), qtype, factor)
                 new[name] = (qtype, rows)
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         replace_tensors(src, tmp, new)
@@ -82,22 +83,6 @@ def linear_model(blocks_decide, fixture_cache):
         return dst, names
 
     return make
-
-
-def _scale_blocks(rows, qtype, scale):
-    """Multiply the weights of GGML rows (uint8, in place) by `scale`: every weight is linear
-    in its block's fp16 scales."""
-    from quantdata import _FP16_FIELDS, _set_iq1_m_d
-
-    blocks = rows.reshape(-1, GGML_QUANT_SIZES[qtype][1])
-    if qtype == QT.IQ1_M:   # d's 4 nibbles sit in the top nibbles of the 4 u16 scales
-        sc = blocks[:, 48:56].copy().view(np.uint16)
-        d = sum((sc[:, i] >> np.uint16(12)) << np.uint16(4 * i) for i in range(4)).astype(np.uint16)
-        _set_iq1_m_d(blocks, (d.view(np.float16).astype(np.float32) * scale).astype(np.float16))
-        return
-    for off in _FP16_FIELDS[qtype]:
-        d = blocks[:, off:off + 2].copy().view(np.float16).astype(np.float32) * scale
-        blocks[:, off:off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 @pytest.mark.parametrize("qtype", NEW_TYPES, ids=lambda t: t.name)

@@ -243,8 +243,8 @@ def lattice_model(blocks_decide, fixture_cache):
                     continue
                 rms = float(np.sqrt(np.mean(dequantize(np.asarray(g.view(name)), QT(t.ggml_type)) ** 2)))
                 rows = random_rows(qtype, int(np.prod(t.ne[1:])), t.ne[0], np.random.default_rng(i))
-                blocks = rows.reshape(-1, GGML_QUANT_SIZES[qtype][1])
-                scale_blocks(blocks, qtype, rms / float(np.sqrt(np.mean(dequantize(rows, qtype) ** 2))))
+                factor = rms / float(np.sqrt(np.mean(dequantize(rows, qtype) ** 2)))
+                scale_blocks(rows.reshape(-1, GGML_QUANT_SIZES[qtype][1]), qtype, factor)
                 new[name] = (qtype, rows)
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         replace_tensors(src, tmp, new)
