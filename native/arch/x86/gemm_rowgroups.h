@@ -75,6 +75,38 @@ struct alignas(ROWS * 4) k4_group {
 template <bool QH>
 using k4_x16 = k4_group<QH, 16>;
 
+// The scales, mins, d and dmin of block b of 8 rows (blk[r]: row r's block) into a group's
+// sc / mn / d / dmin at rows 8 h8 .. 8 h8 + 7 (ROWS rows in all).
+template <int ROWS>
+static inline void k4_pack_scales(const uint8_t* const blk[8], int h8, int16_t (*sc)[2 * ROWS],
+                                  int16_t (*mn)[2 * ROWS], float* d, float* dmin) {
+    // each row's first 16 bytes: d, dmin, then the 12 bytes of scales and mins
+    static_assert(offsetof(block_q4_K, dmin) == 2 && offsetof(block_q4_K, scales) == 4 &&
+                      offsetof(block_q5_K, dmin) == 2 && offsetof(block_q5_K, scales) == 4,
+                  "d, dmin, scales lead the block");
+    __m128i head[8], sm[8];  // sm: scales 0-7 then mins 0-7 of each row, bytes
+    for (int r = 0; r < 8; r++) {
+        head[r] = _mm_loadu_si128((const __m128i*)blk[r]);
+        sm[r] = scales_mins_k4_of<1>(head[r]);
+    }
+    scale_pairs_of_8_rows<false>(sm, &sc[0][16 * h8], 2 * ROWS);
+    __m128i m[4];
+    for (int r = 0; r < 8; r += 2) m[r / 2] = _mm_unpackhi_epi16(sm[r], sm[r + 1]);  // min pair i of rows r, r+1: words 2i, 2i+1
+    const __m128i g0 = _mm_unpacklo_epi32(m[0], m[1]), g1 = _mm_unpackhi_epi32(m[0], m[1]);  // rows 0-3: pairs 0, 1 | 2, 3
+    const __m128i g2 = _mm_unpacklo_epi32(m[2], m[3]), g3 = _mm_unpackhi_epi32(m[2], m[3]);  // rows 4-7
+    _mm256_store_si256((__m256i*)&mn[0][16 * h8], _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(g0, g2)));
+    _mm256_store_si256((__m256i*)&mn[1][16 * h8], _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(g0, g2)));
+    _mm256_store_si256((__m256i*)&mn[2][16 * h8], _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(g1, g3)));
+    _mm256_store_si256((__m256i*)&mn[3][16 * h8], _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(g1, g3)));
+    // d | dmin << 16 of rows 0-3 and 4-7 (the heads' first dwords), then the 8 rows' d and dmin
+    // as fp16 (in registers: 2-byte stores read back as one vector would stall store forwarding)
+    const __m128i dd[2] = {_mm_unpacklo_epi64(_mm_unpacklo_epi32(head[0], head[1]), _mm_unpacklo_epi32(head[2], head[3])),
+                           _mm_unpacklo_epi64(_mm_unpacklo_epi32(head[4], head[5]), _mm_unpacklo_epi32(head[6], head[7]))};
+    const __m128i lo16 = _mm_set1_epi32(0xFFFF);
+    _mm256_store_ps(d + 8 * h8, _mm256_cvtph_ps(_mm_packus_epi32(_mm_and_si128(dd[0], lo16), _mm_and_si128(dd[1], lo16))));
+    _mm256_store_ps(dmin + 8 * h8, _mm256_cvtph_ps(_mm_packus_epi32(_mm_srli_epi32(dd[0], 16), _mm_srli_epi32(dd[1], 16))));
+}
+
 // Block b of the ROWS rows w, w + stride, ... into x.
 template <bool QH, int ROWS>
 static inline void k4_pack(const uint8_t* w, int64_t stride, int64_t b, k4_group<QH, ROWS>& x) {
@@ -106,24 +138,36 @@ static inline void k4_pack(const uint8_t* w, int64_t stride, int64_t b, k4_group
                 _mm256_store_si256((__m256i*)(dst + ROWS * 4), hi);
             }
         }
-        __m128i sm[8];  // scales 0-7 then mins 0-7 of each row, bytes
-        for (int r = 0; r < 8; r++) sm[r] = scales_mins_k4(blk[r] + offsetof(block, scales));
-        scale_pairs_of_8_rows<false>(sm, &x.sc[0][16 * h8], 2 * ROWS);
-        __m128i m[4];
-        for (int r = 0; r < 8; r += 2) m[r / 2] = _mm_unpackhi_epi16(sm[r], sm[r + 1]);  // min pair i of rows r, r+1: words 2i, 2i+1
-        const __m128i g0 = _mm_unpacklo_epi32(m[0], m[1]), g1 = _mm_unpackhi_epi32(m[0], m[1]);  // rows 0-3: pairs 0, 1 | 2, 3
-        const __m128i g2 = _mm_unpacklo_epi32(m[2], m[3]), g3 = _mm_unpackhi_epi32(m[2], m[3]);  // rows 4-7
-        _mm256_store_si256((__m256i*)&x.mn[0][16 * h8], _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(g0, g2)));
-        _mm256_store_si256((__m256i*)&x.mn[1][16 * h8], _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(g0, g2)));
-        _mm256_store_si256((__m256i*)&x.mn[2][16 * h8], _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(g1, g3)));
-        _mm256_store_si256((__m256i*)&x.mn[3][16 * h8], _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(g1, g3)));
-        uint16_t dh[8], mh[8];
+        k4_pack_scales<ROWS>(blk, h8, x.sc, x.mn, x.d, x.dmin);
+    }
+}
+
+// Q4_K with its nibbles as stored: chunk c, group k: bytes 4k..4k+3 of the rows' 32-byte chunk
+// c (row r in bytes 4r..4r+3), each byte a quant of sub-block 2c (low nibble) and of 2c+1 (high):
+// the rewrite is the transposes alone, with half the bytes of k4_group to store and to read back.
+template <int ROWS>
+struct alignas(ROWS * 4) q4_K_nib_group {
+    uint8_t qs[4][8][ROWS * 4];
+    int16_t sc[8][2 * ROWS];
+    int16_t mn[4][2 * ROWS];
+    float d[ROWS], dmin[ROWS];
+};
+
+template <int ROWS>
+static inline void q4_K_nib_pack(const uint8_t* w, int64_t stride, int64_t b, q4_K_nib_group<ROWS>& x) {
+    for (int h8 = 0; h8 < ROWS / 8; h8++) {
+        const uint8_t* blk[8];
         for (int r = 0; r < 8; r++) {
-            std::memcpy(&dh[r], blk[r] + offsetof(block, d), 2);
-            std::memcpy(&mh[r], blk[r] + offsetof(block, dmin), 2);
+            blk[r] = w + (8 * h8 + r) * stride + b * (int64_t)sizeof(block_q4_K);
+            prefetch_block(blk[r], sizeof(block_q4_K));
         }
-        store_8_scales(dh, x.d + 8 * h8);
-        store_8_scales(mh, x.dmin + 8 * h8);
+        for (int c = 0; c < 4; c++) {
+            __m256i v[8], q[8];
+            for (int r = 0; r < 8; r++) v[r] = _mm256_loadu_si256((const __m256i*)(blk[r] + offsetof(block_q4_K, qs) + 32 * c));
+            transpose_4byte_groups(v, q);
+            for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i*)(x.qs[c][k] + 32 * h8), q[k]);
+        }
+        k4_pack_scales<ROWS>(blk, h8, x.sc, x.mn, x.d, x.dmin);
     }
 }
 
@@ -203,7 +247,7 @@ static inline void q8_0_pack(const uint8_t* w, int64_t stride, int64_t b, q8_0_g
 
 // placement/solver.py TILE_SCRATCH_PER_BLOCK budgets the largest group block per worker, per
 // 256 weights of a row
-static_assert(sizeof(k4_group<true, 16>) == 4992 && sizeof(q6_K_group<16>) <= 4992 &&
+static_assert(sizeof(k4_group<true, 16>) == 4992 && sizeof(q4_K_nib_group<16>) <= 4992 && sizeof(q6_K_group<16>) <= 4992 &&
                   8 * sizeof(q8_0_group<16, true>) <= 4992,
               "the Plan's tile_scratch line counts 4992 B per 256 weights of a row");
 

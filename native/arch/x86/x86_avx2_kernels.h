@@ -838,16 +838,20 @@ struct q8_0_kernel {
 // 16-byte load: the 4 bytes after the scales are the block's own quants). Through a stack
 // array the vector loads that followed spanned two scalar stores each, which store
 // forwarding cannot serve; in scalar registers it cost ~20 uops a block.
-static inline __m128i scales_mins_k4(const uint8_t* s) {
-    const __m128i raw = _mm_loadu_si128((const __m128i*)s);             // a0 a1 a2 (a3: quants)
-    const __m128i x = _mm_shuffle_epi32(raw, _MM_SHUFFLE(2, 1, 2, 0));  // a0 a2 a1 a2
+// A0: the dword of raw holding a0 (0: raw starts at the scales; 1: at the block, after d, dmin).
+template <int A0 = 0>
+static inline __m128i scales_mins_k4_of(__m128i raw) {
+    const __m128i x = _mm_shuffle_epi32(raw, _MM_SHUFFLE(A0 + 2, A0 + 1, A0 + 2, A0));  // a0 a2 a1 a2
     // sc 0..3 = a0 & 63 | sc 4..7 = a2 & 15 | m 0..3 = a1 & 63 | m 4..7 = (a2 >> 4) & 15
     const __m128i low = _mm_and_si128(_mm_srlv_epi32(x, _mm_setr_epi32(0, 0, 0, 4)),
                                       _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
     // the top two bits of sc 4..7 / m 4..7 are bits 6-7 of a0 / a1, moved to bits 4-5
-    const __m128i y = _mm_shuffle_epi32(raw, _MM_SHUFFLE(1, 1, 0, 0));  // a0 a0 a1 a1
+    const __m128i y = _mm_shuffle_epi32(raw, _MM_SHUFFLE(A0 + 1, A0 + 1, A0, A0));  // a0 a0 a1 a1
     const __m128i high = _mm_and_si128(_mm_srli_epi32(y, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
     return _mm_or_si128(low, high);
+}
+static inline __m128i scales_mins_k4(const uint8_t* s) {
+    return scales_mins_k4_of<0>(_mm_loadu_si128((const __m128i*)s));  // a0 a1 a2 (a3: quants)
 }
 
 // m[j] * (bsums[2j] + bsums[2j+1]) for the 8 mins of a Q4_K / Q5_K block (sm from
