@@ -57,6 +57,7 @@ class Hardware:
     cpu_flops_by_type: dict = field(default_factory=dict)   # "ggml type" -> FLOP/s of its matmul (measured only)
     # "tokens per expert" -> FLOP/s of the expert engine's prefill, Q4_K experts (measured only)
     moe_prefill_flops: dict = field(default_factory=dict)
+    attention_flops: float = 0.0          # FLOP/s of the native causal attention of a prompt chunk (measured only)
     # "ggml type" -> bytes/s its one-token matmul computes, weights in cache (measured only)
     cpu_decode_bytes_by_type: dict = field(default_factory=dict)
     # a one-token Q4_K matmul streaming from RAM, as a share of the read bandwidth (measured only)
@@ -357,6 +358,7 @@ def measure(hw: Hardware, refresh: bool = False) -> Hardware:
     hw.layer_overhead_s = m.get("layer_overhead_s", 0.0)
     hw.cpu_flops_by_type = dict(m.get("cpu_flops_by_type", {}))
     hw.moe_prefill_flops = dict(m.get("moe_prefill_flops", {}))
+    hw.attention_flops = m.get("attention_flops", 0.0)
     hw.cpu_decode_bytes_by_type = dict(m.get("decode_bytes_per_s_by_type", {}))
     hw.ram_kernel_efficiency = min(1.0, m.get("matmul_read_bytes_per_s", 0.0) / m["read_bytes_per_s"])
     return hw
@@ -457,7 +459,7 @@ def _apply(hw: Hardware, *, gpu_mem=None, gpu_bandwidth=None, gpu_name=None, ram
         if hw.sources.get("ram_bandwidth") == "measured":   # this machine's figures, not the new one's
             hw.ram_bandwidth_per_node, hw.cpu_flops, hw.layer_overhead_s = 0.0, 0.0, 0.0
             hw.cpu_flops_by_type, hw.cpu_decode_bytes_by_type, hw.ram_kernel_efficiency = {}, {}, 0.0
-            hw.moe_prefill_flops = {}
+            hw.moe_prefill_flops, hw.attention_flops = {}, 0.0
             del hw.sources["ram_bandwidth"], hw.sources["cpu_flops"]
         if cores is None and not hw.hypothetical:
             hw.sources["cores"] = "this machine"   # said in the plan: the user may not mean it

@@ -198,6 +198,17 @@ class ModelInfo:
             return 4 * self.n_head * (self.kv_lora_rank + self.qk_rope_dim)
         return 2 * self.n_head * (self.head_dim_k + self.head_dim_v)
 
+    def prefill_attn_flops_per_position(self, tokens: int) -> tuple:
+        """(attention, expansion): FLOPs per query and cached position in one layer when a chunk
+        of `tokens` queries attends. MLA chunks that attend decompressed (as
+        attn_expansion_per_position) score and weigh per head in its own dims, not the latent
+        space, and first expand every cached position's K / V for all heads (kv_b: latent ->
+        H x (nope + v)) once per chunk; others as attn_flops_per_position, nothing to expand."""
+        if not self.attn_expansion_per_position(tokens):
+            return self.attn_flops_per_position, 0.0
+        H, N, R, V = self.n_head, self.qk_nope_dim, self.qk_rope_dim, self.v_head_dim
+        return 2 * H * (N + R + V), 2 * self.kv_lora_rank * H * (N + V) / max(1, tokens)
+
     @property
     def moe_layers(self) -> list:
         return [i for i in range(self.n_dense_lead, self.n_layer)] if self.n_expert > 1 else []

@@ -10,6 +10,7 @@ JSON file per machine (CPU model, allowed cpus, RAM) in the hybrid cache directo
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 
 from placement import ggml
 
-VERSION = 9
+VERSION = 10
 BUFFER_BYTES = 256 << 20     # well beyond any L3 this runs on
 MATMUL = (4096, 512, 64)     # K, N, tokens: a prefill-sized matmul
 # The expert engine's prefill, Q4_K: d_model, rows per expert, experts (108 MB: from RAM, as a
@@ -25,6 +26,8 @@ MATMUL = (4096, 512, 64)     # K, N, tokens: a prefill-sized matmul
 # chunk: 16, Qwen3-30B-A3B: 32, the mid bench model: 48)
 MOE = (2048, 512, 64, 8)
 MOE_TOKENS_PER_EXPERT = (4, 16, 64)
+# the attention the probe times: queries, heads, keys, key dims, rope dims, value dims
+ATTENTION = (256, 16, 2048, 128, 64, 128)
 DECODE_BYTES_PER_THREAD = 1 << 20   # the one-token matmul's weights: each worker's share stays in cache
 
 
@@ -124,7 +127,7 @@ def _measure() -> dict:
     type the native matmul runs, its FLOP/s at 64 tokens (best of 3) and the bytes/s of its
     one-token matmul with the weights in cache (best of 20: the compute side of decode's
     roofline); the per-layer cost of a decode step; the expert engine's prefill FLOP/s at a few
-    tokens per expert."""
+    tokens per expert; the native causal attention's FLOP/s."""
     import numpy as np
 
     from hybrid import _native
@@ -158,6 +161,7 @@ def _measure() -> dict:
             "matmul_read_bytes_per_s": ram_rows.nbytes / ram_matmul_s, "cpu_flops": flops[str(ggml.Q4_K)],
             "cpu_flops_by_type": flops, "decode_bytes_per_s_by_type": decode,
             "moe_prefill_flops": _moe_prefill_flops_or_none(threads, rng),
+            "attention_flops": _attention_flops(threads, rng),
             "layer_overhead_s": _layer_overhead(), "threads": threads, "isa": _native.isa(),
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -203,6 +207,29 @@ def _moe_prefill_flops(threads: int, rng) -> dict:
         return out
     finally:
         engine.close()
+
+
+def _attention_flops(threads: int, rng) -> float:
+    """FLOP/s of the native causal attention of a prompt chunk (flash_attention, the kernel
+    CPU prefill attends with; best of 3): ATTENTION's queries after the rest of its keys, MLA's
+    shape (a second key part of rope dims shared by the heads). Its float32 multiply-adds run
+    at a fraction of the int8 matmul's rate the estimate used to take for them (Zen 4, 2
+    threads: ~135 against 300-530 GFLOP/s)."""
+    import numpy as np
+
+    from hybrid import _native
+
+    T, H, S, dk, dr, dv = ATTENTION
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((T, H, dk), (H, S, dk), (H, S, dv)))
+    q_rope, k_rope = (rng.standard_normal(shape).astype(np.float32) for shape in ((T, H, dr), (1, S, dr)))
+    out = np.empty((T, H, dv), np.float32)
+
+    def call():
+        _native.flash_attention(q, k, v, out, 1.0 / math.sqrt(dk + dr), S - T, q_rope=q_rope, k_rope=k_rope,
+                                threads=threads)
+
+    call()
+    return 2 * H * (dk + dr + dv) * T * (S - T + (T + 1) / 2) / _best(call, 3)
 
 
 def _random_blocks(ggml_type: int, rows: int, k: int, rng):

@@ -33,6 +33,9 @@ GPU_FORMATS = ("auto", "bf16", "quantized")
 ASSUMED_RAM_BANDWIDTH_PER_NODE = 100e9
 ASSUMED_GPU_BANDWIDTH = 900e9
 ASSUMED_PCIE_BANDWIDTH = 25e9
+# the native causal attention (float32) against the int8 matmul rate, where not measured (Zen 4,
+# 2 threads, three probes: 0.16, 0.26, 0.32)
+ASSUMED_ATTENTION_SHARE = 0.25
 CPU_GFLOPS_PER_CORE = {"amx_int8": 400.0, "avx512_vnni": 120.0, "avx512f": 80.0, "avx2": 50.0, "": 10.0}
 
 
@@ -311,6 +314,13 @@ def _engine_chunk(wl: Workload) -> int:
     """Tokens the expert engine takes at once: the prefill chunk, split into chunks of at most
     ENGINE_TOKEN_CHUNK."""
     return min(max(1, wl.prefill_chunk), ENGINE_TOKEN_CHUNK)
+
+
+def _prefill_call_tokens(wl: Workload) -> int:
+    """Tokens the expert engine takes at once in a prefill, for its speed: the engine's chunk,
+    or fewer where no prompt can be as long (a sequence's context; the slots' together, as a
+    server prefills several prompts in one forward)."""
+    return max(1, min(_engine_chunk(wl), int(wl.context or _engine_chunk(wl)) * max(1, int(wl.batch or 1))))
 
 
 def pinned_formula(inv: Inventory, wl: Workload) -> int:
@@ -875,6 +885,18 @@ def _cpu_flops(hw: Hardware, threads=None) -> tuple:
     return cores * gflops_core * 1e9, f"{cores} cores x {gflops_core:.0f} GFLOP/s ({isa}, assumed sustained)"
 
 
+def _attention_flops(hw: Hardware, threads=None) -> tuple:
+    """(FLOP/s of the native causal attention on the cpus used, how it was derived): measured
+    (placement.probe), else ASSUMED_ATTENTION_SHARE of _cpu_flops."""
+    if hw.attention_flops:
+        n = len(hw.allowed_cpus)
+        used = min(n, threads) if threads else n
+        f = hw.attention_flops * used / n
+        return f, f"{f / 1e9:.0f} GFLOP/s on {used} cpus (measured)"
+    f = _cpu_flops(hw, threads)[0] * ASSUMED_ATTENTION_SHARE
+    return f, f"{f / 1e9:.0f} GFLOP/s ({ASSUMED_ATTENTION_SHARE} x the matmul rate, assumed)"
+
+
 def _ram_bandwidth(hw: Hardware, pol: Policy, numa_mode: str) -> tuple:
     """(bytes/s the expert kernels read at, node bandwidth, 'given' | 'assumed', how)."""
     n_nodes = max(1, len(hw.allowed_nodes))
@@ -971,7 +993,7 @@ def _cpu_expert_prefill_s(inv: Inventory, hw: Hardware, wl: Workload, pol: Polic
     engine's own chunk (ENGINE_TOKEN_CHUNK), which a longer one is split into."""
     m = inv.model
     K, E = m.n_expert_used, max(m.n_expert, 1)
-    C = _engine_chunk(wl)
+    C = _prefill_call_tokens(wl)
     layers = inv.moe_layers()
     flops_of = _expert_flops_of(hw, _flops_of(hw, pol.threads), C * K / E, pol.threads)
     compute = sum(2 * K * t.n_elements / E * (1 - hit[t.layer]) / flops_of(t.ggml_type)
@@ -1058,24 +1080,27 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     flops_of = _flops_of(hw, pol.threads)
     t_cpu_pf = _cpu_expert_prefill_s(inv, hw, wl, pol, eff_bw, hit)
     if hw.moe_prefill_flops:
-        chunk = _engine_chunk(wl)
+        chunk = _prefill_call_tokens(wl)
         assumptions["cpu_expert_prefill"] = (
             f"the expert engine at {chunk * K / max(m.n_expert, 1):.0f} tokens per expert "
             f"(a {chunk}-token chunk; measured with Q4_K experts, other types at their matmul's ratio)")
     nonexp_params = sum(t.n_elements for t in inv.tensors
                         if t.role not in ("routed_experts", "embedding", "mtp"))
-    # attention over `pos` cached positions in every layer that runs
-    gpu_flops_tok = 2 * nonexp_params + m.n_layer * m.attn_flops_per_position * pos
+    # attention over `pos` cached positions in every layer that runs, as a prefill chunk attends
+    attn_pos, expand_pos = m.prefill_attn_flops_per_position(_prefill_call_tokens(wl))
+    gpu_flops_tok = 2 * nonexp_params + m.n_layer * (attn_pos + expand_pos) * pos
     if gpu is not None:
         pcie = hw.pcie_bandwidth or ASSUMED_PCIE_BANDWIDTH
         t_gpu_pf = gpu_flops_tok / (pol.gpu_tflops * 1e12) + len(layers) * 2 * m.n_embd * 4 / pcie
         assumptions["gpu_compute"] = f"{pol.gpu_tflops:.0f} TFLOP/s bf16 (assumed sustained)"
         assumptions["pcie_bandwidth"] = f"{pcie / 1e9:.0f} GB/s ({'given' if hw.pcie_bandwidth else 'assumed'})"
     else:
-        # the linears at their type's rate (f32 copies: the headline figure), attention besides
+        # the linears at their type's rate (f32 copies: the headline figure); attention at the
+        # native attention's, MLA's K / V expansion at the matmul rate
+        attn_flops, assumptions["cpu_attention"] = _attention_flops(hw, pol.threads)
         t_gpu_pf = (sum(2 * t.n_elements / flops_of(t.ggml_type) for t in inv.tensors
                         if t.role not in ("routed_experts", "embedding", "mtp"))
-                    + m.n_layer * m.attn_flops_per_position * pos / cpu_flops)
+                    + m.n_layer * pos * (attn_pos / attn_flops + expand_pos / cpu_flops))
     prefill_t = t_cpu_pf + t_gpu_pf
     return {
         "decode_tok_s": round(1.0 / decode_t, 2) if decode_t > 0 else 0.0,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,7 +147,9 @@ def _machine(figures):
 
 
 def _estimate(inv, hw):
-    hw, wl, pol = build_inputs(hardware=hw, cpu_only=True, ram_efficiency=1.0, prefill_chunk=512)
+    # a 4K context: attention (half of it cached on average) stays a small part of prefill, which
+    # these tests are not about, and the rounded tok/s keep their digits
+    hw, wl, pol = build_inputs(hardware=hw, cpu_only=True, ram_efficiency=1.0, prefill_chunk=512, context=4096)
     return solve(inv, hw, wl, pol).estimate
 
 
@@ -208,8 +211,8 @@ def test_measured_kernel_efficiency_replaces_the_assumed_one(efficiency):
     assert (f"x {efficiency:.2f} kernel efficiency (measured)" in said) if efficiency else ("x 0.7 kernel efficiency" in said)
 
 
-def _prefill_s(inv, hw, chunk=512):
-    hw, wl, pol = build_inputs(hardware=hw, cpu_only=True, ram_efficiency=1.0, prefill_chunk=chunk)
+def _prefill_s(inv, hw, chunk=512, context=4096):
+    hw, wl, pol = build_inputs(hardware=hw, cpu_only=True, ram_efficiency=1.0, prefill_chunk=chunk, context=context)
     est = solve(inv, hw, wl, pol).estimate
     return 1 / est["prefill_tok_s"], est["assumptions"]
 
@@ -251,6 +254,12 @@ def test_expert_prefill_runs_at_the_engines_measured_rate_for_its_tokens_per_exp
     extra = {n: at(wide, n)[0] - at({4: q4, 512: q4}, n)[0] for n in (2048, 4096)}
     assert extra[4096] == pytest.approx(extra[2048], rel=3e-3) and extra[2048] > 0.1 * plain
     assert "128 tokens per expert (a 2048-token chunk" in at(wide, 4096)[1]["cpu_expert_prefill"]
+    # no prompt outgrows a 256-token context: a 512-token chunk reaches the engine with 256
+    # tokens at most, 16 per expert (the lower measured rate), as a 256-token chunk does
+    short = {16: lo, 64: hi}
+    rates = replace(hw, moe_prefill_flops={str(n): f for n, f in short.items()})
+    (t512, said), t256 = _prefill_s(inv, rates, 512, 256), _prefill_s(inv, rates, 256, 256)[0]
+    assert t512 == pytest.approx(t256, rel=1e-3) and "16 tokens per expert (a 256-token chunk" in said["cpu_expert_prefill"]
     # another expert type: the engine's rate times its matmul's speed against Q4_K's
     iq2 = _typed(inv, "routed_experts", QT.IQ2_XXS)
     hw2 = _machine(FIGURES)
@@ -281,3 +290,43 @@ def test_an_engine_that_cannot_run_leaves_the_other_figures(monkeypatch):
     monkeypatch.setattr(probe, "_moe_prefill_flops", no_engine)
     figures = probe._measure()
     assert figures["moe_prefill_flops"] == {} and figures["cpu_flops"] > 1e8 and figures["read_bytes_per_s"] > 1e8
+
+
+@pytest.mark.parametrize("preset", ["deepseek-r1-q4_k_m", "qwen3-235b-a22b-q4_k_m"])
+def test_prefill_attention_runs_at_the_attention_rate_with_the_flops_a_chunk_spends(preset):
+    """CPU prefill's attention: per query and cached position (half the context on average),
+    GQA scores and weighs in its heads' dims; an MLA chunk long enough to attend decompressed
+    (171 queries for R1) does the same in its heads' own dims (2 H (nope + rope + v), not the
+    latent space's 4 H (rank + rope) of the absorbed path shorter chunks take), and first
+    expands the cached latents to K / V (2 rank H (nope + v) per position, once per chunk). The
+    attention runs at the native attention's rate (measured, else ASSUMED_ATTENTION_SHARE of the
+    matmul's), the expansion at the matmul's. Checked by what changes when only the attention
+    rate does, against FLOP counts taken here from the preset's hyperparameters."""
+    from placement.solver import ASSUMED_ATTENTION_SHARE
+
+    inv = build_preset(preset)
+    hp = json.loads((Path(__file__).parent.parent / "configs/presets" / f"{preset.rsplit('-', 1)[0]}.json").read_text())["hparams"]
+    mla = "attention.kv_lora_rank" in hp
+    H, layers = hp["attention.head_count"], hp["block_count"]
+    if mla:
+        N, R, V = hp["attention.key_length"] - hp["rope.dimension_count"], hp["rope.dimension_count"], hp["attention.value_length"]
+        rank = hp["attention.kv_lora_rank"]
+        decompressed, absorbed = 2 * H * (N + R + V), 4 * H * (rank + R)
+    else:
+        decompressed = absorbed = 2 * H * (hp["attention.key_length"] + hp["attention.value_length"])
+    ctx, pos = 16384, 8192
+    hw = replace(_machine({QT.Q4_K: FIGURES[QT.Q4_K]}), attention_flops=0.5e12)
+    slow = replace(hw, attention_flops=0.25e12)
+    for chunk, per_pos in ((512, decompressed), (128, absorbed)):
+        t_fast, said = _prefill_s(inv, hw, chunk, ctx)
+        t_slow = _prefill_s(inv, slow, chunk, ctx)[0]
+        # the attention's FLOPs at 1/0.25e12 - 1/0.5e12 more seconds each
+        assert t_slow - t_fast == pytest.approx(layers * pos * per_pos * (1 / 0.25e12 - 1 / 0.5e12), rel=2e-2)
+        assert said["cpu_attention"] == "500 GFLOP/s on 8 cpus (measured)"
+    if mla:    # the expansion: at the matmul's rate, once per chunk of 512
+        cheap = replace(hw, cpu_flops=2e12)
+        expand = 2 * rank * H * (N + V) / 512
+        assert (_prefill_s(inv, hw, 512, ctx)[0] - _prefill_s(inv, cheap, 512, ctx)[0]
+                >= layers * pos * expand * (1 / 1e12 - 1 / 2e12) * 0.98)
+    not_measured = _prefill_s(inv, replace(hw, attention_flops=0.0), 512, ctx)[1]["cpu_attention"]
+    assert not_measured == f"{1e12 * ASSUMED_ATTENTION_SHARE / 1e9:.0f} GFLOP/s ({ASSUMED_ATTENTION_SHARE} x the matmul rate, assumed)"
