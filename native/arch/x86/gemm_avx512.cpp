@@ -224,19 +224,14 @@ struct k4_groups {
     }
     typedef k4_kernel<QH> fallback;  // the AVX2 dots' multi-token kernel: short tiles, last R % 16 rows
 };
-struct q4_K_nib_groups {
+// Q4_K: the K-quant groups' sizes, token steps and fallback, in the nibble layout
+struct q4_K_nib_groups : k4_groups<false> {
     typedef q4_K_nib_group<16> packed;
-    typedef block_q8_K act;
-    static constexpr int64_t block_elems = QK_K;
-    static constexpr int64_t block_bytes = sizeof(block_q4_K);
-    static constexpr int64_t min_tokens = 3;
-    static constexpr int group_rows = 16, tokens = 4;
     static void pack(const uint8_t* w, int64_t stride, int64_t b, packed& x) { q4_K_nib_pack(w, stride, b, x); }
     template <int N>
     static void rows(int64_t nb, const packed* x, const block_q8_K* const* ys, float* out, int64_t rs, int64_t ts) {
         q4_K_nib_rows<N>(nb, x, ys, out, rs, ts);
     }
-    typedef k4_kernel<false> fallback;
 };
 struct q6_K_groups {
     typedef q6_K_x16 packed;
