@@ -294,8 +294,10 @@ def main(argv=None) -> int:
         print(f"{e.name}: loaded in {e.load_s:.1f} s; {e.info}", flush=True)
     prompt = prompt_ids(engines[0].n_vocab, a.prompt)
 
-    for e in engines:  # warm-up: page in the weights, JIT/first-call costs
-        e.run(prompt[:16], 2)
+    # warm-up: page in the weights (the whole prompt: a few tokens would leave experts unread,
+    # whose pages then fault in during the timed runs), JIT / first-call costs
+    for e in engines:
+        e.run(prompt, 2)
     if a.profile:
         for e in engines:
             if e.name != "llama.cpp":
