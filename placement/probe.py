@@ -160,20 +160,21 @@ def _measure() -> dict:
     return {"version": VERSION, "read_bytes_per_s": BUFFER_BYTES / read_s,
             "matmul_read_bytes_per_s": ram_rows.nbytes / ram_matmul_s, "cpu_flops": flops[str(ggml.Q4_K)],
             "cpu_flops_by_type": flops, "decode_bytes_per_s_by_type": decode,
-            "moe_prefill_flops": _moe_prefill_flops_or_none(threads, rng),
-            "attention_flops": _attention_flops(threads, rng),
+            # the engine's and the attention's timings may fail (say, no memory for the engine's
+            # 108 MB layer): the estimate then assumes their rates, the other figures stand
+            "moe_prefill_flops": _timed_or({}, "the expert engine's prefill", _moe_prefill_flops, threads, rng),
+            "attention_flops": _timed_or(0.0, "the native attention", _attention_flops, threads, rng),
             "layer_overhead_s": _layer_overhead(), "threads": threads, "isa": _native.isa(),
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _moe_prefill_flops_or_none(threads: int, rng) -> dict:
-    """_moe_prefill_flops, or {} when the engine cannot run here (the estimate then prices
-    expert prefill at the matmul's rate, as before): the other figures stand either way."""
+def _timed_or(default, what: str, timing, *args):
+    """timing(*args), or `default` (saying why on stderr) when it cannot run here."""
     try:
-        return _moe_prefill_flops(threads, rng)
+        return timing(*args)
     except (RuntimeError, ValueError, OSError, MemoryError) as e:
-        print(f"probe: the expert engine's prefill was not timed ({e})", file=sys.stderr)
-        return {}
+        print(f"probe: {what} was not timed ({e})", file=sys.stderr)
+        return default
 
 
 def _moe_prefill_flops(threads: int, rng) -> dict:

@@ -1009,7 +1009,9 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     one-token matmul), plus the KV cache; one CPU<->GPU hand-off per MoE layer.
     Prefill: CPU expert FLOPs at the expert engine's measured prefill rate (else the ISA's
     sustained rate), or the experts' bytes per engine chunk, whichever is slower, plus the GPU part (chunks short of the GPU prefill threshold; see
-    prefill_crossover for the long ones). hot_fmt: the form of gpu_cache's experts."""
+    prefill_crossover for the long ones), or on the CPU the linears at their type's rate and
+    attention at the native attention's (MLA's K / V expansion at the matmul's). hot_fmt: the
+    form of gpu_cache's experts."""
     m = inv.model
     K = m.n_expert_used
     assumptions = {}

@@ -288,8 +288,10 @@ def test_an_engine_that_cannot_run_leaves_the_other_figures(monkeypatch):
         raise MemoryError("108 MB")
 
     monkeypatch.setattr(probe, "_moe_prefill_flops", no_engine)
+    monkeypatch.setattr(probe, "_attention_flops", no_engine)   # the native attention's, likewise
     figures = probe._measure()
-    assert figures["moe_prefill_flops"] == {} and figures["cpu_flops"] > 1e8 and figures["read_bytes_per_s"] > 1e8
+    assert figures["moe_prefill_flops"] == {} and figures["attention_flops"] == 0.0
+    assert figures["cpu_flops"] > 1e8 and figures["read_bytes_per_s"] > 1e8
 
 
 @pytest.mark.parametrize("preset", ["deepseek-r1-q4_k_m", "qwen3-235b-a22b-q4_k_m"])
