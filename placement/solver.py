@@ -874,11 +874,17 @@ def _cpu_gflops(hw: Hardware) -> tuple:
     return CPU_GFLOPS_PER_CORE[""], "scalar"
 
 
+def _cpus_used(hw: Hardware, threads=None) -> tuple:
+    """(cpus a run of `threads` workers uses, allowed cpus): a rate the probe measured on all
+    allowed cpus scales by their ratio."""
+    n = len(hw.allowed_cpus)
+    return (min(n, threads) if threads else n), n
+
+
 def _cpu_flops(hw: Hardware, threads=None) -> tuple:
     """(sustained FLOP/s of the allowed cores, how it was derived)."""
     if hw.cpu_flops:
-        n = len(hw.allowed_cpus)
-        used = min(n, threads) if threads else n
+        used, n = _cpus_used(hw, threads)
         return hw.cpu_flops * used / n, f"{hw.cpu_flops * used / n / 1e9:.0f} GFLOP/s on {used} cpus (measured)"
     gflops_core, isa = _cpu_gflops(hw)
     cores = min(hw.allowed_cores, threads) if threads else hw.allowed_cores
@@ -889,8 +895,7 @@ def _attention_flops(hw: Hardware, threads=None) -> tuple:
     """(FLOP/s of the native causal attention on the cpus used, how it was derived): measured
     (placement.probe), else ASSUMED_ATTENTION_SHARE of _cpu_flops."""
     if hw.attention_flops:
-        n = len(hw.allowed_cpus)
-        used = min(n, threads) if threads else n
+        used, n = _cpus_used(hw, threads)
         f = hw.attention_flops * used / n
         return f, f"{f / 1e9:.0f} GFLOP/s on {used} cpus (measured)"
     f = _cpu_flops(hw, threads)[0] * ASSUMED_ATTENTION_SHARE
@@ -935,8 +940,7 @@ def _hit_rates(inv: Inventory, stats, gpu_cache: dict) -> dict:
 def _on_cpus_used(hw: Hardware, figures: dict, threads=None) -> dict:
     """{key (a ggml type, tokens per expert): a rate the probe measured on all allowed cpus, on
     the cpus used}."""
-    n = len(hw.allowed_cpus)
-    used = min(n, threads) if threads else n
+    used, n = _cpus_used(hw, threads)
     return {int(k): v * used / n for k, v in figures.items()}
 
 
@@ -1081,15 +1085,15 @@ def estimate_speed(inv, hw, wl, pol, numa_mode, gpu, gpu_fmt, gpu_cache, devices
     cpu_flops, assumptions["cpu_compute"] = _cpu_flops(hw, pol.threads)
     flops_of = _flops_of(hw, pol.threads)
     t_cpu_pf = _cpu_expert_prefill_s(inv, hw, wl, pol, eff_bw, hit)
+    chunk = _prefill_call_tokens(wl)
     if hw.moe_prefill_flops:
-        chunk = _prefill_call_tokens(wl)
         assumptions["cpu_expert_prefill"] = (
             f"the expert engine at {chunk * K / max(m.n_expert, 1):.0f} tokens per expert "
             f"(a {chunk}-token chunk; measured with Q4_K experts, other types at their matmul's ratio)")
     nonexp_params = sum(t.n_elements for t in inv.tensors
                         if t.role not in ("routed_experts", "embedding", "mtp"))
     # attention over `pos` cached positions in every layer that runs, as a prefill chunk attends
-    attn_pos, expand_pos = m.prefill_attn_flops_per_position(_prefill_call_tokens(wl))
+    attn_pos, expand_pos = m.prefill_attn_flops_per_position(chunk)
     gpu_flops_tok = 2 * nonexp_params + m.n_layer * (attn_pos + expand_pos) * pos
     if gpu is not None:
         pcie = hw.pcie_bandwidth or ASSUMED_PCIE_BANDWIDTH

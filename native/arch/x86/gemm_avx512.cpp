@@ -42,14 +42,9 @@ static inline __m512i bcast4(const int8_t* p) {
 namespace {  // internal linkage: no member may be shared with another ISA's object file
 
 // ---------------------------------------------------------------- Q4_K / Q5_K
-// Q5_K: a byte per quant, its fifth bit included (Q4_K, which took these rows before, now has
-// q4_K_nib_rows below). Per sub-block j and token: 8 vpdpbusd give each row's s_j = q . a (int32,
-// |s_j| <= 32 x 31 x 127), one vpmulld by the rows' scales adds sc_j s_j to S; the mins: M =
-// sum_i (m_2i, m_2i+1) . (bsum_2i, bsum_2i+1), 4 vpdpwssd. Then k4_rows' float step:
-// accS += (d * d_t) * S, accM += (dmin * d_t) * M, out = accS - accM.
 // The end of a Q4_K / Q5_K block of a 16-row group (x: its mn, d, dmin) for one token y whose
 // scaled sums are S: the mins M = sum_i (m_2i, m_2i+1) . (bsum_2i, bsum_2i+1), 4 vpdpwssd, then
-// k4_rows' float step.
+// k4_rows' float step: accS += (d * d_t) * S, accM += (dmin * d_t) * M (out = accS - accM).
 template <class G>
 static inline __attribute__((always_inline)) void k4_block_step(const G& x, const block_q8_K& y, __m512i S,
                                                                 __m512& accS, __m512& accM) {
@@ -65,6 +60,10 @@ static inline __attribute__((always_inline)) void k4_block_step(const G& x, cons
     accM = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_load_ps(x.dmin), dt), _mm512_cvtepi32_ps(mi), accM);
 }
 
+// Q5_K: a byte per quant, its fifth bit included (Q4_K, which took these rows before, now has
+// q4_K_nib_rows below). Per sub-block j and token: 8 vpdpbusd give each row's s_j = q . a (int32,
+// |s_j| <= 32 x 31 x 127), one vpmulld by the rows' scales adds sc_j s_j to S; then
+// k4_block_step.
 template <int N, bool QH>
 static void k4_x16_rows(int64_t nb, const k4_x16<QH>* x, const block_q8_K* const* ys, float* out, int64_t r_stride,
                         int64_t t_stride) {
